@@ -1,0 +1,5 @@
+"""Gray-release edge gateway."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

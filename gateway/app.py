@@ -1,0 +1,140 @@
+"""Wiring: one `Gateway` object owns the snapshot, engine, admin listener and store.
+
+Why one owner: every long-lived resource is opened in `start()` and closed in
+`stop()` in reverse order, so tests run the real thing in-process and the
+CLI runs the same object per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from typing import Any
+
+from aiohttp import web
+
+from gateway.config import Config, HostPort
+from gateway.engine.aio import AiohttpEngine
+from gateway.handler import ProxyHandler
+from gateway.metrics import Metrics
+from gateway.state import Snapshot, SnapshotHolder, build_snapshot
+from gateway.version import build_version
+
+log = logging.getLogger("gateway")
+
+
+def bind_socket(addr: HostPort, *, reuse_port: bool = True, backlog: int = 2048) -> socket.socket:
+    """A listening socket; SO_REUSEPORT lets N worker processes share the port."""
+    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((addr.host, addr.port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def make_engine(config: Config, handler: ProxyHandler) -> Any:
+    if config.engine == "fast":
+        try:
+            from gateway.engine.fast import FastEngine
+        except ImportError:  # pragma: no cover - fast engine always ships
+            log.warning("fast engine unavailable; using the aiohttp engine")
+        else:
+            return FastEngine(handler)
+    return AiohttpEngine(handler)
+
+
+class Gateway:
+    """A running gateway process: data-path listener plus (unless a worker) admin."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        admin: bool = True,
+        data: bool = True,
+        metrics: Metrics | None = None,
+        rng: random.Random | None = None,
+        version: str | None = None,
+    ) -> None:
+        self.config = config
+        self.rng = rng or random.Random()
+        self.version = version or build_version()
+        self.metrics = metrics or Metrics()
+        self.holder = SnapshotHolder(build_snapshot(config, rng=self.rng))
+        self.handler = ProxyHandler(
+            self.holder,
+            metrics=self.metrics,
+            version=self.version,
+            ready=self.is_ready,
+            access_log=config.access_log,
+            rng=self.rng,
+        )
+        self.engine = make_engine(config, self.handler)
+        self.with_admin = admin
+        self.with_data = data
+        self.sock: socket.socket | None = None
+        self.admin_runner: web.AppRunner | None = None
+        self.admin_port: int | None = None
+        self.port: int | None = None
+        self.stopping = asyncio.Event()
+        self.holder.subscribe(self._publish_gauges)
+        self._publish_gauges(self.holder.current)
+
+    def is_ready(self) -> bool:
+        return all(sv.available for sv in self.holder.current.services.values())
+
+    def _publish_gauges(self, snap: Snapshot) -> None:
+        self.metrics.set_weights(
+            {n: {r: rv.share for r, rv in sv.releases.items()} for n, sv in snap.services.items()}
+        )
+        self.metrics.set_endpoints(
+            {(n, r): len(rv.endpoints) for n, sv in snap.services.items() for r, rv in sv.releases.items()}
+        )
+        self.metrics.state_version.set(snap.version)
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        if self.with_data:
+            self.sock = sock or bind_socket(self.config.listen, reuse_port=True)
+            self.port = self.sock.getsockname()[1]
+            await self.engine.serve(self.sock)
+        if self.with_admin:
+            from gateway.admin import build_admin_app
+
+            app = build_admin_app(self)
+            self.admin_runner = web.AppRunner(app, handle_signals=False, access_log=None)
+            await self.admin_runner.setup()
+            a = self.config.admin.listen
+            site = web.TCPSite(self.admin_runner, a.host, a.port, reuse_address=True)
+            await site.start()
+            server = site._server
+            assert server is not None and server.sockets
+            self.admin_port = server.sockets[0].getsockname()[1]
+        log.info(
+            "gateway %s listening on %s:%s (engine %s)",
+            self.version,
+            self.config.listen.host,
+            self.port,
+            self.config.engine,
+        )
+
+    def request_reload(self) -> None:
+        """SIGHUP: re-read the config (the admin issue wires validation and swap)."""
+        log.info("reload requested")
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        d = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        if self.with_data:
+            await self.engine.shutdown(d)
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
+            self.admin_runner = None

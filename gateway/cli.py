@@ -1,0 +1,214 @@
+"""Command line: argparse, uvloop, process management — no routing logic here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from gateway.errors import ConfigError
+
+log = logging.getLogger("gateway")
+
+
+def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _print_config_errors(e: ConfigError) -> None:
+    print(f"{e.source}: {len(e.errors)} error(s)", file=sys.stderr)
+    for line in e.lines():
+        print(f"  {line}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- check
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from gateway import config
+
+    try:
+        cfg = config.load(args.config)
+    except ConfigError as e:
+        _print_config_errors(e)
+        return 2
+    n = sum(len(s.releases) for s in cfg.services.values())
+    print(f"{cfg.source}: OK ({len(cfg.services)} service(s), {n} release(s))")
+    return 0
+
+
+# --------------------------------------------------------------------------- run
+
+
+async def _serve(cfg: Any, *, admin: bool, data: bool = True) -> int:
+    from gateway.app import Gateway
+
+    gw = Gateway(cfg, admin=admin, data=data)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError, AttributeError):
+        loop.add_signal_handler(signal.SIGHUP, gw.request_reload)
+    await gw.start()
+    if admin and not data:
+        log.info("admin listening on %s", gw.admin_port)
+    await stop.wait()
+    log.info("draining (up to %.1fs)", cfg.drain_timeout)
+    await gw.stop()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway import config
+
+    _setup_logging(args.log_level)
+    try:
+        cfg = config.load(args.config)
+    except ConfigError as e:
+        _print_config_errors(e)
+        return 2
+    workers = args.workers or cfg.workers
+    if args.worker or workers <= 1:
+        return _run_loop(_serve(cfg, admin=not args.worker))
+    return _supervise(args, cfg, workers)
+
+
+def _supervise(args: argparse.Namespace, cfg: Any, workers: int) -> int:
+    """Master: N data-path workers on one port (SO_REUSEPORT) + the admin listener."""
+    mp_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
+    cmd = [sys.executable, "-m", "gateway", "run", "--worker", "-c", cfg.source]
+    cmd += ["--log-level", args.log_level]
+    procs: list[subprocess.Popen[bytes]] = []
+
+    async def main() -> int:
+        from gateway.app import Gateway
+
+        gw = Gateway(cfg, admin=True, data=False)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(
+            signal.SIGHUP,
+            lambda: (gw.request_reload(), [p.send_signal(signal.SIGHUP) for p in procs]),
+        )
+        for _ in range(workers):
+            procs.append(subprocess.Popen(cmd))
+        await gw.start()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+            for i, p in enumerate(procs):
+                if p.poll() is not None and not stop.is_set():
+                    log.error("worker %d exited with %s; restarting", p.pid, p.returncode)
+                    procs[i] = subprocess.Popen(cmd)
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        deadline = loop.time() + cfg.drain_timeout + 5
+        rc = 0
+        for p in procs:
+            while p.poll() is None and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            if p.poll() is None:
+                p.kill()
+                rc = 1
+            elif p.returncode != 0:
+                rc = 1
+        await gw.stop(0)
+        return rc
+
+    try:
+        return _run_loop(main())
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        shutil.rmtree(mp_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    _setup_logging("WARNING")
+    return _run_loop(run_demo(args.host, args.port, args.admin_port, args.duration))
+
+
+# --------------------------------------------------------------------------- entry
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gateway.version import build_version
+
+    p = argparse.ArgumentParser(prog="gateway", description="Gray-release edge gateway")
+    p.add_argument("--version", action="version", version=f"gateway {build_version()}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="serve traffic")
+    r.add_argument("-c", "--config", default=None, help="config file (default: $GATEWAY_CONFIG "
+                   "or config/gateway.yaml)")
+    r.add_argument("--workers", type=int, default=None, help="worker processes (SO_REUSEPORT)")
+    r.add_argument("--log-level", default="INFO")
+    r.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("check", help="validate a config file; exit 2 listing every error")
+    c.add_argument("config_pos", nargs="?", default=None, metavar="FILE")
+    c.add_argument("-c", "--config", default=None)
+    c.set_defaults(func=lambda a: cmd_check(_pos_config(a)))
+
+    d = sub.add_parser("demo", help="two built-in upstreams + the gateway at 90/10")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=8080)
+    d.add_argument("--admin-port", type=int, default=9901)
+    d.add_argument("--duration", type=float, default=None, help=argparse.SUPPRESS)
+    d.set_defaults(func=cmd_demo)
+
+    from gateway import cli_admin
+
+    cli_admin.add_commands(sub)
+    return p
+
+
+def _pos_config(a: argparse.Namespace) -> argparse.Namespace:
+    if a.config is None:
+        a.config = a.config_pos
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

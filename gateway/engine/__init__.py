@@ -1,0 +1,1 @@
+"""Forwarding engines: the only code that touches client and upstream sockets."""

@@ -1,0 +1,203 @@
+"""The reference forwarding engine on aiohttp's server and pooled ClientSession.
+
+Why keep it beside the fast engine: it is the simplest correct forwarder
+(aiohttp does the HTTP/1.1 framing on both sides), so it serves as a
+differential reference in tests and as `engine: aiohttp` for operators who
+prefer the well-trodden stack over raw speed (PERF_NOTES: ~0.15× nginx).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.engine.api import (
+    ERR_CLIENT,
+    ERR_CONNECT,
+    ERR_PROTOCOL,
+    ERR_RESET,
+    ERR_TIMEOUT,
+    Forward,
+    Handler,
+    RequestHead,
+    Respond,
+)
+from gateway.headers import strip_response_hop_by_hop
+
+_SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+def _cimd(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    return CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
+
+
+class AiohttpEngine:
+    """engine.api over aiohttp: same Handler, same observable behaviour."""
+
+    def __init__(self, handler: Handler, **_: object) -> None:
+        self.handler = handler
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.ServerRunner | None = None
+        self._site: web.SockSite | None = None
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def serve(self, sock: socket.socket) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60),
+            auto_decompress=False,
+            skip_auto_headers=_SKIP_AUTO,
+        )
+        server = web.Server(self._handle, handler_cancellation=True)
+        self._runner = web.ServerRunner(server, handle_signals=False)
+        await self._runner.setup()
+        self._site = web.SockSite(self._runner, sock)
+        await self._site.start()
+
+    async def shutdown(self, drain_timeout: float) -> None:
+        if self._site is not None:
+            server = self._site._server
+            if server is not None:
+                server.close()  # stop accepting; in-flight requests go on
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), drain_timeout)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        v = request.version
+        head = RequestHead(
+            method=request.method.encode(),
+            target=request.raw_path.encode("latin-1"),
+            headers=list(request.raw_headers),
+            client_ip=request.remote or "",
+            http_version=f"{v.major}.{v.minor}",
+        )
+        res = self.handler.handle(head)
+        if isinstance(res, Respond):
+            return self._respond(res)
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            if request.headers.get("Upgrade", "").lower() == "websocket":
+                return await self._websocket(request, res)
+            return await self._forward(request, res)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    @staticmethod
+    def _respond(res: Respond) -> web.Response:
+        return web.Response(status=res.status, body=res.body, headers=_cimd(res.headers))
+
+    async def _forward(self, request: web.BaseRequest, fwd: Forward) -> web.StreamResponse:
+        assert self._session is not None
+        headers = _cimd(fwd.headers)
+        if request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)
+        has_body = request.body_exists
+        url = URL(f"http://{fwd.host}:{fwd.port}{(fwd.target or request.raw_path.encode()).decode()}",
+                  encoded=True)
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=fwd.connect_timeout, sock_read=fwd.read_timeout
+        )
+        status = 0
+        try:
+            async with self._session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=request.content.iter_any() if has_body else None,
+                allow_redirects=False,
+                timeout=timeout,
+            ) as up:
+                out_h = strip_response_hop_by_hop(up.raw_headers, False) + fwd.response_headers
+                resp = web.StreamResponse(status=up.status, reason=up.reason, headers=_cimd(out_h))
+                if up.content_length is not None:
+                    resp.content_length = up.content_length
+                status = up.status
+                await resp.prepare(request)
+                try:
+                    async for chunk in up.content.iter_any():
+                        await resp.write(chunk)
+                except (aiohttp.ClientError, TimeoutError):
+                    fwd.on_done(status, ERR_RESET)
+                    status = -1
+                    raise ConnectionResetError from None
+                await resp.write_eof()
+                fwd.on_done(status, None)
+                status = -1
+                return resp
+        except ConnectionResetError:
+            if status != -1:
+                fwd.on_done(status, ERR_CLIENT)
+            raise
+        except asyncio.CancelledError:
+            if status != -1:
+                fwd.on_done(status, ERR_CLIENT)
+            raise
+        except aiohttp.ClientConnectorError:
+            return self._fail(fwd, 502, ERR_CONNECT)
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            return self._fail(fwd, 504, ERR_TIMEOUT)
+        except aiohttp.ClientResponseError:
+            return self._fail(fwd, 502, ERR_PROTOCOL)
+        except aiohttp.ClientError:
+            return self._fail(fwd, 502, ERR_RESET)
+
+    def _fail(self, fwd: Forward, status: int, kind: str) -> web.Response:
+        body = self.handler.error_body(status, kind, fwd)
+        fwd.on_done(body.status, kind)
+        return self._respond(body)
+
+    async def _websocket(self, request: web.BaseRequest, fwd: Forward) -> web.StreamResponse:
+        assert self._session is not None
+        url = URL(f"http://{fwd.host}:{fwd.port}{request.raw_path}", encoded=True)
+        skip = {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "host"}
+        headers = {k.decode(): v.decode() for k, v in fwd.headers if k.lower().decode() not in skip}
+        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        try:
+            up = await self._session.ws_connect(
+                url, headers=headers, protocols=protocols,
+                timeout=aiohttp.ClientWSTimeout(ws_close=fwd.read_timeout),
+            )
+        except aiohttp.ClientConnectorError:
+            return self._fail(fwd, 502, ERR_CONNECT)
+        except aiohttp.ClientError:
+            return self._fail(fwd, 502, ERR_PROTOCOL)
+        ws = web.WebSocketResponse(protocols=protocols)
+        for k, v in fwd.response_headers:
+            ws.headers[k.decode()] = v.decode()
+        await ws.prepare(request)
+
+        async def pump(src: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+                       dst: aiohttp.ClientWebSocketResponse | web.WebSocketResponse) -> None:
+            async for msg in src:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    await dst.send_str(msg.data)
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    await dst.send_bytes(msg.data)
+                else:
+                    break
+            await dst.close()
+
+        try:
+            await asyncio.gather(pump(ws, up), pump(up, ws))
+        finally:
+            await up.close()
+            fwd.on_done(101, None)
+        return ws

@@ -1,0 +1,239 @@
+"""The policy side of the data path: one request head in, one decision out.
+
+Why a separate module: the engine moves bytes; this decides service, release
+and endpoint, rewrites headers (SPEC §3) and accounts for the outcome
+(metrics, balancer counts, guard). It imports neither aiohttp nor asyncio, so
+either engine can drive it and tests can call it with plain values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import Protocol
+
+from gateway import propagation
+from gateway.engine.api import Forward, Headers, RequestHead, Respond
+from gateway.errors import upstream_status
+from gateway.headers import scan, upstream_headers
+from gateway.metrics import Metrics
+from gateway.routing import REASON_FALLBACK, choose_release, cookie_value
+from gateway.state import SnapshotHolder
+
+log = logging.getLogger("gateway.access")
+_JSON = [(b"Content-Type", b"application/json")]
+
+
+class Observer(Protocol):
+    """Anything that wants every finished exchange (the guard, tests)."""
+
+    def record(
+        self, service: str, release: str, status: int, seconds: float, error: str | None
+    ) -> None: ...
+
+
+class Tracer(Protocol):
+    """Span hooks; only called for sampled requests (PERF_NOTES: spans cost ~10 µs)."""
+
+    def start(
+        self, head: RequestHead, service: str, release: str, trace_id: str, parent: str | None,
+        span_id: str,
+    ) -> Callable[[int, str | None], None]: ...
+
+
+def json_body(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def respond_json(status: int, obj: object, extra: Headers | None = None) -> Respond:
+    return Respond(status, json_body(obj), _JSON + (extra or []))
+
+
+class ProxyHandler:
+    """Implements engine.api.Handler over the current routing snapshot."""
+
+    def __init__(
+        self,
+        holder: SnapshotHolder,
+        *,
+        metrics: Metrics | None = None,
+        observers: list[Observer] | None = None,
+        tracer: Tracer | None = None,
+        sampler: Callable[[propagation.TraceParent | None], bool] | None = None,
+        version: str = "dev",
+        ready: Callable[[], bool] | None = None,
+        access_log: bool = False,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.holder = holder
+        self.metrics = metrics
+        self.observers = observers or []
+        self.tracer = tracer
+        self.sampler = sampler
+        self.version_b = version.encode()
+        self.ready = ready or (lambda: True)
+        self.access_log = access_log
+        self.rng = rng or random.Random()
+        self.clock = clock
+
+    # ----------------------------------------------------------------- request
+    def handle(self, head: RequestHead) -> Forward | Respond:
+        snap = self.holder.current
+        target = head.target
+        q = target.find(b"?")
+        path_b = target if q < 0 else target[:q]
+        if path_b == b"/healthz" or path_b == b"/readyz":
+            return self._health(path_b)
+        s = scan(head.headers, snap.stage_l, snap.user_l)
+        if s.host is None and head.http_version != "1.0":
+            return respond_json(400, {"error": "missing Host header"})
+        path = path_b.decode("latin-1")
+        svc_name = snap.matcher.match(s.host, path)
+        if svc_name is None:
+            return respond_json(404, {"error": "no service matches this host and path"})
+        sv = snap.services[svc_name]
+        rc = snap.config.routing
+        stage_cookie = user_cookie = None
+        if s.cookie is not None:
+            stage_cookie = cookie_value(s.cookie, rc.stage_cookie)
+            if s.user is None:
+                user_cookie = cookie_value(s.cookie, rc.user_cookie)
+        trusted = False
+        if s.stage or stage_cookie:
+            trusted = snap.trust.trusted(head.client_ip)
+        dec = choose_release(
+            sv.table,
+            baseline=sv.cfg.baseline,
+            available=sv.available,
+            stage_header=s.stage,
+            stage_cookie=stage_cookie,
+            user_key=s.user or user_cookie,
+            trusted=trusted,
+            rng=self.rng,
+            mint_uid=rc.sticky_cookie,
+        )
+        if dec is None:
+            return respond_json(
+                503, {"error": "no healthy endpoint in any release", "service": svc_name}
+            )
+        rv = sv.releases[dec.release]
+        slot = rv.pool.pick(dec.key)
+        if slot is None:  # pragma: no cover - available implies endpoints
+            return respond_json(503, {"error": "no healthy endpoint", "service": svc_name})
+        slot.outstanding += 1
+
+        rid = s.request_id or uuid.UUID(int=self.rng.getrandbits(128), version=4).hex
+        rid_b = rid.encode("latin-1")
+        incoming = propagation.parse_traceparent(s.traceparent) if s.traceparent else None
+        sampled = self.sampler(incoming) if self.sampler is not None else False
+        span_id = propagation.new_span_id(self.rng)
+        trace_id, tp = propagation.outgoing_traceparent(incoming, span_id, sampled, self.rng)
+        trace: Headers = [(b"traceparent", tp.encode())]
+        if s.tracestate and incoming is not None:
+            ts = propagation.parse_tracestate(s.tracestate)
+            if ts:
+                trace.append((b"tracestate", ts.encode("latin-1")))
+        extra = (("release.stage", dec.release), *rv.baggage)
+        bg = propagation.build_baggage(s.baggage, extra)
+        if bg:
+            trace.append((b"baggage", bg.encode("latin-1")))
+
+        up = upstream_headers(
+            s,
+            client_ip=head.client_ip,
+            proto=head.scheme.encode(),
+            stage_name=snap.stage_name_b,
+            release=rv.name_b,
+            request_id=rid_b,
+            trace=trace,
+        )
+        resp_h: Headers = [(snap.stage_name_b, rv.name_b), (b"X-Request-ID", rid_b)]
+        if dec.reason == REASON_FALLBACK:
+            resp_h.append((b"X-Release-Fallback", dec.chosen.encode()))
+        if dec.set_cookie is not None:
+            resp_h.append(
+                (
+                    b"Set-Cookie",
+                    f"{rc.user_cookie}={dec.set_cookie}; Path=/; Max-Age="
+                    f"{rc.sticky_cookie_max_age}; HttpOnly; SameSite=Lax".encode(),
+                )
+            )
+
+        start = self.clock()
+        service, release = svc_name, dec.release
+        span_done = None
+        if sampled and self.tracer is not None:
+            parent = incoming.parent_id if incoming is not None else None
+            span_done = self.tracer.start(head, service, release, trace_id, parent, span_id)
+        metrics, observers = self.metrics, self.observers
+
+        def on_done(status: int, error: str | None) -> None:
+            slot.outstanding -= 1
+            elapsed = self.clock() - start
+            if error is not None and error != "client_abort":
+                if metrics is not None:
+                    metrics.upstream_error(service, release, error)
+            if status and metrics is not None:
+                metrics.observe(service, release, status, elapsed)
+            for o in observers:
+                o.record(service, release, status, elapsed, error)
+            if span_done is not None:
+                span_done(status, error)
+            if self.access_log:
+                log.info(
+                    json.dumps(
+                        {
+                            "trace_id": trace_id,
+                            "request_id": rid,
+                            "service": service,
+                            "release": release,
+                            "reason": dec.reason,
+                            "upstream": slot.endpoint.address,
+                            "method": head.method.decode("latin-1"),
+                            "status": status,
+                            "error": error,
+                            "duration_ms": round(elapsed * 1000, 3),
+                        },
+                        separators=(",", ":"),
+                    )
+                )
+
+        t = sv.cfg.timeouts
+        return Forward(
+            host=slot.host,
+            port=slot.port,
+            headers=up,
+            response_headers=resp_h,
+            service=service,
+            release=release,
+            connect_timeout=t.connect,
+            read_timeout=t.read,
+            on_done=on_done,
+        )
+
+    def error_body(self, status: int, kind: str, fwd: Forward) -> Respond:
+        msg = {
+            "connect": "upstream refused or unreachable",
+            "reset": "upstream closed the connection",
+            "timeout": "upstream timed out",
+            "protocol": "upstream sent an invalid response",
+        }.get(kind, "upstream failed")
+        status = status or upstream_status(kind)
+        return respond_json(
+            status,
+            {"error": msg, "kind": kind, "service": fwd.service, "release": fwd.release},
+            fwd.response_headers,
+        )
+
+    def _health(self, path: bytes) -> Respond:
+        vh = [(b"X-App-Version", self.version_b), *_JSON]
+        if path == b"/healthz":
+            return Respond(200, b'{"status":"ok"}', vh)
+        if self.ready():
+            return Respond(200, b'{"status":"ready"}', vh)
+        return Respond(503, b'{"status":"not ready"}', vh)

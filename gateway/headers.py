@@ -1,0 +1,176 @@
+"""Header policy on every hop (SPEC §3) — pure, over lists of (name, value) bytes.
+
+Why one pass: the request head is scanned once to pull out what routing and
+tracing need and to drop hop-by-hop fields (RFC 9110 §7.6.1), so the
+per-request path allocates little.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 §7.6.1 plus the de-facto ones; Upgrade is re-added by the engine when upgrading.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Framing is the engine's business; these never pass through as given.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+# Fields the gateway rewrites itself.
+_REWRITTEN = frozenset(
+    {
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"via",
+        b"x-request-id",
+        b"traceparent",
+        b"tracestate",
+        b"baggage",
+    }
+)
+VIA_TOKEN = b"1.1 gray-gateway"
+
+
+@dataclass(slots=True)
+class Scanned:
+    """What one pass over the request head found."""
+
+    kept: Headers = field(default_factory=list)
+    host: str | None = None
+    cookie: str | None = None
+    stage: str | None = None
+    user: str | None = None
+    request_id: str | None = None
+    forwarded_for: bytes | None = None
+    via: bytes | None = None
+    traceparent: list[str] = field(default_factory=list)
+    tracestate: list[str] = field(default_factory=list)
+    baggage: list[str] = field(default_factory=list)
+    connection_tokens: frozenset[bytes] = frozenset()
+    upgrade: bytes | None = None
+
+
+def _latin(v: bytes) -> str:
+    return v.decode("latin-1")
+
+
+def scan(headers: Sequence[tuple[bytes, bytes]], stage_l: bytes, user_l: bytes) -> Scanned:
+    """Split a request head into end-to-end headers and the values policy needs.
+
+    `stage_l` / `user_l` are the lower-cased configured override/sticky header names.
+    """
+    s = Scanned()
+    kept = s.kept
+    conn: set[bytes] = set()
+    cookies: list[str] = []
+    xff: list[bytes] = []
+    via: list[bytes] = []
+    for name, value in headers:
+        n = name.lower()
+        if n == b"host":
+            s.host = _latin(value)
+            kept.append((b"Host", value))
+        elif n == b"cookie":
+            cookies.append(_latin(value))
+            kept.append((name, value))
+        elif n == stage_l:
+            s.stage = _latin(value).strip()
+        elif n == user_l:
+            s.user = _latin(value).strip() or None
+            kept.append((name, value))
+        elif n in _REWRITTEN:
+            if n == b"traceparent":
+                s.traceparent.append(_latin(value))
+            elif n == b"tracestate":
+                s.tracestate.append(_latin(value))
+            elif n == b"baggage":
+                s.baggage.append(_latin(value))
+            elif n == b"x-request-id":
+                s.request_id = _latin(value).strip() or None
+            elif n == b"x-forwarded-for":
+                xff.append(value)
+            elif n == b"via":
+                via.append(value)
+            # x-forwarded-proto/-host are replaced by ours
+        elif n in HOP_BY_HOP or n in _FRAMING:
+            if n == b"connection":
+                conn.update(t.strip().lower() for t in value.split(b","))
+            elif n == b"upgrade":
+                s.upgrade = value
+        else:
+            kept.append((name, value))
+    if conn:
+        s.connection_tokens = frozenset(conn)
+        conn.discard(b"close")
+        conn.discard(b"keep-alive")
+        conn.discard(b"upgrade")
+        if conn:
+            s.kept = [(k, v) for k, v in kept if k.lower() not in conn]
+    if cookies:
+        s.cookie = "; ".join(cookies)
+    if xff:
+        s.forwarded_for = b", ".join(xff)
+    if via:
+        s.via = b", ".join(via)
+    if b"upgrade" not in s.connection_tokens:
+        s.upgrade = None
+    return s
+
+
+def upstream_headers(
+    s: Scanned,
+    *,
+    client_ip: str,
+    proto: bytes,
+    stage_name: bytes,
+    release: bytes,
+    request_id: bytes,
+    trace: Sequence[tuple[bytes, bytes]] = (),
+) -> Headers:
+    """The end-to-end header list sent to the upstream (SPEC §3)."""
+    out = list(s.kept)
+    ip = client_ip.encode("latin-1")
+    out.append((b"X-Forwarded-For", s.forwarded_for + b", " + ip if s.forwarded_for else ip))
+    out.append((b"X-Forwarded-Proto", proto))
+    if s.host is not None:
+        out.append((b"X-Forwarded-Host", s.host.encode("latin-1")))
+    out.append((b"Via", s.via + b", " + VIA_TOKEN if s.via else VIA_TOKEN))
+    out.append((stage_name, release))
+    out.append((b"X-Request-ID", request_id))
+    out.extend(trace)
+    return out
+
+
+def has_control_chars(value: bytes) -> bool:
+    """RFC 9110 §5.5: field values must not carry CTLs other than HTAB."""
+    return any((c < 0x20 and c != 0x09) or c == 0x7F for c in value)
+
+
+def strip_response_hop_by_hop(headers: Sequence[tuple[bytes, bytes]], upgrading: bool) -> Headers:
+    """Response direction of RFC 9110 §7.6.1 (Proxy-Authenticate included)."""
+    named: set[bytes] = set()
+    for n, v in headers:
+        if n.lower() == b"connection":
+            named.update(t.strip().lower() for t in v.split(b","))
+    out: Headers = []
+    for n, v in headers:
+        ln = n.lower()
+        if ln in HOP_BY_HOP or ln in named or ln == b"content-length":
+            if upgrading and ln in (b"connection", b"upgrade"):
+                out.append((n, v))
+            continue
+        out.append((n, v))
+    return out

@@ -1,0 +1,236 @@
+"""W3C Trace Context (Level 2) and W3C Baggage: parse what came in, build what goes upstream.
+
+Why: SPEC §3 makes the gateway a trace participant on every hop (same trace-id, its own span as
+parent, a new trace when the incoming one is absent or invalid) and requires malformed baggage
+to be dropped rather than forwarded. Pure functions over header strings, so the rules are tested
+with tables and the forwarding engine only passes values in and out.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import quote
+
+TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
+
+TRACESTATE_MAX_MEMBERS = 32
+BAGGAGE_MAX_MEMBERS = 180
+BAGGAGE_MAX_BYTES = 8192
+
+FLAG_SAMPLED = 0x01
+FLAG_RANDOM = 0x02
+
+# The version-00 layout is also the mandatory prefix of every later version, so one pattern
+# serves both; match() anchors only the start and the caller decides what may follow.
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_TRACEPARENT_LEN = 55
+_ZERO_TRACE_ID = "0" * 32
+_ZERO_SPAN_ID = "0" * 16
+# Indexed by FLAG_RANDOM | FLAG_SAMPLED: the only bits version 00 lets us set.
+_FLAGS_HEX = ("00", "01", "02", "03")
+
+_TS_KEY_CHARS = r"[a-z0-9_\-*/]"
+_TRACESTATE_MEMBER = re.compile(
+    rf"(?:[a-z]{_TS_KEY_CHARS}{{0,255}}"
+    rf"|[a-z0-9]{_TS_KEY_CHARS}{{0,240}}@[a-z]{_TS_KEY_CHARS}{{0,13}})"
+    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
+)
+
+_OWS = " \t"
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+# baggage-octet minus "%", which may only start a percent-encoded octet.
+_BAGGAGE_SAFE_CLASS = r"[\x21\x23\x24\x26-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]"
+_BAGGAGE_VALUE = rf"(?:{_BAGGAGE_SAFE_CLASS}|%[0-9A-Fa-f]{{2}})*"
+_BAGGAGE_MEMBER = re.compile(
+    rf"({_TOKEN})[ \t]*=[ \t]*{_BAGGAGE_VALUE}"
+    rf"(?:[ \t]*;[ \t]*{_TOKEN}(?:[ \t]*=[ \t]*{_BAGGAGE_VALUE})?)*"
+)
+_BAGGAGE_KEY = re.compile(_TOKEN)
+_BAGGAGE_SAFE_VALUE = re.compile(rf"{_BAGGAGE_SAFE_CLASS}*")
+_BAGGAGE_QUOTE_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '",;\\%')
+
+
+@dataclass(frozen=True, slots=True)
+class TraceParent:
+    """A valid incoming `traceparent`: the caller's trace-id, its span and its flags.
+
+    Why: W3C Trace Context 2 §3.2.2 ("traceparent Header Field Values"); `flags` keeps the whole
+    byte so bits defined later stay visible even though we only re-emit two of them.
+    """
+
+    version: int
+    trace_id: str
+    parent_id: str
+    flags: int
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the caller may have recorded its span.
+
+        Why: W3C Trace Context 2 §3.2.2.5.1 (sampled flag, bit 0x01).
+        """
+        return bool(self.flags & FLAG_SAMPLED)
+
+    @property
+    def random(self) -> bool:
+        """Whether the caller promises the trace-id's right-most 7 bytes are random.
+
+        Why: W3C Trace Context 2 §3.2.2.5.2 (random trace-id flag, bit 0x02).
+        """
+        return bool(self.flags & FLAG_RANDOM)
+
+
+def parse_traceparent(values: Sequence[str]) -> TraceParent | None:
+    """Parse every received `traceparent` value; None means "restart the trace".
+
+    Why: W3C Trace Context 2 §3.2 ("Traceparent Header", "Versioning of traceparent"): a
+    duplicated, malformed, all-zero or 'ff'-versioned header is invalid; version 00 is exactly
+    55 chars; a later version is read through its version-00 prefix if a '-' follows it.
+    Surrounding OWS is not part of a field value (RFC 9110 §5.5).
+    """
+    if len(values) != 1:
+        return None
+    value = values[0]
+    if len(value) != _TRACEPARENT_LEN:
+        value = value.strip(_OWS)
+        if len(value) < _TRACEPARENT_LEN:
+            return None
+    if _TRACEPARENT.match(value) is None:
+        return None
+    if value[0] == "0" and value[1] == "0":
+        if len(value) != _TRACEPARENT_LEN:
+            return None
+        version = 0
+    else:
+        version = int(value[:2], 16)
+        if version == 0xFF:
+            return None
+        # A comma means several values were folded into one field: a duplicated header.
+        if len(value) > _TRACEPARENT_LEN and (value[_TRACEPARENT_LEN] != "-" or "," in value):
+            return None
+    trace_id = value[3:35]
+    parent_id = value[36:52]
+    if trace_id == _ZERO_TRACE_ID or parent_id == _ZERO_SPAN_ID:
+        return None
+    return TraceParent(version, trace_id, parent_id, int(value[53:55], 16))
+
+
+def parse_tracestate(values: Sequence[str]) -> str | None:
+    """Combine and validate every received `tracestate` value into the header to forward.
+
+    Why: W3C Trace Context 2 §3.3 ("Tracestate Header"): fields combine as one comma list (RFC
+    9110 §5.3), empty members are allowed, one entry per key, at most 32 members; trailing
+    spaces are OWS, not value. Only call it when the traceparent parsed: "If the vendor failed
+    to parse traceparent, it MUST NOT attempt to parse tracestate" (§3.3).
+    """
+    if not values:
+        return None
+    header = values[0] if len(values) == 1 else ",".join(values)
+    members: list[str] = []
+    seen: set[str] = set()
+    for raw in header.split(","):
+        member = raw.strip(_OWS)
+        if not member or _TRACESTATE_MEMBER.fullmatch(member) is None:
+            continue
+        key = member[: member.index("=")]
+        if key in seen:
+            continue
+        seen.add(key)
+        members.append(member)
+    if not members or len(members) > TRACESTATE_MAX_MEMBERS:
+        return None
+    return ",".join(members)
+
+
+def new_span_id(rng: random.Random | None = None) -> str:
+    """Mint a random, non-zero 8-byte span id as 16 lowercase hex digits.
+
+    Why: W3C Trace Context 2 §3.2.2.4 (parent-id: all zeroes is invalid). The default source is
+    the stdlib Mersenne Twister (as the OpenTelemetry SDK's RandomIdGenerator does): ids must be
+    unique, not secret, and it is reseeded in forked children.
+    """
+    getrandbits = random.getrandbits if rng is None else rng.getrandbits
+    bits = getrandbits(64)
+    while not bits:
+        bits = getrandbits(64)
+    return f"{bits:016x}"
+
+
+def new_ids(rng: random.Random | None = None) -> tuple[str, str]:
+    """Mint a (trace_id, span_id) pair for a trace we start; all 128 trace-id bits are random.
+
+    Why: W3C Trace Context 2 §3.2.2.3 (trace-id: all zeroes is invalid) and §3.2.2.5.2: the id
+    is fully random, so traces we start carry the random flag.
+    """
+    getrandbits = random.getrandbits if rng is None else rng.getrandbits
+    while True:
+        ids = f"{getrandbits(192):048x}"
+        trace_id = ids[:32]
+        span_id = ids[32:]
+        if trace_id != _ZERO_TRACE_ID and span_id != _ZERO_SPAN_ID:
+            return trace_id, span_id
+
+
+def outgoing_traceparent(
+    incoming: TraceParent | None,
+    span_id: str,
+    sampled: bool,
+    rng: random.Random | None = None,
+) -> tuple[str, str]:
+    """Build the upstream `traceparent`: (trace_id, header value), version 00.
+
+    Why: W3C Trace Context 2 "Mutating the traceparent Field": keep the trace-id, put our span
+    in parent-id, set the sampled bit to our decision, keep the random bit (it describes the
+    trace-id, §3.2.2.5.2), downgrade the version to 00; with no valid incoming header restart
+    the trace with a random id. `span_id` must be 16 lowercase hex digits, not all zero.
+    """
+    if incoming is None:
+        trace_id = new_ids(rng)[0]
+        flags = FLAG_RANDOM
+    else:
+        trace_id = incoming.trace_id
+        flags = incoming.flags & FLAG_RANDOM
+    if sampled:
+        flags |= FLAG_SAMPLED
+    return trace_id, f"00-{trace_id}-{span_id}-{_FLAGS_HEX[flags]}"
+
+
+def _encode_extra(key: str, value: str) -> str:
+    if _BAGGAGE_KEY.fullmatch(key) is None:
+        raise ValueError(f"baggage key {key!r} is not an RFC 7230 token; rename it")
+    if _BAGGAGE_SAFE_VALUE.fullmatch(value) is None:
+        value = quote(value, safe=_BAGGAGE_QUOTE_SAFE)
+    return f"{key}={value}"
+
+
+def build_baggage(values: Sequence[str], extra: Sequence[tuple[str, str]]) -> str | None:
+    """Build the upstream `baggage`: valid incoming members unchanged, then our `extra` members.
+
+    Why: W3C Baggage "Header Content" and "Mutating baggage": a list-member not in the format
+    MAY be removed (we always do), a value is a URL-encoded UTF-8 string, a key MAY be updated
+    (our extra replaces it). "Limits" asks for at least 64 members and 8192 bytes; we keep 180
+    (SPEC §3) and, when over, drop whole incoming members from the end, never our own.
+    """
+    extras = [_encode_extra(key, value) for key, value in extra]
+    if not values:
+        return ",".join(extras) if extras else None
+    header = values[0] if len(values) == 1 else ",".join(values)
+    replaced = {key for key, _ in extra}
+    size = sum(map(len, extras)) + len(extras) - 1
+    count = len(extras)
+    members: list[str] = []
+    for raw in header.split(","):
+        member = raw.strip(_OWS)
+        match = _BAGGAGE_MEMBER.fullmatch(member)
+        if match is None or match.group(1) in replaced:
+            continue
+        size += len(member) + 1
+        count += 1
+        if count > BAGGAGE_MAX_MEMBERS or size > BAGGAGE_MAX_BYTES:
+            break
+        members.append(member)
+    members.extend(extras)
+    return ",".join(members) if members else None

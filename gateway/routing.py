@@ -1,0 +1,248 @@
+"""Choosing the service and the release for a request — pure policy (SPEC §1–§2).
+
+Why weighted rendezvous hashing: each release r scores a key k with
+``ln(u_r(k)) / w_r`` where ``u_r(k)`` is a uniform hash in (0, 1); the highest
+score wins. ``-ln(u)/w`` is exponential with rate ``w``, so release r wins with
+probability ``w_r / Σw`` (exact shares), the score depends only on the key,
+the salt and r's own weight (sticky on every worker and replica, no state),
+and changing one release's weight moves keys only into or out of that release
+(monotone). Cumulative bucket ranges have the first two properties, not the
+third.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import mmh3
+
+_TWO64 = float(2**64)
+
+REASON_HEADER = "header"
+REASON_COOKIE = "cookie"
+REASON_HASH = "hash"
+REASON_RANDOM = "random"
+REASON_FALLBACK = "fallback"
+
+
+def release_seed(salt: str, release: str) -> int:
+    """Per-(service salt, release) 32-bit seed so each release hashes keys independently."""
+    return int(mmh3.hash(f"{salt}\x1f{release}", 0x9E3779B9, signed=False))
+
+
+def hrw_score(key: str, seed: int, inv_weight: float) -> float:
+    """ln(u)/w for one release; u in (0, 1) from the key's 64-bit mmh3 hash."""
+    h = mmh3.hash64(key, seed, signed=False)[0]
+    return math.log((h + 0.5) / _TWO64) * inv_weight
+
+
+@dataclass(frozen=True, slots=True)
+class WeightTable:
+    """A service's releases and weights, precomputed once per snapshot."""
+
+    names: tuple[str, ...]  # every release, config order
+    raw: Mapping[str, float]
+    shares: Mapping[str, float]  # normalized, sum to 1
+    _live: tuple[tuple[str, int, float], ...]  # (name, seed, 1/weight) for weight > 0
+    _cum: tuple[float, ...]  # cumulative shares for random picks
+
+    @classmethod
+    def build(cls, salt: str, weights: Mapping[str, float]) -> WeightTable:
+        total = float(sum(w for w in weights.values() if w > 0))
+        names = tuple(weights)
+        shares = {n: (weights[n] / total if total > 0 and weights[n] > 0 else 0.0) for n in names}
+        live = tuple((n, release_seed(salt, n), 1.0 / weights[n]) for n in names if weights[n] > 0)
+        cum: list[float] = []
+        acc = 0.0
+        for n, _, _ in live:
+            acc += shares[n]
+            cum.append(acc)
+        return cls(names, dict(weights), shares, live, tuple(cum))
+
+    def pick_hash(self, key: str) -> str | None:
+        """The release for a sticky key (None when every weight is zero)."""
+        best: str | None = None
+        best_score = -math.inf
+        hash64 = mmh3.hash64
+        log = math.log
+        for name, seed, inv in self._live:
+            s = log((hash64(key, seed, signed=False)[0] + 0.5) / _TWO64) * inv
+            if s > best_score:
+                best_score = s
+                best = name
+        return best
+
+    def pick_random(self, rng: random.Random) -> str | None:
+        """A weighted random release for a request without a key."""
+        if not self._live:
+            return None
+        x = rng.random()
+        for (name, _, _), c in zip(self._live, self._cum, strict=True):
+            if x < c:
+                return name
+        return self._live[-1][0]
+
+
+def cookie_value(cookie_header: str | None, name: str) -> str | None:
+    """Value of one cookie from a Cookie header (RFC 6265 §5.4 pairs separated by ';')."""
+    if not cookie_header:
+        return None
+    idx = cookie_header.find(name)
+    if idx < 0:
+        return None
+    for part in cookie_header.split(";"):
+        k, sep, v = part.partition("=")
+        if sep and k.strip() == name:
+            v = v.strip()
+            if len(v) >= 2 and v[0] == v[-1] == '"':
+                v = v[1:-1]
+            return v
+    return None
+
+
+class TrustPolicy:
+    """Whether a client may force a release with the stage header or cookie."""
+
+    __slots__ = ("_all", "_nets")
+
+    def __init__(
+        self, trust: bool | Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+    ) -> None:
+        self._all = trust if isinstance(trust, bool) else None
+        self._nets = () if isinstance(trust, bool) else tuple(trust)
+
+    def trusted(self, client_ip: str) -> bool:
+        if self._all is not None:
+            return self._all
+        try:
+            ip = ipaddress.ip_address(client_ip)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self._nets)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    release: str  # the release that serves the request
+    reason: str  # header | cookie | hash | random | fallback
+    key: str | None  # the sticky key used, if any
+    chosen: str  # the release picked before any fallback
+    set_cookie: str | None = None  # a fresh sticky uid to hand to the client
+
+
+def choose_release(
+    table: WeightTable,
+    *,
+    baseline: str,
+    available: frozenset[str],
+    stage_header: str | None,
+    stage_cookie: str | None,
+    user_key: str | None,
+    trusted: bool,
+    rng: random.Random,
+    mint_uid: bool = False,
+) -> Decision | None:
+    """SPEC §2 in order: trusted header, trusted cookie, sticky key, weighted random.
+
+    `available` are the releases that have a healthy endpoint now; a chosen
+    release outside it falls back to the baseline. None: nothing can serve.
+    """
+    release: str | None = None
+    reason = REASON_HASH
+    key = user_key or None
+    new_uid: str | None = None
+    if trusted and stage_header and stage_header in table.raw:
+        release, reason = stage_header, REASON_HEADER
+    elif trusted and stage_cookie and stage_cookie in table.raw:
+        release, reason = stage_cookie, REASON_COOKIE
+    elif key is not None:
+        release = table.pick_hash(key)
+    elif mint_uid:
+        # Route the first request by the hash of the uid we hand out, so the
+        # next request (which carries it) lands on the same release.
+        new_uid = f"{rng.getrandbits(128):032x}"
+        release, reason, key = table.pick_hash(new_uid), REASON_RANDOM, new_uid
+    else:
+        release, reason = table.pick_random(rng), REASON_RANDOM
+    if release is None:
+        release = baseline
+    if release in available:
+        return Decision(release, reason, key, release, new_uid)
+    if baseline in available:
+        return Decision(baseline, REASON_FALLBACK, key, release, new_uid)
+    return None
+
+
+# --------------------------------------------------------------------------- service match
+
+
+def _prefix_ok(path: str, prefix: str) -> bool:
+    if not path.startswith(prefix):
+        return False
+    return prefix.endswith("/") or len(path) == len(prefix) or path[len(prefix)] == "/"
+
+
+class ServiceMatcher:
+    """Host + longest path prefix -> service (SPEC §1): exact host > wildcard > any."""
+
+    __slots__ = ("_exact", "_wild", "_any", "_cache")
+
+    def __init__(self, services: Iterable[tuple[str, Sequence[str], str]]) -> None:
+        exact: dict[str, list[tuple[str, str]]] = {}
+        wild: dict[str, list[tuple[str, str]]] = {}
+        anyhost: list[tuple[str, str]] = []
+        for name, hosts, prefix in services:
+            if not hosts:
+                anyhost.append((prefix, name))
+            for h in hosts:
+                h = h.lower()
+                if h.startswith("*."):
+                    wild.setdefault(h[1:], []).append((prefix, name))
+                else:
+                    exact.setdefault(h, []).append((prefix, name))
+
+        def order(v: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+            return tuple(sorted(v, key=lambda e: -len(e[0])))
+
+        self._exact = {h: order(v) for h, v in exact.items()}
+        # Longer wildcard suffixes are more specific: try them first.
+        self._wild = tuple(sorted(((s, order(v)) for s, v in wild.items()), key=lambda e: -len(e[0])))
+        self._any = order(anyhost)
+
+    def match(self, host: str | None, path: str) -> str | None:
+        h = normalize_host(host)
+        if h:
+            cand = self._exact.get(h)
+            if cand:
+                for prefix, name in cand:
+                    if _prefix_ok(path, prefix):
+                        return name
+            for suffix, cand2 in self._wild:
+                if h.endswith(suffix) and len(h) > len(suffix):
+                    for prefix, name in cand2:
+                        if _prefix_ok(path, prefix):
+                            return name
+        for prefix, name in self._any:
+            if _prefix_ok(path, prefix):
+                return name
+        return None
+
+
+def normalize_host(host: str | None) -> str:
+    """Lower-case Host without its port (RFC 9110 §7.2)."""
+    if not host:
+        return ""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    colon = host.rfind(":")
+    if colon >= 0 and host[colon + 1 :].isdigit():
+        host = host[:colon]
+    return host.rstrip(".")
