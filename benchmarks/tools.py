@@ -166,6 +166,8 @@ def machine_info(tools: dict[str, str | None], repo: Path) -> dict[str, object]:
         "cpu_model": _cpu_model(),
         "kernel": platform.release(),
         "loadavg_at_start": os.getloadavg(),
-        "tools": {name: {"path": path, "version": versions.get(name)} for name, path in tools.items()},
+        "tools": {
+            name: {"path": path, "version": versions.get(name)} for name, path in tools.items()
+        },
         "git_describe": _git_describe(repo),
     }

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import signal
 from dataclasses import dataclass
+from typing import cast
 
 from benchmarks.nginxconf import BODY_SIZES, STATUS_PATH, body
 
@@ -63,8 +64,8 @@ class FixedResponder(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses; same interface.
+        self.transport = cast(asyncio.Transport, transport)
         self.stats.accepts += 1
         self.stats.active += 1
 

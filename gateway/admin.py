@@ -2,22 +2,73 @@
 
 Why a separate listener: operators and the release platform reach it on a
 private address with a bearer token; the data path never serves it.
+`/healthz`, `/readyz` and `/metrics` stay unauthenticated so probes and
+Prometheus need no secret; everything under `/admin` needs the token when
+one is configured.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import ipaddress
+import math
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from gateway import changes, preview
+from gateway.errors import BadRequest, GatewayError, NotFound, Unauthorized
+from gateway.openapi import build_openapi
+from gateway.routing import WeightTable
+
 if TYPE_CHECKING:
     from gateway.app import Gateway
+    from gateway.state import ServiceView, Snapshot
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _gw(request: web.Request) -> Gateway:
     return request.app[GATEWAY_KEY]
+
+
+def error_response(status: int, message: str, field: str | None) -> web.Response:
+    headers = {"WWW-Authenticate": 'Bearer realm="gateway-admin"'} if status == 401 else None
+    return web.json_response({"error": message, "field": field}, status=status, headers=headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """The one place admin errors become `{"error", "field"}` JSON (STYLE habit 6)."""
+    try:
+        return await handler(request)
+    except GatewayError as e:
+        return error_response(e.status, e.message, e.field)
+    except web.HTTPNotFound:
+        return error_response(404, f"no such endpoint: {request.path}", "path")
+    except web.HTTPMethodNotAllowed as e:
+        allowed = ", ".join(sorted(e.allowed_methods))
+        return error_response(405, f"{request.method} not allowed here (use {allowed})", "method")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Bearer token on /admin, compared in constant time (RFC 6750 §2.1)."""
+    if request.path.startswith("/admin"):
+        token = _gw(request).control.config.admin.token
+        if token:
+            scheme, _, cred = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                cred.strip().encode(), token.encode()
+            ):
+                raise Unauthorized("missing or wrong bearer token", "Authorization")
+    return await handler(request)
+
+
+# --------------------------------------------------------------------------- unauthenticated
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -36,54 +87,241 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     body = _gw(request).metrics.exposition()
-    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    return web.Response(
+        body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
 
 
-def service_doc(gw: Gateway, name: str) -> dict[str, Any]:
-    snap = gw.holder.current
+# --------------------------------------------------------------------------- services
+
+
+def _percent(share: float) -> float:
+    return round(share * 100.0, 6)
+
+
+def service_doc(snap: Snapshot, name: str) -> dict[str, Any]:
+    """One service as operators see it: weights, endpoints, guard, state version."""
     sv = snap.services[name]
+    g = sv.guard
     return {
         "service": name,
         "baseline": sv.cfg.baseline,
         "balancer": sv.cfg.balancer,
         "state_version": snap.version,
+        "weights": dict(sv.table.raw),
+        "percent": {r: _percent(s) for r, s in sv.table.shares.items()},
         "releases": {
             r: {
                 "weight": rv.raw_weight,
-                "share": round(rv.share * 100.0, 6),
+                "percent": _percent(rv.share),
+                "available": r in sv.available,
                 "endpoints": [
-                    {"address": s.endpoint.address, "weight": s.weight, "healthy": True,
-                     "outstanding": s.outstanding}
+                    {
+                        "address": s.endpoint.address,
+                        "weight": s.weight,
+                        "healthy": True,
+                        "outstanding": s.outstanding,
+                    }
                     for s in rv.pool.slots
                 ],
             }
             for r, rv in sv.releases.items()
         },
+        "guard": {
+            "enabled": g.enabled,
+            "thresholds": {
+                "error_rate": g.error_rate,
+                "latency_p95_ms": g.latency_p95_ms,
+                "latency_p95_delta_ms": g.latency_p95_delta_ms,
+                "min_requests": g.min_requests,
+            },
+            "window_s": g.window,
+            "min_endpoints": g.min_endpoints,
+        },
     }
 
 
-async def list_services(request: web.Request) -> web.Response:
-    gw = _gw(request)
+def _etag(version: int) -> dict[str, str]:
+    return {"ETag": f'"{version}"'}
+
+
+def _service(request: web.Request) -> tuple[Snapshot, ServiceView]:
+    snap = _gw(request).holder.current
+    name = request.match_info["service"]
+    sv = snap.services.get(name)
+    if sv is None:
+        raise NotFound(f"unknown service {name!r} (have: {', '.join(snap.services)})", "service")
+    return snap, sv
+
+
+def _service_response(gw: Gateway, name: str) -> web.Response:
     snap = gw.holder.current
+    return web.json_response(service_doc(snap, name), headers=_etag(snap.version))
+
+
+async def list_services(request: web.Request) -> web.Response:
+    snap = _gw(request).holder.current
     return web.json_response(
-        {"state_version": snap.version, "services": [service_doc(gw, n) for n in snap.services]}
+        {"state_version": snap.version, "services": [service_doc(snap, n) for n in snap.services]},
+        headers=_etag(snap.version),
     )
 
 
 async def get_service(request: web.Request) -> web.Response:
+    snap, sv = _service(request)
+    return web.json_response(service_doc(snap, sv.name), headers=_etag(snap.version))
+
+
+async def put_weights(request: web.Request) -> web.Response:
     gw = _gw(request)
-    name = request.match_info["service"]
+    _, sv = _service(request)
+    if_match = changes.parse_if_match(request.headers.get("If-Match"))
+    body = changes.parse_json(await request.read())
+    await gw.control.set_weights(sv.name, body, if_match)
+    return _service_response(gw, sv.name)
+
+
+async def delete_weights(request: web.Request) -> web.Response:
+    gw = _gw(request)
+    _, sv = _service(request)
+    if_match = changes.parse_if_match(request.headers.get("If-Match"))
+    await gw.control.clear(sv.name, if_match)
+    return _service_response(gw, sv.name)
+
+
+async def post_platform_weights(request: web.Request) -> web.Response:
+    gw = _gw(request)
+    if_match = changes.parse_if_match(request.headers.get("If-Match"))
+    body = changes.parse_json(await request.read())
+    name = changes.platform_service(body)
     if name not in gw.holder.current.services:
-        return web.json_response({"error": f"unknown service {name!r}", "field": "service"}, status=404)
-    return web.json_response(service_doc(gw, name))
+        raise NotFound(f"unknown service {name!r}", "service")
+    assert isinstance(body, dict)
+    await gw.control.platform(name, body, if_match)
+    return _service_response(gw, name)
+
+
+# --------------------------------------------------------------------------- explain / preview
+
+
+_EXPLAIN_PARAMS = ("user", "header", "cookie", "client_ip")
+
+
+async def explain(request: web.Request) -> web.Response:
+    snap, sv = _service(request)
+    q = request.query
+    for k in q:
+        if k not in _EXPLAIN_PARAMS:
+            raise BadRequest(f"unknown parameter (known: {', '.join(_EXPLAIN_PARAMS)})", k)
+    headers: list[tuple[str, str]] = []
+    for h in q.getall("header", []):
+        name, sep, value = h.partition(":")
+        if not sep or not name.strip():
+            raise BadRequest(f"{h!r} is not NAME:VALUE", "header")
+        headers.append((name.strip(), value.strip()))
+    for c in q.getall("cookie", []):
+        name, sep, _ = c.partition("=")
+        if not sep or not name.strip():
+            raise BadRequest(f"{c!r} is not NAME=VALUE", "cookie")
+        headers.append(("Cookie", c))
+    if "user" in q:
+        headers.append((snap.config.routing.user_header, q.getall("user")[-1]))
+    client_ip = q.get("client_ip", "127.0.0.1")
+    try:
+        ipaddress.ip_address(client_ip)
+    except ValueError:
+        raise BadRequest(f"{client_ip!r} is not an IP address", "client_ip") from None
+    ex = preview.explain(snap, sv.name, headers=headers, client_ip=client_ip, rng=_gw(request).rng)
+    return web.json_response({**ex.to_json(), "state_version": snap.version})
+
+
+def _float_param(value: str, field: str) -> float:
+    try:
+        w = float(value)
+    except ValueError:
+        raise BadRequest(f"{value!r} is not a number", field) from None
+    if not math.isfinite(w):
+        raise BadRequest(f"{value!r} is not a finite number", field)
+    return w
+
+
+async def preview_change(request: web.Request) -> web.Response:
+    snap, sv = _service(request)
+    q = request.query
+    sample = preview.DEFAULT_SAMPLE
+    if "sample" in q:
+        s = q["sample"]
+        if not s.isdigit() or not 1 <= int(s) <= preview.MAX_SAMPLE:
+            raise BadRequest(f"must be an integer between 1 and {preview.MAX_SAMPLE:,}", "sample")
+        sample = int(s)
+    body: dict[str, float] = {}
+    for k, v in q.items():
+        if k == "sample":
+            continue
+        if k not in sv.releases:
+            raise BadRequest(
+                f"unknown release {k!r} of service {sv.name!r} (have: {', '.join(sv.releases)})",
+                f"weights.{k}",
+            )
+        body[k] = _float_param(v, f"weights.{k}")
+    weights = changes.weights_change(sv.cfg, sv.table.raw, body)
+    new = WeightTable.build(sv.cfg.salt or sv.cfg.name, weights)
+    # ~1.5 µs per key: off the event loop so the admin (and data) path keeps answering.
+    pv = await asyncio.to_thread(preview.preview, sv.table, new, sample)
+    return web.json_response(
+        {"service": sv.name, "state_version": snap.version, "weights": weights, **pv.to_json()}
+    )
+
+
+# --------------------------------------------------------------------------- reload / openapi
+
+
+async def reload(request: web.Request) -> web.Response:
+    gw = _gw(request)
+    res = gw.control.reload()
+    if not res.ok:
+        first = res.errors[0][0] if res.errors else None
+        return web.json_response(
+            {
+                "error": f"config has {len(res.errors)} error(s); the running config is kept",
+                "field": first,
+                "errors": [{"field": p, "error": m} for p, m in res.errors],
+            },
+            status=400,
+        )
+    return web.json_response(
+        {
+            "status": "reloaded",
+            "state_version": gw.holder.current.version,
+            "warnings": list(res.warnings),
+        }
+    )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(build_openapi(_gw(request).version))
+
+
+ROUTES: tuple[tuple[str, str, _Handler], ...] = (
+    ("GET", "/healthz", healthz),
+    ("GET", "/readyz", readyz),
+    ("GET", "/metrics", metrics),
+    ("GET", "/admin/services", list_services),
+    ("GET", "/admin/services/{service}", get_service),
+    ("PUT", "/admin/services/{service}/weights", put_weights),
+    ("DELETE", "/admin/services/{service}/weights", delete_weights),
+    ("POST", "/admin/weights", post_platform_weights),
+    ("GET", "/admin/services/{service}/explain", explain),
+    ("GET", "/admin/services/{service}/preview", preview_change),
+    ("POST", "/admin/reload", reload),
+    ("GET", "/admin/openapi.json", openapi),
+)
 
 
 def build_admin_app(gw: Gateway) -> web.Application:
-    app = web.Application()
+    """The admin aiohttp application; the Gateway is typed AppKey state."""
+    app = web.Application(middlewares=[errors_middleware, auth_middleware])
     app[GATEWAY_KEY] = gw
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/admin/services", list_services)
-    app.router.add_get("/admin/services/{service}", get_service)
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import socket
 from typing import Any
@@ -16,10 +17,12 @@ from typing import Any
 from aiohttp import web
 
 from gateway.config import Config, HostPort
+from gateway.control import ControlPlane
 from gateway.engine.aio import AiohttpEngine
 from gateway.handler import ProxyHandler
 from gateway.metrics import Metrics
 from gateway.state import Snapshot, SnapshotHolder, build_snapshot
+from gateway.telemetry import Telemetry
 from gateway.version import build_version
 
 log = logging.getLogger("gateway")
@@ -42,10 +45,18 @@ def bind_socket(addr: HostPort, *, reuse_port: bool = True, backlog: int = 2048)
     return sock
 
 
+def site_port(site: web.BaseSite) -> int:
+    """The port a started site is bound to (useful when configured as port 0)."""
+    server = site._server
+    socks = getattr(server, "sockets", None)
+    assert socks
+    return int(socks[0].getsockname()[1])
+
+
 def make_engine(config: Config, handler: ProxyHandler) -> Any:
     if config.engine == "fast":
         try:
-            from gateway.engine.fast import FastEngine
+            from gateway.engine.fast import FastEngine  # type: ignore[import-not-found,unused-ignore]
         except ImportError:  # pragma: no cover - fast engine always ships
             log.warning("fast engine unavailable; using the aiohttp engine")
         else:
@@ -65,11 +76,14 @@ class Gateway:
         metrics: Metrics | None = None,
         rng: random.Random | None = None,
         version: str | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.config = config
         self.rng = rng or random.Random()
         self.version = version or build_version()
         self.metrics = metrics or Metrics()
+        # telemetry (issue 5): OTEL_* / GATEWAY_ENV, or injected by tests; owned and shut down here.
+        self.telemetry = telemetry or Telemetry.from_env(os.environ, version=self.version)
         self.holder = SnapshotHolder(build_snapshot(config, rng=self.rng))
         self.handler = ProxyHandler(
             self.holder,
@@ -78,6 +92,8 @@ class Gateway:
             ready=self.is_ready,
             access_log=config.access_log,
             rng=self.rng,
+            tracer=self.telemetry.tracer,
+            sampler=self.telemetry.sampler,
         )
         self.engine = make_engine(config, self.handler)
         self.with_admin = admin
@@ -89,6 +105,8 @@ class Gateway:
         self.stopping = asyncio.Event()
         self.holder.subscribe(self._publish_gauges)
         self._publish_gauges(self.holder.current)
+        # admin issue: the control plane applies the state store and reloads to `holder`.
+        self.control = ControlPlane(config, self.holder, rng=self.rng)
 
     def is_ready(self) -> bool:
         return all(sv.available for sv in self.holder.current.services.values())
@@ -98,11 +116,17 @@ class Gateway:
             {n: {r: rv.share for r, rv in sv.releases.items()} for n, sv in snap.services.items()}
         )
         self.metrics.set_endpoints(
-            {(n, r): len(rv.endpoints) for n, sv in snap.services.items() for r, rv in sv.releases.items()}
+            {
+                (n, r): len(rv.endpoints)
+                for n, sv in snap.services.items()
+                for r, rv in sv.releases.items()
+            }
         )
         self.metrics.state_version.set(snap.version)
 
     async def start(self, sock: socket.socket | None = None) -> None:
+        # Store first: a corrupt state file or an unsafe admin listener refuses to start.
+        await self.control.start(admin=self.with_admin)
         if self.with_data:
             self.sock = sock or bind_socket(self.config.listen, reuse_port=True)
             self.port = self.sock.getsockname()[1]
@@ -116,9 +140,7 @@ class Gateway:
             a = self.config.admin.listen
             site = web.TCPSite(self.admin_runner, a.host, a.port, reuse_address=True)
             await site.start()
-            server = site._server
-            assert server is not None and server.sockets
-            self.admin_port = server.sockets[0].getsockname()[1]
+            self.admin_port = site_port(site)
         log.info(
             "gateway %s listening on %s:%s (engine %s)",
             self.version,
@@ -128,8 +150,9 @@ class Gateway:
         )
 
     def request_reload(self) -> None:
-        """SIGHUP: re-read the config (the admin issue wires validation and swap)."""
+        """SIGHUP: re-read and validate the config; on errors keep the running one (SPEC §6)."""
         log.info("reload requested")
+        self.control.reload()
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         d = self.config.drain_timeout if drain_timeout is None else drain_timeout
@@ -138,3 +161,6 @@ class Gateway:
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
             self.admin_runner = None
+        await self.control.stop()
+        # Flushing exporters blocks (OTLP over HTTP), so keep it off the event loop.
+        await asyncio.to_thread(self.telemetry.shutdown)

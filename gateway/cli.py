@@ -9,13 +9,12 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, GatewayError
 
 log = logging.getLogger("gateway")
 
@@ -91,9 +90,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_config_errors(e)
         return 2
     workers = args.workers or cfg.workers
-    if args.worker or workers <= 1:
-        return _run_loop(_serve(cfg, admin=not args.worker))
-    return _supervise(args, cfg, workers)
+    try:
+        if args.worker or workers <= 1:
+            return _run_loop(_serve(cfg, admin=not args.worker))
+        return _supervise(args, cfg, workers)
+    except GatewayError as e:  # admin issue: unsafe admin listener, corrupt state file
+        if isinstance(e, ConfigError):
+            _print_config_errors(e)
+        else:
+            print(f"gateway: {e.message}", file=sys.stderr)
+        return 2
 
 
 def _supervise(args: argparse.Namespace, cfg: Any, workers: int) -> int:
@@ -102,7 +108,7 @@ def _supervise(args: argparse.Namespace, cfg: Any, workers: int) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
     cmd = [sys.executable, "-m", "gateway", "run", "--worker", "-c", cfg.source]
     cmd += ["--log-level", args.log_level]
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[asyncio.subprocess.Process] = []
 
     async def main() -> int:
         from gateway.app import Gateway
@@ -112,42 +118,46 @@ def _supervise(args: argparse.Namespace, cfg: Any, workers: int) -> int:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(
-            signal.SIGHUP,
-            lambda: (gw.request_reload(), [p.send_signal(signal.SIGHUP) for p in procs]),
-        )
+
+        def forward_hup() -> None:
+            for p in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGHUP)
+
+        # admin issue: a reload that validated (SIGHUP or POST /admin/reload) reaches the workers.
+        gw.control.reload_listeners.append(forward_hup)
+        loop.add_signal_handler(signal.SIGHUP, gw.request_reload)
+        await gw.start()  # before the workers: a refused start leaves no orphans
         for _ in range(workers):
-            procs.append(subprocess.Popen(cmd))
-        await gw.start()
+            procs.append(await asyncio.create_subprocess_exec(*cmd))
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
+            waits = [asyncio.ensure_future(p.wait()) for p in procs]
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([stopper, *waits], return_when=asyncio.FIRST_COMPLETED)
+            for w in (stopper, *waits):
+                w.cancel()
             for i, p in enumerate(procs):
-                if p.poll() is not None and not stop.is_set():
+                if p.returncode is not None and not stop.is_set():
                     log.error("worker %d exited with %s; restarting", p.pid, p.returncode)
-                    procs[i] = subprocess.Popen(cmd)
+                    procs[i] = await asyncio.create_subprocess_exec(*cmd)
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
-        deadline = loop.time() + cfg.drain_timeout + 5
         rc = 0
         for p in procs:
-            while p.poll() is None and loop.time() < deadline:
-                await asyncio.sleep(0.05)
-            if p.poll() is None:
+            try:
+                code = await asyncio.wait_for(p.wait(), cfg.drain_timeout + 5)
+            except TimeoutError:
                 p.kill()
-                rc = 1
-            elif p.returncode != 0:
-                rc = 1
+                await p.wait()
+                code = 1
+            rc = rc or (0 if code == 0 else 1)
         await gw.stop(0)
         return rc
 
     try:
         return _run_loop(main())
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
         shutil.rmtree(mp_dir, ignore_errors=True)
 
 
@@ -172,8 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="serve traffic")
-    r.add_argument("-c", "--config", default=None, help="config file (default: $GATEWAY_CONFIG "
-                   "or config/gateway.yaml)")
+    r.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help="config file (default: $GATEWAY_CONFIG or config/gateway.yaml)",
+    )
     r.add_argument("--workers", type=int, default=None, help="worker processes (SO_REUSEPORT)")
     r.add_argument("--log-level", default="INFO")
     r.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

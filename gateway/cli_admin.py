@@ -1,11 +1,209 @@
-"""Admin client commands: `gateway weights`, `gateway strategy` (SPEC §4, §10)."""
+"""Admin client commands: `gateway weights`, `gateway strategy` (SPEC §4, §10).
+
+Why plain urllib: the client runs once per command, needs no event loop and
+must work from any shell with only the gateway installed. The admin address
+comes from `--admin` or $GATEWAY_ADMIN_URL, the token from
+$GATEWAY_ADMIN_TOKEN, as operators set them for curl.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
+
+DEFAULT_ADMIN_URL = "http://127.0.0.1:9901"
+
+
+class AdminError(Exception):
+    """The admin API refused a request or could not be reached."""
+
+
+def admin_url(args: argparse.Namespace) -> str:
+    url: str = args.admin or os.environ.get("GATEWAY_ADMIN_URL") or DEFAULT_ADMIN_URL
+    return url.rstrip("/")
+
+
+def call(
+    base: str, method: str, path: str, body: object = None, *, if_match: str | None = None
+) -> Any:
+    """One admin API request -> parsed JSON; AdminError with the server's message otherwise."""
+    headers = {"Accept": "application/json"}
+    token = os.environ.get("GATEWAY_ADMIN_TOKEN")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    if if_match is not None:
+        headers["If-Match"] = f'"{if_match}"'
+    req = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            err = json.loads(raw)
+            msg = f"{err.get('field')}: {err.get('error')}" if err.get("field") else err["error"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            msg = raw.decode("utf-8", "replace")[:200]
+        raise AdminError(f"{method} {path}: HTTP {e.code}: {msg}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise AdminError(f"cannot reach the admin API at {base}: {reason}") from None
+
+
+def _fail(prog: str, msg: str, code: int = 1) -> int:
+    print(f"{prog}: {msg}", file=sys.stderr)
+    return code
+
+
+def parse_assignments(items: list[str]) -> dict[str, float]:
+    """['stable=95', 'gray=5'] -> {'stable': 95.0, 'gray': 5.0}; ValueError names the bad one."""
+    out: dict[str, float] = {}
+    for it in items:
+        name, sep, value = it.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{it!r} is not release=weight")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise ValueError(f"{it!r}: weight {value!r} is not a number") from None
+    return out
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    base = admin_url(args)
+    path = f"/admin/services/{quote(args.service, safe='')}"
+    try:
+        if args.action == "get":
+            if args.assignments:
+                return _fail("gateway weights get", "takes no release=weight arguments", 2)
+            doc = call(base, "GET", path)
+        else:
+            try:
+                weights = parse_assignments(args.assignments)
+            except ValueError as e:
+                return _fail("gateway weights set", str(e), 2)
+            if not weights:
+                return _fail("gateway weights set", "give at least one release=weight", 2)
+            doc = call(base, "PUT", path + "/weights", weights, if_match=args.if_match)
+    except AdminError as e:
+        return _fail(f"gateway weights {args.action}", str(e))
+    _print_json(
+        {
+            "service": doc["service"],
+            "state_version": doc["state_version"],
+            "weights": doc["weights"],
+            "percent": doc["percent"],
+        }
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- strategy
+
+
+def cmd_strategy(args: argparse.Namespace) -> int:
+    from gateway import config as config_mod
+    from gateway import strategy
+    from gateway.errors import ConfigError
+
+    prog = f"gateway strategy {args.action}"
+    try:
+        cfg = config_mod.load(args.config)
+    except ConfigError as e:
+        print(f"{e.source}: config: {len(e.errors)} error(s)", file=sys.stderr)
+        for line in e.lines():
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except OSError as e:
+        return _fail(prog, f"cannot read {args.file}: {e.strerror or e}", 2)
+    try:
+        st = strategy.load_text(text, cfg, source=args.file)
+    except ConfigError as e:
+        print(f"{args.file}: {len(e.errors)} error(s)", file=sys.stderr)
+        for line in e.lines():
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    plan = strategy.plan(st, cfg)
+    if args.action == "validate":
+        print(
+            f"{args.file}: OK ({len(st.targets)} target(s), traffic {st.traffic:g}%, "
+            f"checked against {cfg.source})"
+        )
+        return 0
+    if args.action == "plan":
+        _print_json(plan)
+        return 0
+    base = admin_url(args)
+    rc = 0
+    applied: dict[str, Any] = {}
+    for service, weights in plan.items():
+        try:
+            doc = call(base, "PUT", f"/admin/services/{quote(service, safe='')}/weights", weights)
+        except AdminError as e:
+            print(f"{prog}: {service}: {e}", file=sys.stderr)
+            rc = 1
+            continue
+        applied[service] = {"state_version": doc["state_version"], "weights": doc["weights"]}
+    _print_json(applied)
+    return rc
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _admin_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--admin",
+        default=None,
+        metavar="URL",
+        help=f"admin API base URL (default: $GATEWAY_ADMIN_URL or {DEFAULT_ADMIN_URL}); "
+        "token from $GATEWAY_ADMIN_TOKEN",
+    )
 
 
 def add_commands(sub: Any) -> None:
     """Register the admin-client subcommands on the main parser."""
-    _ = (sub, argparse)
+    w = sub.add_parser("weights", help="get or set a service's release weights (admin API)")
+    w.add_argument("action", choices=("get", "set"))
+    w.add_argument("service")
+    w.add_argument("assignments", nargs="*", metavar="release=weight")
+    w.add_argument(
+        "--if-match",
+        default=None,
+        metavar="VERSION",
+        help="refuse if the state version changed (409)",
+    )
+    _admin_arg(w)
+    w.set_defaults(func=cmd_weights)
+
+    s = sub.add_parser("strategy", help="validate, plan or apply a strategy file (SPEC §10)")
+    s.add_argument("action", choices=("validate", "plan", "apply"))
+    s.add_argument("file", metavar="FILE")
+    s.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help="gateway config to check against (default: $GATEWAY_CONFIG or config/gateway.yaml)",
+    )
+    _admin_arg(s)
+    s.set_defaults(func=cmd_strategy)

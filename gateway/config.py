@@ -145,7 +145,7 @@ class Config:
     listen: HostPort = HostPort("0.0.0.0", 8080)
     admin: AdminConfig = AdminConfig()
     workers: int = 1
-    engine: str = "fast"
+    engine: str = "aiohttp"
     drain_timeout: float = 30.0
     access_log: bool = False
     state: StateConfig = StateConfig()
@@ -310,7 +310,9 @@ def _guard(v: object, path: str, errs: _Errors) -> GuardConfig:
     if error_rate > 1:
         errs.add(f"{path}.error_rate", "must be a fraction between 0 and 1")
     hook = m.get("alert_webhook")
-    if hook is not None and (not isinstance(hook, str) or not hook.startswith(("http://", "https://"))):
+    if hook is not None and (
+        not isinstance(hook, str) or not hook.startswith(("http://", "https://"))
+    ):
         errs.add(f"{path}.alert_webhook", "must be an http(s) URL or null")
         hook = None
     min_req = m.get("min_requests", d.min_requests)
@@ -519,7 +521,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
     if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 256:
         errs.add("workers", "must be an integer between 1 and 256")
         workers = 1
-    engine = _string(m, "engine", "fast", "", errs)
+    engine = _string(m, "engine", "aiohttp", "", errs)
     if engine not in ENGINES:
         errs.add("engine", f"must be one of {', '.join(ENGINES)}")
     sm = _mapping(m.get("state"), "state", errs)
@@ -535,13 +537,16 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
     cm = _mapping(m.get("consul"), "consul", errs)
     _unknown(cm, {"address", "kv_prefix", "token", "poll_wait"}, "consul", errs)
     consul = ConsulConfig(
-        address=env.get("CONSUL_HTTP_ADDR") or _string(cm, "address", ConsulConfig().address, "consul", errs),
+        address=env.get("CONSUL_HTTP_ADDR")
+        or _string(cm, "address", ConsulConfig().address, "consul", errs),
         kv_prefix=_string(cm, "kv_prefix", ConsulConfig().kv_prefix, "consul", errs),
         token=env.get("CONSUL_HTTP_TOKEN") or cm.get("token"),
         poll_wait=_duration(cm, "poll_wait", 30.0, "consul", errs),
     )
     if consul.address and "://" not in consul.address:
-        consul = ConsulConfig(f"http://{consul.address}", consul.kv_prefix, consul.token, consul.poll_wait)
+        consul = ConsulConfig(
+            f"http://{consul.address}", consul.kv_prefix, consul.token, consul.poll_wait
+        )
     base_t = _timeouts(m.get("timeouts"), "timeouts", errs, Timeouts())
     services: dict[str, ServiceConfig] = {}
     sv = m.get("services")
@@ -553,7 +558,9 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             errs.add("services", "at least one service is required")
         for name, v in svm.items():
             if not _NAME_RE.match(str(name)):
-                errs.add(f"services.{name}", "service name must be letters, digits, '.', '_' or '-'")
+                errs.add(
+                    f"services.{name}", "service name must be letters, digits, '.', '_' or '-'"
+                )
             services[str(name)] = _service(str(name), v, f"services.{name}", errs, base_t)
     routing = _routing(m.get("routing"), errs)
     drain = _duration(m, "drain_timeout", 30.0, "", errs)

@@ -14,7 +14,7 @@ import sys
 from aiohttp import web
 
 from gateway import config as config_mod
-from gateway.app import Gateway
+from gateway.app import Gateway, site_port
 
 
 def demo_upstream(release: str) -> web.Application:
@@ -42,14 +42,10 @@ async def start_upstream(release: str, host: str = "127.0.0.1") -> tuple[web.App
     await runner.setup()
     site = web.TCPSite(runner, host, 0)
     await site.start()
-    server = site._server
-    assert server is not None and server.sockets
-    return runner, int(server.sockets[0].getsockname()[1])
+    return runner, site_port(site)
 
 
-def demo_config(
-    host: str, port: int, admin_port: int, stable: int, gray: int
-) -> config_mod.Config:
+def demo_config(host: str, port: int, admin_port: int, stable: int, gray: int) -> config_mod.Config:
     return config_mod.build(
         {
             "listen": f"{host}:{port}",
@@ -95,8 +91,10 @@ async def run_demo(host: str, port: int, admin_port: int, duration: float | None
     try:
         await gw.start()
     except OSError as e:
-        print(f"gateway demo: cannot listen on {host}:{port} or admin {admin_port}: {e}.",
-              file=sys.stderr)
+        print(
+            f"gateway demo: cannot listen on {host}:{port} or admin {admin_port}: {e}.",
+            file=sys.stderr,
+        )
         print("Try: gateway demo --port 18080 --admin-port 19901", file=sys.stderr)
         for r in runners:
             await r.cleanup()

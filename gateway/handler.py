@@ -40,8 +40,16 @@ class Tracer(Protocol):
     """Span hooks; only called for sampled requests (PERF_NOTES: spans cost ~10 µs)."""
 
     def start(
-        self, head: RequestHead, service: str, release: str, trace_id: str, parent: str | None,
+        self,
+        head: RequestHead,
+        service: str,
+        release: str,
+        trace_id: str,
+        parent: str | None,
         span_id: str,
+        *,
+        upstream_host: str,
+        upstream_port: int,
     ) -> Callable[[int, str | None], None]: ...
 
 
@@ -169,7 +177,16 @@ class ProxyHandler:
         span_done = None
         if sampled and self.tracer is not None:
             parent = incoming.parent_id if incoming is not None else None
-            span_done = self.tracer.start(head, service, release, trace_id, parent, span_id)
+            span_done = self.tracer.start(
+                head,
+                service,
+                release,
+                trace_id,
+                parent,
+                span_id,
+                upstream_host=slot.host,
+                upstream_port=slot.port,
+            )
         metrics, observers = self.metrics, self.observers
 
         def on_done(status: int, error: str | None) -> None:

@@ -50,7 +50,9 @@ class Metrics:
             buckets=BUCKETS,
             registry=r,
         )
-        gauge_mode: dict[str, Any] = {"multiprocess_mode": "mostrecent"} if self.multiprocess else {}
+        gauge_mode: dict[str, Any] = (
+            {"multiprocess_mode": "mostrecent"} if self.multiprocess else {}
+        )
         self.weight = Gauge(
             "gateway_release_weight",
             "Normalized weight of a release in percent.",
@@ -131,6 +133,6 @@ class Metrics:
         mp = multiprocess_dir()
         if mp:
             reg = CollectorRegistry()
-            prom_mp.MultiProcessCollector(reg, path=mp)
+            prom_mp.MultiProcessCollector(reg, path=mp)  # type: ignore[no-untyped-call]
             return generate_latest(reg)
         return generate_latest(self.registry)

@@ -212,7 +212,9 @@ class ServiceMatcher:
 
         self._exact = {h: order(v) for h, v in exact.items()}
         # Longer wildcard suffixes are more specific: try them first.
-        self._wild = tuple(sorted(((s, order(v)) for s, v in wild.items()), key=lambda e: -len(e[0])))
+        self._wild = tuple(
+            sorted(((s, order(v)) for s, v in wild.items()), key=lambda e: -len(e[0]))
+        )
         self._any = order(anyhost)
 
     def match(self, host: str | None, path: str) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from gateway.balancer import Pool
 from gateway.config import Config, Endpoint, GuardConfig, ServiceConfig
@@ -125,7 +126,8 @@ def build_snapshot(
         guard = s.guard
         go = (guard_overrides or {}).get(s.name)
         if go:
-            guard = replace(guard, **{k: v for k, v in go.items() if hasattr(guard, k)})
+            fields: dict[str, Any] = {k: v for k, v in go.items() if hasattr(guard, k)}
+            guard = replace(guard, **fields)
         services[s.name] = ServiceView(
             cfg=s,
             table=table,

@@ -60,7 +60,7 @@ class AiohttpEngine:
             skip_auto_headers=_SKIP_AUTO,
         )
         server = web.Server(self._handle, handler_cancellation=True)
-        self._runner = web.ServerRunner(server, handle_signals=False)
+        self._runner = web.ServerRunner(server, handle_signals=False, access_log=None)
         await self._runner.setup()
         self._site = web.SockSite(self._runner, sock)
         await self._site.start()
@@ -110,8 +110,10 @@ class AiohttpEngine:
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
         has_body = request.body_exists
-        url = URL(f"http://{fwd.host}:{fwd.port}{(fwd.target or request.raw_path.encode()).decode()}",
-                  encoded=True)
+        url = URL(
+            f"http://{fwd.host}:{fwd.port}{(fwd.target or request.raw_path.encode()).decode()}",
+            encoded=True,
+        )
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=fwd.connect_timeout, sock_read=fwd.read_timeout
         )
@@ -169,10 +171,16 @@ class AiohttpEngine:
         url = URL(f"http://{fwd.host}:{fwd.port}{request.raw_path}", encoded=True)
         skip = {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "host"}
         headers = {k.decode(): v.decode() for k, v in fwd.headers if k.lower().decode() not in skip}
-        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        protocols = [
+            p.strip()
+            for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+            if p.strip()
+        ]
         try:
             up = await self._session.ws_connect(
-                url, headers=headers, protocols=protocols,
+                url,
+                headers=headers,
+                protocols=protocols,
                 timeout=aiohttp.ClientWSTimeout(ws_close=fwd.read_timeout),
             )
         except aiohttp.ClientConnectorError:
@@ -184,8 +192,10 @@ class AiohttpEngine:
             ws.headers[k.decode()] = v.decode()
         await ws.prepare(request)
 
-        async def pump(src: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
-                       dst: aiohttp.ClientWebSocketResponse | web.WebSocketResponse) -> None:
+        async def pump(
+            src: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+            dst: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+        ) -> None:
             async for msg in src:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     await dst.send_str(msg.data)

@@ -1,0 +1,266 @@
+"""The servers under test: the upstream pair, the nginx reference and the gateway.
+
+Each is started once per configuration and kept for the whole run (idle ones
+cost nothing), except where a scenario asks for a fresh one (idle RSS).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import shutil
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from benchmarks import nginxconf
+from benchmarks.procs import Proc, ProcessSet, free_port, http_get, pinned, wait_http
+from benchmarks.tools import nginx_has_stub_status
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS: dict[str, float] = {"stable": 95, "gray": 5}
+SERVICE = "bench"
+
+# SPEC §9: the gateway reads the standard OTEL_* variables.
+TRACING_ENV: dict[str, dict[str, str]] = {
+    "off": {"OTEL_TRACES_EXPORTER": "none", "OTEL_SDK_DISABLED": "true"},
+    "prop": {"OTEL_TRACES_SAMPLER": "always_off", "OTEL_TRACES_EXPORTER": "none"},
+    "sampled": {"OTEL_TRACES_SAMPLER": "always_on", "OTEL_TRACES_EXPORTER": "none"},
+}
+
+
+@dataclass
+class Server:
+    """A running target: where to send load and which process group does the work."""
+
+    label: str
+    port: int
+    proc: Proc
+    admin_port: int | None = None
+
+
+@dataclass(frozen=True)
+class CpuLayout:
+    """taskset CPU lists for ``--pin``: the forwarder on one core, the rest on the other."""
+
+    forwarder: str | None = None
+    forwarder_multi: str | None = None
+    clients: str | None = None
+
+    @classmethod
+    def for_machine(cls, pin: bool) -> CpuLayout:
+        cpus = sorted(os.sched_getaffinity(0))
+        if not pin or len(cpus) < 2 or shutil.which("taskset") is None:
+            return cls()
+        return cls(str(cpus[0]), ",".join(map(str, cpus)), ",".join(map(str, cpus[1:])))
+
+    def for_workers(self, workers: int) -> str | None:
+        return self.forwarder if workers <= 1 else self.forwarder_multi
+
+
+def gateway_config(
+    *,
+    port: int,
+    admin_port: int,
+    state_path: Path,
+    upstreams: Mapping[str, int],
+    weights: Mapping[str, float] = WEIGHTS,
+    workers: int = 1,
+) -> str:
+    """The benchmark's gateway config (SPEC §5): one service, every Host, a weighted pair."""
+    config = {
+        "listen": f"127.0.0.1:{port}",
+        "admin": {"listen": f"127.0.0.1:{admin_port}"},
+        "workers": workers,
+        "state": {"store": "file", "path": str(state_path)},
+        "services": {
+            SERVICE: {
+                "releases": {
+                    name: {"weight": weights[name], "upstreams": [f"http://127.0.0.1:{up}"]}
+                    for name, up in upstreams.items()
+                }
+            }
+        },
+    }
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+
+
+def gateway_env(tracing: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment minus anything that would redirect the gateway, plus the tracing mode."""
+    env = {
+        k: v
+        for k, v in (os.environ if base is None else base).items()
+        if not k.startswith("OTEL_") and k not in ("GATEWAY_CONFIG", "GATEWAY_ENV")
+    }
+    env.update(TRACING_ENV[tracing])
+    return env
+
+
+def gateway_argv(config: Path, workers: int) -> list[str]:
+    """``<venv>/bin/gateway run``, else ``python -m gateway run`` with this interpreter."""
+    for script in (Path(sys.prefix) / "bin" / "gateway", REPO / ".venv" / "bin" / "gateway"):
+        if script.is_file():
+            return [str(script), "run", "-c", str(config), "--workers", str(workers)]
+    return [sys.executable, "-m", "gateway", "run", "-c", str(config), "--workers", str(workers)]
+
+
+_METRIC = re.compile(r"^http_requests_total\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)", re.M)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def requests_by_release(metrics_text: str, service: str = SERVICE) -> dict[str, float]:
+    """Sum ``http_requests_total{service=...}`` over codes, per release (SPEC §8)."""
+    out: dict[str, float] = {}
+    for m in _METRIC.finditer(metrics_text):
+        labels = dict(_LABEL.findall(m.group("labels")))
+        if labels.get("service") == service and "release" in labels:
+            out[labels["release"]] = out.get(labels["release"], 0.0) + float(m.group("value"))
+    return out
+
+
+def parse_stub_status(text: str) -> int:
+    """The ``requests`` figure of nginx's stub_status page."""
+    m = re.search(r"server accepts handled requests\s*\n\s*\d+\s+\d+\s+(\d+)", text)
+    if not m:
+        raise ValueError(f"not a stub_status page: {text[:200]!r}")
+    return int(m.group(1))
+
+
+class Fleet:
+    """Starts and remembers the servers of one benchmark session."""
+
+    def __init__(
+        self,
+        procs: ProcessSet,
+        tmp: Path,
+        tools: Mapping[str, str | None],
+        layout: CpuLayout,
+        *,
+        builtin_upstream: bool = False,
+    ) -> None:
+        self.procs = procs
+        self.builtin_upstream = builtin_upstream or not tools.get("nginx")
+        self.tmp = tmp
+        self.nginx = tools.get("nginx")
+        self.layout = layout
+        self.user = "root" if os.geteuid() == 0 else None
+        self.nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._servers: dict[tuple[object, ...], Server] = {}
+        self._stub_status = False
+        self._nginx_stub = bool(self.nginx) and nginx_has_stub_status(str(self.nginx))
+
+    # -- upstream pair -------------------------------------------------------
+    def upstreams(self) -> dict[str, Server]:
+        """``stable`` and ``gray`` fixed-body servers (nginx, else the built-in one)."""
+        return {name: self._upstream(name) for name in WEIGHTS}
+
+    def _upstream(self, release: str) -> Server:
+        key: tuple[object, ...] = ("upstream", release)
+        if key in self._servers:
+            return self._servers[key]
+        port = free_port()
+        name = f"upstream-{release}"
+        if self.nginx and not self.builtin_upstream:
+            prefix = self.tmp / name
+            www = self.tmp / "www"
+            nginxconf.write_bodies(www)
+            self._stub_status = self._nginx_stub
+            conf = nginxconf.upstream_conf(
+                prefix, port, www, user=self.user, stub_status=self._stub_status, nofile=self.nofile
+            )
+            nginxconf.prepare_prefix(prefix, conf)
+            argv = nginxconf.nginx_argv(self.nginx, prefix)
+        else:
+            self._stub_status = True
+            argv = [sys.executable, "-m", "benchmarks.upstream", "--port", str(port)]
+        proc = self.procs.start(name, pinned(argv, self.layout.clients), cwd=REPO)
+        wait_http(port, "/1k", proc=proc, deadline_s=10)
+        server = Server(name, port, proc)
+        self._servers[key] = server
+        return server
+
+    def upstream_counts(self) -> dict[str, int] | None:
+        """Requests served so far per release, from each upstream's stub_status."""
+        if not self._stub_status:
+            return None
+        counts = {}
+        for name, server in self.upstreams().items():
+            _, text = http_get(server.port, nginxconf.STATUS_PATH)
+            counts[name] = parse_stub_status(text.decode())
+        return counts
+
+    # -- forwarders ------------------------------------------------------------
+    def nginx_ref(self, workers: int = 1, *, fresh: bool = False) -> Server:
+        key: tuple[object, ...] = ("nginx", workers)
+        if key in self._servers and not fresh:
+            return self._servers[key]
+        if not self.nginx:
+            raise RuntimeError("nginx is not installed")
+        ups = {name: s.port for name, s in self.upstreams().items()}
+        port = free_port()
+        name = f"nginx-ref-w{workers}" + ("-fresh" if fresh else "")
+        prefix = self.tmp / name
+        conf = nginxconf.reference_conf(
+            prefix, port, ups, WEIGHTS, workers=workers, user=self.user, nofile=self.nofile
+        )
+        nginxconf.prepare_prefix(prefix, conf)
+        argv = pinned(nginxconf.nginx_argv(self.nginx, prefix), self.layout.for_workers(workers))
+        proc = self.procs.start(name, argv, cwd=prefix)
+        wait_http(port, "/1k", proc=proc, deadline_s=10)
+        server = Server("nginx", port, proc)
+        if not fresh:
+            self._servers[key] = server
+        return server
+
+    def gateway(self, workers: int = 1, tracing: str = "prop", *, fresh: bool = False) -> Server:
+        key: tuple[object, ...] = ("gateway", workers, tracing)
+        if key in self._servers and not fresh:
+            return self._servers[key]
+        ups = {name: s.port for name, s in self.upstreams().items()}
+        port, admin_port = free_port(), free_port()
+        name = f"gateway-w{workers}-{tracing}" + ("-fresh" if fresh else "")
+        workdir = self.tmp / name
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = workdir / "gateway.yaml"
+        config.write_text(
+            gateway_config(
+                port=port,
+                admin_port=admin_port,
+                state_path=workdir / "state.json",
+                upstreams=ups,
+                workers=workers,
+            )
+        )
+        argv = pinned(gateway_argv(config, workers), self.layout.for_workers(workers))
+        proc = self.procs.start(name, argv, env=gateway_env(tracing), cwd=workdir)
+        try:
+            wait_http(port, "/healthz", proc=proc, deadline_s=20)
+        except BaseException:
+            self.procs.stop(proc)
+            raise
+        server = Server("gateway", port, proc, admin_port)
+        if not fresh:
+            self._servers[key] = server
+        return server
+
+    def direct(self) -> Server:
+        stable = self._upstream("stable")
+        return Server("direct", stable.port, stable.proc)
+
+    def scrape_requests(self, server: Server) -> dict[str, float] | None:
+        """The gateway's request counters per release, or None when unreadable."""
+        if server.admin_port is None:
+            return None
+        try:
+            status, text = http_get(server.admin_port, "/metrics", timeout=5)
+        except OSError:
+            return None
+        return requests_by_release(text.decode()) if status == 200 else None
+
+    def release(self, server: Server) -> None:
+        """Stop a fresh (uncached) server."""
+        self.procs.stop(server.proc)

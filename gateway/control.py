@@ -1,0 +1,286 @@
+"""The control plane: applies the state store and config reloads to the routing snapshot.
+
+Why one owner: every accepted change follows the same order — validate,
+write to the store (CAS), swap the snapshot, answer with the new version
+(SPEC §6) — and every process (master, each worker) applies documents it
+hears from the store watch the same way, so they converge within one poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from gateway import changes
+from gateway import config as config_mod
+from gateway.config import Config, Endpoint
+from gateway.errors import ConfigError, Conflict, StateError
+from gateway.state import Snapshot, SnapshotHolder, build_snapshot
+from gateway.store import EMPTY, ServiceState, StateDoc, StateStore, open_store
+
+log = logging.getLogger("gateway.control")
+
+_RETRIES = 5
+# Changing these needs new sockets, processes or a new store: a reload warns and keeps them.
+_RESTART_ONLY = ("listen", "admin", "workers", "engine", "state", "consul")
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_admin_exposure(cfg: Config) -> None:
+    """Refuse an admin listener reachable off-host without a token (SPEC §6)."""
+    a = cfg.admin
+    if a.token or is_loopback(a.listen.host):
+        return
+    how = (
+        f"export {a.token_env}=<secret>"
+        if a.token_env
+        else "set admin.token_env to a variable holding a secret"
+    )
+    raise ConfigError(
+        [
+            (
+                "admin.listen",
+                f"{a.listen} is not a loopback address and no admin token is set: "
+                f"{how}, or listen on 127.0.0.1",
+            )
+        ],
+        cfg.source,
+    )
+
+
+def endpoints_for(
+    config: Config, previous: Snapshot | None
+) -> dict[tuple[str, str], tuple[Endpoint, ...]]:
+    """Static endpoints from `config`; discovered ones carried over from the previous snapshot."""
+    out: dict[tuple[str, str], tuple[Endpoint, ...]] = {}
+    for s in config.services.values():
+        for r in s.releases.values():
+            if r.upstreams:
+                out[(s.name, r.name)] = r.upstreams
+            elif previous is not None and (ps := previous.services.get(s.name)) is not None:
+                if (pr := ps.releases.get(r.name)) is not None:
+                    out[(s.name, r.name)] = pr.endpoints
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    ok: bool
+    errors: tuple[tuple[str, str], ...] = ()  # (field path, message) when not ok
+    warnings: tuple[str, ...] = ()
+
+
+class ControlPlane:
+    """Store + config -> snapshot, for one process; see the module docstring."""
+
+    def __init__(
+        self,
+        config: Config,
+        holder: SnapshotHolder,
+        *,
+        store: StateStore | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.holder = holder
+        self.rng = rng or random.Random()
+        self.doc: StateDoc = EMPTY
+        self.reload_listeners: list[Callable[[], None]] = []
+        self._store = store
+        self._lock = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
+        self._warned: set[str] = set()
+
+    @property
+    def store(self) -> StateStore:
+        if self._store is None:
+            raise StateError("the state store is not open (Gateway not started)", "state")
+        return self._store
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, *, admin: bool) -> None:
+        """Open the store and apply it before serving; a corrupt store refuses to start."""
+        if admin:
+            check_admin_exposure(self.config)
+        if self._store is None:
+            self._store = open_store(self.config.state)
+        self._apply(self._store.load())
+        self._watcher = asyncio.create_task(self._watch(self._store), name="gateway-state-watch")
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        if self._store is not None:
+            await self._store.close()
+
+    async def _watch(self, store: StateStore) -> None:
+        while True:
+            try:
+                async for doc in store.watch():
+                    if doc.version > self.doc.version:
+                        self._apply(doc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep watching: one bad read must not freeze this worker
+                log.exception("state watch failed; retrying")
+            await asyncio.sleep(self.config.state.poll_interval)
+
+    # ------------------------------------------------------------------ applying
+    def _apply(self, doc: StateDoc) -> None:
+        self._warn_unknown(doc)
+        snap = build_snapshot(
+            self.config,
+            version=doc.version,
+            overrides=doc.weights(),
+            guard_overrides=doc.guards(),
+            endpoints=endpoints_for(self.config, self.holder.current),
+            previous=self.holder.current,
+            rng=self.rng,
+        )
+        self.doc = doc
+        self.holder.swap(snap)
+        log.info("applied state version %d", doc.version)
+
+    def rebuild(self) -> None:
+        """Rebuild the snapshot from the current config and state (e.g. after discovery)."""
+        self._apply(self.doc)
+
+    def _warn_unknown(self, doc: StateDoc) -> None:
+        for name, st in doc.services.items():
+            svc = self.config.services.get(name)
+            if svc is None:
+                msg = f"state: service {name!r} is not in the config; its changes are ignored"
+            else:
+                gone = sorted(r for r in st.weights if r not in svc.releases)
+                if not gone:
+                    continue
+                msg = (
+                    f"state: release(s) {', '.join(gone)} of {name!r} are not in the config; "
+                    "their stored weights are ignored"
+                )
+            if msg not in self._warned:
+                self._warned.add(msg)
+                log.warning("%s", msg)
+
+    # ------------------------------------------------------------------ changes
+    async def _change(
+        self,
+        service: str,
+        edit: Callable[[ServiceState, Snapshot], ServiceState | None],
+        if_match: int | None,
+    ) -> StateDoc:
+        """Validate, CAS-write, then swap; on another writer's change, catch up and retry."""
+        store = self.store
+        async with self._lock:
+            for _ in range(_RETRIES):
+                cur = self.doc
+                if if_match is not None and if_match != cur.version:
+                    raise Conflict(
+                        f"stale If-Match: state version is {cur.version}, not {if_match}",
+                        "If-Match",
+                    )
+                new_state = edit(cur.services.get(service, ServiceState()), self.holder.current)
+                new_doc = (
+                    cur.without_service(service)
+                    if new_state is None
+                    else cur.with_service(service, new_state)
+                )
+                try:
+                    stored = await store.write(new_doc, cur.version)
+                except Conflict:
+                    if if_match is not None:
+                        raise
+                    latest = store.load()
+                    if latest.version > self.doc.version:
+                        self._apply(latest)
+                    continue
+                self._apply(stored)
+                return stored
+        raise Conflict("the state kept changing under this request; retry", "If-Match")
+
+    async def set_weights(self, service: str, body: object, if_match: int | None) -> StateDoc:
+        """PUT /admin/services/{service}/weights (SPEC §6)."""
+        svc = self.config.services[service]
+
+        def edit(st: ServiceState, snap: Snapshot) -> ServiceState:
+            weights = changes.weights_change(svc, snap.weights.get(service, {}), body)
+            return replace(st, weights=weights)
+
+        return await self._change(service, edit, if_match)
+
+    async def clear(self, service: str, if_match: int | None) -> StateDoc:
+        """Forget stored weights and thresholds: back to what the config says."""
+
+        def edit(st: ServiceState, snap: Snapshot) -> ServiceState | None:
+            if st.extra:
+                return ServiceState(extra=st.extra)
+            return None
+
+        return await self._change(service, edit, if_match)
+
+    async def platform(
+        self, service: str, body: Mapping[str, Any], if_match: int | None
+    ) -> StateDoc:
+        """POST /admin/weights, the release-platform payload (SPEC §6)."""
+        svc = self.config.services[service]
+
+        def edit(st: ServiceState, snap: Snapshot) -> ServiceState:
+            weights, guard = changes.platform_change(svc, body)
+            if weights is not None:
+                st = replace(st, weights=weights)
+            if guard is not None:
+                st = replace(st, guard={**st.guard, **guard})
+            return st
+
+        return await self._change(service, edit, if_match)
+
+    # ------------------------------------------------------------------ reload
+    def reload(self) -> ReloadResult:
+        """SIGHUP / POST /admin/reload: validate the config file first, then swap."""
+        source = self.config.source
+        if source.startswith("<"):
+            err = (
+                "(file)",
+                f"the running config came from {source}, not a file: nothing to re-read",
+            )
+            log.error("reload: %s: %s", *err)
+            return ReloadResult(False, (err,))
+        try:
+            new = config_mod.load(source)
+        except ConfigError as e:
+            for path, msg in e.errors:
+                log.error("reload: %s: %s: %s", source, path, msg)
+            log.error("reload: %d error(s); the running config is kept", len(e.errors))
+            return ReloadResult(False, tuple(e.errors))
+        warnings = tuple(
+            f"{f}: changed in {source}; takes effect on restart"
+            for f in _RESTART_ONLY
+            if getattr(new, f) != getattr(self.config, f)
+        )
+        for w in warnings:
+            log.warning("reload: %s", w)
+        keep = {f: getattr(self.config, f) for f in _RESTART_ONLY}
+        self.config = replace(new, **keep)
+        self._warned.clear()
+        self._apply(self.doc)
+        log.info("reload: %s applied (state version %d)", source, self.doc.version)
+        for fn in self.reload_listeners:
+            fn()
+        return ReloadResult(True, (), warnings)

@@ -1,0 +1,611 @@
+"""Upstream side of the fast engine: pooled HTTP/1.1 connections and the response relay.
+
+Why callbacks and no coroutines: on the hot path a pooled connection is taken,
+written and read entirely from protocol callbacks, so a request costs no task,
+no future and no await (PERF_NOTES: the gap to nginx is framework work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import partial
+from typing import cast
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from gateway.engine.api import ERR_CONNECT, ERR_PROTOCOL, ERR_RESET, ERR_TIMEOUT
+from gateway.engine.fast_wire import (
+    CHUNK_END,
+    COLON,
+    CONN_CLOSE,
+    CONN_KEEP,
+    CONN_UPGRADE,
+    CRLF,
+    H_CONNECTION,
+    H_CONTENT_LENGTH,
+    H_TRANSFER_ENCODING,
+    H_UPGRADE,
+    IDEMPOTENT,
+    REPLAY_CAP,
+    RESP_SPECIAL,
+    TE_CHUNKED,
+    Exchange,
+    Reject,
+    connection_tokens,
+    request_head,
+    status_line,
+    strip_connection_tokens,
+)
+
+log = logging.getLogger(__name__)
+
+# How the response body is relayed to the client.
+M_NONE = 0  # no body (HEAD, 1xx, 204, 304)
+M_RAW = 1  # as received: Content-Length, or close-delimited to HTTP/1.0
+M_CHUNK = 2  # re-framed as chunked for an HTTP/1.1 client (RFC 9112 §7.1)
+M_EOF = 3  # upstream body ends at close; relayed raw to an HTTP/1.0 client
+
+TE_NONE = 0
+TE_IS_CHUNKED = 1
+TE_OTHER = 2
+
+Key = tuple[str, int]
+
+
+class Upstream(asyncio.Protocol):
+    """One keep-alive connection to an upstream endpoint."""
+
+    __slots__ = (
+        "pool",
+        "loop",
+        "key",
+        "transport",
+        "parser",
+        "ex",
+        "reused",
+        "got",
+        "rh",
+        "cl",
+        "te",
+        "eof_body",
+        "upg",
+        "ctok",
+        "mode",
+        "interim",
+        "done",
+        "keep",
+        "extra",
+        "head_only",
+        "rpaused",
+        "wpaused",
+        "closed",
+        "last",
+        "idle_since",
+        "rt",
+        "timer",
+        "tw",
+        "tunnel",
+        "out",
+    )
+
+    def __init__(self, pool: Pool, key: Key) -> None:
+        self.pool = pool
+        self.loop = pool.loop
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpResponseParser(self)
+        self.ex: Exchange | None = None
+        self.reused = False
+        self.got = False
+        self.rh: list[tuple[bytes, bytes]] = []
+        self.cl = False
+        self.te = TE_NONE
+        self.eof_body = False
+        self.upg: bytes | None = None
+        self.ctok: set[bytes] | None = None
+        self.mode = M_NONE
+        self.interim = False
+        self.done = False
+        self.keep = False
+        self.extra = False
+        self.head_only = False
+        self.rpaused = False
+        self.wpaused = False
+        self.closed = False
+        self.last = 0.0
+        self.idle_since = 0.0
+        self.rt = pool.idle_timeout
+        self.timer: asyncio.TimerHandle | None = None
+        self.tw = 0.0
+        self.tunnel = False
+        self.out: list[bytes] = []  # bytes for the client, written once per read
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.pool.conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        pool = self.pool
+        pool.conns.discard(self)
+        if not pool.conns and pool.all_closed is not None:
+            pool.all_closed.set()
+        ex = self.ex
+        if ex is None:
+            pool.discard(self)
+            return
+        if self.tunnel:
+            self.ex = None
+            ex.client.tunnel_closed(ex)
+            return
+        if self.eof_body and ex.head_sent and not self.interim:
+            # Close-delimited body (RFC 9112 §6.3 rule 8): EOF is its end.
+            self.done = True
+            self.keep = False
+            if self.mode == M_CHUNK:
+                ex.client.transport_write(CHUNK_END)
+            self._complete()
+            return
+        self._failed(502, ERR_RESET)
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel and self.ex is not None:
+            self.ex.client.tunnel_eof_from_upstream()
+            return True
+        return None
+
+    def pause_writing(self) -> None:
+        self.wpaused = True
+        ex = self.ex
+        if ex is not None:
+            ex.client.pause_for_upstream()
+
+    def resume_writing(self) -> None:
+        self.wpaused = False
+        ex = self.ex
+        if ex is not None:
+            ex.client.resume_for_upstream()
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.ex
+        if ex is None:
+            # Bytes on an idle connection: nothing may be pending, so it is unusable.
+            self.abandon()
+            return
+        if self.tunnel:
+            ex.client.transport_write(data)
+            return
+        self.got = True
+        self.last = self.loop.time()
+        out = self.out
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as e:
+            if self.mode == M_NONE and ex.status == 101 and self.ex is ex:
+                self._flush(ex)
+                self._start_tunnel(ex, data[e.args[0] :])
+            else:
+                self._failed(502, ERR_PROTOCOL)
+            return
+        except HttpParserError:
+            if self.ex is ex:
+                self._flush(ex)
+                self._failed(502, ERR_PROTOCOL)
+            return
+        if out:
+            # One write per read: head and body of a small response leave together.
+            ex.client.transport_write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+        if self.done and self.ex is ex:
+            self._complete()
+
+    # -- httptools callbacks ----------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            self.extra = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
+        if lname in RESP_SPECIAL:
+            if lname == H_CONTENT_LENGTH:
+                self.cl = True
+                self.rh.append((name, value))
+            elif lname == H_CONNECTION:
+                toks = connection_tokens(value)
+                if toks:
+                    self.ctok = toks if self.ctok is None else self.ctok | toks
+            elif lname == H_UPGRADE:
+                self.upg = value
+            elif lname == H_TRANSFER_ENCODING:
+                self.te = TE_IS_CHUNKED if value.lower().rstrip().endswith(b"chunked") else TE_OTHER
+            return
+        self.rh.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.ex
+        assert ex is not None
+        status = self.parser.get_status_code()
+        rh = self.rh
+        self.rh = []
+        if self.ctok is not None:
+            rh = strip_connection_tokens(rh, self.ctok)
+            self.ctok = None
+        client = ex.client
+        if status < 200:
+            if status == 101:
+                if ex.upgrade is None or self.upg is None:
+                    raise Reject(502, "101 without an upgrade")
+                ex.status = 101
+                ex.head_sent = True
+                parts = [status_line(101)]
+                for n, v in rh:
+                    parts += (n, COLON, v, CRLF)
+                parts += (CONN_UPGRADE, self.upg, CRLF)
+                assert ex.fwd is not None
+                for n, v in ex.fwd.response_headers:
+                    parts += (n, COLON, v, CRLF)
+                parts.append(CRLF)
+                self.out.append(b"".join(parts))
+                return
+            # Interim response (RFC 9110 §15.2): relay to HTTP/1.1 clients only.
+            self.interim = True
+            self.cl = False
+            self.te = TE_NONE
+            self.upg = None
+            if ex.http11:
+                parts = [status_line(status)]
+                for n, v in rh:
+                    parts += (n, COLON, v, CRLF)
+                parts.append(CRLF)
+                self.out.append(b"".join(parts))
+            return
+        fwd = ex.fwd
+        assert fwd is not None
+        parts = [status_line(status)]
+        for n, v in rh:
+            parts += (n, COLON, v, CRLF)
+        for n, v in fwd.response_headers:
+            parts += (n, COLON, v, CRLF)
+        close = ex.close_after or not ex.keep or not ex.req_done or client.must_close()
+        if ex.is_head or status == 204 or status == 304:
+            self.mode = M_NONE
+            self.eof_body = False
+            if ex.is_head:
+                # httptools cannot be told the response is to HEAD: end it here.
+                self.done = True
+                self.head_only = True
+                self.keep = self.parser.should_keep_alive()
+        elif self.cl and self.te == TE_NONE:
+            self.mode = M_RAW
+        else:
+            # Chunked ends by itself; anything else is close-delimited (RFC 9112 §6.3).
+            self.eof_body = self.te != TE_IS_CHUNKED
+            if ex.http11:
+                self.mode = M_CHUNK
+                parts.append(TE_CHUNKED)
+            else:
+                self.mode = M_EOF
+                close = True
+        if close:
+            parts.append(CONN_CLOSE)
+            ex.close_after = True
+        elif not ex.http11:
+            parts.append(CONN_KEEP)
+        parts.append(CRLF)
+        ex.status = status
+        ex.head_sent = True
+        self.out.append(b"".join(parts))
+
+    def on_body(self, body: bytes) -> None:
+        mode = self.mode
+        if mode == M_RAW or mode == M_EOF:
+            self.out.append(body)
+        elif mode == M_CHUNK:
+            self.out += (b"%x\r\n" % len(body), body, CRLF)
+        else:
+            self.extra = True
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if self.done:
+            return
+        self.done = True
+        self.keep = self.parser.should_keep_alive()  # must be read here (PERF_NOTES trap)
+        if self.mode == M_CHUNK:
+            self.out.append(CHUNK_END)
+
+    # -- exchange lifecycle -------------------------------------------------
+
+    def attach(self, ex: Exchange, reused: bool, replay: list[bytes] | None = None) -> None:
+        """Send `ex`'s request on this connection and relay its response."""
+        fwd = ex.fwd
+        assert fwd is not None and self.transport is not None
+        self.ex = ex
+        ex.up = self
+        self.reused = reused
+        self.got = False
+        self.cl = False
+        self.te = TE_NONE
+        self.eof_body = False
+        self.upg = None
+        self.mode = M_NONE
+        self.interim = False
+        self.done = False
+        self.keep = False
+        self.extra = False
+        self.rt = fwd.read_timeout
+        data = b"".join(replay) if replay is not None else request_head(ex, fwd)
+        buf = ex.buf
+        if buf is not None and ex.upgrade is None:
+            data += b"".join(buf)
+            ex.buf = None
+        self.transport.write(data)
+        if reused and len(data) <= REPLAY_CAP and ex.head is not None:
+            if ex.head.method in IDEMPOTENT:
+                ex.replay = [data]
+                ex.replay_size = len(data)
+        else:
+            ex.replay = None
+        client = ex.client
+        client.upstream_ready()
+        if client.write_paused():
+            self.transport.pause_reading()
+            self.rpaused = True
+        if self.wpaused:
+            client.pause_for_upstream()
+        if ex.req_done:
+            self.request_done()
+
+    def send(self, ex: Exchange, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+        r = ex.replay
+        if r is not None:
+            ex.replay_size += len(data)
+            if ex.replay_size > REPLAY_CAP:
+                ex.replay = None
+            else:
+                r.append(data)
+
+    def request_done(self) -> None:
+        now = self.loop.time()
+        self.last = now
+        self._arm(now + self.rt)
+
+    def client_paused(self, paused: bool) -> None:
+        """Follow the client's write buffer: stop reading while it is full."""
+        if self.closed or self.transport is None:
+            return
+        if paused:
+            if not self.rpaused:
+                self.rpaused = True
+                self.transport.pause_reading()
+        elif self.rpaused:
+            self.rpaused = False
+            self.last = self.loop.time()
+            self.transport.resume_reading()
+
+    def abandon(self) -> None:
+        """Drop the connection without relaying anything more (client gone, bad input)."""
+        self.ex = None
+        self.tunnel = False
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+        self.pool.discard(self)
+
+    def close(self) -> None:
+        self.ex = None
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
+        self.pool.discard(self)
+
+    def _flush(self, ex: Exchange) -> None:
+        out = self.out
+        if out:
+            ex.client.transport_write(b"".join(out))
+            out.clear()
+
+    def _complete(self) -> None:
+        ex = self.ex
+        assert ex is not None and self.transport is not None
+        self.ex = None
+        ex.up = None
+        if self.head_only:
+            self.parser = HttpResponseParser(self)
+            self.head_only = False
+        if self.rpaused:
+            self.rpaused = False
+            if not self.closed:
+                self.transport.resume_reading()
+        reusable = (
+            self.keep
+            and not self.extra
+            and ex.req_done
+            and ex.upgrade is None
+            and not self.closed
+            and self.transport.get_write_buffer_size() == 0
+        )
+        if reusable:
+            self.pool.release(self)
+        else:
+            self.close()
+        if self.wpaused:
+            ex.client.resume_for_upstream()
+        ex.client.response_complete(ex, self.mode != M_EOF)
+
+    def _failed(self, status: int, kind: str) -> None:
+        ex = self.ex
+        if ex is None:
+            return
+        retry = (
+            kind == ERR_RESET
+            and self.reused
+            and not self.got
+            and not ex.retried
+            and not ex.head_sent
+            and ex.replay is not None
+        )
+        if self.wpaused:
+            ex.client.resume_for_upstream()
+        self.abandon()
+        ex.up = None
+        if retry:
+            ex.retried = True
+            replay = ex.replay
+            ex.replay = None
+            self.pool.connect(ex, replay)
+            return
+        ex.client.upstream_failed(ex, status, kind)
+
+    def _start_tunnel(self, ex: Exchange, rest: bytes) -> None:
+        assert self.transport is not None
+        self.tunnel = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        buf = ex.buf
+        ex.buf = None
+        if buf:
+            self.transport.write(b"".join(buf))
+        ex.client.start_tunnel(ex, rest)
+
+    # -- timers -------------------------------------------------------------
+
+    def _arm(self, when: float) -> None:
+        t = self.timer
+        if t is not None:
+            if self.tw <= when:
+                return
+            t.cancel()
+        self.tw = when
+        self.timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.closed or self.tunnel:
+            return
+        now = self.loop.time()
+        ex = self.ex
+        if ex is None:
+            deadline = self.idle_since + self.pool.idle_timeout
+            if now >= deadline:
+                self.close()
+                return
+        elif ex.req_done and not self.rpaused:
+            deadline = self.last + self.rt
+            if now >= deadline:
+                if ex.head_sent:
+                    self._failed(ex.status, ERR_TIMEOUT)
+                else:
+                    self._failed(504, ERR_TIMEOUT)
+                return
+        else:
+            deadline = now + self.rt  # waiting on the client, not on us
+        self._arm(min(deadline, now + self.rt))
+
+    def idle(self) -> None:
+        now = self.loop.time()
+        self.idle_since = now
+        self._arm(now + min(self.rt, self.pool.idle_timeout))
+
+
+class Pool:
+    """Idle keep-alive connections per (host, port), most recently used first."""
+
+    __slots__ = ("loop", "per_host", "idle_timeout", "idle_conns", "conns", "tasks", "all_closed")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, per_host: int, idle_timeout: float) -> None:
+        self.loop = loop
+        self.per_host = per_host
+        self.idle_timeout = idle_timeout
+        self.idle_conns: dict[Key, list[Upstream]] = {}
+        self.conns: set[Upstream] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.all_closed: asyncio.Event | None = None
+
+    def acquire(self, host: str, port: int) -> Upstream | None:
+        lst = self.idle_conns.get((host, port))
+        while lst:
+            up = lst.pop()
+            if not up.closed:
+                return up
+        return None
+
+    def release(self, up: Upstream) -> None:
+        lst = self.idle_conns.get(up.key)
+        if lst is None:
+            lst = self.idle_conns[up.key] = []
+        if len(lst) >= self.per_host:
+            up.close()
+            return
+        lst.append(up)
+        up.idle()
+
+    def discard(self, up: Upstream) -> None:
+        lst = self.idle_conns.get(up.key)
+        if lst and up in lst:
+            lst.remove(up)
+
+    def connect(self, ex: Exchange, replay: list[bytes] | None = None) -> None:
+        """Open a fresh connection for `ex` (RFC 9112 §9.3: new connection when none idle)."""
+        task = self.loop.create_task(self._connect(ex, replay))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _connect(self, ex: Exchange, replay: list[bytes] | None) -> None:
+        fwd = ex.fwd
+        assert fwd is not None
+        key = (fwd.host, fwd.port)
+        try:
+            async with asyncio.timeout(fwd.connect_timeout):
+                _, up = await self.loop.create_connection(
+                    partial(Upstream, self, key), fwd.host, fwd.port
+                )
+        except TimeoutError:
+            ex.client.upstream_failed(ex, 504, ERR_TIMEOUT)
+            return
+        except OSError:
+            ex.client.upstream_failed(ex, 502, ERR_CONNECT)
+            return
+        if ex.finished or ex.client.closed:
+            if ex.upgrade is None and not up.closed:
+                self.release(up)
+            else:
+                up.close()
+            return
+        try:
+            up.attach(ex, False, replay)
+        except Exception:  # a bug must not leave the client hanging
+            log.exception("fast engine: attaching an upstream failed")
+            up.abandon()
+            ex.client.upstream_failed(ex, 502, ERR_PROTOCOL)
+
+    async def close(self) -> None:
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for lst in self.idle_conns.values():
+            for up in list(lst):
+                up.close()
+        self.idle_conns.clear()
+        for up in list(self.conns):
+            up.abandon()
+        if self.conns:
+            self.all_closed = asyncio.Event()
+            try:
+                async with asyncio.timeout(1.0):
+                    await self.all_closed.wait()
+            except TimeoutError:
+                pass

@@ -1,0 +1,448 @@
+"""The OpenAPI 3.1 document of the admin API (SPEC §6 `GET /admin/openapi.json`).
+
+Why hand-written data instead of generated: the document is part of the
+contract, reviewed like code; tests keep it true by checking that every
+documented operation is routed, every route is documented, and every
+response the tests see validates against its schema.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.store.doc import GUARD_FIELDS
+
+_REF = "#/components/schemas/"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF + name}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_NUM = {"type": "number"}
+_WEIGHT = {"type": "number", "minimum": 0}
+_SHARE = {"type": "number", "minimum": 0, "maximum": 1}
+_RATIO_MAP = {"type": "object", "additionalProperties": _SHARE}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error", "field"],
+        "properties": {
+            "error": {"type": "string", "description": "what is wrong and how to fix it"},
+            "field": {
+                "type": ["string", "null"],
+                "description": "the offending field, e.g. `weights.gray`, `service`, `If-Match`",
+            },
+        },
+    },
+    "ReloadError": {
+        "allOf": [
+            _ref("Error"),
+            {
+                "type": "object",
+                "required": ["errors"],
+                "properties": {
+                    "errors": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["field", "error"],
+                            "properties": {
+                                "field": {"type": "string"},
+                                "error": {"type": "string"},
+                            },
+                        },
+                    }
+                },
+            },
+        ]
+    },
+    "Status": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string", "enum": ["ok", "ready", "not ready"]}},
+    },
+    "Endpoint": {
+        "type": "object",
+        "required": ["address", "weight", "healthy", "outstanding"],
+        "properties": {
+            "address": {"type": "string"},
+            "weight": {"type": "integer", "minimum": 1},
+            "healthy": {"type": "boolean"},
+            "outstanding": {"type": "integer"},
+        },
+    },
+    "Release": {
+        "type": "object",
+        "required": ["weight", "percent", "available", "endpoints"],
+        "properties": {
+            "weight": {**_WEIGHT, "description": "raw weight (weights are normalized)"},
+            "percent": {"type": "number", "minimum": 0, "maximum": 100},
+            "available": {"type": "boolean", "description": "has a healthy endpoint"},
+            "endpoints": {"type": "array", "items": _ref("Endpoint")},
+        },
+    },
+    "Thresholds": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "error_rate": {"type": "number", "minimum": 0, "maximum": 1},
+            "latency_p95_ms": {"type": "number", "minimum": 0},
+            "latency_p95_delta_ms": {"type": "number", "minimum": 0},
+            "min_requests": {"type": "integer", "minimum": 1},
+        },
+    },
+    "Guard": {
+        "type": "object",
+        "required": ["enabled", "thresholds", "window_s", "min_endpoints"],
+        "properties": {
+            "enabled": {"type": "boolean"},
+            "thresholds": _ref("Thresholds"),
+            "window_s": {"type": "number", "minimum": 0},
+            "min_endpoints": {"type": "integer", "minimum": 0},
+        },
+    },
+    "Service": {
+        "type": "object",
+        "required": [
+            "service",
+            "baseline",
+            "balancer",
+            "state_version",
+            "weights",
+            "percent",
+            "releases",
+            "guard",
+        ],
+        "properties": {
+            "service": {"type": "string"},
+            "baseline": {"type": "string"},
+            "balancer": {"type": "string", "enum": ["p2c", "round_robin", "hash"]},
+            "state_version": {"type": "integer", "minimum": 0},
+            "weights": {"type": "object", "additionalProperties": _WEIGHT},
+            "percent": {
+                "type": "object",
+                "additionalProperties": {"type": "number", "minimum": 0, "maximum": 100},
+            },
+            "releases": {"type": "object", "additionalProperties": _ref("Release")},
+            "guard": _ref("Guard"),
+        },
+    },
+    "ServiceList": {
+        "type": "object",
+        "required": ["state_version", "services"],
+        "properties": {
+            "state_version": {"type": "integer", "minimum": 0},
+            "services": {"type": "array", "items": _ref("Service")},
+        },
+    },
+    "Weights": {
+        "type": "object",
+        "minProperties": 1,
+        "additionalProperties": _WEIGHT,
+        "description": "release -> raw weight; releases not named keep their weight; "
+        "at least one weight of the result must be > 0",
+        "example": {"stable": 95, "gray": 5},
+    },
+    "PlatformPayload": {
+        "type": "object",
+        "required": ["service"],
+        "additionalProperties": False,
+        "properties": {
+            "service": {"type": "string"},
+            "gray_weight": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": 100,
+                "description": "percent for the gray release; the baseline gets the rest, "
+                "any other release 0",
+            },
+            "metrics_threshold": _ref("Thresholds"),
+        },
+        "example": {
+            "service": "user-api",
+            "gray_weight": 5,
+            "metrics_threshold": {"error_rate": 0.01, "latency_p95_ms": 800},
+        },
+    },
+    "Explain": {
+        "type": "object",
+        "required": ["service", "release", "reason", "key", "chosen", "trusted", "state_version"],
+        "properties": {
+            "service": {"type": "string"},
+            "release": {"type": ["string", "null"]},
+            "reason": {
+                "type": "string",
+                "enum": ["header", "cookie", "hash", "random", "fallback", "unavailable"],
+            },
+            "key": {"type": ["string", "null"]},
+            "chosen": {"type": ["string", "null"]},
+            "trusted": {"type": "boolean"},
+            "state_version": {"type": "integer", "minimum": 0},
+        },
+    },
+    "Preview": {
+        "type": "object",
+        "required": [
+            "service",
+            "state_version",
+            "weights",
+            "sample",
+            "moved_share",
+            "moves",
+            "shares",
+            "before",
+        ],
+        "properties": {
+            "service": {"type": "string"},
+            "state_version": {"type": "integer", "minimum": 0},
+            "weights": {"type": "object", "additionalProperties": _WEIGHT},
+            "sample": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+            "moved_share": _SHARE,
+            "moves": {**_RATIO_MAP, "description": '"from->to" -> fraction of the sample'},
+            "shares": {**_RATIO_MAP, "description": "fraction per release after the change"},
+            "before": {**_RATIO_MAP, "description": "fraction per release now"},
+        },
+    },
+    "Reload": {
+        "type": "object",
+        "required": ["status", "state_version", "warnings"],
+        "properties": {
+            "status": {"type": "string", "enum": ["reloaded"]},
+            "state_version": {"type": "integer", "minimum": 0},
+            "warnings": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+}
+
+_ERR = _ref("Error")
+_E400 = _json(_ERR, "bad input; nothing changed")
+_E401 = _json(_ERR, "missing or wrong bearer token")
+_E404 = _json(_ERR, "unknown service")
+_E409 = _json(_ERR, "If-Match is stale; nothing changed")
+_SVC_PARAM = {"name": "service", "in": "path", "required": True, "schema": {"type": "string"}}
+_IF_MATCH = {
+    "name": "If-Match",
+    "in": "header",
+    "required": False,
+    "description": "the state version (ETag) this change is based on",
+    "schema": {"type": "string"},
+}
+_ETAG = {"ETag": {"description": "the state version", "schema": {"type": "string"}}}
+_PUBLIC: list[dict[str, list[str]]] = []
+
+
+def _service_ok(description: str) -> dict[str, Any]:
+    return {**_json(_ref("Service"), description), "headers": _ETAG}
+
+
+def _paths() -> dict[str, Any]:
+    health = {
+        "200": _json(_ref("Status"), "serving"),
+    }
+    return {
+        "/healthz": {"get": {"summary": "liveness", "security": _PUBLIC, "responses": health}},
+        "/readyz": {
+            "get": {
+                "summary": "ready once config is loaded and every service has an endpoint",
+                "security": _PUBLIC,
+                "responses": {**health, "503": _json(_ref("Status"), "not ready")},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus text format (SPEC §8)",
+                "security": _PUBLIC,
+                "responses": {
+                    "200": {
+                        "description": "metrics",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/admin/services": {
+            "get": {
+                "summary": "every service with releases, weights, endpoints, guard",
+                "responses": {
+                    "200": {**_json(_ref("ServiceList"), "services"), "headers": _ETAG},
+                    "401": _E401,
+                },
+            }
+        },
+        "/admin/services/{service}": {
+            "parameters": [_SVC_PARAM],
+            "get": {
+                "summary": "one service",
+                "responses": {"200": _service_ok("the service"), "401": _E401, "404": _E404},
+            },
+        },
+        "/admin/services/{service}/weights": {
+            "parameters": [_SVC_PARAM],
+            "put": {
+                "summary": "set raw weights; persisted before the answer, applied by every worker",
+                "parameters": [_IF_MATCH],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("Weights")}},
+                },
+                "responses": {
+                    "200": _service_ok("accepted; the new state version"),
+                    "400": _E400,
+                    "401": _E401,
+                    "404": _E404,
+                    "409": _E409,
+                },
+            },
+            "delete": {
+                "summary": "forget stored weights and thresholds: back to the config",
+                "parameters": [_IF_MATCH],
+                "responses": {
+                    "200": _service_ok("accepted; the new state version"),
+                    "400": _E400,
+                    "401": _E401,
+                    "404": _E404,
+                    "409": _E409,
+                },
+            },
+        },
+        "/admin/weights": {
+            "post": {
+                "summary": "release-platform payload: gray percent and guard thresholds",
+                "parameters": [_IF_MATCH],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("PlatformPayload")}},
+                },
+                "responses": {
+                    "200": _service_ok("accepted; the new state version"),
+                    "400": _E400,
+                    "401": _E401,
+                    "404": _E404,
+                    "409": _E409,
+                },
+            }
+        },
+        "/admin/services/{service}/explain": {
+            "parameters": [_SVC_PARAM],
+            "get": {
+                "summary": "the release the data path would pick for this request now, and why",
+                "parameters": [
+                    {
+                        "name": "user",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "sticky key, as the user header",
+                    },
+                    {
+                        "name": "header",
+                        "in": "query",
+                        "style": "form",
+                        "explode": True,
+                        "schema": {"type": "array", "items": {"type": "string"}},
+                        "description": "NAME:VALUE, repeatable",
+                    },
+                    {
+                        "name": "cookie",
+                        "in": "query",
+                        "style": "form",
+                        "explode": True,
+                        "schema": {"type": "array", "items": {"type": "string"}},
+                        "description": "NAME=VALUE, repeatable",
+                    },
+                    {
+                        "name": "client_ip",
+                        "in": "query",
+                        "schema": {"type": "string", "default": "127.0.0.1"},
+                        "description": "decides whether stage overrides are trusted",
+                    },
+                ],
+                "responses": {
+                    "200": _json(_ref("Explain"), "the decision"),
+                    "400": _E400,
+                    "401": _E401,
+                    "404": _E404,
+                },
+            },
+        },
+        "/admin/services/{service}/preview": {
+            "parameters": [_SVC_PARAM],
+            "get": {
+                "summary": "exact share of sticky users that a weight change would move",
+                "description": "Query: release=weight for any release (others keep their "
+                "weight) and `sample` synthetic keys (default 100000).",
+                "parameters": [
+                    {
+                        "name": "sample",
+                        "in": "query",
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": 1_000_000,
+                            "default": 100_000,
+                        },
+                    },
+                    {
+                        "name": "weights",
+                        "in": "query",
+                        "style": "form",
+                        "explode": True,
+                        "schema": {"type": "object", "additionalProperties": _WEIGHT},
+                        "description": "release=weight pairs, e.g. ?stable=90&gray=10",
+                    },
+                ],
+                "responses": {
+                    "200": _json(_ref("Preview"), "the movement"),
+                    "400": _E400,
+                    "401": _E401,
+                    "404": _E404,
+                },
+            },
+        },
+        "/admin/reload": {
+            "post": {
+                "summary": "re-read the config file; on any error keep the running config",
+                "responses": {
+                    "200": _json(_ref("Reload"), "reloaded"),
+                    "400": _json(_ref("ReloadError"), "the config has errors; nothing changed"),
+                    "401": _E401,
+                },
+            }
+        },
+        "/admin/openapi.json": {
+            "get": {
+                "summary": "this document",
+                "responses": {
+                    "200": _json({"type": "object"}, "OpenAPI 3.1 document"),
+                    "401": _E401,
+                },
+            }
+        },
+    }
+
+
+def build_openapi(version: str) -> dict[str, Any]:
+    """The document served at /admin/openapi.json."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Gray-release gateway admin API",
+            "version": version,
+            "description": "SPEC §6. Every path under /admin needs `Authorization: Bearer "
+            "<token>` when a token is configured (admin.token_env); /healthz, /readyz and "
+            '/metrics never do. Errors are {"error", "field"}. Guard thresholds that can '
+            f"change live: {', '.join(GUARD_FIELDS)}.",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearerAuth": []}],
+        "paths": _paths(),
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,48 @@
+"""The memory store: no persistence, for `gateway demo` and tests (SPEC §5 `state.store`).
+
+Why keep CAS and watch here too: the control plane runs the same code path
+whichever store is configured, so tests on this store exercise it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from gateway.errors import Conflict
+from gateway.store.doc import EMPTY, StateDoc
+
+
+class MemoryStore:
+    """A StateStore held in this process only; changes are lost on restart."""
+
+    def __init__(self, doc: StateDoc = EMPTY) -> None:
+        self._doc = doc
+        self._queues: list[asyncio.Queue[StateDoc]] = []
+
+    def load(self) -> StateDoc:
+        return self._doc
+
+    async def write(self, doc: StateDoc, expected_version: int) -> StateDoc:
+        if self._doc.version != expected_version:
+            raise Conflict(
+                f"state changed: version is {self._doc.version}, expected {expected_version}",
+                "If-Match",
+            )
+        self._doc = replace(doc, version=expected_version + 1)
+        for q in self._queues:
+            q.put_nowait(self._doc)
+        return self._doc
+
+    async def watch(self) -> AsyncIterator[StateDoc]:
+        q: asyncio.Queue[StateDoc] = asyncio.Queue()
+        self._queues.append(q)
+        try:
+            while True:
+                yield await q.get()
+        finally:
+            self._queues.remove(q)
+
+    async def close(self) -> None:
+        return None

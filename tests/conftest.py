@@ -1,0 +1,223 @@
+"""Shared fixtures: real upstream servers and a real gateway on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from gateway import config as C
+from gateway.app import Gateway, site_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def echo_app(release: str) -> web.Application:
+    """Upstream that names its release and echoes what it received."""
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.json_response(
+            {
+                "release": release,
+                "method": request.method,
+                "path": request.path_qs,
+                "body_bytes": len(body),
+                "headers": {k: v for k, v in request.headers.items()},
+                "header_list": [[k, v] for k, v in request.headers.items()],
+            }
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+class Upstream:
+    def __init__(self, runner: web.AppRunner, port: int) -> None:
+        self.runner = runner
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+
+async def start_app(app: web.Application) -> Upstream:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return Upstream(runner, site_port(site))
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
+    """Factory: `await upstreams("gray")` or `await upstreams(app=custom_app)`."""
+    started: list[Upstream] = []
+
+    async def make(release: str = "stable", app: web.Application | None = None) -> Upstream:
+        u = await start_app(app if app is not None else echo_app(release))
+        started.append(u)
+        return u
+
+    yield make
+    for u in started:
+        await u.runner.cleanup()
+
+
+def gateway_config(services: dict[str, Any], **top: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "admin": {"listen": "127.0.0.1:0", "token_env": None},
+        "state": {"store": "memory"},
+        "drain_timeout": "5s",
+        "services": services,
+    }
+    doc.update(top)
+    return doc
+
+
+def two_releases(stable_url: str, gray_url: str, stable: float = 95, gray: float = 5) -> dict[str, Any]:
+    return {
+        "svc": {
+            "releases": {
+                "stable": {"weight": stable, "upstreams": [stable_url]},
+                "gray": {"weight": gray, "upstreams": [gray_url]},
+            }
+        }
+    }
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
+    """Factory: `await gateway(config_dict)` -> a started in-process Gateway."""
+    started: list[Gateway] = []
+
+    async def make(doc: dict[str, Any], **kw: Any) -> Gateway:
+        cfg = C.build(doc, env={})
+        gw = Gateway(cfg, **kw)
+        await gw.start()
+        started.append(gw)
+        return gw
+
+    yield make
+    for gw in started:
+        await gw.stop(1.0)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        yield s
+
+
+# --------------------------------------------------------------------------- subprocess gateway
+
+
+class GatewayProcess:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, admin_port: int, log: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.admin_port = admin_port
+        self.log = log
+        self.url = f"http://127.0.0.1:{port}"
+        self.admin = f"http://127.0.0.1:{admin_port}"
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def write_config(tmp: Path, doc: dict[str, Any]) -> Path:
+    p = tmp / "gateway.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+def wait_http(url: str, deadline_s: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    import urllib.request
+
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+@contextlib.contextmanager
+def run_gateway_process(
+    tmp: Path, doc: dict[str, Any], *, workers: int = 1, env: dict[str, str] | None = None
+) -> Iterator[GatewayProcess]:
+    port, admin_port = free_port(), free_port()
+    doc = dict(doc)
+    doc["listen"] = f"127.0.0.1:{port}"
+    doc["admin"] = {**doc.get("admin", {}), "listen": f"127.0.0.1:{admin_port}"}
+    doc["admin"].setdefault("token_env", None)
+    cfg = write_config(tmp, doc)
+    log = tmp / "gateway.log"
+    e = dict(os.environ)
+    e.update(env or {})
+    with log.open("wb") as lf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "-c", str(cfg), "--workers", str(workers)],
+            stdout=lf,
+            stderr=subprocess.STDOUT,
+            env=e,
+            cwd=tmp,
+        )
+    gp = GatewayProcess(proc, port, admin_port, log)
+    try:
+        wait_http(f"{gp.url}/healthz", proc=proc)
+        wait_http(f"{gp.admin}/healthz", proc=proc)
+        yield gp
+    except BaseException:
+        print(log.read_text(errors="replace")[-4000:])
+        raise
+    finally:
+        gp.stop()
+
+
+async def fetch_release(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+) -> str:
+    async with session.get(url, headers=headers) as r:
+        assert r.status == 200, await r.text()
+        return r.headers["X-Release-Stage"]
+
+
+async def gather_limited(coros: list[Awaitable[Any]], limit: int = 64) -> list[Any]:
+    sem = asyncio.Semaphore(limit)
+
+    async def one(c: Awaitable[Any]) -> Any:
+        async with sem:
+            return await c
+
+    return await asyncio.gather(*(one(c) for c in coros))

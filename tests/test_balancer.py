@@ -1,0 +1,55 @@
+"""Endpoint choice inside a release."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from gateway.balancer import Pool
+from gateway.config import Endpoint
+
+EPS = (Endpoint("10.0.0.1", 80, 1), Endpoint("10.0.0.2", 80, 3))
+
+
+def test_round_robin_honours_weights_smoothly() -> None:
+    pool = Pool(EPS, "round_robin", random.Random(1))
+    seq = [pool.pick().endpoint.host for _ in range(8)]  # type: ignore[union-attr]
+    assert Counter(seq) == {"10.0.0.1": 2, "10.0.0.2": 6}
+    assert seq[:4].count("10.0.0.1") == 1  # interleaved, not bursty
+
+
+def test_p2c_prefers_least_outstanding() -> None:
+    pool = Pool((Endpoint("a", 1), Endpoint("b", 1)), "p2c", random.Random(2))
+    pool.slots[0].outstanding = 10
+    picks = Counter(pool.pick().endpoint.host for _ in range(200))  # type: ignore[union-attr]
+    assert picks["b"] == 200
+
+
+def test_p2c_weights_spread_load() -> None:
+    pool = Pool(EPS, "p2c", random.Random(3))
+    picks = Counter(pool.pick().endpoint.host for _ in range(4000))  # type: ignore[union-attr]
+    assert picks["10.0.0.1"] > 500 and picks["10.0.0.2"] > 500  # both used when idle
+
+
+@pytest.mark.parametrize("key", ["alice", "bob", "carol"], ids=["a", "b", "c"])
+def test_hash_is_sticky_per_key(key: str) -> None:
+    p1 = Pool(EPS, "hash", random.Random(1))
+    p2 = Pool(EPS, "hash", random.Random(99))
+    assert {p1.pick(key).endpoint for _ in range(20)} == {p2.pick(key).endpoint}  # type: ignore[union-attr]
+
+
+def test_hash_honours_weights() -> None:
+    pool = Pool(EPS, "hash", random.Random(1))
+    picks = Counter(pool.pick(f"k{i}").endpoint.host for i in range(20000))  # type: ignore[union-attr]
+    assert abs(picks["10.0.0.2"] / 20000 - 0.75) < 0.02
+
+
+def test_empty_pool_and_carry_counts() -> None:
+    assert Pool((), "p2c", random.Random()).pick() is None
+    old = Pool(EPS, "p2c", random.Random())
+    old.slots[1].outstanding = 4
+    new = Pool(EPS + (Endpoint("10.0.0.3", 80),), "p2c", random.Random())
+    new.carry_counts(old)
+    assert [s.outstanding for s in new.slots] == [0, 4, 0]

@@ -1,0 +1,333 @@
+"""The benchmark harness's pure parts, on canned text: no load, no sockets (except nginx -t)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from benchmarks import idle, load, measure, nginxconf, procs, report, run, scenarios, servers
+from benchmarks.upstream import FixedResponder, Stats
+
+WRK_TEXT = """\
+Running 3s test @ http://127.0.0.1:18080/1k
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   686.53us  242.44us   9.20ms   90.87%
+    Req/Sec    73.22k     3.01k   77.57k    80.00%
+  Latency Distribution
+     50%  650.00us
+     75%  729.00us
+     90%  840.00us
+     99%    1.56ms
+  218561 requests in 3.00s, 254.54MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 12
+Requests/sec:  72830.45
+Transfer/sec:     84.82MB
+"""
+
+WRK_JSON_LINE = (
+    'WRK_JSON {"requests": 218561, "duration_us": 3000000, "bytes": 1, "connect": 0, '
+    '"read": 0, "write": 0, "status": 3, "timeout": 0, "p50_us": 651.0, "p90_us": 841.0, '
+    '"p99_us": 1562.5, "max_us": 9200.0, "mean_us": 686.5}\n'
+)
+
+HEY_TEXT = """\
+
+Summary:
+  Total:\t3.0021 secs
+  Slowest:\t0.0123 secs
+  Fastest:\t0.0001 secs
+  Average:\t0.0004 secs
+  Requests/sec:\t4996.1234
+
+  Total data:\t15360000 bytes
+  Size/request:\t1024 bytes
+
+Response time histogram:
+  0.000 [1]\t|
+  0.001 [14000]\t|■■■■■■■■■■■■■■■■■■■■■■■■■■■■■■■■■■■■■■■■
+
+Latency distribution:
+  10%% in 0.0002 secs
+  50%% in 0.0003 secs
+  90%% in 0.0005 secs
+  99%% in 0.0011 secs
+
+Status code distribution:
+  [200]\t14980 responses
+  [502]\t3 responses
+
+Error distribution:
+  [2]\tGet "http://127.0.0.1:18080/1k": dial tcp 127.0.0.1:18080: connect: refused
+"""
+
+
+def test_modules_import_and_scenarios_are_complete() -> None:
+    expected = {"c50_1k", "c50_100k", "c1000_1k", "rate5k", "trace_off", "trace_prop"}
+    expected |= {"trace_sampled", "workers2", "idle10k"}
+    assert set(scenarios.SCENARIOS) == expected
+    assert set(scenarios.QUICK) <= expected
+    assert all(callable(f) for f in (run.main, measure.Runner, idle.measure_idle))
+
+
+def test_wrk_text_is_parsed() -> None:
+    r = load.parse_wrk(WRK_TEXT)
+    assert r.requests == 218561
+    assert r.duration_s == pytest.approx(3.0)
+    assert r.rps == pytest.approx(72830.45)
+    assert (r.p50_ms, r.p90_ms, r.p99_ms) == pytest.approx((0.65, 0.84, 1.56))
+    assert r.errors == 15
+
+
+def test_wrk_json_line_wins_over_text() -> None:
+    r = load.parse_wrk(WRK_TEXT + WRK_JSON_LINE)
+    assert r.p99_ms == pytest.approx(1.5625)
+    assert r.rps == pytest.approx(218561 / 3.0)
+    assert r.errors == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("650.00us", 0.00065), ("1.56ms", 0.00156), ("3.00s", 3.0), ("1.00m", 60.0)],
+    ids=["us", "ms", "s", "m"],
+)
+def test_wrk_units(text: str, seconds: float) -> None:
+    assert load._seconds(text) == pytest.approx(seconds)
+
+
+def test_wrk_garbage_is_an_error_quoting_it() -> None:
+    with pytest.raises(load.ParseError, match="unable to connect"):
+        load.parse_wrk("unable to connect to 127.0.0.1:1 Connection refused\n")
+
+
+def test_hey_text_is_parsed() -> None:
+    r = load.parse_hey(HEY_TEXT)
+    assert r.rps == pytest.approx(4996.1234)
+    assert r.requests == 14983
+    assert (r.p50_ms, r.p90_ms, r.p99_ms) == pytest.approx((0.3, 0.5, 1.1))
+    assert r.errors == 5  # 3 × 502 + 2 dial errors
+
+
+def test_wrk_script_sets_a_user_id_and_reports_json() -> None:
+    script = load.wrk_script(pool=10)
+    assert 'wrk.headers["X-User-ID"]' in script
+    assert "for k = 1, 10 do" in script
+    assert "i = i % n + 1" in script
+    assert '"p99_us": %.1f' in script.replace('\\"', '"')
+    argv = load.wrk_argv("wrk", "http://127.0.0.1:1/1k", conns=50, duration_s=3, script="s.lua")
+    assert argv[:5] == ["wrk", "-t1", "-c50", "-d3s", "--latency"]
+    hey = load.hey_argv("hey", "http://127.0.0.1:1/1k", duration_s=3)
+    assert hey[:7] == ["hey", "-z", "3s", "-c", "20", "-q", "250"]
+
+
+def test_reference_nginx_config(tmp_path: Path) -> None:
+    conf = nginxconf.reference_conf(
+        tmp_path, 18081, {"stable": 9001, "gray": 9002}, {"stable": 95, "gray": 5}
+    )
+    assert 'split_clients "${http_x_user_id}" $pool {' in conf
+    assert "95% stable;" in conf and "* gray;" in conf
+    assert conf.count("keepalive 64;") == 2
+    assert "server 127.0.0.1:9001;" in conf and "server 127.0.0.1:9002;" in conf
+    assert "proxy_pass http://$pool;" in conf
+    assert "proxy_http_version 1.1;" in conf
+    assert 'proxy_set_header Connection "";' in conf
+    assert "worker_processes 1;" in conf and "access_log off;" in conf
+    assert "listen 127.0.0.1:18081" in conf
+    assert str(tmp_path / "tmp") in conf  # temp paths under its own prefix
+    two = nginxconf.reference_conf(
+        tmp_path, 1, {"stable": 1, "gray": 2}, {"stable": 1, "gray": 1}, workers=2
+    )
+    assert "worker_processes 2;" in two
+    argv = nginxconf.nginx_argv("/usr/sbin/nginx", tmp_path)
+    assert argv[-2:] == ["-g", "daemon off;"]
+
+
+@pytest.mark.parametrize(
+    ("weights", "lines"),
+    [
+        ({"stable": 95, "gray": 5}, ["95% stable;", "* gray;"]),
+        ({"stable": 9, "gray": 1}, ["90% stable;", "* gray;"]),
+        ({"a": 1, "b": 1, "c": 1}, ["33.33% a;", "33.33% b;", "* c;"]),
+        ({"stable": 100, "gray": 0}, ["* stable;"]),
+    ],
+    ids=["95-5", "normalized", "three", "zero-dropped"],
+)
+def test_split_clients_percentages(weights: dict[str, float], lines: list[str]) -> None:
+    block = nginxconf.split_clients_block(weights)
+    body = [ln.strip() for ln in block.splitlines()[1:-1]]
+    assert body == lines
+
+
+def test_split_clients_rejects_no_positive_weight() -> None:
+    with pytest.raises(ValueError, match="weights"):
+        nginxconf.split_clients_block({"stable": 0, "gray": 0})
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(),
+                    reason="nginx not installed")  # fmt: skip
+def test_generated_configs_pass_nginx_t(tmp_path: Path) -> None:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    www = tmp_path / "www"
+    nginxconf.write_bodies(www)
+    user = "root" if os.geteuid() == 0 else None
+    for name, conf in {
+        "up": nginxconf.upstream_conf(tmp_path / "up", 18090, www, user=user, nofile=1024),
+        "ref": nginxconf.reference_conf(
+            tmp_path / "ref", 18091, {"stable": 18090, "gray": 18092}, servers.WEIGHTS,
+            user=user, nofile=1024,
+        ),
+    }.items():  # fmt: skip
+        prefix = tmp_path / name
+        nginxconf.prepare_prefix(prefix, conf)
+        argv = nginxconf.nginx_argv(nginx, prefix)[:-2] + ["-t", "-q"]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        assert out.returncode == 0, out.stderr
+
+
+def test_gateway_config_matches_spec_shape(tmp_path: Path) -> None:
+    text = servers.gateway_config(
+        port=18080,
+        admin_port=19901,
+        state_path=tmp_path / "state.json",
+        upstreams={"stable": 9001, "gray": 9002},
+    )
+    cfg = yaml.safe_load(text)
+    assert cfg["listen"] == "127.0.0.1:18080"
+    assert cfg["admin"] == {"listen": "127.0.0.1:19901"}
+    assert cfg["state"] == {"store": "file", "path": str(tmp_path / "state.json")}
+    releases = cfg["services"]["bench"]["releases"]
+    assert releases["stable"] == {"weight": 95, "upstreams": ["http://127.0.0.1:9001"]}
+    assert releases["gray"] == {"weight": 5, "upstreams": ["http://127.0.0.1:9002"]}
+
+
+@pytest.mark.parametrize(
+    ("mode", "expect"),
+    [
+        ("off", {"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "none"}),
+        ("prop", {"OTEL_TRACES_SAMPLER": "always_off", "OTEL_TRACES_EXPORTER": "none"}),
+        ("sampled", {"OTEL_TRACES_SAMPLER": "always_on", "OTEL_TRACES_EXPORTER": "none"}),
+    ],
+    ids=["off", "prop", "sampled"],
+)
+def test_tracing_env(mode: str, expect: dict[str, str]) -> None:
+    base = {"PATH": "/bin", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://x", "GATEWAY_ENV": "prod"}
+    assert servers.gateway_env(mode, base) == {"PATH": "/bin", **expect}
+
+
+def test_metrics_and_stub_status_parsers() -> None:
+    metrics = """\
+# HELP http_requests_total Requests
+# TYPE http_requests_total counter
+http_requests_total{service="bench",release="stable",code="200"} 950.0
+http_requests_total{service="bench",release="stable",code="502"} 2.0
+http_requests_total{service="bench",release="gray",code="200"} 48.0
+http_requests_total{service="other",release="gray",code="200"} 7.0
+http_requests_created{service="bench",release="gray",code="200"} 1.7e9
+"""
+    assert servers.requests_by_release(metrics) == {"stable": 952.0, "gray": 48.0}
+    stub = "Active connections: 2 \nserver accepts handled requests\n 7 7 1234 \nReading: 0 \n"
+    assert servers.parse_stub_status(stub) == 1234
+    assert (
+        servers.parse_stub_status(Stats(accepts=3, active=1, requests=9).stub_status().decode())
+        == 9
+    )
+
+
+class _FakeTransport:
+    def __init__(self) -> None:
+        self.out = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_builtin_upstream_answers_pipelined_requests_fed_in_pieces() -> None:
+    stats = Stats()
+    proto = FixedResponder(stats)
+    transport = _FakeTransport()
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    reqs = b"GET /1k HTTP/1.1\r\nHost: x\r\n\r\nPOST /100k HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
+    proto.data_received(reqs[:20])
+    assert transport.out == b""
+    proto.data_received(reqs[20:])
+    assert transport.out.count(b"HTTP/1.1 200 OK") == 2
+    assert b"Content-Length: 1024\r\n" in transport.out
+    assert b"Content-Length: 102400\r\n" in transport.out
+    assert stats.requests == 2 and not transport.closed
+    proto.data_received(b"GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert transport.out.endswith(b"not found\n") and transport.closed
+
+
+def _run(scenario: str, target: str, rep: int, **fig: Any) -> dict[str, Any]:
+    return {"scenario": scenario, "group": "c50_1k", "probe": "wrk c50", "metric": "rps",
+            "target": target, "repeat": rep, "ok": True, **fig}  # fmt: skip
+
+
+def test_medians_and_ratios_on_canned_numbers() -> None:
+    runs = [
+        _run("c50_1k", "direct", 1, rps=150_000.0, p99_ms=0.5),
+        _run("c50_1k", "nginx", 1, rps=70_000.0, p99_ms=1.5, cpu_fwd_us_per_req=12.0),
+        _run("c50_1k", "gateway", 1, rps=50_000.0, p99_ms=2.0, cpu_fwd_us_per_req=18.0),
+        _run("c50_1k", "direct", 2, rps=160_000.0, p99_ms=0.4),
+        _run("c50_1k", "nginx", 2, rps=80_000.0, p99_ms=1.3, cpu_fwd_us_per_req=14.0),
+        _run("c50_1k", "gateway", 2, rps=60_000.0, p99_ms=2.2, cpu_fwd_us_per_req=16.0),
+        _run("c50_1k", "gateway", 3, ok=False, error="boom", rps=1.0),
+        _run("trace_sampled", "gateway", 1, rps=37_500.0, cpu_fwd_us_per_req=30.0),
+    ]
+    rows = {(r["scenario"], r["target"]): r for r in report.medians(runs)}
+    gw = rows[("c50_1k", "gateway")]
+    assert gw["n"] == 2  # the failed run is not in the median
+    assert gw["rps"] == pytest.approx(55_000)
+    assert gw["vs_nginx"] == pytest.approx(55_000 / 75_000)
+    assert gw["vs_direct"] == pytest.approx(55_000 / 155_000)
+    assert gw["cpu_vs_nginx"] == pytest.approx(17 / 13)
+    assert rows[("c50_1k", "nginx")]["vs_nginx"] == pytest.approx(1.0)
+    # trace_* have no nginx of their own: the reference comes from their interleaved group
+    assert rows[("trace_sampled", "gateway")]["vs_nginx"] == pytest.approx(0.5)
+    table = report.format_table(list(rows.values()))
+    assert "55,000" in table and "0.73" in table and "0.35" in table
+    assert table.splitlines()[0].split()[:3] == ["scenario", "probe", "target"]
+
+
+def test_latency_rows_compare_latency() -> None:
+    def lat(target: str, p99: float) -> dict[str, Any]:
+        return {"scenario": "rate5k", "group": "rate5k", "probe": "hey 5k/s", "metric": "p99_ms",
+                "target": target, "ok": True, "rps": 5000.0, "p99_ms": p99}  # fmt: skip
+
+    rows = report.medians([lat("direct", 0.5), lat("nginx", 1.0), lat("gateway", 3.0)])
+    gw = next(r for r in rows if r["target"] == "gateway")
+    assert gw["vs_nginx"] == pytest.approx(3.0) and gw["vs_direct"] == pytest.approx(6.0)
+
+
+def test_plan_interleaves_trace_scenarios_with_c50() -> None:
+    groups = run.plan(scenarios.select(["trace_sampled", "c50_1k", "rate5k"]))
+    assert list(groups) == ["c50_1k", "rate5k"]
+    cells = [(s.name, t) for s, _, t in groups["c50_1k"]]
+    assert cells == [("c50_1k", "direct"), ("c50_1k", "nginx"), ("c50_1k", "gateway"),
+                     ("trace_sampled", "gateway")]  # fmt: skip
+    assert len(groups["rate5k"]) == 6  # two probes × three targets
+    with pytest.raises(ValueError, match="choose from"):
+        scenarios.select(["nope"])
+
+
+def test_cli_defaults() -> None:
+    quick = run.parse_args(["--quick"])
+    assert (quick.repeats, quick.duration) == (1, 3.0)
+    full = run.parse_args([])
+    assert (full.repeats, full.duration, full.pin) == (3, 10.0, False)
+
+
+def test_group_cpu_reads_this_process() -> None:
+    assert procs.group_cpu(os.getpgid(0)).total > 0
+    assert procs.group_rss_kib(os.getpgid(0)) > 0

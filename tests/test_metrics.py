@@ -1,0 +1,292 @@
+"""Issue 5 acceptance 4: the admin `/metrics` as an operator's Prometheus would read it.
+
+Two scrapes around a 95/5 run feed the SPEC §8 gray-share expression (evaluated here for its
+one shape, and by `promtool test rules` when promtool is installed); the gauges, the upstream
+error kinds and the `--workers 2` aggregation are checked on the exposition text.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.app import Gateway
+from gateway.metrics import BUCKETS
+from tests.conftest import free_port, gateway_config, run_gateway_process
+from tests.loadclient import ThreadedUpstreams, releases_for_users, start_fixed_upstream
+
+# SPEC §8, verbatim: "the operator's query for the gray share works as written".
+GRAY_SHARE = (
+    'sum(rate(http_requests_total{service="user-api",release="gray"}[5m])) / '
+    'sum(rate(http_requests_total{service="user-api"}[5m])) * 100'
+)
+Labels = tuple[tuple[str, str], ...]
+Scrape = dict[tuple[str, Labels], float]
+Make = Callable[..., Awaitable[Any]]
+
+
+def parse(text: str) -> Scrape:
+    """name + sorted labels -> value, for every sample of the exposition."""
+    out: Scrape = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def select(scrape: Scrape, name: str, **match: str) -> dict[Labels, float]:
+    return {
+        labels: v
+        for (n, labels), v in scrape.items()
+        if n == name and all(dict(labels).get(k) == want for k, want in match.items())
+    }
+
+
+_SUM_RATE = r"sum\(rate\((\w+)\{([^}]*)\}\[(\w+)\]\)\)"
+_RATIO = re.compile(rf"{_SUM_RATE}\s*/\s*{_SUM_RATE}\s*\*\s*100")
+
+
+def eval_share(expr: str, first: Scrape, second: Scrape, seconds: float) -> float:
+    """Evaluate `sum(rate(a{..}[w])) / sum(rate(b{..}[w])) * 100` over two scrapes.
+
+    rate() of one series is its increase between the scrapes over the time between them; as in
+    Prometheus a series needs a sample in both scrapes to have a rate.
+    """
+    m = _RATIO.fullmatch(expr)
+    assert m is not None, expr
+
+    def sum_rate(name: str, matchers: str) -> float:
+        want = dict(re.findall(r'(\w+)="([^"]*)"', matchers))
+        now, before = select(second, name, **want), select(first, name, **want)
+        return sum((v - before[k]) / seconds for k, v in now.items() if k in before)
+
+    return sum_rate(m[1], m[2]) / sum_rate(m[4], m[5]) * 100
+
+
+async def scrape(session: aiohttp.ClientSession, gw: Gateway) -> tuple[str, float]:
+    async with session.get(f"http://127.0.0.1:{gw.admin_port}/metrics") as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain")
+        return await r.text(), time.monotonic()
+
+
+def users(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}-{i:05d}" for i in range(n)]
+
+
+@pytest.fixture
+async def fixed_upstreams() -> AsyncIterator[Callable[[str], Awaitable[str]]]:
+    """Factory of cheap keep-alive upstreams answering their release name."""
+    servers = []
+
+    async def make(release: str) -> str:
+        srv, port = await start_fixed_upstream(release)
+        servers.append(srv)
+        return f"http://127.0.0.1:{port}"
+
+    yield make
+    for s in servers:
+        s.close()
+        await s.wait_closed()
+
+
+def user_api(stable: str, gray: str, stable_w: float = 95, gray_w: float = 5) -> dict[str, Any]:
+    return {
+        "user-api": {
+            "releases": {
+                "stable": {"weight": stable_w, "upstreams": [stable]},
+                "gray": {"weight": gray_w, "upstreams": [gray]},
+            }
+        }
+    }
+
+
+async def wait_count(
+    session: aiohttp.ClientSession, gw: Gateway, name: str, total: float, within: float = 10.0
+) -> Scrape:
+    """Scrape until the samples of `name` sum to `total` (on_done may trail the response)."""
+    end = time.monotonic() + within
+    while True:
+        got = parse((await scrape(session, gw))[0])
+        if sum(select(got, name).values()) >= total or time.monotonic() > end:
+            return got
+
+
+async def test_gray_share_from_two_scrapes_is_the_weight(
+    fixed_upstreams: Callable[[str], Awaitable[str]], gateway: Make, tmp_path: Path
+) -> None:
+    stable, gray = await fixed_upstreams("stable"), await fixed_upstreams("gray")
+    gw: Gateway = await gateway(gateway_config(user_api(stable, gray), engine="aiohttp"))
+    assert gw.port is not None
+    async with aiohttp.ClientSession() as session:
+        # Warm-up: both series must exist at the first scrape to have a rate at all.
+        warm = await releases_for_users(gw.port, users("warm", 300))
+        forced = await releases_for_users(gw.port, ["gray", "stable"], header="X-Release-Stage")
+        assert {s for s, _, _ in warm.values()} == {200} and len(forced) == 2
+        first = await wait_count(session, gw, "http_requests_total", 302)
+        t0 = time.monotonic()
+        got = await releases_for_users(gw.port, users("run", 4000))
+        assert all(status == 200 for status, _, _ in got.values())
+        second = await wait_count(session, gw, "http_requests_total", 4302)
+        t1 = time.monotonic()
+    assert sum(select(second, "http_requests_total").values()) == 4302
+    share = eval_share(GRAY_SHARE, first, second, t1 - t0)
+    assert abs(share - 5.0) <= 1.0, share
+    served_gray = sum(1 for _, stage, _ in got.values() if stage == "gray") / 40
+    assert share == pytest.approx(served_gray)  # the metric counts what was served
+    if shutil.which("promtool"):
+        promtool_agrees(tmp_path, first, second)
+
+
+def promtool_agrees(tmp: Path, first: Scrape, second: Scrape) -> None:
+    """Prometheus' own engine on the two scrapes, one minute apart: the share is within 5 ± 1."""
+    series = []
+    for (name, labels), v in second.items():
+        if name == "http_requests_total" and (name, labels) in first:
+            sel = ",".join(f'{k}="{val}"' for k, val in labels)
+            series.append({"series": f"{name}{{{sel}}}", "values": f"{first[(name, labels)]} {v}"})
+    doc = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {
+                        "expr": f"(({GRAY_SHARE}) > bool 4) * (({GRAY_SHARE}) < bool 6)",
+                        "eval_time": "1m",
+                        "exp_samples": [{"labels": "{}", "value": 1}],
+                    }
+                ],
+            }
+        ],
+    }
+    path = tmp / "share_test.yml"
+    path.write_text(yaml.safe_dump(doc))
+    res = subprocess.run(
+        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+async def test_weight_endpoint_and_state_gauges(
+    fixed_upstreams: Callable[[str], Awaitable[str]], gateway: Make
+) -> None:
+    stable, gray = await fixed_upstreams("stable"), await fixed_upstreams("gray")
+    gw: Gateway = await gateway(gateway_config(user_api(stable, gray, 19, 1)))
+    async with aiohttp.ClientSession() as session:
+        m = parse((await scrape(session, gw))[0])
+    weights = {dict(k)["release"]: v for k, v in select(m, "gateway_release_weight").items()}
+    assert weights == {"stable": 95.0, "gray": 5.0}  # normalized percent, not raw 19/1
+    eps = {dict(k)["release"]: v for k, v in select(m, "gateway_upstream_endpoints").items()}
+    assert eps == {"stable": 1.0, "gray": 1.0}
+    for labels in (*select(m, "gateway_release_weight"), *select(m, "gateway_upstream_endpoints")):
+        assert dict(labels)["service"] == "user-api"
+    (version,) = select(m, "gateway_state_version").values()
+    assert version == gw.holder.current.version
+
+
+async def test_upstream_down_counts_connect_errors_and_502s(
+    fixed_upstreams: Callable[[str], Awaitable[str]], gateway: Make
+) -> None:
+    stable = await fixed_upstreams("stable")
+    dead = f"http://127.0.0.1:{free_port()}"
+    gw: Gateway = await gateway(gateway_config(user_api(stable, dead), engine="aiohttp"))
+    assert gw.port is not None
+    got = await releases_for_users(gw.port, ["gray", "stable"], header="X-Release-Stage")
+    assert sorted(s for s, _, _ in got.values()) == [200, 502]
+    async with aiohttp.ClientSession() as session:
+        m = await wait_count(session, gw, "http_requests_total", 2)
+    errors = select(m, "gateway_upstream_errors_total")
+    assert errors == {(("kind", "connect"), ("release", "gray"), ("service", "user-api")): 1.0}
+    codes = {(dict(k)["release"], dict(k)["code"]) for k in select(m, "http_requests_total")}
+    assert codes == {("gray", "502"), ("stable", "200")}
+
+
+async def test_labels_come_from_closed_sets_and_latency_buckets_fit_the_alerts(
+    fixed_upstreams: Callable[[str], Awaitable[str]], gateway: Make
+) -> None:
+    stable, gray = await fixed_upstreams("stable"), await fixed_upstreams("gray")
+    gw: Gateway = await gateway(gateway_config(user_api(stable, gray)))
+    assert gw.port is not None
+    paths = [f"u{i}" for i in range(50)]  # distinct users; each also hits its own path below
+    await releases_for_users(gw.port, paths)
+    async with aiohttp.ClientSession() as session:
+        for p in ("/users/alice?x=1", "/%2e%2e/etc", "/" + "a" * 300):
+            async with session.get(f"http://127.0.0.1:{gw.port}{p}") as r:
+                await r.read()
+        m = await wait_count(session, gw, "http_requests_total", 53)
+    allowed = {
+        "service": {"user-api"},
+        "release": {"stable", "gray"},
+        "code": {"200"},
+        "le": {*(str(float(b)) for b in BUCKETS), "+Inf"},
+    }
+    for (name, labels), _ in m.items():
+        if name.startswith(("http_", "gateway_")):
+            for k, v in labels:
+                assert k in allowed or k in ("kind", "reason", "state"), (name, k)
+                if k in allowed:
+                    assert v in allowed[k], (name, k, v)
+    counts = select(m, "http_request_duration_seconds_count")
+    assert sum(counts.values()) == 53
+    les = {dict(k)["le"] for k in select(m, "http_request_duration_seconds_bucket")}
+    assert "0.8" in les  # GrayLatencyP95 (> 800 ms) reads an exact bucket boundary
+
+
+# --- --workers 2 --------------------------------------------------------------------------
+
+
+def _get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        body: bytes = r.read()
+        return body.decode()
+
+
+@pytest.fixture
+def threaded_upstreams() -> Iterator[ThreadedUpstreams]:
+    with ThreadedUpstreams(["stable", "gray"]) as up:
+        yield up
+
+
+@pytest.mark.slow
+def test_two_workers_counters_add_up_to_the_requests_sent(
+    tmp_path: Path, threaded_upstreams: ThreadedUpstreams
+) -> None:
+    import asyncio
+
+    up = threaded_upstreams
+    doc = gateway_config(user_api(up.url("stable"), up.url("gray")), drain_timeout="1s")
+    sent = 3000
+    with run_gateway_process(
+        tmp_path, doc, workers=2, env={"OTEL_TRACES_EXPORTER": "none", "GATEWAY_ENV": ""}
+    ) as gp:
+        # 32 connections: SO_REUSEPORT spreads connections, not requests, over the workers.
+        got = asyncio.run(releases_for_users(gp.port, users("w", sent), conns=32))
+        assert len(got) == sent and all(s == 200 for s, _, _ in got.values())
+        served = {r: sum(1 for _, st, _ in got.values() if st == r) for r in ("stable", "gray")}
+        end = time.monotonic() + 10
+        while True:
+            m = parse(_get_text(f"{gp.admin}/metrics"))
+            total = sum(select(m, "http_requests_total").values())
+            if total >= sent or time.monotonic() > end:
+                break
+            time.sleep(0.05)
+        assert total == sent
+        for release, n in served.items():
+            assert sum(select(m, "http_requests_total", release=release).values()) == n
+        assert sum(select(m, "http_request_duration_seconds_count").values()) == sent
+        weights = {dict(k)["release"]: v for k, v in select(m, "gateway_release_weight").items()}
+        assert weights == {"stable": 95.0, "gray": 5.0}  # one series per label set, no pid

@@ -1,0 +1,290 @@
+"""Pure routing policy: service match, overrides, and the sticky/exact/monotone split."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.routing import (
+    ServiceMatcher,
+    TrustPolicy,
+    WeightTable,
+    choose_release,
+    cookie_value,
+    normalize_host,
+)
+
+KEYS = [f"user-{i}" for i in range(100_000)]
+
+
+def assign(table: WeightTable, keys: list[str] = KEYS) -> list[str | None]:
+    return [table.pick_hash(k) for k in keys]
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        {"stable": 95, "gray": 5},
+        {"stable": 90, "gray": 10},
+        {"stable": 1, "gray": 1},
+        {"stable": 80, "batch-1": 15, "batch-2": 5},
+        {"stable": 19, "gray": 1},  # normalized: need not sum to 100
+        {"a": 25, "b": 25, "c": 25, "d": 25},
+    ],
+    ids=["95-5", "90-10", "1-1", "three", "19-1", "four"],
+)
+def test_exact_shares_over_100k_keys(weights: dict[str, float]) -> None:
+    table = WeightTable.build("svc", weights)
+    got = assign(table)
+    total = sum(weights.values())
+    for rel, w in weights.items():
+        share = got.count(rel) / len(got) * 100
+        assert abs(share - w / total * 100) <= 0.5, (rel, share)
+
+
+def test_sticky_same_key_same_release_across_rebuilds() -> None:
+    a = WeightTable.build("svc", {"stable": 95, "gray": 5})
+    b = WeightTable.build("svc", {"stable": 95, "gray": 5})
+    assert assign(a, KEYS[:20_000]) == assign(b, KEYS[:20_000])
+
+
+def test_salt_changes_assignment() -> None:
+    a = assign(WeightTable.build("svc-a", {"stable": 50, "gray": 50}), KEYS[:2000])
+    b = assign(WeightTable.build("svc-b", {"stable": 50, "gray": 50}), KEYS[:2000])
+    assert a != b
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "changed"),
+    [
+        ({"stable": 95, "gray": 5}, {"stable": 95, "gray": 10}, "gray"),
+        ({"stable": 95, "gray": 5}, {"stable": 95, "gray": 50}, "gray"),
+        ({"stable": 95, "gray": 10}, {"stable": 95, "gray": 5}, "gray"),
+        ({"stable": 80, "b1": 15, "b2": 5}, {"stable": 80, "b1": 15, "b2": 20}, "b2"),
+        ({"stable": 80, "b1": 15, "b2": 5}, {"stable": 40, "b1": 15, "b2": 5}, "stable"),
+        ({"stable": 100, "gray": 0}, {"stable": 100, "gray": 1}, "gray"),
+    ],
+    ids=["gray-5-10", "gray-5-50", "gray-10-5", "three-raise-b2", "three-lower-stable", "from-0"],
+)
+def test_monotone_keys_move_only_into_or_out_of_the_changed_release(
+    before: dict[str, float], after: dict[str, float], changed: str
+) -> None:
+    old = assign(WeightTable.build("svc", before), KEYS[:50_000])
+    new = assign(WeightTable.build("svc", after), KEYS[:50_000])
+    raised = after[changed] > before[changed]
+    moved = 0
+    for o, n in zip(old, new, strict=True):
+        if o != n:
+            moved += 1
+            assert (n == changed) if raised else (o == changed), (o, n)
+    assert moved > 0
+
+
+def test_raising_gray_keeps_every_gray_user() -> None:
+    old = assign(WeightTable.build("svc", {"stable": 95, "gray": 5}))
+    new = assign(WeightTable.build("svc", {"stable": 95, "gray": 10}))
+    former = [i for i, r in enumerate(old) if r == "gray"]
+    assert former and all(new[i] == "gray" for i in former)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    w=st.lists(st.integers(min_value=1, max_value=1000), min_size=2, max_size=5),
+    idx=st.integers(min_value=0, max_value=4),
+    new_w=st.integers(min_value=0, max_value=2000),
+)
+def test_monotone_property(w: list[int], idx: int, new_w: int) -> None:
+    names = [f"r{i}" for i in range(len(w))]
+    idx %= len(w)
+    before = dict(zip(names, map(float, w), strict=True))
+    after = dict(before)
+    after[names[idx]] = float(new_w)
+    if not any(after.values()):
+        return
+    keys = KEYS[:2000]
+    old = assign(WeightTable.build("p", before), keys)
+    new = assign(WeightTable.build("p", after), keys)
+    for o, n in zip(old, new, strict=True):
+        if o != n:
+            assert names[idx] in (o, n)
+
+
+def test_zero_weight_release_gets_no_keys_and_random_skips_it() -> None:
+    t = WeightTable.build("svc", {"stable": 1, "gray": 0})
+    assert set(assign(t, KEYS[:1000])) == {"stable"}
+    rng = random.Random(1)
+    assert {t.pick_random(rng) for _ in range(1000)} == {"stable"}
+
+
+def test_random_pick_follows_weights() -> None:
+    t = WeightTable.build("svc", {"stable": 90, "gray": 10})
+    rng = random.Random(7)
+    picks = [t.pick_random(rng) for _ in range(100_000)]
+    assert abs(picks.count("gray") / 1000 - 10) < 0.6
+
+
+# --------------------------------------------------------------------------- choose_release
+
+TABLE = WeightTable.build("svc", {"stable": 95, "gray": 5, "canary": 0})
+BOTH = frozenset({"stable", "gray", "canary"})
+
+
+def _choose(**kw: object) -> tuple[str, str] | None:
+    args: dict[str, object] = {
+        "baseline": "stable",
+        "available": BOTH,
+        "stage_header": None,
+        "stage_cookie": None,
+        "user_key": None,
+        "trusted": True,
+        "rng": random.Random(3),
+    }
+    args.update(kw)
+    d = choose_release(TABLE, **args)  # type: ignore[arg-type]
+    return None if d is None else (d.release, d.reason)
+
+
+@pytest.mark.parametrize(
+    ("kw", "want"),
+    [
+        ({"stage_header": "gray"}, ("gray", "header")),
+        ({"stage_header": "canary"}, ("canary", "header")),  # weight 0 still forceable
+        ({"stage_cookie": "gray"}, ("gray", "cookie")),
+        ({"stage_header": "gray", "stage_cookie": "stable"}, ("gray", "header")),
+        ({"stage_header": "nope", "stage_cookie": "gray"}, ("gray", "cookie")),
+        ({"stage_header": "gray", "trusted": False, "user_key": "k"}, None),
+        ({"stage_header": "nope", "user_key": "k"}, None),
+        ({"stage_header": "gray", "available": frozenset({"stable"})}, ("stable", "fallback")),
+        ({"stage_header": "gray", "available": frozenset()}, "none"),
+    ],
+    ids=[
+        "header",
+        "header-zero-weight",
+        "cookie",
+        "header-beats-cookie",
+        "unknown-header-ignored",
+        "untrusted-ignored",
+        "unknown-value-hash",
+        "fallback",
+        "nothing-available",
+    ],
+)
+def test_choose_release_order(kw: dict[str, object], want: object) -> None:
+    got = _choose(**kw)
+    if want is None:  # falls through to the sticky hash of "k"
+        assert got == (TABLE.pick_hash("k"), "hash")
+    elif want == "none":
+        assert got is None
+    else:
+        assert got == want
+
+
+def test_no_key_random_and_sticky_cookie_minting() -> None:
+    d = choose_release(
+        TABLE,
+        baseline="stable",
+        available=BOTH,
+        stage_header=None,
+        stage_cookie=None,
+        user_key=None,
+        trusted=True,
+        rng=random.Random(5),
+        mint_uid=True,
+    )
+    assert d is not None and d.reason == "random" and d.set_cookie
+    assert d.release == TABLE.pick_hash(d.set_cookie)  # the next request lands the same
+
+
+@pytest.mark.parametrize(
+    ("trust", "ip", "want"),
+    [
+        (True, "203.0.113.9", True),
+        (False, "127.0.0.1", False),
+        ([ipaddress.ip_network("10.0.0.0/8")], "10.1.2.3", True),
+        ([ipaddress.ip_network("10.0.0.0/8")], "11.1.2.3", False),
+        ([ipaddress.ip_network("10.0.0.0/8")], "::ffff:10.1.2.3", True),
+        ([ipaddress.ip_network("::1/128")], "::1", True),
+        ([ipaddress.ip_network("10.0.0.0/8")], "garbage", False),
+    ],
+    ids=["all", "none", "in-cidr", "outside", "v4-mapped", "v6", "bad-ip"],
+)
+def test_trust_policy(trust: object, ip: str, want: bool) -> None:
+    assert TrustPolicy(trust).trusted(ip) is want  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("header", "name", "want"),
+    [
+        ("uid=abc", "uid", "abc"),
+        ("a=1; uid=abc; b=2", "uid", "abc"),
+        ("xuid=1; uid=2", "uid", "2"),
+        ('uid="quoted"', "uid", "quoted"),
+        ("a=1", "uid", None),
+        ("", "uid", None),
+        ("uid", "uid", None),
+    ],
+    ids=["single", "middle", "suffix-name", "quoted", "absent", "empty", "no-value"],
+)
+def test_cookie_value(header: str, name: str, want: str | None) -> None:
+    assert cookie_value(header, name) == want
+
+
+# --------------------------------------------------------------------------- service match
+
+MATCHER = ServiceMatcher(
+    [
+        ("exact", ["api.example.com"], "/"),
+        ("exact-v2", ["api.example.com"], "/v2"),
+        ("wild", ["*.example.com"], "/"),
+        ("any", [], "/"),
+        ("any-cat", [], "/catalog"),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("host", "path", "want"),
+    [
+        ("api.example.com", "/x", "exact"),
+        ("API.example.com:8080", "/x", "exact"),
+        ("api.example.com", "/v2/users", "exact-v2"),
+        ("api.example.com", "/v2", "exact-v2"),
+        ("api.example.com", "/v20", "exact"),
+        ("shop.example.com", "/", "wild"),
+        ("example.com", "/", "any"),
+        ("other.org", "/catalog/1", "any-cat"),
+        (None, "/", "any"),
+    ],
+    ids=[
+        "exact",
+        "case-port",
+        "longest-prefix",
+        "prefix-equal",
+        "segment-boundary",
+        "wildcard",
+        "wildcard-needs-subdomain",
+        "any-host-prefix",
+        "no-host",
+    ],
+)
+def test_service_match(host: str | None, path: str, want: str) -> None:
+    assert MATCHER.match(host, path) == want
+
+
+def test_no_service_matches() -> None:
+    m = ServiceMatcher([("only", ["a.example"], "/api")])
+    assert m.match("a.example", "/other") is None
+    assert m.match("b.example", "/api") is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "want"),
+    [("Example.COM:443", "example.com"), ("[::1]:8080", "[::1]"), ("host.", "host"), ("", "")],
+    ids=["port-case", "ipv6", "trailing-dot", "empty"],
+)
+def test_normalize_host(raw: str, want: str) -> None:
+    assert normalize_host(raw) == want
