@@ -9,10 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
-from gateway.engine.api import Forward, RequestHead, Respond
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway.engine.api import Forward, Handler, RequestHead, Respond
+from gateway.engine.fast import FastEngine
 
 HOP = frozenset(
     {
@@ -307,3 +312,41 @@ class RawUpstream:
             with contextlib.suppress(Exception):
                 await w.wait_closed()
         await self.server.wait_closed()
+
+
+class Env:
+    """Servers for one test, on whatever loop runs it; everything closed in `aclose`."""
+
+    def __init__(self) -> None:
+        self.engines: list[FastEngine] = []
+        self.servers: list[TestServer] = []
+        self.raws: list[RawUpstream] = []
+
+    async def engine(self, handler: Handler, **kw: float) -> tuple[FastEngine, int]:
+        eng = FastEngine(handler, **kw)  # type: ignore[arg-type]
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        port = int(sock.getsockname()[1])
+        await eng.serve(sock)
+        self.engines.append(eng)
+        return eng, port
+
+    async def aiohttp_server(self, app: web.Application) -> TestServer:
+        srv = TestServer(app, host="127.0.0.1")
+        await srv.start_server()
+        self.servers.append(srv)
+        return srv
+
+    async def raw_upstream(self, script: Script) -> RawUpstream:
+        up = await RawUpstream(script).start()
+        self.raws.append(up)
+        return up
+
+    async def aclose(self) -> None:
+        for eng in self.engines:
+            await eng.shutdown(0.5)
+        for up in self.raws:
+            await up.stop()
+        for srv in self.servers:
+            await srv.close()

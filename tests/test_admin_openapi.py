@@ -35,10 +35,14 @@ JSON_SCALARS = st.one_of(
 )
 JUNK = st.recursive(
     JSON_SCALARS,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
     max_leaves=6,
 )
-WEIGHTS = st.dictionaries(RELEASES, st.one_of(st.integers(-5, 200), st.floats(0, 100), JUNK), max_size=3)
+WEIGHTS = st.dictionaries(
+    RELEASES, st.one_of(st.integers(-5, 200), st.floats(0, 100), JUNK), max_size=3
+)
 THRESHOLDS = st.dictionaries(
     st.sampled_from(["error_rate", "latency_p95_ms", "latency_p95_delta_ms", "min_requests", "x"]),
     st.one_of(st.floats(0, 2), st.integers(-1, 1000), JUNK),
@@ -51,9 +55,7 @@ PLATFORM = st.fixed_dictionaries(
         "metrics_threshold": st.one_of(THRESHOLDS, JUNK),
     },
 )
-QUERY_VALUE = st.text(
-    st.characters(codec="ascii", exclude_categories=("Cc",)), max_size=12
-)
+QUERY_VALUE = st.text(st.characters(codec="ascii", exclude_categories=("Cc",)), max_size=12)
 
 
 def _operations() -> list[tuple[str, str]]:
@@ -73,8 +75,9 @@ def requests(draw: st.DrawFn) -> tuple[str, str, dict[str, str], bytes | None, d
     body: bytes | None = None
     headers: dict[str, str] = {}
     if template.endswith("/explain"):
-        for name in draw(st.lists(st.sampled_from(["user", "header", "cookie", "client_ip", "z"]),
-                                  max_size=3)):
+        for name in draw(
+            st.lists(st.sampled_from(["user", "header", "cookie", "client_ip", "z"]), max_size=3)
+        ):
             query[name] = draw(
                 st.one_of(
                     QUERY_VALUE,
@@ -94,7 +97,7 @@ def requests(draw: st.DrawFn) -> tuple[str, str, dict[str, str], bytes | None, d
             obj = draw(st.one_of(PLATFORM, JUNK))
         body = draw(st.one_of(st.just(json.dumps(obj).encode()), st.binary(max_size=8)))
     if method in ("PUT", "POST", "DELETE") and draw(st.booleans()):
-        headers["If-Match"] = draw(st.sampled_from(['"0"', '"1"', "*", "W/\"2\"", "nope"]))
+        headers["If-Match"] = draw(st.sampled_from(['"0"', '"1"', "*", 'W/"2"', "nope"]))
     if draw(st.integers(0, 9)) == 0:
         headers["Authorization"] = "Bearer wrong"
     return method, path, query, body, headers

@@ -19,9 +19,11 @@ class MemoryStore:
 
     def __init__(self, doc: StateDoc = EMPTY) -> None:
         self._doc = doc
-        self._queues: list[asyncio.Queue[StateDoc]] = []
+        self._loaded = doc.version
+        self._changed: asyncio.Event | None = None
 
     def load(self) -> StateDoc:
+        self._loaded = self._doc.version
         return self._doc
 
     async def write(self, doc: StateDoc, expected_version: int) -> StateDoc:
@@ -31,18 +33,21 @@ class MemoryStore:
                 "If-Match",
             )
         self._doc = replace(doc, version=expected_version + 1)
-        for q in self._queues:
-            q.put_nowait(self._doc)
+        ev, self._changed = self._changed, None
+        if ev is not None:
+            ev.set()
         return self._doc
 
     async def watch(self) -> AsyncIterator[StateDoc]:
-        q: asyncio.Queue[StateDoc] = asyncio.Queue()
-        self._queues.append(q)
-        try:
-            while True:
-                yield await q.get()
-        finally:
-            self._queues.remove(q)
+        seen = self._loaded
+        while True:
+            if self._doc.version > seen:
+                seen = self._doc.version
+                yield self._doc
+                continue
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            await self._changed.wait()
 
     async def close(self) -> None:
         return None
