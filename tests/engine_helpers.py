@@ -57,9 +57,11 @@ class ProxyHandler:
         self.calls: dict[int, int] = {}
         self.errors: list[tuple[int, str]] = []
         self._changed = asyncio.Event()
+        self.got_head = asyncio.Event()
 
     def handle(self, head: RequestHead) -> Forward | Respond:
         self.heads.append(head)
+        self.got_head.set()
         if head.target in self.local:
             return Respond(200, b"local:" + head.target, [(b"Content-Type", b"text/plain")])
         tokens: set[bytes] = set()
@@ -92,9 +94,9 @@ class ProxyHandler:
         body = json.dumps({"error": kind}).encode()
         return Respond(status, body, [(b"Content-Type", b"application/json")])
 
-    async def wait_done(self, n: int, timeout: float = 10.0) -> list[tuple[int, str | None]]:
+    async def wait_done(self, n: int, limit: float = 10.0) -> list[tuple[int, str | None]]:
         """Wait until `n` exchanges reported; check each Forward reported exactly once."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(limit):
             while len(self.done) < n:
                 self._changed.clear()
                 await self._changed.wait()
@@ -150,7 +152,9 @@ def parse_head(buf: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], int] | Non
     return lines[0], headers, end + 4
 
 
-def parse_response(buf: bytes, *, no_body: bool = False, eof: bool = False) -> tuple[Resp, int] | None:
+def parse_response(
+    buf: bytes, *, no_body: bool = False, eof: bool = False
+) -> tuple[Resp, int] | None:
     """One response from the start of `buf`, or None if it is not all there yet."""
     h = parse_head(buf)
     if h is None:
@@ -203,8 +207,8 @@ class RawClient:
             self.eof = True
         self.buf += chunk
 
-    async def response(self, *, no_body: bool = False, timeout: float = 10.0) -> Resp:
-        async with asyncio.timeout(timeout):
+    async def response(self, *, no_body: bool = False, limit: float = 10.0) -> Resp:
+        async with asyncio.timeout(limit):
             while True:
                 got = parse_response(self.buf, no_body=no_body, eof=self.eof)
                 if got is not None:
@@ -215,17 +219,17 @@ class RawClient:
                     raise EOFError(f"connection closed; have {self.buf!r}")
                 await self._more()
 
-    async def read_until_eof(self, timeout: float = 10.0) -> bytes:
-        async with asyncio.timeout(timeout):
+    async def read_until_eof(self, limit: float = 10.0) -> bytes:
+        async with asyncio.timeout(limit):
             while not self.eof:
                 await self._more()
         data, self.buf = self.buf, b""
         return data
 
-    async def closed_by_peer(self, timeout: float = 10.0) -> bool:
+    async def closed_by_peer(self, limit: float = 10.0) -> bool:
         """True once the peer closed (EOF or reset), after draining what it sent."""
         try:
-            await self.read_until_eof(timeout)
+            await self.read_until_eof(limit)
         except ConnectionError:
             return True
         return True
@@ -236,7 +240,9 @@ class RawClient:
             await self.writer.wait_closed()
 
 
-async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, list[tuple[bytes, bytes]], bytes, bytes]:
+async def read_request(
+    reader: asyncio.StreamReader,
+) -> tuple[bytes, list[tuple[bytes, bytes]], bytes, bytes]:
     """(request line, headers, decoded body, raw bytes) of one request; framing by hand."""
     raw = await reader.readuntil(b"\r\n\r\n")
     h = parse_head(raw)

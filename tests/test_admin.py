@@ -158,6 +158,7 @@ async def admin(tmp_path: Path, fixed_upstreams: dict[str, str]) -> AsyncIterato
 # --------------------------------------------------------------------------- acceptance 1
 
 
+# fmt: off
 BAD_INPUTS = [
     # (id, method, path, raw body or None, json body or None, extra headers, status, field)
     ("malformed-json", "PUT", "/admin/services/user-api/weights", b'{"gray": ', None, {}, 400,
@@ -241,6 +242,7 @@ BAD_INPUTS = [
     ("preview-nothing", "GET", "/admin/services/user-api/preview", None, None, {}, 400,
      "weights"),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(
@@ -360,8 +362,10 @@ async def test_if_match_stale_is_409_and_changes_nothing(admin: Admin) -> None:
     assert status == 409 and doc["field"] == "If-Match"
     assert admin.gw.holder.current is snap and admin.state.read_bytes() == disk
     status, doc, _ = await admin.call(
-        "POST", "/admin/weights", json={"service": "user-api", "gray_weight": 50},
-        headers={"If-Match": "W/\"1\""},
+        "POST",
+        "/admin/weights",
+        json={"service": "user-api", "gray_weight": 50},
+        headers={"If-Match": 'W/"1"'},
     )
     assert status == 409
     assert admin.gw.holder.current is snap and admin.state.read_bytes() == disk
@@ -387,12 +391,16 @@ async def test_seed_platform_payload_sets_5_95_and_guard_thresholds(admin: Admin
     assert admin.gw.holder.current.services["user-api"].guard.error_rate == 0.01
     # thresholds alone leave the weights as they are
     _, doc, _ = await admin.call(
-        "POST", "/admin/weights",
+        "POST",
+        "/admin/weights",
         json={"service": "user-api", "metrics_threshold": {"min_requests": 50}},
     )
     assert doc["weights"] == {"stable": 95, "gray": 5}
     assert doc["guard"]["thresholds"] == {
-        "error_rate": 0.01, "latency_p95_ms": 800, "latency_p95_delta_ms": 200, "min_requests": 50,
+        "error_rate": 0.01,
+        "latency_p95_ms": 800,
+        "latency_p95_delta_ms": 200,
+        "min_requests": 50,
     }
 
 
@@ -424,8 +432,11 @@ async def test_platform_payload_with_a_single_non_baseline_release(
 
 
 async def test_delete_weights_goes_back_to_config(admin: Admin) -> None:
-    await admin.call("POST", "/admin/weights", json={"service": "user-api", "gray_weight": 50,
-                                                     "metrics_threshold": {"error_rate": 0.2}})
+    await admin.call(
+        "POST",
+        "/admin/weights",
+        json={"service": "user-api", "gray_weight": 50, "metrics_threshold": {"error_rate": 0.2}},
+    )
     status, doc, _ = await admin.call("DELETE", "/admin/services/user-api/weights")
     assert status == 200 and doc["state_version"] == 2
     assert doc["weights"] == {"stable": 95, "gray": 5}
@@ -473,9 +484,7 @@ async def test_explain_agrees_with_the_data_path_for_10000_users(admin: Admin) -
 
     async def explain(u: str) -> tuple[str, dict[str, Any]]:
         async with sem:
-            status, doc, _ = await admin.call(
-                "GET", f"/admin/services/user-api/explain?user={u}"
-            )
+            status, doc, _ = await admin.call("GET", f"/admin/services/user-api/explain?user={u}")
             assert status == 200
             return u, doc
 
@@ -488,6 +497,7 @@ async def test_explain_agrees_with_the_data_path_for_10000_users(admin: Admin) -
     assert 0.28 < shares < 0.32
 
 
+# fmt: off
 OVERRIDES = [
     # (id, request headers, explain query) -- client 127.0.0.1 is NOT trusted in this config
     ("stage-header-untrusted", {"X-Release-Stage": "gray", "X-User-ID": "alice"},
@@ -500,6 +510,7 @@ OVERRIDES = [
     ("blank-user-header", {"X-User-ID": " ", "Cookie": "uid=frank"},
      "header=X-User-ID:%20&cookie=uid=frank"),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(

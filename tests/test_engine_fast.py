@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import resource
@@ -13,39 +14,16 @@ import aiohttp
 import pytest
 import uvloop
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from gateway.engine.fast import FastEngine
-from tests.engine_helpers import MARK, ProxyHandler, RawClient, RawUpstream, read_request
-
-Engine = Callable[..., Awaitable[tuple[FastEngine, int]]]
-ServerFactory = Callable[..., Awaitable[TestServer]]
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    if request.param == "uvloop":
-        return uvloop.EventLoopPolicy()
-    return asyncio.DefaultEventLoopPolicy()
+from tests.engine_helpers import MARK, Env, ProxyHandler, RawClient, Script, read_request
 
 
 @pytest.fixture
-async def engine() -> AsyncIterator[Engine]:
-    started: list[FastEngine] = []
-
-    async def make(handler: ProxyHandler, **kw: float) -> tuple[FastEngine, int]:
-        eng = FastEngine(handler, **kw)  # type: ignore[arg-type]
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(128)
-        port = sock.getsockname()[1]
-        await eng.serve(sock)
-        started.append(eng)
-        return eng, port
-
-    yield make
-    for eng in started:
-        await eng.shutdown(0.5)
+async def env() -> AsyncIterator[Env]:
+    e = Env()
+    yield e
+    await e.aclose()
 
 
 def echo_app(seen: list[object] | None = None) -> web.Application:
@@ -79,23 +57,20 @@ def echo_app(seen: list[object] | None = None) -> web.Application:
     return app
 
 
-async def proxied_echo(
-    aiohttp_server: ServerFactory, engine: Engine, **kw: float
-) -> tuple[ProxyHandler, int, list[object], FastEngine]:
+async def proxied_echo(env: Env, **kw: float) -> tuple[ProxyHandler, int, list[object], FastEngine]:
     seen: list[object] = []
-    up = await aiohttp_server(echo_app(seen))
+    up = await env.aiohttp_server(echo_app(seen))
+    assert up.port is not None
     handler = ProxyHandler(up.port, read_timeout=kw.pop("read_timeout", 10.0))
-    eng, port = await engine(handler, **kw)
+    eng, port = await env.engine(handler, **kw)
     return handler, port, seen, eng
 
 
 # -- normal flows -----------------------------------------------------------
 
 
-async def test_keepalive_reuses_one_upstream_connection(
-    aiohttp_server: ServerFactory, engine: Engine
-) -> None:
-    handler, port, seen, _ = await proxied_echo(aiohttp_server, engine)
+async def test_keepalive_reuses_one_upstream_connection(env: Env) -> None:
+    handler, port, seen, _ = await proxied_echo(env)
     async with aiohttp.ClientSession() as s:
         for i in range(10):
             async with s.get(f"http://127.0.0.1:{port}/k?i={i}") as r:
@@ -106,10 +81,8 @@ async def test_keepalive_reuses_one_upstream_connection(
     assert await handler.wait_done(10) == [(200, None)] * 10
 
 
-async def test_pipelined_requests_answered_in_order(
-    aiohttp_server: ServerFactory, engine: Engine
-) -> None:
-    handler, port, _, eng = await proxied_echo(aiohttp_server, engine)
+async def test_pipelined_requests_answered_in_order(env: Env) -> None:
+    handler, port, _, eng = await proxied_echo(env)
     c = await RawClient.connect(port)
     reqs = b"".join(b"GET /p%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(5))
     await c.send(reqs + b"POST /p5 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
@@ -122,8 +95,8 @@ async def test_pipelined_requests_answered_in_order(
     await handler.wait_done(6)
 
 
-async def test_content_length_body_forwarded(aiohttp_server: ServerFactory, engine: Engine) -> None:
-    handler, port, _, eng = await proxied_echo(aiohttp_server, engine)
+async def test_content_length_body_forwarded(env: Env) -> None:
+    handler, port, _, eng = await proxied_echo(env)
     async with aiohttp.ClientSession() as s:
         async with s.post(f"http://127.0.0.1:{port}/u", data=b"x" * 5000) as r:
             info = await r.json()
@@ -131,7 +104,7 @@ async def test_content_length_body_forwarded(aiohttp_server: ServerFactory, engi
     assert info["host"] == f"127.0.0.1:{port}"
 
 
-async def test_chunked_request_reframed_chunked(engine: Engine) -> None:
+async def test_chunked_request_reframed_chunked(env: Env) -> None:
     got: list[tuple[bytes, list[tuple[bytes, bytes]], bytes, bytes]] = []
 
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
@@ -140,20 +113,17 @@ async def test_chunked_request_reframed_chunked(engine: Engine) -> None:
         await w.drain()
         await r.read()
 
-    up = await RawUpstream(script).start()
-    try:
-        handler = ProxyHandler(up.port)
-        _, port = await engine(handler)
-        c = await RawClient.connect(port)
-        await c.send(
-            b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
-        )
-        r = await c.response()
-        assert (r.status, r.body) == (200, b"ok")
-        await c.close()
-    finally:
-        await up.stop()
+    up = await env.raw_upstream(script)
+    handler = ProxyHandler(up.port)
+    _, port = await env.engine(handler)
+    c = await RawClient.connect(port)
+    await c.send(
+        b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+    )
+    r = await c.response()
+    assert (r.status, r.body) == (200, b"ok")
+    await c.close()
     line, headers, body, raw = got[0]
     names = [n.lower() for n, _ in headers]
     assert body == b"hello world"
@@ -162,73 +132,71 @@ async def test_chunked_request_reframed_chunked(engine: Engine) -> None:
     assert raw.endswith(b"0\r\n\r\n")
 
 
+REFRAME_CASES: list[tuple[bytes, bytes, bytes | None, bool]] = [
+    (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3;x=y\r\nabc\r\n4\r\ndefg\r\n0\r\nT: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"chunked",
+        False,
+    ),
+    (
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nabcdefg",
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"chunked",
+        False,
+    ),
+    (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\nabcdefg\r\n0\r\n\r\n",
+        b"GET / HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
+        None,
+        True,
+    ),
+]
+
+
 @pytest.mark.parametrize(
     ("upstream", "request_line", "want_te", "want_close"),
-    [
-        (
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"3;x=y\r\nabc\r\n4\r\ndefg\r\n0\r\nT: 1\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-            b"chunked",
-            False,
-        ),
-        (
-            b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nabcdefg",
-            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-            b"chunked",
-            False,
-        ),
-        (
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\nabcdefg\r\n0\r\n\r\n",
-            b"GET / HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
-            None,
-            True,
-        ),
-    ],
+    REFRAME_CASES,
     ids=["chunked-to-chunked", "close-delimited-to-chunked", "chunked-to-http10-close"],
 )
 async def test_response_body_reframed(
-    engine: Engine, upstream: bytes, request_line: bytes, want_te: bytes | None, want_close: bool
+    env: Env, upstream: bytes, request_line: bytes, want_te: bytes | None, want_close: bool
 ) -> None:
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-        await read_request(r)
-        w.write(upstream)
-        await w.drain()
-        if b"Connection: close" in upstream:
-            return
-        await r.read()
+        while True:
+            await read_request(r)
+            w.write(upstream)
+            await w.drain()
+            if b"Connection: close" in upstream:
+                return
 
-    up = await RawUpstream(script).start()
-    try:
-        handler = ProxyHandler(up.port)
-        _, port = await engine(handler)
-        c = await RawClient.connect(port)
-        await c.send(request_line)
-        if want_close:
-            data = await c.read_until_eof()
-            assert data.endswith(b"\r\n\r\nabcdefg")
-            assert b"Connection: close" in data and b"Transfer-Encoding" not in data
-        else:
-            r = await c.response()
-            assert r.body == b"abcdefg"
-            assert r.get(b"transfer-encoding") == want_te
-            assert r.get(b"content-length") is None
-            assert r.get(b"t") is None
-            assert r.get(b"connection") is None
-            await c.send(request_line)  # the client connection stays usable
-            r2 = await c.response()
-            assert r2.body == b"abcdefg"
-        await c.close()
-        await handler.wait_done(1)
-        assert handler.done[0] == (200, None)
-    finally:
-        await up.stop()
+    up = await env.raw_upstream(script)
+    handler = ProxyHandler(up.port)
+    _, port = await env.engine(handler)
+    c = await RawClient.connect(port)
+    await c.send(request_line)
+    if want_close:
+        data = await c.read_until_eof()
+        assert data.endswith(b"\r\n\r\nabcdefg")
+        assert b"Connection: close" in data and b"Transfer-Encoding" not in data
+    else:
+        r = await c.response()
+        assert r.body == b"abcdefg"
+        assert r.get(b"transfer-encoding") == want_te
+        assert r.get(b"content-length") is None
+        assert r.get(b"t") is None
+        assert r.get(b"connection") is None
+        await c.send(request_line)  # the client connection stays usable
+        r2 = await c.response()
+        assert r2.body == b"abcdefg"
+    await c.close()
+    await handler.wait_done(1)
+    assert handler.done[0] == (200, None)
 
 
-async def test_head_with_content_length_keeps_both_connections(
-    aiohttp_server: ServerFactory, engine: Engine
-) -> None:
-    handler, port, seen, _ = await proxied_echo(aiohttp_server, engine)
+async def test_head_with_content_length_keeps_both_connections(env: Env) -> None:
+    handler, port, seen, _ = await proxied_echo(env)
     c = await RawClient.connect(port)
     await c.send(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n")
     r = await c.response(no_body=True)
@@ -243,8 +211,8 @@ async def test_head_with_content_length_keeps_both_connections(
 
 
 @pytest.mark.parametrize("code", [204, 304], ids=["204", "304"])
-async def test_no_body_statuses(aiohttp_server: ServerFactory, engine: Engine, code: int) -> None:
-    handler, port, _, eng = await proxied_echo(aiohttp_server, engine)
+async def test_no_body_statuses(env: Env, code: int) -> None:
+    handler, port, _, eng = await proxied_echo(env)
     c = await RawClient.connect(port)
     await c.send(b"GET /status/%d HTTP/1.1\r\nHost: x\r\n\r\n" % code)
     r = await c.response()
@@ -257,7 +225,7 @@ async def test_no_body_statuses(aiohttp_server: ServerFactory, engine: Engine, c
     assert (await handler.wait_done(2))[0] == (code, None)
 
 
-async def test_expect_100_continue_relayed(engine: Engine) -> None:
+async def test_expect_100_continue_relayed(env: Env) -> None:
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
         head = await r.readuntil(b"\r\n\r\n")
         assert b"expect: 100-continue" in head.lower()
@@ -268,26 +236,21 @@ async def test_expect_100_continue_relayed(engine: Engine) -> None:
         await w.drain()
         await r.read()
 
-    up = await RawUpstream(script).start()
-    try:
-        handler = ProxyHandler(up.port)
-        _, port = await engine(handler)
-        c = await RawClient.connect(port)
-        await c.send(
-            b"PUT /e HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
-        )
-        interim = await c.response()
-        assert interim.status == 100
-        await c.send(b"hello")
-        final = await c.response()
-        assert (final.status, final.body, final.get(b"x-engine-test")) == (201, b"hello", b"1")
-        await c.close()
-        assert await handler.wait_done(1) == [(201, None)]
-    finally:
-        await up.stop()
+    up = await env.raw_upstream(script)
+    handler = ProxyHandler(up.port)
+    _, port = await env.engine(handler)
+    c = await RawClient.connect(port)
+    await c.send(b"PUT /e HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+    interim = await c.response()
+    assert interim.status == 100
+    await c.send(b"hello")
+    final = await c.response()
+    assert (final.status, final.body, final.get(b"x-engine-test")) == (201, b"hello", b"1")
+    await c.close()
+    assert await handler.wait_done(1) == [(201, None)]
 
 
-async def test_websocket_upgrade_and_echo(aiohttp_server: ServerFactory, engine: Engine) -> None:
+async def test_websocket_upgrade_and_echo(env: Env) -> None:
     async def ws_echo(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
@@ -297,9 +260,9 @@ async def test_websocket_upgrade_and_echo(aiohttp_server: ServerFactory, engine:
 
     app = web.Application()
     app.router.add_get("/ws", ws_echo)
-    up = await aiohttp_server(app)
+    up = await env.aiohttp_server(app)
     handler = ProxyHandler(up.port)
-    _, port = await engine(handler)
+    _, port = await env.engine(handler)
     async with aiohttp.ClientSession() as s:
         async with s.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
             assert ws._response.headers["X-Engine-Test"] == "1"
@@ -314,10 +277,8 @@ async def test_websocket_upgrade_and_echo(aiohttp_server: ServerFactory, engine:
     assert (101, None) in done
 
 
-async def test_upgrade_refused_is_a_normal_response(
-    aiohttp_server: ServerFactory, engine: Engine
-) -> None:
-    handler, port, _, eng = await proxied_echo(aiohttp_server, engine)
+async def test_upgrade_refused_is_a_normal_response(env: Env) -> None:
+    handler, port, _, eng = await proxied_echo(env)
     c = await RawClient.connect(port)
     await c.send(b"GET /u HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n")
     r = await c.response()
@@ -327,9 +288,9 @@ async def test_upgrade_refused_is_a_normal_response(
     assert await handler.wait_done(1) == [(200, None)]
 
 
-async def test_local_respond_keeps_connection(engine: Engine) -> None:
+async def test_local_respond_keeps_connection(env: Env) -> None:
     handler = ProxyHandler(1, local=[b"/healthz"])
-    _, port = await engine(handler)
+    _, port = await env.engine(handler)
     c = await RawClient.connect(port)
     for _ in range(3):
         await c.send(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody")
@@ -345,21 +306,39 @@ async def test_local_respond_keeps_connection(engine: Engine) -> None:
 # -- refusals ---------------------------------------------------------------
 
 BAD_REQUESTS = [
-    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
-     b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n"
-     b"0\r\n\r\n", 400),
+    (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        400,
+    ),
+    (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n"
+        b"0\r\n\r\n",
+        400,
+    ),
     (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400),
     (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde", 400),
     (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 3\r\n\r\nabc", 400),
     (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc", 400),
     (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\nabc", 400),
-    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n", 400),
+    (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n",
+        400,
+    ),
     (b"POST / HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 400),
-    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400),
-    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-3\r\nabc\r\n0\r\n\r\n", 400),
-    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-     b"ffffffffffffffffff\r\nabc\r\n0\r\n\r\n", 400),
+    (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        400,
+    ),
+    (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-3\r\nabc\r\n0\r\n\r\n",
+        400,
+    ),
+    (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"ffffffffffffffffff\r\nabc\r\n0\r\n\r\n",
+        400,
+    ),
     (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x01b\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x7fb\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", 400),
@@ -371,8 +350,11 @@ BAD_REQUESTS = [
     (b"GET / HTTP/1.1\nHost: x\n\n", 400),
     (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
     (b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", 501),
-    (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: ws\r\nContent-Length: 2\r\n\r\nab",
-     400),
+    (
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: ws\r\n"
+        b"Content-Length: 2\r\n\r\nab",
+        400,
+    ),
 ]
 BAD_IDS = [
     "cl-then-te", "te-then-cl", "dup-cl-same", "dup-cl-differ", "cl-list", "te-gzip",
@@ -383,10 +365,8 @@ BAD_IDS = [
 
 
 @pytest.mark.parametrize(("raw", "status"), BAD_REQUESTS, ids=BAD_IDS)
-async def test_refused_requests_never_reach_upstream(
-    aiohttp_server: ServerFactory, engine: Engine, raw: bytes, status: int
-) -> None:
-    handler, port, seen, _ = await proxied_echo(aiohttp_server, engine)
+async def test_refused_requests_never_reach_upstream(env: Env, raw: bytes, status: int) -> None:
+    handler, port, seen, _ = await proxied_echo(env)
     c = await RawClient.connect(port)
     await c.send(raw)
     r = await c.response()
@@ -399,10 +379,8 @@ async def test_refused_requests_never_reach_upstream(
     assert seen == [] and handler.heads == [] and handler.done == []
 
 
-async def test_pipelined_good_request_answered_before_refusal(
-    aiohttp_server: ServerFactory, engine: Engine
-) -> None:
-    handler, port, seen, _ = await proxied_echo(aiohttp_server, engine)
+async def test_pipelined_good_request_answered_before_refusal(env: Env) -> None:
+    handler, port, seen, _ = await proxied_echo(env)
     c = await RawClient.connect(port)
     await c.send(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\nGET /bad HTTP/1.1\r\nX: \x01\r\n\r\n")
     assert (await c.response()).status == 200
@@ -412,20 +390,21 @@ async def test_pipelined_good_request_answered_before_refusal(
     assert len(seen) == 1
 
 
+LIMIT_CASES = [
+    (b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"b" * 600 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 100 + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Endless: " + b"c" * 2000, 431),
+]
+
+
 @pytest.mark.parametrize(
     ("raw", "status"),
-    [
-        (b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
-        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"b" * 600 + b"\r\n\r\n", 431),
-        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 100 + b"\r\n", 431),
-        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Endless: " + b"c" * 2000, 431),
-    ],
+    LIMIT_CASES,
     ids=["long-target", "big-header", "many-headers", "unfinished-head"],
 )
-async def test_limits(aiohttp_server: ServerFactory, engine: Engine, raw: bytes, status: int) -> None:
-    handler, port, seen, _ = await proxied_echo(
-        aiohttp_server, engine, max_target_bytes=256, max_header_bytes=512
-    )
+async def test_limits(env: Env, raw: bytes, status: int) -> None:
+    handler, port, seen, _ = await proxied_echo(env, max_target_bytes=256, max_header_bytes=512)
     c = await RawClient.connect(port)
     await c.send(raw)
     r = await c.response()
@@ -435,8 +414,8 @@ async def test_limits(aiohttp_server: ServerFactory, engine: Engine, raw: bytes,
     assert seen == []
 
 
-async def test_header_timeout_answers_408(aiohttp_server: ServerFactory, engine: Engine) -> None:
-    handler, port, _, eng = await proxied_echo(aiohttp_server, engine, header_timeout=0.2)
+async def test_header_timeout_answers_408(env: Env) -> None:
+    handler, port, _, eng = await proxied_echo(env, header_timeout=0.2)
     c = await RawClient.connect(port)
     await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n")
     r = await c.response()
@@ -445,8 +424,8 @@ async def test_header_timeout_answers_408(aiohttp_server: ServerFactory, engine:
     await c.close()
 
 
-async def test_body_timeout_aborts_exchange(aiohttp_server: ServerFactory, engine: Engine) -> None:
-    handler, port, _, eng = await proxied_echo(aiohttp_server, engine, header_timeout=0.2)
+async def test_body_timeout_aborts_exchange(env: Env) -> None:
+    handler, port, _, eng = await proxied_echo(env, header_timeout=0.2)
     c = await RawClient.connect(port)
     await c.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
     r = await c.response()
@@ -455,10 +434,8 @@ async def test_body_timeout_aborts_exchange(aiohttp_server: ServerFactory, engin
     assert await handler.wait_done(1) == [(408, "client_abort")]
 
 
-async def test_idle_keepalive_connection_closed(
-    aiohttp_server: ServerFactory, engine: Engine
-) -> None:
-    handler, port, _, eng = await proxied_echo(aiohttp_server, engine, keepalive_timeout=0.2)
+async def test_idle_keepalive_connection_closed(env: Env) -> None:
+    handler, port, _, eng = await proxied_echo(env, keepalive_timeout=0.2)
     c = await RawClient.connect(port)
     await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await c.response()).status == 200
@@ -469,13 +446,13 @@ async def test_idle_keepalive_connection_closed(
 # -- upstream failures --------------------------------------------------------
 
 
-async def test_upstream_down_is_502_from_error_body(engine: Engine) -> None:
+async def test_upstream_down_is_502_from_error_body(env: Env) -> None:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     dead = s.getsockname()[1]
     s.close()
     handler = ProxyHandler(dead)
-    _, port = await engine(handler)
+    _, port = await env.engine(handler)
     async with aiohttp.ClientSession() as sess:
         async with sess.get(f"http://127.0.0.1:{port}/x") as r:
             assert r.status == 502
@@ -485,8 +462,8 @@ async def test_upstream_down_is_502_from_error_body(engine: Engine) -> None:
     assert await handler.wait_done(2) == [(502, "connect"), (502, "connect")]
 
 
-async def test_slow_upstream_is_504(aiohttp_server: ServerFactory, engine: Engine) -> None:
-    handler, port, _, eng = await proxied_echo(aiohttp_server, engine, read_timeout=0.2)
+async def test_slow_upstream_is_504(env: Env) -> None:
+    handler, port, _, eng = await proxied_echo(env, read_timeout=0.2)
     async with aiohttp.ClientSession() as s:
         async with s.get(f"http://127.0.0.1:{port}/slow?s=5") as r:
             assert r.status == 504
@@ -496,7 +473,7 @@ async def test_slow_upstream_is_504(aiohttp_server: ServerFactory, engine: Engin
     assert await handler.wait_done(2) == [(504, "timeout"), (200, None)]
 
 
-async def test_connect_timeout_is_504(engine: Engine) -> None:
+async def test_connect_timeout_is_504(env: Env) -> None:
     # A listener whose backlog is full never completes new handshakes.
     lst = socket.socket()
     lst.bind(("127.0.0.1", 0))
@@ -512,11 +489,11 @@ async def test_connect_timeout_is_504(engine: Engine) -> None:
                 pass
             fillers.append(f)
         handler = ProxyHandler(lst.getsockname()[1], connect_timeout=0.2)
-        _, port = await engine(handler)
+        _, port = await env.engine(handler)
         async with aiohttp.ClientSession() as s:
             async with s.get(f"http://127.0.0.1:{port}/x") as r:
                 assert r.status in (502, 504)
-        (status, kind), = await handler.wait_done(1)
+        ((status, kind),) = await handler.wait_done(1)
         assert (status, kind) in ((504, "timeout"), (502, "connect"))
     finally:
         for f in fillers:
@@ -524,156 +501,145 @@ async def test_connect_timeout_is_504(engine: Engine) -> None:
         lst.close()
 
 
-def _keepalive_once(close_how: str) -> Callable[..., Awaitable[None]]:
+def _keepalive_once(close_how: str, closed: asyncio.Event | None = None) -> Script:
     """Upstream that answers one request per connection, then drops it as asked."""
 
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
         await read_request(r)
         w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\nconn%d" % (len(b"conn%d" % n), n))
         await w.drain()
-        if close_how == "idle":
-            return  # closes right away: the engine sees EOF while the connection is idle
+        if closed is not None:
+            w.close()  # FIN while the engine holds the connection idle in its pool
+            await w.wait_closed()
+            closed.set()
+            return
         await read_request(r)  # a second request on the same connection: drop it unanswered
         w.transport.abort()
 
     return script
 
 
-@pytest.mark.parametrize("close_how", ["idle", "on-reuse"], ids=["eof-while-idle", "reset-on-reuse"])
-async def test_stale_pooled_connection_retried(engine: Engine, close_how: str) -> None:
-    up = await RawUpstream(_keepalive_once(close_how)).start()
-    try:
-        handler = ProxyHandler(up.port)
-        _, port = await engine(handler)
-        c = await RawClient.connect(port)
-        bodies = []
-        for _ in range(3):
-            await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            r = await c.response()
-            assert r.status == 200
-            bodies.append(r.body)
-            if close_how == "idle":
-                # let the upstream's FIN arrive before the next request
-                async with asyncio.timeout(5):
-                    while up.connections == len(bodies) and any(
-                        not w.is_closing() for w in up._writers
-                    ):
-                        await asyncio.sleep(0.01)
-        await c.close()
-        assert bodies == [b"conn1", b"conn2", b"conn3"]
-        assert await handler.wait_done(3) == [(200, None)] * 3
-    finally:
-        await up.stop()
-
-
-async def test_non_idempotent_request_not_retried(engine: Engine) -> None:
-    up = await RawUpstream(_keepalive_once("on-reuse")).start()
-    try:
-        handler = ProxyHandler(up.port)
-        _, port = await engine(handler)
-        c = await RawClient.connect(port)
-        await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert (await c.response()).status == 200
-        await c.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nz")
+@pytest.mark.parametrize(
+    "close_how", ["idle", "on-reuse"], ids=["eof-while-idle", "reset-on-reuse"]
+)
+async def test_stale_pooled_connection_retried(env: Env, close_how: str) -> None:
+    closed = asyncio.Event() if close_how == "idle" else None
+    up = await env.raw_upstream(_keepalive_once(close_how, closed))
+    handler = ProxyHandler(up.port, local=[b"/local"])
+    _, port = await env.engine(handler)
+    c = await RawClient.connect(port)
+    bodies = []
+    for i in range(3):
+        # After an idle close even a POST (never retried) must find a fresh connection.
+        method = b"POST" if closed is not None and i else b"GET"
+        await c.send(method + b" / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
         r = await c.response()
-        assert r.status == 502 and json.loads(r.body) == {"error": "reset"}
-        await c.close()
-        assert await handler.wait_done(2) == [(200, None), (502, "reset")]
-        assert up.connections == 1
-    finally:
-        await up.stop()
+        assert r.status == 200
+        bodies.append(r.body)
+        if closed is not None:
+            await closed.wait()
+            closed.clear()
+            # one round trip through the engine: by its end the FIN has been read
+            await c.send(b"GET /local HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await c.response()).status == 200
+    await c.close()
+    assert bodies == [b"conn1", b"conn2", b"conn3"]
+    assert await handler.wait_done(3) == [(200, None)] * 3
 
 
-async def test_upstream_closing_mid_body_aborts_client(engine: Engine) -> None:
+async def test_non_idempotent_request_not_retried(env: Env) -> None:
+    up = await env.raw_upstream(_keepalive_once("on-reuse"))
+    handler = ProxyHandler(up.port)
+    _, port = await env.engine(handler)
+    c = await RawClient.connect(port)
+    await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await c.response()).status == 200
+    await c.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nz")
+    r = await c.response()
+    assert r.status == 502 and json.loads(r.body) == {"error": "reset"}
+    await c.close()
+    assert await handler.wait_done(2) == [(200, None), (502, "reset")]
+    assert up.connections == 1
+
+
+async def test_upstream_closing_mid_body_aborts_client(env: Env) -> None:
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
         await read_request(r)
         w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
         await w.drain()
 
-    up = await RawUpstream(script).start()
+    up = await env.raw_upstream(script)
+    handler = ProxyHandler(up.port)
+    _, port = await env.engine(handler)
+    c = await RawClient.connect(port)
+    await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     try:
-        handler = ProxyHandler(up.port)
-        _, port = await engine(handler)
-        c = await RawClient.connect(port)
-        await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        try:
-            data = await c.read_until_eof()
-        except ConnectionError:
-            data = b""
-        assert len(data) < 1000
-        await c.close()
-        assert await handler.wait_done(1) == [(200, "reset")]
-        assert up.connections == 1  # never retried once a response byte arrived
-    finally:
-        await up.stop()
+        data = await c.read_until_eof()
+    except ConnectionError:
+        data = b""
+    assert len(data) < 1000
+    await c.close()
+    assert await handler.wait_done(1) == [(200, "reset")]
+    assert up.connections == 1  # never retried once a response byte arrived
 
 
-async def test_garbage_from_upstream_is_502_protocol(engine: Engine) -> None:
+async def test_garbage_from_upstream_is_502_protocol(env: Env) -> None:
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
         await read_request(r)
         w.write(b"HTTP/1.1 abc nonsense\r\n\r\n")
         await w.drain()
         await r.read()
 
-    up = await RawUpstream(script).start()
-    try:
-        handler = ProxyHandler(up.port)
-        _, port = await engine(handler)
-        async with aiohttp.ClientSession() as s:
-            async with s.get(f"http://127.0.0.1:{port}/") as r:
-                assert r.status == 502
-        assert await handler.wait_done(1) == [(502, "protocol")]
-    finally:
-        await up.stop()
+    up = await env.raw_upstream(script)
+    handler = ProxyHandler(up.port)
+    _, port = await env.engine(handler)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port}/") as r:
+            assert r.status == 502
+    assert await handler.wait_done(1) == [(502, "protocol")]
 
 
-async def test_client_abort_reported(aiohttp_server: ServerFactory, engine: Engine) -> None:
-    handler, port, _, eng = await proxied_echo(aiohttp_server, engine)
+async def test_client_abort_reported(env: Env) -> None:
+    handler, port, _, eng = await proxied_echo(env)
     c = await RawClient.connect(port)
     await c.send(b"GET /slow?s=5 HTTP/1.1\r\nHost: x\r\n\r\n")
     async with asyncio.timeout(5):
-        while not handler.heads:
-            await asyncio.sleep(0.01)
+        await handler.got_head.wait()
     await c.close()
     assert await handler.wait_done(1) == [(0, "client_abort")]
 
 
-async def test_early_upstream_response_closes_client(engine: Engine) -> None:
+async def test_early_upstream_response_closes_client(env: Env) -> None:
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
         await r.readuntil(b"\r\n\r\n")
         w.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 4\r\n\r\nnope")
         await w.drain()
         await r.read()
 
-    up = await RawUpstream(script).start()
-    try:
-        handler = ProxyHandler(up.port)
-        _, port = await engine(handler)
-        c = await RawClient.connect(port)
-        await c.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"a" * 10)
-        r = await c.response()
-        assert (r.status, r.get(b"connection")) == (413, b"close")
-        await c.close()
-        assert await handler.wait_done(1) == [(413, None)]
-    finally:
-        await up.stop()
+    up = await env.raw_upstream(script)
+    handler = ProxyHandler(up.port)
+    _, port = await env.engine(handler)
+    c = await RawClient.connect(port)
+    await c.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"a" * 10)
+    r = await c.response()
+    assert (r.status, r.get(b"connection")) == (413, b"close")
+    await c.close()
+    assert await handler.wait_done(1) == [(413, None)]
 
 
 # -- shutdown ---------------------------------------------------------------
 
 
-async def test_shutdown_drains_in_flight_and_refuses_new(
-    aiohttp_server: ServerFactory, engine: Engine
-) -> None:
-    handler, port, _, eng = await proxied_echo(aiohttp_server, engine)
+async def test_shutdown_drains_in_flight_and_refuses_new(env: Env) -> None:
+    handler, port, _, eng = await proxied_echo(env)
     idle = await RawClient.connect(port)
     await idle.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await idle.response()).status == 200
     busy = await RawClient.connect(port)
     await busy.send(b"GET /slow?s=0.3 HTTP/1.1\r\nHost: x\r\n\r\n")
     async with asyncio.timeout(5):
-        while eng.in_flight == 0:
-            await asyncio.sleep(0.01)
+        await handler.got_head.wait()
+    assert eng.in_flight == 1
     stop = asyncio.create_task(eng.shutdown(5.0))
     assert await idle.read_until_eof() == b""  # idle keep-alive connection closed
     with pytest.raises(OSError):
@@ -688,15 +654,13 @@ async def test_shutdown_drains_in_flight_and_refuses_new(
     assert await handler.wait_done(2) == [(200, None), (200, None)]
 
 
-async def test_shutdown_aborts_after_drain_timeout(
-    aiohttp_server: ServerFactory, engine: Engine
-) -> None:
-    handler, port, _, eng = await proxied_echo(aiohttp_server, engine)
+async def test_shutdown_aborts_after_drain_timeout(env: Env) -> None:
+    handler, port, _, eng = await proxied_echo(env)
     c = await RawClient.connect(port)
     await c.send(b"GET /slow?s=10 HTTP/1.1\r\nHost: x\r\n\r\n")
     async with asyncio.timeout(5):
-        while eng.in_flight == 0:
-            await asyncio.sleep(0.01)
+        await handler.got_head.wait()
+    assert eng.in_flight == 1
     await eng.shutdown(0.1)
     assert await c.closed_by_peer()
     await c.close()
@@ -708,9 +672,7 @@ async def test_shutdown_aborts_after_drain_timeout(
 BIG = 20 * 1024 * 1024
 
 
-async def test_streaming_upload_and_download(
-    aiohttp_server: ServerFactory, engine: Engine
-) -> None:
+async def test_streaming_upload_and_download(env: Env) -> None:
     block = bytes(range(256)) * 256  # 64 KiB
 
     async def upload(request: web.Request) -> web.Response:
@@ -734,9 +696,9 @@ async def test_streaming_upload_and_download(
     app = web.Application()
     app.router.add_post("/up", upload)
     app.router.add_get("/down", download)
-    up = await aiohttp_server(app)
+    up = await env.aiohttp_server(app)
     handler = ProxyHandler(up.port)
-    _, port = await engine(handler)
+    _, port = await env.engine(handler)
     want = hashlib.sha256(block * (BIG // len(block))).hexdigest()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
@@ -759,8 +721,8 @@ async def test_streaming_upload_and_download(
     assert await handler.wait_done(3) == [(200, None)] * 3
 
 
-async def test_in_flight_counts_exchanges(aiohttp_server: ServerFactory, engine: Engine) -> None:
-    handler, port, _, eng = await proxied_echo(aiohttp_server, engine)
+async def test_in_flight_counts_exchanges(env: Env) -> None:
+    handler, port, _, eng = await proxied_echo(env)
     assert eng.in_flight == 0
     async with aiohttp.ClientSession() as s:
         async with s.get(f"http://127.0.0.1:{port}/x") as r:
@@ -768,3 +730,76 @@ async def test_in_flight_counts_exchanges(aiohttp_server: ServerFactory, engine:
     await handler.wait_done(1)
     assert eng.in_flight == 0
     assert MARK == (b"X-Engine-Test", b"1")
+
+
+# -- the same scenarios on uvloop ---------------------------------------------
+
+UVLOOP_SCENARIOS: list[Callable[[Env], Awaitable[None]]] = [
+    test_keepalive_reuses_one_upstream_connection,
+    test_pipelined_requests_answered_in_order,
+    test_content_length_body_forwarded,
+    test_chunked_request_reframed_chunked,
+    test_head_with_content_length_keeps_both_connections,
+    test_expect_100_continue_relayed,
+    test_websocket_upgrade_and_echo,
+    test_upgrade_refused_is_a_normal_response,
+    test_local_respond_keeps_connection,
+    test_pipelined_good_request_answered_before_refusal,
+    test_header_timeout_answers_408,
+    test_body_timeout_aborts_exchange,
+    test_idle_keepalive_connection_closed,
+    test_upstream_down_is_502_from_error_body,
+    test_slow_upstream_is_504,
+    test_non_idempotent_request_not_retried,
+    test_upstream_closing_mid_body_aborts_client,
+    test_garbage_from_upstream_is_502_protocol,
+    test_client_abort_reported,
+    test_early_upstream_response_closes_client,
+    test_shutdown_drains_in_flight_and_refuses_new,
+    test_shutdown_aborts_after_drain_timeout,
+    test_streaming_upload_and_download,
+    functools.partial(test_stale_pooled_connection_retried, close_how="idle"),
+    functools.partial(test_stale_pooled_connection_retried, close_how="on-reuse"),
+    functools.partial(test_no_body_statuses, code=304),
+    *[
+        functools.partial(test_response_body_reframed, upstream=u, request_line=q, want_te=t,
+                          want_close=c)
+        for u, q, t, c in REFRAME_CASES
+    ],
+    *[functools.partial(test_limits, raw=raw, status=st) for raw, st in LIMIT_CASES],
+]  # fmt: skip
+
+
+async def _all_refusals(env: Env) -> None:
+    for raw, status in BAD_REQUESTS:
+        await test_refused_requests_never_reach_upstream(Env(), raw, status)
+
+
+def _scenario_id(f: Callable[[Env], Awaitable[None]]) -> str:
+    if isinstance(f, functools.partial):
+        return (
+            f.func.__name__.removeprefix("test_")
+            + "-"
+            + "-".join(str(v)[:12] for v in f.keywords.values() if not isinstance(v, bytes))
+            + str(UVLOOP_SCENARIOS.index(f))
+        )
+    return f.__name__.removeprefix("test_")
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [*UVLOOP_SCENARIOS, _all_refusals],
+    ids=[*map(_scenario_id, UVLOOP_SCENARIOS), "refusals"],
+)
+def test_on_uvloop(scenario: Callable[[Env], Awaitable[None]]) -> None:
+    """Every scenario above again on uvloop, the loop production runs on."""
+
+    async def run() -> None:
+        e = Env()
+        try:
+            await scenario(e)
+        finally:
+            await e.aclose()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run())

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from gateway.app import Gateway
-from tests.conftest import Upstream, echo_app, free_port, gateway_config, two_releases
+from tests.conftest import Upstream, free_port, gateway_config, two_releases
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]
 UpstreamFactory = Callable[..., Awaitable[Upstream]]

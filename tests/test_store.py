@@ -142,8 +142,8 @@ async def test_file_store_replaces_a_corrupt_file_on_the_next_write(tmp_path: Pa
     assert decode(path.read_bytes()) == v2 and v2.version == 2
 
 
-async def _next(it: AsyncIterator[StateDoc], timeout: float = 5.0) -> StateDoc:
-    return await asyncio.wait_for(anext(it), timeout)
+async def _next(it: AsyncIterator[StateDoc], within: float = 5.0) -> StateDoc:
+    return await asyncio.wait_for(anext(it), within)
 
 
 async def test_file_watch_sees_other_writers_and_skips_corrupt_files(

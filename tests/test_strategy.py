@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway import cli
+from gateway import cli, strategy
 from gateway import config as C
-from gateway import strategy
 from gateway.app import Gateway
 from gateway.errors import ConfigError
 
@@ -54,7 +53,7 @@ def config_doc(admin_port: int = 0, token_env: str | None = None) -> dict[str, A
                 "match": {"path_prefix": "/catalog"},
                 "releases": {
                     "stable": {"weight": 90, "upstreams": up},
-                    "gray": {
+                    "v3-canary": {
                         "weight": 10,
                         "consul": {"service": "catalog", "tags": ["v3", "gray"]},
                     },
@@ -211,7 +210,7 @@ PLANS = [
         "traffic: 12.5 %\ntargets: [{service: catalog, version: v1},"
         " {service: user-api, version: v2.1, weight: 3}, {service: user-api, version: v2.0}]",
         {
-            "catalog": {"old": 12.5, "stable": 87.5, "gray": 0},
+            "catalog": {"old": 12.5, "stable": 87.5, "v3-canary": 0},
             "user-api": {"v2.1": 9.375, "v2.0": 3.125, "stable": 87.5},
         },
     ),
