@@ -12,7 +12,6 @@ import json
 import logging
 import random
 import time
-import uuid
 from collections.abc import Callable
 from typing import Protocol
 
@@ -135,8 +134,12 @@ class ProxyHandler:
             return respond_json(503, {"error": "no healthy endpoint", "service": svc_name})
         slot.outstanding += 1
 
-        rid = s.request_id or uuid.UUID(int=self.rng.getrandbits(128), version=4).hex
-        rid_b = rid.encode("latin-1")
+        if s.request_id:
+            rid = s.request_id
+            rid_b = rid.encode("latin-1")
+        else:
+            rid_b = b"%032x" % self.rng.getrandbits(128)
+            rid = rid_b.decode()
         incoming = propagation.parse_traceparent(s.traceparent) if s.traceparent else None
         sampled = self.sampler(incoming) if self.sampler is not None else False
         span_id = propagation.new_span_id(self.rng)
@@ -146,10 +149,12 @@ class ProxyHandler:
             ts = propagation.parse_tracestate(s.tracestate)
             if ts:
                 trace.append((b"tracestate", ts.encode("latin-1")))
-        extra = (("release.stage", dec.release), *rv.baggage)
-        bg = propagation.build_baggage(s.baggage, extra)
-        if bg:
-            trace.append((b"baggage", bg.encode("latin-1")))
+        if s.baggage:
+            bg = propagation.build_baggage(s.baggage, rv.extra_baggage)
+            if bg:
+                trace.append((b"baggage", bg.encode("latin-1")))
+        else:
+            trace.append((b"baggage", rv.baggage_b))
 
         up = upstream_headers(
             s,

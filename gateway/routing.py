@@ -216,9 +216,18 @@ class ServiceMatcher:
             sorted(((s, order(v)) for s, v in wild.items()), key=lambda e: -len(e[0]))
         )
         self._any = order(anyhost)
+        self._cache: dict[str, str] = {}
 
     def match(self, host: str | None, path: str) -> str | None:
-        h = normalize_host(host)
+        if (self._exact or self._wild) and host:
+            cache = self._cache
+            h = cache.get(host)
+            if h is None:
+                if len(cache) > 4096:  # bounded: Host values come from clients
+                    cache.clear()
+                h = cache[host] = normalize_host(host)
+        else:
+            h = ""
         if h:
             cand = self._exact.get(h)
             if cand:

@@ -15,6 +15,7 @@ from typing import Any
 
 from gateway.balancer import Pool
 from gateway.config import Config, Endpoint, GuardConfig, ServiceConfig
+from gateway.propagation import build_baggage
 from gateway.routing import ServiceMatcher, TrustPolicy, WeightTable
 
 EndpointMap = Mapping[tuple[str, str], tuple[Endpoint, ...]]
@@ -28,7 +29,9 @@ class ReleaseView:
     endpoints: tuple[Endpoint, ...]
     pool: Pool
     name_b: bytes
-    baggage: tuple[tuple[str, str], ...]
+    baggage: tuple[tuple[str, str], ...]  # extra members besides release.stage
+    extra_baggage: tuple[tuple[str, str], ...]  # release.stage + the extras, in order
+    baggage_b: bytes  # the whole baggage header when the client sent none
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +125,8 @@ def build_snapshot(
                 pool=pool,
                 name_b=r.name.encode(),
                 baggage=r.baggage,
+                extra_baggage=(extra := (("release.stage", r.name), *r.baggage)),
+                baggage_b=(build_baggage((), extra) or "").encode("latin-1"),
             )
         guard = s.guard
         go = (guard_overrides or {}).get(s.name)
