@@ -1,0 +1,198 @@
+"""Sliding-window health of each release and the trip decision (SPEC §7) — pure.
+
+Why buckets: a request is recorded in O(1) into a per-second bucket (count,
+failures, a fixed log-scale latency histogram); evaluation sums the buckets
+still inside the window. p95 comes from the histogram (≤ ~10 % relative
+error, plenty to compare against a threshold in milliseconds) instead of
+keeping every sample. Time is passed in, so windows are deterministic in tests.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from gateway.config import GuardConfig
+
+# Latency bucket upper bounds in seconds: ~10 % apart from 0.5 ms to ~120 s.
+_BOUNDS: tuple[float, ...] = tuple(0.0005 * (1.1**i) for i in range(131))
+_NB = len(_BOUNDS) + 1
+
+REASON_ERROR_RATE = "error_rate"
+REASON_LATENCY = "latency_p95"
+REASON_LATENCY_DELTA = "latency_p95_delta"
+
+
+class _Bucket:
+    __slots__ = ("second", "requests", "failures", "hist")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.requests = 0
+        self.failures = 0
+        self.hist = [0] * _NB
+
+    def reset(self, second: int) -> None:
+        self.second = second
+        self.requests = 0
+        self.failures = 0
+        self.hist = [0] * _NB
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStats:
+    requests: int
+    failures: int
+    p95_ms: float | None
+
+    @property
+    def error_rate(self) -> float:
+        return self.failures / self.requests if self.requests else 0.0
+
+
+class ReleaseWindow:
+    """Requests, failures and latency of one release over the last `window` seconds."""
+
+    __slots__ = ("window", "_buckets")
+
+    def __init__(self, window: float) -> None:
+        self.window = max(1, int(math.ceil(window)))
+        self._buckets = [_Bucket() for _ in range(self.window)]
+
+    def record(self, now: float, seconds: float, failed: bool) -> None:
+        sec = int(now)
+        b = self._buckets[sec % self.window]
+        if b.second != sec:
+            b.reset(sec)
+        b.requests += 1
+        if failed:
+            b.failures += 1
+        b.hist[bisect.bisect_left(_BOUNDS, seconds)] += 1
+
+    def stats(self, now: float) -> WindowStats:
+        lo = int(now) - self.window
+        req = fail = 0
+        hist = [0] * _NB
+        for b in self._buckets:
+            if b.second > lo and b.requests:
+                req += b.requests
+                fail += b.failures
+                for i, c in enumerate(b.hist):
+                    if c:
+                        hist[i] += c
+        return WindowStats(req, fail, _quantile_ms(hist, req, 0.95) if req else None)
+
+
+def _quantile_ms(hist: list[int], total: int, q: float) -> float:
+    rank = math.ceil(q * total)
+    acc = 0
+    for i, c in enumerate(hist):
+        acc += c
+        if acc >= rank:
+            return (_BOUNDS[i] if i < len(_BOUNDS) else _BOUNDS[-1]) * 1000.0
+    return _BOUNDS[-1] * 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class Trip:
+    service: str
+    release: str
+    reason: str
+    value: float
+    threshold: float
+    stats: WindowStats
+    baseline_p95_ms: float | None
+
+
+def is_failure(status: int, error: str | None) -> bool:
+    """5xx answers and upstream failures count; a client hanging up does not."""
+    if error is not None:
+        return error != "client_abort"
+    return status >= 500
+
+
+def decide(
+    service: str,
+    release: str,
+    cfg: GuardConfig,
+    stats: WindowStats,
+    baseline: WindowStats | None,
+) -> Trip | None:
+    """The first threshold a release crosses, given at least `min_requests` (SPEC §7)."""
+    if not cfg.enabled or stats.requests < cfg.min_requests:
+        return None
+    base_p95 = baseline.p95_ms if baseline is not None else None
+    if stats.error_rate > cfg.error_rate:
+        return Trip(
+            service, release, REASON_ERROR_RATE, stats.error_rate, cfg.error_rate, stats, base_p95
+        )
+    if stats.p95_ms is not None and stats.p95_ms > cfg.latency_p95_ms:
+        return Trip(
+            service, release, REASON_LATENCY, stats.p95_ms, cfg.latency_p95_ms, stats, base_p95
+        )
+    if (
+        stats.p95_ms is not None
+        and base_p95 is not None
+        and baseline is not None
+        and baseline.requests >= cfg.min_requests
+        and stats.p95_ms - base_p95 > cfg.latency_p95_delta_ms
+    ):
+        return Trip(
+            service,
+            release,
+            REASON_LATENCY_DELTA,
+            stats.p95_ms - base_p95,
+            cfg.latency_p95_delta_ms,
+            stats,
+            base_p95,
+        )
+    return None
+
+
+class Guard:
+    """Windows for every (service, release); `record` is the data path's observer hook."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._windows: dict[tuple[str, str], ReleaseWindow] = {}
+        self._sizes: dict[str, float] = {}
+
+    def configure(self, windows: Mapping[str, float]) -> None:
+        """Window length per service; a changed length starts that service afresh."""
+        for svc, w in windows.items():
+            if self._sizes.get(svc) != w:
+                self._sizes[svc] = w
+                for key in [k for k in self._windows if k[0] == svc]:
+                    del self._windows[key]
+
+    def record(
+        self, service: str, release: str, status: int, seconds: float, error: str | None
+    ) -> None:
+        key = (service, release)
+        w = self._windows.get(key)
+        if w is None:
+            w = self._windows[key] = ReleaseWindow(self._sizes.get(service, 300.0))
+        w.record(self.clock(), seconds, is_failure(status, error))
+
+    def stats(self, service: str, release: str) -> WindowStats:
+        w = self._windows.get((service, release))
+        return w.stats(self.clock()) if w is not None else WindowStats(0, 0, None)
+
+    def reset(self, service: str, release: str) -> None:
+        self._windows.pop((service, release), None)
+
+    def evaluate(
+        self, service: str, baseline: str, releases: Mapping[str, float], cfg: GuardConfig
+    ) -> list[Trip]:
+        """Trips for every non-baseline release that still has weight."""
+        base = self.stats(service, baseline)
+        trips = []
+        for rel, weight in releases.items():
+            if rel == baseline or weight <= 0:
+                continue
+            t = decide(service, rel, cfg, self.stats(service, rel), base)
+            if t is not None:
+                trips.append(t)
+        return trips

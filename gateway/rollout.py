@@ -1,0 +1,184 @@
+"""The rollout state machine (SPEC §7) — pure.
+
+Why explicit transitions: `Pending → Progressing ⇄ Paused → Promoted` and
+`Progressing|Paused → CircuitBreak → RolledBack`, as Argo Rollouts and Flagger
+operators know them; every move is a method that returns the new immutable
+state or raises, so the admin API can answer 409 on an impossible request and
+the state persists as plain JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from gateway.errors import BadRequest, Conflict
+
+PENDING = "Pending"
+PROGRESSING = "Progressing"
+PAUSED = "Paused"
+PROMOTED = "Promoted"
+CIRCUIT_BREAK = "CircuitBreak"
+ROLLED_BACK = "RolledBack"
+STATES = (PENDING, PROGRESSING, PAUSED, PROMOTED, CIRCUIT_BREAK, ROLLED_BACK)
+ACTIVE = (PROGRESSING, PAUSED)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    weight: float  # percent of traffic for the release
+    pause: float | None  # seconds to hold before the next step; None = wait for promote
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    release: str
+    steps: tuple[Step, ...]
+    state: str = PENDING
+    step: int = -1  # index of the step in force
+    step_started: float = 0.0
+    paused_left: float | None = None  # seconds of the current pause left when paused
+    reason: str | None = None
+
+    @property
+    def weight(self) -> float:
+        """Percent of traffic the release should have now."""
+        if self.state == PROMOTED:
+            return 100.0
+        if self.state in (CIRCUIT_BREAK, ROLLED_BACK, PENDING) or self.step < 0:
+            return 0.0
+        return self.steps[self.step].weight
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "release": self.release,
+            "state": self.state,
+            "step": self.step,
+            "step_started": self.step_started,
+            "paused_left": self.paused_left,
+            "reason": self.reason,
+            "steps": [{"weight": s.weight, "pause": s.pause} for s in self.steps],
+            "weight": self.weight,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Rollout:
+        r = parse_plan(d.get("release"), d.get("steps"))
+        state = d.get("state", PENDING)
+        if state not in STATES:
+            raise BadRequest(f"unknown rollout state {state!r}", "state")
+        return replace(
+            r,
+            state=state,
+            step=int(d.get("step", -1)),
+            step_started=float(d.get("step_started", 0.0)),
+            paused_left=d.get("paused_left"),
+            reason=d.get("reason"),
+        )
+
+
+def parse_plan(release: object, steps: object) -> Rollout:
+    """Validate a step plan `[{weight, pause}]`; errors name the field."""
+    if not isinstance(release, str) or not release:
+        raise BadRequest("release must be a non-empty string", "release")
+    if not isinstance(steps, list) or not steps:
+        raise BadRequest("steps must be a non-empty list of {weight, pause}", "steps")
+    out: list[Step] = []
+    prev = 0.0
+    for i, s in enumerate(steps):
+        if not isinstance(s, Mapping):
+            raise BadRequest("each step must be an object", f"steps[{i}]")
+        w = s.get("weight")
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= 100:
+            raise BadRequest("weight must be a number between 0 and 100", f"steps[{i}].weight")
+        if w < prev:
+            raise BadRequest("weights must not decrease", f"steps[{i}].weight")
+        prev = float(w)
+        p = s.get("pause")
+        pause: float | None
+        if p is None:
+            pause = None
+        else:
+            from gateway.config import parse_duration
+
+            pause = parse_duration(p)
+            if pause is None:
+                raise BadRequest("pause must be a duration such as 5m or null", f"steps[{i}].pause")
+        out.append(Step(float(w), pause))
+    return Rollout(release, tuple(out))
+
+
+def start(r: Rollout, now: float) -> Rollout:
+    if r.state != PENDING:
+        raise Conflict(f"rollout is {r.state}; only a Pending rollout starts", "state")
+    return replace(r, state=PROGRESSING, step=0, step_started=now)
+
+
+def tick(r: Rollout, now: float) -> Rollout:
+    """Advance while Progressing and the current step's pause has elapsed."""
+    if r.state != PROGRESSING:
+        return r
+    while True:
+        s = r.steps[r.step]
+        if s.pause is None or now - r.step_started < s.pause:
+            return r
+        if r.step + 1 >= len(r.steps):
+            return replace(r, state=PROMOTED) if s.weight >= 100 else r
+        r = replace(r, step=r.step + 1, step_started=r.step_started + s.pause)
+
+
+def pause(r: Rollout, now: float) -> Rollout:
+    if r.state != PROGRESSING:
+        raise Conflict(f"rollout is {r.state}; only a Progressing rollout pauses", "state")
+    s = r.steps[r.step]
+    left = None if s.pause is None else max(0.0, s.pause - (now - r.step_started))
+    return replace(r, state=PAUSED, paused_left=left)
+
+
+def resume(r: Rollout, now: float) -> Rollout:
+    if r.state != PAUSED:
+        raise Conflict(f"rollout is {r.state}; only a Paused rollout resumes", "state")
+    s = r.steps[r.step]
+    started = now if s.pause is None or r.paused_left is None else now - (s.pause - r.paused_left)
+    return replace(r, state=PROGRESSING, step_started=started, paused_left=None)
+
+
+def promote(r: Rollout, now: float) -> Rollout:
+    """Skip the remaining steps: the release takes all traffic."""
+    if r.state not in (PENDING, *ACTIVE):
+        raise Conflict(f"rollout is {r.state}; cannot promote", "state")
+    return replace(r, state=PROMOTED, step=len(r.steps) - 1, step_started=now, paused_left=None)
+
+
+def circuit_break(r: Rollout, reason: str) -> Rollout:
+    """The guard tripped: weight to 0 first, then RolledBack once persisted."""
+    if r.state not in ACTIVE:
+        return r
+    return replace(r, state=CIRCUIT_BREAK, reason=reason)
+
+
+def rolled_back(r: Rollout) -> Rollout:
+    if r.state not in (CIRCUIT_BREAK, *ACTIVE):
+        raise Conflict(f"rollout is {r.state}; cannot roll back", "state")
+    return replace(r, state=ROLLED_BACK)
+
+
+def abort(r: Rollout, reason: str = "aborted") -> Rollout:
+    if r.state not in (PENDING, *ACTIVE):
+        raise Conflict(f"rollout is {r.state}; cannot abort", "state")
+    return replace(r, state=ROLLED_BACK, reason=reason)
+
+
+def weights_for(
+    r: Rollout, baseline: str, releases: Sequence[str], current: Mapping[str, float]
+) -> dict[str, float]:
+    """Weights that give the rollout release `r.weight` % and the baseline the rest."""
+    out = {n: (current.get(n, 0.0) if n not in (baseline, r.release) else 0.0) for n in releases}
+    others = sum(v for n, v in out.items() if n not in (baseline, r.release))
+    w = r.weight
+    out[r.release] = w
+    out[baseline] = max(0.0, 100.0 - w - others)
+    if not any(v > 0 for v in out.values()):
+        out[baseline] = 100.0
+    return out

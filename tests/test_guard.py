@@ -1,0 +1,93 @@
+"""Guard windows and trip decisions (SPEC §7), on a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.config import GuardConfig
+from gateway.guard import Guard, ReleaseWindow, WindowStats, decide, is_failure
+
+CFG = GuardConfig(
+    error_rate=0.01, latency_p95_ms=800, latency_p95_delta_ms=200, window=60, min_requests=100
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_window_counts_and_expires() -> None:
+    w = ReleaseWindow(10)
+    for i in range(100):
+        w.record(1000 + i * 0.05, 0.010, failed=i % 10 == 0)
+    s = w.stats(1005)
+    assert (s.requests, s.failures) == (100, 10)
+    assert s.p95_ms is not None and 9 <= s.p95_ms <= 11.5
+    assert w.stats(1020).requests == 0  # all outside the 10 s window
+
+
+@pytest.mark.parametrize(
+    ("latencies", "p95"),
+    [([0.1] * 95 + [2.0] * 5, 100), ([0.1] * 90 + [2.0] * 10, 2000), ([0.5] * 100, 500)],
+    ids=["tail-below-p95", "tail-at-p95", "flat"],
+)
+def test_p95_estimate_within_ten_percent(latencies: list[float], p95: float) -> None:
+    w = ReleaseWindow(60)
+    for x in latencies:
+        w.record(1000, x, False)
+    got = w.stats(1000).p95_ms
+    assert got is not None and abs(got - p95) / p95 <= 0.1
+
+
+@pytest.mark.parametrize(
+    ("stats", "baseline", "reason"),
+    [
+        (WindowStats(99, 50, 10.0), None, None),  # below min_requests
+        (WindowStats(1000, 10, 10.0), None, None),  # exactly 1 % is not above
+        (WindowStats(1000, 11, 10.0), None, "error_rate"),
+        (WindowStats(1000, 0, 900.0), None, "latency_p95"),
+        (WindowStats(1000, 0, 500.0), WindowStats(1000, 0, 250.0), "latency_p95_delta"),
+        (WindowStats(1000, 0, 500.0), WindowStats(50, 0, 250.0), None),  # thin baseline
+        (WindowStats(1000, 0, 400.0), WindowStats(1000, 0, 250.0), None),
+    ],
+    ids=["few", "at-rate", "over-rate", "slow", "delta", "thin-baseline", "fine"],
+)
+def test_decide(stats: WindowStats, baseline: WindowStats | None, reason: str | None) -> None:
+    t = decide("svc", "gray", CFG, stats, baseline)
+    assert (t.reason if t else None) == reason
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "failed"),
+    [
+        (200, None, False),
+        (404, None, False),
+        (500, None, True),
+        (503, None, True),
+        (502, "connect", True),
+        (504, "timeout", True),
+        (0, "reset", True),
+        (200, "client_abort", False),
+    ],
+    ids=["ok", "4xx", "500", "503", "connect", "timeout", "reset", "client-abort"],
+)
+def test_is_failure(status: int, error: str | None, failed: bool) -> None:
+    assert is_failure(status, error) is failed
+
+
+def test_guard_evaluates_non_baseline_releases_with_weight() -> None:
+    clock = Clock()
+    g = Guard(clock)
+    g.configure({"svc": 60})
+    for i in range(200):
+        g.record("svc", "gray", 500 if i < 10 else 200, 0.01, None)
+        g.record("svc", "stable", 500, 0.01, None)  # baseline never trips
+        g.record("svc", "canary", 500, 0.01, None)
+    trips = g.evaluate("svc", "stable", {"stable": 90, "gray": 10, "canary": 0}, CFG)
+    assert [(t.release, t.reason) for t in trips] == [("gray", "error_rate")]
+    clock.t += 120
+    assert g.evaluate("svc", "stable", {"stable": 90, "gray": 10}, CFG) == []
