@@ -308,3 +308,32 @@ async def test_post_body_and_status_pass_through(
             await r.read()
     async with client.get(f"http://127.0.0.1:{gw.port}/big") as r:  # keep-alive still good
         assert await r.read() == b"x" * 1000
+
+
+async def test_expect_100_continue(
+    upstreams: UpstreamFactory, gateway: GatewayFactory, engine: str
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=(await request.read())[::-1])
+
+    app = web.Application()
+    app.router.add_post("/up", handler)
+    up = await upstreams(app=app)
+    gw = await gateway(gateway_config(two_releases(up.url, up.url), engine=engine))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(
+            b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        writer.write(b"hello")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert b"X-Release-Stage" in head or b"x-release-stage" in head.lower()
+        assert await asyncio.wait_for(reader.readexactly(5), 10) == b"olleh"
+    finally:
+        writer.close()
+        await writer.wait_closed()

@@ -107,6 +107,12 @@ class AiohttpEngine:
     async def _forward(self, request: web.BaseRequest, fwd: Forward) -> web.StreamResponse:
         assert self._session is not None
         headers = _cimd(fwd.headers)
+        if headers.get("Expect", "").lower() == "100-continue":
+            # RFC 9110 §10.1.1: this engine answers the interim 100 itself, as
+            # aiohttp's router does, then streams the body on.
+            del headers["Expect"]
+            if request.version >= (1, 1):
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
         has_body = request.body_exists
