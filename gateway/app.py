@@ -126,7 +126,7 @@ class Gateway:
 
     async def start(self, sock: socket.socket | None = None) -> None:
         # Store first: a corrupt state file or an unsafe admin listener refuses to start.
-        await self.control.start(admin=self.with_admin)
+        await self.control.start(admin=self.with_admin, data=self.with_data)
         if self.with_data:
             self.sock = sock or bind_socket(self.config.listen, reuse_port=True)
             self.port = self.sock.getsockname()[1]

@@ -49,7 +49,8 @@ def call(
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read() or b"null")
     except urllib.error.HTTPError as e:
-        raw = e.read()
+        with e:
+            raw = e.read()
         try:
             err = json.loads(raw)
             msg = f"{err.get('field')}: {err.get('error')}" if err.get("field") else err["error"]

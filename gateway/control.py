@@ -62,18 +62,30 @@ def check_admin_exposure(cfg: Config) -> None:
     )
 
 
+EndpointMap = Mapping[tuple[str, str], tuple[Endpoint, ...]]
+
+
 def endpoints_for(
-    config: Config, previous: Snapshot | None
+    config: Config, previous: Snapshot | None, discovered: EndpointMap | None = None
 ) -> dict[tuple[str, str], tuple[Endpoint, ...]]:
-    """Static endpoints from `config`; discovered ones carried over from the previous snapshot."""
+    """Static endpoints from `config` first, then discovered ones not already listed.
+
+    Without a discovery feed yet, releases without static endpoints keep the
+    endpoints of the previous snapshot, so a weight change never drops them.
+    """
     out: dict[tuple[str, str], tuple[Endpoint, ...]] = {}
     for s in config.services.values():
         for r in s.releases.values():
-            if r.upstreams:
-                out[(s.name, r.name)] = r.upstreams
-            elif previous is not None and (ps := previous.services.get(s.name)) is not None:
+            key = (s.name, r.name)
+            eps = tuple(r.upstreams)
+            if discovered is not None:
+                seen = {(e.host, e.port) for e in eps}
+                eps += tuple(e for e in discovered.get(key, ()) if (e.host, e.port) not in seen)
+            elif not eps and previous is not None and (ps := previous.services.get(s.name)):
                 if (pr := ps.releases.get(r.name)) is not None:
-                    out[(s.name, r.name)] = pr.endpoints
+                    eps = pr.endpoints
+            if eps:
+                out[key] = eps
     return out
 
 
@@ -104,6 +116,7 @@ class ControlPlane:
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
         self._warned: set[str] = set()
+        self._discovered: EndpointMap | None = None
 
     @property
     def store(self) -> StateStore:
@@ -112,13 +125,20 @@ class ControlPlane:
         return self._store
 
     # ------------------------------------------------------------------ lifecycle
-    async def start(self, *, admin: bool) -> None:
+    async def start(self, *, admin: bool, data: bool = True) -> None:
         """Open the store and apply it before serving; a corrupt store refuses to start."""
         if admin:
             check_admin_exposure(self.config)
         if self._store is None:
             self._store = open_store(self.config.state)
-        self._apply(self._store.load())
+        if admin and not data and self.config.state.store == "memory":
+            log.warning(
+                "state.store: memory keeps admin changes in this process only; "
+                "the workers will not see them (use store: file)"
+            )
+        doc = self._store.load()
+        self._apply(doc)
+        log.info("state: %s store at version %d", self.config.state.store, doc.version)
         self._watcher = asyncio.create_task(self._watch(self._store), name="gateway-state-watch")
 
     async def stop(self) -> None:
@@ -150,16 +170,27 @@ class ControlPlane:
             version=doc.version,
             overrides=doc.weights(),
             guard_overrides=doc.guards(),
-            endpoints=endpoints_for(self.config, self.holder.current),
+            endpoints=endpoints_for(self.config, self.holder.current, self._discovered),
             previous=self.holder.current,
             rng=self.rng,
         )
+        changed = doc.version != self.doc.version
         self.doc = doc
         self.holder.swap(snap)
-        log.info("applied state version %d", doc.version)
+        if changed:
+            log.info("applied state version %d", doc.version)
 
     def rebuild(self) -> None:
-        """Rebuild the snapshot from the current config and state (e.g. after discovery)."""
+        """Rebuild the snapshot from the current config, state and endpoints."""
+        self._apply(self.doc)
+
+    def set_discovered(self, endpoints: EndpointMap) -> None:
+        """Discovery's callback: a complete {(service, release): endpoints} map (SPEC §1).
+
+        Merged after the static endpoints; weights, guard thresholds and the
+        state version stay those of the store.
+        """
+        self._discovered = dict(endpoints)
         self._apply(self.doc)
 
     def _warn_unknown(self, doc: StateDoc) -> None:

@@ -55,7 +55,7 @@ PLATFORM = st.fixed_dictionaries(
         "metrics_threshold": st.one_of(THRESHOLDS, JUNK),
     },
 )
-QUERY_VALUE = st.text(st.characters(codec="ascii", exclude_categories=("Cc",)), max_size=12)
+QUERY_VALUE = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=12)
 
 
 def _operations() -> list[tuple[str, str]]:

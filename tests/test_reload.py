@@ -198,12 +198,13 @@ def test_sighup_with_a_broken_config_keeps_serving_with_workers(tmp_path: Path) 
             for _ in range(3):
                 assert _all_served(gw.port) == {"stable"}
             # the fixed file reaches both workers on the next SIGHUP ...
-            running["services"]["user-api"]["releases"]["gray"]["weight"] = 100
+            rels = running["services"]["user-api"]["releases"]
+            rels["stable"]["weight"], rels["gray"]["weight"] = 0, 100
             cfg_path.write_text(yaml.safe_dump(running))
             gw.proc.send_signal(signal.SIGHUP)
             _wait(lambda: _all_served(gw.port) == {"gray"}, "workers to reload on SIGHUP")
             # ... and so does POST /admin/reload
-            running["services"]["user-api"]["releases"]["gray"]["weight"] = 0
+            rels["stable"]["weight"], rels["gray"]["weight"] = 100, 0
             cfg_path.write_text(yaml.safe_dump(running))
             req = urllib.request.Request(gw.admin + "/admin/reload", method="POST")
             with urllib.request.urlopen(req, timeout=10) as r:

@@ -15,7 +15,7 @@ import fcntl
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import replace
 from pathlib import Path
 
@@ -117,7 +117,7 @@ class FileStore:
         finally:
             os.close(dfd)
 
-    async def watch(self) -> AsyncIterator[StateDoc]:
+    async def watch(self) -> AsyncGenerator[StateDoc, None]:
         seen = self._last.version
         sig = self._sig
         while True:

@@ -7,7 +7,7 @@ whichever store is configured, so tests on this store exercise it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import replace
 
 from gateway.errors import Conflict
@@ -38,7 +38,7 @@ class MemoryStore:
             ev.set()
         return self._doc
 
-    async def watch(self) -> AsyncIterator[StateDoc]:
+    async def watch(self) -> AsyncGenerator[StateDoc, None]:
         seen = self._loaded
         while True:
             if self._doc.version > seen:
