@@ -19,6 +19,7 @@ from aiohttp import web
 from gateway.config import Config, HostPort
 from gateway.control import ControlPlane
 from gateway.engine.aio import AiohttpEngine
+from gateway.guardian import Guardian
 from gateway.handler import ProxyHandler
 from gateway.metrics import Metrics
 from gateway.state import Snapshot, SnapshotHolder, build_snapshot
@@ -77,6 +78,7 @@ class Gateway:
         rng: random.Random | None = None,
         version: str | None = None,
         telemetry: Telemetry | None = None,
+        guard_interval: float = 1.0,
     ) -> None:
         self.config = config
         self.rng = rng or random.Random()
@@ -85,6 +87,11 @@ class Gateway:
         # telemetry (issue 5): OTEL_* / GATEWAY_ENV, or injected by tests; owned and shut down here.
         self.telemetry = telemetry or Telemetry.from_env(os.environ, version=self.version)
         self.holder = SnapshotHolder(build_snapshot(config, rng=self.rng))
+        # admin issue: the control plane applies the state store and reloads to `holder`.
+        self.control = ControlPlane(config, self.holder, rng=self.rng)
+        # guard (SPEC §7): every data-path process watches its share of traffic and
+        # rolls a bad release back through the control plane (so all processes follow).
+        self.guardian = Guardian(self.holder, self.control, self.metrics, interval=guard_interval)
         self.handler = ProxyHandler(
             self.holder,
             metrics=self.metrics,
@@ -94,6 +101,7 @@ class Gateway:
             rng=self.rng,
             tracer=self.telemetry.tracer,
             sampler=self.telemetry.sampler,
+            observers=[self.guardian.guard],
         )
         self.engine = make_engine(config, self.handler)
         self.with_admin = admin
@@ -105,8 +113,6 @@ class Gateway:
         self.stopping = asyncio.Event()
         self.holder.subscribe(self._publish_gauges)
         self._publish_gauges(self.holder.current)
-        # admin issue: the control plane applies the state store and reloads to `holder`.
-        self.control = ControlPlane(config, self.holder, rng=self.rng)
 
     def is_ready(self) -> bool:
         return all(sv.available for sv in self.holder.current.services.values())
@@ -131,6 +137,7 @@ class Gateway:
             self.sock = sock or bind_socket(self.config.listen, reuse_port=True)
             self.port = self.sock.getsockname()[1]
             await self.engine.serve(self.sock)
+            await self.guardian.start()
         if self.with_admin:
             from gateway.admin import build_admin_app
 
@@ -157,6 +164,7 @@ class Gateway:
     async def stop(self, drain_timeout: float | None = None) -> None:
         d = self.config.drain_timeout if drain_timeout is None else drain_timeout
         if self.with_data:
+            await self.guardian.stop()
             await self.engine.shutdown(d)
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
