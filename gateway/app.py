@@ -19,6 +19,8 @@ from aiohttp import web
 from gateway.config import Config, HostPort
 from gateway.control import ControlPlane
 from gateway.engine.aio import AiohttpEngine
+from gateway.discovery import ConsulDiscovery, Pacing, consul_selectors
+from gateway.discovery.metrics import DiscoveryMetrics
 from gateway.guardian import Guardian
 from gateway.handler import ProxyHandler
 from gateway.metrics import Metrics
@@ -79,6 +81,7 @@ class Gateway:
         version: str | None = None,
         telemetry: Telemetry | None = None,
         guard_interval: float = 1.0,
+        consul_pacing: Pacing | None = None,
     ) -> None:
         self.config = config
         self.rng = rng or random.Random()
@@ -91,6 +94,21 @@ class Gateway:
         self.control = ControlPlane(config, self.holder, rng=self.rng)
         # guard (SPEC §7): every data-path process watches its share of traffic and
         # rolls a bad release back through the control plane (so all processes follow).
+        # Consul discovery (SPEC §1): complete endpoint maps go to the control plane,
+        # which merges them with static upstreams; a dead Consul keeps the last good set.
+        selectors = consul_selectors(config)
+        self.discovery = (
+            ConsulDiscovery(
+                config.consul,
+                selectors,
+                self.control.set_discovered,
+                rng=self.rng,
+                metrics=DiscoveryMetrics(self.metrics.registry),
+                pacing=consul_pacing,
+            )
+            if selectors
+            else None
+        )
         self.guardian = Guardian(self.holder, self.control, self.metrics, interval=guard_interval)
         self.handler = ProxyHandler(
             self.holder,
@@ -133,6 +151,8 @@ class Gateway:
     async def start(self, sock: socket.socket | None = None) -> None:
         # Store first: a corrupt state file or an unsafe admin listener refuses to start.
         await self.control.start(admin=self.with_admin, data=self.with_data)
+        if self.discovery is not None:
+            await self.discovery.start()
         if self.with_data:
             self.sock = sock or bind_socket(self.config.listen, reuse_port=True)
             self.port = self.sock.getsockname()[1]
@@ -169,6 +189,8 @@ class Gateway:
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
             self.admin_runner = None
+        if self.discovery is not None:
+            await self.discovery.stop()
         await self.control.stop()
         # Flushing exporters blocks (OTLP over HTTP), so keep it off the event loop.
         await asyncio.to_thread(self.telemetry.shutdown)
