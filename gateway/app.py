@@ -18,9 +18,9 @@ from aiohttp import web
 
 from gateway.config import Config, HostPort
 from gateway.control import ControlPlane
-from gateway.engine.aio import AiohttpEngine
 from gateway.discovery import ConsulDiscovery, Pacing, consul_selectors
 from gateway.discovery.metrics import DiscoveryMetrics
+from gateway.engine.aio import AiohttpEngine
 from gateway.guardian import Guardian
 from gateway.handler import ProxyHandler
 from gateway.metrics import Metrics

@@ -34,7 +34,6 @@ async def _wait(gw: Gateway, release: str, n: int, deadline_s: float = 10.0) -> 
     while time.monotonic() < end:
         if len(gw.holder.current.services["user-api"].releases[release].endpoints) == n:
             return
-        import asyncio
 
         await asyncio.sleep(0.02)
     raise AssertionError(f"{release} never had {n} endpoints")
