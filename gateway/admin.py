@@ -13,7 +13,8 @@ import asyncio
 import hmac
 import ipaddress
 import math
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -99,8 +100,10 @@ def _percent(share: float) -> float:
     return round(share * 100.0, 6)
 
 
-def service_doc(snap: Snapshot, name: str) -> dict[str, Any]:
-    """One service as operators see it: weights, endpoints, guard, state version."""
+def service_doc(
+    snap: Snapshot, name: str, rollout: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """One service as operators see it: weights, endpoints, guard, rollout, state version."""
     sv = snap.services[name]
     g = sv.guard
     return {
@@ -138,7 +141,13 @@ def service_doc(snap: Snapshot, name: str) -> dict[str, Any]:
             "window_s": g.window,
             "min_endpoints": g.min_endpoints,
         },
+        "rollout": dict(rollout) if rollout is not None else None,
     }
+
+
+def _rollout_json(gw: Gateway, name: str) -> dict[str, Any] | None:
+    r = gw.control.rollout_of(name)
+    return r.to_json() if r is not None else None
 
 
 def _etag(version: int) -> dict[str, str]:
@@ -156,20 +165,27 @@ def _service(request: web.Request) -> tuple[Snapshot, ServiceView]:
 
 def _service_response(gw: Gateway, name: str) -> web.Response:
     snap = gw.holder.current
-    return web.json_response(service_doc(snap, name), headers=_etag(snap.version))
+    return web.json_response(
+        service_doc(snap, name, _rollout_json(gw, name)), headers=_etag(snap.version)
+    )
 
 
 async def list_services(request: web.Request) -> web.Response:
     snap = _gw(request).holder.current
     return web.json_response(
-        {"state_version": snap.version, "services": [service_doc(snap, n) for n in snap.services]},
+        {
+            "state_version": snap.version,
+            "services": [
+                service_doc(snap, n, _rollout_json(_gw(request), n)) for n in snap.services
+            ],
+        },
         headers=_etag(snap.version),
     )
 
 
 async def get_service(request: web.Request) -> web.Response:
-    snap, sv = _service(request)
-    return web.json_response(service_doc(snap, sv.name), headers=_etag(snap.version))
+    _, sv = _service(request)
+    return _service_response(_gw(request), sv.name)
 
 
 async def put_weights(request: web.Request) -> web.Response:
@@ -273,6 +289,30 @@ async def preview_change(request: web.Request) -> web.Response:
     )
 
 
+# --------------------------------------------------------------------------- rollouts
+
+
+async def post_rollout(request: web.Request) -> web.Response:
+    gw = _gw(request)
+    _, sv = _service(request)
+    if_match = changes.parse_if_match(request.headers.get("If-Match"))
+    body = changes.parse_json(await request.read())
+    await gw.control.rollout(sv.name, "start", body, if_match, time.time())
+    return _service_response(gw, sv.name)
+
+
+def _rollout_action(action: str) -> _Handler:
+    async def handle(request: web.Request) -> web.Response:
+        gw = _gw(request)
+        _, sv = _service(request)
+        if_match = changes.parse_if_match(request.headers.get("If-Match"))
+        await gw.control.rollout(sv.name, action, None, if_match, time.time())
+        return _service_response(gw, sv.name)
+
+    handle.__name__ = f"rollout_{action}"
+    return handle
+
+
 # --------------------------------------------------------------------------- reload / openapi
 
 
@@ -313,6 +353,11 @@ ROUTES: tuple[tuple[str, str, _Handler], ...] = (
     ("POST", "/admin/weights", post_platform_weights),
     ("GET", "/admin/services/{service}/explain", explain),
     ("GET", "/admin/services/{service}/preview", preview_change),
+    ("POST", "/admin/services/{service}/rollout", post_rollout),
+    ("POST", "/admin/services/{service}/promote", _rollout_action("promote")),
+    ("POST", "/admin/services/{service}/pause", _rollout_action("pause")),
+    ("POST", "/admin/services/{service}/resume", _rollout_action("resume")),
+    ("POST", "/admin/services/{service}/abort", _rollout_action("abort")),
     ("POST", "/admin/reload", reload),
     ("GET", "/admin/openapi.json", openapi),
 )

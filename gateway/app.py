@@ -147,6 +147,10 @@ class Gateway:
             }
         )
         self.metrics.state_version.set(snap.version)
+        for name in snap.services:
+            r = self.control.rollout_of(name)
+            if r is not None:
+                self.metrics.set_rollout_state(name, r.state)
 
     async def start(self, sock: socket.socket | None = None) -> None:
         # Store first: a corrupt state file or an unsafe admin listener refuses to start.

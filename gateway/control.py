@@ -13,20 +13,28 @@ import contextlib
 import ipaddress
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from gateway import changes
 from gateway import config as config_mod
+from gateway import rollout as rollout_mod
 from gateway.config import Config, Endpoint
-from gateway.errors import ConfigError, Conflict, StateError
+from gateway.errors import BadRequest, ConfigError, Conflict, StateError
 from gateway.state import Snapshot, SnapshotHolder, build_snapshot
 from gateway.store import EMPTY, ServiceState, StateDoc, StateStore, open_store
 
 log = logging.getLogger("gateway.control")
 
 _RETRIES = 5
+_ACTIONS: dict[str, Callable[[rollout_mod.Rollout, float], rollout_mod.Rollout]] = {
+    "promote": rollout_mod.promote,
+    "pause": rollout_mod.pause,
+    "resume": rollout_mod.resume,
+    "abort": lambda r, now: rollout_mod.abort(r),
+}
 # Changing these needs new sockets, processes or a new store: a reload warns and keeps them.
 _RESTART_ONLY = ("listen", "admin", "workers", "engine", "state", "consul")
 
@@ -115,6 +123,8 @@ class ControlPlane:
         self._store = store
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
+        self._driver: asyncio.Task[None] | None = None
+        self.rollout_interval = 1.0
         self._warned: set[str] = set()
         self._discovered: EndpointMap | None = None
 
@@ -140,8 +150,28 @@ class ControlPlane:
         self._apply(doc)
         log.info("state: %s store at version %d", self.config.state.store, doc.version)
         self._watcher = asyncio.create_task(self._watch(self._store), name="gateway-state-watch")
+        if admin:
+            # One process steps rollouts forward: the admin one (single process or master).
+            self._driver = asyncio.create_task(self._drive(), name="gateway-rollouts")
+
+    async def _drive(self) -> None:
+        while True:
+            await asyncio.sleep(self.rollout_interval)
+            try:
+                for service in await self.advance(time.time()):
+                    r = self.rollout_of(service)
+                    log.info("rollout of %s: %s", service, r.to_json() if r else None)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep driving: one failed write must not stop rollouts
+                log.exception("rollout step failed; retrying")
 
     async def stop(self) -> None:
+        if self._driver is not None:
+            self._driver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._driver
+            self._driver = None
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -281,6 +311,101 @@ class ControlPlane:
             return st
 
         return await self._change(service, edit, if_match)
+
+    # ------------------------------------------------------------------ rollouts (SPEC §7)
+    def rollout_of(self, service: str) -> rollout_mod.Rollout | None:
+        st = self.doc.services.get(service)
+        raw = st.extra.get("rollout") if st is not None else None
+        return rollout_mod.Rollout.from_json(raw) if isinstance(raw, Mapping) else None
+
+    @staticmethod
+    def _with_rollout(
+        st: ServiceState, svc: Any, current: Mapping[str, float], r: rollout_mod.Rollout
+    ) -> ServiceState:
+        weights = rollout_mod.weights_for(r, svc.baseline, list(svc.releases), current)
+        return replace(st, weights=weights, extra={**st.extra, "rollout": r.to_json()})
+
+    async def rollout(
+        self, service: str, action: str, body: object, if_match: int | None, now: float
+    ) -> StateDoc:
+        """Start a step plan, or promote/pause/resume/abort the current one."""
+        svc = self.config.services[service]
+
+        def edit(st: ServiceState, snap: Snapshot) -> ServiceState:
+            raw = st.extra.get("rollout")
+            cur = rollout_mod.Rollout.from_json(raw) if isinstance(raw, Mapping) else None
+            current = snap.weights.get(service, {})
+            if action == "start":
+                if cur is not None and cur.state in (rollout_mod.PENDING, *rollout_mod.ACTIVE):
+                    raise Conflict(
+                        f"a rollout of {cur.release!r} is {cur.state}; abort or promote it first",
+                        "state",
+                    )
+                if not isinstance(body, Mapping):
+                    raise BadRequest("body must be a JSON object {release, steps}", "body")
+                r = rollout_mod.parse_plan(body.get("release"), body.get("steps"))
+                if r.release not in svc.releases:
+                    raise BadRequest(
+                        f"unknown release {r.release!r} (have: {', '.join(svc.releases)})",
+                        "release",
+                    )
+                if r.release == svc.baseline:
+                    raise BadRequest("the baseline cannot be rolled out", "release")
+                r = rollout_mod.start(r, now)
+            else:
+                if cur is None:
+                    raise Conflict(f"service {service!r} has no rollout", "state")
+                r = _ACTIONS[action](cur, now)
+            return self._with_rollout(st, svc, current, r)
+
+        return await self._change(service, edit, if_match)
+
+    async def advance(self, now: float) -> list[str]:
+        """Move every Progressing rollout whose pause has elapsed to its next step."""
+        moved = []
+        for service in list(self.doc.services):
+            r = self.rollout_of(service)
+            if r is None or r.state != rollout_mod.PROGRESSING:
+                continue
+            if rollout_mod.tick(r, now) == r or service not in self.config.services:
+                continue
+            svc = self.config.services[service]
+
+            def edit(st: ServiceState, snap: Snapshot, svc: Any = svc) -> ServiceState:
+                raw = st.extra.get("rollout")
+                if not isinstance(raw, Mapping):
+                    return st
+                cur = rollout_mod.Rollout.from_json(raw)
+                nxt = rollout_mod.tick(cur, now)
+                if nxt == cur:
+                    return st
+                return self._with_rollout(st, svc, snap.weights.get(svc.name, {}), nxt)
+
+            await self._change(service, edit, None)
+            moved.append(service)
+        return moved
+
+    async def trip(self, service: str, release: str, reason: str) -> StateDoc:
+        """The guard's rollback: weight 0, rollout CircuitBreak -> RolledBack, persisted."""
+        svc = self.config.services[service]
+
+        def edit(st: ServiceState, snap: Snapshot) -> ServiceState:
+            current = snap.weights.get(service, {})
+            weights = changes.weights_change(svc, current, {release: 0})
+            raw = st.extra.get("rollout")
+            cur = rollout_mod.Rollout.from_json(raw) if isinstance(raw, Mapping) else None
+            if cur is not None and cur.release == release and cur.state in rollout_mod.ACTIVE:
+                r = rollout_mod.rolled_back(rollout_mod.circuit_break(cur, reason))
+            else:
+                pct = current.get(release, 0.0) / (sum(current.values()) or 1.0) * 100.0
+                r = replace(
+                    rollout_mod.Rollout(release, (rollout_mod.Step(min(100.0, pct), None),)),
+                    state=rollout_mod.ROLLED_BACK,
+                    reason=reason,
+                )
+            return replace(st, weights=weights, extra={**st.extra, "rollout": r.to_json()})
+
+        return await self._change(service, edit, None)
 
     # ------------------------------------------------------------------ reload
     def reload(self) -> ReloadResult:

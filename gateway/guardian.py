@@ -68,7 +68,6 @@ class Guardian:
         self.interval = interval
         self.wall = wall
         self.guard = Guard(clock)
-        self.rollout_states: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._configure(holder.current)
@@ -112,11 +111,9 @@ class Guardian:
         return tripped
 
     async def _roll_back(self, trip: Trip, webhook: str | None) -> None:
-        self.rollout_states[trip.service] = CIRCUIT_BREAK
         self.metrics.set_rollout_state(trip.service, CIRCUIT_BREAK)
-        doc = await self.control.set_weights(trip.service, {trip.release: 0}, None)
+        doc = await self.control.trip(trip.service, trip.release, trip.reason)
         self.guard.reset(trip.service, trip.release)
-        self.rollout_states[trip.service] = ROLLED_BACK
         self.metrics.set_rollout_state(trip.service, ROLLED_BACK)
         self.metrics.guard_trips.labels(trip.service, trip.release, trip.reason).inc()
         payload = alert_payload(trip, doc.version, self.wall())

@@ -131,6 +131,7 @@ SCHEMAS: dict[str, Any] = {
             },
             "releases": {"type": "object", "additionalProperties": _ref("Release")},
             "guard": _ref("Guard"),
+            "rollout": _ref("Rollout"),
         },
     },
     "ServiceList": {
@@ -139,6 +140,59 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "state_version": {"type": "integer", "minimum": 0},
             "services": {"type": "array", "items": _ref("Service")},
+        },
+    },
+    "Rollout": {
+        "type": ["object", "null"],
+        "required": ["release", "state", "step", "steps", "weight"],
+        "properties": {
+            "release": {"type": "string"},
+            "state": {
+                "type": "string",
+                "enum": [
+                    "Pending",
+                    "Progressing",
+                    "Paused",
+                    "Promoted",
+                    "CircuitBreak",
+                    "RolledBack",
+                ],
+            },
+            "step": {"type": "integer", "minimum": -1},
+            "step_started": {"type": "number"},
+            "paused_left": {"type": ["number", "null"]},
+            "reason": {"type": ["string", "null"]},
+            "weight": {"type": "number", "minimum": 0, "maximum": 100},
+            "steps": {"type": "array", "items": _ref("RolloutStep")},
+        },
+    },
+    "RolloutStep": {
+        "type": "object",
+        "required": ["weight"],
+        "properties": {
+            "weight": {"type": "number", "minimum": 0, "maximum": 100},
+            "pause": {
+                "type": ["number", "string", "null"],
+                "description": "seconds or a duration (5m); null = hold until promote",
+            },
+        },
+    },
+    "RolloutPlan": {
+        "type": "object",
+        "required": ["release", "steps"],
+        "properties": {
+            "release": {"type": "string"},
+            "steps": {"type": "array", "minItems": 1, "items": _ref("RolloutStep")},
+        },
+        "example": {
+            "release": "gray",
+            "steps": [
+                {"weight": 1, "pause": "5m"},
+                {"weight": 5, "pause": "15m"},
+                {"weight": 20, "pause": "15m"},
+                {"weight": 50, "pause": "15m"},
+                {"weight": 100, "pause": 0},
+            ],
         },
     },
     "Weights": {
@@ -403,6 +457,47 @@ def _paths() -> dict[str, Any]:
                     "404": _E404,
                 },
             },
+        },
+        "/admin/services/{service}/rollout": {
+            "parameters": [_SVC_PARAM],
+            "post": {
+                "summary": "start a step plan: the release goes to each step's weight, advancing "
+                "after each pause while the guard holds (SPEC §7)",
+                "parameters": [_IF_MATCH],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("RolloutPlan")}},
+                },
+                "responses": {
+                    "200": _service_ok("started (Progressing); the new state version"),
+                    "400": _E400,
+                    "401": _E401,
+                    "404": _E404,
+                    "409": _json(_ERR, "a rollout is already active, or If-Match is stale"),
+                },
+            },
+        },
+        **{
+            f"/admin/services/{{service}}/{action}": {
+                "parameters": [_SVC_PARAM],
+                "post": {
+                    "summary": summary,
+                    "parameters": [_IF_MATCH],
+                    "responses": {
+                        "200": _service_ok("accepted; the new state version"),
+                        "400": _E400,
+                        "401": _E401,
+                        "404": _E404,
+                        "409": _json(_ERR, "not possible in the current rollout state"),
+                    },
+                },
+            }
+            for action, summary in (
+                ("promote", "skip the remaining steps: the release takes all traffic"),
+                ("pause", "hold the current step"),
+                ("resume", "continue a paused rollout"),
+                ("abort", "roll back: the release to weight 0, state RolledBack"),
+            )
         },
         "/admin/reload": {
             "post": {

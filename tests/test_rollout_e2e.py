@@ -1,0 +1,94 @@
+"""Rollouts through the admin API: steps, pause/resume, promote, abort, guard rollback."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import gateway_config, two_releases
+
+PLAN = {
+    "release": "gray",
+    "steps": [
+        {"weight": 5, "pause": "1h"},
+        {"weight": 20, "pause": "1h"},
+        {"weight": 100, "pause": 0},
+    ],
+}
+
+
+async def _post(s: aiohttp.ClientSession, url: str, body: Any = None) -> tuple[int, Any]:
+    async with s.post(url, json=body) as r:
+        return r.status, await r.json()
+
+
+async def test_rollout_steps_pause_resume_promote(upstreams: Any, gateway: Any) -> None:
+    st, gr = await upstreams("stable"), await upstreams("gray")
+    gw = await gateway(gateway_config(two_releases(st.url, gr.url, 100, 0)))
+    base = f"http://127.0.0.1:{gw.admin_port}/admin/services/svc"
+    async with aiohttp.ClientSession() as s:
+        status, doc = await _post(s, f"{base}/rollout", PLAN)
+        assert status == 200, doc
+        assert doc["rollout"]["state"] == "Progressing" and doc["percent"]["gray"] == 5
+        status, doc = await _post(s, f"{base}/rollout", PLAN)
+        assert status == 409 and doc["field"] == "state"  # one active rollout at a time
+        # The driver steps forward once the pause has elapsed (time passed in, not slept).
+        assert await gw.control.advance(time.time() + 3600) == ["svc"]
+        async with s.get(base) as r:
+            doc = await r.json()
+        assert doc["rollout"]["step"] == 1 and doc["percent"]["gray"] == 20
+        status, doc = await _post(s, f"{base}/pause")
+        assert status == 200 and doc["rollout"]["state"] == "Paused"
+        assert await gw.control.advance(time.time() + 10 * 3600) == []
+        status, doc = await _post(s, f"{base}/resume")
+        assert status == 200 and doc["rollout"]["state"] == "Progressing"
+        status, doc = await _post(s, f"{base}/promote")
+        assert status == 200 and doc["rollout"]["state"] == "Promoted"
+        assert doc["percent"] == {"stable": 0, "gray": 100}
+        status, doc = await _post(s, f"{base}/pause")
+        assert status == 409
+        async with s.get(f"http://127.0.0.1:{gw.port}/", headers={"X-User-ID": "u"}) as r:
+            assert r.headers["X-Release-Stage"] == "gray"
+        async with s.get(f"http://127.0.0.1:{gw.admin_port}/metrics") as r:
+            assert 'gateway_rollout_state{service="svc",state="Promoted"} 1.0' in await r.text()
+
+
+async def test_abort_rolls_back_and_bad_plans_change_nothing(upstreams: Any, gateway: Any) -> None:
+    st, gr = await upstreams("stable"), await upstreams("gray")
+    gw = await gateway(gateway_config(two_releases(st.url, gr.url, 100, 0)))
+    base = f"http://127.0.0.1:{gw.admin_port}/admin/services/svc"
+    async with aiohttp.ClientSession() as s:
+        for body, field in [
+            ({"release": "stable", "steps": [{"weight": 5}]}, "release"),
+            ({"release": "blue", "steps": [{"weight": 5}]}, "release"),
+            ({"release": "gray", "steps": []}, "steps"),
+            ({"release": "gray", "steps": [{"weight": 500}]}, "steps[0].weight"),
+        ]:
+            version = gw.holder.current.version
+            status, doc = await _post(s, f"{base}/rollout", body)
+            assert (status, doc["field"]) == (400, field)
+            assert gw.holder.current.version == version
+        status, doc = await _post(s, f"{base}/abort")
+        assert status == 409  # nothing to abort
+        status, doc = await _post(s, f"{base}/rollout", PLAN)
+        assert status == 200
+        status, doc = await _post(s, f"{base}/abort")
+        assert status == 200 and doc["rollout"]["state"] == "RolledBack"
+        assert doc["percent"]["gray"] == 0
+
+
+async def test_guard_trip_during_rollout_is_circuit_break_then_rolled_back(
+    upstreams: Any, gateway: Any
+) -> None:
+    st, gr = await upstreams("stable"), await upstreams("gray")
+    gw = await gateway(gateway_config(two_releases(st.url, gr.url, 100, 0)))
+    base = f"http://127.0.0.1:{gw.admin_port}/admin/services/svc"
+    async with aiohttp.ClientSession() as s:
+        await _post(s, f"{base}/rollout", PLAN)
+        await gw.control.trip("svc", "gray", "error_rate")
+        async with s.get(base) as r:
+            doc = await r.json()
+    assert doc["rollout"]["state"] == "RolledBack" and doc["rollout"]["reason"] == "error_rate"
+    assert doc["weights"]["gray"] == 0
