@@ -14,7 +14,7 @@ import random
 import socket
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientTimeout, web
 
 from gateway.config import Config, HostPort
 from gateway.control import ControlPlane
@@ -105,6 +105,11 @@ class Gateway:
                 rng=self.rng,
                 metrics=DiscoveryMetrics(self.metrics.registry),
                 pacing=consul_pacing,
+                # telemetry (issue 5): Consul calls traced by the aiohttp-client instrumentation;
+                # same settings as discovery's default session.
+                session_factory=lambda: self.telemetry.client_session(
+                    timeout=ClientTimeout(total=None), trust_env=False
+                ),
             )
             if selectors
             else None

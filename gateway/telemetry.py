@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -34,7 +35,7 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.sdk.version import __version__ as _SDK_VERSION
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode
-from opentelemetry.util.http import redact_query_parameters
+from opentelemetry.util.http import PARAMS_TO_REDACT, redact_query_parameters
 
 from gateway.engine.api import ERR_CLIENT, RequestHead
 from gateway.propagation import TraceParent
@@ -71,7 +72,6 @@ _METHODS = frozenset(
 )
 # Marks contexts whose spans the gateway has already decided to sample (see _DecidedSampler).
 _DECIDED = create_key("gateway.sampled")
-_TRUE_FLAGS = ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +152,8 @@ class TelemetryConfig:
         return cls(
             service_name=env.get("OTEL_SERVICE_NAME", "").strip() or DEFAULT_SERVICE_NAME,
             environment=profile,
-            disabled=env.get("OTEL_SDK_DISABLED", "").strip().lower() in _TRUE_FLAGS,
+            # OTel's boolean env vars: only "true" (any case) is true.
+            disabled=env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true",
             exporters=exporters,
             sampler=sampler,
             sampler_ratio=ratio,
@@ -259,23 +260,28 @@ class _DecidedSampler(Sampler):
 
 
 class _PinnedIds(RandomIdGenerator):
-    """Hands out one pinned id next, then random ones again.
+    """Hands out one pinned id next (per thread), then random ones again.
 
     Why: the upstream already got `traceparent` with our span id as parent and a new trace its
     id before any span existed (SPEC §3); the SDK takes ids only from its IdGenerator.
     """
 
     def __init__(self) -> None:
-        self.trace_id = 0
-        self.span_id = 0
+        self.pins = threading.local()
 
     def generate_trace_id(self) -> int:
-        pinned, self.trace_id = self.trace_id, 0
-        return pinned or super().generate_trace_id()
+        pinned: int = getattr(self.pins, "trace_id", 0)
+        if pinned:
+            self.pins.trace_id = 0
+            return pinned
+        return super().generate_trace_id()
 
     def generate_span_id(self) -> int:
-        pinned, self.span_id = self.span_id, 0
-        return pinned or super().generate_span_id()
+        pinned: int = getattr(self.pins, "span_id", 0)
+        if pinned:
+            self.pins.span_id = 0
+            return pinned
+        return super().generate_span_id()
 
 
 def _host_port(value: str) -> tuple[str, int | None]:
@@ -333,8 +339,10 @@ class SpanTracer:
         attrs["url.path"] = path
         attrs["url.scheme"] = head.scheme
         attrs["network.protocol.version"] = head.http_version
+        # Semconv: scrub known credential parameters; parsing the query costs µs, so only then.
+        redact = bool(query) and any(p in query for p in PARAMS_TO_REDACT)
         if query:
-            attrs["url.query"] = redact_query_parameters(f"?{query}")[1:]
+            attrs["url.query"] = redact_query_parameters(f"?{query}")[1:] if redact else query
         if host:
             name, port = _host_port(host)
             attrs["server.address"] = name
@@ -348,26 +356,27 @@ class SpanTracer:
         cattrs["server.address"] = upstream_host
         cattrs["server.port"] = upstream_port
         netloc = f"[{upstream_host}]" if ":" in upstream_host else upstream_host
-        cattrs["url.full"] = redact_query_parameters(f"http://{netloc}:{upstream_port}{target}")
+        url = f"http://{netloc}:{upstream_port}{target}"
+        cattrs["url.full"] = redact_query_parameters(url) if redact else url
 
         ctx = self._decided
-        ids = self._ids
+        pins = self._ids.pins
         if parent is None:
-            ids.trace_id = int(trace_id, 16)
+            pins.trace_id = int(trace_id, 16)
         else:
             remote = SpanContext(int(trace_id, 16), int(parent, 16), is_remote=True)
             ctx = trace_api.set_span_in_context(NonRecordingSpan(remote), ctx)
         try:
             server = self._tracer.start_span(known, ctx, SpanKind.SERVER, attrs)
         finally:
-            ids.trace_id = 0
-        ids.span_id = int(span_id, 16)
+            pins.trace_id = 0
+        pins.span_id = int(span_id, 16)
         try:
             client = self._tracer.start_span(
                 known, trace_api.set_span_in_context(server, self._decided), SpanKind.CLIENT, cattrs
             )
         finally:
-            ids.span_id = 0
+            pins.span_id = 0
 
         def done(status: int, error: str | None) -> None:
             failed = error is not None and error != ERR_CLIENT
@@ -412,6 +421,7 @@ class Telemetry:
         self.config = config
         self.provider: TracerProvider | None = None
         self.tracer: SpanTracer | None = None
+        self._exporters: list[SpanExporter] = []
         for problem in config.problems:
             log.warning("tracing: %s; using the default", problem)
         if config.disabled:
@@ -465,6 +475,7 @@ class Telemetry:
                 )
             elif name == "console":
                 exporters.append(ConsoleSpanExporter())
+        self._exporters = exporters
         return [BatchSpanProcessor(e) for e in exporters]
 
     def trace_configs(self) -> list[aiohttp.TraceConfig]:
@@ -494,8 +505,25 @@ class Telemetry:
         configs = [*self.trace_configs(), *trace_configs]
         return aiohttp.ClientSession(trace_configs=configs, **kwargs)
 
-    def shutdown(self) -> None:
-        """Flush and stop the exporters; blocking, so call it off the event loop."""
-        if self.provider is not None:
-            self.provider.shutdown()
-            self.provider = None
+    def shutdown(self, timeout: float = 3.0) -> None:
+        """Flush and stop the exporters within about `timeout` s; blocking, call it off the loop.
+
+        Why: the batch processor flushes on shutdown, and an OTLP export to a collector that is
+        away retries for up to its own timeout (10 s by default), which would stretch every
+        drain; stopping the exporters after `timeout` interrupts those retries.
+        """
+        provider, self.provider = self.provider, None
+        if provider is None:
+            return
+        timer = threading.Timer(timeout, self._stop_exporters)
+        timer.daemon = True
+        timer.start()
+        try:
+            provider.shutdown()
+        finally:
+            timer.cancel()
+
+    def _stop_exporters(self) -> None:
+        log.warning("tracing: exporters did not flush in time; dropping buffered spans")
+        for e in self._exporters:
+            e.shutdown()

@@ -93,7 +93,9 @@ def gateway_config(services: dict[str, Any], **top: Any) -> dict[str, Any]:
     return doc
 
 
-def two_releases(stable_url: str, gray_url: str, stable: float = 95, gray: float = 5) -> dict[str, Any]:
+def two_releases(
+    stable_url: str, gray_url: str, stable: float = 95, gray: float = 5
+) -> dict[str, Any]:
     return {
         "svc": {
             "releases": {
@@ -131,7 +133,9 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 class GatewayProcess:
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, admin_port: int, log: Path) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], port: int, admin_port: int, log: Path
+    ) -> None:
         self.proc = proc
         self.port = port
         self.admin_port = admin_port
@@ -155,7 +159,9 @@ def write_config(tmp: Path, doc: dict[str, Any]) -> Path:
     return p
 
 
-def wait_http(url: str, deadline_s: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_http(
+    url: str, deadline_s: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     import urllib.request
 
     end = time.monotonic() + deadline_s

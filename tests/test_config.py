@@ -14,7 +14,9 @@ from gateway.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 MINIMAL: dict[str, Any] = {
-    "services": {"svc": {"releases": {"stable": {"weight": 1, "upstreams": ["http://127.0.0.1:1"]}}}}
+    "services": {
+        "svc": {"releases": {"stable": {"weight": 1, "upstreams": ["http://127.0.0.1:1"]}}}
+    }
 }
 
 
@@ -71,10 +73,20 @@ def test_env_overrides() -> None:
             "services.s.releases",
         ),
         (
-            {"services": {"s": {"baseline": "x", "releases": {"stable": {"weight": 1, "upstreams": ["h:1"]}}}}},
+            {
+                "services": {
+                    "s": {
+                        "baseline": "x",
+                        "releases": {"stable": {"weight": 1, "upstreams": ["h:1"]}},
+                    }
+                }
+            },
             "services.s.baseline",
         ),
-        ({**MINIMAL, "routing": {"trust_overrides": ["10.0.0.0/33"]}}, "routing.trust_overrides[0]"),
+        (
+            {**MINIMAL, "routing": {"trust_overrides": ["10.0.0.0/33"]}},
+            "routing.trust_overrides[0]",
+        ),
         ({**MINIMAL, "timeouts": {"connect": "soon"}}, "timeouts.connect"),
         ({**MINIMAL, "workers": 0}, "workers"),
         ({**MINIMAL, "listen": 8080}, "listen"),
@@ -119,13 +131,20 @@ def test_every_error_is_reported() -> None:
     with pytest.raises(ConfigError) as e:
         C.build(doc, env={})
     paths = {p for p, _ in e.value.errors}
-    assert paths == {"listen", "services.user-api.balancer", "services.user-api.releases.gray.weight"}
+    assert paths == {
+        "listen",
+        "services.user-api.balancer",
+        "services.user-api.releases.gray.weight",
+    }
     assert any("must be a number >= 0" in m for _, m in e.value.errors)
 
 
 def _check(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway", "check", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "gateway", "check", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -150,7 +169,16 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("raw", "want"),
-    [("2s", 2.0), ("300ms", 0.3), ("5m", 300.0), (3, 3.0), ("1.5h", 5400.0), ("x", None), (-1, None), (True, None)],
+    [
+        ("2s", 2.0),
+        ("300ms", 0.3),
+        ("5m", 300.0),
+        (3, 3.0),
+        ("1.5h", 5400.0),
+        ("x", None),
+        (-1, None),
+        (True, None),
+    ],
     ids=["s", "ms", "m", "int", "h", "garbage", "negative", "bool"],
 )
 def test_parse_duration(raw: object, want: float | None) -> None:

@@ -31,13 +31,26 @@ def test_hop_by_hop_and_connection_named_fields_removed() -> None:
         b"x-user-id",
     )
     out = upstream_headers(
-        s, client_ip="10.0.0.9", proto=b"http", stage_name=b"X-Release-Stage",
-        release=b"gray", request_id=b"rid",
+        s,
+        client_ip="10.0.0.9",
+        proto=b"http",
+        stage_name=b"X-Release-Stage",
+        release=b"gray",
+        request_id=b"rid",
     )
     names = _names(out)
-    for hop in (b"connection", b"x-secret", b"keep-alive", b"proxy-connection",
-                b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-                b"content-length"):
+    for hop in (
+        b"connection",
+        b"x-secret",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+    ):
         assert hop not in names
     assert s.upgrade is None  # Upgrade without Connection: upgrade is not an upgrade
     d = dict(out)
@@ -50,14 +63,27 @@ def test_hop_by_hop_and_connection_named_fields_removed() -> None:
 
 def test_existing_forwarded_for_and_via_are_appended_and_stage_replaced() -> None:
     s = scan(
-        [(b"X-Forwarded-For", b"1.1.1.1"), (b"Via", b"1.0 edge"), (b"X-Release-Stage", b"gray"),
-         (b"X-Request-ID", b"keep-me"), (b"X-User-ID", b"u1")],
+        [
+            (b"X-Forwarded-For", b"1.1.1.1"),
+            (b"Via", b"1.0 edge"),
+            (b"X-Release-Stage", b"gray"),
+            (b"X-Request-ID", b"keep-me"),
+            (b"X-User-ID", b"u1"),
+        ],
         b"x-release-stage",
         b"x-user-id",
     )
     assert s.stage == "gray" and s.user == "u1" and s.request_id == "keep-me"
-    out = dict(upstream_headers(s, client_ip="2.2.2.2", proto=b"http",
-                                stage_name=b"X-Release-Stage", release=b"stable", request_id=b"keep-me"))
+    out = dict(
+        upstream_headers(
+            s,
+            client_ip="2.2.2.2",
+            proto=b"http",
+            stage_name=b"X-Release-Stage",
+            release=b"stable",
+            request_id=b"keep-me",
+        )
+    )
     assert out[b"X-Forwarded-For"] == b"1.1.1.1, 2.2.2.2"
     assert out[b"Via"] == b"1.0 edge, 1.1 gray-gateway"
     assert out[b"X-Release-Stage"] == b"stable"
@@ -70,8 +96,13 @@ def test_upgrade_detected_only_with_connection_upgrade() -> None:
 
 def test_response_hop_by_hop_stripped() -> None:
     out = strip_response_hop_by_hop(
-        [(b"Connection", b"close, X-Int"), (b"X-Int", b"1"), (b"Proxy-Authenticate", b"Basic"),
-         (b"Transfer-Encoding", b"chunked"), (b"Content-Type", b"text/plain")],
+        [
+            (b"Connection", b"close, X-Int"),
+            (b"X-Int", b"1"),
+            (b"Proxy-Authenticate", b"Basic"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"Content-Type", b"text/plain"),
+        ],
         upgrading=False,
     )
     assert out == [(b"Content-Type", b"text/plain")]
@@ -79,7 +110,13 @@ def test_response_hop_by_hop_stripped() -> None:
 
 @pytest.mark.parametrize(
     ("value", "bad"),
-    [(b"ok value", False), (b"tab\tok", False), (b"nul\x00", True), (b"cr\rlf", True), (b"del\x7f", True)],
+    [
+        (b"ok value", False),
+        (b"tab\tok", False),
+        (b"nul\x00", True),
+        (b"cr\rlf", True),
+        (b"del\x7f", True),
+    ],
     ids=["plain", "htab", "nul", "cr", "del"],
 )
 def test_control_chars(value: bytes, bad: bool) -> None:

@@ -22,6 +22,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import Gateway
+from gateway.config import ENGINES
 from gateway.metrics import BUCKETS
 from tests.conftest import free_port, gateway_config, run_gateway_process
 from tests.loadclient import ThreadedUpstreams, releases_for_users, start_fixed_upstream
@@ -123,11 +124,15 @@ async def wait_count(
             return got
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 async def test_gray_share_from_two_scrapes_is_the_weight(
-    fixed_upstreams: Callable[[str], Awaitable[str]], gateway: Make, tmp_path: Path
+    fixed_upstreams: Callable[[str], Awaitable[str]],
+    gateway: Make,
+    tmp_path: Path,
+    engine: str,
 ) -> None:
     stable, gray = await fixed_upstreams("stable"), await fixed_upstreams("gray")
-    gw: Gateway = await gateway(gateway_config(user_api(stable, gray), engine="aiohttp"))
+    gw: Gateway = await gateway(gateway_config(user_api(stable, gray), engine=engine))
     assert gw.port is not None
     async with aiohttp.ClientSession() as session:
         # Warm-up: both series must exist at the first scrape to have a rate at all.
@@ -198,12 +203,15 @@ async def test_weight_endpoint_and_state_gauges(
     assert version == gw.holder.current.version
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 async def test_upstream_down_counts_connect_errors_and_502s(
-    fixed_upstreams: Callable[[str], Awaitable[str]], gateway: Make
+    fixed_upstreams: Callable[[str], Awaitable[str]],
+    gateway: Make,
+    engine: str,
 ) -> None:
     stable = await fixed_upstreams("stable")
     dead = f"http://127.0.0.1:{free_port()}"
-    gw: Gateway = await gateway(gateway_config(user_api(stable, dead), engine="aiohttp"))
+    gw: Gateway = await gateway(gateway_config(user_api(stable, dead), engine=engine))
     assert gw.port is not None
     got = await releases_for_users(gw.port, ["gray", "stable"], header="X-Release-Stage")
     assert sorted(s for s, _, _ in got.values()) == [200, 502]

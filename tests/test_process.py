@@ -156,9 +156,10 @@ def _refused(port: int) -> bool:
 @pytest.mark.slow
 def test_sigterm_drains_100_in_flight_requests(tmp_path: Path) -> None:
     arrived: list[float] = []
-    with threaded_app(_slow_app(arrived, 2.0)) as url, run_gateway_process(
-        tmp_path, _single(url)
-    ) as gw:
+    with (
+        threaded_app(_slow_app(arrived, 2.0)) as url,
+        run_gateway_process(tmp_path, _single(url)) as gw,
+    ):
 
         async def run() -> tuple[list[int], bool]:
             conn = aiohttp.TCPConnector(limit=0)

@@ -130,8 +130,9 @@ async def test_sticky_cookie_for_anonymous_clients(
 ) -> None:
     st, gr = await upstreams("stable"), await upstreams("gray")
     gw = await gateway(
-        gateway_config(two_releases(st.url, gr.url, 50, 50), engine=engine,
-                       routing={"sticky_cookie": True})
+        gateway_config(
+            two_releases(st.url, gr.url, 50, 50), engine=engine, routing={"sticky_cookie": True}
+        )
     )
     for _ in range(5):
         async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
@@ -150,8 +151,12 @@ async def test_no_service_matches_is_404_json(
     st = await upstreams("stable")
     gw = await gateway(
         gateway_config(
-            {"svc": {"match": {"hosts": ["only.example"]},
-                     "releases": {"stable": {"weight": 1, "upstreams": [st.url]}}}},
+            {
+                "svc": {
+                    "match": {"hosts": ["only.example"]},
+                    "releases": {"stable": {"weight": 1, "upstreams": [st.url]}},
+                }
+            },
             engine=engine,
         )
     )

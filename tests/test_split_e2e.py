@@ -40,14 +40,18 @@ def _assign(port: int, users: list[str]) -> dict[str, str]:
 @pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
 def test_sticky_exact_monotone_through_the_gateway(tmp_path: Path, workers: int) -> None:
     with ThreadedUpstreams(["stable", "gray"]) as up:
-        with run_gateway_process(tmp_path, _doc(up, {"stable": 95, "gray": 5}), workers=workers) as gw:
+        with run_gateway_process(
+            tmp_path, _doc(up, {"stable": 95, "gray": 5}), workers=workers
+        ) as gw:
             first = _assign(gw.port, USERS)
             gray_share = sum(1 for r in first.values() if r == "gray") / len(USERS) * 100
             assert abs(gray_share - 5.0) <= 0.5, gray_share
             again = _assign(gw.port, USERS)
             assert again == first  # sticky: 100 % the same release
         # Raise gray to 10 % (a restart also proves stickiness needs no process state).
-        with run_gateway_process(tmp_path, _doc(up, {"stable": 95, "gray": 10}), workers=workers) as gw:
+        with run_gateway_process(
+            tmp_path, _doc(up, {"stable": 95, "gray": 10}), workers=workers
+        ) as gw:
             former_gray = [u for u, r in first.items() if r == "gray"]
             after = _assign(gw.port, USERS)
             assert all(after[u] == "gray" for u in former_gray)

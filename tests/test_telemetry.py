@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,7 +38,7 @@ from gateway.telemetry import (
     decision_function,
     sdk_sampler,
 )
-from tests.conftest import Upstream, gateway_config
+from tests.conftest import Upstream, free_port, gateway_config
 
 TID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PID = "00f067aa0ba902b7"
@@ -184,6 +186,16 @@ def test_service_name_headers_timeout_and_resource_attributes() -> None:
     assert cfg.otlp_timeout == 2.5
     assert ("k8s.pod.name", "gw-0") in cfg.resource_attributes
     assert cfg.disabled
+
+
+@pytest.mark.parametrize(
+    ("value", "disabled"),
+    [("true", True), ("TRUE", True), (" True ", True), ("1", False), ("yes", False), ("", False)],
+    ids=["true", "upper", "spaces", "one", "yes", "empty"],
+)
+def test_sdk_disabled_only_by_true(value: str, disabled: bool) -> None:
+    # OTel spec, "Parsing boolean values": anything but "true" (any case) is false.
+    assert TelemetryConfig.from_env({"OTEL_SDK_DISABLED": value}).disabled is disabled
 
 
 def test_resource_names_the_service_version_and_environment() -> None:
@@ -517,3 +529,86 @@ async def test_gateway_passes_injected_telemetry_and_shuts_it_down() -> None:
     assert gw.handler.tracer is t.tracer and t.tracer is not None
     await gw.stop(0)
     assert t.provider is None
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+async def test_prod_profile_exports_otlp_http_to_the_configured_endpoint(upstreams: Any) -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    got: list[ExportTraceServiceRequest] = []
+    headers: list[str] = []
+
+    async def collect(request: web.Request) -> web.Response:
+        req = ExportTraceServiceRequest()
+        req.ParseFromString(await request.read())
+        got.append(req)
+        headers.append(request.headers.get("x-tenant", ""))
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", collect)
+    up: Upstream = await upstreams(app=app)
+    env = {
+        "GATEWAY_ENV": "prod",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": up.url,
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=edge",
+        "OTEL_SERVICE_NAME": "edge-gw",
+    }
+    t = Telemetry.from_env(env, version="9.9")
+    _start(t, _head())(200, None)
+    await asyncio.to_thread(t.shutdown)  # the flush posts to our collector on this loop
+    (req,) = got
+    assert headers == ["edge"]
+    (rs,) = req.resource_spans
+    resource = {a.key: a.value.string_value for a in rs.resource.attributes}
+    assert resource["service.name"] == "edge-gw" and resource["service.version"] == "9.9"
+    spans = [s for ss in rs.scope_spans for s in ss.spans]
+    assert sorted(s.kind for s in spans) == [2, 3]  # SPAN_KIND_SERVER, SPAN_KIND_CLIENT
+    assert {s.trace_id.hex() for s in spans} == {TID}
+
+
+def test_shutdown_is_bounded_when_the_collector_is_away(caplog: pytest.LogCaptureFixture) -> None:
+    dead = free_port()
+    env = {"GATEWAY_ENV": "prod", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{dead}"}
+    t = Telemetry.from_env(env)
+    _start(t, _head())(200, None)
+    start = time.monotonic()
+    with caplog.at_level(logging.ERROR):  # the exporter's retry warnings are expected here
+        t.shutdown(timeout=0.3)
+    # Without the bound the OTLP exporter retries for up to its 10 s timeout.
+    assert time.monotonic() - start < 3.0
+
+
+async def test_consul_discovery_calls_are_traced(upstreams: Any, gateway: Any) -> None:
+    from gateway.discovery import Pacing
+    from tests.consul_double import ConsulDouble
+
+    stable, gray = await upstreams("stable"), await upstreams("gray")
+    mem = InMemorySpanExporter()
+    tel = Telemetry(TelemetryConfig(), processors=[SimpleSpanProcessor(mem)])
+    async with ConsulDouble(jitter=False) as consul:
+        consul.register(
+            {"ID": "gray-1", "Name": "user-api", "Tags": ["v2", "gray"],
+             "Address": "127.0.0.1", "Port": gray.port}
+        )  # fmt: skip
+        releases = {
+            "stable": {"weight": 95, "upstreams": [stable.url]},
+            "gray": {"weight": 5, "consul": {"service": "user-api", "tags": ["v2", "gray"]}},
+        }
+        doc = gateway_config(
+            {"user-api": {"releases": releases}}, consul={"address": consul.address}
+        )
+        gw: Gateway = await gateway(doc, telemetry=tel, consul_pacing=Pacing(rate=50, burst=50))
+        deadline = time.monotonic() + 10
+        while not gw.holder.current.services["user-api"].releases["gray"].endpoints:
+            assert time.monotonic() < deadline, "gray never discovered"
+            await asyncio.sleep(0.02)
+        assert any(
+            s.kind is SpanKind.CLIENT
+            and str((s.attributes or {}).get("url.full", "")).startswith(consul.address)
+            for s in mem.get_finished_spans()
+        ), [s.attributes for s in mem.get_finished_spans()]

@@ -140,6 +140,7 @@ async def test_sampled_requests_make_linked_server_and_client_spans(
     traced: Callable[..., Awaitable[Traced]], engine: str
 ) -> None:
     t = await traced(engine=engine)
+    assert type(t.gw.engine).__name__ == {"fast": "FastEngine", "aiohttp": "AiohttpEngine"}[engine]
     incoming = [f"00-{i:032x}-{PID}-01" for i in range(1, 6)]
     for tp in incoming:
         assert await _get(t, {"traceparent": tp, "X-Release-Stage": "stable"}) == 200
@@ -249,13 +250,16 @@ async def test_baggage_and_tracestate_reach_the_upstream(
         assert s.attributes is not None and s.attributes["release.stage"] == "gray"
 
 
-async def test_upstream_down_marks_both_spans_with_the_error_kind(gateway: Make) -> None:
+@pytest.mark.parametrize("engine", C.ENGINES)
+async def test_upstream_down_marks_both_spans_with_the_error_kind(
+    gateway: Make, engine: str
+) -> None:
     mem = InMemorySpanExporter()
     tel = Telemetry(TelemetryConfig(), processors=[SimpleSpanProcessor(mem)])
     dead = free_port()
     doc = gateway_config(
         {"svc": {"releases": {"stable": {"weight": 1, "upstreams": [f"http://127.0.0.1:{dead}"]}}}},
-        engine="aiohttp",
+        engine=engine,
     )
     gw: Gateway = await gateway(doc, telemetry=tel)
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{gw.port}/") as r:
