@@ -114,7 +114,14 @@ class Gateway:
             if selectors
             else None
         )
-        self.guardian = Guardian(self.holder, self.control, self.metrics, interval=guard_interval)
+        self.guardian = Guardian(
+            self.holder,
+            self.control,
+            self.metrics,
+            interval=guard_interval,
+            # alert webhooks are the gateway's own calls: traced like Consul's (SPEC §9)
+            session_factory=lambda: self.telemetry.client_session(timeout=ClientTimeout(total=5)),
+        )
         self.handler = ProxyHandler(
             self.holder,
             metrics=self.metrics,

@@ -59,6 +59,7 @@ class Guardian:
         metrics: Metrics,
         *,
         interval: float = 1.0,
+        session_factory: Callable[[], aiohttp.ClientSession] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -66,6 +67,9 @@ class Guardian:
         self.control = control
         self.metrics = metrics
         self.interval = interval
+        self.session_factory = session_factory or (
+            lambda: aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        )
         self.wall = wall
         self.guard = Guard(clock)
         self._task: asyncio.Task[None] | None = None
@@ -123,7 +127,7 @@ class Guardian:
 
     async def _post(self, url: str, payload: dict[str, Any]) -> None:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+            self._session = self.session_factory()
         try:
             async with self._session.post(url, json=payload) as r:
                 if r.status >= 300:

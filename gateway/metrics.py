@@ -14,6 +14,8 @@ import os
 from typing import Any
 
 from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -36,6 +38,10 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.multiprocess = multiprocess_dir() is not None
+        if registry is None:
+            # process_* (CPU, RSS, fds) and python_info of the process serving /metrics
+            self.registry.register(PROCESS_COLLECTOR)
+            self.registry.register(PLATFORM_COLLECTOR)
         r = self.registry
         self.requests = Counter(
             "http_requests_total",
@@ -134,5 +140,6 @@ class Metrics:
         if mp:
             reg = CollectorRegistry()
             prom_mp.MultiProcessCollector(reg, path=mp)  # type: ignore[no-untyped-call]
+            reg.register(PROCESS_COLLECTOR)  # the master's own process figures
             return generate_latest(reg)
         return generate_latest(self.registry)

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.app import Gateway
 from gateway.config import ENGINES
 from gateway.metrics import BUCKETS
-from tests.conftest import free_port, gateway_config, run_gateway_process
+from tests.conftest import free_port, gateway_config, run_gateway_process, two_releases
 from tests.loadclient import ThreadedUpstreams, releases_for_users, start_fixed_upstream
 
 # SPEC §8, verbatim: "the operator's query for the gray share works as written".
@@ -298,3 +298,12 @@ def test_two_workers_counters_add_up_to_the_requests_sent(
         assert sum(select(m, "http_request_duration_seconds_count").values()) == sent
         weights = {dict(k)["release"]: v for k, v in select(m, "gateway_release_weight").items()}
         assert weights == {"stable": 95.0, "gray": 5.0}  # one series per label set, no pid
+
+
+async def test_process_metrics_are_exposed(upstreams: Any, gateway: Any) -> None:
+    st = await upstreams("stable")
+    gw = await gateway(gateway_config(two_releases(st.url, st.url)))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{gw.admin_port}/metrics") as r:
+            text = await r.text()
+    assert "process_resident_memory_bytes" in text and "python_info" in text
