@@ -122,7 +122,7 @@ class Resp:
 
 
 def _dechunk(buf: bytes, pos: int) -> tuple[bytes, int] | None:
-    out = []
+    out: list[bytes] = []
     while True:
         eol = buf.find(b"\r\n", pos)
         if eol < 0:
@@ -285,7 +285,7 @@ class RawUpstream:
     port: int = 0
     connections: int = 0
     requests: list[bytes] = field(default_factory=list)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _tasks: set[asyncio.Task[object]] = field(default_factory=set)
     _writers: list[asyncio.StreamWriter] = field(default_factory=list)
 
     async def start(self) -> RawUpstream:
@@ -294,7 +294,7 @@ class RawUpstream:
             self._writers.append(w)
             task = asyncio.current_task()
             assert task is not None
-            self._tasks.add(task)  # type: ignore[arg-type]
+            self._tasks.add(task)
             try:
                 await self.script(r, w, self.connections)
             except (ConnectionError, asyncio.IncompleteReadError):
@@ -327,6 +327,12 @@ class Env:
         self.engines: list[FastEngine] = []
         self.servers: list[TestServer] = []
         self.raws: list[RawUpstream] = []
+        self.clients: list[RawClient] = []
+
+    async def connect(self, port: int) -> RawClient:
+        c = await RawClient.connect(port)
+        self.clients.append(c)
+        return c
 
     async def engine(self, handler: Handler, **kw: float) -> tuple[FastEngine, int]:
         eng = FastEngine(handler, **kw)  # type: ignore[arg-type]
@@ -338,11 +344,13 @@ class Env:
         self.engines.append(eng)
         return eng, port
 
-    async def aiohttp_server(self, app: web.Application) -> TestServer:
+    async def aiohttp_server(self, app: web.Application) -> int:
+        """Serve `app` on 127.0.0.1 (the `aiohttp_server` fixture's TestServer); its port."""
         srv = TestServer(app, host="127.0.0.1")
         await srv.start_server()
         self.servers.append(srv)
-        return srv
+        assert srv.port is not None
+        return srv.port
 
     async def raw_upstream(self, script: Script) -> RawUpstream:
         up = await RawUpstream(script).start()
@@ -350,6 +358,8 @@ class Env:
         return up
 
     async def aclose(self) -> None:
+        for c in self.clients:
+            await c.close()
         for eng in self.engines:
             await eng.shutdown(0.5)
         for up in self.raws:

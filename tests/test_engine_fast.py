@@ -15,8 +15,10 @@ import pytest
 import uvloop
 from aiohttp import web
 
+from gateway.engine.api import Forward, RequestHead, Respond
 from gateway.engine.fast import FastEngine
-from tests.engine_helpers import MARK, Env, ProxyHandler, RawClient, Script, read_request
+from gateway.engine.fast_wire import BODY_CHUNKED, BODY_CL, BODY_NONE, Reject, request_framing
+from tests.engine_helpers import MARK, Env, ProxyHandler, Script, read_request
 
 
 @pytest.fixture
@@ -59,9 +61,8 @@ def echo_app(seen: list[object] | None = None) -> web.Application:
 
 async def proxied_echo(env: Env, **kw: float) -> tuple[ProxyHandler, int, list[object], FastEngine]:
     seen: list[object] = []
-    up = await env.aiohttp_server(echo_app(seen))
-    assert up.port is not None
-    handler = ProxyHandler(up.port, read_timeout=kw.pop("read_timeout", 10.0))
+    up_port = await env.aiohttp_server(echo_app(seen))
+    handler = ProxyHandler(up_port, read_timeout=kw.pop("read_timeout", 10.0))
     eng, port = await env.engine(handler, **kw)
     return handler, port, seen, eng
 
@@ -83,7 +84,7 @@ async def test_keepalive_reuses_one_upstream_connection(env: Env) -> None:
 
 async def test_pipelined_requests_answered_in_order(env: Env) -> None:
     handler, port, _, eng = await proxied_echo(env)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     reqs = b"".join(b"GET /p%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(5))
     await c.send(reqs + b"POST /p5 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
     for i in range(6):
@@ -116,7 +117,7 @@ async def test_chunked_request_reframed_chunked(env: Env) -> None:
     up = await env.raw_upstream(script)
     handler = ProxyHandler(up.port)
     _, port = await env.engine(handler)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     await c.send(
         b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
@@ -174,7 +175,7 @@ async def test_response_body_reframed(
     up = await env.raw_upstream(script)
     handler = ProxyHandler(up.port)
     _, port = await env.engine(handler)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     await c.send(request_line)
     if want_close:
         data = await c.read_until_eof()
@@ -190,14 +191,45 @@ async def test_response_body_reframed(
         await c.send(request_line)  # the client connection stays usable
         r2 = await c.response()
         assert r2.body == b"abcdefg"
+        assert r2.get(b"t") is None  # no trailer leaks into the next response
     await c.close()
     await handler.wait_done(1)
     assert handler.done[0] == (200, None)
 
 
+async def test_response_hop_by_hop_removed(env: Env) -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            await read_request(r)
+            w.write(
+                b"HTTP/1.1 200 OK\r\nX-Hop: gone\r\nSet-Cookie: a=1\r\nKeep-Alive: timeout=5\r\n"
+                b"Connection: X-Hop, keep-alive\r\nProxy-Authenticate: Basic\r\nTrailer: T\r\n"
+                b"Upgrade: h2c\r\nProxy-Connection: keep-alive\r\nSet-Cookie: b=2\r\n"
+                b"Content-Length: 2\r\n\r\nok"
+            )
+            await w.drain()
+
+    up = await env.raw_upstream(script)
+    handler = ProxyHandler(up.port)
+    _, port = await env.engine(handler)
+    c = await env.connect(port)
+    for _ in range(2):
+        await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        r = await c.response()
+        assert [n for n, _ in r.headers] == [
+            b"Set-Cookie",
+            b"Set-Cookie",
+            b"Content-Length",
+            MARK[0],
+        ]
+        assert r.all(b"set-cookie") == [b"a=1", b"b=2"]
+        assert r.body == b"ok"
+    assert up.connections == 1
+
+
 async def test_head_with_content_length_keeps_both_connections(env: Env) -> None:
     handler, port, seen, _ = await proxied_echo(env)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     await c.send(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n")
     r = await c.response(no_body=True)
     assert r.status == 200 and r.get(b"content-length") is not None
@@ -213,7 +245,7 @@ async def test_head_with_content_length_keeps_both_connections(env: Env) -> None
 @pytest.mark.parametrize("code", [204, 304], ids=["204", "304"])
 async def test_no_body_statuses(env: Env, code: int) -> None:
     handler, port, _, eng = await proxied_echo(env)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     await c.send(b"GET /status/%d HTTP/1.1\r\nHost: x\r\n\r\n" % code)
     r = await c.response()
     assert r.status == code and r.body == b""
@@ -239,7 +271,7 @@ async def test_expect_100_continue_relayed(env: Env) -> None:
     up = await env.raw_upstream(script)
     handler = ProxyHandler(up.port)
     _, port = await env.engine(handler)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     await c.send(b"PUT /e HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
     interim = await c.response()
     assert interim.status == 100
@@ -260,8 +292,8 @@ async def test_websocket_upgrade_and_echo(env: Env) -> None:
 
     app = web.Application()
     app.router.add_get("/ws", ws_echo)
-    up = await env.aiohttp_server(app)
-    handler = ProxyHandler(up.port)
+    up_port = await env.aiohttp_server(app)
+    handler = ProxyHandler(up_port)
     _, port = await env.engine(handler)
     async with aiohttp.ClientSession() as s:
         async with s.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
@@ -279,7 +311,7 @@ async def test_websocket_upgrade_and_echo(env: Env) -> None:
 
 async def test_upgrade_refused_is_a_normal_response(env: Env) -> None:
     handler, port, _, eng = await proxied_echo(env)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     await c.send(b"GET /u HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n")
     r = await c.response()
     assert r.status == 200 and r.get(b"connection") == b"close"
@@ -291,7 +323,7 @@ async def test_upgrade_refused_is_a_normal_response(env: Env) -> None:
 async def test_local_respond_keeps_connection(env: Env) -> None:
     handler = ProxyHandler(1, local=[b"/healthz"])
     _, port = await env.engine(handler)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     for _ in range(3):
         await c.send(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody")
         r = await c.response()
@@ -304,6 +336,44 @@ async def test_local_respond_keeps_connection(env: Env) -> None:
 
 
 # -- refusals ---------------------------------------------------------------
+
+FRAMING = [
+    (("1.1", b"GET", 1, None, None, None), (True, BODY_NONE, 0, None)),
+    (("1.0", b"GET", 0, None, None, None), (False, BODY_NONE, 0, None)),
+    (("1.1", b"POST", 1, b"12", None, None), (True, BODY_CL, 12, None)),
+    (("1.1", b"POST", 1, None, b"chunked", None), (True, BODY_CHUNKED, 0, None)),
+    (("1.1", b"POST", 1, None, b" Chunked ", None), (True, BODY_CHUNKED, 0, None)),
+    (("1.1", b"GET", 1, b"0", None, b"websocket"), (True, BODY_NONE, 0, b"websocket")),
+    (("1.1", b"GET", 0, None, None, None), 400),
+    (("1.0", b"GET", 2, None, None, None), 400),
+    (("1.1", b"POST", 1, b"3", b"chunked", None), 400),
+    (("1.0", b"POST", 1, None, b"chunked", None), 400),
+    (("1.1", b"POST", 1, None, b"chunked, gzip", None), 400),
+    (("1.1", b"POST", 1, None, b"gzip, chunked", None), 501),
+    (("1.1", b"POST", 1, b"1e3", None, None), 400),
+    (("1.1", b"GET", 1, None, b"chunked", b"websocket"), 400),
+    (("2.0", b"GET", 1, None, None, None), 505),
+    (("1.1", b"CONNECT", 1, None, None, None), 501),
+]
+FRAMING_IDS = [
+    "get", "http10-no-host", "cl", "chunked", "chunked-case-space", "upgrade-cl0", "no-host",
+    "two-hosts", "cl-and-te", "te-http10", "chunked-not-final", "gzip-chunked", "cl-exponent",
+    "upgrade-chunked", "http2", "connect",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "want"), FRAMING, ids=FRAMING_IDS)
+def test_request_framing_table(
+    args: tuple[str, bytes, int, bytes | None, bytes | None, bytes | None],
+    want: tuple[bool, int, int, bytes | None] | int,
+) -> None:
+    if isinstance(want, int):
+        with pytest.raises(Reject) as e:
+            request_framing(*args)
+        assert e.value.status == want
+    else:
+        assert request_framing(*args) == want
+
 
 BAD_REQUESTS = [
     (
@@ -367,7 +437,7 @@ BAD_IDS = [
 @pytest.mark.parametrize(("raw", "status"), BAD_REQUESTS, ids=BAD_IDS)
 async def test_refused_requests_never_reach_upstream(env: Env, raw: bytes, status: int) -> None:
     handler, port, seen, _ = await proxied_echo(env)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     await c.send(raw)
     r = await c.response()
     assert r.status == status
@@ -381,7 +451,7 @@ async def test_refused_requests_never_reach_upstream(env: Env, raw: bytes, statu
 
 async def test_pipelined_good_request_answered_before_refusal(env: Env) -> None:
     handler, port, seen, _ = await proxied_echo(env)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     await c.send(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\nGET /bad HTTP/1.1\r\nX: \x01\r\n\r\n")
     assert (await c.response()).status == 200
     assert (await c.response()).status == 400
@@ -405,7 +475,7 @@ LIMIT_CASES = [
 )
 async def test_limits(env: Env, raw: bytes, status: int) -> None:
     handler, port, seen, _ = await proxied_echo(env, max_target_bytes=256, max_header_bytes=512)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     await c.send(raw)
     r = await c.response()
     assert r.status == status and r.get(b"connection") == b"close"
@@ -416,7 +486,7 @@ async def test_limits(env: Env, raw: bytes, status: int) -> None:
 
 async def test_header_timeout_answers_408(env: Env) -> None:
     handler, port, _, eng = await proxied_echo(env, header_timeout=0.2)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n")
     r = await c.response()
     assert r.status == 408
@@ -426,7 +496,7 @@ async def test_header_timeout_answers_408(env: Env) -> None:
 
 async def test_body_timeout_aborts_exchange(env: Env) -> None:
     handler, port, _, eng = await proxied_echo(env, header_timeout=0.2)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     await c.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
     r = await c.response()
     assert r.status == 408
@@ -436,7 +506,7 @@ async def test_body_timeout_aborts_exchange(env: Env) -> None:
 
 async def test_idle_keepalive_connection_closed(env: Env) -> None:
     handler, port, _, eng = await proxied_echo(env, keepalive_timeout=0.2)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await c.response()).status == 200
     assert await c.read_until_eof() == b""
@@ -527,7 +597,7 @@ async def test_stale_pooled_connection_retried(env: Env, close_how: str) -> None
     up = await env.raw_upstream(_keepalive_once(close_how, closed))
     handler = ProxyHandler(up.port, local=[b"/local"])
     _, port = await env.engine(handler)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     bodies = []
     for i in range(3):
         # After an idle close even a POST (never retried) must find a fresh connection.
@@ -551,7 +621,7 @@ async def test_non_idempotent_request_not_retried(env: Env) -> None:
     up = await env.raw_upstream(_keepalive_once("on-reuse"))
     handler = ProxyHandler(up.port)
     _, port = await env.engine(handler)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await c.response()).status == 200
     await c.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nz")
@@ -571,7 +641,7 @@ async def test_upstream_closing_mid_body_aborts_client(env: Env) -> None:
     up = await env.raw_upstream(script)
     handler = ProxyHandler(up.port)
     _, port = await env.engine(handler)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     try:
         data = await c.read_until_eof()
@@ -601,12 +671,41 @@ async def test_garbage_from_upstream_is_502_protocol(env: Env) -> None:
 
 async def test_client_abort_reported(env: Env) -> None:
     handler, port, _, eng = await proxied_echo(env)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     await c.send(b"GET /slow?s=5 HTTP/1.1\r\nHost: x\r\n\r\n")
     async with asyncio.timeout(5):
         await handler.got_head.wait()
     await c.close()
     assert await handler.wait_done(1) == [(0, "client_abort")]
+
+
+class BrokenPolicy(ProxyHandler):
+    """Raises for /raise and returns unusable header values for /str-headers."""
+
+    def handle(self, head: RequestHead) -> Forward | Respond:
+        if head.target == b"/raise":
+            raise RuntimeError("policy bug")
+        res = super().handle(head)
+        if head.target == b"/str-headers" and isinstance(res, Forward):
+            res.headers = [("Host", "x")]  # type: ignore[list-item]
+        return res
+
+
+async def test_policy_bugs_still_get_an_answer(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await r.read()
+
+    up = await env.raw_upstream(script)
+    handler = BrokenPolicy(up.port)
+    _, port = await env.engine(handler)
+    c = await env.connect(port)
+    await c.send(b"GET /raise HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await c.response()).status == 500
+    await c.send(b"GET /str-headers HTTP/1.1\r\nHost: x\r\n\r\n")
+    r = await c.response()
+    assert (r.status, json.loads(r.body)) == (502, {"error": "protocol"})
+    assert await handler.wait_done(1) == [(502, "protocol")]
+    assert "handler.handle failed" in caplog.text
 
 
 async def test_early_upstream_response_closes_client(env: Env) -> None:
@@ -619,7 +718,7 @@ async def test_early_upstream_response_closes_client(env: Env) -> None:
     up = await env.raw_upstream(script)
     handler = ProxyHandler(up.port)
     _, port = await env.engine(handler)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     await c.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"a" * 10)
     r = await c.response()
     assert (r.status, r.get(b"connection")) == (413, b"close")
@@ -632,10 +731,11 @@ async def test_early_upstream_response_closes_client(env: Env) -> None:
 
 async def test_shutdown_drains_in_flight_and_refuses_new(env: Env) -> None:
     handler, port, _, eng = await proxied_echo(env)
-    idle = await RawClient.connect(port)
+    idle = await env.connect(port)
     await idle.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await idle.response()).status == 200
-    busy = await RawClient.connect(port)
+    busy = await env.connect(port)
+    handler.got_head.clear()
     await busy.send(b"GET /slow?s=0.3 HTTP/1.1\r\nHost: x\r\n\r\n")
     async with asyncio.timeout(5):
         await handler.got_head.wait()
@@ -643,7 +743,7 @@ async def test_shutdown_drains_in_flight_and_refuses_new(env: Env) -> None:
     stop = asyncio.create_task(eng.shutdown(5.0))
     assert await idle.read_until_eof() == b""  # idle keep-alive connection closed
     with pytest.raises(OSError):
-        r, w = await asyncio.open_connection("127.0.0.1", port)
+        _, w = await asyncio.open_connection("127.0.0.1", port)
         w.close()
     r = await busy.response()
     assert (r.status, r.body, r.get(b"connection")) == (200, b"slow", b"close")
@@ -656,7 +756,7 @@ async def test_shutdown_drains_in_flight_and_refuses_new(env: Env) -> None:
 
 async def test_shutdown_aborts_after_drain_timeout(env: Env) -> None:
     handler, port, _, eng = await proxied_echo(env)
-    c = await RawClient.connect(port)
+    c = await env.connect(port)
     await c.send(b"GET /slow?s=10 HTTP/1.1\r\nHost: x\r\n\r\n")
     async with asyncio.timeout(5):
         await handler.got_head.wait()
@@ -696,8 +796,8 @@ async def test_streaming_upload_and_download(env: Env) -> None:
     app = web.Application()
     app.router.add_post("/up", upload)
     app.router.add_get("/down", download)
-    up = await env.aiohttp_server(app)
-    handler = ProxyHandler(up.port)
+    up_port = await env.aiohttp_server(app)
+    handler = ProxyHandler(up_port)
     _, port = await env.engine(handler)
     want = hashlib.sha256(block * (BIG // len(block))).hexdigest()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -721,15 +821,91 @@ async def test_streaming_upload_and_download(env: Env) -> None:
     assert await handler.wait_done(3) == [(200, None)] * 3
 
 
-async def test_in_flight_counts_exchanges(env: Env) -> None:
+PRESSURE = 64 * 1024 * 1024  # more than every socket buffer on the path together
+
+
+async def test_slow_client_pauses_upstream(env: Env) -> None:
+    block = b"d" * 65536
+    all_sent = asyncio.Event()
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % PRESSURE)
+        for _ in range(PRESSURE // len(block)):
+            w.write(block)
+            await w.drain()
+        all_sent.set()
+        await r.read()
+
+    up = await env.raw_upstream(script)
+    handler = ProxyHandler(up.port)
+    _, port = await env.engine(handler)
+    c = await env.connect(port)
+    await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    # The client reads nothing: the upstream must stall instead of the engine buffering.
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            await all_sent.wait()
+    got = 0
+    async with asyncio.timeout(60):
+        while got < PRESSURE:
+            got += len(await c.reader.read(1 << 20))
+    assert got >= PRESSURE
+    assert await handler.wait_done(1) == [(200, None)]
+
+
+async def test_slow_upstream_pauses_client_upload(env: Env) -> None:
+    may_read = asyncio.Event()
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        await may_read.wait()
+        left = PRESSURE
+        while left:
+            left -= len(await r.read(min(left, 1 << 20)))
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await w.drain()
+        await r.read()
+
+    up = await env.raw_upstream(script)
+    handler = ProxyHandler(up.port)
+    _, port = await env.engine(handler)
+    c = await env.connect(port)
+    c.writer.write(b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % PRESSURE)
+
+    async def upload() -> None:
+        block = b"u" * 65536
+        for _ in range(PRESSURE // len(block)):
+            c.writer.write(block)
+            await c.writer.drain()
+
+    sender = asyncio.create_task(upload())
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            await asyncio.shield(sender)  # must not finish while nobody reads upstream
+    may_read.set()
+    async with asyncio.timeout(60):
+        await sender
+        r = await c.response()
+    assert (r.status, r.body) == (200, b"ok")
+    assert await handler.wait_done(1) == [(200, None)]
+
+
+async def test_client_connection_close_honoured(env: Env) -> None:
     handler, port, _, eng = await proxied_echo(env)
+    c = await env.connect(port)
+    await c.send(b"GET /bye HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    r = await c.response()
+    assert (r.status, r.get(b"connection")) == (200, b"close")
+    assert await c.read_until_eof() == b""
+    c2 = await env.connect(port)
+    for _ in range(2):
+        await c2.send(b"GET /ka HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        r = await c2.response()
+        assert (r.status, r.get(b"connection")) == (200, b"keep-alive")
     assert eng.in_flight == 0
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"http://127.0.0.1:{port}/x") as r:
-            await r.read()
-    await handler.wait_done(1)
-    assert eng.in_flight == 0
-    assert MARK == (b"X-Engine-Test", b"1")
+    assert await handler.wait_done(3) == [(200, None)] * 3
+    assert MARK in [(n, v) for n, v in r.headers]
 
 
 # -- the same scenarios on uvloop ---------------------------------------------
@@ -740,6 +916,7 @@ UVLOOP_SCENARIOS: list[Callable[[Env], Awaitable[None]]] = [
     test_content_length_body_forwarded,
     test_chunked_request_reframed_chunked,
     test_head_with_content_length_keeps_both_connections,
+    test_response_hop_by_hop_removed,
     test_expect_100_continue_relayed,
     test_websocket_upgrade_and_echo,
     test_upgrade_refused_is_a_normal_response,
@@ -758,6 +935,9 @@ UVLOOP_SCENARIOS: list[Callable[[Env], Awaitable[None]]] = [
     test_shutdown_drains_in_flight_and_refuses_new,
     test_shutdown_aborts_after_drain_timeout,
     test_streaming_upload_and_download,
+    test_slow_client_pauses_upstream,
+    test_slow_upstream_pauses_client_upload,
+    test_client_connection_close_honoured,
     functools.partial(test_stale_pooled_connection_retried, close_how="idle"),
     functools.partial(test_stale_pooled_connection_retried, close_how="on-reuse"),
     functools.partial(test_no_body_statuses, code=304),
@@ -772,7 +952,11 @@ UVLOOP_SCENARIOS: list[Callable[[Env], Awaitable[None]]] = [
 
 async def _all_refusals(env: Env) -> None:
     for raw, status in BAD_REQUESTS:
-        await test_refused_requests_never_reach_upstream(Env(), raw, status)
+        fresh = Env()  # each case needs an upstream nobody else talked to
+        try:
+            await test_refused_requests_never_reach_upstream(fresh, raw, status)
+        finally:
+            await fresh.aclose()
 
 
 def _scenario_id(f: Callable[[Env], Awaitable[None]]) -> str:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from functools import partial
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from gateway.engine.api import ERR_CONNECT, ERR_PROTOCOL, ERR_RESET, ERR_TIMEOUT
+from gateway.engine.api import ERR_PROTOCOL, ERR_RESET, ERR_TIMEOUT
 from gateway.engine.fast_wire import (
     CHUNK_END,
     COLON,
@@ -27,8 +26,11 @@ from gateway.engine.fast_wire import (
     H_TRANSFER_ENCODING,
     H_UPGRADE,
     IDEMPOTENT,
+    P_WAIT,
     REPLAY_CAP,
     RESP_SPECIAL,
+    RESP_SPECIAL_LENS,
+    STATUS_LINES,
     TE_CHUNKED,
     Exchange,
     Reject,
@@ -37,6 +39,9 @@ from gateway.engine.fast_wire import (
     status_line,
     strip_connection_tokens,
 )
+
+if TYPE_CHECKING:
+    from gateway.engine.fast_pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +59,13 @@ Key = tuple[str, int]
 
 
 class Upstream(asyncio.Protocol):
-    """One keep-alive connection to an upstream endpoint."""
+    """One keep-alive connection to an upstream endpoint.
+
+    Why it relays the response itself: the head is rebuilt once without
+    hop-by-hop fields (RFC 9110 §7.6.1) and the body re-framed for the client
+    (RFC 9112 §6-7) straight from llhttp callbacks; the connection goes back to
+    the pool only after a complete keep-alive response (RFC 9112 §9.3).
+    """
 
     __slots__ = (
         "pool",
@@ -98,7 +109,7 @@ class Upstream(asyncio.Protocol):
         self.ex: Exchange | None = None
         self.reused = False
         self.got = False
-        self.rh: list[tuple[bytes, bytes]] = []
+        self.rh: list[bytes] = []  # the head so far, flat: name, ": ", value, CRLF, ...
         self.cl = False
         self.te = TE_NONE
         self.eof_body = False
@@ -144,7 +155,7 @@ class Upstream(asyncio.Protocol):
             self.ex = None
             ex.client.tunnel_closed(ex)
             return
-        if self.eof_body and ex.head_sent and not self.interim:
+        if exc is None and self.eof_body and ex.head_sent and not self.interim:
             # Close-delimited body (RFC 9112 §6.3 rule 8): EOF is its end.
             self.done = True
             self.keep = False
@@ -200,24 +211,27 @@ class Upstream(asyncio.Protocol):
             return
         if out:
             # One write per read: head and body of a small response leave together.
-            ex.client.transport_write(out[0] if len(out) == 1 else b"".join(out))
+            ex.client.transport_write(b"".join(out))
             out.clear()
         if self.done and self.ex is ex:
             self._complete()
 
     # -- httptools callbacks ----------------------------------------------
 
-    def on_message_begin(self) -> None:
-        if self.done:
-            self.extra = True
-
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) not in RESP_SPECIAL_LENS:
+            self.rh += (name, COLON, value, CRLF)
+            return
         lname = name.lower()
         if lname in RESP_SPECIAL:
             if lname == H_CONTENT_LENGTH:
                 self.cl = True
-                self.rh.append((name, value))
+                self.rh += (name, COLON, value, CRLF)
             elif lname == H_CONNECTION:
+                if len(value) == 10 or len(value) == 5:  # "keep-alive" / "close": names nothing
+                    lvalue = value.lower()
+                    if lvalue == b"keep-alive" or lvalue == b"close":
+                        return
                 toks = connection_tokens(value)
                 if toks:
                     self.ctok = toks if self.ctok is None else self.ctok | toks
@@ -226,17 +240,22 @@ class Upstream(asyncio.Protocol):
             elif lname == H_TRANSFER_ENCODING:
                 self.te = TE_IS_CHUNKED if value.lower().rstrip().endswith(b"chunked") else TE_OTHER
             return
-        self.rh.append((name, value))
+        self.rh += (name, COLON, value, CRLF)
 
     def on_headers_complete(self) -> None:
         ex = self.ex
         assert ex is not None
+        if self.done:
+            self.extra = True  # a second response to one request: never reuse
+            return
         status = self.parser.get_status_code()
         rh = self.rh
         self.rh = []
         if self.ctok is not None:
             rh = strip_connection_tokens(rh, self.ctok)
             self.ctok = None
+        line = STATUS_LINES.get(status)
+        rh.insert(0, line if line is not None else status_line(status))
         client = ex.client
         if status < 200:
             if status == 101:
@@ -244,9 +263,7 @@ class Upstream(asyncio.Protocol):
                     raise Reject(502, "101 without an upgrade")
                 ex.status = 101
                 ex.head_sent = True
-                parts = [status_line(101)]
-                for n, v in rh:
-                    parts += (n, COLON, v, CRLF)
+                parts = rh
                 parts += (CONN_UPGRADE, self.upg, CRLF)
                 assert ex.fwd is not None
                 for n, v in ex.fwd.response_headers:
@@ -260,20 +277,15 @@ class Upstream(asyncio.Protocol):
             self.te = TE_NONE
             self.upg = None
             if ex.http11:
-                parts = [status_line(status)]
-                for n, v in rh:
-                    parts += (n, COLON, v, CRLF)
-                parts.append(CRLF)
-                self.out.append(b"".join(parts))
+                rh.append(CRLF)
+                self.out.append(b"".join(rh))
             return
         fwd = ex.fwd
         assert fwd is not None
-        parts = [status_line(status)]
-        for n, v in rh:
-            parts += (n, COLON, v, CRLF)
+        parts = rh
         for n, v in fwd.response_headers:
             parts += (n, COLON, v, CRLF)
-        close = ex.close_after or not ex.keep or not ex.req_done or client.must_close()
+        close = ex.close_after or not ex.keep or not ex.req_done or client.close_soon
         if ex.is_head or status == 204 or status == 304:
             self.mode = M_NONE
             self.eof_body = False
@@ -304,6 +316,9 @@ class Upstream(asyncio.Protocol):
         self.out.append(b"".join(parts))
 
     def on_body(self, body: bytes) -> None:
+        if self.done:
+            self.extra = True
+            return
         mode = self.mode
         if mode == M_RAW or mode == M_EOF:
             self.out.append(body)
@@ -317,6 +332,8 @@ class Upstream(asyncio.Protocol):
             self.interim = False
             return
         if self.done:
+            if not self.head_only:
+                self.extra = True
             return
         self.done = True
         self.keep = self.parser.should_keep_alive()  # must be read here (PERF_NOTES trap)
@@ -333,6 +350,9 @@ class Upstream(asyncio.Protocol):
         ex.up = self
         self.reused = reused
         self.got = False
+        if self.rh:
+            self.rh = []  # trailer fields of the previous response
+        self.ctok = None
         self.cl = False
         self.te = TE_NONE
         self.eof_body = False
@@ -356,14 +376,18 @@ class Upstream(asyncio.Protocol):
         else:
             ex.replay = None
         client = ex.client
-        client.upstream_ready()
-        if client.write_paused():
+        if client.pause & P_WAIT:
+            client.upstream_ready()
+        if client.wpaused:
             self.transport.pause_reading()
             self.rpaused = True
         if self.wpaused:
             client.pause_for_upstream()
         if ex.req_done:
-            self.request_done()
+            now = self.loop.time()
+            self.last = now
+            if self.timer is None or self.tw > now + self.rt:
+                self._arm(now + self.rt)
 
     def send(self, ex: Exchange, data: bytes) -> None:
         assert self.transport is not None
@@ -465,6 +489,7 @@ class Upstream(asyncio.Protocol):
             replay = ex.replay
             ex.replay = None
             self.pool.connect(ex, replay)
+            ex.client.wait_upstream(ex)
             return
         ex.client.upstream_failed(ex, status, kind)
 
@@ -513,99 +538,3 @@ class Upstream(asyncio.Protocol):
         else:
             deadline = now + self.rt  # waiting on the client, not on us
         self._arm(min(deadline, now + self.rt))
-
-    def idle(self) -> None:
-        now = self.loop.time()
-        self.idle_since = now
-        self._arm(now + min(self.rt, self.pool.idle_timeout))
-
-
-class Pool:
-    """Idle keep-alive connections per (host, port), most recently used first."""
-
-    __slots__ = ("loop", "per_host", "idle_timeout", "idle_conns", "conns", "tasks", "all_closed")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, per_host: int, idle_timeout: float) -> None:
-        self.loop = loop
-        self.per_host = per_host
-        self.idle_timeout = idle_timeout
-        self.idle_conns: dict[Key, list[Upstream]] = {}
-        self.conns: set[Upstream] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.all_closed: asyncio.Event | None = None
-
-    def acquire(self, host: str, port: int) -> Upstream | None:
-        lst = self.idle_conns.get((host, port))
-        while lst:
-            up = lst.pop()
-            if not up.closed:
-                return up
-        return None
-
-    def release(self, up: Upstream) -> None:
-        lst = self.idle_conns.get(up.key)
-        if lst is None:
-            lst = self.idle_conns[up.key] = []
-        if len(lst) >= self.per_host:
-            up.close()
-            return
-        lst.append(up)
-        up.idle()
-
-    def discard(self, up: Upstream) -> None:
-        lst = self.idle_conns.get(up.key)
-        if lst and up in lst:
-            lst.remove(up)
-
-    def connect(self, ex: Exchange, replay: list[bytes] | None = None) -> None:
-        """Open a fresh connection for `ex` (RFC 9112 §9.3: new connection when none idle)."""
-        task = self.loop.create_task(self._connect(ex, replay))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _connect(self, ex: Exchange, replay: list[bytes] | None) -> None:
-        fwd = ex.fwd
-        assert fwd is not None
-        key = (fwd.host, fwd.port)
-        try:
-            async with asyncio.timeout(fwd.connect_timeout):
-                _, up = await self.loop.create_connection(
-                    partial(Upstream, self, key), fwd.host, fwd.port
-                )
-        except TimeoutError:
-            ex.client.upstream_failed(ex, 504, ERR_TIMEOUT)
-            return
-        except OSError:
-            ex.client.upstream_failed(ex, 502, ERR_CONNECT)
-            return
-        if ex.finished or ex.client.closed:
-            if ex.upgrade is None and not up.closed:
-                self.release(up)
-            else:
-                up.close()
-            return
-        try:
-            up.attach(ex, False, replay)
-        except Exception:  # a bug must not leave the client hanging
-            log.exception("fast engine: attaching an upstream failed")
-            up.abandon()
-            ex.client.upstream_failed(ex, 502, ERR_PROTOCOL)
-
-    async def close(self) -> None:
-        tasks = list(self.tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for lst in self.idle_conns.values():
-            for up in list(lst):
-                up.close()
-        self.idle_conns.clear()
-        for up in list(self.conns):
-            up.abandon()
-        if self.conns:
-            self.all_closed = asyncio.Event()
-            try:
-                async with asyncio.timeout(1.0):
-                    await self.all_closed.wait()
-            except TimeoutError:
-                pass

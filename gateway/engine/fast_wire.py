@@ -12,10 +12,10 @@ import json
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-from gateway.engine.api import Forward, Headers, RequestHead, Respond
+from gateway.engine.api import Forward, RequestHead, Respond
 
 if TYPE_CHECKING:
-    from gateway.engine.fast import ClientConn
+    from gateway.engine.fast_client import ClientConn
     from gateway.engine.fast_upstream import Upstream
 
 # RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ].
@@ -32,6 +32,13 @@ CONN_KEEP = b"Connection: keep-alive\r\n"
 CONN_UPGRADE = b"Connection: Upgrade\r\nUpgrade: "
 HTTP11_TAIL = b" HTTP/1.1\r\n"
 SP = b" "
+
+# Why reading from a client is paused (a bit set; reading resumes when empty).
+P_PIPE = 1  # a pipelined request waits for the one in progress
+P_WAIT = 2  # the upstream connection is not there yet; the body is buffered
+P_UPW = 4  # the upstream's write buffer is above its high-water mark
+P_UPG = 8  # an upgrade waits for the upstream's answer
+P_DEAD = 16  # input was refused; nothing more is parsed
 
 # Body framing of a client request.
 BODY_NONE = 0
@@ -61,12 +68,14 @@ RESP_SPECIAL = frozenset(
         b"trailer",
     }
 )
+RESP_SPECIAL_LENS = frozenset(len(n) for n in RESP_SPECIAL)
 # Request fields the client side inspects (lengths first: a cheap pre-filter).
 H_HOST = b"host"
 REQ_SPECIAL_LENS = frozenset({len(H_HOST), len(H_UPGRADE), len(H_CONTENT_LENGTH), 17})
 
 
 def status_line(code: int) -> bytes:
+    """The status line for `code`; an unknown code gets an empty reason (RFC 9112 §4)."""
     line = STATUS_LINES.get(code)
     if line is None:
         line = b"HTTP/1.1 %d \r\n" % code
@@ -82,13 +91,69 @@ class Reject(Exception):
         self.message = message
 
 
+def request_framing(
+    version: str,
+    method: bytes,
+    hosts: int,
+    cl: bytes | None,
+    te: bytes | None,
+    upgrade: bytes | None,
+) -> tuple[bool, int, int, bytes | None]:
+    """(http11, body kind, content length, upgrade) of a request head, or `Reject`.
+
+    Why: RFC 9112 §6.1-6.3 and §11.2: a head whose framing two parties could
+    read differently (TE with CL, TE in HTTP/1.0, a final coding other than
+    chunked) is refused, never forwarded; §3.2: exactly one Host in HTTP/1.1.
+    llhttp already refuses duplicate Content-Length, bad chunk sizes, control
+    characters and obs-fold; this adds what it lets through.
+    """
+    if version == "1.1":
+        http11 = True
+    elif version == "1.0":
+        http11 = False
+    else:
+        raise Reject(505, "HTTP version not supported")
+    if hosts > 1 or (http11 and not hosts):
+        raise Reject(400, "missing or duplicate Host")
+    if method == b"CONNECT":
+        raise Reject(501, "CONNECT is not supported")
+    body_kind = BODY_NONE
+    length = 0
+    if te is not None:
+        if not http11:
+            raise Reject(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if cl is not None:
+            raise Reject(400, "both Content-Length and Transfer-Encoding")
+        codings = [c.strip() for c in te.lower().split(b",")]
+        if codings[-1] != b"chunked":
+            raise Reject(400, "final transfer coding is not chunked")
+        if len(codings) != 1:
+            raise Reject(501, "transfer coding not implemented")
+        body_kind = BODY_CHUNKED
+    elif cl is not None:
+        if not cl.isdigit():
+            raise Reject(400, "invalid Content-Length")
+        body_kind = BODY_CL
+        length = int(cl)
+    if upgrade is not None:
+        if body_kind == BODY_CHUNKED or length:
+            raise Reject(400, "upgrade request with a body")
+        body_kind = BODY_NONE
+    return http11, body_kind, length, upgrade
+
+
 def error_json(status: int, message: str) -> Respond:
+    """The engine's own error answer: a small JSON body, like policy's (SPEC §3)."""
     body = json.dumps({"error": message}).encode()
     return Respond(status, body, [(b"Content-Type", b"application/json")])
 
 
 def local_response(r: Respond, *, keep: bool, http11: bool, is_head: bool) -> bytes:
-    """The whole wire form of a locally generated response, head and body."""
+    """Head and body of a local answer in one buffer: one write, no extra syscall.
+
+    Why: a Content-Length on every answer that may have content keeps the
+    connection reusable (RFC 9112 §6.3); HEAD gets the length, not the body.
+    """
     status = r.status
     parts = [status_line(status)]
     for n, v in r.headers:
@@ -109,7 +174,12 @@ def local_response(r: Respond, *, keep: bool, http11: bool, is_head: bool) -> by
 
 
 class Exchange:
-    """One request/response pair on a client connection."""
+    """One request/response pair on a client connection.
+
+    Why one record shared by both sides: the client side fills the request
+    half, the upstream side the response half, and `on_done` must run exactly
+    once however the pair ends (engine.api).
+    """
 
     __slots__ = (
         "client",
@@ -136,15 +206,25 @@ class Exchange:
         "retried",
     )
 
-    def __init__(self, client: ClientConn, head: RequestHead | None) -> None:
+    def __init__(
+        self,
+        client: ClientConn,
+        head: RequestHead | None,
+        http11: bool = True,
+        is_head: bool = False,
+        keep: bool = True,
+        body_kind: int = BODY_NONE,
+        cl: int = 0,
+        upgrade: bytes | None = None,
+    ) -> None:
         self.client = client
         self.head = head
-        self.http11 = True
-        self.is_head = False
-        self.keep = True
-        self.body_kind = BODY_NONE
-        self.cl = 0
-        self.upgrade: bytes | None = None
+        self.http11 = http11
+        self.is_head = is_head
+        self.keep = keep
+        self.body_kind = body_kind
+        self.cl = cl
+        self.upgrade = upgrade
         self.req_done = False
         self.resp_done = False
         self.buf: list[bytes] | None = None  # request bytes waiting for an upstream
@@ -181,10 +261,16 @@ def request_head(ex: Exchange, fwd: Forward) -> bytes:
     return b"".join(parts)
 
 
-def strip_connection_tokens(headers: Headers, tokens: set[bytes]) -> Headers:
-    """Drop the fields a Connection header names (RFC 9110 §7.6.1)."""
-    return [(n, v) for n, v in headers if n.lower() not in tokens or n.lower() == H_CONTENT_LENGTH]
+def strip_connection_tokens(flat: list[bytes], tokens: set[bytes]) -> list[bytes]:
+    """Drop the fields a Connection header names (RFC 9110 §7.6.1) from a flat head."""
+    out: list[bytes] = []
+    for i in range(0, len(flat), 4):
+        name = flat[i].lower()
+        if name not in tokens or name == H_CONTENT_LENGTH:
+            out += flat[i : i + 4]
+    return out
 
 
 def connection_tokens(value: bytes) -> set[bytes]:
+    """Field names a Connection header lists; close/keep-alive name no field."""
     return {t.strip().lower() for t in value.split(b",")} - {b"", b"close", b"keep-alive"}

@@ -1,0 +1,119 @@
+"""Keep-alive pool of upstream connections, and opening new ones.
+
+Why: reusing connections is most of the speed (RFC 9112 §9.3 persistence;
+PERF_NOTES: dropping pooled connections costs 4x); a fresh connection is only
+opened when no idle one is left, within `Forward.connect_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import partial
+
+from gateway.engine.api import ERR_CONNECT, ERR_PROTOCOL, ERR_TIMEOUT
+from gateway.engine.fast_upstream import Key, Upstream
+from gateway.engine.fast_wire import Exchange
+
+log = logging.getLogger(__name__)
+
+
+class Pool:
+    """Idle keep-alive connections per (host, port), most recently used first."""
+
+    __slots__ = ("loop", "per_host", "idle_timeout", "idle_conns", "conns", "tasks", "all_closed")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, per_host: int, idle_timeout: float) -> None:
+        self.loop = loop
+        self.per_host = per_host
+        self.idle_timeout = idle_timeout
+        self.idle_conns: dict[Key, list[Upstream]] = {}
+        self.conns: set[Upstream] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.all_closed: asyncio.Event | None = None
+
+    def acquire(self, host: str, port: int) -> Upstream | None:
+        lst = self.idle_conns.get((host, port))
+        while lst:
+            up = lst.pop()
+            if not up.closed:
+                return up
+        return None
+
+    def release(self, up: Upstream) -> None:
+        lst = self.idle_conns.get(up.key)
+        if lst is None:
+            lst = self.idle_conns[up.key] = []
+        if len(lst) >= self.per_host:
+            up.close()
+            return
+        lst.append(up)
+        now = self.loop.time()
+        up.idle_since = now
+        if up.timer is None:
+            up._arm(now + min(up.rt, self.idle_timeout))
+
+    def discard(self, up: Upstream) -> None:
+        lst = self.idle_conns.get(up.key)
+        if lst and up in lst:
+            lst.remove(up)
+
+    def connect(self, ex: Exchange, replay: list[bytes] | None = None) -> None:
+        """Open a fresh connection for `ex` (RFC 9112 §9.3: new connection when none idle)."""
+        task = self.loop.create_task(self._connect(ex, replay))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _connect(self, ex: Exchange, replay: list[bytes] | None) -> None:
+        fwd = ex.fwd
+        assert fwd is not None
+        key = (fwd.host, fwd.port)
+        try:
+            async with asyncio.timeout(fwd.connect_timeout):
+                _, up = await self.loop.create_connection(
+                    partial(Upstream, self, key), fwd.host, fwd.port
+                )
+        except asyncio.CancelledError:
+            ex.client.abort()  # shutdown: its connection_lost reports client_abort
+            raise
+        except TimeoutError:
+            ex.client.upstream_failed(ex, 504, ERR_TIMEOUT)
+            return
+        except OSError:
+            ex.client.upstream_failed(ex, 502, ERR_CONNECT)
+            return
+        except Exception:  # e.g. a host name IDNA cannot encode: still an answer
+            log.exception("fast engine: connecting to %s:%s failed", fwd.host, fwd.port)
+            ex.client.upstream_failed(ex, 502, ERR_CONNECT)
+            return
+        if ex.finished or ex.client.closed:
+            if ex.upgrade is None and not up.closed:
+                self.release(up)
+            else:
+                up.close()
+            return
+        try:
+            up.attach(ex, False, replay)
+        except Exception:  # a bug must not leave the client hanging
+            log.exception("fast engine: attaching an upstream failed")
+            up.abandon()
+            ex.client.upstream_failed(ex, 502, ERR_PROTOCOL)
+
+    async def close(self) -> None:
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for lst in self.idle_conns.values():
+            for up in list(lst):
+                up.close()
+        self.idle_conns.clear()
+        for up in list(self.conns):
+            up.abandon()
+        if self.conns:
+            self.all_closed = asyncio.Event()
+            try:
+                async with asyncio.timeout(1.0):
+                    await self.all_closed.wait()
+            except TimeoutError:
+                pass
