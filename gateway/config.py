@@ -145,7 +145,7 @@ class Config:
     listen: HostPort = HostPort("0.0.0.0", 8080)
     admin: AdminConfig = AdminConfig()
     workers: int = 1
-    engine: str = "aiohttp"
+    engine: str = "fast"
     drain_timeout: float = 30.0
     access_log: bool = False
     state: StateConfig = StateConfig()
@@ -521,7 +521,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
     if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 256:
         errs.add("workers", "must be an integer between 1 and 256")
         workers = 1
-    engine = _string(m, "engine", "aiohttp", "", errs)
+    engine = _string(m, "engine", "fast", "", errs)
     if engine not in ENGINES:
         errs.add("engine", f"must be one of {', '.join(ENGINES)}")
     sm = _mapping(m.get("state"), "state", errs)
