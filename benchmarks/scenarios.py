@@ -80,7 +80,7 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario(
             "trace_sampled",
-            "gateway, every request sampled, spans not exported (always_on)",
+            "gateway, every request sampled, exported over OTLP/HTTP to a local sink",
             _C50,
             group="c50_1k",
             targets=("gateway",),

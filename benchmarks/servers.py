@@ -29,8 +29,34 @@ SERVICE = "bench"
 TRACING_ENV: dict[str, dict[str, str]] = {
     "off": {"OTEL_TRACES_EXPORTER": "none", "OTEL_SDK_DISABLED": "true"},
     "prop": {"OTEL_TRACES_SAMPLER": "always_off", "OTEL_TRACES_EXPORTER": "none"},
-    "sampled": {"OTEL_TRACES_SAMPLER": "always_on", "OTEL_TRACES_EXPORTER": "none"},
+    # Every request sampled and exported over OTLP/HTTP to a local sink that only
+    # answers 200: the gateway pays for spans, batching and encoding, as in production.
+    "sampled": {"OTEL_TRACES_SAMPLER": "always_on", "OTEL_TRACES_EXPORTER": "otlp"},
 }
+_SINK: list[int] = []
+
+
+def otlp_sink_port() -> int:
+    """Start (once) a thread HTTP server that accepts OTLP/HTTP exports and drops them."""
+    if not _SINK:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Sink(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        _SINK.append(int(srv.server_address[1]))
+    return _SINK[0]
 
 
 @dataclass
@@ -97,6 +123,9 @@ def gateway_env(tracing: str, base: Mapping[str, str] | None = None) -> dict[str
         if not k.startswith("OTEL_") and k not in ("GATEWAY_CONFIG", "GATEWAY_ENV")
     }
     env.update(TRACING_ENV[tracing])
+    if tracing == "sampled":
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{otlp_sink_port()}"
+        env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/protobuf"
     return env
 
 
