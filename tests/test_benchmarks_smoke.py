@@ -212,13 +212,24 @@ def test_gateway_config_matches_spec_shape(tmp_path: Path) -> None:
     [
         ("off", {"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "none"}),
         ("prop", {"OTEL_TRACES_SAMPLER": "always_off", "OTEL_TRACES_EXPORTER": "none"}),
-        ("sampled", {"OTEL_TRACES_SAMPLER": "always_on", "OTEL_TRACES_EXPORTER": "none"}),
     ],
-    ids=["off", "prop", "sampled"],
+    ids=["off", "prop"],
 )
 def test_tracing_env(mode: str, expect: dict[str, str]) -> None:
     base = {"PATH": "/bin", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://x", "GATEWAY_ENV": "prod"}
     assert servers.gateway_env(mode, base) == {"PATH": "/bin", **expect}
+
+
+def test_sampled_mode_exports_to_a_local_sink_that_accepts() -> None:
+    import urllib.request
+
+    env = servers.gateway_env("sampled", {"PATH": "/bin", "GATEWAY_ENV": "prod"})
+    assert env["OTEL_TRACES_SAMPLER"] == "always_on" and env["OTEL_TRACES_EXPORTER"] == "otlp"
+    endpoint = env["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    assert endpoint.startswith("http://127.0.0.1:") and "GATEWAY_ENV" not in env
+    req = urllib.request.Request(f"{endpoint}/v1/traces", data=b"\x0a\x00", method="POST")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert r.status == 200
 
 
 def test_metrics_and_stub_status_parsers() -> None:
