@@ -63,7 +63,7 @@ def make_engine(config: Config, handler: ProxyHandler) -> Any:
         except ImportError:  # pragma: no cover - fast engine always ships
             log.warning("fast engine unavailable; using the aiohttp engine")
         else:
-            return FastEngine(handler)
+            return FastEngine(handler, upstream_pool_per_host=1024)
     return AiohttpEngine(handler)
 
 
