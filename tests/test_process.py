@@ -134,9 +134,13 @@ def test_100mb_upload_and_download_stream_with_small_rss(tmp_path: Path) -> None
         asyncio.run(run())
 
 
-def _slow_app(arrived: list[float], delay: float) -> web.Application:
+def _slow_app(
+    arrived: list[float], delay: float, all_in: threading.Event, expect: int
+) -> web.Application:
     async def slow(request: web.Request) -> web.Response:
         arrived.append(time.monotonic())
+        if len(arrived) >= expect:
+            all_in.set()
         await asyncio.sleep(delay)
         return web.Response(text="done")
 
@@ -156,8 +160,9 @@ def _refused(port: int) -> bool:
 @pytest.mark.slow
 def test_sigterm_drains_100_in_flight_requests(tmp_path: Path) -> None:
     arrived: list[float] = []
+    all_in = threading.Event()
     with (
-        threaded_app(_slow_app(arrived, 2.0)) as url,
+        threaded_app(_slow_app(arrived, 2.0, all_in, 100)) as url,
         run_gateway_process(tmp_path, _single(url)) as gw,
     ):
 
@@ -171,9 +176,7 @@ def test_sigterm_drains_100_in_flight_requests(tmp_path: Path) -> None:
                         return r.status
 
                 tasks = [asyncio.ensure_future(one()) for _ in range(100)]
-                deadline = time.monotonic() + 20
-                while len(arrived) < 100 and time.monotonic() < deadline:
-                    await asyncio.sleep(0.01)
+                assert await asyncio.to_thread(all_in.wait, 20)
                 assert len(arrived) == 100
                 gw.proc.send_signal(signal.SIGTERM)
                 refused = False
