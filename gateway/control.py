@@ -140,11 +140,14 @@ class ControlPlane:
         if admin:
             check_admin_exposure(self.config)
         if self._store is None:
-            self._store = open_store(self.config.state)
+            self._store = open_store(self.config.state, self.config.consul)
+        opener = getattr(self._store, "open", None)
+        if opener is not None:
+            await opener()
         if admin and not data and self.config.state.store == "memory":
             log.warning(
                 "state.store: memory keeps admin changes in this process only; "
-                "the workers will not see them (use store: file)"
+                "the workers will not see them (use store: file or consul)"
             )
         doc = self._store.load()
         self._apply(doc)

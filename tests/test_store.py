@@ -17,7 +17,7 @@ import yaml
 
 from gateway import config as C
 from gateway.app import Gateway
-from gateway.errors import ConfigError, Conflict, StateError
+from gateway.errors import Conflict, StateError
 from gateway.store import EMPTY, ServiceState, StateDoc, decode, encode, open_store
 from gateway.store.doc import checksum
 from gateway.store.file import FileStore
@@ -186,21 +186,25 @@ async def test_memory_store_cas_and_watch() -> None:
     await watch.aclose()
 
 
-def test_consul_store_is_a_clear_startup_error() -> None:
+async def test_consul_store_unreachable_is_a_clear_startup_error() -> None:
+    from tests.conftest import free_port
+
     cfg = C.build(
         {
             "state": {"store": "consul"},
+            "consul": {"address": f"http://127.0.0.1:{free_port()}"},
             "services": {
                 "s": {"releases": {"stable": {"weight": 1, "upstreams": ["http://127.0.0.1:1"]}}}
             },
         },
         env={},
     )
-    with pytest.raises(ConfigError) as e:
-        open_store(cfg.state)
-    assert e.value.lines() == [
-        "state.store: consul is not available yet; use `file` (or `memory` for demos)"
-    ]
+    store = open_store(cfg.state, cfg.consul)
+    opener = store.open
+    with pytest.raises(StateError) as e:
+        await opener()
+    assert e.value.field == "consul.address" and "cannot read" in e.value.message
+    await store.close()
 
 
 # --------------------------------------------------------------------------- gateway level

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from gateway.config import StateConfig
+from gateway.config import ConsulConfig, StateConfig
 from gateway.errors import ConfigError
 from gateway.store.doc import (
     EMPTY,
@@ -57,8 +57,8 @@ class StateStore(Protocol):
     async def close(self) -> None: ...
 
 
-def open_store(cfg: StateConfig) -> StateStore:
-    """The store named by `state.store` (SPEC §5)."""
+def open_store(cfg: StateConfig, consul: ConsulConfig | None = None) -> StateStore:
+    """The store named by `state.store` (SPEC §5); call `open()` on it when it has one."""
     if cfg.store == "file":
         from gateway.store.file import FileStore
 
@@ -67,6 +67,8 @@ def open_store(cfg: StateConfig) -> StateStore:
         from gateway.store.memory import MemoryStore
 
         return MemoryStore()
-    raise ConfigError(
-        [("state.store", f"{cfg.store} is not available yet; use `file` (or `memory` for demos)")]
-    )
+    if cfg.store == "consul":
+        from gateway.store.consul import ConsulStore
+
+        return ConsulStore(consul or ConsulConfig())
+    raise ConfigError([("state.store", f"unknown store {cfg.store!r}; use file, consul or memory")])
