@@ -87,7 +87,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = _gw(request).metrics.exposition()
+    gw = _gw(request)
+    gw.handler.flush()  # exchanges finished in this loop iteration count too
+    body = gw.metrics.exposition()
     return web.Response(
         body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
     )

@@ -132,7 +132,9 @@ class Gateway:
             tracer=self.telemetry.tracer,
             sampler=self.telemetry.sampler,
             observers=[self.guardian.guard],
+            defer=lambda fn: asyncio.get_running_loop().call_soon(fn),
         )
+        self.guardian.flush = self.handler.flush
         self.engine = make_engine(config, self.handler)
         self.with_admin = admin
         self.with_data = data
@@ -202,6 +204,7 @@ class Gateway:
         if self.with_data:
             await self.guardian.stop()
             await self.engine.shutdown(d)
+            self.handler.flush()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
             self.admin_runner = None

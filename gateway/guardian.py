@@ -73,6 +73,7 @@ class Guardian:
         self.wall = wall
         self.guard = Guard(clock)
         self._task: asyncio.Task[None] | None = None
+        self.flush: Callable[[], None] | None = None  # the handler's batched accounting
         self._session: aiohttp.ClientSession | None = None
         self._configure(holder.current)
         holder.subscribe(self._configure)
@@ -105,6 +106,8 @@ class Guardian:
 
     async def check(self) -> list[Trip]:
         """Evaluate every service now; roll back each release that trips."""
+        if self.flush is not None:
+            self.flush()
         snap = self.holder.current
         tripped: list[Trip] = []
         for name, sv in snap.services.items():

@@ -76,6 +76,7 @@ class ProxyHandler:
         access_log: bool = False,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        defer: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         self.holder = holder
         self.metrics = metrics
@@ -87,6 +88,25 @@ class ProxyHandler:
         self.access_log = access_log
         self.rng = rng or random.Random()
         self.clock = clock
+        # Accounting (metrics, guard windows) is batched: `on_done` appends, and
+        # `flush` runs once per event-loop iteration via `defer` (loop.call_soon),
+        # so ~50 finished requests cost a few counter updates instead of ~150
+        # locked ones. Without `defer` every exchange is flushed at once.
+        self.defer = defer
+        self._pending: list[tuple[str, str, int, float, str | None]] = []
+
+    def flush(self) -> None:
+        """Hand every finished exchange since the last flush to metrics and observers."""
+        pend = self._pending
+        if not pend:
+            return
+        self._pending = []
+        if self.metrics is not None:
+            self.metrics.observe_batch(pend)
+        for o in self.observers:
+            rec = o.record
+            for service, release, status, elapsed, error in pend:
+                rec(service, release, status, elapsed, error)
 
     # ----------------------------------------------------------------- request
     def handle(self, head: RequestHead) -> Forward | Respond:
@@ -192,18 +212,16 @@ class ProxyHandler:
                 upstream_host=slot.host,
                 upstream_port=slot.port,
             )
-        metrics, observers = self.metrics, self.observers
 
         def on_done(status: int, error: str | None) -> None:
             slot.outstanding -= 1
             elapsed = self.clock() - start
-            if error is not None and error != "client_abort":
-                if metrics is not None:
-                    metrics.upstream_error(service, release, error)
-            if status and metrics is not None:
-                metrics.observe(service, release, status, elapsed)
-            for o in observers:
-                o.record(service, release, status, elapsed, error)
+            pend = self._pending
+            if not pend and self.defer is not None:
+                self.defer(self.flush)
+            pend.append((service, release, status, elapsed, error))
+            if self.defer is None:
+                self.flush()
             if span_done is not None:
                 span_done(status, error)
             if self.access_log:

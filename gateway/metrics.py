@@ -10,7 +10,9 @@ and the admin listener aggregates them.
 
 from __future__ import annotations
 
+import bisect
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -26,6 +28,24 @@ from prometheus_client import multiprocess as prom_mp
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 2.5, 5.0, 10.0, 30.0)
 ROLLOUT_STATES = ("Pending", "Progressing", "Paused", "Promoted", "CircuitBreak", "RolledBack")
+
+
+def _observe_many(child: Any, values: list[float]) -> None:
+    """Histogram.observe for many values with one update per bucket."""
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(values) < 4:
+        for v in values:
+            child.observe(v)
+        return
+    per = [0] * len(bounds)
+    for v in values:
+        per[bisect.bisect_left(bounds, v)] += 1  # same rule as observe: v <= bound
+    for i, n in enumerate(per):
+        if n:
+            buckets[i].inc(n)
+    total.inc(sum(values))
 
 
 def multiprocess_dir() -> str | None:
@@ -113,6 +133,36 @@ class Metrics:
         if h is None:
             h = self._dur[k2] = self.duration.labels(service, release)
         h.observe(seconds)
+
+    def observe_batch(self, items: Sequence[tuple[str, str, int, float, str | None]]) -> None:
+        """Many finished exchanges at once: one counter update per label set.
+
+        Why: each prometheus_client update takes a lock (~0.25-0.5 µs); summing
+        first makes the per-request cost a tuple append (PERF_NOTES budget).
+        """
+        counts: dict[tuple[str, str, int], int] = {}
+        durations: dict[tuple[str, str], list[float]] = {}
+        for service, release, status, seconds, error in items:
+            if error is not None and error != "client_abort":
+                self.upstream_error(service, release, error)
+            if status:
+                k = (service, release, status)
+                counts[k] = counts.get(k, 0) + 1
+                d = durations.get((service, release))
+                if d is None:
+                    durations[(service, release)] = [seconds]
+                else:
+                    d.append(seconds)
+        for k, n in counts.items():
+            c = self._req.get(k)
+            if c is None:
+                c = self._req[k] = self.requests.labels(k[0], k[1], str(k[2]))
+            c.inc(n)
+        for k2, xs in durations.items():
+            h = self._dur.get(k2)
+            if h is None:
+                h = self._dur[k2] = self.duration.labels(*k2)
+            _observe_many(h, xs)
 
     def upstream_error(self, service: str, release: str, kind: str) -> None:
         k = (service, release, kind)

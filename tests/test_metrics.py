@@ -307,3 +307,39 @@ async def test_process_metrics_are_exposed(upstreams: Any, gateway: Any) -> None
         async with s.get(f"http://127.0.0.1:{gw.admin_port}/metrics") as r:
             text = await r.text()
     assert "process_resident_memory_bytes" in text and "python_info" in text
+
+
+def test_batched_accounting_equals_one_by_one() -> None:
+    import random as _random
+
+    from gateway.metrics import Metrics
+
+    rng = _random.Random(3)
+    items = [
+        (
+            "svc",
+            rng.choice(["stable", "gray"]),
+            rng.choice([200, 200, 500, 0]),
+            rng.random() * 3,
+            rng.choice([None, None, "connect", "client_abort"]),
+        )
+        for _ in range(500)
+    ]
+    one, batch = Metrics(), Metrics()
+    for svc, rel, code, secs, err in items:
+        if err is not None and err != "client_abort":
+            one.upstream_error(svc, rel, err)
+        if code:
+            one.observe(svc, rel, code, secs)
+    batch.observe_batch(items[:3])  # small batches take the plain path
+    batch.observe_batch(items[3:])
+
+    def series(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): round(s.value, 9)
+            for fam in text_string_to_metric_families(m.exposition().decode())
+            for s in fam.samples
+            if s.name.startswith(("http_", "gateway_upstream_errors")) and "created" not in s.name
+        }
+
+    assert series(one) == series(batch)
