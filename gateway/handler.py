@@ -154,16 +154,17 @@ class ProxyHandler:
             return respond_json(503, {"error": "no healthy endpoint", "service": svc_name})
         slot.outstanding += 1
 
-        if s.request_id:
-            rid = s.request_id
-            rid_b = rid.encode("latin-1")
-        else:
-            rid_b = b"%032x" % self.rng.getrandbits(128)
-            rid = rid_b.decode()
         incoming = propagation.parse_traceparent(s.traceparent) if s.traceparent else None
         sampled = self.sampler(incoming) if self.sampler is not None else False
         span_id = propagation.new_span_id(self.rng)
         trace_id, tp = propagation.outgoing_traceparent(incoming, span_id, sampled, self.rng)
+        if s.request_id:
+            rid = s.request_id
+        elif incoming is None:
+            rid = trace_id  # a new trace's random id doubles as the request id: one lookup key
+        else:
+            rid = "%032x" % self.rng.getrandbits(128)
+        rid_b = rid.encode("latin-1")
         trace: Headers = [(b"traceparent", tp.encode())]
         if s.tracestate and incoming is not None:
             ts = propagation.parse_tracestate(s.tracestate)

@@ -127,7 +127,7 @@ class TrustPolicy:
         return any(ip in net for net in self._nets)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per request, frozen init costs ~0.3 µs
 class Decision:
     release: str  # the release that serves the request
     reason: str  # header | cookie | hash | random | fallback
