@@ -21,10 +21,28 @@ from gateway.config import Endpoint
 _TWO64 = float(2**64)
 
 
-class Slot:
-    """One endpoint plus its live in-flight count."""
+# Passive health, as nginx's max_fails/fail_timeout: after MAX_FAILS consecutive
+# connect/timeout failures an endpoint sits out FAIL_TIMEOUT seconds. Without it a
+# dead endpoint fails fast, keeps the fewest requests in flight and so attracts
+# p2c's traffic (the "black hole").
+MAX_FAILS = 3
+FAIL_TIMEOUT = 10.0
 
-    __slots__ = ("endpoint", "host", "port", "weight", "outstanding", "_cw", "_seed")
+
+class Slot:
+    """One endpoint plus its live in-flight count and passive-health state."""
+
+    __slots__ = (
+        "endpoint",
+        "host",
+        "port",
+        "weight",
+        "outstanding",
+        "fails",
+        "down_until",
+        "_cw",
+        "_seed",
+    )
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
@@ -32,17 +50,29 @@ class Slot:
         self.port = endpoint.port
         self.weight = max(1, endpoint.weight)
         self.outstanding = 0
+        self.fails = 0
+        self.down_until = 0.0
         self._cw = 0  # smooth weighted round robin current weight
         self._seed = int(mmh3.hash(endpoint.address, signed=False))
 
     def __repr__(self) -> str:
         return f"Slot({self.endpoint.address}, w={self.weight}, out={self.outstanding})"
 
+    def failed(self, now: float) -> None:
+        """A connect error or timeout; the MAX_FAILS-th in a row ejects the endpoint."""
+        self.fails += 1
+        if self.fails >= MAX_FAILS:
+            self.down_until = now + FAIL_TIMEOUT
+            self.fails = 0
+
+    def succeeded(self) -> None:
+        self.fails = 0
+
 
 class Pool:
     """The healthy endpoints of one release and the balancing policy over them."""
 
-    __slots__ = ("kind", "slots", "_cum", "_total", "_rng")
+    __slots__ = ("kind", "slots", "_cum", "_total", "_rng", "_down")
 
     def __init__(self, endpoints: Sequence[Endpoint], kind: str, rng: random.Random) -> None:
         self.kind = kind
@@ -55,6 +85,7 @@ class Pool:
         self._cum = cum
         self._total = acc
         self._rng = rng
+        self._down = 0.0  # latest down_until of any slot: the fast path skips checks
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -68,14 +99,35 @@ class Pool:
             o = prev.get(s.endpoint.address)
             if o is not None:
                 s.outstanding = o.outstanding
+                s.fails, s.down_until = o.fails, o.down_until
+        self._down = max((s.down_until for s in self.slots), default=0.0)
+
+    def eject(self, slot: Slot, now: float) -> None:
+        """Record a failure of `slot` (connect error or timeout)."""
+        slot.failed(now)
+        if slot.down_until > self._down:
+            self._down = slot.down_until
+
+    def live(self, now: float) -> tuple[Slot, ...] | None:
+        """The endpoints not sitting out; None means all of them (the fast path)."""
+        if self._down <= now:
+            return None
+        return tuple(s for s in self.slots if s.down_until <= now)
 
     def _weighted_index(self) -> int:
         return bisect.bisect_right(self._cum, self._rng.random() * self._total)
 
-    def pick(self, key: str | None = None) -> Slot | None:
+    def pick(self, key: str | None = None, now: float = 0.0) -> Slot | None:
+        """An endpoint by the policy; None when empty or every endpoint sits out."""
         n = len(self.slots)
         if n == 0:
             return None
+        if self._down > now:
+            live = self.live(now)
+            if not live:
+                return None
+            if len(live) < n:
+                return _pick_among(live, self.kind, key, self._rng)
         if n == 1:
             return self.slots[0]
         if self.kind == "round_robin":
@@ -108,3 +160,19 @@ class Pool:
             if score > best_score:
                 best, best_score = s, score
         return best
+
+
+def _pick_among(slots: Sequence[Slot], kind: str, key: str | None, rng: random.Random) -> Slot:
+    """The rare path while some endpoints sit out: same policies, over the live ones."""
+    if kind == "hash" and key:
+        best, best_score = slots[0], -math.inf
+        for s in slots:
+            h = mmh3.hash64(key, s._seed, signed=False)[0]
+            score = math.log((h + 0.5) / _TWO64) / s.weight
+            if score > best_score:
+                best, best_score = s, score
+        return best
+    if len(slots) == 1:
+        return slots[0]
+    a, b = rng.sample(list(slots), 2)
+    return a if a.outstanding * b.weight <= b.outstanding * a.weight else b

@@ -20,7 +20,7 @@ from gateway.engine.api import Forward, Headers, RequestHead, Respond
 from gateway.errors import upstream_status
 from gateway.headers import scan, upstream_headers
 from gateway.metrics import Metrics
-from gateway.routing import REASON_FALLBACK, choose_release, cookie_value
+from gateway.routing import REASON_FALLBACK, Decision, choose_release, cookie_value
 from gateway.state import SnapshotHolder
 
 log = logging.getLogger("gateway.access")
@@ -149,10 +149,25 @@ class ProxyHandler:
                 503, {"error": "no healthy endpoint in any release", "service": svc_name}
             )
         rv = sv.releases[dec.release]
-        slot = rv.pool.pick(dec.key)
-        if slot is None:  # pragma: no cover - available implies endpoints
-            return respond_json(503, {"error": "no healthy endpoint", "service": svc_name})
+        now = self.clock()
+        slot = rv.pool.pick(dec.key, now)
+        if slot is None:
+            # Every endpoint of the chosen release sits out (passive health): the
+            # baseline serves, as for an empty release (SPEC §2); if it is out too,
+            # probe the chosen release anyway rather than refuse.
+            base = sv.releases[sv.cfg.baseline]
+            bslot = base.pool.pick(dec.key, now) if dec.release != base.name else None
+            if bslot is not None:
+                dec = Decision(base.name, REASON_FALLBACK, dec.key, dec.chosen, dec.set_cookie)
+                rv, slot = base, bslot
+            else:
+                slot = rv.pool.pick(dec.key, 0.0)
+                if slot is None:
+                    return respond_json(
+                        503, {"error": "no healthy endpoint in any release", "service": svc_name}
+                    )
         slot.outstanding += 1
+        pool = rv.pool
 
         incoming = propagation.parse_traceparent(s.traceparent) if s.traceparent else None
         sampled = self.sampler(incoming) if self.sampler is not None else False
@@ -163,7 +178,7 @@ class ProxyHandler:
         elif incoming is None:
             rid = trace_id  # a new trace's random id doubles as the request id: one lookup key
         else:
-            rid = "%032x" % self.rng.getrandbits(128)
+            rid = f"{self.rng.getrandbits(128):032x}"
         rid_b = rid.encode("latin-1")
         trace: Headers = [(b"traceparent", tp.encode())]
         if s.tracestate and incoming is not None:
@@ -198,7 +213,7 @@ class ProxyHandler:
                 )
             )
 
-        start = self.clock()
+        start = now
         service, release = svc_name, dec.release
         span_done = None
         if sampled and self.tracer is not None:
@@ -216,7 +231,13 @@ class ProxyHandler:
 
         def on_done(status: int, error: str | None) -> None:
             slot.outstanding -= 1
-            elapsed = self.clock() - start
+            end = self.clock()
+            elapsed = end - start
+            if error is None:
+                if slot.fails:
+                    slot.succeeded()
+            elif error == "connect" or error == "timeout":
+                pool.eject(slot, end)
             pend = self._pending
             if not pend and self.defer is not None:
                 self.defer(self.flush)

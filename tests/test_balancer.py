@@ -53,3 +53,33 @@ def test_empty_pool_and_carry_counts() -> None:
     new = Pool(EPS + (Endpoint("10.0.0.3", 80),), "p2c", random.Random())
     new.carry_counts(old)
     assert [s.outstanding for s in new.slots] == [0, 4, 0]
+
+
+def test_passive_health_ejects_after_consecutive_failures_and_returns() -> None:
+    from gateway.balancer import FAIL_TIMEOUT, MAX_FAILS
+
+    pool = Pool((Endpoint("a", 1), Endpoint("b", 1)), "p2c", random.Random(4))
+    a, b = pool.slots
+    for _ in range(MAX_FAILS - 1):
+        pool.eject(a, now=100.0)
+    a.succeeded()  # a success in between resets the count
+    for _ in range(MAX_FAILS - 1):
+        pool.eject(a, now=100.0)
+    assert {pool.pick(None, 100.0).endpoint.host for _ in range(50)} == {"a", "b"}  # type: ignore[union-attr]
+    pool.eject(a, now=100.0)  # the MAX_FAILS-th in a row
+    assert {pool.pick(None, 101.0).endpoint.host for _ in range(50)} == {"b"}  # type: ignore[union-attr]
+    pool.eject(b, now=101.0)
+    pool.eject(b, now=101.0)
+    pool.eject(b, now=101.0)
+    assert pool.pick(None, 102.0) is None  # everything sits out: the caller falls back
+    back = 100.0 + FAIL_TIMEOUT
+    assert pool.pick(None, back).endpoint.host == "a"  # type: ignore[union-attr]
+
+
+def test_ejection_survives_a_snapshot_swap() -> None:
+    old = Pool(EPS, "round_robin", random.Random())
+    for _ in range(3):
+        old.eject(old.slots[0], now=50.0)
+    new = Pool(EPS, "round_robin", random.Random())
+    new.carry_counts(old)
+    assert {new.pick(None, 51.0).endpoint.host for _ in range(8)} == {"10.0.0.2"}  # type: ignore[union-attr]

@@ -342,3 +342,37 @@ async def test_expect_100_continue(
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def test_dead_endpoint_is_ejected_and_a_dead_release_falls_back(
+    upstreams: UpstreamFactory, gateway: GatewayFactory, client: aiohttp.ClientSession, engine: str
+) -> None:
+    st = await upstreams("stable")
+    dead = f"http://127.0.0.1:{free_port()}"
+    svc = {
+        "svc": {
+            "releases": {
+                "stable": {"weight": 50, "upstreams": [st.url, dead]},
+                "gray": {"weight": 50, "upstreams": [dead]},
+            }
+        }
+    }
+    gw = await gateway(gateway_config(svc, engine=engine))
+    base = f"http://127.0.0.1:{gw.port}/"
+    codes = []
+    for i in range(40):
+        async with client.get(
+            base, headers={"X-Release-Stage": "stable", "X-User-ID": f"{i}"}
+        ) as r:
+            codes.append(r.status)
+            await r.read()
+    # A few 502s while the dead stable endpoint is found out, then only the live one.
+    assert codes.count(502) <= 3 and codes[-20:] == [200] * 20
+    for _ in range(3):  # gray's only endpoint fails three times in a row...
+        async with client.get(base, headers={"X-Release-Stage": "gray"}) as r:
+            assert r.status == 502
+            await r.read()
+    async with client.get(base, headers={"X-Release-Stage": "gray"}) as r:  # ...then sits out
+        assert r.status == 200
+        assert r.headers["X-Release-Fallback"] == "gray"
+        assert (await r.json())["release"] == "stable"
