@@ -108,6 +108,7 @@ def service_doc(
     """One service as operators see it: weights, endpoints, guard, rollout, state version."""
     sv = snap.services[name]
     g = sv.guard
+    now = time.perf_counter()  # the handler's clock for ejection deadlines
     return {
         "service": name,
         "baseline": sv.cfg.baseline,
@@ -124,7 +125,7 @@ def service_doc(
                     {
                         "address": s.endpoint.address,
                         "weight": s.weight,
-                        "healthy": True,
+                        "healthy": s.down_until <= now,  # passive health (balancer)
                         "outstanding": s.outstanding,
                     }
                     for s in rv.pool.slots
