@@ -87,13 +87,11 @@ class Gateway:
         self.rng = rng or random.Random()
         self.version = version or build_version()
         self.metrics = metrics or Metrics()
-        # telemetry (issue 5): OTEL_* / GATEWAY_ENV, or injected by tests; owned and shut down here.
+        # OTEL_* / GATEWAY_ENV (SPEC §9), or injected by tests; owned and shut down here.
         self.telemetry = telemetry or Telemetry.from_env(os.environ, version=self.version)
         self.holder = SnapshotHolder(build_snapshot(config, rng=self.rng))
-        # admin issue: the control plane applies the state store and reloads to `holder`.
+        # The control plane applies the state store, reloads and discovery to `holder`.
         self.control = ControlPlane(config, self.holder, rng=self.rng)
-        # guard (SPEC §7): every data-path process watches its share of traffic and
-        # rolls a bad release back through the control plane (so all processes follow).
         # Consul discovery (SPEC §1): complete endpoint maps go to the control plane,
         # which merges them with static upstreams; a dead Consul keeps the last good set.
         selectors = consul_selectors(config)
@@ -105,7 +103,7 @@ class Gateway:
                 rng=self.rng,
                 metrics=DiscoveryMetrics(self.metrics.registry),
                 pacing=consul_pacing,
-                # telemetry (issue 5): Consul calls traced by the aiohttp-client instrumentation;
+                # Consul calls traced by the aiohttp-client instrumentation (SPEC §9);
                 # same settings as discovery's default session.
                 session_factory=lambda: self.telemetry.client_session(
                     timeout=ClientTimeout(total=None), trust_env=False
@@ -114,6 +112,8 @@ class Gateway:
             if selectors
             else None
         )
+        # Guard (SPEC §7): every data-path process watches its share of traffic and
+        # rolls a bad release back through the control plane (so all processes follow).
         self.guardian = Guardian(
             self.holder,
             self.control,
@@ -142,7 +142,6 @@ class Gateway:
         self.admin_runner: web.AppRunner | None = None
         self.admin_port: int | None = None
         self.port: int | None = None
-        self.stopping = asyncio.Event()
         self.holder.subscribe(self._publish_gauges)
         self._publish_gauges(self.holder.current)
 

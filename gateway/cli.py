@@ -94,7 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.worker or workers <= 1:
             return _run_loop(_serve(cfg, admin=not args.worker))
         return _supervise(args, cfg, workers)
-    except GatewayError as e:  # admin issue: unsafe admin listener, corrupt state file
+    except GatewayError as e:  # unsafe admin listener, corrupt state file: exit 2
         if isinstance(e, ConfigError):
             _print_config_errors(e)
         else:
@@ -124,7 +124,7 @@ def _supervise(args: argparse.Namespace, cfg: Any, workers: int) -> int:
                 with contextlib.suppress(ProcessLookupError):
                     p.send_signal(signal.SIGHUP)
 
-        # admin issue: a reload that validated (SIGHUP or POST /admin/reload) reaches the workers.
+        # A reload that validated (SIGHUP or POST /admin/reload) reaches the workers too.
         gw.control.reload_listeners.append(forward_hup)
         loop.add_signal_handler(signal.SIGHUP, gw.request_reload)
         await gw.start()  # before the workers: a refused start leaves no orphans

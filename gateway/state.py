@@ -2,7 +2,7 @@
 
 Why: a weight change, a new endpoint set or a config reload builds a complete
 new `Snapshot`; a request reads `holder.current` once, so it sees the old or
-the new table, never a mix (issue 4, atomic swap). Everything a request needs
+the new table, never a mix (SPEC §6: applied whole). Everything a request needs
 is precomputed here, not per request (STYLE habit 4).
 """
 

@@ -1,7 +1,7 @@
 """The state document: what the store holds, its canonical bytes and their checks.
 
 Why a checksum over canonical JSON: a torn, truncated or hand-mangled file
-must be detected and never half-applied (issue 4); the version makes every
+must be detected and never half-applied (SPEC §6); the version makes every
 change ordered so each process applies only newer documents (SPEC §6).
 """
 
