@@ -250,7 +250,14 @@ async def explain(request: web.Request) -> web.Response:
         ipaddress.ip_address(client_ip)
     except ValueError:
         raise BadRequest(f"{client_ip!r} is not an IP address", "client_ip") from None
-    ex = preview.explain(snap, sv.name, headers=headers, client_ip=client_ip, rng=_gw(request).rng)
+    ex = preview.explain(
+        snap,
+        sv.name,
+        headers=headers,
+        client_ip=client_ip,
+        rng=_gw(request).rng,
+        now=time.perf_counter(),  # the handler's clock, for passive-health ejections
+    )
     return web.json_response({**ex.to_json(), "state_version": snap.version})
 
 

@@ -10,16 +10,13 @@ the engine bumps through `acquire`/`release`.
 from __future__ import annotations
 
 import bisect
-import math
 import random
 from collections.abc import Sequence
 
 import mmh3
 
 from gateway.config import Endpoint
-
-_TWO64 = float(2**64)
-
+from gateway.routing import hrw_score
 
 # Passive health, as nginx's max_fails/fail_timeout: after MAX_FAILS consecutive
 # connect/timeout failures an endpoint sits out FAIL_TIMEOUT seconds. Without it a
@@ -42,6 +39,7 @@ class Slot:
         "down_until",
         "_cw",
         "_seed",
+        "_inv",
     )
 
     def __init__(self, endpoint: Endpoint) -> None:
@@ -54,6 +52,7 @@ class Slot:
         self.down_until = 0.0
         self._cw = 0  # smooth weighted round robin current weight
         self._seed = int(mmh3.hash(endpoint.address, signed=False))
+        self._inv = 1.0 / self.weight
 
     def __repr__(self) -> str:
         return f"Slot({self.endpoint.address}, w={self.weight}, out={self.outstanding})"
@@ -102,6 +101,10 @@ class Pool:
                 s.fails, s.down_until = o.fails, o.down_until
         self._down = max((s.down_until for s in self.slots), default=0.0)
 
+    def sitting_out(self, now: float) -> bool:
+        """Whether any endpoint is ejected now (one comparison on the fast path)."""
+        return self._down > now
+
     def eject(self, slot: Slot, now: float) -> None:
         """Record a failure of `slot` (connect error or timeout)."""
         slot.failed(now)
@@ -119,25 +122,28 @@ class Pool:
 
     def pick(self, key: str | None = None, now: float = 0.0) -> Slot | None:
         """An endpoint by the policy; None when empty or every endpoint sits out."""
-        n = len(self.slots)
-        if n == 0:
-            return None
+        slots = self.slots
         if self._down > now:
             live = self.live(now)
             if not live:
                 return None
-            if len(live) < n:
-                return _pick_among(live, self.kind, key, self._rng)
+            slots = live
+        n = len(slots)
+        if n == 0:
+            return None
         if n == 1:
-            return self.slots[0]
-        if self.kind == "round_robin":
+            return slots[0]
+        if self.kind == "round_robin" and slots is self.slots:
             return self._pick_rr()
         if self.kind == "hash" and key:
-            return self._pick_hash(key)
-        a = self.slots[min(self._weighted_index(), n - 1)]
-        b = self.slots[min(self._weighted_index(), n - 1)]
-        if a is b:
-            b = self.slots[(self.slots.index(a) + 1 + self._rng.randrange(n - 1)) % n]
+            return max(slots, key=lambda s: hrw_score(key, s._seed, s._inv))
+        if slots is not self.slots:
+            a, b = self._rng.sample(slots, 2)
+        else:
+            a = slots[min(self._weighted_index(), n - 1)]
+            b = slots[min(self._weighted_index(), n - 1)]
+            if a is b:
+                b = slots[(slots.index(a) + 1 + self._rng.randrange(n - 1)) % n]
         return a if a.outstanding * b.weight <= b.outstanding * a.weight else b
 
     def _pick_rr(self) -> Slot:
@@ -150,29 +156,3 @@ class Pool:
         assert best is not None
         best._cw -= self._total
         return best
-
-    def _pick_hash(self, key: str) -> Slot:
-        best = self.slots[0]
-        best_score = -math.inf
-        for s in self.slots:
-            h = mmh3.hash64(key, s._seed, signed=False)[0]
-            score = math.log((h + 0.5) / _TWO64) / s.weight
-            if score > best_score:
-                best, best_score = s, score
-        return best
-
-
-def _pick_among(slots: Sequence[Slot], kind: str, key: str | None, rng: random.Random) -> Slot:
-    """The rare path while some endpoints sit out: same policies, over the live ones."""
-    if kind == "hash" and key:
-        best, best_score = slots[0], -math.inf
-        for s in slots:
-            h = mmh3.hash64(key, s._seed, signed=False)[0]
-            score = math.log((h + 0.5) / _TWO64) / s.weight
-            if score > best_score:
-                best, best_score = s, score
-        return best
-    if len(slots) == 1:
-        return slots[0]
-    a, b = rng.sample(list(slots), 2)
-    return a if a.outstanding * b.weight <= b.outstanding * a.weight else b

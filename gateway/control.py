@@ -22,8 +22,9 @@ from gateway import changes
 from gateway import config as config_mod
 from gateway import rollout as rollout_mod
 from gateway.config import Config, Endpoint
+from gateway.discovery import merge_endpoints
 from gateway.errors import BadRequest, ConfigError, Conflict, StateError
-from gateway.state import Snapshot, SnapshotHolder, build_snapshot
+from gateway.state import Snapshot, SnapshotHolder, build_snapshot, static_endpoints
 from gateway.store import EMPTY, ServiceState, StateDoc, StateStore, open_store
 
 log = logging.getLogger("gateway.control")
@@ -81,20 +82,18 @@ def endpoints_for(
     Without a discovery feed yet, releases without static endpoints keep the
     endpoints of the previous snapshot, so a weight change never drops them.
     """
-    out: dict[tuple[str, str], tuple[Endpoint, ...]] = {}
-    for s in config.services.values():
-        for r in s.releases.values():
-            key = (s.name, r.name)
-            eps = tuple(r.upstreams)
-            if discovered is not None:
-                seen = {(e.host, e.port) for e in eps}
-                eps += tuple(e for e in discovered.get(key, ()) if (e.host, e.port) not in seen)
-            elif not eps and previous is not None and (ps := previous.services.get(s.name)):
-                if (pr := ps.releases.get(r.name)) is not None:
-                    eps = pr.endpoints
-            if eps:
-                out[key] = eps
-    return out
+    static = static_endpoints(config)
+    if discovered is not None:
+        return merge_endpoints(static, discovered)
+    if previous is not None:
+        for s in config.services.values():
+            ps = previous.services.get(s.name)
+            for r in s.releases.values():
+                key = (s.name, r.name)
+                if key not in static and ps is not None and (pr := ps.releases.get(r.name)):
+                    if pr.endpoints:
+                        static[key] = pr.endpoints
+    return static
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,12 +37,17 @@ def demo_upstream(release: str) -> web.Application:
     return app
 
 
-async def start_upstream(release: str, host: str = "127.0.0.1") -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(demo_upstream(release), access_log=None)
+async def serve_app(app: web.Application, host: str = "127.0.0.1") -> tuple[web.AppRunner, int]:
+    """Run an aiohttp app on an ephemeral port; the caller cleans the runner up."""
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, 0)
     await site.start()
     return runner, site_port(site)
+
+
+async def start_upstream(release: str, host: str = "127.0.0.1") -> tuple[web.AppRunner, int]:
+    return await serve_app(demo_upstream(release), host)
 
 
 def demo_config(host: str, port: int, admin_port: int, stable: int, gray: int) -> config_mod.Config:

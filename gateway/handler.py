@@ -20,11 +20,12 @@ from gateway.engine.api import Forward, Headers, RequestHead, Respond
 from gateway.errors import upstream_status
 from gateway.headers import scan, upstream_headers
 from gateway.metrics import Metrics
-from gateway.routing import REASON_FALLBACK, Decision, choose_release, cookie_value
-from gateway.state import SnapshotHolder
+from gateway.routing import REASON_FALLBACK, choose_release, cookie_value
+from gateway.state import SnapshotHolder, live_releases
 
 log = logging.getLogger("gateway.access")
 _JSON = [(b"Content-Type", b"application/json")]
+_PROBE = float("inf")
 
 
 class Observer(Protocol):
@@ -133,10 +134,11 @@ class ProxyHandler:
         trusted = False
         if s.stage or stage_cookie:
             trusted = snap.trust.trusted(head.client_ip)
+        now = self.clock()
         dec = choose_release(
             sv.table,
             baseline=sv.cfg.baseline,
-            available=sv.available,
+            available=live_releases(sv, now),
             stage_header=s.stage,
             stage_cookie=stage_cookie,
             user_key=s.user or user_cookie,
@@ -149,23 +151,11 @@ class ProxyHandler:
                 503, {"error": "no healthy endpoint in any release", "service": svc_name}
             )
         rv = sv.releases[dec.release]
-        now = self.clock()
-        slot = rv.pool.pick(dec.key, now)
-        if slot is None:
-            # Every endpoint of the chosen release sits out (passive health): the
-            # baseline serves, as for an empty release (SPEC §2); if it is out too,
-            # probe the chosen release anyway rather than refuse.
-            base = sv.releases[sv.cfg.baseline]
-            bslot = base.pool.pick(dec.key, now) if dec.release != base.name else None
-            if bslot is not None:
-                dec = Decision(base.name, REASON_FALLBACK, dec.key, dec.chosen, dec.set_cookie)
-                rv, slot = base, bslot
-            else:
-                slot = rv.pool.pick(dec.key, 0.0)
-                if slot is None:
-                    return respond_json(
-                        503, {"error": "no healthy endpoint in any release", "service": svc_name}
-                    )
+        # None only when every release is out and all are probed (live_releases):
+        # then pick as if no endpoint sat out (a time past every ejection).
+        slot = rv.pool.pick(dec.key, now) or rv.pool.pick(dec.key, _PROBE)
+        if slot is None:  # pragma: no cover - available implies endpoints
+            return respond_json(503, {"error": "no healthy endpoint", "service": svc_name})
         slot.outstanding += 1
         pool = rv.pool
 

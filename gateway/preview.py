@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.routing import WeightTable, choose_release, cookie_value
-from gateway.state import Snapshot
+from gateway.state import Snapshot, live_releases
 
 REASON_UNAVAILABLE = "unavailable"
 DEFAULT_SAMPLE = 100_000
@@ -49,6 +49,7 @@ def explain(
     headers: Sequence[tuple[str, str]] = (),
     client_ip: str = "127.0.0.1",
     rng: random.Random | None = None,
+    now: float = 0.0,
 ) -> Explanation:
     """The data path's decision for a request with these headers (handler.ProxyHandler)."""
     sv = snap.services[service]
@@ -72,7 +73,7 @@ def explain(
     dec = choose_release(
         sv.table,
         baseline=sv.cfg.baseline,
-        available=sv.available,
+        available=live_releases(sv, now),
         stage_header=stage,
         stage_cookie=stage_cookie,
         user_key=user or user_cookie,

@@ -67,6 +67,7 @@ class WeightTable:
         """The release for a sticky key (None when every weight is zero)."""
         best: str | None = None
         best_score = -math.inf
+        # hrw_score, inlined: this runs once per request per live release.
         hash64 = mmh3.hash64
         log = math.log
         for name, seed, inv in self._live:

@@ -60,6 +60,19 @@ class Snapshot:
     weights: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
+def live_releases(sv: ServiceView, now: float) -> frozenset[str]:
+    """Releases that can serve now: with endpoints, and not all of them ejected.
+
+    Why here: the data path and `explain` both decide with this set, so the
+    baseline fallback of SPEC §2 covers passive-health ejections too. If every
+    release is out, all of them are probed rather than the request refused.
+    """
+    if not any(rv.pool.sitting_out(now) for rv in sv.releases.values()):
+        return sv.available
+    live = frozenset(r for r in sv.available if sv.releases[r].pool.live(now) != ())
+    return live or sv.available
+
+
 def static_endpoints(config: Config) -> dict[tuple[str, str], tuple[Endpoint, ...]]:
     """Endpoints listed in the config (Consul-discovered ones come from discovery)."""
     return {

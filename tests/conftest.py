@@ -19,7 +19,8 @@ import yaml
 from aiohttp import web
 
 from gateway import config as C
-from gateway.app import Gateway, site_port
+from gateway.app import Gateway
+from gateway.demo import demo_upstream, serve_app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,25 +31,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def echo_app(release: str) -> web.Application:
-    """Upstream that names its release and echoes what it received."""
-
-    async def echo(request: web.Request) -> web.Response:
-        body = await request.read()
-        return web.json_response(
-            {
-                "release": release,
-                "method": request.method,
-                "path": request.path_qs,
-                "body_bytes": len(body),
-                "headers": {k: v for k, v in request.headers.items()},
-                "header_list": [[k, v] for k, v in request.headers.items()],
-            }
-        )
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", echo)
-    return app
+# The demo's upstream: names its release and echoes the headers it received.
+echo_app = demo_upstream
 
 
 class Upstream:
@@ -59,11 +43,8 @@ class Upstream:
 
 
 async def start_app(app: web.Application) -> Upstream:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return Upstream(runner, site_port(site))
+    runner, port = await serve_app(app)
+    return Upstream(runner, port)
 
 
 @pytest.fixture

@@ -376,3 +376,7 @@ async def test_dead_endpoint_is_ejected_and_a_dead_release_falls_back(
         assert r.status == 200
         assert r.headers["X-Release-Fallback"] == "gray"
         assert (await r.json())["release"] == "stable"
+    explain = f"http://127.0.0.1:{gw.admin_port}/admin/services/svc/explain"
+    async with client.get(explain, params={"header": "X-Release-Stage:gray"}) as r:
+        got = await r.json()  # explain sees the ejection too
+    assert (got["release"], got["reason"], got["chosen"]) == ("stable", "fallback", "gray")

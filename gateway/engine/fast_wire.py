@@ -13,6 +13,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from gateway.engine.api import Forward, RequestHead, Respond
+from gateway.headers import HOP_BY_HOP
 
 if TYPE_CHECKING:
     from gateway.engine.fast_client import ClientConn
@@ -55,19 +56,7 @@ H_CONTENT_LENGTH = b"content-length"
 H_CONNECTION = b"connection"
 H_UPGRADE = b"upgrade"
 H_TRANSFER_ENCODING = b"transfer-encoding"
-RESP_SPECIAL = frozenset(
-    {
-        H_CONTENT_LENGTH,
-        H_CONNECTION,
-        H_UPGRADE,
-        H_TRANSFER_ENCODING,
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"te",
-        b"trailer",
-    }
-)
+RESP_SPECIAL = HOP_BY_HOP | {H_CONTENT_LENGTH}
 RESP_SPECIAL_LENS = frozenset(len(n) for n in RESP_SPECIAL)
 # Request fields the client side inspects (lengths first: a cheap pre-filter).
 H_HOST = b"host"

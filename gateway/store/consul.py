@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import random
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import replace
 from typing import Any
@@ -21,6 +22,8 @@ from typing import Any
 import aiohttp
 
 from gateway.config import ConsulConfig
+from gateway.discovery.consul import go_duration, next_index
+from gateway.discovery.pacing import Backoff
 from gateway.errors import Conflict, StateError
 from gateway.store.doc import EMPTY, StateDoc, decode, encode
 
@@ -46,7 +49,7 @@ class ConsulStore:
         self.url = f"{cfg.address.rstrip('/')}/v1/kv/{self.key}"
         self.headers = {"X-Consul-Token": cfg.token} if cfg.token else {}
         self.wait = wait
-        self.backoff = backoff
+        self._backoff = Backoff(backoff, 30.0, random.Random())
         self._session_factory = session_factory
         self._session: aiohttp.ClientSession | None = None
         self._doc = EMPTY
@@ -74,7 +77,7 @@ class ConsulStore:
         params: dict[str, str] = {}
         timeout = 10.0
         if index > 0:
-            params = {"index": str(index), "wait": f"{int(self.wait * 1000)}ms"}
+            params = {"index": str(index), "wait": go_duration(self.wait)}
             timeout = self.wait + self.wait / 16 + 5  # CONSUL_API.md §2 client timeout
         async with self._session.get(
             self.url,
@@ -82,7 +85,7 @@ class ConsulStore:
             headers=self.headers,
             timeout=aiohttp.ClientTimeout(total=timeout),
         ) as r:
-            idx = max(1, int(r.headers.get("X-Consul-Index", "1") or 1))
+            idx = int(r.headers.get("X-Consul-Index", "1") or 1)
             if r.status == 404:
                 return None, 0, idx
             if r.status != 200:
@@ -121,7 +124,7 @@ class ConsulStore:
         latest, modify, index = await self._get(index=0)
         if latest is not None and latest.version >= self._doc.version:
             self._doc, self._modify = latest, modify
-            self._index = max(self._index, index)
+            self._index = max(self._index, next_index(0, index))
         if text != "true":
             raise Conflict("another replica changed the state first; retry", "If-Match")
         self._changed.set()
@@ -153,16 +156,17 @@ class ConsulStore:
             doc, modify, index = await self._get(index=self._index)
         except StateError as e:
             log.error("%s; keeping state version %d", e.message, self._doc.version)
-            await asyncio.sleep(self.backoff)
+            await asyncio.sleep(self._backoff.next())
             return
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as e:
             log.warning(
                 "Consul KV watch failed (%s); keeping state version %d", e, self._doc.version
             )
             self._index = 0
-            await asyncio.sleep(self.backoff)
+            await asyncio.sleep(self._backoff.next())
             return
-        self._index = 0 if index < self._index else index  # went backwards: start over
+        self._backoff.reset()
+        self._index = next_index(self._index, index)  # went backwards: start over (§2)
         if doc is None:
             self._modify = 0  # deleted: the next write creates it again (cas=0)
         elif doc.version >= self._doc.version:
