@@ -71,7 +71,7 @@ class Slot:
 class Pool:
     """The healthy endpoints of one release and the balancing policy over them."""
 
-    __slots__ = ("kind", "slots", "_cum", "_total", "_rng", "_down")
+    __slots__ = ("kind", "slots", "_cum", "_total", "_rng", "down_until")
 
     def __init__(self, endpoints: Sequence[Endpoint], kind: str, rng: random.Random) -> None:
         self.kind = kind
@@ -84,7 +84,7 @@ class Pool:
         self._cum = cum
         self._total = acc
         self._rng = rng
-        self._down = 0.0  # latest down_until of any slot: the fast path skips checks
+        self.down_until = 0.0  # latest ejection end of any slot: one comparison when none
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -99,21 +99,17 @@ class Pool:
             if o is not None:
                 s.outstanding = o.outstanding
                 s.fails, s.down_until = o.fails, o.down_until
-        self._down = max((s.down_until for s in self.slots), default=0.0)
-
-    def sitting_out(self, now: float) -> bool:
-        """Whether any endpoint is ejected now (one comparison on the fast path)."""
-        return self._down > now
+        self.down_until = max((s.down_until for s in self.slots), default=0.0)
 
     def eject(self, slot: Slot, now: float) -> None:
         """Record a failure of `slot` (connect error or timeout)."""
         slot.failed(now)
-        if slot.down_until > self._down:
-            self._down = slot.down_until
+        if slot.down_until > self.down_until:
+            self.down_until = slot.down_until
 
     def live(self, now: float) -> tuple[Slot, ...] | None:
         """The endpoints not sitting out; None means all of them (the fast path)."""
-        if self._down <= now:
+        if self.down_until <= now:
             return None
         return tuple(s for s in self.slots if s.down_until <= now)
 
@@ -123,7 +119,7 @@ class Pool:
     def pick(self, key: str | None = None, now: float = 0.0) -> Slot | None:
         """An endpoint by the policy; None when empty or every endpoint sits out."""
         slots = self.slots
-        if self._down > now:
+        if self.down_until > now:
             live = self.live(now)
             if not live:
                 return None

@@ -41,6 +41,7 @@ class ServiceView:
     releases: Mapping[str, ReleaseView]
     available: frozenset[str]  # releases with at least one healthy endpoint
     guard: GuardConfig
+    pools: tuple[Pool, ...] = ()  # every release's pool, for the per-request health check
 
     @property
     def name(self) -> str:
@@ -67,8 +68,11 @@ def live_releases(sv: ServiceView, now: float) -> frozenset[str]:
     baseline fallback of SPEC §2 covers passive-health ejections too. If every
     release is out, all of them are probed rather than the request refused.
     """
-    if not any(rv.pool.sitting_out(now) for rv in sv.releases.values()):
-        return sv.available
+    for pool in sv.pools:
+        if pool.down_until > now:
+            break
+    else:
+        return sv.available  # the common case: nothing ejected
     live = frozenset(r for r in sv.available if sv.releases[r].pool.live(now) != ())
     return live or sv.available
 
@@ -152,6 +156,7 @@ def build_snapshot(
             releases=releases,
             available=frozenset(n for n, rv in releases.items() if rv.endpoints),
             guard=guard,
+            pools=tuple(rv.pool for rv in releases.values()),
         )
     rc = config.routing
     return Snapshot(
