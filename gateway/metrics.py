@@ -123,16 +123,8 @@ class Metrics:
         self._err: dict[tuple[str, str, str], Any] = {}
 
     def observe(self, service: str, release: str, code: int, seconds: float) -> None:
-        k = (service, release, code)
-        c = self._req.get(k)
-        if c is None:
-            c = self._req[k] = self.requests.labels(service, release, str(code))
-        c.inc()
-        k2 = (service, release)
-        h = self._dur.get(k2)
-        if h is None:
-            h = self._dur[k2] = self.duration.labels(service, release)
-        h.observe(seconds)
+        """One finished exchange (the data path batches through `observe_batch`)."""
+        self.observe_batch(((service, release, code, seconds, None),))
 
     def observe_batch(self, items: Sequence[tuple[str, str, int, float, str | None]]) -> None:
         """Many finished exchanges at once: one counter update per label set.
