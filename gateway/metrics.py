@@ -26,8 +26,9 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prom_mp
 
+from gateway.rollout import STATES as ROLLOUT_STATES
+
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 2.5, 5.0, 10.0, 30.0)
-ROLLOUT_STATES = ("Pending", "Progressing", "Paused", "Promoted", "CircuitBreak", "RolledBack")
 
 
 def _observe_many(child: Any, values: list[float]) -> None:

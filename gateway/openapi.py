@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.rollout import STATES as ROLLOUT_STATES
 from gateway.store.doc import GUARD_FIELDS
 
 _REF = "#/components/schemas/"
@@ -26,6 +27,7 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 _NUM = {"type": "number"}
 _WEIGHT = {"type": "number", "minimum": 0}
 _SHARE = {"type": "number", "minimum": 0, "maximum": 1}
+_PERCENT = {"type": "number", "minimum": 0, "maximum": 100}
 _RATIO_MAP = {"type": "object", "additionalProperties": _SHARE}
 
 SCHEMAS: dict[str, Any] = {
@@ -82,7 +84,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["weight", "percent", "available", "endpoints"],
         "properties": {
             "weight": {**_WEIGHT, "description": "raw weight (weights are normalized)"},
-            "percent": {"type": "number", "minimum": 0, "maximum": 100},
+            "percent": _PERCENT,
             "available": {"type": "boolean", "description": "has a healthy endpoint"},
             "endpoints": {"type": "array", "items": _ref("Endpoint")},
         },
@@ -127,7 +129,7 @@ SCHEMAS: dict[str, Any] = {
             "weights": {"type": "object", "additionalProperties": _WEIGHT},
             "percent": {
                 "type": "object",
-                "additionalProperties": {"type": "number", "minimum": 0, "maximum": 100},
+                "additionalProperties": _PERCENT,
             },
             "releases": {"type": "object", "additionalProperties": _ref("Release")},
             "guard": _ref("Guard"),
@@ -149,20 +151,13 @@ SCHEMAS: dict[str, Any] = {
             "release": {"type": "string"},
             "state": {
                 "type": "string",
-                "enum": [
-                    "Pending",
-                    "Progressing",
-                    "Paused",
-                    "Promoted",
-                    "CircuitBreak",
-                    "RolledBack",
-                ],
+                "enum": list(ROLLOUT_STATES),
             },
             "step": {"type": "integer", "minimum": -1},
             "step_started": {"type": "number"},
             "paused_left": {"type": ["number", "null"]},
             "reason": {"type": ["string", "null"]},
-            "weight": {"type": "number", "minimum": 0, "maximum": 100},
+            "weight": _PERCENT,
             "steps": {"type": "array", "items": _ref("RolloutStep")},
         },
     },
@@ -170,7 +165,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["weight"],
         "properties": {
-            "weight": {"type": "number", "minimum": 0, "maximum": 100},
+            "weight": _PERCENT,
             "pause": {
                 "type": ["number", "string", "null"],
                 "description": "seconds or a duration (5m); null = hold until promote",
