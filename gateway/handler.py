@@ -88,6 +88,7 @@ class ProxyHandler:
         self.ready = ready or (lambda: True)
         self.access_log = access_log
         self.rng = rng or random.Random()
+        self.ids = propagation.IdMint(self.rng)
         self.clock = clock
         # Accounting (metrics, guard windows) is batched: `on_done` appends, and
         # `flush` runs once per event-loop iteration via `defer` (loop.call_soon),
@@ -161,14 +162,14 @@ class ProxyHandler:
 
         incoming = propagation.parse_traceparent(s.traceparent) if s.traceparent else None
         sampled = self.sampler(incoming) if self.sampler is not None else False
-        span_id = propagation.new_span_id(self.rng)
-        trace_id, tp = propagation.outgoing_traceparent(incoming, span_id, sampled, self.rng)
+        span_id = self.ids.span_id()
+        trace_id, tp = propagation.outgoing_traceparent(incoming, span_id, sampled, mint=self.ids)
         if s.request_id:
             rid = s.request_id
         elif incoming is None:
             rid = trace_id  # a new trace's random id doubles as the request id: one lookup key
         else:
-            rid = f"{self.rng.getrandbits(128):032x}"
+            rid = self.ids.trace_id()  # 128 random bits, as a generated request id needs
         rid_b = rid.encode("latin-1")
         trace: Headers = [(b"traceparent", tp.encode())]
         if s.tracestate and incoming is not None:

@@ -8,7 +8,6 @@ per-request path allocates little.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -44,23 +43,43 @@ _REWRITTEN = frozenset(
 VIA_TOKEN = b"1.1 gray-gateway"
 
 
-@dataclass(slots=True)
 class Scanned:
-    """What one pass over the request head found."""
+    """What one pass over the request head found.
 
-    kept: Headers = field(default_factory=list)
-    host: str | None = None
-    cookie: str | None = None
-    stage: str | None = None
-    user: str | None = None
-    request_id: str | None = None
-    forwarded_for: bytes | None = None
-    via: bytes | None = None
-    traceparent: list[str] = field(default_factory=list)
-    tracestate: list[str] = field(default_factory=list)
-    baggage: list[str] = field(default_factory=list)
-    connection_tokens: frozenset[bytes] = frozenset()
-    upgrade: bytes | None = None
+    A plain slotted class, not a dataclass: built once per request, and a
+    dataclass __init__ stays interpreted in the compiled build.
+    """
+
+    __slots__ = (
+        "kept",
+        "host",
+        "cookie",
+        "stage",
+        "user",
+        "request_id",
+        "forwarded_for",
+        "via",
+        "traceparent",
+        "tracestate",
+        "baggage",
+        "connection_tokens",
+        "upgrade",
+    )
+
+    def __init__(self) -> None:
+        self.kept: Headers = []
+        self.host: str | None = None
+        self.cookie: str | None = None
+        self.stage: str | None = None
+        self.user: str | None = None
+        self.request_id: str | None = None
+        self.forwarded_for: bytes | None = None
+        self.via: bytes | None = None
+        self.traceparent: list[str] = []
+        self.tracestate: list[str] = []
+        self.baggage: list[str] = []
+        self.connection_tokens: frozenset[bytes] = frozenset()
+        self.upgrade: bytes | None = None
 
 
 def _latin(v: bytes) -> str:

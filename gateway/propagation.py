@@ -174,11 +174,55 @@ def new_ids(rng: random.Random | None = None) -> tuple[str, str]:
             return trace_id, span_id
 
 
+class IdMint:
+    """Random trace and span ids cut from one bulk draw of random hex.
+
+    Why: the data path mints one span id per request and a trace id for each new
+    trace; formatting a fresh `getrandbits` per id costs ~0.5 µs, a slice of a
+    pre-drawn hex string ~0.05 µs. Ids stay uniformly random and non-zero
+    (W3C Trace Context 2 §3.2.2.3-§3.2.2.4). Create it in the process that uses
+    it (after fork) or with its own `rng`, so workers never share a draw.
+    """
+
+    __slots__ = ("_rng", "_chunk", "_buf", "_pos")
+
+    def __init__(self, rng: random.Random | None = None, chunk: int = 4096) -> None:
+        self._rng = rng
+        self._chunk = chunk  # random bytes per draw: ~170 requests' worth of ids
+        self._buf = ""
+        self._pos = 0
+
+    def _hex(self, n: int) -> str:
+        pos = self._pos
+        end = pos + n
+        if end > len(self._buf):
+            r = self._rng
+            self._buf = (
+                random.randbytes(self._chunk) if r is None else r.randbytes(self._chunk)
+            ).hex()
+            pos, end = 0, n
+        self._pos = end
+        return self._buf[pos:end]
+
+    def span_id(self) -> str:
+        while True:
+            sid = self._hex(16)
+            if sid != _ZERO_SPAN_ID:
+                return sid
+
+    def trace_id(self) -> str:
+        while True:
+            tid = self._hex(32)
+            if tid != _ZERO_TRACE_ID:
+                return tid
+
+
 def outgoing_traceparent(
     incoming: TraceParent | None,
     span_id: str,
     sampled: bool,
     rng: random.Random | None = None,
+    mint: IdMint | None = None,
 ) -> tuple[str, str]:
     """Build the upstream `traceparent`: (trace_id, header value), version 00.
 
@@ -188,7 +232,7 @@ def outgoing_traceparent(
     the trace with a random id. `span_id` must be 16 lowercase hex digits, not all zero.
     """
     if incoming is None:
-        trace_id = new_ids(rng)[0]
+        trace_id = mint.trace_id() if mint is not None else new_ids(rng)[0]
         flags = FLAG_RANDOM
     else:
         trace_id = incoming.trace_id

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from gateway.propagation import (
     TRACE_HEADERS,
+    IdMint,
     TraceParent,
     build_baggage,
     new_ids,
@@ -195,6 +196,19 @@ def test_ids_are_deterministic_with_rng_and_never_zero() -> None:
     assert re.fullmatch(r"[0-9a-f]{16}", span_id) and span_id != "0" * 16
     assert new_span_id(ZeroFirst()) != "0" * 16
     assert len({new_span_id() for _ in range(100)}) == 100
+
+
+def test_id_mint_is_deterministic_refills_and_never_zero() -> None:
+    a, b = IdMint(random.Random(5), chunk=64), IdMint(random.Random(5), chunk=64)
+    ids = [a.span_id() if i % 2 else a.trace_id() for i in range(50)]  # several refills
+    assert ids == [b.span_id() if i % 2 else b.trace_id() for i in range(50)]
+    assert all(re.fullmatch(r"[0-9a-f]{16}|[0-9a-f]{32}", x) for x in ids)
+    assert len(set(ids)) == 50
+    zero = IdMint(ZeroFirst(), chunk=16)  # the first draw is all zero bytes
+    assert zero.trace_id() != "0" * 32
+    assert IdMint(ZeroFirst(), chunk=8).span_id() != "0" * 16
+    trace_id, header = outgoing_traceparent(None, SPAN, sampled=False, mint=IdMint())
+    assert re.fullmatch(r"[0-9a-f]{32}", trace_id) and header == f"00-{trace_id}-{SPAN}-02"
 
 
 # --- tracestate -------------------------------------------------------------------------------

@@ -9,31 +9,53 @@ exchange is over. Nothing here imports asyncio or aiohttp.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 Headers = list[tuple[bytes, bytes]]
 
 
-@dataclass(slots=True)
+# The per-request records below are plain slotted classes, not dataclasses: a
+# dataclass __init__ is generated at run time and stays interpreted even in the
+# compiled (mypyc) build, which costs ~0.3 µs per record per request.
+
+
 class RequestHead:
     """A parsed, framing-validated request head as the client sent it."""
 
-    method: bytes
-    target: bytes  # raw request-target, e.g. b"/a/b?x=1"
-    headers: Headers  # in order, original case, hop-by-hop still present
-    client_ip: str
-    http_version: str = "1.1"
-    scheme: str = "http"
+    __slots__ = ("method", "target", "headers", "client_ip", "http_version", "scheme")
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,  # raw request-target, e.g. b"/a/b?x=1"
+        headers: Headers,  # in order, original case, hop-by-hop still present
+        client_ip: str,
+        http_version: str = "1.1",
+        scheme: str = "http",
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.client_ip = client_ip
+        self.http_version = http_version
+        self.scheme = scheme
+
+    def __repr__(self) -> str:
+        return f"RequestHead({self.method!r}, {self.target!r}, {self.client_ip!r})"
 
 
-@dataclass(slots=True)
 class Respond:
     """Answer locally (health, 404, 503, 400) without contacting an upstream."""
 
-    status: int
-    body: bytes
-    headers: Headers = field(default_factory=list)  # Content-Type etc.; engine adds framing
+    __slots__ = ("status", "body", "headers")
+
+    def __init__(self, status: int, body: bytes, headers: Headers | None = None) -> None:
+        self.status = status
+        self.body = body
+        self.headers: Headers = [] if headers is None else headers  # engine adds framing
+
+    def __repr__(self) -> str:
+        return f"Respond({self.status}, {self.body[:80]!r})"
 
 
 # Error kinds reported to Forward.on_done; a closed set (metric label values).
@@ -44,7 +66,6 @@ ERR_PROTOCOL = "protocol"  # upstream sent an unparsable response -> 502
 ERR_CLIENT = "client_abort"  # client went away; nothing to answer
 
 
-@dataclass(slots=True)
 class Forward:
     """Send the request to one upstream endpoint.
 
@@ -55,18 +76,47 @@ class Forward:
     given in `headers`, and Connection/Upgrade for an upgrade.
     """
 
-    host: str
-    port: int
-    headers: Headers
-    response_headers: Headers  # appended to the client response (X-Release-Stage, ...)
-    service: str
-    release: str
-    connect_timeout: float
-    read_timeout: float
-    # Called exactly once when the exchange ends: (status sent to client or 0,
-    # error kind or None). Policy uses it for metrics, guard, balancer counts.
-    on_done: Callable[[int, str | None], None]
-    target: bytes | None = None  # override request-target; None = as received
+    __slots__ = (
+        "host",
+        "port",
+        "headers",
+        "response_headers",
+        "service",
+        "release",
+        "connect_timeout",
+        "read_timeout",
+        "on_done",
+        "target",
+    )
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        headers: Headers,
+        response_headers: Headers,  # appended to the client response (X-Release-Stage, ...)
+        service: str,
+        release: str,
+        connect_timeout: float,
+        read_timeout: float,
+        # Called exactly once when the exchange ends: (status sent to client or 0,
+        # error kind or None). Policy uses it for metrics, guard, balancer counts.
+        on_done: Callable[[int, str | None], None],
+        target: bytes | None = None,  # override request-target; None = as received
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.headers = headers
+        self.response_headers = response_headers
+        self.service = service
+        self.release = release
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.on_done = on_done
+        self.target = target
+
+    def __repr__(self) -> str:
+        return f"Forward({self.host!r}, {self.port}, {self.service!r}, {self.release!r})"
 
 
 class Handler(Protocol):

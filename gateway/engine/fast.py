@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import cast
 
 from gateway.engine.api import Handler
 from gateway.engine.fast_client import ClientConn
@@ -68,7 +69,11 @@ class FastEngine:
         self._loop = loop
         self._pool = Pool(loop, self.upstream_pool_per_host, self.upstream_idle_timeout)
         sock.setblocking(False)
-        self._server = await loop.create_server(lambda: ClientConn(self), sock=sock, backlog=4096)
+        self._server = await loop.create_server(self._protocol, sock=sock, backlog=4096)
+
+    def _protocol(self) -> asyncio.Protocol:
+        # ClientConn is a protocol by duck typing (see its docstring).
+        return cast(asyncio.Protocol, ClientConn(self))
 
     async def shutdown(self, drain_timeout: float) -> None:
         """Stop accepting, drain in-flight exchanges, then abort the rest.

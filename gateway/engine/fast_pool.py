@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from functools import partial
+from typing import cast
 
 from gateway.engine.api import ERR_CONNECT, ERR_PROTOCOL, ERR_TIMEOUT
 from gateway.engine.fast_upstream import Key, Upstream
@@ -70,9 +71,10 @@ class Pool:
         key = (fwd.host, fwd.port)
         try:
             async with asyncio.timeout(fwd.connect_timeout):
-                _, up = await self.loop.create_connection(
-                    partial(Upstream, self, key), fwd.host, fwd.port
+                _, proto = await self.loop.create_connection(
+                    partial(_upstream, self, key), fwd.host, fwd.port
                 )
+                up = cast(Upstream, proto)
         except asyncio.CancelledError:
             ex.client.abort()  # shutdown: its connection_lost reports client_abort
             raise
@@ -117,3 +119,8 @@ class Pool:
                     await self.all_closed.wait()
             except TimeoutError:
                 pass
+
+
+def _upstream(pool: Pool, key: Key) -> asyncio.Protocol:
+    # Upstream is a protocol by duck typing, like ClientConn (native when compiled).
+    return cast(asyncio.Protocol, Upstream(pool, key))

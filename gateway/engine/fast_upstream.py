@@ -58,8 +58,8 @@ TE_OTHER = 2
 Key = tuple[str, int]
 
 
-class Upstream(asyncio.Protocol):
-    """One keep-alive connection to an upstream endpoint.
+class Upstream:
+    """One keep-alive connection to an upstream endpoint (a protocol by duck typing, as ClientConn).
 
     Why it relays the response itself: the head is rebuilt once without
     hop-by-hop fields (RFC 9110 §7.6.1) and the body re-framed for the client
