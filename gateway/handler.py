@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from gateway import propagation
+from gateway.balancer import Pool, Slot
 from gateway.engine.api import Forward, Headers, RequestHead, Respond
 from gateway.errors import upstream_status
 from gateway.headers import scan, upstream_headers
@@ -220,41 +221,17 @@ class ProxyHandler:
                 upstream_port=slot.port,
             )
 
-        def on_done(status: int, error: str | None) -> None:
-            slot.outstanding -= 1
-            end = self.clock()
-            elapsed = end - start
-            if error is None:
-                if slot.fails:
-                    slot.succeeded()
-            elif error == "connect" or error == "timeout":
-                pool.eject(slot, end)
-            pend = self._pending
-            if not pend and self.defer is not None:
-                self.defer(self.flush)
-            pend.append((service, release, status, elapsed, error))
-            if self.defer is None:
-                self.flush()
-            if span_done is not None:
-                span_done(status, error)
-            if self.access_log:
-                log.info(
-                    json.dumps(
-                        {
-                            "trace_id": trace_id,
-                            "request_id": rid,
-                            "service": service,
-                            "release": release,
-                            "reason": dec.reason,
-                            "upstream": slot.endpoint.address,
-                            "method": head.method.decode("latin-1"),
-                            "status": status,
-                            "error": error,
-                            "duration_ms": round(elapsed * 1000, 3),
-                        },
-                        separators=(",", ":"),
-                    )
-                )
+        on_done = _Done(self, slot, pool, start, service, release, span_done)
+        if self.access_log:
+            on_done.log_fields = {
+                "trace_id": trace_id,
+                "request_id": rid,
+                "service": service,
+                "release": release,
+                "reason": dec.reason,
+                "upstream": slot.endpoint.address,
+                "method": head.method.decode("latin-1"),
+            }
 
         t = sv.cfg.timeouts
         return Forward(
@@ -268,6 +245,17 @@ class ProxyHandler:
             read_timeout=t.read,
             on_done=on_done,
         )
+
+    def finished(
+        self, service: str, release: str, status: int, elapsed: float, error: str | None
+    ) -> None:
+        """Queue one finished exchange for `flush` (metrics, guard windows)."""
+        pend = self._pending
+        if not pend and self.defer is not None:
+            self.defer(self.flush)
+        pend.append((service, release, status, elapsed, error))
+        if self.defer is None:
+            self.flush()
 
     def error_body(self, status: int, kind: str, fwd: Forward) -> Respond:
         msg = {
@@ -290,3 +278,54 @@ class ProxyHandler:
         if self.ready():
             return Respond(200, b'{"status":"ready"}', vh)
         return Respond(503, b'{"status":"not ready"}', vh)
+
+
+class _Done:
+    """`Forward.on_done` for one request: balancer counts, passive health, accounting.
+
+    A slotted object rather than a closure over `handle`'s locals: it holds only
+    what the end of the exchange needs, and (compiled) a closure environment
+    would tie the request's objects into a cycle that only the GC frees.
+    """
+
+    __slots__ = ("h", "slot", "pool", "start", "service", "release", "span_done", "log_fields")
+
+    def __init__(
+        self,
+        h: ProxyHandler,
+        slot: Slot,
+        pool: Pool,
+        start: float,
+        service: str,
+        release: str,
+        span_done: Callable[[int, str | None], None] | None,
+    ) -> None:
+        self.h = h
+        self.slot = slot
+        self.pool = pool
+        self.start = start
+        self.service = service
+        self.release = release
+        self.span_done = span_done
+        self.log_fields: dict[str, object] | None = None
+
+    def __call__(self, status: int, error: str | None) -> None:
+        slot = self.slot
+        slot.outstanding -= 1
+        h = self.h
+        end = h.clock()
+        elapsed = end - self.start
+        if error is None:
+            if slot.fails:
+                slot.succeeded()
+        elif error == "connect" or error == "timeout":
+            self.pool.eject(slot, end)
+        h.finished(self.service, self.release, status, elapsed, error)
+        if self.span_done is not None:
+            self.span_done(status, error)
+        fields = self.log_fields
+        if fields is not None:
+            fields["status"] = status
+            fields["error"] = error
+            fields["duration_ms"] = round(elapsed * 1000, 3)
+            log.info(json.dumps(fields, separators=(",", ":")))
