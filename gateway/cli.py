@@ -74,6 +74,14 @@ async def _serve(cfg: Any, *, admin: bool, data: bool = True) -> int:
     await gw.start()
     if admin and not data:
         log.info("admin listening on %s", gw.admin_port)
+    if data:
+        from gateway.version import compiled
+
+        log.info(
+            "serving: engine %s, %s build",
+            cfg.engine,
+            "compiled (mypyc)" if compiled() else "pure-Python",
+        )
     await stop.wait()
     log.info("draining (up to %.1fs)", cfg.drain_timeout)
     await gw.stop()

@@ -36,3 +36,10 @@ def build_version() -> str:
         if out.returncode == 0 and desc:
             return f"{__version__}+git.{desc}"
     return __version__
+
+
+def compiled() -> bool:
+    """True when the per-request modules run as mypyc-compiled extensions (setup.py)."""
+    from gateway import handler
+
+    return not handler.__file__.endswith(".py")
