@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any
 
 from benchmarks import report
+from benchmarks.build import prepare
 from benchmarks.measure import Record, Runner
 from benchmarks.procs import ProcessSet, StartupError, raise_nofile
 from benchmarks.scenarios import QUICK, SCENARIOS, Probe, Scenario, select
@@ -55,6 +56,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=("auto", "nginx", "builtin"),
         default="auto",
         help="fixed-body upstream pair: nginx when installed (auto), or the built-in asyncio one",
+    )
+    parser.add_argument(
+        "--build",
+        choices=("auto", "compiled", "pure"),
+        default="auto",
+        help="gateway build: compiled with mypyc as the Dockerfile ships it (auto: when a C "
+        "compiler and mypy are here, else pure Python), or the pure-Python package",
     )
     parser.add_argument("--no-install", action="store_true", help="never run apt-get")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
@@ -274,9 +282,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     session: Session | None = None
     t0 = time.monotonic()
     try:
+        try:
+            build = prepare(args.build, tmp, say)
+        except RuntimeError as exc:
+            print(f"benchmarks: {exc}", file=sys.stderr)
+            return 2
+        machine["gateway_build"] = build.kind
+        say(f"== gateway build: {build.kind}")
         with ProcessSet(tmp) as procs:
-            fleet = Fleet(procs, tmp, tools, layout, builtin_upstream=args.upstream == "builtin")
+            fleet = Fleet(
+                procs,
+                tmp,
+                tools,
+                layout,
+                builtin_upstream=args.upstream == "builtin",
+                pythonpath=build.pythonpath,
+            )
             session = Session(Runner(fleet, tools, layout, tmp), args, tools)
+            if build.note:
+                session.notes.append(build.note)
             try:
                 session.execute(scenarios)
             except KeyboardInterrupt:
@@ -319,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     report.write_json(out / "results.json", payload)
     table = report.format_table(rows) if rows else "(no runs)"
+    table = f"gateway build: {machine.get('gateway_build', '?')}\n\n{table}"
     (out / "table.txt").write_text(table + "\n\n" + report.LEGEND + "\n")
     chart = report.write_chart(out / "chart.png", rows) if rows else False
     say("\n" + table + "\n\n" + report.LEGEND)

@@ -115,13 +115,20 @@ def gateway_config(
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
 
 
-def gateway_env(tracing: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment minus anything that would redirect the gateway, plus the tracing mode."""
+def gateway_env(
+    tracing: str, base: Mapping[str, str] | None = None, pythonpath: Path | None = None
+) -> dict[str, str]:
+    """The environment minus anything that would redirect the gateway, plus the tracing mode.
+
+    `pythonpath` puts a build of the package (benchmarks.build) ahead of the installed one.
+    """
     env = {
         k: v
         for k, v in (os.environ if base is None else base).items()
-        if not k.startswith("OTEL_") and k not in ("GATEWAY_CONFIG", "GATEWAY_ENV")
+        if not k.startswith("OTEL_") and k not in ("GATEWAY_CONFIG", "GATEWAY_ENV", "PYTHONPATH")
     }
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
     env.update(TRACING_ENV[tracing])
     if tracing == "sampled":
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{otlp_sink_port()}"
@@ -170,8 +177,10 @@ class Fleet:
         layout: CpuLayout,
         *,
         builtin_upstream: bool = False,
+        pythonpath: Path | None = None,
     ) -> None:
         self.procs = procs
+        self.pythonpath = pythonpath
         self.builtin_upstream = builtin_upstream or not tools.get("nginx")
         self.tmp = tmp
         self.nginx = tools.get("nginx")
@@ -265,7 +274,9 @@ class Fleet:
             )
         )
         argv = pinned(gateway_argv(config, workers), self.layout.for_workers(workers))
-        proc = self.procs.start(name, argv, env=gateway_env(tracing), cwd=workdir)
+        proc = self.procs.start(
+            name, argv, env=gateway_env(tracing, pythonpath=self.pythonpath), cwd=workdir
+        )
         try:
             wait_http(port, "/healthz", proc=proc, deadline_s=20)
         except BaseException:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from benchmarks import idle, load, measure, nginxconf, procs, report, run, scenarios, servers
+from benchmarks import build, idle, load, measure, nginxconf, procs, report, run, scenarios, servers
 from benchmarks.upstream import FixedResponder, Stats
 
 WRK_TEXT = """\
@@ -336,7 +336,28 @@ def test_cli_defaults() -> None:
     quick = run.parse_args(["--quick"])
     assert (quick.repeats, quick.duration) == (1, 3.0)
     full = run.parse_args([])
-    assert (full.repeats, full.duration, full.pin) == (3, 10.0, False)
+    assert (full.repeats, full.duration, full.pin, full.build) == (3, 10.0, False, "auto")
+
+
+def test_gateway_env_puts_the_chosen_build_first(tmp_path: Path) -> None:
+    base = {"PATH": "/bin", "PYTHONPATH": "/somewhere/else"}
+    assert "PYTHONPATH" not in servers.gateway_env("off", base)  # the installed package
+    env = servers.gateway_env("off", base, pythonpath=tmp_path)
+    assert env["PYTHONPATH"] == str(tmp_path)
+
+
+def test_build_choice_pure_and_a_clear_error_without_a_compiler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert build.prepare("pure", tmp_path) == build.Build("pure", None)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, no gcc
+    assert build.missing_for_compiled() == "no C compiler (apt-get install gcc)"
+    with pytest.raises(RuntimeError, match="--build compiled: no C compiler"):
+        build.prepare("compiled", tmp_path, log=lambda _: None)
+    notes: list[str] = []
+    auto = build.prepare("auto", tmp_path, log=notes.append)
+    assert auto.kind == "pure" and auto.pythonpath is None
+    assert notes == [f"!! {auto.note}"] and "no C compiler" in auto.note
 
 
 def test_group_cpu_reads_this_process() -> None:

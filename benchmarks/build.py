@@ -1,0 +1,92 @@
+"""Which gateway build the benchmark runs: compiled (as the container ships) or pure Python.
+
+Why: the Dockerfile compiles the per-request modules with mypyc (setup.py, GATEWAY_COMPILE=1);
+the figures that matter are that build's. The same step runs here, in a copy of the sources,
+so the checkout itself never holds compiled modules that would shadow edited ones.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PROBE = "from gateway.version import compiled; print(compiled())"
+
+
+@dataclass(frozen=True)
+class Build:
+    kind: str  # "compiled" | "pure"
+    pythonpath: Path | None  # prepended to the gateway's PYTHONPATH, None = the installed package
+    note: str = ""
+
+
+def missing_for_compiled() -> str | None:
+    """Why the compiled build cannot be made here, or None."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        return "no C compiler (apt-get install gcc)"
+    try:
+        import mypyc  # noqa: F401
+    except ImportError:
+        return "mypy is not installed (pip install -e '.[dev]')"
+    return None
+
+
+def compile_tree(dest: Path, log: Callable[[str], None] = print) -> Path:
+    """Copy the package sources into `dest` and build the compiled modules in place there."""
+    src = dest / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(
+        REPO / "gateway",
+        src / "gateway",
+        ignore=shutil.ignore_patterns("*.so", "__pycache__"),
+        dirs_exist_ok=True,
+    )
+    log("== compiling the gateway's per-request modules with mypyc (setup.py, ~30 s)")
+    done = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=src,
+        env={**os.environ, "GATEWAY_COMPILE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"compiled build failed:\n{done.stderr[-3000:]}")
+    probe = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=dest,
+        env={**os.environ, "PYTHONPATH": str(src)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if probe.stdout.strip() != "True":
+        raise RuntimeError(f"the compiled modules do not load:\n{probe.stderr[-3000:]}")
+    return src
+
+
+def prepare(want: str, tmp: Path, log: Callable[[str], None] = print) -> Build:
+    """`want` is auto | compiled | pure; auto falls back to pure with a note when it must."""
+    if want == "pure":
+        return Build("pure", None)
+    why = missing_for_compiled()
+    if why is None:
+        try:
+            return Build("compiled", compile_tree(tmp / "compiled", log))
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            why = str(exc)
+    if want == "compiled":
+        raise RuntimeError(f"--build compiled: {why}")
+    note = f"compiled build unavailable ({why.splitlines()[0]}): measuring the pure-Python build"
+    log(f"!! {note}")
+    return Build("pure", None, note)
