@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import random
 from collections.abc import Sequence
+from typing import Final
 
 import mmh3
 
@@ -22,8 +23,8 @@ from gateway.routing import hrw_score
 # connect/timeout failures an endpoint sits out FAIL_TIMEOUT seconds. Without it a
 # dead endpoint fails fast, keeps the fewest requests in flight and so attracts
 # p2c's traffic (the "black hole").
-MAX_FAILS = 3
-FAIL_TIMEOUT = 10.0
+MAX_FAILS: Final = 3
+FAIL_TIMEOUT: Final = 10.0
 
 
 class Slot:

@@ -13,16 +13,17 @@ import bisect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from gateway.config import GuardConfig
 
 # Latency bucket upper bounds in seconds: ~10 % apart from 0.5 ms to ~120 s.
-_BOUNDS: tuple[float, ...] = tuple(0.0005 * (1.1**i) for i in range(131))
-_NB = len(_BOUNDS) + 1
+_BOUNDS: Final[tuple[float, ...]] = tuple(0.0005 * (1.1**i) for i in range(131))
+_NB: Final = len(_BOUNDS) + 1
 
-REASON_ERROR_RATE = "error_rate"
-REASON_LATENCY = "latency_p95"
-REASON_LATENCY_DELTA = "latency_p95_delta"
+REASON_ERROR_RATE: Final = "error_rate"
+REASON_LATENCY: Final = "latency_p95"
+REASON_LATENCY_DELTA: Final = "latency_p95_delta"
 
 
 class _Bucket:

@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 from gateway import propagation
 from gateway.balancer import Pool, Slot
@@ -25,8 +25,8 @@ from gateway.routing import REASON_FALLBACK, choose_release, cookie_value
 from gateway.state import SnapshotHolder, live_releases
 
 log = logging.getLogger("gateway.access")
-_JSON = [(b"Content-Type", b"application/json")]
-_PROBE = float("inf")
+_JSON: Final = [(b"Content-Type", b"application/json")]
+_PROBE: Final = float("inf")
 
 
 class Observer(Protocol):

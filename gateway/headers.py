@@ -8,11 +8,12 @@ per-request path allocates little.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final
 
 Headers = list[tuple[bytes, bytes]]
 
 # RFC 9110 §7.6.1 plus the de-facto ones; Upgrade is re-added by the engine when upgrading.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -26,9 +27,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Framing is the engine's business; these never pass through as given.
-_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
 # Fields the gateway rewrites itself.
-_REWRITTEN = frozenset(
+_REWRITTEN: Final = frozenset(
     {
         b"x-forwarded-for",
         b"x-forwarded-proto",
@@ -40,7 +41,7 @@ _REWRITTEN = frozenset(
         b"baggage",
     }
 )
-VIA_TOKEN = b"1.1 gray-gateway"
+VIA_TOKEN: Final = b"1.1 gray-gateway"
 
 
 class Scanned:

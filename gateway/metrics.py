@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import (
     PLATFORM_COLLECTOR,
@@ -28,7 +28,23 @@ from prometheus_client import multiprocess as prom_mp
 
 from gateway.rollout import STATES as ROLLOUT_STATES
 
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 2.5, 5.0, 10.0, 30.0)
+BUCKETS: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    0.8,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 
 
 def _observe_many(child: Any, values: list[float]) -> None:

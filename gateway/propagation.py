@@ -12,45 +12,46 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 from urllib.parse import quote
 
-TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
+TRACE_HEADERS: Final = ("traceparent", "tracestate", "baggage")
 
-TRACESTATE_MAX_MEMBERS = 32
-BAGGAGE_MAX_MEMBERS = 180
-BAGGAGE_MAX_BYTES = 8192
+TRACESTATE_MAX_MEMBERS: Final = 32
+BAGGAGE_MAX_MEMBERS: Final = 180
+BAGGAGE_MAX_BYTES: Final = 8192
 
-FLAG_SAMPLED = 0x01
-FLAG_RANDOM = 0x02
+FLAG_SAMPLED: Final = 0x01
+FLAG_RANDOM: Final = 0x02
 
 # The version-00 layout is also the mandatory prefix of every later version, so one pattern
 # serves both; match() anchors only the start and the caller decides what may follow.
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
-_TRACEPARENT_LEN = 55
-_ZERO_TRACE_ID = "0" * 32
-_ZERO_SPAN_ID = "0" * 16
+_TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_TRACEPARENT_LEN: Final = 55
+_ZERO_TRACE_ID: Final = "0" * 32
+_ZERO_SPAN_ID: Final = "0" * 16
 # Indexed by FLAG_RANDOM | FLAG_SAMPLED: the only bits version 00 lets us set.
-_FLAGS_HEX = ("00", "01", "02", "03")
+_FLAGS_HEX: Final = ("00", "01", "02", "03")
 
-_TS_KEY_CHARS = r"[a-z0-9_\-*/]"
-_TRACESTATE_MEMBER = re.compile(
+_TS_KEY_CHARS: Final = r"[a-z0-9_\-*/]"
+_TRACESTATE_MEMBER: Final = re.compile(
     rf"(?:[a-z]{_TS_KEY_CHARS}{{0,255}}"
     rf"|[a-z0-9]{_TS_KEY_CHARS}{{0,240}}@[a-z]{_TS_KEY_CHARS}{{0,13}})"
     r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
 )
 
-_OWS = " \t"
-_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_OWS: Final = " \t"
+_TOKEN: Final = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # baggage-octet minus "%", which may only start a percent-encoded octet.
-_BAGGAGE_SAFE_CLASS = r"[\x21\x23\x24\x26-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]"
-_BAGGAGE_VALUE = rf"(?:{_BAGGAGE_SAFE_CLASS}|%[0-9A-Fa-f]{{2}})*"
-_BAGGAGE_MEMBER = re.compile(
+_BAGGAGE_SAFE_CLASS: Final = r"[\x21\x23\x24\x26-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]"
+_BAGGAGE_VALUE: Final = rf"(?:{_BAGGAGE_SAFE_CLASS}|%[0-9A-Fa-f]{{2}})*"
+_BAGGAGE_MEMBER: Final = re.compile(
     rf"({_TOKEN})[ \t]*=[ \t]*{_BAGGAGE_VALUE}"
     rf"(?:[ \t]*;[ \t]*{_TOKEN}(?:[ \t]*=[ \t]*{_BAGGAGE_VALUE})?)*"
 )
-_BAGGAGE_KEY = re.compile(_TOKEN)
-_BAGGAGE_SAFE_VALUE = re.compile(rf"{_BAGGAGE_SAFE_CLASS}*")
-_BAGGAGE_QUOTE_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '",;\\%')
+_BAGGAGE_KEY: Final = re.compile(_TOKEN)
+_BAGGAGE_SAFE_VALUE: Final = re.compile(rf"{_BAGGAGE_SAFE_CLASS}*")
+_BAGGAGE_QUOTE_SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '",;\\%')
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,16 +17,17 @@ import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import mmh3
 
-_TWO64 = float(2**64)
+_TWO64: Final = float(2**64)
 
-REASON_HEADER = "header"
-REASON_COOKIE = "cookie"
-REASON_HASH = "hash"
-REASON_RANDOM = "random"
-REASON_FALLBACK = "fallback"
+REASON_HEADER: Final = "header"
+REASON_COOKIE: Final = "cookie"
+REASON_HASH: Final = "hash"
+REASON_RANDOM: Final = "random"
+REASON_FALLBACK: Final = "fallback"
 
 
 def release_seed(salt: str, release: str) -> int:

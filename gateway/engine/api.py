@@ -9,7 +9,7 @@ exchange is over. Nothing here imports asyncio or aiohttp.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -59,11 +59,11 @@ class Respond:
 
 
 # Error kinds reported to Forward.on_done; a closed set (metric label values).
-ERR_CONNECT = "connect"  # refused / unreachable -> 502
-ERR_RESET = "reset"  # upstream closed or reset mid-exchange -> 502
-ERR_TIMEOUT = "timeout"  # connect/read timeout -> 504
-ERR_PROTOCOL = "protocol"  # upstream sent an unparsable response -> 502
-ERR_CLIENT = "client_abort"  # client went away; nothing to answer
+ERR_CONNECT: Final = "connect"  # refused / unreachable -> 502
+ERR_RESET: Final = "reset"  # upstream closed or reset mid-exchange -> 502
+ERR_TIMEOUT: Final = "timeout"  # connect/read timeout -> 504
+ERR_PROTOCOL: Final = "protocol"  # upstream sent an unparsable response -> 502
+ERR_CLIENT: Final = "client_abort"  # client went away; nothing to answer
 
 
 class Forward:

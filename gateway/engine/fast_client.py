@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from httptools import (
     HttpParserCallbackError,
@@ -48,13 +48,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # What the client connection waits for (drives its single lazy timer).
-S_WAIT = 0  # the start of the next request (idle if nothing is in flight)
-S_HEAD = 1  # the rest of a request head
-S_BODY = 2  # the rest of a request body
-S_LINGER = 3  # the peer's close after our final response
-S_TUNNEL = 4  # nothing: an upgraded connection just relays
+S_WAIT: Final = 0  # the start of the next request (idle if nothing is in flight)
+S_HEAD: Final = 1  # the rest of a request head
+S_BODY: Final = 2  # the rest of a request body
+S_LINGER: Final = 3  # the peer's close after our final response
+S_TUNNEL: Final = 4  # nothing: an upgraded connection just relays
 
-LINGER_SECONDS = 2.0
+LINGER_SECONDS: Final = 2.0
 
 
 class ClientConn:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
@@ -46,14 +46,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # How the response body is relayed to the client.
-M_NONE = 0  # no body (HEAD, 1xx, 204, 304)
-M_RAW = 1  # as received: Content-Length, or close-delimited to HTTP/1.0
-M_CHUNK = 2  # re-framed as chunked for an HTTP/1.1 client (RFC 9112 §7.1)
-M_EOF = 3  # upstream body ends at close; relayed raw to an HTTP/1.0 client
+M_NONE: Final = 0  # no body (HEAD, 1xx, 204, 304)
+M_RAW: Final = 1  # as received: Content-Length, or close-delimited to HTTP/1.0
+M_CHUNK: Final = 2  # re-framed as chunked for an HTTP/1.1 client (RFC 9112 §7.1)
+M_EOF: Final = 3  # upstream body ends at close; relayed raw to an HTTP/1.0 client
 
-TE_NONE = 0
-TE_IS_CHUNKED = 1
-TE_OTHER = 2
+TE_NONE: Final = 0
+TE_IS_CHUNKED: Final = 1
+TE_OTHER: Final = 2
 
 Key = tuple[str, int]
 

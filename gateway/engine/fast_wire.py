@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from gateway.engine.api import Forward, RequestHead, Respond
 from gateway.headers import HOP_BY_HOP
@@ -20,47 +20,47 @@ if TYPE_CHECKING:
     from gateway.engine.fast_upstream import Upstream
 
 # RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ].
-STATUS_LINES: dict[int, bytes] = {
+STATUS_LINES: Final[dict[int, bytes]] = {
     int(s): b"HTTP/1.1 %d %s\r\n" % (int(s), s.phrase.encode("latin-1")) for s in HTTPStatus
 }
 
-CRLF = b"\r\n"
-COLON = b": "
-CHUNK_END = b"0\r\n\r\n"
-TE_CHUNKED = b"Transfer-Encoding: chunked\r\n"
-CONN_CLOSE = b"Connection: close\r\n"
-CONN_KEEP = b"Connection: keep-alive\r\n"
-CONN_UPGRADE = b"Connection: Upgrade\r\nUpgrade: "
-HTTP11_TAIL = b" HTTP/1.1\r\n"
-SP = b" "
+CRLF: Final = b"\r\n"
+COLON: Final = b": "
+CHUNK_END: Final = b"0\r\n\r\n"
+TE_CHUNKED: Final = b"Transfer-Encoding: chunked\r\n"
+CONN_CLOSE: Final = b"Connection: close\r\n"
+CONN_KEEP: Final = b"Connection: keep-alive\r\n"
+CONN_UPGRADE: Final = b"Connection: Upgrade\r\nUpgrade: "
+HTTP11_TAIL: Final = b" HTTP/1.1\r\n"
+SP: Final = b" "
 
 # Why reading from a client is paused (a bit set; reading resumes when empty).
-P_PIPE = 1  # a pipelined request waits for the one in progress
-P_WAIT = 2  # the upstream connection is not there yet; the body is buffered
-P_UPW = 4  # the upstream's write buffer is above its high-water mark
-P_UPG = 8  # an upgrade waits for the upstream's answer
-P_DEAD = 16  # input was refused; nothing more is parsed
+P_PIPE: Final = 1  # a pipelined request waits for the one in progress
+P_WAIT: Final = 2  # the upstream connection is not there yet; the body is buffered
+P_UPW: Final = 4  # the upstream's write buffer is above its high-water mark
+P_UPG: Final = 8  # an upgrade waits for the upstream's answer
+P_DEAD: Final = 16  # input was refused; nothing more is parsed
 
 # Body framing of a client request.
-BODY_NONE = 0
-BODY_CL = 1
-BODY_CHUNKED = 2
+BODY_NONE: Final = 0
+BODY_CL: Final = 1
+BODY_CHUNKED: Final = 2
 
 # RFC 9110 §9.2.2: only these may be retried automatically (RFC 9112 §9.3.1).
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-REPLAY_CAP = 65536
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+REPLAY_CAP: Final = 65536
 
 # Response fields handled specially by the relay: hop-by-hop ones (RFC 9110
 # §7.6.1) are dropped, Content-Length is kept but noted for framing.
-H_CONTENT_LENGTH = b"content-length"
-H_CONNECTION = b"connection"
-H_UPGRADE = b"upgrade"
-H_TRANSFER_ENCODING = b"transfer-encoding"
-RESP_SPECIAL = HOP_BY_HOP | {H_CONTENT_LENGTH}
-RESP_SPECIAL_LENS = frozenset(len(n) for n in RESP_SPECIAL)
+H_CONTENT_LENGTH: Final = b"content-length"
+H_CONNECTION: Final = b"connection"
+H_UPGRADE: Final = b"upgrade"
+H_TRANSFER_ENCODING: Final = b"transfer-encoding"
+RESP_SPECIAL: Final = HOP_BY_HOP | {H_CONTENT_LENGTH}
+RESP_SPECIAL_LENS: Final = frozenset(len(n) for n in RESP_SPECIAL)
 # Request fields the client side inspects (lengths first: a cheap pre-filter).
-H_HOST = b"host"
-REQ_SPECIAL_LENS = frozenset({len(H_HOST), len(H_UPGRADE), len(H_CONTENT_LENGTH), 17})
+H_HOST: Final = b"host"
+REQ_SPECIAL_LENS: Final = frozenset({len(H_HOST), len(H_UPGRADE), len(H_CONTENT_LENGTH), 17})
 
 
 def status_line(code: int) -> bytes:
