@@ -21,7 +21,8 @@ from typing import Final
 
 import mmh3
 
-_TWO64: Final = float(2**64)
+_TWO64_INT: Final = 2**64
+_TWO64: Final = float(_TWO64_INT)
 
 REASON_HEADER: Final = "header"
 REASON_COOKIE: Final = "cookie"
@@ -37,7 +38,9 @@ def release_seed(salt: str, release: str) -> int:
 
 def hrw_score(key: str, seed: int, inv_weight: float) -> float:
     """ln(u)/w for one release; u in (0, 1) from the key's 64-bit mmh3 hash."""
-    h = mmh3.hash64(key, seed, signed=False)[0]
+    h = mmh3.hash64(key, seed)[0]  # signed: a keyword argument costs more than the fix-up
+    if h < 0:
+        h += _TWO64_INT  # the same unsigned value as signed=False, exactly (int arithmetic)
     return math.log((h + 0.5) / _TWO64) * inv_weight
 
 
@@ -72,7 +75,10 @@ class WeightTable:
         hash64 = mmh3.hash64
         log = math.log
         for name, seed, inv in self._live:
-            s = log((hash64(key, seed, signed=False)[0] + 0.5) / _TWO64) * inv
+            h = hash64(key, seed)[0]
+            if h < 0:
+                h += _TWO64_INT
+            s = log((h + 0.5) / _TWO64) * inv
             if s > best_score:
                 best_score = s
                 best = name
