@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -176,6 +176,17 @@ class Guard:
         if w is None:
             w = self._windows[key] = ReleaseWindow(self._sizes.get(service, 300.0))
         w.record(self.clock(), seconds, is_failure(status, error))
+
+    def record_batch(self, items: Sequence[tuple[str, str, int, float, str | None]]) -> None:
+        """Many finished exchanges at once (the data path flushes once per loop iteration)."""
+        now = self.clock()  # one clock read per batch: the batch is one loop iteration old at most
+        windows = self._windows
+        for service, release, status, seconds, error in items:
+            key = (service, release)
+            w = windows.get(key)
+            if w is None:
+                w = windows[key] = ReleaseWindow(self._sizes.get(service, 300.0))
+            w.record(now, seconds, is_failure(status, error))
 
     def stats(self, service: str, release: str) -> WindowStats:
         w = self._windows.get((service, release))

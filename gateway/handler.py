@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
 from gateway import propagation
@@ -29,12 +29,13 @@ _JSON: Final = [(b"Content-Type", b"application/json")]
 _PROBE: Final = float("inf")
 
 
-class Observer(Protocol):
-    """Anything that wants every finished exchange (the guard, tests)."""
+Finished = tuple[str, str, int, float, "str | None"]  # service, release, status, seconds, error
 
-    def record(
-        self, service: str, release: str, status: int, seconds: float, error: str | None
-    ) -> None: ...
+
+class Observer(Protocol):
+    """Anything that wants every finished exchange (the guard, tests), a batch at a time."""
+
+    def record_batch(self, items: Sequence[Finished]) -> None: ...
 
 
 class Tracer(Protocol):
@@ -96,7 +97,7 @@ class ProxyHandler:
         # so ~50 finished requests cost a few counter updates instead of ~150
         # locked ones. Without `defer` every exchange is flushed at once.
         self.defer = defer
-        self._pending: list[tuple[str, str, int, float, str | None]] = []
+        self._pending: list[Finished] = []
 
     def flush(self) -> None:
         """Hand every finished exchange since the last flush to metrics and observers."""
@@ -107,9 +108,7 @@ class ProxyHandler:
         if self.metrics is not None:
             self.metrics.observe_batch(pend)
         for o in self.observers:
-            rec = o.record
-            for service, release, status, elapsed, error in pend:
-                rec(service, release, status, elapsed, error)
+            o.record_batch(pend)
 
     # ----------------------------------------------------------------- request
     def handle(self, head: RequestHead) -> Forward | Respond:

@@ -91,3 +91,17 @@ def test_guard_evaluates_non_baseline_releases_with_weight() -> None:
     assert [(t.release, t.reason) for t in trips] == [("gray", "error_rate")]
     clock.t += 120
     assert g.evaluate("svc", "stable", {"stable": 90, "gray": 10}, CFG) == []
+
+
+def test_record_batch_counts_like_record_one_by_one() -> None:
+    items = [
+        ("svc", "gray" if i % 3 else "stable", 500 if i % 7 == 0 else 200, 0.001 * i, None)
+        for i in range(300)
+    ] + [("svc", "gray", 0, 0.5, "connect"), ("other", "gray", 200, 0.2, None)]
+    one, batch = Guard(Clock()), Guard(Clock())
+    for it in items:
+        one.record(*it)
+    batch.record_batch(items)
+    for service, release in [("svc", "gray"), ("svc", "stable"), ("other", "gray")]:
+        assert batch.stats(service, release) == one.stats(service, release)
+    assert batch.stats("svc", "gray").failures == one.stats("svc", "gray").failures > 0
