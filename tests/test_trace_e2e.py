@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,14 +67,12 @@ async def eventually(cond: Callable[[], bool], within: float = 5.0) -> None:
 
 @dataclass
 class Finished:
-    """A handler Observer: on_done calls it in the same step that ends the spans."""
+    """A handler Observer: gets each exchange once on_done has ended its spans."""
 
     statuses: list[int] = field(default_factory=list)
 
-    def record(
-        self, service: str, release: str, status: int, seconds: float, error: str | None
-    ) -> None:
-        self.statuses.append(status)
+    def record_batch(self, items: Sequence[tuple[str, str, int, float, str | None]]) -> None:
+        self.statuses.extend(status for _, _, status, _, _ in items)
 
 
 @dataclass
