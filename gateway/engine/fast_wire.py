@@ -237,7 +237,10 @@ def request_head(ex: Exchange, fwd: Forward) -> bytes:
     target = fwd.target
     parts = [h.method, SP, target if target is not None else h.target, HTTP11_TAIL]
     for n, v in fwd.headers:
-        parts += (n, COLON, v, CRLF)
+        parts.append(n)  # four appends: cheaper than extending by a new tuple (compiled)
+        parts.append(COLON)
+        parts.append(v)
+        parts.append(CRLF)
     kind = ex.body_kind
     if kind == BODY_CL:
         parts.append(b"Content-Length: %d\r\n\r\n" % ex.cl)
