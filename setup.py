@@ -30,6 +30,7 @@ COMPILED = [
     "gateway/metrics.py",
     "gateway/propagation.py",
     "gateway/routing.py",
+    "gateway/tally.py",
     "gateway/state.py",
 ]
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
 from gateway.config import GuardConfig
+from gateway.tally import Tally
 
 # Latency bucket upper bounds in seconds: ~10 % apart from 0.5 ms to ~120 s.
 _BOUNDS: Final[tuple[float, ...]] = tuple(0.0005 * (1.1**i) for i in range(131))
@@ -71,6 +72,18 @@ class ReleaseWindow:
         if failed:
             b.failures += 1
         b.hist[bisect.bisect_left(_BOUNDS, seconds)] += 1
+
+    def record_many(self, now: float, seconds: list[float], failures: int) -> None:
+        """`record` for many exchanges that ended in the same second."""
+        sec = int(now)
+        b = self._buckets[sec % self.window]
+        if b.second != sec:
+            b.reset(sec)
+        b.requests += len(seconds)
+        b.failures += failures
+        hist = b.hist
+        for x in seconds:
+            hist[bisect.bisect_left(_BOUNDS, x)] += 1
 
     def stats(self, now: float) -> WindowStats:
         lo = int(now) - self.window
@@ -177,15 +190,16 @@ class Guard:
             w = self._windows[key] = ReleaseWindow(self._sizes.get(service, 300.0))
         w.record(self.clock(), seconds, is_failure(status, error))
 
-    def record_batch(self, items: Sequence[tuple[str, str, int, float, str | None]]) -> None:
-        """Many finished exchanges at once (the data path flushes once per loop iteration)."""
-        now = self.clock()  # one clock read per batch: the batch is one loop iteration old at most
-        windows = self._windows
-        for service, release, status, seconds, error in items:
-            key = (service, release)
-            w = windows.get(key)
-            if w is None:
-                w = windows[key] = ReleaseWindow(self._sizes.get(service, 300.0))
+    def record_tally(self, t: Tally) -> None:
+        """One release's exchanges since the last flush (the data path flushes per loop turn)."""
+        key = (t.service, t.release)
+        w = self._windows.get(key)
+        if w is None:
+            w = self._windows[key] = ReleaseWindow(self._sizes.get(t.service, 300.0))
+        now = self.clock()  # one read per tally: it is one loop iteration old at most
+        if t.seconds:
+            w.record_many(now, t.seconds, t.failed)
+        for status, seconds, error in t.odd:
             w.record(now, seconds, is_failure(status, error))
 
     def stats(self, service: str, release: str) -> WindowStats:

@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from gateway import propagation
@@ -23,19 +23,17 @@ from gateway.headers import scan, upstream_headers
 from gateway.metrics import Metrics
 from gateway.routing import REASON_FALLBACK, choose_release, cookie_value
 from gateway.state import SnapshotHolder, live_releases
+from gateway.tally import Tally
 
 log = logging.getLogger("gateway.access")
 _JSON: Final = [(b"Content-Type", b"application/json")]
 _PROBE: Final = float("inf")
 
 
-Finished = tuple[str, str, int, float, "str | None"]  # service, release, status, seconds, error
-
-
 class Observer(Protocol):
-    """Anything that wants every finished exchange (the guard, tests), a batch at a time."""
+    """Anything that wants every finished exchange (the guard, tests), a tally at a time."""
 
-    def record_batch(self, items: Sequence[Finished]) -> None: ...
+    def record_tally(self, t: Tally) -> None: ...
 
 
 class Tracer(Protocol):
@@ -97,18 +95,32 @@ class ProxyHandler:
         # so ~50 finished requests cost a few counter updates instead of ~150
         # locked ones. Without `defer` every exchange is flushed at once.
         self.defer = defer
-        self._pending: list[Finished] = []
+        self._tallies: dict[str, dict[str, Tally]] = {}  # service -> release -> tally
+        self._dirty: list[Tally] = []  # tallies with exchanges since the last flush
 
     def flush(self) -> None:
         """Hand every finished exchange since the last flush to metrics and observers."""
-        pend = self._pending
-        if not pend:
+        dirty = self._dirty
+        if not dirty:
             return
-        self._pending = []
-        if self.metrics is not None:
-            self.metrics.observe_batch(pend)
-        for o in self.observers:
-            o.record_batch(pend)
+        self._dirty = []
+        metrics = self.metrics
+        for t in dirty:
+            if metrics is not None:
+                metrics.observe_tally(t)
+            for o in self.observers:
+                o.record_tally(t)
+            t.clear()
+
+    def tally(self, service: str, release: str) -> Tally:
+        """The accumulator a request of (service, release) reports to when it ends."""
+        per = self._tallies.get(service)
+        if per is None:
+            per = self._tallies[service] = {}
+        t = per.get(release)
+        if t is None:
+            t = per[release] = Tally(service, release)
+        return t
 
     # ----------------------------------------------------------------- request
     def handle(self, head: RequestHead) -> Forward | Respond:
@@ -220,7 +232,7 @@ class ProxyHandler:
                 upstream_port=slot.port,
             )
 
-        on_done = _Done(self, slot, pool, start, service, release, span_done)
+        on_done = _Done(self, slot, pool, start, self.tally(service, release), span_done)
         if self.access_log:
             on_done.log_fields = {
                 "trace_id": trace_id,
@@ -245,14 +257,13 @@ class ProxyHandler:
             on_done=on_done,
         )
 
-    def finished(
-        self, service: str, release: str, status: int, elapsed: float, error: str | None
-    ) -> None:
-        """Queue one finished exchange for `flush` (metrics, guard windows)."""
-        pend = self._pending
-        if not pend and self.defer is not None:
-            self.defer(self.flush)
-        pend.append((service, release, status, elapsed, error))
+    def finished(self, t: Tally, status: int, elapsed: float, error: str | None) -> None:
+        """Add one finished exchange to its tally; `flush` hands it on (metrics, guard)."""
+        if not t.n:
+            if not self._dirty and self.defer is not None:
+                self.defer(self.flush)
+            self._dirty.append(t)
+        t.add(status, elapsed, error)
         if self.defer is None:
             self.flush()
 
@@ -287,7 +298,7 @@ class _Done:
     would tie the request's objects into a cycle that only the GC frees.
     """
 
-    __slots__ = ("h", "slot", "pool", "start", "service", "release", "span_done", "log_fields")
+    __slots__ = ("h", "slot", "pool", "start", "tally", "span_done", "log_fields")
 
     def __init__(
         self,
@@ -295,16 +306,14 @@ class _Done:
         slot: Slot,
         pool: Pool,
         start: float,
-        service: str,
-        release: str,
+        tally: Tally,
         span_done: Callable[[int, str | None], None] | None,
     ) -> None:
         self.h = h
         self.slot = slot
         self.pool = pool
         self.start = start
-        self.service = service
-        self.release = release
+        self.tally = tally
         self.span_done = span_done
         self.log_fields: dict[str, object] | None = None
 
@@ -319,7 +328,7 @@ class _Done:
                 slot.succeeded()
         elif error == "connect" or error == "timeout":
             self.pool.eject(slot, end)
-        h.finished(self.service, self.release, status, elapsed, error)
+        h.finished(self.tally, status, elapsed, error)
         if self.span_done is not None:
             self.span_done(status, error)
         fields = self.log_fields

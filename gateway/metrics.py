@@ -27,6 +27,7 @@ from prometheus_client import (
 from prometheus_client import multiprocess as prom_mp
 
 from gateway.rollout import STATES as ROLLOUT_STATES
+from gateway.tally import Tally
 
 BUCKETS: Final = (
     0.001,
@@ -172,6 +173,24 @@ class Metrics:
             if h is None:
                 h = self._dur[k2] = self.duration.labels(*k2)
             _observe_many(h, xs)
+
+    def observe_tally(self, t: Tally) -> None:
+        """One release's exchanges since the last flush: one update per label set."""
+        service, release = t.service, t.release
+        for code, n in t.codes.items():
+            k = (service, release, code)
+            c = self._req.get(k)
+            if c is None:
+                c = self._req[k] = self.requests.labels(service, release, str(code))
+            c.inc(n)
+        if t.seconds:
+            k2 = (service, release)
+            h = self._dur.get(k2)
+            if h is None:
+                h = self._dur[k2] = self.duration.labels(service, release)
+            _observe_many(h, t.seconds)
+        if t.odd:
+            self.observe_batch([(service, release, st, sec, err) for st, sec, err in t.odd])
 
     def upstream_error(self, service: str, release: str, kind: str) -> None:
         k = (service, release, kind)

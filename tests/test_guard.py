@@ -6,6 +6,7 @@ import pytest
 
 from gateway.config import GuardConfig
 from gateway.guard import Guard, ReleaseWindow, WindowStats, decide, is_failure
+from gateway.tally import Tally
 
 CFG = GuardConfig(
     error_rate=0.01, latency_p95_ms=800, latency_p95_delta_ms=200, window=60, min_requests=100
@@ -93,15 +94,32 @@ def test_guard_evaluates_non_baseline_releases_with_weight() -> None:
     assert g.evaluate("svc", "stable", {"stable": 90, "gray": 10}, CFG) == []
 
 
-def test_record_batch_counts_like_record_one_by_one() -> None:
+def test_record_tally_counts_like_record_one_by_one() -> None:
     items = [
-        ("svc", "gray" if i % 3 else "stable", 500 if i % 7 == 0 else 200, 0.001 * i, None)
+        ("gray" if i % 3 else "stable", 500 if i % 7 == 0 else 200, 0.001 * i, None)
         for i in range(300)
-    ] + [("svc", "gray", 0, 0.5, "connect"), ("other", "gray", 200, 0.2, None)]
-    one, batch = Guard(Clock()), Guard(Clock())
-    for it in items:
-        one.record(*it)
-    batch.record_batch(items)
-    for service, release in [("svc", "gray"), ("svc", "stable"), ("other", "gray")]:
-        assert batch.stats(service, release) == one.stats(service, release)
-    assert batch.stats("svc", "gray").failures == one.stats("svc", "gray").failures > 0
+    ] + [
+        ("gray", 0, 0.5, "connect"),
+        ("gray", 502, 0.2, "reset"),
+        ("stable", 0, 0.1, "client_abort"),
+    ]
+    one, tallied = Guard(Clock()), Guard(Clock())
+    tallies = {rel: Tally("svc", rel) for rel in ("stable", "gray")}
+    for rel, status, seconds, error in items:
+        one.record("svc", rel, status, seconds, error)
+        tallies[rel].add(status, seconds, error)
+    for t in tallies.values():
+        tallied.record_tally(t)
+    for release in ("gray", "stable"):
+        assert tallied.stats("svc", release) == one.stats("svc", release)
+    assert tallied.stats("svc", "gray").failures == one.stats("svc", "gray").failures > 0
+
+
+def test_tally_sorts_plain_answers_from_engine_errors() -> None:
+    t = Tally("svc", "gray")
+    for status, error in [(200, None), (200, None), (503, None), (502, "connect"), (0, "reset")]:
+        t.add(status, 0.01, error)
+    assert (t.n, t.codes, t.failed, len(t.seconds)) == (5, {200: 2, 503: 1}, 1, 3)
+    assert t.odd == [(502, 0.01, "connect"), (0, 0.01, "reset")]
+    t.clear()
+    assert (t.n, t.codes, t.seconds, t.failed, t.odd) == (0, {}, [], 0, [])

@@ -313,6 +313,7 @@ def test_batched_accounting_equals_one_by_one() -> None:
     import random as _random
 
     from gateway.metrics import Metrics
+    from gateway.tally import Tally
 
     rng = _random.Random(3)
     items = [
@@ -325,7 +326,7 @@ def test_batched_accounting_equals_one_by_one() -> None:
         )
         for _ in range(500)
     ]
-    one, batch = Metrics(), Metrics()
+    one, batch, tallied = Metrics(), Metrics(), Metrics()
     for svc, rel, code, secs, err in items:
         if err is not None and err != "client_abort":
             one.upstream_error(svc, rel, err)
@@ -333,6 +334,15 @@ def test_batched_accounting_equals_one_by_one() -> None:
             one.observe(svc, rel, code, secs)
     batch.observe_batch(items[:3])  # small batches take the plain path
     batch.observe_batch(items[3:])
+    tallies = {rel: Tally("svc", rel) for rel in ("stable", "gray")}
+    for i, (_, rel, code, secs, err) in enumerate(items):
+        tallies[rel].add(code, secs, err)
+        if i in (2, 250):  # flushes in between, as the data path does
+            for t in tallies.values():
+                tallied.observe_tally(t)
+                t.clear()
+    for t in tallies.values():
+        tallied.observe_tally(t)
 
     def series(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         return {
@@ -342,4 +352,4 @@ def test_batched_accounting_equals_one_by_one() -> None:
             if s.name.startswith(("http_", "gateway_upstream_errors")) and "created" not in s.name
         }
 
-    assert series(one) == series(batch)
+    assert series(one) == series(batch) == series(tallied)

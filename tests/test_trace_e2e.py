@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from gateway import config as C
 from gateway.app import Gateway
+from gateway.tally import Tally
 from gateway.telemetry import Telemetry, TelemetryConfig
 from tests.conftest import Upstream, free_port, gateway_config
 
@@ -71,8 +72,9 @@ class Finished:
 
     statuses: list[int] = field(default_factory=list)
 
-    def record_batch(self, items: Sequence[tuple[str, str, int, float, str | None]]) -> None:
-        self.statuses.extend(status for _, _, status, _, _ in items)
+    def record_tally(self, t: Tally) -> None:
+        self.statuses.extend(code for code, n in t.codes.items() for _ in range(n))
+        self.statuses.extend(status for status, _, _ in t.odd)
 
 
 @dataclass
