@@ -71,14 +71,14 @@ class WeightTable:
         """The release for a sticky key (None when every weight is zero)."""
         best: str | None = None
         best_score = -math.inf
-        # hrw_score, inlined: this runs once per request per live release.
+        # hrw_score, inlined: this runs once per request per live release. math.log is
+        # called as such (not bound to a local) so the compiled build makes it a C call.
         hash64 = mmh3.hash64
-        log = math.log
         for name, seed, inv in self._live:
-            h = hash64(key, seed)[0]
+            h: int = hash64(key, seed)[0]
             if h < 0:
                 h += _TWO64_INT
-            s = log((h + 0.5) / _TWO64) * inv
+            s = math.log((h + 0.5) / _TWO64) * inv
             if s > best_score:
                 best_score = s
                 best = name
