@@ -82,8 +82,9 @@ class ReleaseWindow:
         b.requests += len(seconds)
         b.failures += failures
         hist = b.hist
+        bisect_left = bisect.bisect_left  # one module lookup, not one per value
         for x in seconds:
-            hist[bisect.bisect_left(_BOUNDS, x)] += 1
+            hist[bisect_left(_BOUNDS, x)] += 1
 
     def stats(self, now: float) -> WindowStats:
         lo = int(now) - self.window

@@ -28,6 +28,7 @@ from gateway.tally import Tally
 log = logging.getLogger("gateway.access")
 _JSON: Final = [(b"Content-Type", b"application/json")]
 _PROBE: Final = float("inf")
+_HTTP: Final = b"http"
 
 
 class Observer(Protocol):
@@ -126,8 +127,7 @@ class ProxyHandler:
     def handle(self, head: RequestHead) -> Forward | Respond:
         snap = self.holder.current
         target = head.target
-        q = target.find(b"?")
-        path_b = target if q < 0 else target[:q]
+        path_b = target[: target.find(b"?")] if b"?" in target else target
         if path_b == b"/healthz" or path_b == b"/readyz":
             return self._health(path_b)
         s = scan(head.headers, snap.stage_l, snap.user_l)
@@ -198,7 +198,7 @@ class ProxyHandler:
         up = upstream_headers(
             s,
             client_ip=head.client_ip,
-            proto=head.scheme.encode(),
+            proto=_HTTP if head.scheme == "http" else head.scheme.encode(),
             stage_name=snap.stage_name_b,
             release=rv.name_b,
             request_id=rid_b,
