@@ -294,8 +294,8 @@ class _Done:
     """`Forward.on_done` for one request: balancer counts, passive health, accounting.
 
     A slotted object rather than a closure over `handle`'s locals: it holds only
-    what the end of the exchange needs, and (compiled) a closure environment
-    would tie the request's objects into a cycle that only the GC frees.
+    what the end of the exchange needs (a compiled closure keeps an environment
+    object with every captured local alive until the exchange ends).
     """
 
     __slots__ = ("h", "slot", "pool", "start", "tally", "span_done", "log_fields")
