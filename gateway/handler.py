@@ -26,6 +26,7 @@ from gateway.state import SnapshotHolder, live_releases
 from gateway.tally import Tally
 
 log = logging.getLogger("gateway.access")
+errlog = logging.getLogger("gateway.handler")
 _JSON: Final = [(b"Content-Type", b"application/json")]
 _PROBE: Final = float("inf")
 _HTTP: Final = b"http"
@@ -91,7 +92,8 @@ class ProxyHandler:
         self.rng = rng or random.Random()
         self.ids = propagation.IdMint(self.rng)
         self.clock = clock
-        # Accounting (metrics, guard windows) is batched: `on_done` appends, and
+        # Accounting (metrics, guard windows) is batched: `on_done` adds to its
+        # release's tally (gateway/tally.py), and
         # `flush` runs once per event-loop iteration via `defer` (loop.call_soon),
         # so ~50 finished requests cost a few counter updates instead of ~150
         # locked ones. Without `defer` every exchange is flushed at once.
@@ -107,11 +109,15 @@ class ProxyHandler:
         self._dirty = []
         metrics = self.metrics
         for t in dirty:
-            if metrics is not None:
-                metrics.observe_tally(t)
-            for o in self.observers:
-                o.record_tally(t)
-            t.clear()
+            try:
+                if metrics is not None:
+                    metrics.observe_tally(t)
+                for o in self.observers:
+                    o.record_tally(t)
+            except Exception:  # never let accounting stop: a tally left full is never queued again
+                errlog.exception("accounting failed for %s/%s", t.service, t.release)
+            finally:
+                t.clear()
 
     def tally(self, service: str, release: str) -> Tally:
         """The accumulator a request of (service, release) reports to when it ends."""

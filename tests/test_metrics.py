@@ -353,3 +353,44 @@ def test_batched_accounting_equals_one_by_one() -> None:
         }
 
     assert series(one) == series(batch) == series(tallied)
+
+
+def test_a_failing_observer_never_stops_the_accounting(caplog: pytest.LogCaptureFixture) -> None:
+    from gateway import config as C
+    from gateway.engine.api import Forward, RequestHead
+    from gateway.tally import Tally
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.calls = 0
+            self.counted = 0
+
+        def record_tally(self, t: Tally) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("boom")
+            self.counted += t.n
+
+    gw = Gateway(
+        C.build(gateway_config(two_releases("http://127.0.0.1:9", "http://127.0.0.1:9")), env={})
+    )
+    flaky = Flaky()
+    h = gw.handler
+    h.observers.append(flaky)
+    h.defer = lambda fn: None  # flush by hand, as the loop would once per iteration
+    head = RequestHead(b"GET", b"/", [(b"Host", b"x"), (b"X-Release-Stage", b"gray")], "127.0.0.1")
+    for _ in range(2):
+        for _ in range(3):
+            fwd = h.handle(head)
+            assert isinstance(fwd, Forward)
+            fwd.on_done(200, None)
+        h.flush()
+    assert flaky.calls == 2 and flaky.counted == 3  # the second batch still arrived
+    assert "accounting failed for svc/gray" in caplog.text
+    total = sum(
+        s.value
+        for fam in text_string_to_metric_families(gw.metrics.exposition().decode())
+        for s in fam.samples
+        if s.name == "http_requests_total" and s.labels["release"] == "gray"
+    )
+    assert total == 6  # metrics ran before the observer failed, both times
