@@ -363,3 +363,11 @@ def test_build_choice_pure_and_a_clear_error_without_a_compiler(
 def test_group_cpu_reads_this_process() -> None:
     assert procs.group_cpu(os.getpgid(0)).total > 0
     assert procs.group_rss_kib(os.getpgid(0)) > 0
+
+
+def test_policy_microbenchmark_runs_the_real_handler() -> None:
+    from benchmarks import policy
+
+    r = policy.measure(rounds=1, heads_n=100, per_flush=10)
+    assert r["handle_us"] > 0 and r["handle_on_done_flush_us"] > r["handle_us"] * 0.5
+    assert r["compiled"] in (0.0, 1.0)
