@@ -182,21 +182,22 @@ class Guard:
                 for key in [k for k in self._windows if k[0] == svc]:
                     del self._windows[key]
 
-    def record(
-        self, service: str, release: str, status: int, seconds: float, error: str | None
-    ) -> None:
+    def _window(self, service: str, release: str) -> ReleaseWindow:
         key = (service, release)
         w = self._windows.get(key)
         if w is None:
             w = self._windows[key] = ReleaseWindow(self._sizes.get(service, 300.0))
-        w.record(self.clock(), seconds, is_failure(status, error))
+        return w
+
+    def record(
+        self, service: str, release: str, status: int, seconds: float, error: str | None
+    ) -> None:
+        """One finished exchange (the data path hands over whole tallies instead)."""
+        self._window(service, release).record(self.clock(), seconds, is_failure(status, error))
 
     def record_tally(self, t: Tally) -> None:
         """One release's exchanges since the last flush (the data path flushes per loop turn)."""
-        key = (t.service, t.release)
-        w = self._windows.get(key)
-        if w is None:
-            w = self._windows[key] = ReleaseWindow(self._sizes.get(t.service, 300.0))
+        w = self._window(t.service, t.release)
         now = self.clock()  # one read per tally: it is one loop iteration old at most
         if t.seconds:
             w.record_many(now, t.seconds, t.failed)

@@ -146,35 +146,6 @@ def parse_tracestate(values: Sequence[str]) -> str | None:
     return ",".join(members)
 
 
-def new_span_id(rng: random.Random | None = None) -> str:
-    """Mint a random, non-zero 8-byte span id as 16 lowercase hex digits.
-
-    Why: W3C Trace Context 2 §3.2.2.4 (parent-id: all zeroes is invalid). The default source is
-    the stdlib Mersenne Twister (as the OpenTelemetry SDK's RandomIdGenerator does): ids must be
-    unique, not secret, and it is reseeded in forked children.
-    """
-    getrandbits = random.getrandbits if rng is None else rng.getrandbits
-    bits = getrandbits(64)
-    while not bits:
-        bits = getrandbits(64)
-    return f"{bits:016x}"
-
-
-def new_ids(rng: random.Random | None = None) -> tuple[str, str]:
-    """Mint a (trace_id, span_id) pair for a trace we start; all 128 trace-id bits are random.
-
-    Why: W3C Trace Context 2 §3.2.2.3 (trace-id: all zeroes is invalid) and §3.2.2.5.2: the id
-    is fully random, so traces we start carry the random flag.
-    """
-    getrandbits = random.getrandbits if rng is None else rng.getrandbits
-    while True:
-        ids = f"{getrandbits(192):048x}"
-        trace_id = ids[:32]
-        span_id = ids[32:]
-        if trace_id != _ZERO_TRACE_ID and span_id != _ZERO_SPAN_ID:
-            return trace_id, span_id
-
-
 class IdMint:
     """Random trace and span ids cut from one bulk draw of random hex.
 
@@ -233,7 +204,7 @@ def outgoing_traceparent(
     the trace with a random id. `span_id` must be 16 lowercase hex digits, not all zero.
     """
     if incoming is None:
-        trace_id = mint.trace_id() if mint is not None else new_ids(rng)[0]
+        trace_id = (mint if mint is not None else IdMint(rng, chunk=16)).trace_id()
         flags = FLAG_RANDOM
     else:
         trace_id = incoming.trace_id

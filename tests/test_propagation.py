@@ -13,8 +13,6 @@ from gateway.propagation import (
     IdMint,
     TraceParent,
     build_baggage,
-    new_ids,
-    new_span_id,
     outgoing_traceparent,
     parse_traceparent,
     parse_tracestate,
@@ -189,9 +187,16 @@ def test_sampling_decision_overrides_incoming_sampled_bit() -> None:
 
 
 def test_ids_are_deterministic_with_rng_and_never_zero() -> None:
-    assert new_ids(random.Random(3)) == new_ids(random.Random(3))
+    def ids(rng: random.Random | None = None) -> tuple[str, str]:
+        mint = IdMint(rng, chunk=24)  # one draw: a trace id and a span id
+        return mint.trace_id(), mint.span_id()
+
+    def new_span_id(rng: random.Random | None = None) -> str:
+        return IdMint(rng, chunk=8).span_id()
+
+    assert ids(random.Random(3)) == ids(random.Random(3))
     assert new_span_id(random.Random(3)) == new_span_id(random.Random(3))
-    trace_id, span_id = new_ids(ZeroFirst())
+    trace_id, span_id = ids(ZeroFirst())
     assert re.fullmatch(r"[0-9a-f]{32}", trace_id) and trace_id != "0" * 32
     assert re.fullmatch(r"[0-9a-f]{16}", span_id) and span_id != "0" * 16
     assert new_span_id(ZeroFirst()) != "0" * 16
@@ -364,7 +369,7 @@ def test_outgoing_traceparent_is_always_strict_version_00(
 ) -> None:
     rng = random.Random(seed)
     incoming = parse_traceparent(values)
-    trace_id, header = outgoing_traceparent(incoming, new_span_id(rng), sampled, rng)
+    trace_id, header = outgoing_traceparent(incoming, IdMint(rng).span_id(), sampled, rng)
     assert STRICT_TRACEPARENT_00.fullmatch(header)
     assert header[3:35] == trace_id
     if incoming is not None:
