@@ -352,6 +352,13 @@ class Env:
         assert srv.port is not None
         return srv.port
 
+    async def via(self, script: Script) -> tuple[RawUpstream, ProxyHandler, RawClient]:
+        """A scripted upstream, an engine forwarding to it, and a client connected to that."""
+        up = await self.raw_upstream(script)
+        handler = ProxyHandler(up.port)
+        _, port = await self.engine(handler)
+        return up, handler, await self.connect(port)
+
     async def raw_upstream(self, script: Script) -> RawUpstream:
         up = await RawUpstream(script).start()
         self.raws.append(up)

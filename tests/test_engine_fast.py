@@ -114,10 +114,7 @@ async def test_chunked_request_reframed_chunked(env: Env) -> None:
         await w.drain()
         await r.read()
 
-    up = await env.raw_upstream(script)
-    handler = ProxyHandler(up.port)
-    _, port = await env.engine(handler)
-    c = await env.connect(port)
+    _, _, c = await env.via(script)
     await c.send(
         b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
@@ -172,10 +169,7 @@ async def test_response_body_reframed(
             if b"Connection: close" in upstream:
                 return
 
-    up = await env.raw_upstream(script)
-    handler = ProxyHandler(up.port)
-    _, port = await env.engine(handler)
-    c = await env.connect(port)
+    _, handler, c = await env.via(script)
     await c.send(request_line)
     if want_close:
         data = await c.read_until_eof()
@@ -209,10 +203,7 @@ async def test_response_hop_by_hop_removed(env: Env) -> None:
             )
             await w.drain()
 
-    up = await env.raw_upstream(script)
-    handler = ProxyHandler(up.port)
-    _, port = await env.engine(handler)
-    c = await env.connect(port)
+    up, _, c = await env.via(script)
     for _ in range(2):
         await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         r = await c.response()
@@ -268,10 +259,7 @@ async def test_expect_100_continue_relayed(env: Env) -> None:
         await w.drain()
         await r.read()
 
-    up = await env.raw_upstream(script)
-    handler = ProxyHandler(up.port)
-    _, port = await env.engine(handler)
-    c = await env.connect(port)
+    _, handler, c = await env.via(script)
     await c.send(b"PUT /e HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
     interim = await c.response()
     assert interim.status == 100
@@ -638,10 +626,7 @@ async def test_upstream_closing_mid_body_aborts_client(env: Env) -> None:
         w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
         await w.drain()
 
-    up = await env.raw_upstream(script)
-    handler = ProxyHandler(up.port)
-    _, port = await env.engine(handler)
-    c = await env.connect(port)
+    up, handler, c = await env.via(script)
     await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     try:
         data = await c.read_until_eof()
@@ -715,10 +700,7 @@ async def test_early_upstream_response_closes_client(env: Env) -> None:
         await w.drain()
         await r.read()
 
-    up = await env.raw_upstream(script)
-    handler = ProxyHandler(up.port)
-    _, port = await env.engine(handler)
-    c = await env.connect(port)
+    _, handler, c = await env.via(script)
     await c.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"a" * 10)
     r = await c.response()
     assert (r.status, r.get(b"connection")) == (413, b"close")
@@ -837,10 +819,7 @@ async def test_slow_client_pauses_upstream(env: Env) -> None:
         all_sent.set()
         await r.read()
 
-    up = await env.raw_upstream(script)
-    handler = ProxyHandler(up.port)
-    _, port = await env.engine(handler)
-    c = await env.connect(port)
+    _, handler, c = await env.via(script)
     await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     # The client reads nothing: the upstream must stall instead of the engine buffering.
     with pytest.raises(TimeoutError):
@@ -867,10 +846,7 @@ async def test_slow_upstream_pauses_client_upload(env: Env) -> None:
         await w.drain()
         await r.read()
 
-    up = await env.raw_upstream(script)
-    handler = ProxyHandler(up.port)
-    _, port = await env.engine(handler)
-    c = await env.connect(port)
+    _, handler, c = await env.via(script)
     c.writer.write(b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % PRESSURE)
 
     async def upload() -> None:

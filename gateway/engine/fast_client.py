@@ -367,13 +367,17 @@ class ClientConn:
         self._t0 = self.loop.time()
         if ex.body_kind == BODY_CHUNKED:
             body = b"".join((b"%x\r\n" % len(body), body, CRLF))
+        self._to_upstream(ex, body)
+
+    def _to_upstream(self, ex: Exchange, data: bytes) -> None:
+        """Request body bytes: sent if the upstream connection is there, else buffered."""
         up = ex.up
         if up is not None:
-            up.send(ex, body)
+            up.send(ex, data)
         elif ex.buf is None:
-            ex.buf = [body]
+            ex.buf = [data]
         else:
-            ex.buf.append(body)
+            ex.buf.append(data)
 
     def on_message_complete(self) -> None:
         ex = self._parsing
@@ -385,14 +389,9 @@ class ClientConn:
         ex.keep = self.parser.should_keep_alive()  # here, not after feed_data (PERF_NOTES)
         ex.req_done = True
         if not ex.discard:
-            up = ex.up
             if ex.body_kind == BODY_CHUNKED:
-                if up is not None:
-                    up.send(ex, CHUNK_END)
-                elif ex.buf is None:
-                    ex.buf = [CHUNK_END]
-                else:
-                    ex.buf.append(CHUNK_END)
+                self._to_upstream(ex, CHUNK_END)
+            up = ex.up
             if up is not None:
                 up.request_done()
         if ex.resp_done:
