@@ -37,9 +37,8 @@ def missing_for_compiled() -> str | None:
     return None
 
 
-def compile_tree(dest: Path, log: Callable[[str], None] = print) -> Path:
-    """Copy the package sources into `dest` and build the compiled modules in place there."""
-    src = dest / "src"
+def copy_sources(src: Path) -> Path:
+    """What the Dockerfile's builder stage copies: the build files and the package."""
     src.mkdir(parents=True, exist_ok=True)
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(REPO / name, src / name)
@@ -49,6 +48,12 @@ def compile_tree(dest: Path, log: Callable[[str], None] = print) -> Path:
         ignore=shutil.ignore_patterns("*.so", "__pycache__"),
         dirs_exist_ok=True,
     )
+    return src
+
+
+def compile_tree(dest: Path, log: Callable[[str], None] = print) -> Path:
+    """Copy the package sources into `dest` and build the compiled modules in place there."""
+    src = copy_sources(dest / "src")
     log("== compiling the gateway's per-request modules with mypyc (setup.py, ~30 s)")
     done = subprocess.run(
         [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.build import copy_sources
 from tests.test_dockerfile import BUILD_STEP, PROBE, ROOT, _run
 
 pytestmark = [
@@ -52,10 +53,7 @@ def compiled_wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         timeout=600,
     )
     assert pip.returncode == 0, pip.stderr[-3000:]
-    src.mkdir()  # the builder's WORKDIR: only what the Dockerfile copies
-    for name in ("pyproject.toml", "setup.py", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "gateway", src / "gateway", ignore=shutil.ignore_patterns("*.so"))
+    copy_sources(src)  # the builder's WORKDIR: only what the Dockerfile copies
     wheel = _run(
         [str(build / "bin" / "pip"), *BUILD_STEP.split()[2:-2], str(wheels), "."],
         cwd=src,
