@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -371,3 +374,34 @@ def test_policy_microbenchmark_runs_the_real_handler() -> None:
     r = policy.measure(rounds=1, heads_n=100, per_flush=10)
     assert r["handle_us"] > 0 and r["handle_on_done_flush_us"] > r["handle_us"] * 0.5
     assert r["compiled"] in (0.0, 1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_the_benchmark_command_runs_end_to_end(tmp_path: Path) -> None:
+    """Issue 3, acceptance 1, bounded: one 1 s run per target, ratio table, JSON (and PNG)."""
+    out = tmp_path / "out"
+    argv = ["--scenarios", "c50_1k", "--repeats", "1", "--duration", "1", "--warmup", "0.2"]
+    argv += ["--build", "pure", "--no-install", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", *argv],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ratio of" in done.stdout and "gateway build: pure" in done.stdout
+    payload = json.loads((out / "results.json").read_text())
+    rows = {r["target"]: r for r in payload["medians"]}
+    assert rows["gateway"]["rps"] > 0 and rows["direct"]["rps"] > 0
+    assert rows["gateway"]["vs_direct"] == pytest.approx(
+        rows["gateway"]["rps"] / rows["direct"]["rps"]
+    )
+    if shutil.which("nginx"):
+        assert rows["gateway"]["vs_nginx"] is not None
+    assert 0.03 < rows["gateway"]["gray_share_metrics"] < 0.07  # the 95/5 split, measured
+    assert (out / "table.txt").is_file()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "chart.png").stat().st_size > 0
