@@ -7,6 +7,7 @@ so the checkout itself never holds compiled modules that would shadow edited one
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -26,14 +27,35 @@ class Build:
     note: str = ""
 
 
-def missing_for_compiled() -> str | None:
-    """Why the compiled build cannot be made here, or None."""
+def missing_for_compiled(python: str = sys.executable) -> str | None:
+    """Why the compiled build cannot be made here with `python`, or None."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         return "no C compiler (apt-get install gcc)"
+    if python == sys.executable:
+        found = importlib.util.find_spec("mypyc") is not None
+    else:
+        probe = [python, "-c", "import mypyc"]
+        found = subprocess.run(probe, capture_output=True, timeout=60, check=False).returncode == 0
+    if not found:
+        return f"mypy is not installed for {python} (pip install -e '.[dev]')"
+    return None
+
+
+def gateway_python_missing(python: str) -> str | None:
+    """Why `python` cannot run the gateway under test (not installed in its venv), or None."""
+    probe = "import gateway.cli, httptools, mmh3, prometheus_client, uvloop, yaml"
     try:
-        import mypyc  # noqa: F401
-    except ImportError:
-        return "mypy is not installed (pip install -e '.[dev]')"
+        done = subprocess.run(
+            [python, "-c", probe], cwd="/", capture_output=True, text=True, timeout=60, check=False
+        )
+    except OSError as exc:
+        return f"cannot run it ({exc.strerror})"
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return (
+            f"the gateway is not installed for it ({last}); make a venv with it: "
+            f"{python} -m venv DIR && DIR/bin/pip install -e '{REPO}[dev]'"
+        )
     return None
 
 
@@ -51,12 +73,17 @@ def copy_sources(src: Path) -> Path:
     return src
 
 
-def compile_tree(dest: Path, log: Callable[[str], None] = print) -> Path:
-    """Copy the package sources into `dest` and build the compiled modules in place there."""
+def compile_tree(
+    dest: Path, log: Callable[[str], None] = print, python: str = sys.executable
+) -> Path:
+    """Copy the package sources into `dest` and build the compiled modules in place there.
+
+    `python` is the interpreter that will run them: extension modules are built per interpreter.
+    """
     src = copy_sources(dest / "src")
     log("== compiling the gateway's per-request modules with mypyc (setup.py, ~30 s)")
     done = subprocess.run(
-        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        [python, "setup.py", "-q", "build_ext", "--inplace"],
         cwd=src,
         env={**os.environ, "GATEWAY_COMPILE": "1"},
         capture_output=True,
@@ -67,7 +94,7 @@ def compile_tree(dest: Path, log: Callable[[str], None] = print) -> Path:
     if done.returncode != 0:
         raise RuntimeError(f"compiled build failed:\n{done.stderr[-3000:]}")
     probe = subprocess.run(
-        [sys.executable, "-c", PROBE],
+        [python, "-c", PROBE],
         cwd=dest,
         env={**os.environ, "PYTHONPATH": str(src)},
         capture_output=True,
@@ -80,14 +107,16 @@ def compile_tree(dest: Path, log: Callable[[str], None] = print) -> Path:
     return src
 
 
-def prepare(want: str, tmp: Path, log: Callable[[str], None] = print) -> Build:
+def prepare(
+    want: str, tmp: Path, log: Callable[[str], None] = print, python: str = sys.executable
+) -> Build:
     """`want` is auto | compiled | pure; auto falls back to pure with a note when it must."""
     if want == "pure":
         return Build("pure", None)
-    why = missing_for_compiled()
+    why = missing_for_compiled(python)
     if why is None:
         try:
-            return Build("compiled", compile_tree(tmp / "compiled", log))
+            return Build("compiled", compile_tree(tmp / "compiled", log, python))
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             why = str(exc)
     if want == "compiled":

@@ -24,12 +24,18 @@ from types import FrameType
 from typing import Any
 
 from benchmarks import report
-from benchmarks.build import prepare
+from benchmarks.build import gateway_python_missing, prepare
 from benchmarks.measure import Record, Runner
 from benchmarks.procs import ProcessSet, StartupError, raise_nofile
 from benchmarks.scenarios import QUICK, SCENARIOS, Probe, Scenario, select
 from benchmarks.servers import REPO, CpuLayout, Fleet, Server
-from benchmarks.tools import ensure_tools, machine_info
+from benchmarks.tools import (
+    describe_python,
+    ensure_tools,
+    machine_info,
+    python_build,
+    unoptimized_note,
+)
 
 Cell = tuple[Scenario, Probe, str]
 # What a broken target or tool can raise during one run; anything else is a harness bug.
@@ -63,6 +69,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="auto",
         help="gateway build: compiled with mypyc as the Dockerfile ships it (auto: when a C "
         "compiler and mypy are here, else pure Python), or the pure-Python package",
+    )
+    parser.add_argument(
+        "--python",
+        type=Path,
+        help="interpreter that builds and runs the gateway under test, from a venv with the "
+        "gateway installed (default: this one). The container's python:3.12 is a PGO+LTO "
+        "build: use such an interpreter for figures that represent it",
     )
     parser.add_argument("--no-install", action="store_true", help="never run apt-get")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
@@ -275,6 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.pin and layout.forwarder is None:
         say("benchmarks: --pin ignored (needs 2+ CPUs and taskset)")
     machine = machine_info(tools, REPO)
+    gateway_python = str(args.python) if args.python else sys.executable
+    why = gateway_python_missing(gateway_python)
+    if why is not None:
+        print(f"benchmarks: --python {gateway_python}: {why}", file=sys.stderr)
+        return 2
+    machine["gateway_python"] = python_info = python_build(gateway_python)
     machine["nofile_limit"] = nofile
     machine["pin"] = vars(layout)
     tmp = Path(tempfile.mkdtemp(prefix="gwbench-"))
@@ -283,12 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         try:
-            build = prepare(args.build, tmp, say)
+            build = prepare(args.build, tmp, say, gateway_python)
         except RuntimeError as exc:
             print(f"benchmarks: {exc}", file=sys.stderr)
             return 2
         machine["gateway_build"] = build.kind
-        say(f"== gateway build: {build.kind}")
+        say(f"== gateway build: {build.kind}; interpreter: {describe_python(python_info)}")
         with ProcessSet(tmp) as procs:
             fleet = Fleet(
                 procs,
@@ -297,10 +316,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 layout,
                 builtin_upstream=args.upstream == "builtin",
                 pythonpath=build.pythonpath,
+                python=str(args.python) if args.python else None,
             )
             session = Session(Runner(fleet, tools, layout, tmp), args, tools)
             if build.note:
                 session.notes.append(build.note)
+            slow_python = unoptimized_note(python_info)
+            if slow_python:
+                say(f"!! {slow_python}")
+                session.notes.append(slow_python)
             try:
                 session.execute(scenarios)
             except KeyboardInterrupt:
@@ -343,7 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     report.write_json(out / "results.json", payload)
     table = report.format_table(rows) if rows else "(no runs)"
-    table = f"gateway build: {machine.get('gateway_build', '?')}\n\n{table}"
+    table = (
+        f"gateway build: {machine.get('gateway_build', '?')}; "
+        f"interpreter: {describe_python(python_info)}\n\n{table}"
+    )
     (out / "table.txt").write_text(table + "\n\n" + report.LEGEND + "\n")
     chart = report.write_chart(out / "chart.png", rows) if rows else False
     say("\n" + table + "\n\n" + report.LEGEND)

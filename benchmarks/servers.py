@@ -136,8 +136,10 @@ def gateway_env(
     return env
 
 
-def gateway_argv(config: Path, workers: int) -> list[str]:
-    """``<venv>/bin/gateway run``, else ``python -m gateway run`` with this interpreter."""
+def gateway_argv(config: Path, workers: int, python: str | None = None) -> list[str]:
+    """``python -m gateway run`` with `python`; by default this venv's ``bin/gateway run``."""
+    if python is not None:
+        return [python, "-m", "gateway", "run", "-c", str(config), "--workers", str(workers)]
     for script in (Path(sys.prefix) / "bin" / "gateway", REPO / ".venv" / "bin" / "gateway"):
         if script.is_file():
             return [str(script), "run", "-c", str(config), "--workers", str(workers)]
@@ -178,9 +180,11 @@ class Fleet:
         *,
         builtin_upstream: bool = False,
         pythonpath: Path | None = None,
+        python: str | None = None,
     ) -> None:
         self.procs = procs
         self.pythonpath = pythonpath
+        self.python = python
         self.builtin_upstream = builtin_upstream or not tools.get("nginx")
         self.tmp = tmp
         self.nginx = tools.get("nginx")
@@ -273,7 +277,7 @@ class Fleet:
                 workers=workers,
             )
         )
-        argv = pinned(gateway_argv(config, workers), self.layout.for_workers(workers))
+        argv = pinned(gateway_argv(config, workers, self.python), self.layout.for_workers(workers))
         proc = self.procs.start(
             name, argv, env=gateway_env(tracing, pythonpath=self.pythonpath), cwd=workdir
         )

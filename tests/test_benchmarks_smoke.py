@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,19 @@ from typing import Any
 import pytest
 import yaml
 
-from benchmarks import build, idle, load, measure, nginxconf, procs, report, run, scenarios, servers
+from benchmarks import (
+    build,
+    idle,
+    load,
+    measure,
+    nginxconf,
+    procs,
+    report,
+    run,
+    scenarios,
+    servers,
+    tools,
+)
 from benchmarks.upstream import FixedResponder, Stats
 
 WRK_TEXT = """\
@@ -340,6 +353,7 @@ def test_cli_defaults() -> None:
     assert (quick.repeats, quick.duration) == (1, 3.0)
     full = run.parse_args([])
     assert (full.repeats, full.duration, full.pin, full.build) == (3, 10.0, False, "auto")
+    assert full.python is None and run.parse_args(["--python", "/p"]).python == Path("/p")
 
 
 def test_gateway_env_puts_the_chosen_build_first(tmp_path: Path) -> None:
@@ -361,6 +375,46 @@ def test_build_choice_pure_and_a_clear_error_without_a_compiler(
     auto = build.prepare("auto", tmp_path, log=notes.append)
     assert auto.kind == "pure" and auto.pythonpath is None
     assert notes == [f"!! {auto.note}"] and "no C compiler" in auto.note
+
+
+def test_the_interpreter_is_described_and_a_non_pgo_build_is_flagged() -> None:
+    info = tools.python_build(sys.executable)
+    assert info["version"] == platform.python_version()
+    assert info["real_executable"] == os.path.realpath(sys.executable)
+    line = tools.describe_python(info)
+    assert line.startswith(f"{platform.python_implementation()} {platform.python_version()} (")
+    note = tools.unoptimized_note(info)
+    assert (note is None) == bool(info["optimized"])
+    slow = {**info, "pgo": False, "package": None, "optimized": False}
+    assert "without --enable-optimizations" in tools.describe_python(slow)
+    assert "--python" in (tools.unoptimized_note(slow) or "")
+    pgo = {**info, "pgo": True, "lto": True, "package": None, "optimized": True}
+    assert "--enable-optimizations --with-lto" in tools.describe_python(pgo)
+    assert tools.unoptimized_note(pgo) is None
+
+
+def test_the_gateway_interpreter_must_have_the_gateway_installed(tmp_path: Path) -> None:
+    assert build.gateway_python_missing(sys.executable) is None  # this venv has it
+    bare = tmp_path / "bare-python"  # a real interpreter that sees no site-packages
+    bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -I -S "$@"\n')
+    bare.chmod(0o755)
+    why = build.gateway_python_missing(str(bare))
+    assert why is not None and "not installed" in why and "-m venv DIR" in why
+    assert "cannot run it" in (build.gateway_python_missing(str(tmp_path / "none")) or "")
+    argv = servers.gateway_argv(tmp_path / "g.yaml", 2, python=str(bare))
+    assert argv == [str(bare), "-m", "gateway", "run", "-c", str(tmp_path / "g.yaml")] + [
+        "--workers",
+        "2",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--python", str(bare), "--no-install"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2 and f"--python {bare}: the gateway is not installed" in done.stderr
 
 
 def test_group_cpu_reads_this_process() -> None:
@@ -392,7 +446,7 @@ def test_the_benchmark_command_runs_end_to_end(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "ratio of" in done.stdout and "gateway build: pure" in done.stdout
+    assert "ratio of" in done.stdout and "gateway build: pure; interpreter: CPython" in done.stdout
     payload = json.loads((out / "results.json").read_text())
     rows = {r["target"]: r for r in payload["medians"]}
     assert rows["gateway"]["rps"] > 0 and rows["direct"]["rps"] > 0
