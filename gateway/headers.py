@@ -8,7 +8,7 @@ per-request path allocates little.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, TypeVar
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -67,8 +67,8 @@ class Scanned:
         "upgrade",
     )
 
-    def __init__(self) -> None:
-        self.kept: Headers = []
+    def __init__(self, kept: Headers) -> None:
+        self.kept = kept
         self.host: str | None = None
         self.cookie: str | None = None
         self.stage: str | None = None
@@ -76,11 +76,24 @@ class Scanned:
         self.request_id: str | None = None
         self.forwarded_for: bytes | None = None
         self.via: bytes | None = None
-        self.traceparent: list[str] = []
-        self.tracestate: list[str] = []
-        self.baggage: list[str] = []
-        self.connection_tokens: frozenset[bytes] = frozenset()
+        # Shared empty defaults: most requests carry none of these (no per-request lists).
+        self.traceparent: Sequence[str] = ()
+        self.tracestate: Sequence[str] = ()
+        self.baggage: Sequence[str] = ()
+        self.connection_tokens: frozenset[bytes] = _NO_TOKENS
         self.upgrade: bytes | None = None
+
+
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+_T = TypeVar("_T")
+
+
+def _add(values: list[_T] | None, value: _T) -> list[_T]:
+    """Append to a list made only when a first value turns up."""
+    if values is None:
+        return [value]
+    values.append(value)
+    return values
 
 
 def _latin(v: bytes) -> str:
@@ -92,19 +105,22 @@ def scan(headers: Sequence[tuple[bytes, bytes]], stage_l: bytes, user_l: bytes) 
 
     `stage_l` / `user_l` are the lower-cased configured override/sticky header names.
     """
-    s = Scanned()
-    kept = s.kept
-    conn: set[bytes] = set()
-    cookies: list[str] = []
-    xff: list[bytes] = []
-    via: list[bytes] = []
+    kept: Headers = []
+    s = Scanned(kept)
+    conn: set[bytes] | None = None
+    cookies: list[str] | None = None
+    xff: list[bytes] | None = None
+    via: list[bytes] | None = None
+    tp: list[str] | None = None
+    ts: list[str] | None = None
+    bg: list[str] | None = None
     for name, value in headers:
         n = name.lower()
         if n == b"host":
             s.host = _latin(value)
             kept.append((b"Host", value))
         elif n == b"cookie":
-            cookies.append(_latin(value))
+            cookies = _add(cookies, _latin(value))
             kept.append((name, value))
         elif n == stage_l:
             s.stage = _latin(value).strip()
@@ -113,25 +129,33 @@ def scan(headers: Sequence[tuple[bytes, bytes]], stage_l: bytes, user_l: bytes) 
             kept.append((name, value))
         elif n in _REWRITTEN:
             if n == b"traceparent":
-                s.traceparent.append(_latin(value))
+                tp = _add(tp, _latin(value))
             elif n == b"tracestate":
-                s.tracestate.append(_latin(value))
+                ts = _add(ts, _latin(value))
             elif n == b"baggage":
-                s.baggage.append(_latin(value))
+                bg = _add(bg, _latin(value))
             elif n == b"x-request-id":
                 s.request_id = _latin(value).strip() or None
             elif n == b"x-forwarded-for":
-                xff.append(value)
+                xff = _add(xff, value)
             elif n == b"via":
-                via.append(value)
+                via = _add(via, value)
             # x-forwarded-proto/-host are replaced by ours
         elif n in HOP_BY_HOP or n in _FRAMING:
             if n == b"connection":
+                if conn is None:
+                    conn = set()
                 conn.update(t.strip().lower() for t in value.split(b","))
             elif n == b"upgrade":
                 s.upgrade = value
         else:
             kept.append((name, value))
+    if tp is not None:
+        s.traceparent = tp
+    if ts is not None:
+        s.tracestate = ts
+    if bg is not None:
+        s.baggage = bg
     if conn:
         s.connection_tokens = frozenset(conn)
         conn.discard(b"close")
@@ -139,11 +163,11 @@ def scan(headers: Sequence[tuple[bytes, bytes]], stage_l: bytes, user_l: bytes) 
         conn.discard(b"upgrade")
         if conn:
             s.kept = [(k, v) for k, v in kept if k.lower() not in conn]
-    if cookies:
+    if cookies is not None:
         s.cookie = "; ".join(cookies)
-    if xff:
+    if xff is not None:
         s.forwarded_for = b", ".join(xff)
-    if via:
+    if via is not None:
         s.via = b", ".join(via)
     if b"upgrade" not in s.connection_tokens:
         s.upgrade = None

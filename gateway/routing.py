@@ -17,12 +17,14 @@ import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import mmh3
 
-_TWO64_INT: Final = 2**64
-_TWO64: Final = float(_TWO64_INT)
+if TYPE_CHECKING:  # a plain int at run time; an unboxed int64 in the compiled build
+    from mypy_extensions import i64
+
+_TWO64: Final = float(2**64)
 
 REASON_HEADER: Final = "header"
 REASON_COOKIE: Final = "cookie"
@@ -38,10 +40,21 @@ def release_seed(salt: str, release: str) -> int:
 
 def hrw_score(key: str, seed: int, inv_weight: float) -> float:
     """ln(u)/w for one release; u in (0, 1) from the key's 64-bit mmh3 hash."""
-    h = mmh3.hash64(key, seed)[0]  # signed: a keyword argument costs more than the fix-up
-    if h < 0:
-        h += _TWO64_INT  # the same unsigned value as signed=False, exactly (int arithmetic)
-    return math.log((h + 0.5) / _TWO64) * inv_weight
+    return _score(mmh3.hash64(key, seed)[0], inv_weight)
+
+
+def _score(h: i64, inv_weight: float) -> float:
+    """ln((float(h mod 2**64) + 0.5) / 2**64) * inv_weight, for a signed 64-bit hash `h`.
+
+    Why the two halves: float(unsigned h) must be exactly what it has always been (one
+    correct rounding of the unsigned value; a changed score would move users, SPEC §2
+    "sticky across restarts"). hi * 2**32 and lo are exact doubles and IEEE addition rounds
+    their exact sum once, so this equals float(h + 2**64) for a negative h, without the
+    big integer (which in the compiled build is a heap object and slow arithmetic).
+    """
+    hi = (h >> 32) & 0xFFFFFFFF
+    lo = h & 0xFFFFFFFF
+    return math.log((float(hi) * 4294967296.0 + float(lo) + 0.5) / _TWO64) * inv_weight
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,14 +84,10 @@ class WeightTable:
         """The release for a sticky key (None when every weight is zero)."""
         best: str | None = None
         best_score = -math.inf
-        # hrw_score, inlined: this runs once per request per live release. math.log is
-        # called as such (not bound to a local) so the compiled build makes it a C call.
+        # hrw_score per live release: this runs once per request per live release.
         hash64 = mmh3.hash64
         for name, seed, inv in self._live:
-            h: int = hash64(key, seed)[0]
-            if h < 0:
-                h += _TWO64_INT
-            s = math.log((h + 0.5) / _TWO64) * inv
+            s = _score(hash64(key, seed)[0], inv)
             if s > best_score:
                 best_score = s
                 best = name

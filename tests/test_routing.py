@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import random
 
+import mmh3
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway import routing
 from gateway.routing import (
     ServiceMatcher,
     TrustPolicy,
@@ -288,3 +291,29 @@ def test_no_service_matches() -> None:
 )
 def test_normalize_host(raw: str, want: str) -> None:
     assert normalize_host(raw) == want
+
+
+def _reference_score(key: str, seed: int, inv_weight: float) -> float:
+    """The score as first defined: the unsigned 64-bit hash as a Python integer."""
+    u = mmh3.hash64(key, seed, signed=False)[0]
+    return math.log((u + 0.5) / float(2**64)) * inv_weight
+
+
+def test_scores_equal_the_big_integer_definition_so_no_user_moves() -> None:
+    """SPEC §2 "sticky across restarts": the score must not change between versions or builds."""
+    rng = random.Random(11)
+    for i in range(50_000):
+        key, seed, inv = (
+            f"user-{rng.getrandbits(48)}",
+            rng.getrandbits(32),
+            1 / rng.choice((1, 5, 33.3, 95)),
+        )
+        assert routing.hrw_score(key, seed, inv) == _reference_score(key, seed, inv), i
+    edges = [0, 1, -1, 2**63 - 1, -(2**63), 2**52 + 1, 2**53 + 1, -(2**53) - 1, -(2**52) - 1]
+    for h in edges + [rng.getrandbits(64) - 2**63 for _ in range(50_000)]:
+        u = h + 2**64 if h < 0 else h
+        assert routing._score(h, 0.5) == math.log((u + 0.5) / float(2**64)) * 0.5
+    table = WeightTable.build("salt", {"stable": 95, "gray": 5})
+    for key in KEYS[:5_000]:
+        want = max(table._live, key=lambda r: _reference_score(key, r[1], r[2]))[0]
+        assert table.pick_hash(key) == want
