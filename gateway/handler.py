@@ -199,18 +199,17 @@ class ProxyHandler:
             if bg:
                 trace.append((b"baggage", bg.encode("latin-1")))
         else:
-            trace.append((b"baggage", rv.baggage_b))
+            trace.append(rv.baggage_h)
 
         up = upstream_headers(
             s,
             client_ip=head.client_ip,
             proto=_HTTP if head.scheme == "http" else head.scheme.encode(),
-            stage_name=snap.stage_name_b,
-            release=rv.name_b,
+            stage=rv.stage_h,
             request_id=rid_b,
             trace=trace,
         )
-        resp_h: Headers = [(snap.stage_name_b, rv.name_b), (b"X-Request-ID", rid_b)]
+        resp_h: Headers = [rv.stage_h, (b"X-Request-ID", rid_b)]
         if dec.reason == REASON_FALLBACK:
             resp_h.append((b"X-Release-Fallback", dec.chosen.encode()))
         if dec.set_cookie is not None:

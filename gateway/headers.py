@@ -42,6 +42,8 @@ _REWRITTEN: Final = frozenset(
     }
 )
 VIA_TOKEN: Final = b"1.1 gray-gateway"
+_VIA: Final = (b"Via", VIA_TOKEN)
+_XFP_HTTP: Final = (b"X-Forwarded-Proto", b"http")
 
 
 class Scanned:
@@ -54,6 +56,7 @@ class Scanned:
     __slots__ = (
         "kept",
         "host",
+        "host_b",
         "cookie",
         "stage",
         "user",
@@ -70,6 +73,7 @@ class Scanned:
     def __init__(self, kept: Headers) -> None:
         self.kept = kept
         self.host: str | None = None
+        self.host_b: bytes | None = None  # as received, for X-Forwarded-Host
         self.cookie: str | None = None
         self.stage: str | None = None
         self.user: str | None = None
@@ -118,6 +122,7 @@ def scan(headers: Sequence[tuple[bytes, bytes]], stage_l: bytes, user_l: bytes) 
         n = name.lower()
         if n == b"host":
             s.host = _latin(value)
+            s.host_b = value
             kept.append((b"Host", value))
         elif n == b"cookie":
             cookies = _add(cookies, _latin(value))
@@ -179,20 +184,23 @@ def upstream_headers(
     *,
     client_ip: str,
     proto: bytes,
-    stage_name: bytes,
-    release: bytes,
+    stage: tuple[bytes, bytes],
     request_id: bytes,
     trace: Sequence[tuple[bytes, bytes]] = (),
 ) -> Headers:
-    """The end-to-end header list sent to the upstream (SPEC §3)."""
-    out = list(s.kept)
+    """The end-to-end header list sent to the upstream (SPEC §3).
+
+    Extends and returns `s.kept` (a scan serves one request). `stage` is the
+    (configured stage header, release) field, built once per snapshot.
+    """
+    out = s.kept
     ip = client_ip.encode("latin-1")
     out.append((b"X-Forwarded-For", s.forwarded_for + b", " + ip if s.forwarded_for else ip))
-    out.append((b"X-Forwarded-Proto", proto))
-    if s.host is not None:
-        out.append((b"X-Forwarded-Host", s.host.encode("latin-1")))
-    out.append((b"Via", s.via + b", " + VIA_TOKEN if s.via else VIA_TOKEN))
-    out.append((stage_name, release))
+    out.append(_XFP_HTTP if proto == b"http" else (b"X-Forwarded-Proto", proto))
+    if s.host_b is not None:
+        out.append((b"X-Forwarded-Host", s.host_b))
+    out.append((b"Via", s.via + b", " + VIA_TOKEN) if s.via else _VIA)
+    out.append(stage)
     out.append((b"X-Request-ID", request_id))
     out.extend(trace)
     return out

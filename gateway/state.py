@@ -32,6 +32,8 @@ class ReleaseView:
     baggage: tuple[tuple[str, str], ...]  # extra members besides release.stage
     extra_baggage: tuple[tuple[str, str], ...]  # release.stage + the extras, in order
     baggage_b: bytes  # the whole baggage header when the client sent none
+    stage_h: tuple[bytes, bytes]  # (configured stage header, name): to the upstream and client
+    baggage_h: tuple[bytes, bytes]  # (b"baggage", baggage_b)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,8 @@ def build_snapshot(
     rng = rng or random.Random()
     eps = static_endpoints(config) if endpoints is None else endpoints
     weights = effective_weights(config, overrides or {})
+    rc = config.routing
+    stage_name_b = rc.stage_header.encode()
     services: dict[str, ServiceView] = {}
     for s in config.services.values():
         table = WeightTable.build(s.salt or s.name, weights[s.name])
@@ -143,7 +147,9 @@ def build_snapshot(
                 name_b=r.name.encode(),
                 baggage=r.baggage,
                 extra_baggage=(extra := (("release.stage", r.name), *r.baggage)),
-                baggage_b=(build_baggage((), extra) or "").encode("latin-1"),
+                baggage_b=(bb := (build_baggage((), extra) or "").encode("latin-1")),
+                stage_h=(stage_name_b, r.name.encode()),
+                baggage_h=(b"baggage", bb),
             )
         guard = s.guard
         go = (guard_overrides or {}).get(s.name)
@@ -158,7 +164,6 @@ def build_snapshot(
             guard=guard,
             pools=tuple(rv.pool for rv in releases.values()),
         )
-    rc = config.routing
     return Snapshot(
         version=version,
         config=config,
@@ -169,7 +174,7 @@ def build_snapshot(
         trust=TrustPolicy(rc.trust_overrides),
         stage_l=rc.stage_header.lower().encode(),
         user_l=rc.user_header.lower().encode(),
-        stage_name_b=rc.stage_header.encode(),
+        stage_name_b=stage_name_b,
         weights=weights,
     )
 

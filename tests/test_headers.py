@@ -35,8 +35,7 @@ def test_hop_by_hop_and_connection_named_fields_removed() -> None:
         s,
         client_ip="10.0.0.9",
         proto=b"http",
-        stage_name=b"X-Release-Stage",
-        release=b"gray",
+        stage=(b"X-Release-Stage", b"gray"),
         request_id=b"rid",
     )
     names = _names(out)
@@ -69,8 +68,7 @@ def test_existing_forwarded_for_and_via_are_appended_and_stage_replaced() -> Non
             s,
             client_ip="2.2.2.2",
             proto=b"http",
-            stage_name=b"X-Release-Stage",
-            release=b"stable",
+            stage=(b"X-Release-Stage", b"stable"),
             request_id=b"keep-me",
         )
     )
