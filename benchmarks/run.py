@@ -288,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.pin and layout.forwarder is None:
         say("benchmarks: --pin ignored (needs 2+ CPUs and taskset)")
     machine = machine_info(tools, REPO)
-    gateway_python = str(args.python) if args.python else sys.executable
+    gateway_python = str(args.python.absolute()) if args.python else sys.executable
     why = gateway_python_missing(gateway_python)
     if why is not None:
         print(f"benchmarks: --python {gateway_python}: {why}", file=sys.stderr)
@@ -316,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 layout,
                 builtin_upstream=args.upstream == "builtin",
                 pythonpath=build.pythonpath,
-                python=str(args.python) if args.python else None,
+                python=gateway_python if args.python else None,
             )
             session = Session(Runner(fleet, tools, layout, tmp), args, tools)
             if build.note:
