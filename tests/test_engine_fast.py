@@ -884,6 +884,25 @@ async def test_client_connection_close_honoured(env: Env) -> None:
     assert MARK in [(n, v) for n, v in r.headers]
 
 
+async def test_a_burst_of_new_connections_is_accepted_in_a_few_loop_turns(env: Env) -> None:
+    """libuv alone accepts one connection per loop turn: under load a burst waited seconds."""
+    _, port, _, eng = await proxied_echo(env)
+    # Connected while the loop is held: the kernel queues all of them for accept().
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
+    try:
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert len(eng._clients) == 100
+        loop = asyncio.get_running_loop()
+        for c in clients[::33]:
+            c.setblocking(False)
+            await loop.sock_sendall(c, b"GET /burst HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert (await loop.sock_recv(c, 65536)).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for c in clients:
+            c.close()
+
+
 # -- the same scenarios on uvloop ---------------------------------------------
 
 UVLOOP_SCENARIOS: list[Callable[[Env], Awaitable[None]]] = [
@@ -914,6 +933,7 @@ UVLOOP_SCENARIOS: list[Callable[[Env], Awaitable[None]]] = [
     test_slow_client_pauses_upstream,
     test_slow_upstream_pauses_client_upload,
     test_client_connection_close_honoured,
+    test_a_burst_of_new_connections_is_accepted_in_a_few_loop_turns,
     functools.partial(test_stale_pooled_connection_retried, close_how="idle"),
     functools.partial(test_stale_pooled_connection_retried, close_how="on-reuse"),
     functools.partial(test_no_body_statuses, code=304),

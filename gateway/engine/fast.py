@@ -16,6 +16,7 @@ import socket
 from typing import cast
 
 from gateway.engine.api import Handler
+from gateway.engine.fast_accept import Acceptor
 from gateway.engine.fast_client import ClientConn
 from gateway.engine.fast_pool import Pool
 
@@ -54,7 +55,7 @@ class FastEngine:
         self._clients: set[ClientConn] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pool: Pool | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._server: Acceptor | None = None
         self._drained: asyncio.Event | None = None
         self._gone: asyncio.Event | None = None
 
@@ -68,8 +69,9 @@ class FastEngine:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._pool = Pool(loop, self.upstream_pool_per_host, self.upstream_idle_timeout)
-        sock.setblocking(False)
-        self._server = await loop.create_server(self._protocol, sock=sock, backlog=4096)
+        sock.listen(4096)  # a deep accept queue for connection bursts (capped by somaxconn)
+        self._server = Acceptor(loop, sock, self._protocol)
+        self._server.start()
 
     def _protocol(self) -> asyncio.Protocol:
         # ClientConn is a protocol by duck typing (see its docstring).
