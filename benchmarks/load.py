@@ -46,8 +46,28 @@ end
 """
 
 
-def wrk_script(pool: int = 50000) -> str:
-    return WRK_LUA % {"pool": pool}
+# Paced arrivals: each connection waits an exponentially distributed gap before
+# its next request, so the merged stream is close to Poisson at the target rate
+# (no synchronised bursts, unlike hey's per-worker tickers: PERF_NOTES). wrk
+# truncates delay() to whole milliseconds; the half millisecond added back keeps
+# the mean, and the gap leaves room for the response (~0.5 ms here).
+WRK_PACED_LUA = """\
+local mean_ms = %(mean_ms).3f
+delay = function()
+  return -math.log(1 - math.random()) * mean_ms + 0.5
+end
+"""
+PACED_CONNS, PACED_RATE = 100, 5000
+PACED_RESPONSE_MS = 0.5
+
+
+def wrk_script(pool: int = 50000, rate: float | None = None, conns: int = PACED_CONNS) -> str:
+    """The random-user script; with `rate`, paced to about that many requests/s over `conns`."""
+    text = WRK_LUA % {"pool": pool}
+    if rate is not None:
+        mean_ms = max(conns / rate * 1000.0 - PACED_RESPONSE_MS, 0.0)
+        text += WRK_PACED_LUA % {"mean_ms": mean_ms}
+    return text
 
 
 @dataclass

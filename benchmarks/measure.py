@@ -32,6 +32,8 @@ class Runner:
         self.workdir = workdir
         self.script = workdir / "random-user.lua"
         self.script.write_text(load.wrk_script())
+        self.paced_script = workdir / "random-user-paced.lua"
+        self.paced_script.write_text(load.wrk_script(rate=load.PACED_RATE, conns=load.PACED_CONNS))
         self._last_metrics: dict[int, dict[str, float] | None] = {}
 
     def server(self, scenario: Scenario, target: str) -> Server:
@@ -45,8 +47,9 @@ class Runner:
         if probe.kind == "hey":
             return load.hey_argv(str(self.tools["hey"]), url, duration_s=duration_s)
         conns = 1 if probe.kind == "c1" else probe.conns
+        script = self.paced_script if probe.kind == "paced" else self.script
         return load.wrk_argv(
-            str(self.tools["wrk"]), url, conns=conns, duration_s=duration_s, script=str(self.script)
+            str(self.tools["wrk"]), url, conns=conns, duration_s=duration_s, script=str(script)
         )
 
     def _drive(self, probe: Probe, server: Server, duration_s: float) -> tuple[str, int]:
@@ -118,9 +121,10 @@ class Runner:
             rec.update(self._metrics_delta(server, result.requests))
         if result.errors:
             rec["error"] = f"{result.errors} failed requests of {result.requests}"
-        if probe.kind == "hey" and result.rps < 0.9 * load.HEY_RATE:
+        rate = {"hey": load.HEY_RATE, "paced": load.PACED_RATE}.get(probe.kind)
+        if rate is not None and result.rps < 0.9 * rate:
             rec["warning"] = (
-                f"reached {result.rps:,.0f} of {load.HEY_RATE:,} req/s: saturated, "
+                f"reached {result.rps:,.0f} of {rate:,} req/s: saturated, "
                 "so its latency is not the latency at that rate"
             )
         if result.requests == 0 or result.errors > 0.01 * result.requests:

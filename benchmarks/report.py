@@ -159,7 +159,7 @@ def format_table(rows: list[Row]) -> str:
 
 LEGEND = """\
 ratio of: the figure ×nginx/×direct compare — req/s (higher is better) for wrk runs,
-p99 (hey at 5k/s) and p50 (wrk c1) latency and KiB/conn (lower is better) otherwise.
+p99 (hey and wrk paced at 5k/s) and p50 (wrk c1) latency and KiB/conn (lower is better) otherwise.
 fwd µs/req: user+sys CPU of the forwarder's processes per request; ups: of both upstreams.
 gray %: share the gateway's http_requests_total counted for gray (else the upstreams' counts).
 Medians of interleaved repeats; compare ratios within this run only (PERF_NOTES)."""

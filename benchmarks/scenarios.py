@@ -17,7 +17,9 @@ TARGETS = ("direct", "nginx", "gateway")
 class Probe:
     """One way of loading a target, and the figure its ratios compare."""
 
-    kind: str  # "wrk" (throughput), "c1" (wrk, one connection), "hey" (fixed rate), "idle"
+    # "wrk" (throughput), "c1" (wrk, one connection), "hey" (fixed rate, bursty),
+    # "paced" (wrk at a fixed rate with Poisson-like arrivals), "idle"
+    kind: str
     conns: int = 50
     path: str = "/1k"
 
@@ -27,17 +29,24 @@ class Probe:
             "wrk": f"wrk c{self.conns}",
             "c1": "wrk c1",
             "hey": "hey 5k/s",
+            "paced": "wrk paced 5k/s",
             "idle": f"idle {self.conns}",
         }[self.kind]
 
     @property
     def tool(self) -> str | None:
-        return {"wrk": "wrk", "c1": "wrk", "hey": "hey"}.get(self.kind)
+        return {"wrk": "wrk", "c1": "wrk", "hey": "hey", "paced": "wrk"}.get(self.kind)
 
     @property
     def metric(self) -> str:
         """The figure ratios are taken on: throughput for load runs, latency for paced ones."""
-        return {"wrk": "rps", "c1": "p50_ms", "hey": "p99_ms", "idle": "kib_per_conn"}[self.kind]
+        return {
+            "wrk": "rps",
+            "c1": "p50_ms",
+            "hey": "p99_ms",
+            "paced": "p99_ms",
+            "idle": "kib_per_conn",
+        }[self.kind]
 
 
 @dataclass(frozen=True)
@@ -90,8 +99,9 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("c1000_1k", "1000 connections, 1 KiB body", (Probe("wrk", 1000, "/1k"),)),
         Scenario(
             "rate5k",
-            "latency at a fixed 5k req/s (hey -c20 -q250) and per-hop at one connection",
-            (Probe("hey", 20, "/1k"), Probe("c1", 1, "/1k")),
+            "latency at a fixed 5k req/s (hey -c20 -q250: bursts; wrk paced: Poisson-like "
+            "arrivals over 100 connections) and per-hop at one connection",
+            (Probe("hey", 20, "/1k"), Probe("paced", 100, "/1k"), Probe("c1", 1, "/1k")),
         ),
         Scenario("workers2", "gateway --workers 2 vs nginx worker_processes 2", _C50, workers=2),
         Scenario(

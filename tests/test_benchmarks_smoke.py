@@ -141,6 +141,17 @@ def test_wrk_script_sets_a_user_id_and_reports_json() -> None:
     assert argv[:5] == ["wrk", "-t1", "-c50", "-d3s", "--latency"]
     hey = load.hey_argv("hey", "http://127.0.0.1:1/1k", duration_s=3)
     assert hey[:7] == ["hey", "-z", "3s", "-c", "20", "-q", "250"]
+    assert "delay" not in script
+
+
+def test_paced_script_spreads_the_rate_over_its_connections() -> None:
+    """100 connections at 5k/s: each waits an exponential gap of mean 20 ms (less a response)."""
+    script = load.wrk_script(pool=10, rate=5000, conns=100)
+    assert 'wrk.headers["X-User-ID"]' in script  # still random users
+    assert "local mean_ms = 19.500" in script and "-math.log(1 - math.random()) * mean_ms" in script
+    paced = scenarios.Probe("paced", load.PACED_CONNS)
+    assert (paced.label, paced.tool, paced.metric) == ("wrk paced 5k/s", "wrk", "p99_ms")
+    assert paced in scenarios.SCENARIOS["rate5k"].probes
 
 
 def test_reference_nginx_config(tmp_path: Path) -> None:
@@ -343,7 +354,7 @@ def test_plan_interleaves_trace_scenarios_with_c50() -> None:
     cells = [(s.name, t) for s, _, t in groups["c50_1k"]]
     assert cells == [("c50_1k", "direct"), ("c50_1k", "nginx"), ("c50_1k", "gateway"),
                      ("trace_sampled", "gateway")]  # fmt: skip
-    assert len(groups["rate5k"]) == 6  # two probes × three targets
+    assert len(groups["rate5k"]) == 9  # three probes × three targets
     with pytest.raises(ValueError, match="choose from"):
         scenarios.select(["nope"])
 
