@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 
 import pytest
@@ -99,25 +100,28 @@ async def test_close_refuses_new_connections() -> None:
         socket.create_connection(("127.0.0.1", port), timeout=2)
 
 
-class _OutOfFiles(socket.socket):
-    """A listening socket whose accept fails as at the file-descriptor limit (EMFILE)."""
+class _Failing(socket.socket):
+    """A listening socket whose accept fails as the kernel can (EMFILE at the fd limit, ...)."""
 
     failing = True
+    code = errno.EMFILE
 
     def accept(self) -> tuple[socket.socket, object]:
         if self.failing:
-            raise OSError(errno.EMFILE, "Too many open files")
+            raise OSError(self.code, os.strerror(self.code))
         return super().accept()
 
 
-async def test_out_of_descriptors_pauses_accepting_then_resumes(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.EPROTO], ids=["emfile", "eproto"])
+async def test_accept_errors_pause_accepting_then_resume(
+    code: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     from gateway.engine import fast_accept
 
     monkeypatch.setattr(fast_accept, "PAUSE_SECONDS", 0.05)
     loop = asyncio.get_running_loop()
-    sock = _OutOfFiles()
+    sock = _Failing()
+    sock.code = code
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)
     client = socket.create_connection(("127.0.0.1", sock.getsockname()[1]))

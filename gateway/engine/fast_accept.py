@@ -83,17 +83,22 @@ class Acceptor:
             except ConnectionAbortedError:
                 continue  # the client gave up while queued
             except OSError as exc:
-                if exc.errno not in _RESOURCE_ERRORS:
-                    raise
-                log.error(
+                # Out of descriptors or memory (or anything else accept can say): stop
+                # for a moment rather than spin on a listener that stays readable.
+                level = logging.ERROR if exc.errno in _RESOURCE_ERRORS else logging.WARNING
+                log.log(
+                    level,
                     "fast engine: cannot accept (%s); pausing new connections for %.0f s",
-                    exc.strerror,
+                    exc.strerror or exc,
                     PAUSE_SECONDS,
                 )
                 self._stop()
                 self.loop.call_later(PAUSE_SECONDS, self.start)
                 return
-            self._adopt(conn)
+            try:
+                self._adopt(conn)
+            except OSError:  # reset before it was set up: nothing to serve
+                conn.close()
 
     def _adopt(self, conn: socket.socket) -> None:
         conn.setblocking(False)
