@@ -6,7 +6,8 @@ upstreams get within reach of nginx (PERF_NOTES). Policy stays behind the
 `Handler` interface of `engine.api`; the engine only moves bytes and frames.
 Layout: `fast_client` (client connections), `fast_upstream` (upstream
 connections and the response relay), `fast_pool` (keep-alive pool, connects),
-`fast_wire` (wire constants and the per-request record).
+`fast_wire` (wire constants and the per-request record), `fast_accept`
+(accepting client connections in batches).
 """
 
 from __future__ import annotations
