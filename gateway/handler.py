@@ -29,7 +29,6 @@ log = logging.getLogger("gateway.access")
 errlog = logging.getLogger("gateway.handler")
 _JSON: Final = [(b"Content-Type", b"application/json")]
 _PROBE: Final = float("inf")
-_HTTP: Final = b"http"
 
 
 class Observer(Protocol):
@@ -204,7 +203,7 @@ class ProxyHandler:
         up = upstream_headers(
             s,
             client_ip=head.client_ip,
-            proto=_HTTP if head.scheme == "http" else head.scheme.encode(),
+            proto=head.scheme,
             stage=rv.stage_h,
             request_id=rid_b,
             trace=trace,

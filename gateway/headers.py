@@ -44,6 +44,7 @@ _REWRITTEN: Final = frozenset(
 VIA_TOKEN: Final = b"1.1 gray-gateway"
 _VIA: Final = (b"Via", VIA_TOKEN)
 _XFP_HTTP: Final = (b"X-Forwarded-Proto", b"http")
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
 
 class Scanned:
@@ -88,7 +89,6 @@ class Scanned:
         self.upgrade: bytes | None = None
 
 
-_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 _T = TypeVar("_T")
 
 
@@ -183,7 +183,7 @@ def upstream_headers(
     s: Scanned,
     *,
     client_ip: str,
-    proto: bytes,
+    proto: str,
     stage: tuple[bytes, bytes],
     request_id: bytes,
     trace: Sequence[tuple[bytes, bytes]] = (),
@@ -196,7 +196,7 @@ def upstream_headers(
     out = s.kept
     ip = client_ip.encode("latin-1")
     out.append((b"X-Forwarded-For", s.forwarded_for + b", " + ip if s.forwarded_for else ip))
-    out.append(_XFP_HTTP if proto == b"http" else (b"X-Forwarded-Proto", proto))
+    out.append(_XFP_HTTP if proto == "http" else (b"X-Forwarded-Proto", proto.encode()))
     if s.host_b is not None:
         out.append((b"X-Forwarded-Host", s.host_b))
     out.append((b"Via", s.via + b", " + VIA_TOKEN) if s.via else _VIA)

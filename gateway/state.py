@@ -28,12 +28,10 @@ class ReleaseView:
     share: float
     endpoints: tuple[Endpoint, ...]
     pool: Pool
-    name_b: bytes
     baggage: tuple[tuple[str, str], ...]  # extra members besides release.stage
     extra_baggage: tuple[tuple[str, str], ...]  # release.stage + the extras, in order
-    baggage_b: bytes  # the whole baggage header when the client sent none
     stage_h: tuple[bytes, bytes]  # (configured stage header, name): to the upstream and client
-    baggage_h: tuple[bytes, bytes]  # (b"baggage", baggage_b)
+    baggage_h: tuple[bytes, bytes]  # the whole baggage field when the client sent none
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +57,6 @@ class Snapshot:
     trust: TrustPolicy
     stage_l: bytes
     user_l: bytes
-    stage_name_b: bytes
     weights: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
@@ -144,12 +141,10 @@ def build_snapshot(
                 share=table.shares[r.name],
                 endpoints=e,
                 pool=pool,
-                name_b=r.name.encode(),
                 baggage=r.baggage,
                 extra_baggage=(extra := (("release.stage", r.name), *r.baggage)),
-                baggage_b=(bb := (build_baggage((), extra) or "").encode("latin-1")),
                 stage_h=(stage_name_b, r.name.encode()),
-                baggage_h=(b"baggage", bb),
+                baggage_h=(b"baggage", (build_baggage((), extra) or "").encode("latin-1")),
             )
         guard = s.guard
         go = (guard_overrides or {}).get(s.name)
@@ -174,7 +169,6 @@ def build_snapshot(
         trust=TrustPolicy(rc.trust_overrides),
         stage_l=rc.stage_header.lower().encode(),
         user_l=rc.user_header.lower().encode(),
-        stage_name_b=stage_name_b,
         weights=weights,
     )
 

@@ -34,7 +34,7 @@ def test_hop_by_hop_and_connection_named_fields_removed() -> None:
     out = upstream_headers(
         s,
         client_ip="10.0.0.9",
-        proto=b"http",
+        proto="http",
         stage=(b"X-Release-Stage", b"gray"),
         request_id=b"rid",
     )
@@ -67,7 +67,7 @@ def test_existing_forwarded_for_and_via_are_appended_and_stage_replaced() -> Non
         upstream_headers(
             s,
             client_ip="2.2.2.2",
-            proto=b"http",
+            proto="http",
             stage=(b"X-Release-Stage", b"stable"),
             request_id=b"keep-me",
         )
