@@ -7,7 +7,6 @@ so the checkout itself never holds compiled modules that would shadow edited one
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -31,12 +30,8 @@ def missing_for_compiled(python: str = sys.executable) -> str | None:
     """Why the compiled build cannot be made here with `python`, or None."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         return "no C compiler (apt-get install gcc)"
-    if python == sys.executable:
-        found = importlib.util.find_spec("mypyc") is not None
-    else:
-        probe = [python, "-c", "import mypyc"]
-        found = subprocess.run(probe, capture_output=True, timeout=60, check=False).returncode == 0
-    if not found:
+    probe = [python, "-c", "import mypyc"]
+    if subprocess.run(probe, capture_output=True, timeout=60, check=False).returncode != 0:
         return f"mypy is not installed for {python} (pip install -e '.[dev]')"
     return None
 

@@ -57,11 +57,11 @@ delay = function()
   return -math.log(1 - math.random()) * mean_ms + 0.5
 end
 """
-PACED_CONNS, PACED_RATE = 100, 5000
+PACED_RATE = 5000
 PACED_RESPONSE_MS = 0.5
 
 
-def wrk_script(pool: int = 50000, rate: float | None = None, conns: int = PACED_CONNS) -> str:
+def wrk_script(pool: int = 50000, rate: float | None = None, conns: int = 1) -> str:
     """The random-user script; with `rate`, paced to about that many requests/s over `conns`."""
     text = WRK_LUA % {"pool": pool}
     if rate is not None:

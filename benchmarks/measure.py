@@ -32,8 +32,6 @@ class Runner:
         self.workdir = workdir
         self.script = workdir / "random-user.lua"
         self.script.write_text(load.wrk_script())
-        self.paced_script = workdir / "random-user-paced.lua"
-        self.paced_script.write_text(load.wrk_script(rate=load.PACED_RATE, conns=load.PACED_CONNS))
         self._last_metrics: dict[int, dict[str, float] | None] = {}
 
     def server(self, scenario: Scenario, target: str) -> Server:
@@ -47,10 +45,17 @@ class Runner:
         if probe.kind == "hey":
             return load.hey_argv(str(self.tools["hey"]), url, duration_s=duration_s)
         conns = 1 if probe.kind == "c1" else probe.conns
-        script = self.paced_script if probe.kind == "paced" else self.script
+        script = self._paced_script(conns) if probe.kind == "paced" else self.script
         return load.wrk_argv(
             str(self.tools["wrk"]), url, conns=conns, duration_s=duration_s, script=str(script)
         )
+
+    def _paced_script(self, conns: int) -> Path:
+        """The script that spreads PACED_RATE over this probe's connections."""
+        path = self.workdir / f"random-user-paced-c{conns}.lua"
+        if not path.exists():
+            path.write_text(load.wrk_script(rate=load.PACED_RATE, conns=conns))
+        return path
 
     def _drive(self, probe: Probe, server: Server, duration_s: float) -> tuple[str, int]:
         url = f"http://127.0.0.1:{server.port}{probe.path}"

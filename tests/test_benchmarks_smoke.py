@@ -144,14 +144,18 @@ def test_wrk_script_sets_a_user_id_and_reports_json() -> None:
     assert "delay" not in script
 
 
-def test_paced_script_spreads_the_rate_over_its_connections() -> None:
+def test_paced_script_spreads_the_rate_over_its_connections(tmp_path: Path) -> None:
     """100 connections at 5k/s: each waits an exponential gap of mean 20 ms (less a response)."""
     script = load.wrk_script(pool=10, rate=5000, conns=100)
     assert 'wrk.headers["X-User-ID"]' in script  # still random users
     assert "local mean_ms = 19.500" in script and "-math.log(1 - math.random()) * mean_ms" in script
-    paced = scenarios.Probe("paced", load.PACED_CONNS)
+    paced = scenarios.Probe("paced", 100)
     assert (paced.label, paced.tool, paced.metric) == ("wrk paced 5k/s", "wrk", "p99_ms")
     assert paced in scenarios.SCENARIOS["rate5k"].probes
+    runner = measure.Runner(None, {"wrk": "wrk"}, servers.CpuLayout(), tmp_path)  # type: ignore[arg-type]
+    argv = runner._tool_argv(scenarios.Probe("paced", 40), "http://127.0.0.1:1/1k", 3)
+    assert "-c40" in argv  # the script's gap follows the probe's own connection count
+    assert "local mean_ms = 7.500" in Path(argv[argv.index("-s") + 1]).read_text()
 
 
 def test_reference_nginx_config(tmp_path: Path) -> None:
