@@ -109,5 +109,6 @@ class Acceptor:
 
     def _adopted(self, task: asyncio.Task[object]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("fast engine: an accepted connection failed: %s", task.exception())
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            log.warning("fast engine: an accepted connection failed: %s", exc)
