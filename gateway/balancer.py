@@ -4,7 +4,7 @@ Why p2c least-outstanding by default: two random choices weighted by the
 endpoint weight, then the one with fewer requests in flight per unit of
 weight, avoids both herd behaviour and a slow instance collecting a queue
 (Mitzenmacher, "The Power of Two Choices"). Pure: counts are plain integers
-the engine bumps through `acquire`/`release`.
+the handler bumps on the shared `Slot`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,13 @@ FAIL_TIMEOUT: Final = 10.0
 
 
 class Slot:
-    """One endpoint plus its live in-flight count and passive-health state."""
+    """One endpoint's live state: in-flight count, passive health, ejection deadline.
+
+    Why one object per (service, release, address) shared by successive pools: a
+    request that started before a snapshot swap finishes on the slot it picked,
+    and the next snapshot's pool must see that decrement and any ejection it
+    causes; a copy per pool drifts by one per request in flight at each swap.
+    """
 
     __slots__ = (
         "endpoint",
@@ -58,6 +64,12 @@ class Slot:
     def __repr__(self) -> str:
         return f"Slot({self.endpoint.address}, w={self.weight}, out={self.outstanding})"
 
+    def reweigh(self, endpoint: Endpoint) -> None:
+        """Follow a new weight (e.g. Consul Weights.Passing) for the same address."""
+        self.endpoint = endpoint
+        self.weight = max(1, endpoint.weight)
+        self._inv = 1.0 / self.weight
+
     def failed(self, now: float) -> None:
         """A connect error or timeout; the MAX_FAILS-th in a row ejects the endpoint."""
         self.fails += 1
@@ -69,48 +81,101 @@ class Slot:
         self.fails = 0
 
 
+class SlotGroup:
+    """Every slot a release has had, by address, and the latest ejection end among them.
+
+    Shared by all pools of one (service, release), so an ejection reported
+    through an old pool is seen by the current one.
+    """
+
+    __slots__ = ("by_address", "down_until")
+
+    def __init__(self) -> None:
+        self.by_address: dict[str, Slot] = {}
+        self.down_until = 0.0
+
+    def slot(self, endpoint: Endpoint) -> Slot:
+        s = self.by_address.get(endpoint.address)
+        if s is None:
+            s = self.by_address[endpoint.address] = Slot(endpoint)
+        elif s.endpoint != endpoint:
+            s.reweigh(endpoint)
+        return s
+
+    def prune(self, keep: frozenset[str]) -> None:
+        """Forget endpoints that are gone and have nothing in flight."""
+        for addr in [a for a, s in self.by_address.items() if a not in keep]:
+            if self.by_address[addr].outstanding <= 0:
+                del self.by_address[addr]
+
+
+class SlotRegistry:
+    """The live endpoint state of every release; it outlives snapshots (state.py carries it)."""
+
+    __slots__ = ("groups",)
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple[str, str], SlotGroup] = {}
+
+    def group(self, service: str, release: str) -> SlotGroup:
+        g = self.groups.get((service, release))
+        if g is None:
+            g = self.groups[(service, release)] = SlotGroup()
+        return g
+
+    def prune(self, live: dict[tuple[str, str], frozenset[str]]) -> None:
+        """Keep only endpoints in `live` ({(service, release): addresses}) or still busy."""
+        for key in list(self.groups):
+            g = self.groups[key]
+            g.prune(live.get(key, frozenset()))
+            if not g.by_address and key not in live:
+                del self.groups[key]
+
+
 class Pool:
     """The healthy endpoints of one release and the balancing policy over them."""
 
-    __slots__ = ("kind", "slots", "_cum", "_total", "_rng", "down_until")
+    __slots__ = ("kind", "slots", "group", "_cum", "_total", "_rng")
 
-    def __init__(self, endpoints: Sequence[Endpoint], kind: str, rng: random.Random) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint],
+        kind: str,
+        rng: random.Random,
+        group: SlotGroup | None = None,
+    ) -> None:
         self.kind = kind
-        self.slots = tuple(Slot(e) for e in endpoints)
+        # `group` shares live state with the release's other pools (see Slot).
+        self.group = group = SlotGroup() if group is None else group
+        self.slots = tuple(group.slot(e) for e in endpoints)
         acc = 0
         cum: list[int] = []
         for s in self.slots:
+            s._cw = 0
             acc += s.weight
             cum.append(acc)
         self._cum = cum
         self._total = acc
         self._rng = rng
-        self.down_until = 0.0  # latest ejection end of any slot: one comparison when none
+
+    @property
+    def down_until(self) -> float:
+        """The latest ejection end of any slot: one comparison when none sits out."""
+        return self.group.down_until
 
     def __len__(self) -> int:
         return len(self.slots)
 
-    def carry_counts(self, old: Pool | None) -> None:
-        """Keep in-flight counts of endpoints that survive a snapshot swap."""
-        if old is None:
-            return
-        prev = {s.endpoint.address: s for s in old.slots}
-        for s in self.slots:
-            o = prev.get(s.endpoint.address)
-            if o is not None:
-                s.outstanding = o.outstanding
-                s.fails, s.down_until = o.fails, o.down_until
-        self.down_until = max((s.down_until for s in self.slots), default=0.0)
-
     def eject(self, slot: Slot, now: float) -> None:
         """Record a failure of `slot` (connect error or timeout)."""
         slot.failed(now)
-        if slot.down_until > self.down_until:
-            self.down_until = slot.down_until
+        g = self.group
+        if slot.down_until > g.down_until:
+            g.down_until = slot.down_until
 
     def live(self, now: float) -> tuple[Slot, ...] | None:
         """The endpoints not sitting out; None means all of them (the fast path)."""
-        if self.down_until <= now:
+        if self.group.down_until <= now:
             return None
         return tuple(s for s in self.slots if s.down_until <= now)
 
@@ -120,7 +185,7 @@ class Pool:
     def pick(self, key: str | None = None, now: float = 0.0) -> Slot | None:
         """An endpoint by the policy; None when empty or every endpoint sits out."""
         slots = self.slots
-        if self.down_until > now:
+        if self.group.down_until > now:
             live = self.live(now)
             if not live:
                 return None

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from gateway.balancer import Pool
+from gateway.balancer import Pool, SlotRegistry
 from gateway.config import Config, Endpoint, GuardConfig, ServiceConfig
 from gateway.propagation import build_baggage
 from gateway.routing import ServiceMatcher, TrustPolicy, WeightTable
@@ -58,6 +58,8 @@ class Snapshot:
     stage_l: bytes
     user_l: bytes
     weights: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # Live endpoint state (in flight, health), handed from each snapshot to the next.
+    slots: SlotRegistry = field(default_factory=SlotRegistry)
 
 
 def live_releases(sv: ServiceView, now: float) -> frozenset[str]:
@@ -114,8 +116,10 @@ def build_snapshot(
     previous: Snapshot | None = None,
     rng: random.Random | None = None,
 ) -> Snapshot:
-    """Assemble a complete routing table; pools keep in-flight counts of the previous one."""
+    """Assemble a complete routing table; pools share live endpoint state with the previous one."""
     rng = rng or random.Random()
+    registry = previous.slots if previous is not None else SlotRegistry()
+    live: dict[tuple[str, str], frozenset[str]] = {}
     eps = static_endpoints(config) if endpoints is None else endpoints
     weights = effective_weights(config, overrides or {})
     rc = config.routing
@@ -126,15 +130,16 @@ def build_snapshot(
         releases: dict[str, ReleaseView] = {}
         for r in s.releases.values():
             e = tuple(eps.get((s.name, r.name), ()))
+            group = registry.group(s.name, r.name)
+            live[(s.name, r.name)] = frozenset(x.address for x in e)
             old = None
             if previous is not None and (ps := previous.services.get(s.name)) is not None:
                 if (pr := ps.releases.get(r.name)) is not None and pr.pool.kind == s.balancer:
                     old = pr.pool
-            if old is not None and old_eps_equal(old, e):
+            if old is not None and old.group is group and old_eps_equal(old, e):
                 pool = old
             else:
-                pool = Pool(e, s.balancer, rng)
-                pool.carry_counts(old)
+                pool = Pool(e, s.balancer, rng, group)
             releases[r.name] = ReleaseView(
                 name=r.name,
                 raw_weight=weights[s.name][r.name],
@@ -159,6 +164,7 @@ def build_snapshot(
             guard=guard,
             pools=tuple(rv.pool for rv in releases.values()),
         )
+    registry.prune(live)
     return Snapshot(
         version=version,
         config=config,
@@ -170,6 +176,7 @@ def build_snapshot(
         stage_l=rc.stage_header.lower().encode(),
         user_l=rc.user_header.lower().encode(),
         weights=weights,
+        slots=registry,
     )
 
 

@@ -3,7 +3,7 @@
 Why a double: no Consul binary can be installed here (CONSUL_API.md, preamble), so
 the discovery client is tested against this aiohttp app on 127.0.0.1. Every rule
 it implements is one of CONSUL_API.md and is pinned by tests/test_consul_double.py,
-which also runs against a real agent when CONSUL_HTTP_ADDR is set.
+which also runs against a real agent when GATEWAY_TEST_REAL_CONSUL=1 asks for it.
 
 Deliberate limits (each answers 404/500 rather than pretending): one node runs the
 agent (more can be added with `add_node`), no streaming backend, no ?near sorting,

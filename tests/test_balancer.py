@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from gateway.balancer import Pool
+from gateway.balancer import Pool, SlotGroup, SlotRegistry
 from gateway.config import Endpoint
 
 EPS = (Endpoint("10.0.0.1", 80, 1), Endpoint("10.0.0.2", 80, 3))
@@ -46,13 +46,46 @@ def test_hash_honours_weights() -> None:
     assert abs(picks["10.0.0.2"] / 20000 - 0.75) < 0.02
 
 
-def test_empty_pool_and_carry_counts() -> None:
+def test_empty_pool_picks_nothing() -> None:
     assert Pool((), "p2c", random.Random()).pick() is None
-    old = Pool(EPS, "p2c", random.Random())
-    old.slots[1].outstanding = 4
-    new = Pool(EPS + (Endpoint("10.0.0.3", 80),), "p2c", random.Random())
-    new.carry_counts(old)
-    assert [s.outstanding for s in new.slots] == [0, 4, 0]
+
+
+def test_pools_of_one_group_share_in_flight_counts() -> None:
+    group = SlotGroup()
+    old = Pool(EPS, "p2c", random.Random(), group)
+    started = old.slots[1]
+    started.outstanding += 1  # a request picked from the old snapshot's pool
+    new = Pool(EPS + (Endpoint("10.0.0.3", 80),), "p2c", random.Random(), group)
+    assert [s.outstanding for s in new.slots] == [0, 1, 0]
+    started.outstanding -= 1  # it finishes after the swap
+    assert [s.outstanding for s in new.slots] == [0, 0, 0]
+
+
+def test_a_new_weight_for_the_same_address_keeps_the_count() -> None:
+    group = SlotGroup()
+    old = Pool(EPS, "p2c", random.Random(), group)
+    old.slots[0].outstanding = 2
+    new = Pool((Endpoint("10.0.0.1", 80, 5), EPS[1]), "p2c", random.Random(), group)
+    assert (new.slots[0].weight, new.slots[0].outstanding) == (5, 2)
+
+
+@pytest.mark.parametrize(
+    ("busy", "keep", "left"),
+    [
+        (0, frozenset({"10.0.0.1:80"}), {"10.0.0.1:80"}),
+        (1, frozenset({"10.0.0.1:80"}), {"10.0.0.1:80", "10.0.0.2:80"}),
+        (0, frozenset(), set()),
+    ],
+    ids=["gone-and-idle-is-forgotten", "gone-but-busy-is-kept", "all-gone"],
+)
+def test_registry_prunes_endpoints_gone_for_good(
+    busy: int, keep: frozenset[str], left: set[str]
+) -> None:
+    reg = SlotRegistry()
+    pool = Pool(EPS, "p2c", random.Random(), reg.group("svc", "gray"))
+    pool.slots[1].outstanding = busy
+    reg.prune({("svc", "gray"): keep} if keep else {})
+    assert set(reg.groups.get(("svc", "gray"), SlotGroup()).by_address) == left
 
 
 def test_passive_health_ejects_after_consecutive_failures_and_returns() -> None:
@@ -77,9 +110,18 @@ def test_passive_health_ejects_after_consecutive_failures_and_returns() -> None:
 
 
 def test_ejection_survives_a_snapshot_swap() -> None:
-    old = Pool(EPS, "round_robin", random.Random())
+    group = SlotGroup()
+    old = Pool(EPS, "round_robin", random.Random(), group)
     for _ in range(3):
         old.eject(old.slots[0], now=50.0)
-    new = Pool(EPS, "round_robin", random.Random())
-    new.carry_counts(old)
+    new = Pool(EPS, "round_robin", random.Random(), group)
     assert {new.pick(None, 51.0).endpoint.host for _ in range(8)} == {"10.0.0.2"}  # type: ignore[union-attr]
+
+
+def test_ejection_reported_through_an_old_pool_reaches_the_new_one() -> None:
+    group = SlotGroup()
+    old = Pool(EPS, "p2c", random.Random(5), group)
+    new = Pool(EPS, "p2c", random.Random(5), group)
+    for _ in range(3):  # requests picked before the swap fail after it
+        old.eject(old.slots[0], now=50.0)
+    assert {new.pick(None, 51.0).endpoint.host for _ in range(20)} == {"10.0.0.2"}  # type: ignore[union-attr]

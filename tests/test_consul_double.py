@@ -1,4 +1,8 @@
-"""Pins every rule of CONSUL_API.md on the double — or on a real agent when CONSUL_HTTP_ADDR is set.
+"""Pins every rule of CONSUL_API.md on the double — or on a real agent when asked.
+
+A real agent is used only when GATEWAY_TEST_REAL_CONSUL=1 (its address from the
+standard CONSUL_HTTP_ADDR, default 127.0.0.1:8500): a developer who merely has
+CONSUL_HTTP_ADDR exported for their own work must not have tests write to it.
 
 Why both: a double that departs from the real agent proves nothing (CONSUL_API.md,
 preamble). The `agent` fixture yields the double's address, or the real agent's
@@ -35,7 +39,11 @@ from tests.consul_double import (
     rpc_query_timeout,
 )
 
-REAL_ADDR = os.environ.get("CONSUL_HTTP_ADDR", "")
+REAL_ADDR = (
+    os.environ.get("CONSUL_HTTP_ADDR") or "127.0.0.1:8500"
+    if os.environ.get("GATEWAY_TEST_REAL_CONSUL") == "1"
+    else ""
+)
 Params = Sequence[tuple[str, str]] | dict[str, str]
 
 

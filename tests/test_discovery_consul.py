@@ -614,20 +614,23 @@ async def test_churn_is_rate_limited_by_the_token_bucket(
         asked.set()
         await asyncio.Event().wait()  # park: this test only needs the requested delay
 
+    pace = Pacing()  # the shipped pace
     d = discovery(
         consul,
         {GRAY: ConsulSelector("web", ("gray",))},
         Updates(),
-        pacing=Pacing(),  # the real pace: burst 2, then one per 15 s
+        pacing=pace,
         clock=lambda: 0.0,  # frozen: no refill
         sleep=sleep,
     )
     await d.start()
-    await consul.wait_for_request(parked())  # token 1: first read, token 2: this call
-    consul.register(ttl("web-2", ["gray"]))  # churn: the blocking call returns at once
+    for k in range(int(pace.burst) - 1):
+        await consul.wait_for_request(parked(), start=k + 1)  # request k + 2 is parked
+        consul.register(ttl(f"web-{k + 2}", ["gray"]))  # churn: it returns at once
     async with asyncio.timeout(5):
         await asked.wait()
-    assert delays == [pytest.approx(15.0)]
+    assert delays == [pytest.approx(1 / pace.rate)]
+    assert len(consul.requests) == pace.burst  # the burst, then the bucket paces
 
 
 async def test_set_selectors_follows_a_reload(consul: ConsulDouble, discovery: Factory) -> None:

@@ -12,18 +12,29 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Pacing:
-    """How fast a watch may loop; CONSUL_API.md §2 client obligations.
+    """How fast a watch may loop: a token bucket, capped backoff, client timeout slack.
 
-    Why these defaults: burst 2 then about one request per 15 s under churn is what
-    blocking.mdx asks of clients; errors back off from 0.5 s to 30 s; the client
-    timeout adds `slack` to `wait + wait/16` (the server's jitter ceiling).
+    Why these defaults: an edge gateway must follow an instance that leaves or
+    returns within a second (README.md, "Consul discovery"), so a watch may loop at up to
+    `rate` = 2 requests per second after a burst of 4. A change is then seen at
+    most 1/rate = 0.5 s plus one round trip after it happens, and a watch makes
+    at most `burst + rate * t` requests in any t seconds however fast Consul
+    churns: at most 2 per second per watch per replica once the burst is spent.
+    Consul's blocking-query guide asks clients to rate-limit the loop rather than
+    sleep, and its example (burst 2, one per 15 s) suits a config watcher, not a
+    data path. Errors back off from 0.5 s to 10 s with jitter; the client timeout
+    adds `slack` to `wait + wait/16` (the server's jitter ceiling).
     """
 
-    rate: float = 1 / 15
-    burst: float = 2.0
+    rate: float = 2.0
+    burst: float = 4.0
     backoff_base: float = 0.5
-    backoff_cap: float = 30.0
+    backoff_cap: float = 10.0
     slack: float = 5.0
+
+    def bound(self, seconds: float) -> float:
+        """The most requests one watch can make in any window of `seconds`."""
+        return self.burst + self.rate * seconds
 
 
 class TokenBucket:
@@ -31,7 +42,7 @@ class TokenBucket:
 
     Why reserve instead of refuse: a watch loop must make its next request
     eventually; it sleeps the returned delay, so requests never exceed `rate` on
-    average while idle periods refill up to `burst` (CONSUL_API.md §2).
+    average while idle periods refill up to `burst`.
     """
 
     __slots__ = ("rate", "burst", "_tokens", "_stamp")
