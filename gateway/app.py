@@ -23,6 +23,7 @@ from gateway.discovery.metrics import DiscoveryMetrics
 from gateway.engine.aio import AiohttpEngine
 from gateway.guardian import Guardian
 from gateway.handler import ProxyHandler
+from gateway.healthcheck import HealthChecker
 from gateway.metrics import Metrics
 from gateway.state import Snapshot, SnapshotHolder, build_snapshot
 from gateway.telemetry import Telemetry
@@ -135,6 +136,8 @@ class Gateway:
             defer=lambda fn: asyncio.get_running_loop().call_soon(fn),
         )
         self.guardian.flush = self.handler.flush
+        # Active health checks and the ejected/returned log, per data-path process.
+        self.health = HealthChecker(self.holder, clock=self.handler.clock)
         self.engine = make_engine(config, self.handler)
         self.with_admin = admin
         self.with_data = data
@@ -175,6 +178,7 @@ class Gateway:
             self.port = self.sock.getsockname()[1]
             await self.engine.serve(self.sock)
             await self.guardian.start()
+            await self.health.start()
         if self.with_admin:
             from gateway.admin import build_admin_app
 
@@ -201,6 +205,7 @@ class Gateway:
     async def stop(self, drain_timeout: float | None = None) -> None:
         d = self.config.drain_timeout if drain_timeout is None else drain_timeout
         if self.with_data:
+            await self.health.stop()
             await self.guardian.stop()
             await self.engine.shutdown(d)
             self.handler.flush()

@@ -16,7 +16,7 @@ from typing import Final
 
 import mmh3
 
-from gateway.config import Endpoint
+from gateway.config import Endpoint, OutlierConfig
 from gateway.routing import hrw_score
 
 # Passive health, as nginx's max_fails/fail_timeout: after MAX_FAILS consecutive
@@ -25,6 +25,7 @@ from gateway.routing import hrw_score
 # p2c's traffic (the "black hole").
 MAX_FAILS: Final = 3
 FAIL_TIMEOUT: Final = 10.0
+_FOREVER: Final = float("inf")
 
 
 class Slot:
@@ -43,7 +44,9 @@ class Slot:
         "weight",
         "outstanding",
         "fails",
+        "errors",
         "down_until",
+        "checked_down",
         "_cw",
         "_seed",
         "_inv",
@@ -56,7 +59,9 @@ class Slot:
         self.weight = max(1, endpoint.weight)
         self.outstanding = 0
         self.fails = 0
+        self.errors = 0  # consecutive 5xx answers (outlier ejection)
         self.down_until = 0.0
+        self.checked_down = False  # the active health check says it is down
         self._cw = 0  # smooth weighted round robin current weight
         self._seed = int(mmh3.hash(endpoint.address, signed=False))
         self._inv = 1.0 / self.weight
@@ -74,11 +79,12 @@ class Slot:
         """A connect error or timeout; the MAX_FAILS-th in a row ejects the endpoint."""
         self.fails += 1
         if self.fails >= MAX_FAILS:
-            self.down_until = now + FAIL_TIMEOUT
+            self.down_until = max(self.down_until, now + FAIL_TIMEOUT)
             self.fails = 0
 
     def succeeded(self) -> None:
         self.fails = 0
+        self.errors = 0
 
 
 class SlotGroup:
@@ -107,6 +113,21 @@ class SlotGroup:
         for addr in [a for a, s in self.by_address.items() if a not in keep]:
             if self.by_address[addr].outstanding <= 0:
                 del self.by_address[addr]
+        self.recompute()
+
+    def recompute(self) -> None:
+        self.down_until = max((s.down_until for s in self.by_address.values()), default=0.0)
+
+    def set_checked(self, slot: Slot, healthy: bool) -> None:
+        """An active health check's verdict: down until it passes again (no time limit)."""
+        slot.checked_down = not healthy
+        if healthy:
+            if slot.down_until == _FOREVER:
+                slot.down_until = 0.0
+            self.recompute()
+        else:
+            slot.down_until = _FOREVER
+            self.down_until = _FOREVER
 
 
 class SlotRegistry:
@@ -135,7 +156,7 @@ class SlotRegistry:
 class Pool:
     """The healthy endpoints of one release and the balancing policy over them."""
 
-    __slots__ = ("kind", "slots", "group", "_cum", "_total", "_rng")
+    __slots__ = ("kind", "slots", "group", "outlier", "_cum", "_total", "_rng")
 
     def __init__(
         self,
@@ -143,8 +164,10 @@ class Pool:
         kind: str,
         rng: random.Random,
         group: SlotGroup | None = None,
+        outlier: OutlierConfig | None = None,
     ) -> None:
         self.kind = kind
+        self.outlier = OutlierConfig() if outlier is None else outlier
         # `group` shares live state with the release's other pools (see Slot).
         self.group = group = SlotGroup() if group is None else group
         self.slots = tuple(group.slot(e) for e in endpoints)
@@ -172,6 +195,29 @@ class Pool:
         g = self.group
         if slot.down_until > g.down_until:
             g.down_until = slot.down_until
+
+    def server_error(self, slot: Slot, now: float) -> bool:
+        """A 5xx answer; True when it ejects `slot` (Envoy's outlier `consecutive_5xx`).
+
+        Why the cap: `max_ejection_percent` of the release's endpoints at most may sit
+        out for 5xx at once (rounded down), so a release whose every endpoint answers
+        5xx keeps serving (the guard, not the balancer, judges a bad release).
+        """
+        o = self.outlier
+        slot.errors += 1
+        if o.consecutive_5xx <= 0 or slot.errors < o.consecutive_5xx:
+            return False
+        slot.errors = 0
+        if slot.down_until > now:
+            return False
+        out = sum(1 for s in self.slots if s.down_until > now)
+        if (out + 1) * 100 > o.max_ejection_percent * len(self.slots):
+            return False
+        slot.down_until = now + o.ejection_time
+        g = self.group
+        if slot.down_until > g.down_until:
+            g.down_until = slot.down_until
+        return True
 
     def live(self, now: float) -> tuple[Slot, ...] | None:
         """The endpoints not sitting out; None means all of them (the fast path)."""

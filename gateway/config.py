@@ -67,12 +67,34 @@ class ConsulSelector:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    """Active health check of each endpoint of a release (README.md, "Endpoint health")."""
+
+    path: str = "/healthz"
+    interval: float = 5.0
+    timeout: float = 1.0
+    healthy: int = 2  # consecutive passes that bring a failed endpoint back
+    unhealthy: int = 3  # consecutive failures that take it out
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierConfig:
+    """Outlier ejection on consecutive 5xx answers, as Envoy's `consecutive_5xx`."""
+
+    consecutive_5xx: int = 5  # 0 turns it off
+    max_ejection_percent: float = 50.0  # never eject more of a release than this
+    ejection_time: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class ReleaseConfig:
     name: str
     weight: float
     upstreams: tuple[Endpoint, ...] = ()
     consul: ConsulSelector | None = None
     baggage: tuple[tuple[str, str], ...] = ()
+    health_check: HealthCheckConfig | None = None
+    outlier: OutlierConfig = OutlierConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,7 +359,7 @@ def _guard(v: object, path: str, errs: _Errors) -> GuardConfig:
 
 def _release(name: str, v: object, path: str, errs: _Errors) -> ReleaseConfig:
     m = _mapping(v, path, errs)
-    _unknown(m, {"weight", "upstreams", "consul", "baggage"}, path, errs)
+    _unknown(m, {"weight", "upstreams", "consul", "baggage", "health_check", "outlier"}, path, errs)
     if not _NAME_RE.match(name):
         errs.add(path, "release name must be letters, digits, '.', '_' or '-'")
     weight = 0.0
@@ -385,7 +407,63 @@ def _release(name: str, v: object, path: str, errs: _Errors) -> ReleaseConfig:
                 errs.add(f"{path}.baggage.{k}", "must be token: string")
             else:
                 baggage.append((k, str(bv)))
-    return ReleaseConfig(name, weight, tuple(ups), consul, tuple(baggage))
+    hc = _health_check(m.get("health_check"), f"{path}.health_check", errs)
+    outlier = _outlier(m.get("outlier"), f"{path}.outlier", errs)
+    return ReleaseConfig(name, weight, tuple(ups), consul, tuple(baggage), hc, outlier)
+
+
+def _count(m: Mapping[str, Any], key: str, default: int, path: str, errs: _Errors, lo: int) -> int:
+    v = m.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= 1000:
+        errs.add(f"{path}.{key}", f"must be a whole number from {lo} to 1000")
+        return default
+    return v
+
+
+def _health_check(v: object, path: str, errs: _Errors) -> HealthCheckConfig | None:
+    if v is None:
+        return None
+    m = _mapping(v, path, errs)
+    d = HealthCheckConfig()
+    _unknown(m, set(HealthCheckConfig.__dataclass_fields__), path, errs)
+    hc_path = m.get("path", d.path)
+    if not isinstance(hc_path, str) or not hc_path.startswith("/") or not hc_path.isprintable():
+        errs.add(f"{path}.path", "must be an absolute path such as /healthz")
+        hc_path = d.path
+    elif any(c in hc_path for c in " #"):
+        errs.add(f"{path}.path", "must not contain spaces or '#'")
+        hc_path = d.path
+    interval = _duration(m, "interval", d.interval, path, errs)
+    timeout = _duration(m, "timeout", d.timeout, path, errs)
+    if not 0 < interval <= 3600:
+        errs.add(f"{path}.interval", "must be more than 0s and at most 1h")
+    if not 0 < timeout <= interval:
+        errs.add(f"{path}.timeout", "must be more than 0s and at most the interval")
+    return HealthCheckConfig(
+        hc_path,
+        interval,
+        timeout,
+        _count(m, "healthy", d.healthy, path, errs, 1),
+        _count(m, "unhealthy", d.unhealthy, path, errs, 1),
+    )
+
+
+def _outlier(v: object, path: str, errs: _Errors) -> OutlierConfig:
+    d = OutlierConfig()
+    if v is None:
+        return d
+    m = _mapping(v, path, errs)
+    _unknown(m, set(OutlierConfig.__dataclass_fields__), path, errs)
+    pct = _number(m, "max_ejection_percent", d.max_ejection_percent, path, errs)
+    if pct > 100:
+        errs.add(f"{path}.max_ejection_percent", "must be a number from 0 to 100")
+        pct = d.max_ejection_percent
+    ejection = _duration(m, "ejection_time", d.ejection_time, path, errs)
+    if not 0 < ejection <= 3600:
+        errs.add(f"{path}.ejection_time", "must be more than 0s and at most 1h")
+    return OutlierConfig(
+        _count(m, "consecutive_5xx", d.consecutive_5xx, path, errs, 0), pct, ejection
+    )
 
 
 def _service(name: str, v: object, path: str, errs: _Errors, base_t: Timeouts) -> ServiceConfig:

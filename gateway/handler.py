@@ -328,7 +328,9 @@ class _Done:
         end = h.clock()
         elapsed = end - self.start
         if error is None:
-            if slot.fails:
+            if status >= 500:
+                self.pool.server_error(slot, end)  # outlier ejection (balancer.Pool)
+            elif slot.fails or slot.errors:
                 slot.succeeded()
         elif error == "connect" or error == "timeout":
             self.pool.eject(slot, end)

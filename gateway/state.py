@@ -136,10 +136,15 @@ def build_snapshot(
             if previous is not None and (ps := previous.services.get(s.name)) is not None:
                 if (pr := ps.releases.get(r.name)) is not None and pr.pool.kind == s.balancer:
                     old = pr.pool
-            if old is not None and old.group is group and old_eps_equal(old, e):
+            if (
+                old is not None
+                and old.group is group
+                and old.outlier == r.outlier
+                and old_eps_equal(old, e)
+            ):
                 pool = old
             else:
-                pool = Pool(e, s.balancer, rng, group)
+                pool = Pool(e, s.balancer, rng, group, r.outlier)
             releases[r.name] = ReleaseView(
                 name=r.name,
                 raw_weight=weights[s.name][r.name],

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from gateway.balancer import Pool, SlotGroup, SlotRegistry
-from gateway.config import Endpoint
+from gateway.config import Endpoint, OutlierConfig
 
 EPS = (Endpoint("10.0.0.1", 80, 1), Endpoint("10.0.0.2", 80, 3))
 
@@ -125,3 +125,66 @@ def test_ejection_reported_through_an_old_pool_reaches_the_new_one() -> None:
     for _ in range(3):  # requests picked before the swap fail after it
         old.eject(old.slots[0], now=50.0)
     assert {new.pick(None, 51.0).endpoint.host for _ in range(20)} == {"10.0.0.2"}  # type: ignore[union-attr]
+
+
+def _pool(n: int, **outlier: float) -> Pool:
+    eps = tuple(Endpoint(f"10.0.0.{i}", 80) for i in range(1, n + 1))
+    return Pool(eps, "p2c", random.Random(6), outlier=OutlierConfig(**outlier))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("n", "failing", "outlier", "ejected"),
+    [
+        (2, 1, {}, 1),
+        (4, 4, {}, 2),
+        (3, 3, {}, 1),
+        (1, 1, {}, 0),
+        (2, 2, {"max_ejection_percent": 100}, 2),
+        (4, 1, {"consecutive_5xx": 0}, 0),
+        (10, 3, {"max_ejection_percent": 10}, 1),
+    ],
+    ids=[
+        "one-of-two",
+        "half-of-four-at-most",
+        "one-of-three-rounds-down",
+        "a-lone-endpoint-never",
+        "cap-lifted",
+        "off",
+        "ten-percent",
+    ],
+)
+def test_outlier_ejection_on_consecutive_5xx_is_capped(
+    n: int, failing: int, outlier: dict[str, float], ejected: int
+) -> None:
+    pool = _pool(n, **outlier)
+    for s in pool.slots[:failing]:
+        for _ in range(5):
+            pool.server_error(s, now=10.0)
+    assert sum(1 for s in pool.slots if s.down_until > 10.0) == ejected
+
+
+def test_a_success_between_5xx_resets_the_streak() -> None:
+    pool = _pool(2)
+    a = pool.slots[0]
+    for _ in range(4):
+        assert not pool.server_error(a, now=1.0)
+    a.succeeded()
+    for _ in range(4):
+        assert not pool.server_error(a, now=1.0)
+    assert pool.server_error(a, now=1.0)  # the 5th in a row
+    assert {pool.pick(None, 2.0).endpoint.host for _ in range(20)} == {"10.0.0.2"}  # type: ignore[union-attr]
+    assert pool.pick(None, 1.0 + OutlierConfig().ejection_time).endpoint is not None  # type: ignore[union-attr]
+
+
+def test_an_active_check_takes_an_endpoint_out_until_it_passes() -> None:
+    group = SlotGroup()
+    pool = Pool(EPS, "p2c", random.Random(7), group)
+    a = pool.slots[0]
+    group.set_checked(a, False)
+    pool.eject(a, now=5.0)  # passive ejections never shorten it
+    pool.eject(a, now=5.0)
+    pool.eject(a, now=5.0)
+    assert {pool.pick(None, 1e9).endpoint.host for _ in range(20)} == {"10.0.0.2"}  # type: ignore[union-attr]
+    group.set_checked(a, True)
+    assert group.down_until <= 5.0 + 10.0  # back at once
+    assert {pool.pick(None, 100.0).endpoint.host for _ in range(40)} == {"10.0.0.1", "10.0.0.2"}  # type: ignore[union-attr]
