@@ -811,9 +811,11 @@ async def test_ttl_expiry_turns_the_check_critical(agent: Agent) -> None:
         }
     )
     r = await agent.health(svc)
+    assert r.json()[0]["Checks"][-1]["Status"] == "passing"
     async with asyncio.timeout(20):
-        while r.json()[0]["Checks"][-1]["Status"] != "critical":
+        while r.json()[0]["Checks"][-1]["Status"] == "passing":
             r = await agent.health(svc, {"index": str(r.index), "wait": "5s"})
+    assert r.json()[0]["Checks"][-1]["Status"] == "critical"
 
 
 # =========================================================================== §4 KV

@@ -359,8 +359,10 @@ async def test_a_failing_node_check_removes_every_instance_on_it(
     updates = Updates()
     d = discovery(consul, {GRAY: ConsulSelector("web", ("gray",))}, updates)
     await d.start()
+    assert updates.items == [{GRAY: (ep(9001),)}]
     consul.set_node_check("critical")
     await updates.wait_for(lambda m: m[GRAY] == ())  # a real, healthy answer: empty is published
+    assert updates.items[-1] == {GRAY: ()} and d.snapshot() == {GRAY: ()}
 
 
 async def test_multi_tag_selection_is_and(consul: ConsulDouble, discovery: Factory) -> None:
@@ -441,8 +443,10 @@ async def test_deregistering_everything_publishes_an_empty_set(
     updates = Updates()
     d = discovery(consul, {GRAY: ConsulSelector("web", ("gray",))}, updates)
     await d.start()
+    assert updates.items == [{GRAY: (ep(9001),)}]
     consul.deregister("web-1")
     await updates.wait_for(lambda m: m == {GRAY: ()})
+    assert updates.items[-1] == {GRAY: ()} and d.snapshot() == {GRAY: ()}
 
 
 async def test_dead_consul_keeps_last_known_good_then_recovers(
@@ -648,5 +652,7 @@ async def test_stop_interrupts_a_parked_watch(consul: ConsulDouble, discovery: F
     d = discovery(consul, {GRAY: ConsulSelector("web", ("gray",))}, Updates(), poll_wait=300.0)
     await d.start()
     await consul.wait_for_request(parked())
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(5):  # a 300 s blocking call must not hold stop up
         await d.stop()
+    assert d.snapshot() == {GRAY: (ep(9001),)}  # the last answer, kept
+    assert all(w.task is None for w in d._watches.values())

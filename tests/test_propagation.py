@@ -50,7 +50,9 @@ class ZeroFirst(random.Random):
 
 
 def test_header_names_are_lowercase() -> None:
-    assert TRACE_HEADERS == ("traceparent", "tracestate", "baggage")
+    # The handler matches field names lower-cased (RFC 9110 §5.1): a capital never matches.
+    assert all(h == h.lower() for h in TRACE_HEADERS)
+    assert {"traceparent", "tracestate", "baggage"} <= set(TRACE_HEADERS)
 
 
 # --- traceparent ------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -71,7 +73,9 @@ async def test_corrupt_document_refuses_to_start(consul: ConsulDouble) -> None:
     await store.close()
 
 
-async def test_dead_consul_keeps_the_last_good_state(consul: ConsulDouble) -> None:
+async def test_dead_consul_keeps_the_last_good_state(
+    consul: ConsulDouble, caplog: pytest.LogCaptureFixture
+) -> None:
     a = _store(consul, backoff=0.05)
     await a.open()
     try:
@@ -79,7 +83,11 @@ async def test_dead_consul_keeps_the_last_good_state(consul: ConsulDouble) -> No
         await consul.kill()
         watch = a.watch()
         pending = asyncio.ensure_future(_next(watch))
-        await asyncio.sleep(0.3)  # let a few failed polls happen (bounded, no sync needed)
+        caplog.set_level(logging.WARNING, "gateway.store")
+        deadline = time.monotonic() + 20  # wait for two failed polls, then judge them
+        while caplog.text.count("Consul KV watch failed") < 2:
+            assert time.monotonic() < deadline, "the outage was never noticed"
+            await asyncio.sleep(0.01)
         assert not pending.done() and a.load() == v1
         await consul.revive()
         # Another writer (e.g. a replica) stores v2 directly: the watcher picks it up.
