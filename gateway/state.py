@@ -70,7 +70,7 @@ def live_releases(sv: ServiceView, now: float) -> frozenset[str]:
     release is out, all of them are probed rather than the request refused.
     """
     for pool in sv.pools:
-        if pool.down_until > now:
+        if pool.group.down_until > now:
             break
     else:
         return sv.available  # the common case: nothing ejected
