@@ -142,8 +142,10 @@ async def _replica(
                 }
             }
         },
-        # the token only tells the replicas' requests apart (the double has no ACLs)
-        consul={"address": consul.address, "token": name},
+        # The replicas share their state through Consul KV, as a fleet does; the token
+        # only tells their requests apart (the double has no ACLs).
+        state={"store": "consul"},
+        consul={"address": consul.address, "token": name, "kv_prefix": "gw/replicas"},
     )
     gw: Gateway = await gateway(doc, consul_pacing=pacing)
     return gw
