@@ -137,7 +137,11 @@ class Gateway:
         )
         self.guardian.flush = self.handler.flush
         # Active health checks and the ejected/returned log, per data-path process.
-        self.health = HealthChecker(self.holder, clock=self.handler.clock)
+        self.health = HealthChecker(
+            self.holder,
+            clock=self.handler.clock,
+            on_change=lambda: self._publish_endpoints(self.holder.current),
+        )
         self.engine = make_engine(config, self.handler)
         self.with_admin = admin
         self.with_data = data
@@ -155,18 +159,23 @@ class Gateway:
         self.metrics.set_weights(
             {n: {r: rv.share for r, rv in sv.releases.items()} for n, sv in snap.services.items()}
         )
-        self.metrics.set_endpoints(
-            {
-                (n, r): len(rv.endpoints)
-                for n, sv in snap.services.items()
-                for r, rv in sv.releases.items()
-            }
-        )
+        self._publish_endpoints(snap)
         self.metrics.state_version.set(snap.version)
         for name in snap.services:
             r = self.control.rollout_of(name)
             if r is not None:
                 self.metrics.set_rollout_state(name, r.state)
+
+    def _publish_endpoints(self, snap: Snapshot) -> None:
+        # gateway_upstream_endpoints counts the endpoints that can serve: ejected ones do not.
+        now = self.handler.clock()
+        self.metrics.set_endpoints(
+            {
+                (n, r): rv.pool.healthy(now)
+                for n, sv in snap.services.items()
+                for r, rv in sv.releases.items()
+            }
+        )
 
     async def start(self, sock: socket.socket | None = None) -> None:
         # Store first: a corrupt state file or an unsafe admin listener refuses to start.

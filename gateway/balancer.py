@@ -219,6 +219,12 @@ class Pool:
             g.down_until = slot.down_until
         return True
 
+    def healthy(self, now: float) -> int:
+        """How many endpoints can be picked now (none ejected by any kind of health)."""
+        if self.group.down_until <= now:
+            return len(self.slots)
+        return sum(1 for s in self.slots if s.down_until <= now)
+
     def live(self, now: float) -> tuple[Slot, ...] | None:
         """The endpoints not sitting out; None means all of them (the fast path)."""
         if self.group.down_until <= now:

@@ -53,8 +53,10 @@ class HealthChecker:
         session_factory: Callable[[], aiohttp.ClientSession] = _session,
         report_interval: float = 1.0,
         log_limit: int = 10,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.holder = holder
+        self.on_change = on_change  # after a scan that saw an endpoint leave or return
         self.clock = clock
         self.report_interval = report_interval
         self.log_limit = log_limit
@@ -174,4 +176,6 @@ class HealthChecker:
             log.warning(line)
         if len(lines) > self.log_limit:
             log.warning("... and %d more endpoint state changes", len(lines) - self.log_limit)
+        if lines and self.on_change is not None:
+            self.on_change()
         return lines

@@ -142,6 +142,15 @@ async def _healthy(gw: Gateway) -> dict[int, bool]:
     }
 
 
+async def _endpoints_gauge(gw: Gateway) -> float:
+    url = f"http://127.0.0.1:{gw.admin_port}/metrics"
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        text = await r.text()
+    want = 'gateway_upstream_endpoints{release="stable",service="svc"} '
+    [line] = [ln for ln in text.splitlines() if ln.startswith(want)]
+    return float(line.split()[-1])
+
+
 async def test_active_check_takes_an_endpoint_out_and_brings_it_back(
     upstreams: Make, gateway: Make, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -176,9 +185,11 @@ async def test_active_check_takes_an_endpoint_out_and_brings_it_back(
     assert await _names(gw, 20) == {"200 a": 20}
     assert b.served == served  # no request reached it
     await _until(lambda: "health check failing" in caplog.text, "ejection logged")
+    assert await _endpoints_gauge(gw) == 1.0  # the gauge counts endpoints that can serve
     b.healthy = True
     await _until(lambda: "returned to service" in caplog.text, "return logged")
     assert await _healthy(gw) == {ua.port: True, ub.port: True}
+    assert await _endpoints_gauge(gw) == 2.0
     got = await _names(gw, 40)
     assert set(got) == {"200 a", "200 b"}, got
     lines = [r.getMessage() for r in caplog.records if r.name == "gateway.health"]
