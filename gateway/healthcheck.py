@@ -15,7 +15,6 @@ per scan so a mass ejection cannot flood the log.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -147,8 +146,10 @@ class HealthChecker:
     async def _report_loop(self) -> None:
         while True:
             await asyncio.sleep(self.report_interval)
-            with contextlib.suppress(Exception):  # a log line must never stop the watcher
+            try:
                 self.report()
+            except Exception:  # a failed scan must never stop the watcher
+                log.exception("endpoint state scan failed")
 
     def report(self) -> list[str]:
         """Log each endpoint that was ejected or returned since the last call; return the lines."""
