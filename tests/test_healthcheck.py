@@ -18,7 +18,10 @@ from aiohttp import web
 
 from gateway import config as C
 from gateway.app import Gateway
+from gateway.balancer import FAIL_TIMEOUT, MAX_FAILS
 from gateway.errors import ConfigError
+from gateway.healthcheck import HealthChecker
+from gateway.state import SnapshotHolder, build_snapshot
 from tests.conftest import gateway_config
 
 Make = Callable[..., Awaitable[Any]]
@@ -218,3 +221,26 @@ async def test_consecutive_5xx_eject_one_endpoint_never_the_whole_release(
     got = await _names(gw, 20)
     assert got == {"500 b": 20}
     assert await _healthy(gw) == {ua.port: False, ub.port: True}
+
+
+def test_report_logs_each_change_once_and_caps_a_burst(caplog: pytest.LogCaptureFixture) -> None:
+    ups = [f"http://127.0.0.1:{9000 + i}" for i in range(15)]
+    cfg = C.build(
+        {"services": {"svc": {"releases": {"stable": {"weight": 1, "upstreams": ups}}}}}, env={}
+    )
+    holder = SnapshotHolder(build_snapshot(cfg))
+    now = [100.0]
+    hc = HealthChecker(holder, clock=lambda: now[0], log_limit=10)
+    caplog.set_level(logging.WARNING, logger="gateway.health")
+    pool = holder.current.services["svc"].releases["stable"].pool
+    for s in pool.slots:
+        for _ in range(MAX_FAILS):
+            pool.eject(s, 99.0)
+    lines = hc.report()
+    assert len(lines) == 15 and all("ejected for" in ln for ln in lines)
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 11 and logged[-1] == "... and 5 more endpoint state changes"
+    assert hc.report() == []  # each change once
+    now[0] = 99.0 + FAIL_TIMEOUT
+    back = hc.report()
+    assert len(back) == 15 and all("returned to service" in ln for ln in back)
