@@ -125,7 +125,7 @@ def service_doc(
                     {
                         "address": s.endpoint.address,
                         "weight": s.weight,
-                        "healthy": s.down_until <= now,  # passive health (balancer)
+                        "healthy": s.down_until <= now,  # any ejection (balancer.Slot)
                         "outstanding": s.outstanding,
                     }
                     for s in rv.pool.slots

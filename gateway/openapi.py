@@ -75,8 +75,15 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "address": {"type": "string"},
             "weight": {"type": "integer", "minimum": 1},
-            "healthy": {"type": "boolean"},
-            "outstanding": {"type": "integer"},
+            "healthy": {
+                "type": "boolean",
+                "description": "false while ejected: passive health, outlier ejection "
+                "on consecutive 5xx, or a failing active health check",
+            },
+            "outstanding": {
+                "type": "integer",
+                "description": "requests in flight to it from this process, across reloads",
+            },
         },
     },
     "Release": {
