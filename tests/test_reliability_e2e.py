@@ -13,8 +13,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
+from gateway import config as C
 from gateway.app import Gateway
 from gateway.discovery import Pacing
 from tests.conftest import Upstream, gateway_config
@@ -80,8 +82,9 @@ def _outstanding(doc: dict[str, Any], release: str) -> dict[int, int]:
     }
 
 
+@pytest.mark.parametrize("engine", C.ENGINES)
 async def test_balancer_counts_equal_real_in_flight_after_100_swaps(
-    upstreams: Callable[..., Awaitable[Upstream]], gateway: Any
+    upstreams: Callable[..., Awaitable[Upstream]], gateway: Any, engine: str
 ) -> None:
     a, b = Held(), Held()
     ua, ub = await upstreams(app=a.app()), await upstreams(app=b.app())
@@ -91,6 +94,7 @@ async def test_balancer_counts_equal_real_in_flight_after_100_swaps(
         doc = gateway_config(
             {"user-api": {"releases": {"stable": STABLE_FROM_CONSUL}}},
             consul={"address": consul.address},
+            engine=engine,
         )
         # This test is about counts, not pacing: let the watch follow every flip.
         gw: Gateway = await gateway(doc, consul_pacing=Pacing(rate=1000, burst=1000))
