@@ -75,13 +75,9 @@ async def _serve(cfg: Any, *, admin: bool, data: bool = True) -> int:
     if admin and not data:
         log.info("admin listening on %s", gw.admin_port)
     if data:
-        from gateway.version import compiled
+        from gateway.version import build_description
 
-        log.info(
-            "serving: engine %s, %s build",
-            cfg.engine,
-            "compiled (mypyc)" if compiled() else "pure-Python",
-        )
+        log.info("serving: engine %s, %s", cfg.engine, build_description())
     await stop.wait()
     log.info("draining (up to %.1fs)", cfg.drain_timeout)
     await gw.stop()
@@ -182,11 +178,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- entry
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from gateway.version import build_version
+class _VersionAction(argparse.Action):
+    """Prints the version and the build (compiled or pure, and why) unwrapped, then exits."""
 
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from gateway.version import build_description, build_version
+
+        print(f"gateway {build_version()} ({build_description()})")
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gateway", description="Gray-release edge gateway")
-    p.add_argument("--version", action="version", version=f"gateway {build_version()}")
+    p.add_argument("--version", action=_VersionAction, help="the version and which build serves")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="serve traffic")
