@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -57,3 +61,23 @@ def test_the_builder_installs_the_pinned_mypy_the_backend_asks_for() -> None:
         r'^MYPY = "(mypy==[\d.]+)"', (ROOT / "_build" / "gateway_build.py").read_text(), re.M
     )
     assert pin is not None and f'"{pin.group(1)}"' in DOCKERFILE
+
+
+@pytest.mark.timeout(600)
+def test_the_builder_step_fails_loudly_without_a_compiler(tmp_path: Path) -> None:
+    """GATEWAY_COMPILE=1 (the builder stage) never falls back to a pure wheel."""
+    from benchmarks.build import copy_sources
+
+    builder = tmp_path / "builder"  # the builder stage's tools, minus mypy and a compiler
+    subprocess.run([sys.executable, "-m", "venv", str(builder)], check=True, timeout=120)
+    pip = str(builder / "bin" / "pip")
+    setup = _run([pip, "install", "-q", "setuptools>=68", "wheel"], timeout=300)
+    assert setup.returncode == 0, setup.stderr[-3000:]
+    src = copy_sources(tmp_path / "src")
+    env = {k: v for k, v in os.environ.items() if k not in ("GATEWAY_PURE", "PYTHONPATH")}
+    step = BUILD_STEP.split()  # GATEWAY_COMPILE=1 pip wheel ... -w /wheels .
+    argv = [pip, *step[2:-2], str(tmp_path / "wheels"), str(src)]
+    done = _run(argv, env={**env, "GATEWAY_COMPILE": "1", "CC": "/bin/false"}, timeout=300)
+    assert done.returncode != 0
+    assert "GATEWAY_COMPILE=1: no working C compiler: CC='/bin/false'" in done.stdout + done.stderr
+    assert not list((tmp_path / "wheels").glob("*.whl"))
