@@ -637,7 +637,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
     am = _mapping(m.get("admin"), "admin", errs)
     _unknown(am, {"listen", "token_env"}, "admin", errs)
     admin_listen = _listen(am, "listen", AdminConfig().listen, "admin", errs)
-    if "listen" in am and (clash := _listeners_clash(listen, admin_listen)) is not None:
+    if (clash := _listeners_clash(listen, admin_listen)) is not None:
         errs.add("admin.listen", clash)
     token_env = am.get("token_env", "GATEWAY_ADMIN_TOKEN")
     if token_env is not None and (not isinstance(token_env, str) or not token_env):

@@ -85,6 +85,8 @@ def match_host(text: str) -> tuple[str, str | None]:
         if is_ip(text):
             return f"[{ipaddress.ip_address(text).compressed}]", None
         return text, f"{text!r} has a port or a ':': hosts are matched without the port"
+    if not text:
+        return text, "is empty: leave hosts empty to match any host"
     wildcard = text.startswith("*.")
     name = text[2:] if wildcard else text
     if "*" in name or not name.strip("."):
@@ -186,8 +188,9 @@ def upstream_url(value: str) -> tuple[str, int, str | None]:
 def consul_address(value: str) -> tuple[str, str | None]:
     """A Consul HTTP API address -> (normalized URL, problem or None).
 
-    Consul's clients take `host:port` or an `http(s)://` URL (Consul docs,
-    "Commands: CONSUL_HTTP_ADDR"); a bare address means http.
+    Consul's CLI takes `host:port` or an `http(s)://` URI (Consul docs,
+    "Commands: Environment variables", CONSUL_HTTP_ADDR); a bare address
+    means http. Unix socket addresses are not supported here.
     """
     parts, problem = _split_url(value, ("http", "https"))
     if parts is None:
