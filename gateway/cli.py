@@ -201,7 +201,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
     _setup_logging("WARNING")
-    return _run_loop(run_demo(args.host, args.port, args.admin_port, args.duration))
+    try:
+        return _run_loop(run_demo(args.host, args.port, args.admin_port, args.duration))
+    except ConfigError as e:  # e.g. --port equal to --admin-port, or a bad --host
+        _print_config_errors(e)
+        return 2
 
 
 # --------------------------------------------------------------------------- entry

@@ -610,3 +610,11 @@ def test_run_with_a_listener_in_use_exits_2_without_a_traceback(
     assert r.returncode == 2, r.stderr
     assert f"  {which}: '127.0.0.1:{taken}' is already in use" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_demo_with_one_port_for_both_listeners_exits_2(tmp_path: Path) -> None:
+    port = "18080"  # never bound: the config is refused before anything listens
+    r = _gateway("demo", "--port", port, "--admin-port", port, "--duration", "1", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "  admin.listen: '127.0.0.1:18080' overlaps the data listener" in r.stderr
+    assert "Traceback" not in r.stderr
