@@ -27,6 +27,7 @@ from gateway.config_syntax import (
     match_host,
     path_prefix_problem,
     upstream_url,
+    yaml_problem,
 )
 from gateway.errors import ConfigError
 
@@ -723,7 +724,7 @@ def load(path: str | None = None, *, env: Mapping[str, str] | None = None) -> Co
     try:
         raw, duplicates = load_yaml(text)
     except yaml.YAMLError as e:
-        raise ConfigError([("(yaml)", f"not valid YAML: {e}")], p) from e
+        raise ConfigError([("(yaml)", yaml_problem(e))], p) from e
     if not duplicates:
         return build(raw, env=env, source=p)
     try:  # report the duplicates together with everything else that is wrong

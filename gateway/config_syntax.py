@@ -318,3 +318,18 @@ def load_yaml(text: str) -> tuple[object, list[tuple[str, str]]]:
     finally:
         loader.dispose()
     return data, loader.duplicates
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A parse error on one line, with line and column, without echoing the file's text."""
+    if isinstance(e, yaml.reader.ReaderError):
+        ch = chr(e.character) if isinstance(e.character, int) else e.character
+        return f"not valid YAML at character {e.position}: {e.reason} ({ch!r})"
+    if not isinstance(e, yaml.MarkedYAMLError) or e.problem_mark is None:
+        return f"not valid YAML: {e}"
+    mark = e.problem_mark
+    text = f"not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {e.problem}"
+    if e.context and e.context_mark is not None:
+        cm = e.context_mark
+        text += f" ({e.context} at line {cm.line + 1}, column {cm.column + 1})"
+    return text

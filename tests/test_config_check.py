@@ -345,6 +345,18 @@ CASES = [
         "services.svc.baseline",
         "'st\\nable' names no release (have: 'stable')",
     ),
+    Case(
+        "yaml-syntax-error-on-one-line",
+        "services: [unclosed\n",
+        "(yaml)",
+        "not valid YAML at line 2, column 1: expected ',' or ']'",
+    ),
+    Case(
+        "yaml-control-character",
+        'services: "\x01"\n',
+        "(yaml)",
+        "special characters are not allowed ('\\x01')",
+    ),
     Case("workers-zero", doc(top="workers: 0\n"), "workers", "between 1 and 256"),
     Case("workers-257", doc(top="workers: 257\n"), "workers", "between 1 and 256"),
 ]
