@@ -542,7 +542,10 @@ def _routing(v: object, errs: _Errors) -> RoutingConfig:
         errs.add("routing.trust_overrides", "must be true, false or a list of CIDRs")
     max_age = m.get("sticky_cookie_max_age", d.sticky_cookie_max_age)
     if not isinstance(max_age, int) or isinstance(max_age, bool) or max_age < 0:
-        errs.add("routing.sticky_cookie_max_age", "must be an integer >= 0 (seconds)")
+        errs.add(
+            "routing.sticky_cookie_max_age",
+            _string_number_hint(max_age) or "must be an integer >= 0 (seconds)",
+        )
         max_age = d.sticky_cookie_max_age
     return RoutingConfig(
         sticky_cookie=_bool(m, "sticky_cookie", False, "routing", errs),
@@ -649,7 +652,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
 
     workers = m.get("workers", 1)
     if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 256:
-        errs.add("workers", "must be an integer between 1 and 256")
+        errs.add("workers", _string_number_hint(workers) or "must be an integer between 1 and 256")
         workers = 1
     engine = _string(m, "engine", "fast", "", errs)
     if engine not in ENGINES:

@@ -357,6 +357,12 @@ CASES = [
         "(yaml)",
         "special characters are not allowed ('\\x01')",
     ),
+    Case(
+        "sticky-max-age-1e6-is-a-string",
+        doc(top="routing: {sticky_cookie_max_age: 1e6}\n"),
+        "routing.sticky_cookie_max_age",
+        "YAML read '1e6' as a string",
+    ),
     Case("workers-zero", doc(top="workers: 0\n"), "workers", "between 1 and 256"),
     Case("workers-257", doc(top="workers: 257\n"), "workers", "between 1 and 256"),
 ]
