@@ -728,6 +728,8 @@ def load(path: str | None = None, *, env: Mapping[str, str] | None = None) -> Co
         raw, duplicates = load_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError([("(yaml)", yaml_problem(e))], p) from e
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError([("(yaml)", "not valid YAML: nested too deeply")], p) from None
     if not duplicates:
         return build(raw, env=env, source=p)
     try:  # report the duplicates together with everything else that is wrong

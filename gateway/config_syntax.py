@@ -236,7 +236,7 @@ def path_prefix_problem(prefix: str) -> str | None:
         return f"{prefix!r} has a '%' that is not followed by two hex digits (RFC 3986 §2.1)"
     if _ENCODED_SLASH_RE.search(prefix):
         return (
-            f"{prefix!r} holds a percent-encoded '/' or '\\\\', which is never a path "
+            f"{prefix!r} holds a percent-encoded '/' or '\\', which is never a path "
             f"separator: write the segments with '/'"
         )
     decoded = _ENCODED_DOT_RE.sub(".", prefix)

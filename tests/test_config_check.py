@@ -363,6 +363,18 @@ CASES = [
         "routing.sticky_cookie_max_age",
         "YAML read '1e6' as a string",
     ),
+    Case(
+        "yaml-nested-too-deeply",
+        "services: " + "[" * 5000 + "]" * 5000 + "\n",
+        "(yaml)",
+        "nested too deeply",
+    ),
+    Case(
+        "prefix-encoded-backslash",
+        doc(svc("svc", f"match: {{path_prefix: /a%5Cb}}\n{ONE}")),
+        "services.svc.match.path_prefix",
+        "percent-encoded '/' or '\\', which is never a path separator",
+    ),
     Case("workers-zero", doc(top="workers: 0\n"), "workers", "between 1 and 256"),
     Case("workers-257", doc(top="workers: 257\n"), "workers", "between 1 and 256"),
 ]
