@@ -722,8 +722,15 @@ def load(path: str | None = None, *, env: Mapping[str, str] | None = None) -> Co
     p = resolve_path(path, env)
     try:
         text = Path(p).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError([("(file)", f"cannot read {p}: {e.strerror or e}")], p) from e
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason})"
+        raise ConfigError([("(file)", f"cannot read {p}: {why or e}")], p) from e
+    return loads(text, env=env, source=p)
+
+
+def loads(text: str, *, env: Mapping[str, str] | None = None, source: str = "<memory>") -> Config:
+    """Parse and validate YAML text; duplicate keys are refused with everything else."""
+    p = source
     try:
         raw, duplicates = load_yaml(text)
     except yaml.YAMLError as e:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway import config as C
 from gateway import config_syntax as S
@@ -648,3 +651,113 @@ def test_demo_with_one_port_for_both_listeners_exits_2(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr
     assert "  admin.listen: '127.0.0.1:18080' overlaps the data listener" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------- any input
+
+
+_LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=12)
+    | st.sampled_from(["1e3", "0", "x.local", "*.", "/a/../b", "127.0.0.1:99999", "2s", "a\r\nb"])
+)
+_VALUES = st.recursive(
+    _LEAVES,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_SPOTS: list[tuple[str | int, ...]] = [
+    ("listen",),
+    ("admin",),
+    ("admin", "listen"),
+    ("admin", "token_env"),
+    ("workers",),
+    ("drain_timeout",),
+    ("access_log",),
+    ("state",),
+    ("state", "poll_interval"),
+    ("consul",),
+    ("consul", "address"),
+    ("routing",),
+    ("routing", "trust_overrides"),
+    ("services",),
+    ("services", "svc"),
+    ("services", "svc", "match"),
+    ("services", "svc", "match", "hosts"),
+    ("services", "svc", "match", "path_prefix"),
+    ("services", "svc", "guard"),
+    ("services", "svc", "releases"),
+    ("services", "svc", "releases", "stable"),
+    ("services", "svc", "releases", "stable", "weight"),
+    ("services", "svc", "releases", "stable", "upstreams"),
+    ("services", "svc", "releases", "stable", "upstreams", 0),
+    ("services", "svc", "releases", "stable", "consul"),
+    ("services", "svc", "releases", "stable", "baggage"),
+    ("services", "other"),
+]
+
+
+def _base() -> dict[str, Any]:
+    return {
+        "listen": "127.0.0.1:0",
+        "admin": {"listen": "127.0.0.1:0"},
+        "services": {
+            "svc": {
+                "match": {"hosts": ["x.local"]},
+                "releases": {"stable": {"weight": 1, "upstreams": [{"url": UP, "weight": 1}]}},
+            }
+        },
+    }
+
+
+def _put(doc: dict[str, Any], spot: tuple[str | int, ...], value: object) -> None:
+    node: Any = doc
+    for step in spot[:-1]:
+        if isinstance(node, dict):
+            node = node.setdefault(step, {})
+        elif isinstance(node, list) and isinstance(step, int) and step < len(node):
+            node = node[step]
+        else:
+            return  # an earlier edit replaced the parent: nothing to put
+    if isinstance(node, dict) or (isinstance(node, list) and isinstance(spot[-1], int)):
+        if isinstance(node, list):
+            node[spot[-1] % max(len(node), 1) :] = [value]
+        else:
+            node[spot[-1]] = value
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(_SPOTS), _VALUES), min_size=1, max_size=4))
+def test_any_value_anywhere_is_a_config_error_never_a_crash(
+    edits: list[tuple[tuple[str | int, ...], object]],
+) -> None:
+    doc = _base()
+    for spot, value in edits:
+        _put(doc, spot, value)
+    try:
+        C.build(doc, env={})
+    except ConfigError as e:
+        assert e.errors
+        for p, m in e.errors:
+            assert (p + m).isprintable(), (p, m)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(max_size=200))
+def test_any_text_is_a_config_error_never_a_crash(text: str) -> None:
+    with contextlib.suppress(ConfigError):
+        C.loads(text, env={})
+
+
+def test_a_file_that_is_not_utf8_is_named_not_a_traceback(tmp_path: Path) -> None:
+    f = tmp_path / "gateway.yaml"
+    f.write_bytes(b"services:\n  \xff\xfe: {}\n")
+    with pytest.raises(ConfigError) as e:
+        C.load(str(f), env={})
+    assert e.value.errors[0][0] == "(file)" and "not UTF-8 text" in e.value.errors[0][1]
