@@ -478,7 +478,9 @@ def _service(name: str, v: object, path: str, errs: _Errors, base_t: Timeouts) -
     if releases and baseline not in releases:
         have = ", ".join(repr(r) for r in releases)
         errs.add(f"{path}.baseline", f"{baseline!r} names no release (have: {have})")
-    if releases and all(r.weight == 0 for r in releases.values()):
+    weight_paths = {key_path(f"{path}.releases", r) + ".weight" for r in rm}
+    refused = any(p in weight_paths for p, _ in errs.items)  # that error is the cause
+    if releases and not refused and all(r.weight == 0 for r in releases.values()):
         errs.add(f"{path}.releases", "all weights are zero; at least one must be > 0")
     balancer = _string(m, "balancer", "p2c", path, errs)
     if balancer not in BALANCERS:

@@ -399,6 +399,11 @@ def test_check_refuses_naming_the_field_and_the_cause(tmp_path: Path, case: Case
         assert not any(c in p + m for c in "\r\n"), (p, m)
 
 
+def test_a_weight_read_as_a_string_is_the_only_cause_named(tmp_path: Path) -> None:
+    text = doc(svc("svc", f"releases: {{stable: {{weight: 1e3, upstreams: ['{UP}']}}}}"))
+    assert [p for p, _ in _errors(tmp_path, text, {})] == ["services.svc.releases.stable.weight"]
+
+
 def test_duplicates_are_reported_with_the_other_errors(tmp_path: Path) -> None:
     text = doc(top="access_log: true\naccess_log: false\nworkers: 0\n")
     errors = _errors(tmp_path, text, {})
