@@ -20,6 +20,7 @@ from gateway import config_syntax as S
 from gateway import preflight
 from gateway.demo import demo_config
 from gateway.errors import ConfigError
+from tests.conftest import gateway_config
 
 ROOT = Path(__file__).resolve().parent.parent
 UP = "http://127.0.0.1:9001"
@@ -766,3 +767,31 @@ def test_a_file_that_is_not_utf8_is_named_not_a_traceback(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as e:
         C.load(str(f), env={})
     assert e.value.errors[0][0] == "(file)" and "not UTF-8 text" in e.value.errors[0][1]
+
+
+async def test_hosts_are_matched_in_the_normal_form_check_gives_them(
+    upstreams: Any, gateway: Any, client: Any
+) -> None:
+    """A configured 'API.Example.' or bare '::1' used to never match a request's Host."""
+    a, b = await upstreams("named"), await upstreams("ipv6")
+    services = {
+        "named": {
+            "match": {"hosts": ["API.Example."]},
+            "releases": {"stable": {"weight": 1, "upstreams": [a.url]}},
+        },
+        "ipv6": {
+            "match": {"hosts": ["::1"]},
+            "releases": {"stable": {"weight": 1, "upstreams": [b.url]}},
+        },
+    }
+    gw = await gateway(gateway_config(services))
+    base = f"http://127.0.0.1:{gw.port}/x"
+    for host, want in [
+        ("api.example", "named"),
+        ("API.EXAMPLE.:80", "named"),
+        ("[::1]:8080", "ipv6"),
+    ]:
+        async with client.get(base, headers={"Host": host}) as r:
+            assert r.status == 200, (host, await r.text())
+            assert r.headers["X-Release-Stage"] == "stable"
+            assert (await r.json())["release"] == want, host
