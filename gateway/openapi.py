@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.rollout import STATES as ROLLOUT_STATES
-from gateway.store.doc import GUARD_FIELDS
+from gateway.statedoc import GUARD_FIELDS
 
 _REF = "#/components/schemas/"
 
