@@ -117,11 +117,12 @@ class FileStore:
                 # Removed at run time: recreate it from the last applied state plus
                 # this change, so admin writes and the guard's rollback keep working.
                 current = self._last.version
-                log.warning(
-                    "%s: state file missing; recreating it at version %d",
-                    self.path,
-                    expected_version + 1,
-                )
+                if current > 0:
+                    log.warning(
+                        "%s: state file missing; recreating it at version %d",
+                        self.path,
+                        expected_version + 1,
+                    )
             except StateError as e:
                 # Replacing a corrupt file with the last good state plus this
                 # change is what the operator is asking for by writing.
