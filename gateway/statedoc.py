@@ -4,7 +4,7 @@ Why one home: the admin API (gateway/changes.py), the strategy DSL, the
 OpenAPI document and every store must agree on what a valid document is, so
 that no admin call can write a document that the next start refuses, and a
 document that passes its checksum but holds a bad value is refused exactly
-like a corrupt one (README "State store"). The stores import these rules;
+like a corrupt one (README, "Admin API"). The stores import these rules;
 the rules import nothing that does I/O.
 
 Why bounds on every number: a weight of 1e308 makes the sum of weights
