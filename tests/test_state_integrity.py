@@ -391,3 +391,28 @@ async def test_read_only_state_dir_refuses_in_process_start(tmp_path: Path) -> N
     finally:
         if ro != Path("/proc"):
             ro.chmod(0o755)
+
+
+async def test_consul_key_deleted_at_run_time_is_recreated_by_the_next_write() -> None:
+    async with ConsulDouble(jitter=False) as consul:
+        url = f"{consul.address}/v1/kv/gw/t/state"
+        store = ConsulStore(ConsulConfig(address=consul.address, kv_prefix="gw/t"), wait=0.2)
+        await store.open()
+        try:
+            first = await store.write(decode(signed(good_body(version=0))), 0)
+            watch = store.watch()
+            pending = asyncio.ensure_future(watch.__anext__())
+            async with aiohttp.ClientSession() as s:
+                async with s.delete(url) as r:
+                    assert r.status == 200
+            await until(lambda: store._modify == 0, "the watch to see the delete")
+            assert store.load() == first  # the last applied state still holds
+            second = await store.write(first, 1)  # cas=0 creates the key again
+            assert second.version == 2
+            assert (await asyncio.wait_for(pending, 10)).version == 2
+            await watch.aclose()
+            async with aiohttp.ClientSession() as s:
+                async with s.get(url, params={"raw": "true"}) as r:
+                    assert decode(await r.read()).version == 2
+        finally:
+            await store.close()
