@@ -30,6 +30,7 @@ from gateway.config_syntax import (
     yaml_problem,
 )
 from gateway.errors import ConfigError
+from gateway.statedoc import is_number, weight_problem
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 BALANCERS = ("p2c", "round_robin", "hash")
@@ -210,7 +211,7 @@ def _listen(
 
 
 def _is_number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    return is_number(v)  # no OverflowError on a 400-digit integer
 
 
 def _mapping(v: object, path: str, errs: _Errors) -> Mapping[str, Any]:
@@ -412,6 +413,8 @@ def _release(name: str, v: object, path: str, errs: _Errors) -> ReleaseConfig:
         errs.add(f"{path}.weight", "is required (a number >= 0)")
     else:
         weight = _number(m, "weight", 0.0, path, errs)
+        if (why := weight_problem(weight)) is not None:  # bounds shared with the admin API
+            errs.add(f"{path}.weight", why)
     ups: list[Endpoint] = []
     raw_ups = m.get("upstreams")
     if raw_ups is not None:
