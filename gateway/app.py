@@ -103,7 +103,8 @@ class Gateway:
                 self.control.set_discovered,
                 rng=self.rng,
                 metrics=DiscoveryMetrics(self.metrics.registry),
-                pacing=consul_pacing,
+                pacing=consul_pacing
+                or Pacing(rate=config.consul.watch_rate, burst=config.consul.watch_burst),
                 # Consul calls traced by the aiohttp-client instrumentation (SPEC §9);
                 # same settings as discovery's default session.
                 session_factory=lambda: self.telemetry.client_session(

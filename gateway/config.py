@@ -170,6 +170,9 @@ class ConsulConfig:
     kv_prefix: str = "gateway/default"
     token: str | None = None
     poll_wait: float = 30.0
+    # Discovery's request pacing per watch (README.md, "Consul discovery").
+    watch_rate: float = 2.0  # requests per second once the burst is spent
+    watch_burst: float = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,6 +491,16 @@ def _count(m: Mapping[str, Any], key: str, default: int, path: str, errs: _Error
     return v
 
 
+def _bounded(
+    m: Mapping[str, Any], key: str, default: float, path: str, errs: _Errors, lo: float, hi: float
+) -> float:
+    v = m.get(key, default)
+    if not _is_number(v) or not lo <= v <= hi:
+        errs.add(f"{path}.{key}", f"must be a number from {lo:g} to {hi:g}")
+        return default
+    return float(v)
+
+
 def _health_check(v: object, path: str, errs: _Errors) -> HealthCheckConfig | None:
     if v is None:
         return None
@@ -751,12 +764,19 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         poll_interval=_duration(sm, "poll_interval", 0.25, "state", errs, positive=True),
     )
     cm = _mapping(m.get("consul"), "consul", errs)
-    _unknown(cm, {"address", "kv_prefix", "token", "poll_wait"}, "consul", errs)
+    _unknown(
+        cm,
+        {"address", "kv_prefix", "token", "poll_wait", "watch_rate", "watch_burst"},
+        "consul",
+        errs,
+    )
     consul = ConsulConfig(
         address=_consul_address(cm, env, errs),
         kv_prefix=_string(cm, "kv_prefix", ConsulConfig().kv_prefix, "consul", errs),
         token=env.get("CONSUL_HTTP_TOKEN") or cm.get("token"),
         poll_wait=_duration(cm, "poll_wait", 30.0, "consul", errs, positive=True),
+        watch_rate=_bounded(cm, "watch_rate", ConsulConfig().watch_rate, "consul", errs, 0.01, 100),
+        watch_burst=_bounded(cm, "watch_burst", ConsulConfig().watch_burst, "consul", errs, 1, 100),
     )
     base_t = _timeouts(m.get("timeouts"), "timeouts", errs, Timeouts())
     services: dict[str, ServiceConfig] = {}

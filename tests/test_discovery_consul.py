@@ -30,6 +30,8 @@ from gateway.discovery.consul import (
 )
 from gateway.discovery.metrics import DiscoveryMetrics
 from gateway.discovery.pacing import Backoff, TokenBucket
+from gateway.errors import ConfigError
+from tests.conftest import gateway_config
 from tests.consul_double import ALL, AclToken, ConsulDouble, RecordedRequest, management_token
 
 FAST = Pacing(rate=1000.0, burst=2, backoff_base=0.01, backoff_cap=0.05, slack=2.0)
@@ -656,3 +658,48 @@ async def test_stop_interrupts_a_parked_watch(consul: ConsulDouble, discovery: F
         await d.stop()
     assert d.snapshot() == {GRAY: (ep(9001),)}  # the last answer, kept
     assert all(w.task is None for w in d._watches.values())
+
+
+def test_the_shipped_pace_is_the_config_default() -> None:
+    c = ConsulConfig()
+    assert (Pacing().rate, Pacing().burst) == (c.watch_rate, c.watch_burst)
+
+
+@pytest.mark.parametrize(
+    ("consul", "field"),
+    [
+        ({"watch_rate": 0}, "consul.watch_rate"),
+        ({"watch_rate": "fast"}, "consul.watch_rate"),
+        ({"watch_burst": 0.5}, "consul.watch_burst"),
+        ({"watch_burst": 1000}, "consul.watch_burst"),
+    ],
+    ids=["rate-zero", "rate-not-a-number", "burst-under-one", "burst-too-big"],
+)
+def test_bad_watch_pacing_names_the_field(consul: dict[str, Any], field: str) -> None:
+    doc = {
+        "consul": consul,
+        "services": {"s": {"releases": {"stable": {"weight": 1, "upstreams": ["http://a:1"]}}}},
+    }
+    with pytest.raises(ConfigError) as e:
+        C.build(doc, env={})
+    assert [p for p, _ in e.value.errors] == [field]
+
+
+async def test_the_gateway_paces_its_watches_as_configured(
+    consul: ConsulDouble, gateway: Any
+) -> None:
+    consul.register(ttl("web-1", ["gray"]))
+    doc = gateway_config(
+        {
+            "s": {
+                "releases": {
+                    "stable": {"weight": 1, "consul": {"service": "web", "tags": ["gray"]}}
+                }
+            }
+        },
+        consul={"address": consul.address, "watch_rate": 0.5, "watch_burst": 3},
+    )
+    gw = await gateway(doc)
+    assert gw.discovery is not None
+    assert (gw.discovery.pacing.rate, gw.discovery.pacing.burst) == (0.5, 3.0)
+    assert [e.port for e in gw.holder.current.services["s"].releases["stable"].endpoints] == [9001]
