@@ -19,7 +19,8 @@ class Pacing:
     `rate` = 2 requests per second after a burst of 4. A change is then seen at
     most 1/rate = 0.5 s plus one round trip after it happens, and a watch makes
     at most `burst + rate * t` requests in any t seconds however fast Consul
-    churns: at most 2 per second per watch per replica once the burst is spent.
+    churns: at most 2 per second per watch per replica once the burst is spent
+    (`consul.watch_rate` and `consul.watch_burst` in the config; the defaults match).
     Consul's blocking-query guide asks clients to rate-limit the loop rather than
     sleep, and its example (burst 2, one per 15 s) suits a config watcher, not a
     data path. Errors back off from 0.5 s to 10 s with jitter; the client timeout
