@@ -43,9 +43,24 @@ class HostPort:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    connect: float = 2.0
-    read: float = 30.0
+    """Every timeout the gateway enforces, in seconds (docs/configuration.md#timeouts).
+
+    `connect`, `read` and `total` are per upstream exchange and may be set per
+    service; the rest are per client connection and set only at top level.
+    """
+
+    connect: float = 2.0  # opening an upstream connection -> 502 `connect`
+    read: float = 30.0  # between reads of the upstream response -> 504 `timeout`
     total: float | None = None
+    header: float = 30.0  # from a request's first byte to the end of its head -> 408
+    body: float = 10.0  # window over which a request body must make progress -> 408
+    body_min_rate: float = 240.0  # bytes/s the body must average over each `body` window
+    idle: float = 75.0  # an idle keep-alive client connection is closed
+    upstream_idle: float = 60.0  # an idle pooled upstream connection is closed
+
+
+# Keys of `timeouts:` that only make sense per client connection (top level only).
+_CLIENT_TIMEOUTS = ("header", "body", "body_min_rate", "idle", "upstream_idle")
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,16 +290,46 @@ def parse_endpoint(value: object) -> Endpoint | None:
     return Endpoint(parts.hostname, port or 80, weight)
 
 
-def _timeouts(v: object, path: str, errs: _Errors, base: Timeouts) -> Timeouts:
+def _positive_duration(
+    m: Mapping[str, Any], key: str, default: float, path: str, errs: _Errors
+) -> float:
+    d = _duration(m, key, default, path, errs)
+    if d <= 0:
+        errs.add(f"{path}.{key}", "must be a positive duration (a timeout of 0 never lets through)")
+        return default
+    return d
+
+
+def _timeouts(
+    v: object, path: str, errs: _Errors, base: Timeouts, *, top: bool = False
+) -> Timeouts:
     m = _mapping(v, path, errs)
-    _unknown(m, {"connect", "read", "total"}, path, errs)
+    allowed = {"connect", "read", "total"}
+    if top:
+        allowed.update(_CLIENT_TIMEOUTS)
+    else:
+        for k in _CLIENT_TIMEOUTS:
+            if k in m:
+                errs.add(f"{path}.{k}", "only settable in the top-level timeouts (per connection)")
+        allowed.update(k for k in _CLIENT_TIMEOUTS if k in m)
+    _unknown(m, allowed, path, errs)
     total = base.total
     if "total" in m and m["total"] is not None:
-        total = _duration(m, "total", 0.0, path, errs) or None
+        total = _positive_duration(m, "total", 1.0, path, errs)
+    rate = base.body_min_rate
+    if top:
+        rate = _number(m, "body_min_rate", base.body_min_rate, path, errs)
     return Timeouts(
-        connect=_duration(m, "connect", base.connect, path, errs),
-        read=_duration(m, "read", base.read, path, errs),
+        connect=_positive_duration(m, "connect", base.connect, path, errs),
+        read=_positive_duration(m, "read", base.read, path, errs),
         total=total,
+        header=_positive_duration(m, "header", base.header, path, errs) if top else base.header,
+        body=_positive_duration(m, "body", base.body, path, errs) if top else base.body,
+        body_min_rate=rate,
+        idle=_positive_duration(m, "idle", base.idle, path, errs) if top else base.idle,
+        upstream_idle=_positive_duration(m, "upstream_idle", base.upstream_idle, path, errs)
+        if top
+        else base.upstream_idle,
     )
 
 
@@ -547,7 +592,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         consul = ConsulConfig(
             f"http://{consul.address}", consul.kv_prefix, consul.token, consul.poll_wait
         )
-    base_t = _timeouts(m.get("timeouts"), "timeouts", errs, Timeouts())
+    base_t = _timeouts(m.get("timeouts"), "timeouts", errs, Timeouts(), top=True)
     services: dict[str, ServiceConfig] = {}
     sv = m.get("services")
     if sv is None:
