@@ -181,10 +181,7 @@ async def test_trickled_body_is_408_and_upstream_exchange_aborted(
     if r is None:
         r = await c.response(limit=10)
     assert r.status == 408
-    assert (
-        r.get(b"content-type") == b"application/json; charset=utf-8"
-        or r.get(b"content-type") == b"application/json"
-    )
+    assert (r.get(b"content-type") or b"").startswith(b"application/json")
     assert b"timeout" in r.body
     assert await c.closed_by_peer(limit=30)
     await c.close()
