@@ -251,7 +251,7 @@ async def test_healthz_answers_draining_while_the_process_drains(
             in_flight = asyncio.ensure_future(s.get(f"http://127.0.0.1:{gw.port}/slow"))
             async with asyncio.timeout(30):
                 await entered.wait()
-            stopping = asyncio.ensure_future(gw.stop(30))
+            stopping = asyncio.ensure_future(gw.stop(60))
             end = time.monotonic() + 30
             while True:
                 async with s.get(f"{admin}/healthz") as r:
