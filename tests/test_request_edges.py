@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,7 +20,7 @@ from gateway.app import Gateway
 from gateway.discovery import Pacing
 from gateway.engine.api import RequestHead, Respond
 from gateway.headers import valid_request_id
-from tests.conftest import Upstream, gateway_config, two_releases
+from tests.conftest import Upstream, gateway_config, run_gateway_process, two_releases
 from tests.consul_double import ConsulDouble
 from tests.engine_helpers import RawClient
 
@@ -275,3 +277,45 @@ async def test_healthz_answers_draining_while_the_process_drains(
             await gw.stop(1)
         else:
             await stopping
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
+async def test_sigterm_turns_admin_healthz_to_draining(
+    upstreams: UpstreamFactory, tmp_path: Path, workers: int
+) -> None:
+    """Issue 10, as an operator sees it: `gateway run`, SIGTERM, a request still in flight."""
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        entered.set()
+        await release.wait()
+        return web.json_response({"release": "stable"})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", slow)
+    up = await upstreams(app=app)
+    doc = {
+        "state": {"store": "memory"},
+        "drain_timeout": "60s",
+        "services": {"s": {"releases": {"stable": {"weight": 1, "upstreams": [up.url]}}}},
+    }
+    with run_gateway_process(tmp_path, doc, workers=workers) as gp:
+        end = time.monotonic() + 60
+        while gp.log.read_text(errors="replace").count("serving: engine") < workers:
+            # every worker up: one still starting would die of the SIGTERM unhandled
+            assert time.monotonic() < end, "workers never all served"
+            await asyncio.sleep(0.05)
+        async with aiohttp.ClientSession() as s:
+            in_flight = asyncio.ensure_future(s.get(f"{gp.url}/slow"))
+            try:
+                async with asyncio.timeout(60):
+                    await entered.wait()
+                gp.proc.send_signal(signal.SIGTERM)
+                body = await _poll_ready(s, f"{gp.admin}/healthz", 503, deadline_s=60)
+                assert body == {"status": "draining"}
+            finally:
+                release.set()
+            resp = await in_flight
+            assert resp.status == 200  # the in-flight request still finished
+            resp.release()
+        assert await asyncio.to_thread(gp.proc.wait, 60) == 0
