@@ -242,3 +242,62 @@ async def test_idle_keepalive_connection_closed_after_idle_timeout(
     assert r.get(b"connection") != b"close"
     assert await c.read_until_eof(limit=60) == b""  # closed by the gateway, not by us
     await c.close()
+
+
+async def test_top_level_read_timeout_applies_to_every_service(
+    upstreams: UpstreamFactory, gateway: GatewayFactory, engine: str
+) -> None:
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_get("/", slow)
+    gw = await _gateway_on(upstreams, gateway, app, engine, read="300ms")
+    assert gw.port is not None
+    try:
+        c = await RawClient.connect(gw.port)
+        await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        r = await c.response(limit=60)
+        await c.close()
+        assert r.status == 504
+        assert b'"timeout"' in r.body
+    finally:
+        release.set()
+
+
+async def test_idle_pooled_upstream_connection_closed_after_upstream_idle(
+    gateway: GatewayFactory, engine: str
+) -> None:
+    """`timeouts.upstream_idle` closes a keep-alive upstream connection nobody reuses."""
+    closed = asyncio.Event()
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok")
+        await writer.drain()
+        if await reader.read() == b"":  # EOF: the gateway closed its pooled connection
+            closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        svc = {
+            "s": {"releases": {"stable": {"weight": 1, "upstreams": [f"http://127.0.0.1:{port}"]}}}
+        }
+        # `read` longer than the wait below: the idle close must not wait for a read timer.
+        timeouts = {"upstream_idle": "1s", "read": "100s"}
+        gw = await gateway(gateway_config(svc, engine=engine, timeouts=timeouts))
+        assert gw.port is not None
+        c = await RawClient.connect(gw.port)
+        await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await c.response(limit=30)).status == 200
+        async with asyncio.timeout(60):
+            await closed.wait()
+        await c.close()
+    finally:
+        server.close()
+        await server.wait_closed()
