@@ -295,7 +295,10 @@ def _positive_duration(
 ) -> float:
     d = _duration(m, key, default, path, errs)
     if d <= 0:
-        errs.add(f"{path}.{key}", "must be a positive duration (a timeout of 0 never lets through)")
+        errs.add(
+            f"{path}.{key}",
+            "must be a positive duration such as 2s or 300ms (0 would fire at once)",
+        )
         return default
     return d
 

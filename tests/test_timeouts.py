@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 
 from gateway import config as C
@@ -301,3 +305,18 @@ async def test_idle_pooled_upstream_connection_closed_after_upstream_idle(
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_gateway_check_refuses_read_0_naming_the_field(tmp_path: Path) -> None:
+    """Issue 10: `timeouts.read: 0` passed `gateway check`; now exit 2 naming the field."""
+    doc = {"timeouts": {"read": 0}, "services": _svc()}
+    p = tmp_path / "g.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "-c", str(p)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "timeouts.read: must be a positive duration" in r.stdout + r.stderr
