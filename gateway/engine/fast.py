@@ -57,7 +57,9 @@ class FastEngine:
         self.upstream_pool_per_host = upstream_pool_per_host
         self.upstream_idle_timeout = upstream_idle_timeout
         self.closing = False
-        self._tick = min(keepalive_timeout, header_timeout, body_timeout)
+        # How late the lazy per-connection timer may notice a shorter timeout;
+        # a body's window arms its own deadline (ClientConn.on_headers_complete).
+        self._tick = min(keepalive_timeout, header_timeout)
         self._in_flight = 0
         self._clients: set[ClientConn] = set()
         self._loop: asyncio.AbstractEventLoop | None = None

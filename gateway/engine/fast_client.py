@@ -369,6 +369,7 @@ class ClientConn:
         if body_kind:  # the body's progress window starts now (no clock read without one)
             self._t0 = self.loop.time()
             self._bn = 0
+            self._arm(self._t0 + self.engine.body_timeout)
 
     def on_body(self, body: bytes) -> None:
         ex = self._parsing
