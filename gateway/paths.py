@@ -157,23 +157,3 @@ def origin_target(method: bytes, target: bytes) -> tuple[bytes | None, bytes, by
     if norm is not path:
         target = norm + query
     return authority, target, norm
-
-
-def prefix_problem(prefix: str) -> str | None:
-    """Why a `match.path_prefix` could never match a normalized path, or None.
-
-    Requests are matched after normalization, so a prefix must itself be in
-    normal form (`/a/../b` would match nothing; `/b` is meant).
-    """
-    if not prefix.startswith("/"):
-        return "must be a path starting with '/'"
-    try:
-        raw = prefix.encode("ascii")
-        norm = normalize_path(raw)
-    except UnicodeEncodeError:
-        return "must be ASCII (percent-encode other characters)"
-    except BadTarget as e:
-        return e.message
-    if norm != raw:
-        return f"is not in normal form (requests are matched normalized): write {norm.decode()!r}"
-    return None

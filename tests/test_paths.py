@@ -18,7 +18,6 @@ from gateway.paths import (
     needs_normalizing,
     normalize_path,
     origin_target,
-    prefix_problem,
 )
 from tests.conftest import Upstream, gateway_config
 from tests.engine_helpers import RawClient
@@ -235,36 +234,3 @@ async def test_unnormalizable_target_is_400(
     assert r.status == 400
     if engine == "fast" or target.startswith(b"/"):  # aiohttp's parser refuses the rest itself
         assert "error" in json.loads(r.body)
-
-
-@pytest.mark.parametrize(
-    ("prefix", "problem"),
-    [
-        ("/", None),
-        ("/api/v1.2", None),
-        ("/a%2Fb", None),
-        ("/a/../b", "write '/b'"),
-        ("/a//b", "write '/a/b'"),
-        ("/%61pi", "write '/api'"),
-        ("/..", ERR_ABOVE_ROOT),
-        ("/caf\u00e9", "ASCII"),
-        ("api", "starting with '/'"),
-    ],
-    ids=[
-        "root",
-        "dotted-name",
-        "encoded-slash",
-        "dotdot",
-        "double-slash",
-        "encoded-letter",
-        "above-root",
-        "non-ascii",
-        "relative",
-    ],
-)
-def test_prefix_problem(prefix: str, problem: str | None) -> None:
-    got = prefix_problem(prefix)
-    if problem is None:
-        assert got is None
-    else:
-        assert got is not None and problem in got
