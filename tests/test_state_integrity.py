@@ -416,3 +416,22 @@ async def test_consul_key_deleted_at_run_time_is_recreated_by_the_next_write() -
                     assert decode(await r.read()).version == 2
         finally:
             await store.close()
+
+
+async def test_a_store_that_cannot_write_answers_json_503_and_changes_nothing(
+    tmp_path: Path, upstreams: Any, gateway: Any
+) -> None:
+    stable, gray = await upstreams("stable"), await upstreams("gray")
+    var = tmp_path / "var"
+    gw = await gateway(file_config(var / "state.json", stable.url, gray.url))
+    # The directory turns into a plain file at run time: no write can succeed (even as root).
+    for p in var.iterdir():
+        p.unlink()
+    var.rmdir()
+    var.write_text("not a directory")
+    async with aiohttp.ClientSession() as s:
+        url = f"http://127.0.0.1:{gw.admin_port}/admin/services/svc/weights"
+        async with s.put(url, json={"gray": 5}) as r:
+            assert r.status == 503 and r.content_type == "application/json"
+            assert (await r.json())["field"] == "state"
+    assert gw.holder.current.version == 0
