@@ -223,7 +223,7 @@ async def post_platform_weights(request: web.Request) -> web.Response:
 # --------------------------------------------------------------------------- explain / preview
 
 
-_EXPLAIN_PARAMS = ("user", "header", "cookie", "client_ip")
+_EXPLAIN_PARAMS = ("user", "header", "cookie", "client_ip", "path", "query", "method")
 
 
 async def explain(request: web.Request) -> web.Response:
@@ -250,6 +250,11 @@ async def explain(request: web.Request) -> web.Response:
         ipaddress.ip_address(client_ip)
     except ValueError:
         raise BadRequest(f"{client_ip!r} is not an IP address", "client_ip") from None
+    path, method = q.get("path", "/"), q.get("method", "GET")
+    if not path.startswith("/"):
+        raise BadRequest(f"{path!r} is not a path starting with '/'", "path")
+    if not method or not method.isascii() or not method.isalpha():
+        raise BadRequest(f"{method!r} is not a request method", "method")
     ex = preview.explain(
         snap,
         sv.name,
@@ -257,6 +262,9 @@ async def explain(request: web.Request) -> web.Response:
         client_ip=client_ip,
         rng=_gw(request).rng,
         now=time.perf_counter(),  # the handler's clock, for passive-health ejections
+        path=path,
+        query=q.get("query", ""),
+        method=method.upper(),
     )
     return web.json_response({**ex.to_json(), "state_version": snap.version})
 

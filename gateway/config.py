@@ -12,7 +12,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 import yaml
 
 from gateway.errors import ConfigError
+from gateway.segments import SegmentSet
+from gateway.segments_config import parse_segments
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 BALANCERS = ("p2c", "round_robin", "hash")
@@ -103,6 +105,7 @@ class ServiceConfig:
     timeouts: Timeouts = Timeouts()
     salt: str = ""
     guard: GuardConfig = GuardConfig()
+    segments: SegmentSet | None = None  # user segments, in order (gateway/segments.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,7 +394,10 @@ def _release(name: str, v: object, path: str, errs: _Errors) -> ReleaseConfig:
 def _service(name: str, v: object, path: str, errs: _Errors, base_t: Timeouts) -> ServiceConfig:
     m = _mapping(v, path, errs)
     _unknown(
-        m, {"match", "baseline", "balancer", "timeouts", "releases", "guard", "salt"}, path, errs
+        m,
+        {"match", "baseline", "balancer", "timeouts", "releases", "guard", "salt", "segments"},
+        path,
+        errs,
     )
     mm = _mapping(m.get("match"), f"{path}.match", errs)
     _unknown(mm, {"hosts", "path_prefix"}, f"{path}.match", errs)
@@ -467,6 +473,23 @@ def _routing(v: object, errs: _Errors) -> RoutingConfig:
         trust_overrides=trust,
         **names,
     )
+
+
+def _with_segments(
+    svc: ServiceConfig, m: Mapping[str, Any], errs: _Errors, env: Mapping[str, str], source: str
+) -> ServiceConfig:
+    """`services.<s>.segments`, compiled once here (user files resolved next to the config)."""
+    base_dir = Path(source).parent if source != "<memory>" else Path.cwd()
+    segs = parse_segments(
+        m["segments"],
+        f"services.{svc.name}.segments",
+        errs.add,
+        service=svc.name,
+        releases=tuple(svc.releases),
+        base_dir=base_dir,
+        env=env,
+    )
+    return replace(svc, segments=segs)
 
 
 def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<memory>") -> Config:
@@ -562,6 +585,8 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
                     f"services.{name}", "service name must be letters, digits, '.', '_' or '-'"
                 )
             services[str(name)] = _service(str(name), v, f"services.{name}", errs, base_t)
+            if isinstance(v, Mapping) and v.get("segments") is not None:
+                services[str(name)] = _with_segments(services[str(name)], v, errs, env, source)
     routing = _routing(m.get("routing"), errs)
     drain = _duration(m, "drain_timeout", 30.0, "", errs)
     access_log = _bool(m, "access_log", False, "", errs)
