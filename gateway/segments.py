@@ -19,6 +19,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import math
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 from urllib.parse import parse_qsl
@@ -85,21 +86,43 @@ class Inputs:
         self.client_ip = client_ip
         self.user = user
         self.now = now  # wall clock, seconds since the epoch (0 when no rule reads time)
-        self._ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None | bool = False
+        self._ip = -2  # not parsed yet
 
-    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-        """The client address, parsed once (None when it is not an IP address)."""
+    def ip(self) -> int:
+        """The client address as an IPv6 number (IPv4 as ::ffff:a.b.c.d), -1 if not an IP.
+
+        Why not `ipaddress`: parsing and a membership test there cost ~10 µs a request;
+        `inet_pton` and one mask compare cost a small fraction of that.
+        """
         ip = self._ip
-        if ip is False:
-            try:
-                a = ipaddress.ip_address(self.client_ip)
-            except ValueError:
-                a = None
-            if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
-                a = a.ipv4_mapped
-            self._ip = ip = a
-        assert ip is not True
+        if ip == -2:
+            ip = self._ip = ip_number(self.client_ip)
         return ip
+
+
+_V4_MAPPED: Final = 0xFFFF << 32
+
+
+def ip_number(addr: str) -> int:
+    """An address as a 128-bit number in IPv6 space (IPv4-mapped for IPv4); -1 if invalid."""
+    try:
+        if ":" in addr:
+            return int.from_bytes(socket.inet_pton(socket.AF_INET6, addr.partition("%")[0]))
+        return _V4_MAPPED | int.from_bytes(socket.inet_pton(socket.AF_INET, addr))
+    except (OSError, ValueError):
+        return -1
+
+
+def net_mask(net: Network) -> tuple[int, int]:
+    """(network number, mask) in the IPv6 space of `ip_number`."""
+    if isinstance(net, ipaddress.IPv4Network):
+        bits = 96 + net.prefixlen
+        base = _V4_MAPPED | int(net.network_address)
+    else:
+        bits = net.prefixlen
+        base = int(net.network_address)
+    mask = ((1 << bits) - 1) << (128 - bits)
+    return base & mask, mask
 
 
 def parse_cookies(lines: Sequence[str]) -> dict[str, Values]:
@@ -216,7 +239,15 @@ class PathCond(Condition):
         self.vt = vt
 
     def test(self, req: Inputs) -> bool:
-        return self.vt.test([req.path])
+        vt = self.vt
+        kind, path = vt.kind, req.path
+        if kind == T_EXACT:
+            hit = path == vt.arg
+        elif kind == T_PREFIX:
+            hit = path.startswith(vt.arg)
+        else:
+            hit = vt.regex.fullmatch(path) is not None
+        return hit != vt.negate
 
 
 class MethodCond(Condition):
@@ -251,13 +282,16 @@ class CidrCond(Condition):
     __slots__ = ("nets",)
 
     def __init__(self, nets: tuple[Network, ...]) -> None:
-        self.nets = nets
+        self.nets = tuple(net_mask(n) for n in nets)
 
     def test(self, req: Inputs) -> bool:
         ip = req.ip()
-        if ip is None:
+        if ip < 0:
             return False
-        return any(ip in n for n in self.nets)
+        for base, mask in self.nets:
+            if ip & mask == base:
+                return True
+        return False
 
 
 class TimeWindow(Condition):
@@ -304,10 +338,23 @@ class TimeWindow(Condition):
 # --------------------------------------------------------------------------- segments
 
 
+GATE_NONE: Final = 0
+GATE_HEADER: Final = 1
+GATE_COOKIE: Final = 2
+GATE_QUERY: Final = 3
+
+
+def _needs_value(vt: ValueTest) -> bool:
+    """Whether the test can only hold when the field is present."""
+    if vt.negate:
+        return vt.kind == T_ABSENT
+    return vt.kind != T_ABSENT
+
+
 class Segment:
     """One named rule: every condition must hold; then `route` says where it goes."""
 
-    __slots__ = ("name", "conds", "route", "sticky_header", "sticky_cookie")
+    __slots__ = ("name", "conds", "route", "sticky_header", "sticky_cookie", "gate", "gate_name")
 
     def __init__(
         self,
@@ -322,6 +369,21 @@ class Segment:
         self.route = route
         self.sticky_header = sticky_header  # lower-cased
         self.sticky_cookie = sticky_cookie
+        # A header, cookie or query parameter the segment cannot match without: most
+        # requests lack it, and one dict lookup then skips the segment.
+        self.gate = GATE_NONE
+        self.gate_name = ""
+        for kind, cls in (
+            (GATE_HEADER, HeaderCond),
+            (GATE_COOKIE, CookieCond),
+            (GATE_QUERY, QueryCond),
+        ):
+            for c in conds:
+                if isinstance(c, cls) and _needs_value(c.vt):
+                    self.gate, self.gate_name = kind, c.name
+                    break
+            if self.gate != GATE_NONE:
+                break
 
     def matches(self, req: Inputs) -> bool:
         for c in self.conds:
@@ -434,7 +496,18 @@ class SegmentSet:
         the data path does.
         """
         req = self.gather(headers, path, target, method, client_ip, user, wall)
+        got, cookies, query = req.headers, req.cookies, req.query
         for s in self.segments:
+            gate = s.gate
+            if gate != GATE_NONE:
+                if gate == GATE_HEADER:
+                    if s.gate_name not in got:
+                        continue
+                elif gate == GATE_COOKIE:
+                    if not cookies or s.gate_name not in cookies:
+                        continue
+                elif not query or s.gate_name not in query:
+                    continue
             if s.matches(req):
                 return s.route, s.key(req)
         return None

@@ -166,12 +166,24 @@ def test_method(method: str, want: bool) -> None:
     ("client", "want"),
     [
         ("10.1.2.3", True),
+        ("10.1.255.255", True),
+        ("10.0.255.255", False),
         ("10.2.0.1", False),
+        ("2001:db9::", False),
         ("2001:db8::1", True),
         ("::ffff:10.1.0.9", True),  # an IPv4 client on a dual-stack socket
         ("not-an-ip", False),
     ],
-    ids=["in-v4", "out-v4", "in-v6", "v4-mapped", "garbage"],
+    ids=[
+        "in-v4",
+        "in-v4-last",
+        "out-v4-below",
+        "out-v4",
+        "out-v6",
+        "in-v6",
+        "v4-mapped",
+        "garbage",
+    ],
 )
 def test_cidrs(client: str, want: bool) -> None:
     segs = _one({"cidrs": ["10.1.0.0/16", "2001:db8::/32"]})
