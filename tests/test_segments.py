@@ -612,3 +612,16 @@ def test_reload_compares_equal_unless_something_changed(tmp_path: Path) -> None:
     before = _cfg(segs)
     f.write_text("a\n")
     assert _cfg(segs) != before
+
+
+def test_the_policy_benchmark_segments_case(tmp_path: Path) -> None:
+    """benchmarks.policy --segments: 10 valid segments; its users hit only the 1M list, 1 in 10."""
+    from benchmarks import policy
+
+    users = [f"bench-{i}" for i in range(200)]
+    segs = _segs(policy.segments_case(tmp_path / "beta.txt", users[::10]))
+    assert len(segs.segments) == 10
+    got = [_hit(segs, [("Host", "h")], target="/1k", user=u) for u in users]
+    assert got == [("beta" if i % 10 == 0 else None) for i in range(200)]
+    r = policy.measure_segments(rounds=1, heads_n=50)
+    assert r["none_us"] > 0 and r["segments_us"] > 0
