@@ -297,3 +297,38 @@ async def test_weighted_segment_split_through_the_data_path(
     assert 60 < sum(r == "gray" for r in got.values()) < 140
     for i in range(0, 200, 10):  # sticky
         assert await _served(client, gw, {"X-Beta": "1", "X-User-ID": f"user-{i}"}) == got[i]
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [("path=nope", "path"), ("method=G%20T", "method"), ("client_ip=10.1", "client_ip")],
+    ids=["path-without-slash", "method-not-a-token", "client-not-an-ip"],
+)
+async def test_explain_rejects_bad_request_parts(
+    upstreams: UpstreamFactory,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    query: str,
+    field: str,
+) -> None:
+    gw = await _start(upstreams, gateway, "aiohttp", MIXED)
+    url = f"http://127.0.0.1:{gw.admin_port}/admin/services/svc/explain?{query}"
+    async with client.get(url) as r:
+        assert r.status == 400
+        assert (await r.json())["field"] == field
+
+
+async def test_explain_takes_path_query_method_and_client(
+    upstreams: UpstreamFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    segs = [
+        {"name": "office", "match": {"cidrs": ["10.1.0.0/16"]}, "release": "gray"},
+        *MIXED,
+    ]
+    gw = await _start(upstreams, gateway, "aiohttp", segs)
+    ex = await _explain(client, gw, "query=ab%3Dnew%2Bui&method=get&path=/x")
+    assert (ex["release"], ex["segment"]) == ("gray", "ab")
+    ex = await _explain(client, gw, "query=ab%3Dnew%2Bui&method=POST")
+    assert ex["segment"] is None
+    ex = await _explain(client, gw, "client_ip=10.1.2.3")
+    assert (ex["release"], ex["reason"], ex["segment"]) == ("gray", "segment", "office")
