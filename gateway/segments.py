@@ -312,7 +312,7 @@ class TimeWindow(Condition):
         self.end = end
         self.tz = tz
         self.days = days  # datetime.weekday() numbers
-        self._minute = -1.0
+        self._minute = -1  # the minute (since the epoch) `_hit` answers for
         self._hit = False
 
     def holds(self, now: float) -> bool:
