@@ -65,7 +65,18 @@ def compile_regex(pattern: str) -> Any:
 class Inputs:
     """What one request says, as the segments of its service need it (built by `gather`)."""
 
-    __slots__ = ("headers", "cookies", "query", "path", "method", "client_ip", "user", "now", "_ip")
+    __slots__ = (
+        "headers",
+        "cookies",
+        "query",
+        "path",
+        "method",
+        "client_ip",
+        "user",
+        "_wall",
+        "_now",
+        "_ip",
+    )
 
     def __init__(
         self,
@@ -76,7 +87,7 @@ class Inputs:
         method: str,
         client_ip: str,
         user: str | None,
-        now: float,
+        wall: Callable[[], float],
     ) -> None:
         self.headers = headers  # lower-cased name -> values, only names some rule reads
         self.cookies = cookies
@@ -85,8 +96,16 @@ class Inputs:
         self.method = method
         self.client_ip = client_ip
         self.user = user
-        self.now = now  # wall clock, seconds since the epoch (0 when no rule reads time)
+        self._wall = wall  # wall clock, seconds since the epoch: read once, when a rule asks
+        self._now = -1.0
         self._ip = -2  # not parsed yet
+
+    def now(self) -> float:
+        """Wall-clock time for time windows, read at most once per request."""
+        now = self._now
+        if now < 0:
+            now = self._now = self._wall()
+        return now
 
     def ip(self) -> int:
         """The client address as an IPv6 number (IPv4 as ::ffff:a.b.c.d), -1 if not an IP.
@@ -328,9 +347,10 @@ class TimeWindow(Condition):
         return m < end and (day - 1) % 7 in days
 
     def test(self, req: Inputs) -> bool:
-        minute = math.floor(req.now / 60.0)
+        now = req.now()
+        minute = math.floor(now / 60.0)
         if minute != self._minute:
-            self._hit = self.holds(req.now)
+            self._hit = self.holds(now)
             self._minute = minute
         return self._hit
 
@@ -409,12 +429,12 @@ class SegmentSet:
     reload that changes nothing compares equal.
     """
 
-    __slots__ = ("segments", "header_names", "cookies", "query", "time", "spec")
+    __slots__ = ("segments", "header_names", "cookies", "query", "spec")
 
     def __init__(self, segments: tuple[Segment, ...], spec: object) -> None:
         self.segments = segments
         names: set[str] = set()
-        cookies = query = time = False
+        cookies = query = False
         for s in segments:
             if s.sticky_header is not None:
                 names.add(s.sticky_header)
@@ -424,11 +444,9 @@ class SegmentSet:
                     names.add(c.name)
                 cookies = cookies or isinstance(c, CookieCond)
                 query = query or isinstance(c, QueryCond)
-                time = time or isinstance(c, TimeWindow)
         self.header_names = frozenset(n.encode("latin-1") for n in names)
         self.cookies = cookies
         self.query = query
-        self.time = time
         self.spec = spec
 
     def __eq__(self, other: object) -> bool:
@@ -476,7 +494,7 @@ class SegmentSet:
             method.decode("latin-1"),
             client_ip,
             user,
-            wall() if self.time else 0.0,
+            wall,
         )
 
     def evaluate(

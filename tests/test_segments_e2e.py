@@ -332,3 +332,26 @@ async def test_explain_takes_path_query_method_and_client(
     assert ex["segment"] is None
     ex = await _explain(client, gw, "client_ip=10.1.2.3")
     assert (ex["release"], ex["reason"], ex["segment"]) == ("gray", "segment", "office")
+
+
+async def test_a_backtracking_regex_cannot_stall_the_data_path(
+    upstreams: UpstreamFactory, gateway: GatewayFactory, client: aiohttp.ClientSession, engine: str
+) -> None:
+    """`(a+)+$` on an 8,000-byte header through the gateway (the unit test takes 100 KB).
+
+    8,000 bytes: the echo upstream (aiohttp) refuses longer fields. Python's `re`
+    would backtrack for longer than the age of the universe on this value.
+    """
+    gw = await _start(
+        upstreams,
+        gateway,
+        engine,
+        [{"name": "evil", "match": {"header": {"X-Evil": {"regex": "(a+)+$"}}}, "release": "gray"}],
+    )
+    timeout = aiohttp.ClientTimeout(total=30)
+    evil = {"X-Evil": "a" * 8_000 + "!"}
+    async with client.get(f"http://127.0.0.1:{gw.port}/", headers=evil, timeout=timeout) as r:
+        assert r.status == 200 and (await r.json())["release"] == "stable"
+    plain = {"X-Evil": "a" * 8_000}
+    async with client.get(f"http://127.0.0.1:{gw.port}/", headers=plain, timeout=timeout) as r:
+        assert r.status == 200 and (await r.json())["release"] == "gray"
