@@ -202,6 +202,11 @@ def _read_users(
     if hashed:
         keys = frozenset(k.lower() for k in keys)
         bad = next((k for k in keys if len(k) != 64), None)
+        if bad is None:
+            try:
+                bytes.fromhex("".join(keys))  # one C pass over every digit
+            except ValueError:
+                bad = next(k for k in keys if not _is_hex(k))
         if bad is not None:
             add(f"{path}.file", f"hashed: every line must be 64 hex digits (SHA-256), got {bad!r}")
             return None
@@ -209,6 +214,14 @@ def _read_users(
         add(f"{path}.file", f"{str(p)!r} holds no user keys")
         return None
     return keys, (salt if hashed else None), keys
+
+
+def _is_hex(k: str) -> bool:
+    try:
+        bytes.fromhex(k)
+    except ValueError:
+        return False
+    return True
 
 
 def _conditions(

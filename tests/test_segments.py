@@ -567,6 +567,7 @@ BAD = [
     ("hashed-without-salt", [_with(match={"users": {"file": "/dev/null", "hashed": True}})],
      "services.svc.segments[0].match.users.hashed"),
     ("users-not-strings", [_with(match={"users": [1, 2]})], "services.svc.segments[0].match.users"),
+
 ]  # fmt: skip
 
 
@@ -576,6 +577,21 @@ def test_bad_segments_name_the_field(segments: object, field: str) -> None:
     with pytest.raises(ConfigError) as e:
         C.build(doc, env={})
     assert field in [p for p, _ in e.value.errors], e.value.lines()
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["z" * 64, "ab" * 31, salted_hash("s", "alice") + "0"],
+    ids=["not-hex", "too-short", "too-long"],
+)
+def test_hashed_user_file_must_hold_sha256_hex(tmp_path: Path, line: str) -> None:
+    f = tmp_path / "hashed.txt"
+    f.write_text(salted_hash("s", "bob") + "\n" + line + "\n")
+    seg = {"name": "s", "match": {"users": {"file": str(f), "hashed": True}}, "release": "gray"}
+    with pytest.raises(ConfigError) as e:
+        _cfg([seg], env={"GATEWAY_USER_SALT": "s"})
+    assert [p for p, _ in e.value.errors] == ["services.svc.segments[0].match.users.file"]
+    assert repr(line) in e.value.lines()[0]
 
 
 def test_gateway_check_exits_2_naming_every_segment_field(tmp_path: Path) -> None:
