@@ -198,18 +198,25 @@ def _read_users(
     except (OSError, UnicodeDecodeError) as e:
         add(f"{path}.file", f"cannot read {str(p)!r}: {getattr(e, 'strerror', None) or e}")
         return None
-    keys = frozenset(line.strip() for line in text.splitlines()) - {""}
+    # C-speed passes only (map over str methods, one split, one hex decode): a
+    # million keys must load in well under 2 s.
     if hashed:
-        keys = frozenset(k.lower() for k in keys)
-        bad = next((k for k in keys if len(k) != 64), None)
-        if bad is None:
+        keys = frozenset(text.lower().split())  # hex digests hold no blanks
+        bad: str | None = None
+        if keys and set(map(len, keys)) != {64}:
+            bad = next(k for k in keys if len(k) != 64)
+        elif keys:
             try:
-                bytes.fromhex("".join(keys))  # one C pass over every digit
+                bytes.fromhex("".join(keys))  # every digit is hex
             except ValueError:
                 bad = next(k for k in keys if not _is_hex(k))
         if bad is not None:
             add(f"{path}.file", f"hashed: every line must be 64 hex digits (SHA-256), got {bad!r}")
             return None
+    else:
+        keys = frozenset(map(str.strip, text.splitlines()))
+        if "" in keys:
+            keys = keys - {""}
     if not keys:
         add(f"{path}.file", f"{str(p)!r} holds no user keys")
         return None
