@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gateway.paths import normalize_path
 from gateway.routing import WeightTable, choose_release, cookie_value
 from gateway.state import Snapshot, live_releases
 
@@ -61,6 +62,7 @@ def explain(
     """The data path's decision for a request with these headers (handler.ProxyHandler).
 
     `path`, `query` (the raw query string) and `method` matter only to segments;
+    `path` is normalized as the data path does (gateway/paths.py; raises BadTarget);
     `wall` is the wall-clock time for their time windows (default: now).
     """
     sv = snap.services[service]
@@ -84,11 +86,12 @@ def explain(
     hit = None
     if sv.cfg.segments is not None:  # the data path's own function, on the same bytes
         at = time.time() if wall is None else wall
-        target = f"{path}?{query}" if query else path
+        path_b = normalize_path(path.encode())
+        target = path_b + b"?" + query.encode() if query else path_b
         hit = sv.cfg.segments.evaluate(
             [(n.encode(), v.encode()) for n, v in headers],
-            path,
-            target.encode(),
+            path_b.decode("latin-1"),
+            target,
             method.encode(),
             client_ip,
             user or user_cookie,

@@ -301,8 +301,13 @@ async def test_weighted_segment_split_through_the_data_path(
 
 @pytest.mark.parametrize(
     ("query", "field"),
-    [("path=nope", "path"), ("method=G%20T", "method"), ("client_ip=10.1", "client_ip")],
-    ids=["path-without-slash", "method-not-a-token", "client-not-an-ip"],
+    [
+        ("path=nope", "path"),
+        ("path=/a/../..", "path"),
+        ("method=G%20T", "method"),
+        ("client_ip=10.1", "client_ip"),
+    ],
+    ids=["path-without-slash", "path-above-root", "method-not-a-token", "client-not-an-ip"],
 )
 async def test_explain_rejects_bad_request_parts(
     upstreams: UpstreamFactory,
@@ -330,6 +335,11 @@ async def test_explain_takes_path_query_method_and_client(
     assert (ex["release"], ex["segment"]) == ("gray", "ab")
     ex = await _explain(client, gw, "query=ab%3Dnew%2Bui&method=POST")
     assert ex["segment"] is None
+    # the path as the data path matches it: normalized (gateway/paths.py)
+    ex = await _explain(
+        client, gw, "path=/x/..//search/%7Eq&header=X-Region:cn-north-1&header=X-Org:o"
+    )
+    assert ex["segment"] == "search-nights"
     ex = await _explain(client, gw, "client_ip=10.1.2.3")
     assert (ex["release"], ex["reason"], ex["segment"]) == ("gray", "segment", "office")
 
