@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -35,7 +35,11 @@ _ACTIONS: dict[str, Callable[[rollout_mod.Rollout, float], rollout_mod.Rollout]]
     "pause": rollout_mod.pause,
     "resume": rollout_mod.resume,
     "abort": lambda r, now: rollout_mod.abort(r),
+    "confirm": rollout_mod.confirm,
+    "retry": rollout_mod.retry,
 }
+# Called after every stored change: (service, before, after, state version) — the audit.
+ChangeHook = Callable[[str, ServiceState | None, ServiceState | None, int], Awaitable[None]]
 # Changing these needs new sockets, processes or a new store: a reload warns and keeps them.
 _RESTART_ONLY = ("listen", "admin", "workers", "engine", "state", "consul")
 
@@ -126,6 +130,7 @@ class ControlPlane:
         self.rollout_interval = 1.0
         self._warned: set[str] = set()
         self._discovered: EndpointMap | None = None
+        self.on_change: ChangeHook | None = None
 
     @property
     def store(self) -> StateStore:
@@ -275,6 +280,13 @@ class ControlPlane:
                         self._apply(latest)
                     continue
                 self._apply(stored)
+                if self.on_change is not None:
+                    await self.on_change(
+                        service,
+                        cur.services.get(service),
+                        stored.services.get(service),
+                        stored.version,
+                    )
                 return stored
         raise Conflict("the state kept changing under this request; retry", "If-Match")
 
@@ -367,7 +379,7 @@ class ControlPlane:
         moved = []
         for service in list(self.doc.services):
             r = self.rollout_of(service)
-            if r is None or r.state != rollout_mod.PROGRESSING:
+            if r is None or r.state not in (rollout_mod.PROGRESSING, rollout_mod.CIRCUIT_BREAK):
                 continue
             if rollout_mod.tick(r, now) == r or service not in self.config.services:
                 continue
@@ -387,9 +399,35 @@ class ControlPlane:
             moved.append(service)
         return moved
 
-    async def trip(self, service: str, release: str, reason: str) -> StateDoc:
-        """The guard's rollback: weight 0, rollout CircuitBreak -> RolledBack, persisted."""
+    async def transition(
+        self,
+        service: str,
+        fn: Callable[[rollout_mod.Rollout], rollout_mod.Rollout],
+    ) -> StateDoc:
+        """Apply one pure rollout move (a guard pause or resume); Conflict when none applies."""
         svc = self.config.services[service]
+
+        def edit(st: ServiceState, snap: Snapshot) -> ServiceState:
+            raw = st.extra.get("rollout")
+            if not isinstance(raw, Mapping):
+                raise Conflict(f"service {service!r} has no rollout", "state")
+            nxt = fn(rollout_mod.Rollout.from_json(raw))
+            return self._with_rollout(st, svc, snap.weights.get(service, {}), nxt)
+
+        return await self._change(service, edit, None)
+
+    async def trip(
+        self,
+        service: str,
+        release: str,
+        reason: str,
+        *,
+        now: float | None = None,
+    ) -> StateDoc:
+        """The guard's rollback: weight 0, rollout CircuitBreak (until confirm/retry), persisted."""
+        svc = self.config.services[service]
+        now = time.time() if now is None else now
+        confirm_timeout = self.config.rollout.confirm_timeout
 
         def edit(st: ServiceState, snap: Snapshot) -> ServiceState:
             current = snap.weights.get(service, {})
@@ -397,13 +435,15 @@ class ControlPlane:
             raw = st.extra.get("rollout")
             cur = rollout_mod.Rollout.from_json(raw) if isinstance(raw, Mapping) else None
             if cur is not None and cur.release == release and cur.state in rollout_mod.ACTIVE:
-                r = rollout_mod.rolled_back(rollout_mod.circuit_break(cur, reason))
+                r = rollout_mod.circuit_break(cur, reason, now, confirm_timeout)
             else:
+                # No rollout of it: a one-step plan at its old share, so `retry` restores it.
                 pct = current.get(release, 0.0) / (sum(current.values()) or 1.0) * 100.0
                 r = replace(
                     rollout_mod.Rollout(release, (rollout_mod.Step(min(100.0, pct), None),)),
-                    state=rollout_mod.ROLLED_BACK,
+                    state=rollout_mod.CIRCUIT_BREAK,
                     reason=reason,
+                    confirm_by=now + confirm_timeout,
                 )
             return replace(st, weights=weights, extra={**st.extra, "rollout": r.to_json()})
 

@@ -157,8 +157,52 @@ SCHEMAS: dict[str, Any] = {
             "step_started": {"type": "number"},
             "paused_left": {"type": ["number", "null"]},
             "reason": {"type": ["string", "null"]},
+            "paused_by": {
+                "type": ["string", "null"],
+                "description": "guard: a guard pause rule holds it and lifts it by itself",
+            },
+            "confirm_by": {
+                "type": ["number", "null"],
+                "description": "CircuitBreak: when it confirms itself (rollout.confirm_timeout)",
+            },
             "weight": _PERCENT,
             "steps": {"type": "array", "items": _ref("RolloutStep")},
+        },
+    },
+    "AuditRecord": {
+        "type": "object",
+        "required": [
+            "time",
+            "actor",
+            "source",
+            "action",
+            "service",
+            "before",
+            "after",
+            "reason",
+            "state_version",
+        ],
+        "properties": {
+            "time": {"type": "string", "format": "date-time"},
+            "actor": {
+                "type": "string",
+                "description": "the admin token's name, or guard, rollout, reload",
+            },
+            "source": {"type": "string"},
+            "action": {"type": "string"},
+            "service": {"type": ["string", "null"]},
+            "before": {"type": ["object", "null"]},
+            "after": {"type": ["object", "null"]},
+            "reason": {"type": ["string", "null"]},
+            "state_version": {"type": "integer", "minimum": 0},
+        },
+    },
+    "AuditList": {
+        "type": "object",
+        "required": ["records", "count"],
+        "properties": {
+            "records": {"type": "array", "items": _ref("AuditRecord")},
+            "count": {"type": "integer", "minimum": 0},
         },
     },
     "RolloutStep": {
@@ -492,7 +536,51 @@ def _paths() -> dict[str, Any]:
                 ("pause", "hold the current step"),
                 ("resume", "continue a paused rollout"),
                 ("abort", "roll back: the release to weight 0, state RolledBack"),
+                ("rollout/confirm", "accept a guard rollback: CircuitBreak -> RolledBack"),
+                (
+                    "rollout/retry",
+                    "start the plan again at step 1: CircuitBreak|RolledBack -> "
+                    "Progressing, guard counters reset",
+                ),
             )
+        },
+        "/admin/audit": {
+            "get": {
+                "summary": "the audit trail: every accepted change and guard action, oldest "
+                "first (the last 1,000 are kept)",
+                "parameters": [
+                    {
+                        "name": "service",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "required": False,
+                        "description": "RFC 3339 time, epoch seconds, or a duration ago (10m)",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": 1000,
+                            "default": 100,
+                        },
+                    },
+                ],
+                "responses": {
+                    "200": _json(_ref("AuditList"), "matching records"),
+                    "400": _E400,
+                    "401": _E401,
+                    "404": _E404,
+                },
+            }
         },
         "/admin/reload": {
             "post": {
@@ -524,7 +612,8 @@ def build_openapi(version: str) -> dict[str, Any]:
             "title": "Gray-release gateway admin API",
             "version": version,
             "description": "SPEC §6. Every path under /admin needs `Authorization: Bearer "
-            "<token>` when a token is configured (admin.token_env); /healthz, /readyz and "
+            "<token>` when a token is configured (admin.token_env, admin.tokens_file); a "
+            "`read` token may only GET (403 otherwise); /healthz, /readyz and "
             '/metrics never do. Errors are {"error", "field"}. Guard thresholds that can '
             f"change live: {', '.join(GUARD_FIELDS)}.",
         },

@@ -79,7 +79,7 @@ async def test_abort_rolls_back_and_bad_plans_change_nothing(upstreams: Any, gat
         assert doc["percent"]["gray"] == 0
 
 
-async def test_guard_trip_during_rollout_is_circuit_break_then_rolled_back(
+async def test_guard_trip_during_rollout_is_circuit_break_until_confirmed(
     upstreams: Any, gateway: Any
 ) -> None:
     st, gr = await upstreams("stable"), await upstreams("gray")
@@ -90,5 +90,31 @@ async def test_guard_trip_during_rollout_is_circuit_break_then_rolled_back(
         await gw.control.trip("svc", "gray", "error_rate")
         async with s.get(base) as r:
             doc = await r.json()
-    assert doc["rollout"]["state"] == "RolledBack" and doc["rollout"]["reason"] == "error_rate"
-    assert doc["weights"]["gray"] == 0
+        assert doc["rollout"]["state"] == "CircuitBreak" and doc["rollout"]["reason"] == "error_rate"
+        assert doc["weights"]["gray"] == 0
+        status, doc = await _post(s, f"{base}/rollout/confirm")
+        assert status == 200 and doc["rollout"]["state"] == "RolledBack"
+        status, doc = await _post(s, f"{base}/rollout/confirm")
+        assert status == 409 and doc["field"] == "state"
+        status, doc = await _post(s, f"{base}/rollout/retry")
+        assert status == 200 and doc["rollout"]["state"] == "Progressing"
+        assert doc["rollout"]["step"] == 0 and doc["percent"]["gray"] == 5
+
+
+async def test_circuit_break_confirms_itself_after_confirm_timeout(
+    upstreams: Any, gateway: Any
+) -> None:
+    st, gr = await upstreams("stable"), await upstreams("gray")
+    cfg = gateway_config(two_releases(st.url, gr.url, 100, 0), rollout={"confirm_timeout": "10m"})
+    gw = await gateway(cfg)
+    base = f"http://127.0.0.1:{gw.admin_port}/admin/services/svc"
+    async with aiohttp.ClientSession() as s:
+        await _post(s, f"{base}/rollout", PLAN)
+        now = time.time()
+        await gw.control.trip("svc", "gray", "error_rate", now=now)
+        assert await gw.control.advance(now + 599) == []  # still waiting for an operator
+        assert gw.control.rollout_of("svc").state == "CircuitBreak"  # type: ignore[union-attr]
+        assert await gw.control.advance(now + 600) == ["svc"]
+        async with s.get(base) as r:
+            doc = await r.json()
+    assert doc["rollout"]["state"] == "RolledBack" and doc["weights"]["gray"] == 0
