@@ -279,13 +279,14 @@ class ControlPlane:
                     if latest.version > self.doc.version:
                         self._apply(latest)
                     continue
+                # Nothing stored yet: the config's weights are what the change replaced.
+                before = cur.services.get(service) or ServiceState(
+                    weights=self.holder.current.weights.get(service, {})
+                )
                 self._apply(stored)
                 if self.on_change is not None:
                     await self.on_change(
-                        service,
-                        cur.services.get(service),
-                        stored.services.get(service),
-                        stored.version,
+                        service, before, stored.services.get(service), stored.version
                     )
                 return stored
         raise Conflict("the state kept changing under this request; retry", "If-Match")
