@@ -270,6 +270,10 @@ class ControlPlane:
                     if new_state is None
                     else cur.with_service(service, new_state)
                 )
+                # For the audit; nothing stored yet: the config's weights were replaced.
+                before = cur.services.get(service) or ServiceState(
+                    weights=self.holder.current.weights.get(service, {})
+                )
                 try:
                     stored = await store.write(new_doc, cur.version)
                 except Conflict:
@@ -279,10 +283,6 @@ class ControlPlane:
                     if latest.version > self.doc.version:
                         self._apply(latest)
                     continue
-                # Nothing stored yet: the config's weights are what the change replaced.
-                before = cur.services.get(service) or ServiceState(
-                    weights=self.holder.current.weights.get(service, {})
-                )
                 self._apply(stored)
                 if self.on_change is not None:
                     await self.on_change(

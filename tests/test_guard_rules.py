@@ -107,7 +107,15 @@ def test_for_needs_a_continuous_breach(pattern: list[bool], due_at: int | None) 
     for t, bad in enumerate(pattern):
         stats = WindowStats(100, 10 if bad else 0, 5.0)
         (v, *_) = evaluate(
-            "svc", "gray", (rule,), lambda w, s=stats: s, lambda w: stats, 3, 10, holds, float(t)
+            "svc",
+            "gray",
+            (rule,),
+            lambda w, s=stats: s,
+            lambda w, s=stats: s,
+            3,
+            10,
+            holds,
+            float(t),
         )
         if v.due and first is None:
             first = t
@@ -189,9 +197,11 @@ ALERT = {
         ("json", lambda b: b == ALERT),
         (
             "slack",
-            lambda b: set(b) == {"text", "blocks"}
-            and isinstance(b["text"], str)
-            and all(blk["type"] in ("header", "section") for blk in b["blocks"]),
+            lambda b: (
+                set(b) == {"text", "blocks"}
+                and isinstance(b["text"], str)
+                and all(blk["type"] in ("header", "section") for blk in b["blocks"])
+            ),
         ),
         (
             "dingtalk",

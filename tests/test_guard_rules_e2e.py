@@ -55,7 +55,9 @@ def _receiver(got: list[dict[str, Any]], event: asyncio.Event) -> web.Applicatio
     return app
 
 
-async def _traffic(gw: Gateway, stop: asyncio.Event, release: str = "gray", workers: int = 4) -> None:
+async def _traffic(
+    gw: Gateway, stop: asyncio.Event, release: str = "gray", workers: int = 4
+) -> None:
     """Requests pinned to `release` by the stage header until `stop` is set."""
 
     async def one(s: aiohttp.ClientSession, i: int) -> None:
@@ -74,10 +76,10 @@ async def _traffic(gw: Gateway, stop: asyncio.Event, release: str = "gray", work
         await asyncio.gather(*(one(s, i) for i in range(workers)))
 
 
-async def _until(cond: Callable[[], bool | Awaitable[bool]], timeout: float) -> float:
+async def _until(cond: Callable[[], bool | Awaitable[bool]], within: float) -> float:
     """Poll `cond` until true; the loop time it became true. AssertionError at the deadline."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     while True:
         got = cond()
         if not isinstance(got, bool):

@@ -90,7 +90,8 @@ async def test_guard_trip_during_rollout_is_circuit_break_until_confirmed(
         await gw.control.trip("svc", "gray", "error_rate")
         async with s.get(base) as r:
             doc = await r.json()
-        assert doc["rollout"]["state"] == "CircuitBreak" and doc["rollout"]["reason"] == "error_rate"
+        assert doc["rollout"]["state"] == "CircuitBreak"
+        assert doc["rollout"]["reason"] == "error_rate"
         assert doc["weights"]["gray"] == 0
         status, doc = await _post(s, f"{base}/rollout/confirm")
         assert status == 200 and doc["rollout"]["state"] == "RolledBack"
