@@ -182,6 +182,17 @@ def service_doc(
             },
             "window_s": g.window,
             "min_endpoints": g.min_endpoints,
+            "for_s": g.hold,
+            "rules": [
+                {
+                    "metric": r.metric,
+                    ("below" if r.metric == "healthy_endpoints" else "above"): r.threshold,
+                    "window_s": r.window if r.window is not None else g.window,
+                    "action": r.action,
+                    "for_s": r.hold if r.hold is not None else g.hold,
+                }
+                for r in g.rules
+            ],
         },
         "rollout": dict(rollout) if rollout is not None else None,
     }

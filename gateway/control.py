@@ -56,7 +56,7 @@ def is_loopback(host: str) -> bool:
 def check_admin_exposure(cfg: Config) -> None:
     """Refuse an admin listener reachable off-host without a token (SPEC §6)."""
     a = cfg.admin
-    if a.token or is_loopback(a.listen.host):
+    if a.token or a.tokens or is_loopback(a.listen.host):
         return
     how = (
         f"export {a.token_env}=<secret>"

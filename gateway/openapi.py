@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.config import RULE_ACTIONS, RULE_METRICS
 from gateway.rollout import STATES as ROLLOUT_STATES
 from gateway.store.doc import GUARD_FIELDS
 
@@ -107,6 +108,24 @@ SCHEMAS: dict[str, Any] = {
             "thresholds": _ref("Thresholds"),
             "window_s": {"type": "number", "minimum": 0},
             "min_endpoints": {"type": "integer", "minimum": 0},
+            "for_s": {
+                "type": "number",
+                "minimum": 0,
+                "description": "how long a breach must last before the guard acts",
+            },
+            "rules": {"type": "array", "items": _ref("GuardRule")},
+        },
+    },
+    "GuardRule": {
+        "type": "object",
+        "required": ["metric", "window_s", "action", "for_s"],
+        "properties": {
+            "metric": {"type": "string", "enum": list(RULE_METRICS)},
+            "above": {"type": "number"},
+            "below": {"type": "number", "description": "healthy_endpoints only"},
+            "window_s": {"type": "number", "minimum": 0},
+            "action": {"type": "string", "enum": list(RULE_ACTIONS)},
+            "for_s": {"type": "number", "minimum": 0},
         },
     },
     "Service": {

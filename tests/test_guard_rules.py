@@ -438,3 +438,30 @@ def test_tokens_file_parses_names_and_roles(tmp_path: Path) -> None:
         ("viewer", "read"),
         ("ops", "write"),
     ]
+
+
+def test_a_tokens_file_counts_as_a_token_for_an_exposed_admin(tmp_path: Path) -> None:
+    from gateway.control import check_admin_exposure
+
+    f = tmp_path / "tokens"
+    f.write_text("ops s3cret\n")
+    exposed = {"listen": "0.0.0.0:0", "token_env": None}
+    check_admin_exposure(C.build(_cfg(admin={**exposed, "tokens_file": str(f)}), env={}))
+    with pytest.raises(ConfigError) as e:
+        check_admin_exposure(C.build(_cfg(admin=exposed), env={}))
+    assert e.value.field == "admin.listen"
+
+
+def test_gateway_check_exits_2_naming_a_bad_tokens_file(tmp_path: Path, capsys: Any) -> None:
+    import yaml
+
+    from gateway import cli
+
+    (tmp_path / "tokens").write_text("ops s3cret root\n")
+    doc = _cfg(admin={"tokens_file": str(tmp_path / "tokens")}, rollout={"confirm_timeout": "x"})
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert cli.main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "admin.tokens_file" in err and "role 'root'" in err
+    assert "rollout.confirm_timeout" in err

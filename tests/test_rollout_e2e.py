@@ -72,11 +72,22 @@ async def test_abort_rolls_back_and_bad_plans_change_nothing(upstreams: Any, gat
             assert gw.holder.current.version == version
         status, doc = await _post(s, f"{base}/abort")
         assert status == 409  # nothing to abort
+        for action in ("rollout/confirm", "rollout/retry"):
+            status, doc = await _post(s, f"{base}/{action}")
+            assert (status, doc["field"]) == (409, "state"), action
+            status, doc = await _post(
+                s, f"http://127.0.0.1:{gw.admin_port}/admin/services/x/{action}"
+            )
+            assert (status, doc["field"]) == (404, "service"), action
         status, doc = await _post(s, f"{base}/rollout", PLAN)
         assert status == 200
         status, doc = await _post(s, f"{base}/abort")
         assert status == 200 and doc["rollout"]["state"] == "RolledBack"
         assert doc["percent"]["gray"] == 0
+        version = gw.holder.current.version
+        status, doc = await _post(s, f"{base}/rollout/confirm")  # abort needs no confirm
+        assert (status, doc["field"]) == (409, "state")
+        assert gw.holder.current.version == version
 
 
 async def test_guard_trip_during_rollout_is_circuit_break_until_confirmed(
