@@ -27,7 +27,8 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -288,11 +289,9 @@ def open_audit(state: StateConfig, consul: ConsulConfig) -> AuditStore:
 class Auditor:
     """Builds records, logs each as one JSON line and appends it to the audit store."""
 
-    def __init__(self, store: AuditStore, wall: Any = None) -> None:
-        import time
-
+    def __init__(self, store: AuditStore, wall: Callable[[], float] = time.time) -> None:
         self.store = store
-        self.wall = wall or time.time
+        self.wall = wall
 
     async def record(
         self,

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gateway import changes
+from gateway import audit, changes
 from gateway import config as config_mod
 from gateway import rollout as rollout_mod
 from gateway.config import Config, Endpoint
@@ -385,6 +385,7 @@ class ControlPlane:
             if rollout_mod.tick(r, now) == r or service not in self.config.services:
                 continue
             svc = self.config.services[service]
+            step = "confirm_timeout" if r.state == rollout_mod.CIRCUIT_BREAK else "step"
 
             def edit(st: ServiceState, snap: Snapshot, svc: Any = svc) -> ServiceState:
                 raw = st.extra.get("rollout")
@@ -396,7 +397,8 @@ class ControlPlane:
                     return st
                 return self._with_rollout(st, svc, snap.weights.get(svc.name, {}), nxt)
 
-            await self._change(service, edit, None)
+            with audit.acting("rollout", "rollout", f"rollout.{step}"):
+                await self._change(service, edit, None)
             moved.append(service)
         return moved
 
@@ -435,7 +437,12 @@ class ControlPlane:
             weights = changes.weights_change(svc, current, {release: 0})
             raw = st.extra.get("rollout")
             cur = rollout_mod.Rollout.from_json(raw) if isinstance(raw, Mapping) else None
-            if cur is not None and cur.release == release and cur.state in rollout_mod.ACTIVE:
+            mine = cur is not None and cur.release == release
+            if current.get(release, 0.0) <= 0 or (
+                mine and cur is not None and cur.state == rollout_mod.CIRCUIT_BREAK
+            ):  # another worker or replica rolled it back first
+                raise Conflict(f"{release!r} of {service!r} is already rolled back", "state")
+            if mine and cur is not None and cur.state in rollout_mod.ACTIVE:
                 r = rollout_mod.circuit_break(cur, reason, now, confirm_timeout)
             else:
                 # No rollout of it: a one-step plan at its old share, so `retry` restores it.

@@ -193,8 +193,7 @@ class Guardian:
     ) -> rules.Verdict | None:
         v = rules.first_due(verdicts, rules.ROLLBACK)
         if v is not None:
-            await self._roll_back(sv, v)
-            return v
+            return v if await self._roll_back(sv, v) else None
         if ro is None:
             return None
         v = rules.first_due(verdicts, rules.PAUSE)
@@ -214,7 +213,10 @@ class Guardian:
             and ro.paused_by == "guard"
             and rules.pauses_clear(verdicts)
         ):
-            held = next((x for x in verdicts if x.rule.action == rules.PAUSE), None)
+            # (no pause rule left after a reload: nothing holds it any more)
+            held = next((x for x in verdicts if x.rule.action == rules.PAUSE), None) or (
+                verdicts[0] if verdicts else None
+            )
             if held is not None and await self._move(
                 sv,
                 held,
@@ -242,14 +244,18 @@ class Guardian:
         self._announce(sv, v, kind, r.state if r else None, doc.version)
         return True
 
-    async def _roll_back(self, sv: ServiceView, v: rules.Verdict) -> None:
+    async def _roll_back(self, sv: ServiceView, v: rules.Verdict) -> bool:
         reason = v.rule.metric
-        self.metrics.set_rollout_state(v.service, rollout_mod.CIRCUIT_BREAK)
         with audit.acting("guard", "guard", "guard.rollback", f"guard: {v.rule.describe(v.value)}"):
-            doc = await self.control.trip(v.service, v.release, reason, now=self.wall())
+            try:
+                doc = await self.control.trip(v.service, v.release, reason, now=self.wall())
+            except Conflict:  # another worker or replica acted first: one action, one alert
+                return False
+        self.metrics.set_rollout_state(v.service, rollout_mod.CIRCUIT_BREAK)
         self.guard.reset(v.service, v.release)
         self.holds.forget(v.service, v.release)
         self._announce(sv, v, rules.ROLLBACK, rollout_mod.CIRCUIT_BREAK, doc.version)
+        return True
 
     def _announce(
         self, sv: ServiceView, v: rules.Verdict, kind: str, state: str | None, version: int

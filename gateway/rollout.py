@@ -84,9 +84,13 @@ class Rollout:
             step_started=float(d.get("step_started", 0.0)),
             paused_left=d.get("paused_left"),
             reason=d.get("reason"),
-            paused_by=d.get("paused_by"),
-            confirm_by=d.get("confirm_by"),
+            paused_by=d.get("paused_by") if isinstance(d.get("paused_by"), str) else None,
+            confirm_by=_number_or_none(d.get("confirm_by")),
         )
+
+
+def _number_or_none(v: object) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
 def parse_plan(release: object, steps: object) -> Rollout:

@@ -6,7 +6,10 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 
+from gateway import audit
+from gateway.errors import Conflict
 from tests.conftest import gateway_config, two_releases
 
 PLAN = {
@@ -123,10 +126,22 @@ async def test_circuit_break_confirms_itself_after_confirm_timeout(
     async with aiohttp.ClientSession() as s:
         await _post(s, f"{base}/rollout", PLAN)
         now = time.time()
-        await gw.control.trip("svc", "gray", "error_rate", now=now)
+        with audit.acting("guard", "guard", "guard.rollback"):
+            await gw.control.trip("svc", "gray", "error_rate", now=now)
+        version = gw.holder.current.version
+        with pytest.raises(Conflict):  # a second worker's trip of the same release: no-op
+            await gw.control.trip("svc", "gray", "error_rate", now=now)
+        assert gw.holder.current.version == version
         assert await gw.control.advance(now + 599) == []  # still waiting for an operator
         assert gw.control.rollout_of("svc").state == "CircuitBreak"  # type: ignore[union-attr]
         assert await gw.control.advance(now + 600) == ["svc"]
         async with s.get(base) as r:
             doc = await r.json()
     assert doc["rollout"]["state"] == "RolledBack" and doc["weights"]["gray"] == 0
+    recs = await gw.auditor.query("svc")
+    assert [(r["actor"], r["action"]) for r in recs] == [
+        ("anonymous", "rollout.start"),
+        ("guard", "guard.rollback"),
+        ("rollout", "rollout.confirm_timeout"),
+    ]
+    assert recs[-1]["after"]["rollout"]["state"] == "RolledBack"
