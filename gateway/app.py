@@ -157,7 +157,12 @@ class Gateway:
         ctx = audit.current()
         actor = ctx.actor if ctx is not None else "reload"
         source = ctx.source if ctx is not None else "signal"
-        task = asyncio.get_running_loop().create_task(
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a reload called outside the event loop (tests): log only
+            log.info("reload by %s not audited: no event loop", actor)
+            return
+        task = loop.create_task(
             self.auditor.record(
                 action="reload",
                 service=None,
