@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from gateway.config import ConsulConfig, StateConfig
+from gateway.errors import Unavailable
 from gateway.store.doc import ServiceState
 
 log = logging.getLogger("gateway.audit")
@@ -269,7 +270,10 @@ class ConsulAudit:
         raise RuntimeError(f"audit: {self.url} kept changing; record not written")
 
     async def read(self) -> list[dict[str, Any]]:
-        return (await self._get())[0]
+        try:
+            return (await self._get())[0]
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise Unavailable(f"cannot read the audit from Consul: {e}", "consul.address") from e
 
     async def close(self) -> None:
         if self._session is not None:

@@ -163,3 +163,19 @@ async def _converged(a: Gateway, b: Gateway, version: int) -> None:
     while not (a.holder.current.version == b.holder.current.version == version):
         await changed.wait()
         changed.clear()
+
+
+async def test_audit_on_a_dead_consul_is_a_503_naming_it(
+    consul: ConsulDouble, tmp_path: Path, upstreams: Any, gateway: Any
+) -> None:
+    st, gr = await upstreams("stable"), await upstreams("gray")
+    doc = gateway_config(
+        two_releases(st.url, gr.url, 95, 5),
+        state={"store": "consul"},
+        consul={"address": consul.address, "kv_prefix": "gw/dead"},
+    )
+    gw = await gateway(doc)
+    await consul.kill()
+    async with aiohttp.ClientSession() as s:
+        status, err = await _call(s, "GET", f"http://127.0.0.1:{gw.admin_port}/admin/audit", None)
+    assert (status, err["field"]) == (503, "consul.address")
