@@ -36,6 +36,7 @@ _ALERT_NAMES = {
     rules.ROLLBACK: "GrayReleaseRolledBack",
     rules.PAUSE: "GrayReleasePaused",
     "resume": "GrayReleaseResumed",
+    "alert": "PromotedReleaseBreach",
 }
 
 
@@ -103,6 +104,7 @@ class Guardian:
         self._task: asyncio.Task[None] | None = None
         self.flush: Callable[[], None] | None = None  # the handler's batched accounting
         self._idle: set[tuple[str, str]] = set()  # releases last seen at weight 0
+        self._alerted: set[tuple[str, str, str]] = set()  # promoted releases' alerted rules
         self._rules: dict[str, tuple[rules.Rule, ...]] = {}
         self._configure(holder.current)
         holder.subscribe(self._configure)
@@ -164,11 +166,8 @@ class Guardian:
                     self.guard.reset(name, rel)
                     self.holds.forget(name, rel)
                 mine = ro if ro is not None and ro.release == rel else None
-                if mine is not None and mine.state in (
-                    rollout_mod.CIRCUIT_BREAK,
-                    rollout_mod.PROMOTED,
-                ):
-                    continue  # waiting for confirm/retry, or done: the guard stands aside
+                if mine is not None and mine.state == rollout_mod.CIRCUIT_BREAK:
+                    continue  # waiting for confirm, retry or the confirm timeout
                 verdicts = rules.evaluate(
                     name,
                     rel,
@@ -180,10 +179,23 @@ class Guardian:
                     self.holds,
                     now,
                 )
+                if mine is not None and mine.state == rollout_mod.PROMOTED:
+                    self._alert_only(sv, verdicts)  # promoted: it alerts, it no longer acts
+                    continue
                 done = await self._act(sv, mine, verdicts)
                 if done is not None:
                     acted.append(done)
         return acted
+
+    def _alert_only(self, sv: ServiceView, verdicts: list[rules.Verdict]) -> None:
+        """One alert per breach that lasted its `for`; again only after it cleared."""
+        for v in verdicts:
+            key = (v.service, v.release, v.rule.key)
+            if not v.breached:
+                self._alerted.discard(key)
+            elif v.due and key not in self._alerted:
+                self._alerted.add(key)
+                self._announce(sv, v, "alert", rollout_mod.PROMOTED, self.holder.current.version)
 
     def _reader(self, service: str, release: str) -> Callable[[float], WindowStats]:
         return lambda window: self.guard.stats(service, release, int(math.ceil(window)))
@@ -260,7 +272,7 @@ class Guardian:
     def _announce(
         self, sv: ServiceView, v: rules.Verdict, kind: str, state: str | None, version: int
     ) -> None:
-        if kind != "resume":
+        if kind not in ("resume", "alert"):  # actions count; notices do not
             self.metrics.guard_trips.labels(v.service, v.release, v.rule.metric).inc()
         payload = alert_payload(v, kind, state, version, self.wall())
         line = json.dumps(payload, separators=(",", ":"))

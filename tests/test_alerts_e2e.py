@@ -179,3 +179,44 @@ async def test_a_receiver_that_never_answers_is_given_up_after_the_attempts() ->
     finally:
         await sender.stop()
     assert (sender.delivered, sender.failed) == (0, 1)
+
+
+async def test_a_promoted_release_is_alerted_once_and_left_alone(
+    upstreams: Any, gateway: Any
+) -> None:
+    stable = await upstreams("stable")
+    gray = await start_app(_failing_app())
+    rx = Receiver()
+    hook = await upstreams(app=rx.app())
+    svc = two_releases(stable.url, gray.url, 100, 0)
+    svc["svc"]["guard"] = {
+        "error_rate": 0.05,
+        "min_requests": 10,
+        "window": "30s",
+        "for": "0s",
+        "alert_webhook": f"{hook.url}/json",
+    }
+    gw = await gateway(gateway_config(svc), guard_interval=3600)  # the test calls the guard
+    admin = f"http://127.0.0.1:{gw.admin_port}/admin/services/svc"
+    plan = {"release": "gray", "steps": [{"weight": 100}]}
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{admin}/rollout", json=plan) as r:
+                assert r.status == 200
+            async with s.post(f"{admin}/promote") as r:
+                assert r.status == 200
+            version = gw.holder.current.version
+            for i in range(30):
+                async with s.get(f"http://127.0.0.1:{gw.port}/", headers={"X-User-ID": f"{i}"}):
+                    pass
+            assert await gw.guardian.check() == []  # no action
+            assert await gw.guardian.check() == []
+            await asyncio.wait_for(gw.guardian.alerts._queue.join(), 30)  # all delivered
+    finally:
+        await gray.runner.cleanup()
+    assert gw.holder.current.version == version  # nothing written
+    assert gw.holder.current.services["svc"].releases["gray"].raw_weight == 100
+    (alert,) = rx.got["json"]  # once, not once per evaluation
+    assert alert["alert"] == "PromotedReleaseBreach" and alert["reason"] == "error_rate"
+    assert alert["action"]["kind"] == "alert"
+    assert gw.metrics.guard_trips.labels("svc", "gray", "error_rate")._value.get() == 0
