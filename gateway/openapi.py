@@ -623,6 +623,18 @@ def _paths() -> dict[str, Any]:
     }
 
 
+_E403 = _json(_ERR, "a read-only token (admin.tokens_file) may only GET")
+
+
+def _with_roles(paths: dict[str, Any]) -> dict[str, Any]:
+    """Every admin write may answer 403 to a read-only token."""
+    for path, item in paths.items():
+        for method in ("put", "post", "delete"):
+            if path.startswith("/admin") and method in item:
+                item[method]["responses"].setdefault("403", _E403)
+    return paths
+
+
 def build_openapi(version: str) -> dict[str, Any]:
     """The document served at /admin/openapi.json."""
     return {
@@ -638,7 +650,7 @@ def build_openapi(version: str) -> dict[str, Any]:
         },
         "servers": [{"url": "/"}],
         "security": [{"bearerAuth": []}],
-        "paths": _paths(),
+        "paths": _with_roles(_paths()),
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
