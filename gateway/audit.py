@@ -138,11 +138,12 @@ class AuditStore(Protocol):
 class MemoryAudit:
     """For `state.store: memory` (demos, tests): this process only."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep: int = KEEP) -> None:
         self.records: list[dict[str, Any]] = []
+        self.keep = keep
 
     async def append(self, record: dict[str, Any]) -> None:
-        self.records = [*self.records, record][-KEEP:]
+        self.records = [*self.records, record][-self.keep :]
 
     async def read(self) -> list[dict[str, Any]]:
         return list(self.records)
@@ -166,9 +167,13 @@ def _parse_lines(data: bytes) -> list[dict[str, Any]]:
 class FileAudit:
     """JSON lines beside the state file; every worker appends under one flock."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, max_bytes: int = 1 << 20, keep: int = KEEP
+    ) -> None:
+        self.keep = keep
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.max_bytes = max_bytes  # past this size the next append rewrites the last KEEP
 
     def __repr__(self) -> str:
         return f"FileAudit({str(self.path)!r})"
@@ -185,9 +190,9 @@ class FileAudit:
                 size = self.path.stat().st_size
             except FileNotFoundError:
                 size = 0
-            # Trim only now and then: a rewrite keeps the last KEEP records.
-            if size > 400 * KEEP:
-                kept = _parse_lines(self.path.read_bytes())[-(KEEP - 1) :]
+            # Trim only now and then (readers take the last KEEP anyway): appends stay cheap.
+            if size > self.max_bytes:
+                kept = _parse_lines(self.path.read_bytes())[-(self.keep - 1) :]
                 body = b"".join(
                     (json.dumps(r, separators=(",", ":"), sort_keys=True) + "\n").encode()
                     for r in kept
@@ -207,7 +212,7 @@ class FileAudit:
     async def read(self) -> list[dict[str, Any]]:
         def _read() -> list[dict[str, Any]]:
             try:
-                return _parse_lines(self.path.read_bytes())[-KEEP:]
+                return _parse_lines(self.path.read_bytes())[-self.keep :]
             except FileNotFoundError:
                 return []
 

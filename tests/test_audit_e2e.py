@@ -179,3 +179,16 @@ async def test_audit_on_a_dead_consul_is_a_503_naming_it(
     async with aiohttp.ClientSession() as s:
         status, err = await _call(s, "GET", f"http://127.0.0.1:{gw.admin_port}/admin/audit", None)
     assert (status, err["field"]) == (503, "consul.address")
+
+
+@pytest.mark.parametrize("store", ["file", "memory"], ids=["file", "memory"])
+async def test_only_the_last_records_are_kept(tmp_path: Path, store: str) -> None:
+    from gateway.audit import FileAudit, MemoryAudit
+
+    path = tmp_path / "a.jsonl"
+    trail = FileAudit(path, max_bytes=2_000, keep=50) if store == "file" else MemoryAudit(keep=50)
+    for i in range(300):
+        await trail.append({"n": i, "action": "x"})
+    assert [r["n"] for r in await trail.read()] == list(range(250, 300))
+    if store == "file":  # trimmed as it grew: never far past max_bytes or `keep` records
+        assert len(path.read_text().splitlines()) <= 50 + 2_000 // 20
