@@ -67,6 +67,9 @@ async def test_named_tokens_roles_and_every_change_audited(
         assert (await _call(s, "GET", svc, None))[0] == 401
         assert (await _call(s, "GET", svc, "wrong"))[0] == 401
         assert (await _call(s, "GET", svc, READ))[0] == 200
+        for header in (f"Basic {READ}", "Bearer", f"Bearer {READ}x", f"{READ}"):
+            async with s.get(svc, headers={"Authorization": header}) as r:
+                assert r.status == 401 and (await r.json())["field"] == "Authorization"
         status, err = await _call(s, "PUT", f"{svc}/weights", READ, {"gray": 50})
         assert (status, err["field"]) == (403, "Authorization") and "viewer" in err["error"]
         status, err = await _call(s, "POST", f"{svc}/rollout/retry", READ)
