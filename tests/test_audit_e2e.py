@@ -195,3 +195,28 @@ async def test_only_the_last_records_are_kept(tmp_path: Path, store: str) -> Non
     assert [r["n"] for r in await trail.read()] == list(range(250, 300))
     if store == "file":  # trimmed as it grew: never far past max_bytes or `keep` records
         assert len(path.read_text().splitlines()) <= 50 + 2_000 // 20
+
+
+async def test_the_token_env_token_is_named_admin(tmp_path: Path, upstreams: Any) -> None:
+    from gateway import config as C
+
+    st, gr = await upstreams("stable"), await upstreams("gray")
+    doc = gateway_config(
+        two_releases(st.url, gr.url, 95, 5),
+        admin={"listen": "127.0.0.1:0", "token_env": "TOK", "tokens_file": _tokens(tmp_path)},
+    )
+    gw = Gateway(C.build(doc, env={"TOK": "env-s3cret"}))
+    await gw.start()
+    try:
+        url = f"http://127.0.0.1:{gw.admin_port}/admin"
+        async with aiohttp.ClientSession() as s:
+            status, _ = await _call(
+                s, "PUT", f"{url}/services/svc/weights", "env-s3cret", {"gray": 9}
+            )
+            assert status == 200
+            status, _ = await _call(s, "PUT", f"{url}/services/svc/weights", WRITE, {"gray": 8})
+            assert status == 200
+            status, audit = await _call(s, "GET", f"{url}/audit", READ)
+    finally:
+        await gw.stop(1.0)
+    assert [r["actor"] for r in audit["records"]] == ["admin", "deployer"]
