@@ -1,4 +1,4 @@
-"""Admin client commands: `gateway weights`, `gateway strategy`, `gateway audit` (SPEC §4, §10).
+"""Admin client commands: `gateway weights`, `gateway strategy` (SPEC §4, §10).
 
 Why plain urllib: the client runs once per command, needs no event loop and
 must work from any shell with only the gateway installed. The admin address
