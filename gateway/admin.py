@@ -102,7 +102,7 @@ async def auth_middleware(request: web.Request, handler: _Handler) -> web.Stream
     info = request.match_info
     route = info.route.resource.canonical if info.route.resource is not None else request.path
     action = _AUDIT_ACTIONS.get((request.method, route))
-    if action is None and route.startswith("/admin/services/{service}/"):
+    if action is None and request.method == "POST" and route.startswith("/admin/services/"):
         action = "rollout." + route.rsplit("/", 1)[-1]
     with audit.acting(actor, "admin", action or f"{request.method} {route}"):
         return await handler(request)
