@@ -40,8 +40,25 @@ _ALERT_NAMES = {
 }
 
 
+def window_figures(stats: WindowStats, baseline: WindowStats) -> dict[str, Any]:
+    """The rule window's figures, as the `window` block of the JSON alert."""
+    return {
+        "requests": stats.requests,
+        "failures": stats.failures,
+        "error_rate": round(stats.error_rate, 6),
+        "p95_ms": stats.p95_ms,
+        "p99_ms": stats.p99_ms,
+        "baseline_p95_ms": baseline.p95_ms,
+    }
+
+
 def alert_payload(
-    v: rules.Verdict, kind: str, rollout_state: str | None, state_version: int, now: float
+    v: rules.Verdict,
+    kind: str,
+    rollout_state: str | None,
+    state_version: int,
+    now: float,
+    window: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON alert: what breached, by how much, for how long, and what the gateway did."""
     return {
@@ -55,6 +72,7 @@ def alert_payload(
         "for_s": v.rule.hold,
         "held_s": round(v.held, 3),
         "window_s": v.rule.window,
+        "window": window,
         "action": {
             "kind": kind,
             "weight": 0 if kind == rules.ROLLBACK else None,
@@ -195,7 +213,14 @@ class Guardian:
                 self._alerted.discard(key)
             elif v.due and key not in self._alerted:
                 self._alerted.add(key)
-                self._announce(sv, v, "alert", rollout_mod.PROMOTED, self.holder.current.version)
+                version = self.holder.current.version
+                self._announce(sv, v, "alert", rollout_mod.PROMOTED, version, self._figures(sv, v))
+
+    def _figures(self, sv: ServiceView, v: rules.Verdict) -> dict[str, Any]:
+        read = self._reader(v.service, v.release)
+        return window_figures(
+            read(v.rule.window), self._reader(v.service, sv.cfg.baseline)(v.rule.window)
+        )
 
     def _reader(self, service: str, release: str) -> Callable[[float], WindowStats]:
         return lambda window: self.guard.stats(service, release, int(math.ceil(window)))
@@ -253,7 +278,7 @@ class Guardian:
             except Conflict:  # another worker moved it first
                 return False
         r = self.control.rollout_of(sv.name)
-        self._announce(sv, v, kind, r.state if r else None, doc.version)
+        self._announce(sv, v, kind, r.state if r else None, doc.version, self._figures(sv, v))
         return True
 
     async def _roll_back(self, sv: ServiceView, v: rules.Verdict) -> bool:
@@ -264,17 +289,24 @@ class Guardian:
             except Conflict:  # another worker or replica acted first: one action, one alert
                 return False
         self.metrics.set_rollout_state(v.service, rollout_mod.CIRCUIT_BREAK)
+        figures = self._figures(sv, v)  # before the reset below empties the window
         self.guard.reset(v.service, v.release)
         self.holds.forget(v.service, v.release)
-        self._announce(sv, v, rules.ROLLBACK, rollout_mod.CIRCUIT_BREAK, doc.version)
+        self._announce(sv, v, rules.ROLLBACK, rollout_mod.CIRCUIT_BREAK, doc.version, figures)
         return True
 
     def _announce(
-        self, sv: ServiceView, v: rules.Verdict, kind: str, state: str | None, version: int
+        self,
+        sv: ServiceView,
+        v: rules.Verdict,
+        kind: str,
+        state: str | None,
+        version: int,
+        window: dict[str, Any],
     ) -> None:
         if kind not in ("resume", "alert"):  # actions count; notices do not
             self.metrics.guard_trips.labels(v.service, v.release, v.rule.metric).inc()
-        payload = alert_payload(v, kind, state, version, self.wall())
+        payload = alert_payload(v, kind, state, version, self.wall(), window)
         line = json.dumps(payload, separators=(",", ":"))
         if kind == rules.ROLLBACK:
             log.error(line)

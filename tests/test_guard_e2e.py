@@ -58,6 +58,7 @@ async def test_failing_gray_is_rolled_back_with_alert(upstreams: Any, gateway: A
             await asyncio.wait_for(got.wait(), 10)
             alert = received[0]
             assert alert["service"] == "svc" and alert["release"] == "gray"
+            assert alert["window"]["requests"] >= 20 and alert["window"]["failures"] > 0
             assert (
                 alert["reason"] == "error_rate"
                 and alert["action"]["rollout_state"] == "CircuitBreak"
