@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gateway import audit, changes
+from gateway import audit, changes, statedoc
 from gateway import config as config_mod
 from gateway import rollout as rollout_mod
 from gateway.config import Config, Endpoint
@@ -270,6 +270,11 @@ class ControlPlane:
                     if new_state is None
                     else cur.with_service(service, new_state)
                 )
+                # The whole document, as the next start will read it (gateway/statedoc.py).
+                try:
+                    statedoc.check(replace(new_doc, version=cur.version + 1))
+                except statedoc.InvalidDoc as e:
+                    raise BadRequest(f"the resulting state is invalid: {e}", e.field) from None
                 # For the audit; nothing stored yet: the config's weights were replaced.
                 before = cur.services.get(service) or ServiceState(
                     weights=self.holder.current.weights.get(service, {})
@@ -279,7 +284,11 @@ class ControlPlane:
                 except Conflict:
                     if if_match is not None:
                         raise
-                    latest = store.load()
+                    try:
+                        latest = store.load()
+                    except StateError as e:  # unreadable now: the next try replaces it
+                        log.warning("%s; retrying on state version %d", e.message, cur.version)
+                        continue
                     if latest.version > self.doc.version:
                         self._apply(latest)
                     continue
