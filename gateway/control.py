@@ -459,6 +459,7 @@ class ControlPlane:
                 r = replace(
                     rollout_mod.Rollout(release, (rollout_mod.Step(min(100.0, pct), None),)),
                     state=rollout_mod.CIRCUIT_BREAK,
+                    step=0,
                     reason=reason,
                     confirm_by=now + confirm_timeout,
                 )
