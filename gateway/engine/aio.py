@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.config import Timeouts
 from gateway.engine.api import (
     ERR_CLIENT,
     ERR_CONNECT,
@@ -33,6 +35,40 @@ from gateway.headers import strip_response_hop_by_hop
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
+class BodyStalled(Exception):
+    """The client's request body fell below `timeouts.body_min_rate` (answered 408)."""
+
+
+async def progressing_body(
+    content: aiohttp.StreamReader, window: float, min_rate: float
+) -> AsyncIterator[bytes]:
+    """The request body, raising BodyStalled when a `window` brings too few bytes.
+
+    Why: the same rule as the fast engine (docs/configuration.md#timeouts): a
+    body trickled a byte at a time is as stalled as a silent one.
+    """
+    loop = asyncio.get_running_loop()
+    need = max(1.0, min_rate * window)
+    start = loop.time()
+    n = 0
+    while True:
+        try:
+            async with asyncio.timeout_at(start + window):
+                chunk = await content.readany()
+        except TimeoutError:
+            chunk = None
+        now = loop.time()
+        if chunk is not None:
+            if not chunk:
+                return
+            n += len(chunk)
+            yield chunk
+        if now >= start + window:
+            if n < need:
+                raise BodyStalled
+            start, n = now, 0
+
+
 def _cimd(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
     return CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
 
@@ -40,8 +76,10 @@ def _cimd(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
 class AiohttpEngine:
     """engine.api over aiohttp: same Handler, same observable behaviour."""
 
-    def __init__(self, handler: Handler, **_: object) -> None:
+    def __init__(self, handler: Handler, *, timeouts: Timeouts | None = None) -> None:
         self.handler = handler
+        # aiohttp's server has no request-head timeout; the others apply here too.
+        self.timeouts = timeouts or Timeouts()
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.ServerRunner | None = None
         self._site: web.SockSite | None = None
@@ -55,11 +93,15 @@ class AiohttpEngine:
 
     async def serve(self, sock: socket.socket) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60),
+            connector=aiohttp.TCPConnector(
+                limit=0, limit_per_host=0, keepalive_timeout=self.timeouts.upstream_idle
+            ),
             auto_decompress=False,
             skip_auto_headers=_SKIP_AUTO,
         )
-        server = web.Server(self._handle, handler_cancellation=True)
+        server = web.Server(
+            self._handle, handler_cancellation=True, keepalive_timeout=self.timeouts.idle
+        )
         self._runner = web.ServerRunner(server, handle_signals=False, access_log=None)
         await self._runner.setup()
         self._site = web.SockSite(self._runner, sock)
@@ -116,20 +158,22 @@ class AiohttpEngine:
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
         has_body = request.body_exists
-        url = URL(
-            f"http://{fwd.host}:{fwd.port}{(fwd.target or request.raw_path.encode()).decode()}",
-            encoded=True,
-        )
+        target = request.raw_path if fwd.target is None else fwd.target.decode("latin-1")
+        url = URL(f"http://{fwd.host}:{fwd.port}{target}", encoded=True)
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=fwd.connect_timeout, sock_read=fwd.read_timeout
         )
         status = 0
+        body = None
+        if has_body:
+            t = self.timeouts
+            body = progressing_body(request.content, t.body, t.body_min_rate)
         try:
             async with self._session.request(
                 request.method,
                 url,
                 headers=headers,
-                data=request.content.iter_any() if has_body else None,
+                data=body,
                 allow_redirects=False,
                 timeout=timeout,
             ) as up:
@@ -164,7 +208,13 @@ class AiohttpEngine:
             return self._fail(fwd, 504, ERR_TIMEOUT)
         except aiohttp.ClientResponseError:
             return self._fail(fwd, 502, ERR_PROTOCOL)
-        except aiohttp.ClientError:
+        except aiohttp.ClientError as e:
+            if isinstance(e.__cause__, BodyStalled):
+                # the upstream exchange is already cut (aiohttp closes it)
+                resp = web.json_response({"error": "request body timeout"}, status=408)
+                resp.force_close()
+                fwd.on_done(408, ERR_CLIENT)
+                return resp
             return self._fail(fwd, 502, ERR_RESET)
 
     def _fail(self, fwd: Forward, status: int, kind: str) -> web.Response:
@@ -174,7 +224,8 @@ class AiohttpEngine:
 
     async def _websocket(self, request: web.BaseRequest, fwd: Forward) -> web.StreamResponse:
         assert self._session is not None
-        url = URL(f"http://{fwd.host}:{fwd.port}{request.raw_path}", encoded=True)
+        target = request.raw_path if fwd.target is None else fwd.target.decode("latin-1")
+        url = URL(f"http://{fwd.host}:{fwd.port}{target}", encoded=True)
         skip = {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "host"}
         headers = {k.decode(): v.decode() for k, v in fwd.headers if k.lower().decode() not in skip}
         protocols = [
