@@ -20,13 +20,14 @@ from urllib.parse import SplitResult, quote, urlsplit
 
 import yaml
 
+from gateway.paths import BadTarget, normalize_path
+
 # RFC 1123 §2.1: letters, digits and hyphens; a label is 1-63 characters and
 # neither starts nor ends with a hyphen; a name is at most 253 characters.
 _LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$", re.IGNORECASE)
 # RFC 3986 §3.3: what a path may hold unencoded (pchar and '/', plus '%' for escapes).
 _PATH_CHARS_RE = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*$")
 _PATH_SAFE = "/-._~!$&'()*+,;=:@%"
-_ENCODED_DOT_RE = re.compile(r"%2e", re.IGNORECASE)
 _ENCODED_SLASH_RE = re.compile(r"%2f|%5c", re.IGNORECASE)
 _BAD_ESCAPE_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _PLAIN_KEY_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -198,22 +199,6 @@ def consul_address(value: str) -> tuple[str, str | None]:
     return (value if "://" in value else f"http://{value}").rstrip("/"), None
 
 
-def remove_dot_segments(path: str) -> str:
-    """RFC 3986 §5.2.4 for an absolute path, also merging empty segments (`//`)."""
-    out: list[str] = []
-    segments = path.split("/")[1:]
-    last = len(segments) - 1
-    for i, seg in enumerate(segments):
-        if seg in (".", ".."):
-            if seg == ".." and out:
-                out.pop()
-            if i == last:
-                out.append("")
-        elif seg or i == last:
-            out.append(seg)
-    return "/" + "/".join(out)
-
-
 def path_prefix_problem(prefix: str) -> str | None:
     """None when `prefix` is an absolute path in the normal form requests are matched in.
 
@@ -239,12 +224,16 @@ def path_prefix_problem(prefix: str) -> str | None:
             f"{prefix!r} holds a percent-encoded '/' or '\\', which is never a path "
             f"separator: write the segments with '/'"
         )
-    decoded = _ENCODED_DOT_RE.sub(".", prefix)
-    normal = remove_dot_segments(decoded)
+    # The normal form is the one requests are matched in (gateway/paths.py), so a
+    # prefix check passes is one a request can match.
+    try:
+        normal = normalize_path(prefix.encode("latin-1")).decode("latin-1")
+    except BadTarget as e:
+        return f"{prefix!r} cannot be normalized: {e.message}"
     if normal != prefix:
         return (
             f"{prefix!r} is not in normal form (dot segments, '//' or percent-encoded "
-            f"dots; RFC 3986 §5.2.4): write {normal!r}"
+            f"unreserved characters; RFC 3986 §6.2.2, §5.2.4): write {normal!r}"
         )
     return None
 

@@ -167,14 +167,20 @@ CASES = [
         "prefix-dot-segments",
         doc(svc("svc", f"match: {{path_prefix: /a/../b}}\n{ONE}")),
         "services.svc.match.path_prefix",
-        "not in normal form (dot segments, '//' or percent-encoded dots; RFC 3986 §5.2.4): "
-        "write '/b'",
+        "not in normal form (dot segments, '//' or percent-encoded unreserved characters; "
+        "RFC 3986 §6.2.2, §5.2.4): write '/b'",
     ),
     Case(
         "prefix-double-slash",
         doc(svc("svc", f"match: {{path_prefix: /a//b}}\n{ONE}")),
         "services.svc.match.path_prefix",
         "write '/a/b'",
+    ),
+    Case(
+        "prefix-encoded-letter",
+        doc(svc("svc", f"match: {{path_prefix: /%61pi}}\n{ONE}")),
+        "services.svc.match.path_prefix",
+        "write '/api'",
     ),
     Case(
         "prefix-encoded-dots",
@@ -454,32 +460,20 @@ def test_match_hosts_accepted_in_the_form_requests_are_compared(text: str, want:
 
 
 @pytest.mark.parametrize(
-    ("path", "want"),
+    ("prefix", "normal"),
     [
-        ("/", "/"),
-        ("/a/b", "/a/b"),
-        ("/a/../b", "/b"),
-        ("/a/./b", "/a/b"),
-        ("/a/.", "/a/"),
-        ("/a/..", "/"),
-        ("/../a", "/a"),
-        ("//a///b/", "/a/b/"),
-        ("/a/b/../../c", "/c"),
+        ("/a/../b", "'/b'"),
+        ("/a/./b", "'/a/b'"),
+        ("/a/.", "'/a/'"),
+        ("//a///b/", "'/a/b/'"),
+        ("/%61pi", "'/api'"),
+        ("/%2E%2e/x", "climbs above the root"),
     ],
-    ids=[
-        "root",
-        "plain",
-        "up",
-        "dot",
-        "trailing-dot",
-        "trailing-up",
-        "above-root",
-        "slashes",
-        "two-up",
-    ],
+    ids=["up", "dot", "trailing-dot", "slashes", "encoded-letter", "above-root"],
 )
-def test_remove_dot_segments(path: str, want: str) -> None:
-    assert S.remove_dot_segments(path) == want
+def test_prefix_not_in_the_normal_form_requests_are_matched_in(prefix: str, normal: str) -> None:
+    problem = S.path_prefix_problem(prefix)
+    assert problem is not None and normal in problem
 
 
 @pytest.mark.parametrize(
