@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from gateway.errors import ConfigError
+from gateway.retry import DEFAULT_RETRIES, MAX_RETRIES
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 BALANCERS = ("p2c", "round_robin", "hash")
@@ -101,6 +102,7 @@ class ServiceConfig:
     baseline: str = "stable"
     balancer: str = "p2c"
     timeouts: Timeouts = Timeouts()
+    retries: int = DEFAULT_RETRIES  # failover attempts on other endpoints (README "Failover")
     salt: str = ""
     guard: GuardConfig = GuardConfig()
 
@@ -152,6 +154,7 @@ class Config:
     consul: ConsulConfig = ConsulConfig()
     routing: RoutingConfig = RoutingConfig()
     timeouts: Timeouts = Timeouts()
+    retries: int = DEFAULT_RETRIES  # the default for services that set none
     source: str = field(default="<memory>", compare=False)
 
 
@@ -388,10 +391,32 @@ def _release(name: str, v: object, path: str, errs: _Errors) -> ReleaseConfig:
     return ReleaseConfig(name, weight, tuple(ups), consul, tuple(baggage))
 
 
-def _service(name: str, v: object, path: str, errs: _Errors, base_t: Timeouts) -> ServiceConfig:
+def _retries(m: Mapping[str, object], path: str, errs: _Errors, default: int) -> int:
+    """`retries`: failover attempts after the first, an integer 0..10 (README "Failover")."""
+    v = m.get("retries", default)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_RETRIES:
+        errs.add(
+            f"{path}.retries" if path else "retries",
+            f"must be an integer between 0 and {MAX_RETRIES}",
+        )
+        return default
+    return v
+
+
+def _service(
+    name: str,
+    v: object,
+    path: str,
+    errs: _Errors,
+    base_t: Timeouts,
+    base_retries: int = DEFAULT_RETRIES,
+) -> ServiceConfig:
     m = _mapping(v, path, errs)
     _unknown(
-        m, {"match", "baseline", "balancer", "timeouts", "releases", "guard", "salt"}, path, errs
+        m,
+        {"match", "baseline", "balancer", "timeouts", "retries", "releases", "guard", "salt"},
+        path,
+        errs,
     )
     mm = _mapping(m.get("match"), f"{path}.match", errs)
     _unknown(mm, {"hosts", "path_prefix"}, f"{path}.match", errs)
@@ -428,6 +453,7 @@ def _service(name: str, v: object, path: str, errs: _Errors, base_t: Timeouts) -
         baseline=baseline,
         balancer=balancer,
         timeouts=_timeouts(m.get("timeouts"), f"{path}.timeouts", errs, base_t),
+        retries=_retries(m, path, errs, base_retries),
         salt=salt,
         guard=_guard(m.get("guard"), f"{path}.guard", errs),
     )
@@ -489,6 +515,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             "consul",
             "routing",
             "timeouts",
+            "retries",
             "services",
         },
         "",
@@ -548,6 +575,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             f"http://{consul.address}", consul.kv_prefix, consul.token, consul.poll_wait
         )
     base_t = _timeouts(m.get("timeouts"), "timeouts", errs, Timeouts())
+    base_retries = _retries(m, "", errs, DEFAULT_RETRIES)
     services: dict[str, ServiceConfig] = {}
     sv = m.get("services")
     if sv is None:
@@ -561,7 +589,9 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
                 errs.add(
                     f"services.{name}", "service name must be letters, digits, '.', '_' or '-'"
                 )
-            services[str(name)] = _service(str(name), v, f"services.{name}", errs, base_t)
+            services[str(name)] = _service(
+                str(name), v, f"services.{name}", errs, base_t, base_retries
+            )
     routing = _routing(m.get("routing"), errs)
     drain = _duration(m, "drain_timeout", 30.0, "", errs)
     access_log = _bool(m, "access_log", False, "", errs)
@@ -579,6 +609,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         consul=consul,
         routing=routing,
         timeouts=base_t,
+        retries=base_retries,
         source=source,
     )
 

@@ -28,6 +28,7 @@ from gateway.engine.api import (
     RequestHead,
     Respond,
 )
+from gateway.engine.fast_wire import IDEMPOTENT, REPLAY_CAP
 from gateway.headers import strip_response_hop_by_hop
 
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -106,6 +107,7 @@ class AiohttpEngine:
 
     async def _forward(self, request: web.BaseRequest, fwd: Forward) -> web.StreamResponse:
         assert self._session is not None
+        session = self._session
         headers = _cimd(fwd.headers)
         if headers.get("Expect", "").lower() == "100-continue":
             # RFC 9110 §10.1.1: this engine answers the interim 100 itself, as
@@ -116,56 +118,93 @@ class AiohttpEngine:
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
         has_body = request.body_exists
-        url = URL(
-            f"http://{fwd.host}:{fwd.port}{(fwd.target or request.raw_path.encode()).decode()}",
-            encoded=True,
-        )
+        method = request.method
+        # A request that reached an upstream is sent again only when that is
+        # harmless (RFC 9110 §9.2.2) and its body is kept whole; a streamed body
+        # goes to another endpoint only when no byte of it was sent (README "Failover").
+        replayable = method.encode() in IDEMPOTENT
+        body: bytes | None = None
+        if has_body and replayable:
+            n = request.content_length
+            if n is not None and n <= REPLAY_CAP:
+                body = await request.read()
+            else:
+                replayable = False
+        target = (fwd.target or request.raw_path.encode()).decode()
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=fwd.connect_timeout, sock_read=fwd.read_timeout
         )
+        total = fwd.total_timeout
+        when = asyncio.get_running_loop().time() + total if total else None
         status = 0
+        reported = False
         try:
-            async with self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=request.content.iter_any() if has_body else None,
-                allow_redirects=False,
-                timeout=timeout,
-            ) as up:
-                out_h = strip_response_hop_by_hop(up.raw_headers, False) + fwd.response_headers
-                resp = web.StreamResponse(status=up.status, reason=up.reason, headers=_cimd(out_h))
-                if up.content_length is not None:
-                    resp.content_length = up.content_length
-                status = up.status
-                await resp.prepare(request)
+            async with asyncio.timeout_at(when):  # timeouts.total: every attempt included
+                while True:
+                    url = URL(f"http://{fwd.host}:{fwd.port}{target}", encoded=True)
+                    data = body if body is not None or not has_body else request.content.iter_any()
+                    try:
+                        up = await session.request(
+                            method,
+                            url,
+                            headers=headers,
+                            data=data,
+                            allow_redirects=False,
+                            timeout=timeout,
+                        )
+                        break
+                    except aiohttp.ClientConnectorError:
+                        kind, code, sent = ERR_CONNECT, 502, False
+                    except aiohttp.ConnectionTimeoutError:
+                        kind, code, sent = ERR_TIMEOUT, 504, False
+                    except aiohttp.ServerTimeoutError:
+                        kind, code, sent = ERR_TIMEOUT, 504, True
+                    except aiohttp.ClientResponseError:
+                        kind, code, sent = ERR_PROTOCOL, 502, True
+                    except aiohttp.ClientError:
+                        kind, code, sent = ERR_RESET, 502, True
+                    if (
+                        kind == ERR_PROTOCOL
+                        or (sent and not replayable)
+                        or fwd.retry is None
+                        or not fwd.retry.again(fwd, kind)
+                    ):
+                        reported = True
+                        return self._fail(fwd, code, kind)
                 try:
-                    async for chunk in up.content.iter_any():
-                        await resp.write(chunk)
-                except (aiohttp.ClientError, TimeoutError):
-                    fwd.on_done(status, ERR_RESET)
-                    status = -1
-                    raise ConnectionResetError from None
-                await resp.write_eof()
-                fwd.on_done(status, None)
-                status = -1
-                return resp
-        except ConnectionResetError:
-            if status != -1:
+                    out_h = strip_response_hop_by_hop(up.raw_headers, False) + fwd.response_headers
+                    resp = web.StreamResponse(
+                        status=up.status, reason=up.reason, headers=_cimd(out_h)
+                    )
+                    if up.content_length is not None:
+                        resp.content_length = up.content_length
+                    status = up.status
+                    await resp.prepare(request)
+                    try:
+                        async for chunk in up.content.iter_any():
+                            await resp.write(chunk)
+                    except (aiohttp.ClientError, TimeoutError):
+                        reported = True
+                        fwd.on_done(status, ERR_RESET)
+                        raise ConnectionResetError from None
+                    await resp.write_eof()
+                    reported = True
+                    fwd.on_done(status, None)
+                    return resp
+                finally:
+                    up.release()
+        except TimeoutError:  # only timeouts.total gets here: the others are caught above
+            if reported:
+                raise
+            reported = True
+            if status == 0:
+                return self._fail(fwd, 504, ERR_TIMEOUT)
+            fwd.on_done(status, ERR_TIMEOUT)
+            raise ConnectionResetError from None  # the head is out: cut the response
+        except (ConnectionResetError, asyncio.CancelledError):
+            if not reported:
                 fwd.on_done(status, ERR_CLIENT)
             raise
-        except asyncio.CancelledError:
-            if status != -1:
-                fwd.on_done(status, ERR_CLIENT)
-            raise
-        except aiohttp.ClientConnectorError:
-            return self._fail(fwd, 502, ERR_CONNECT)
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            return self._fail(fwd, 504, ERR_TIMEOUT)
-        except aiohttp.ClientResponseError:
-            return self._fail(fwd, 502, ERR_PROTOCOL)
-        except aiohttp.ClientError:
-            return self._fail(fwd, 502, ERR_RESET)
 
     def _fail(self, fwd: Forward, status: int, kind: str) -> web.Response:
         body = self.handler.error_body(status, kind, fwd)
