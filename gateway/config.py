@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from gateway.errors import ConfigError
-from gateway.retry import DEFAULT_RETRIES, MAX_RETRIES
+from gateway.retry import BUDGET_MIN, BUDGET_RATIO, DEFAULT_RETRIES, MAX_RETRIES
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 BALANCERS = ("p2c", "round_robin", "hash")
@@ -47,6 +47,14 @@ class Timeouts:
     connect: float = 2.0
     read: float = 30.0
     total: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudgetConfig:
+    """Retries in flight per release: `percent` % of its requests in flight, >= `min_concurrent`."""
+
+    percent: float = BUDGET_RATIO * 100.0
+    min_concurrent: int = BUDGET_MIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +163,7 @@ class Config:
     routing: RoutingConfig = RoutingConfig()
     timeouts: Timeouts = Timeouts()
     retries: int = DEFAULT_RETRIES  # the default for services that set none
+    retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     source: str = field(default="<memory>", compare=False)
 
 
@@ -403,6 +412,27 @@ def _retries(m: Mapping[str, object], path: str, errs: _Errors, default: int) ->
     return v
 
 
+def _retry_budget(v: object, errs: _Errors) -> RetryBudgetConfig:
+    """`retry_budget: {percent, min_concurrent}` (README "Failover")."""
+    m = _mapping(v, "retry_budget", errs)
+    _unknown(m, {"percent", "min_concurrent"}, "retry_budget", errs)
+    d = RetryBudgetConfig()
+    pct = m.get("percent", d.percent)
+    if (
+        not isinstance(pct, int | float)
+        or isinstance(pct, bool)
+        or not math.isfinite(pct)
+        or not 0 <= pct <= 100
+    ):
+        errs.add("retry_budget.percent", "must be a number between 0 and 100")
+        pct = d.percent
+    mc = m.get("min_concurrent", d.min_concurrent)
+    if not isinstance(mc, int) or isinstance(mc, bool) or not 0 <= mc <= 10000:
+        errs.add("retry_budget.min_concurrent", "must be an integer between 0 and 10000")
+        mc = d.min_concurrent
+    return RetryBudgetConfig(float(pct), mc)
+
+
 def _service(
     name: str,
     v: object,
@@ -516,6 +546,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             "routing",
             "timeouts",
             "retries",
+            "retry_budget",
             "services",
         },
         "",
@@ -576,6 +607,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         )
     base_t = _timeouts(m.get("timeouts"), "timeouts", errs, Timeouts())
     base_retries = _retries(m, "", errs, DEFAULT_RETRIES)
+    retry_budget = _retry_budget(m.get("retry_budget"), errs)
     services: dict[str, ServiceConfig] = {}
     sv = m.get("services")
     if sv is None:
@@ -610,6 +642,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         routing=routing,
         timeouts=base_t,
         retries=base_retries,
+        retry_budget=retry_budget,
         source=source,
     )
 

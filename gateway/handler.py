@@ -106,9 +106,12 @@ class ProxyHandler:
 
     def budget(self, service: str, release: str) -> RetryBudget:
         """The retry budget of (service, release); made on its first retry."""
+        c = self.holder.current.config.retry_budget  # a reload may have changed it
         b = self._budgets.get((service, release))
         if b is None:
             b = self._budgets[(service, release)] = RetryBudget()
+        b.ratio = c.percent / 100.0
+        b.minimum = c.min_concurrent
         return b
 
     def log_error(
