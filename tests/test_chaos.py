@@ -156,7 +156,6 @@ def test_chaos_kill_one_of_three_endpoints_under_gets(tmp_path: Path) -> None:
     failed = [(st, body[:200], rid) for st, body, rid, _ in results if st != 200]
     assert failed == []
     served_after = {json.loads(b)["pid"] for st, b, _, after in results if after and st == 200}
-    assert ups[0].proc.pid not in served_after or len(served_after) >= 2
     assert {ups[1].proc.pid, ups[2].proc.pid} <= served_after  # the survivors took over
     assert ups[0].received()  # the killed endpoint was in rotation before the kill
     assert retries >= 1  # 0 failures because of failover, not because the kill missed
