@@ -444,3 +444,33 @@ def test_retries_default_and_inheritance() -> None:
     assert C.build(doc, env={}).services["svc"].retries == 5
     doc = gateway_config(_svc("http://127.0.0.1:1", retries=0), retries=5)
     assert C.build(doc, env={}).services["svc"].retries == 0
+
+
+@pytest.mark.parametrize(
+    ("budget", "field"),
+    [
+        ({"percent": -1}, "retry_budget.percent"),
+        ({"percent": 101}, "retry_budget.percent"),
+        ({"percent": "20%"}, "retry_budget.percent"),
+        ({"min_concurrent": -3}, "retry_budget.min_concurrent"),
+        ({"min_concurrent": 2.5}, "retry_budget.min_concurrent"),
+        ({"ratio": 0.2}, "retry_budget.ratio"),
+        ("lots", "retry_budget"),
+    ],
+    ids=["negative", "over-100", "string", "min-negative", "min-float", "unknown", "not-mapping"],
+)
+def test_bad_retry_budget_names_the_field(budget: object, field: str) -> None:
+    doc = gateway_config(_svc("http://127.0.0.1:1"), retry_budget=budget)
+    with pytest.raises(ConfigError) as e:
+        C.build(doc, env={})
+    assert field in [p for p, _ in e.value.errors]
+
+
+def test_retry_budget_from_config() -> None:
+    doc = gateway_config(
+        _svc(*(f"http://10.0.0.{i}:80" for i in range(1, 4))),
+        retry_budget={"percent": 50, "min_concurrent": 0},
+    )
+    h = ProxyHandler(SnapshotHolder(build_snapshot(C.build(doc, env={}), rng=random.Random(1))))
+    fwds = [_forward(h) for _ in range(10)]  # 10 in flight, 50 %: 5 retries
+    assert sum(1 for f in fwds if f.retry is not None and f.retry.again(f, "reset")) == 5
