@@ -399,10 +399,15 @@ class _Done:
         if nxt is None:
             return False
         if r is None:
+            r = self.retrying = _Retrying(old)
+        if r.budget is None and kind != "connect":
+            # A refused connection cost no upstream any work, so moving on
+            # multiplies nothing; a request that was sent (or a connect timeout,
+            # which may be an overloaded listener) needs a budget token.
             budget = h.budget(fwd.service, fwd.release)
             if not budget.admit(sum(s.outstanding for s in pool.slots)):
                 return False
-            r = self.retrying = _Retrying(budget, old)
+            r.budget = budget
         r.tried.append(nxt)
         old.outstanding -= 1
         if kind == "connect" or kind == "timeout":
@@ -421,8 +426,9 @@ class _Done:
     def __call__(self, status: int, error: str | None) -> None:
         slot = self.slot
         slot.outstanding -= 1
-        if self.retrying is not None:
-            self.retrying.budget.release()
+        r = self.retrying
+        if r is not None and r.budget is not None:
+            r.budget.release()
         h = self.h
         end = h.clock()
         elapsed = end - self.start
@@ -443,10 +449,10 @@ class _Done:
 
 
 class _Retrying:
-    """A request's failover state: its budget token and the endpoints tried, in order."""
+    """A request's failover state: the endpoints tried, in order, and its budget token if any."""
 
     __slots__ = ("budget", "tried")
 
-    def __init__(self, budget: RetryBudget, first: Slot) -> None:
-        self.budget = budget
+    def __init__(self, first: Slot) -> None:
+        self.budget: RetryBudget | None = None
         self.tried: list[Slot] = [first]

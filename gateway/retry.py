@@ -4,8 +4,10 @@ Why a budget besides the per-service `retries` count: a per-request limit
 alone lets a dead release multiply its load by `retries + 1`; Envoy's retry
 budget (``retry_budget``: ``budget_percent`` 20 %, ``min_retry_concurrency``
 3) caps retries in flight to a share of the requests in flight, so failover
-helps when a few endpoints die and stops when most do. Pure: counts are plain
-integers the handler keeps.
+helps when a few endpoints die and stops when most do. A retry after a
+refused connection takes no token: no upstream did any work for the failed
+attempt, so moving on adds no load (it stays bounded by `retries` and passive
+health). Pure: counts are plain integers the handler keeps.
 """
 
 from __future__ import annotations

@@ -474,3 +474,16 @@ def test_retry_budget_from_config() -> None:
     h = ProxyHandler(SnapshotHolder(build_snapshot(C.build(doc, env={}), rng=random.Random(1))))
     fwds = [_forward(h) for _ in range(10)]  # 10 in flight, 50 %: 5 retries
     assert sum(1 for f in fwds if f.retry is not None and f.retry.again(f, "reset")) == 5
+
+
+def test_a_refused_connection_moves_on_without_a_budget_token() -> None:
+    doc = gateway_config(
+        _svc(*(f"http://10.0.0.{i}:80" for i in range(1, 4))),
+        retry_budget={"percent": 0, "min_concurrent": 0},  # no budgeted retry at all
+    )
+    h = ProxyHandler(SnapshotHolder(build_snapshot(C.build(doc, env={}), rng=random.Random(1))))
+    sent, refused = _forward(h), _forward(h)
+    assert sent.retry is not None and not sent.retry.again(sent, "reset")
+    assert sent.retry is not None and not sent.retry.again(sent, "timeout")
+    assert refused.retry is not None and refused.retry.again(refused, "connect")
+    assert not refused.retry.again(refused, "reset")  # sent on the second try: needs a token
