@@ -108,6 +108,26 @@ class Pool:
             up.abandon()
             ex.client.upstream_failed(ex, 502, ERR_PROTOCOL)
 
+    def resend(self, ex: Exchange, replay: list[bytes] | None) -> None:
+        """Send `ex` to the endpoint failover chose: an idle connection there, else a new one.
+
+        Why not always a new one: when an endpoint dies, every request in flight
+        on it fails over at once, and a burst of fresh connections to the
+        survivors can overflow their listen queues (SYNs dropped, connect timeouts).
+        """
+        fwd = ex.fwd
+        assert fwd is not None
+        up = self.acquire(fwd.host, fwd.port)
+        if up is None:
+            self.connect(ex, replay)
+            return
+        try:
+            up.attach(ex, True, replay)
+        except Exception:  # a bug must not leave the client hanging
+            log.exception("fast engine: attaching an upstream failed")
+            up.abandon()
+            ex.client.upstream_failed(ex, 502, ERR_PROTOCOL)
+
     def _connect_failed(
         self, ex: Exchange, status: int, kind: str, replay: list[bytes] | None, final: bool
     ) -> None:
@@ -122,7 +142,7 @@ class Pool:
             and fwd.retry is not None
             and fwd.retry.again(fwd, kind)
         ):
-            self.connect(ex, replay)
+            self.resend(ex, replay)
             return
         ex.client.upstream_failed(ex, status, kind)
 

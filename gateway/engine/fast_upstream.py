@@ -510,11 +510,12 @@ class Upstream:
                 # A keep-alive connection the upstream closed while idle (RFC 9112
                 # §9.3.1): the same endpoint on a fresh connection.
                 ex.retried = True
-            elif fwd.retry is None or not fwd.retry.again(fwd, kind):
-                replay = None
-            if replay is not None:
                 self.pool.connect(ex, replay)
                 ex.client.wait_upstream(ex)
+                return
+            if fwd.retry is not None and fwd.retry.again(fwd, kind):
+                ex.client.wait_upstream(ex)  # before: resend may attach at once and resume
+                self.pool.resend(ex, replay)
                 return
         ex.client.upstream_failed(ex, status, kind)
 
