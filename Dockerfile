@@ -2,14 +2,17 @@
 #   docker build --build-arg VERSION="$(git describe --tags --always)" -t gray-gateway .
 #
 # Two stages: the per-request modules are compiled with mypyc in a builder that
-# has a C compiler (setup.py, GATEWAY_COMPILE=1); the runtime image gets only
-# the wheel. The compiled build is what benchmarks/RESULTS.md measures.
+# has a C compiler (setup.py; GATEWAY_COMPILE=1 fails the build rather than fall
+# back to pure Python); the runtime image gets only the wheel. The compiled build
+# is what benchmarks/RESULTS.md measures. mypy is pinned as _build/gateway_build.py
+# pins it for `pip install .`.
 FROM python:3.12 AS build
 ENV PIP_NO_CACHE_DIR=1
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md MANIFEST.in ./
+COPY _build ./_build
 COPY gateway ./gateway
-RUN pip install "mypy>=1.10" "setuptools>=68" wheel \
+RUN pip install "mypy==2.4.1" "setuptools>=68" wheel \
  && GATEWAY_COMPILE=1 pip wheel --no-build-isolation --no-deps -w /wheels .
 
 FROM python:3.12-slim

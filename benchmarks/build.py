@@ -55,10 +55,16 @@ def gateway_python_missing(python: str) -> str | None:
 
 
 def copy_sources(src: Path) -> Path:
-    """What the Dockerfile's builder stage copies: the build files and the package."""
+    """What the Dockerfile's builder stage copies: the build files, the backend, the package."""
     src.mkdir(parents=True, exist_ok=True)
-    for name in ("pyproject.toml", "setup.py", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "MANIFEST.in"):
         shutil.copy(REPO / name, src / name)
+    shutil.copytree(
+        REPO / "_build",
+        src / "_build",
+        ignore=shutil.ignore_patterns("__pycache__"),
+        dirs_exist_ok=True,
+    )
     shutil.copytree(
         REPO / "gateway",
         src / "gateway",

@@ -39,6 +39,8 @@ class Runner:
             return self.fleet.direct()
         if target == "nginx":
             return self.fleet.nginx_ref(scenario.workers, fresh=scenario.fresh)
+        if target == "haproxy":
+            return self.fleet.haproxy_ref(scenario.workers, fresh=scenario.fresh)
         return self.fleet.gateway(scenario.workers, scenario.tracing, fresh=scenario.fresh)
 
     def _tool_argv(self, probe: Probe, url: str, duration_s: float) -> list[str]:

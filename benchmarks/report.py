@@ -53,6 +53,10 @@ def medians(runs: Iterable[Mapping[str, Any]]) -> list[Row]:
     return add_ratios(rows)
 
 
+# The reference forwarders every row is compared with.
+PEERS = ("nginx", "haproxy")
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
@@ -60,7 +64,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def add_ratios(rows: list[Row]) -> list[Row]:
-    """Ratio of each row's primary metric (and forwarder CPU) to nginx and to direct.
+    """Ratio of each row's primary metric (and forwarder CPU) to nginx, HAProxy and direct.
 
     The reference is the same scenario and probe when it ran that target, else
     another scenario of the same interleaved group with the same probe (the
@@ -80,14 +84,16 @@ def add_ratios(rows: list[Row]) -> list[Row]:
 
     for row in rows:
         metric = row["metric"]
-        nginx, direct = ref(row, "nginx"), ref(row, "direct")
-        row["vs_nginx"] = _ratio(row.get(metric), nginx.get(metric)) if nginx else None
+        direct = ref(row, "direct")
         row["vs_direct"] = _ratio(row.get(metric), direct.get(metric)) if direct else None
-        row["cpu_vs_nginx"] = (
-            _ratio(row.get("cpu_fwd_us_per_req"), nginx.get("cpu_fwd_us_per_req"))
-            if nginx
-            else None
-        )
+        for peer in PEERS:
+            other = ref(row, peer)
+            row[f"vs_{peer}"] = _ratio(row.get(metric), other.get(metric)) if other else None
+            row[f"cpu_vs_{peer}"] = (
+                _ratio(row.get("cpu_fwd_us_per_req"), other.get("cpu_fwd_us_per_req"))
+                if other
+                else None
+            )
     return rows
 
 
@@ -116,8 +122,10 @@ COLUMNS = (
     ("KiB/conn", ">"),
     ("ratio of", "<"),
     ("×nginx", ">"),
+    ("×haproxy", ">"),
     ("×direct", ">"),
     ("cpu×nginx", ">"),
+    ("cpu×haproxy", ">"),
 )
 
 
@@ -138,8 +146,10 @@ def format_table(rows: list[Row]) -> str:
             _fmt(row.get("kib_per_conn"), ".2f"),
             METRIC_LABEL.get(row["metric"], row["metric"]),
             _fmt(row.get("vs_nginx"), ".2f"),
+            _fmt(row.get("vs_haproxy"), ".2f"),
             _fmt(row.get("vs_direct"), ".2f"),
             _fmt(row.get("cpu_vs_nginx"), ".2f"),
+            _fmt(row.get("cpu_vs_haproxy"), ".2f"),
         ]
         for row in rows
     ]
@@ -158,7 +168,7 @@ def format_table(rows: list[Row]) -> str:
 
 
 LEGEND = """\
-ratio of: the figure ×nginx/×direct compare — req/s (higher is better) for wrk runs,
+ratio of: the figure ×nginx/×haproxy/×direct compare — req/s (higher is better) for wrk runs,
 p99 (hey and wrk paced at 5k/s) and p50 (wrk c1) latency and KiB/conn (lower is better) otherwise.
 fwd µs/req: user+sys CPU of the forwarder's processes per request; ups: of both upstreams.
 gray %: share the gateway's http_requests_total counted for gray (else the upstreams' counts).
@@ -169,7 +179,7 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
-COLORS = {"direct": "#999999", "nginx": "#2b8a3e", "gateway": "#1c64b8"}
+COLORS = {"direct": "#999999", "nginx": "#2b8a3e", "haproxy": "#d9480f", "gateway": "#1c64b8"}
 
 
 def _panels(rows: list[Row]) -> list[tuple[str, str, list[Row]]]:

@@ -1,4 +1,4 @@
-"""Benchmark the gateway against nginx and a direct hop: one command.
+"""Benchmark the gateway against nginx, HAProxy and a direct hop: one command.
 
     python -m benchmarks.run [--quick] [--scenarios a,b] [--repeats N] [--duration S]
                              [--pin] [--out DIR]
@@ -45,7 +45,8 @@ RUN_ERRORS = (OSError, RuntimeError, ValueError, subprocess.SubprocessError)
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
-        description="Gateway vs nginx vs direct on loopback: throughput, latency, CPU, memory.",
+        description="Gateway vs nginx vs HAProxy vs direct on loopback: throughput, latency, "
+        "CPU, memory.",
         epilog=f"scenarios: {', '.join(SCENARIOS)}",
     )
     parser.add_argument(
@@ -146,8 +147,8 @@ class Session:
         scenario, probe, target = cell
         if probe.tool and not self.tools.get(probe.tool):
             return f"{probe.tool} is not installed"
-        if target == "nginx" and not self.tools.get("nginx"):
-            return "nginx is not installed"
+        if target in ("nginx", "haproxy") and not self.tools.get(target):
+            return f"{target} is not installed"
         return self.broken.get(self._key(scenario, target))
 
     def _server(self, scenario: Scenario, target: str) -> Server | None:
@@ -281,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, _interrupt)
     nofile = raise_nofile(65536)
     needed = sorted({p.tool for s in scenarios for p in s.probes if p.tool} | {"nginx"})
+    needed += sorted({t for s in scenarios for t in s.targets if t == "haproxy"})
     tools = ensure_tools(needed, install=not args.no_install, log=say)
     if args.upstream == "nginx" and not tools.get("nginx"):
         say("benchmarks: --upstream nginx, but nginx is missing: using the built-in upstream")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TARGETS = ("direct", "nginx", "gateway")
+TARGETS = ("direct", "nginx", "haproxy", "gateway")
 
 
 @dataclass(frozen=True)
@@ -103,12 +103,17 @@ SCENARIOS: dict[str, Scenario] = {
             "arrivals over 100 connections) and per-hop at one connection",
             (Probe("hey", 20, "/1k"), Probe("paced", 100, "/1k"), Probe("c1", 1, "/1k")),
         ),
-        Scenario("workers2", "gateway --workers 2 vs nginx worker_processes 2", _C50, workers=2),
+        Scenario(
+            "workers2",
+            "gateway --workers 2 vs nginx worker_processes 2 vs haproxy nbthread 2",
+            _C50,
+            workers=2,
+        ),
         Scenario(
             "idle10k",
             "RSS per idle keep-alive connection, 10,000 connections, fresh servers",
             (Probe("idle", 10000, "/1k"),),
-            targets=("nginx", "gateway"),
+            targets=("nginx", "haproxy", "gateway"),
             fresh=True,
         ),
     )

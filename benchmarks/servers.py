@@ -1,4 +1,4 @@
-"""The servers under test: the upstream pair, the nginx reference and the gateway.
+"""The servers under test: the upstream pair, the nginx and HAProxy references, the gateway.
 
 Each is started once per configuration and kept for the whole run (idle ones
 cost nothing), except where a scenario asks for a fresh one (idle RSS).
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks import nginxconf
+from benchmarks import haproxyconf, nginxconf
 from benchmarks.procs import Proc, ProcessSet, free_port, http_get, pinned, wait_http
 from benchmarks.tools import nginx_has_stub_status
 
@@ -188,6 +188,7 @@ class Fleet:
         self.builtin_upstream = builtin_upstream or not tools.get("nginx")
         self.tmp = tmp
         self.nginx = tools.get("nginx")
+        self.haproxy = tools.get("haproxy")
         self.layout = layout
         self.user = "root" if os.geteuid() == 0 else None
         self.nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -254,6 +255,29 @@ class Fleet:
         proc = self.procs.start(name, argv, cwd=prefix)
         wait_http(port, "/1k", proc=proc, deadline_s=10)
         server = Server("nginx", port, proc)
+        if not fresh:
+            self._servers[key] = server
+        return server
+
+    def haproxy_ref(self, workers: int = 1, *, fresh: bool = False) -> Server:
+        """HAProxy doing the same split (benchmarks.haproxyconf), one thread per nginx worker."""
+        key: tuple[object, ...] = ("haproxy", workers)
+        if key in self._servers and not fresh:
+            return self._servers[key]
+        if not self.haproxy:
+            raise RuntimeError("haproxy is not installed")
+        ups = {name: s.port for name, s in self.upstreams().items()}
+        port = free_port()
+        name = f"haproxy-ref-w{workers}" + ("-fresh" if fresh else "")
+        prefix = self.tmp / name
+        conf = haproxyconf.reference_conf(
+            prefix, port, ups, WEIGHTS, threads=workers, nofile=self.nofile
+        )
+        haproxyconf.prepare_prefix(prefix, conf)
+        argv = haproxyconf.haproxy_argv(self.haproxy, prefix)
+        proc = self.procs.start(name, pinned(argv, self.layout.for_workers(workers)), cwd=prefix)
+        wait_http(port, "/1k", proc=proc, deadline_s=10)
+        server = Server("haproxy", port, proc)
         if not fresh:
             self._servers[key] = server
         return server

@@ -1,4 +1,5 @@
-"""External tools (wrk, hey, nginx): find them, install them from Debian, describe the machine."""
+"""External tools (wrk, hey, nginx, haproxy): find them, install them from Debian, describe the
+machine."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ TOOLS: dict[str, tuple[tuple[str, ...], str]] = {
     "wrk": (("wrk",), "load generator for the throughput and c1 runs"),
     "hey": (("hey",), "fixed-rate (5k req/s) latency runs"),
     "nginx": (("nginx-light", "nginx"), "the reference forwarder and the fast upstream pair"),
+    "haproxy": (("haproxy",), "the second reference forwarder"),
 }
 
 _SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
@@ -38,7 +40,7 @@ def find_tool(name: str) -> str | None:
 
 @contextlib.contextmanager
 def _no_service_start() -> Iterator[None]:
-    """Keep apt from starting the distribution's nginx on port 80 (invoke-rc.d policy)."""
+    """Keep apt from starting the distribution's nginx or haproxy (invoke-rc.d policy)."""
     if _POLICY_RC.exists():
         yield
         return
@@ -209,6 +211,10 @@ def machine_info(tools: dict[str, str | None], repo: Path) -> dict[str, object]:
         line = _first_line([str(tools["wrk"]), "-v"])
         m = re.search(r"wrk (\S+)", line or "")
         versions["wrk"] = m.group(1) if m else line
+    if tools.get("haproxy"):
+        line = _first_line([str(tools["haproxy"]), "-v"])
+        m = re.search(r"version (\S+)", line or "")
+        versions["haproxy"] = m.group(1) if m else line
     if tools.get("hey"):
         versions["hey"] = _first_line(["dpkg-query", "-W", "-f=${Version}", "hey"])
     return {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
     from gateway.state import ServiceView, Snapshot
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
+# Largest admin request body: every valid one is a few hundred bytes; more is refused
+# with a JSON 413 before it is parsed (aiohttp's client_max_size).
+ADMIN_MAX_BODY = 1024 * 1024
+log = logging.getLogger("gateway.admin")
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -53,6 +58,20 @@ async def errors_middleware(request: web.Request, handler: _Handler) -> web.Stre
     except web.HTTPMethodNotAllowed as e:
         allowed = ", ".join(sorted(e.allowed_methods))
         return error_response(405, f"{request.method} not allowed here (use {allowed})", "method")
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(
+            413, f"request body larger than {ADMIN_MAX_BODY:,} bytes; send less", "body"
+        )
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return error_response(e.status, e.reason, None)
+    except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception:
+        # A bug, not the caller's input: say so in JSON and keep the traceback in the log.
+        log.exception("admin %s %s failed", request.method, request.path)
+        return error_response(500, "internal error; see the gateway log", None)
 
 
 @web.middleware
@@ -99,7 +118,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def _percent(share: float) -> float:
-    return round(share * 100.0, 6)
+    """Share as percent, 6 decimals; a positive share never shows as 0 (3 significant digits)."""
+    p = round(share * 100.0, 6)
+    if p == 0.0 and share > 0:
+        return float(f"{share * 100.0:.3g}")
+    return p
 
 
 def service_doc(
@@ -277,7 +300,10 @@ async def preview_change(request: web.Request) -> web.Response:
     sample = preview.DEFAULT_SAMPLE
     if "sample" in q:
         s = q["sample"]
-        if not s.isdigit() or not 1 <= int(s) <= preview.MAX_SAMPLE:
+        if (
+            not (s.isascii() and s.isdigit() and len(s) < 10)
+            or not 1 <= int(s) <= preview.MAX_SAMPLE
+        ):
             raise BadRequest(f"must be an integer between 1 and {preview.MAX_SAMPLE:,}", "sample")
         sample = int(s)
     body: dict[str, float] = {}
@@ -375,7 +401,9 @@ ROUTES: tuple[tuple[str, str, _Handler], ...] = (
 
 def build_admin_app(gw: Gateway) -> web.Application:
     """The admin aiohttp application; the Gateway is typed AppKey state."""
-    app = web.Application(middlewares=[errors_middleware, auth_middleware])
+    app = web.Application(
+        middlewares=[errors_middleware, auth_middleware], client_max_size=ADMIN_MAX_BODY
+    )
     app[GATEWAY_KEY] = gw
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)

@@ -13,9 +13,10 @@ from typing import Any
 
 from gateway.config import ServiceConfig
 from gateway.errors import BadRequest
-from gateway.store.doc import GUARD_FIELDS, guard_problem, weight_problem
+from gateway.statedoc import GUARD_FIELDS, MAX_VERSION, guard_problem, weight_problem
 
 GRAY = "gray"
+_VERSION_DIGITS = len(str(MAX_VERSION))
 
 
 def _no_constants(name: str) -> Any:
@@ -26,8 +27,10 @@ def parse_json(data: bytes) -> object:
     """Strict JSON (no NaN/Infinity); malformed input names field `body`."""
     try:
         return json.loads(data.decode("utf-8"), parse_constant=_no_constants)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise BadRequest(f"malformed JSON: {e}", "body") from e
+    except (UnicodeDecodeError, ValueError) as e:  # includes ints beyond Python's digit limit
+        raise BadRequest(f"malformed JSON: {e}", "body") from None
+    except RecursionError:
+        raise BadRequest("malformed JSON: nested too deeply", "body") from None
 
 
 def weights_change(
@@ -139,6 +142,8 @@ def parse_if_match(value: str | None) -> int | None:
     if v.startswith("W/"):
         v = v[2:]
     v = v.strip('"')
-    if not v.isdigit():
+    # ASCII digits only (str.isdigit also takes "²"), and no longer than the largest
+    # version a document may hold, so int() never sees thousands of digits.
+    if not (v.isascii() and v.isdigit()) or len(v) > _VERSION_DIGITS:
         raise BadRequest('must be the state version, e.g. "7" (from ETag)', "If-Match")
     return int(v)

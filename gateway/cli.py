@@ -36,10 +36,28 @@ def _setup_logging(level: str = "INFO") -> None:
     )
 
 
+def _printable(text: str) -> str:
+    """Control characters escaped as repr does: user text never prints a raw CR/LF."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _print_config_errors(e: ConfigError) -> None:
-    print(f"{e.source}: {len(e.errors)} error(s)", file=sys.stderr)
+    print(f"{_printable(e.source)}: {len(e.errors)} error(s)", file=sys.stderr)
     for line in e.lines():
-        print(f"  {line}", file=sys.stderr)
+        print(f"  {_printable(line)}", file=sys.stderr)
+
+
+def _preflight(cfg: Any, *, bind: bool = True) -> int:
+    """Exit status 2 after listing what would stop `run` on this machine, else 0."""
+    from gateway import preflight
+
+    found = preflight.problems(cfg, bind=bind)
+    if not found:
+        return 0
+    _print_config_errors(ConfigError(found, cfg.source))
+    return 2
 
 
 # --------------------------------------------------------------------------- check
@@ -52,6 +70,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         cfg = config.load(args.config)
     except ConfigError as e:
         _print_config_errors(e)
+        return 2
+    if _preflight(cfg, bind=not args.no_bind):
         return 2
     n = sum(len(s.releases) for s in cfg.services.values())
     print(f"{cfg.source}: OK ({len(cfg.services)} service(s), {n} release(s))")
@@ -75,13 +95,9 @@ async def _serve(cfg: Any, *, admin: bool, data: bool = True) -> int:
     if admin and not data:
         log.info("admin listening on %s", gw.admin_port)
     if data:
-        from gateway.version import compiled
+        from gateway.version import build_description
 
-        log.info(
-            "serving: engine %s, %s build",
-            cfg.engine,
-            "compiled (mypyc)" if compiled() else "pure-Python",
-        )
+        log.info("serving: engine %s, %s", cfg.engine, build_description())
     await stop.wait()
     log.info("draining (up to %.1fs)", cfg.drain_timeout)
     await gw.stop()
@@ -98,6 +114,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_config_errors(e)
         return 2
     workers = args.workers or cfg.workers
+    if not args.worker and _preflight(cfg):  # a worker shares the port its master checked
+        return 2
     try:
         if args.worker or workers <= 1:
             return _run_loop(_serve(cfg, admin=not args.worker))
@@ -106,7 +124,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if isinstance(e, ConfigError):
             _print_config_errors(e)
         else:
-            print(f"gateway: {e.message}", file=sys.stderr)
+            print(f"gateway: {_printable(e.message)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a listener taken between the check above and the bind
+        print(f"gateway: cannot listen: {e.strerror or e}", file=sys.stderr)
         return 2
 
 
@@ -176,17 +197,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
     _setup_logging("WARNING")
-    return _run_loop(run_demo(args.host, args.port, args.admin_port, args.duration))
+    try:
+        return _run_loop(run_demo(args.host, args.port, args.admin_port, args.duration))
+    except ConfigError as e:  # e.g. --port equal to --admin-port, or a bad --host
+        _print_config_errors(e)
+        return 2
 
 
 # --------------------------------------------------------------------------- entry
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from gateway.version import build_version
+class _VersionAction(argparse.Action):
+    """Prints the version and the build (compiled or pure, and why) unwrapped, then exits."""
 
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from gateway.version import build_description, build_version
+
+        print(f"gateway {build_version()} ({build_description()})")
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gateway", description="Gray-release edge gateway")
-    p.add_argument("--version", action="version", version=f"gateway {build_version()}")
+    p.add_argument("--version", action=_VersionAction, help="the version and which build serves")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="serve traffic")
@@ -204,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a config file; exit 2 listing every error")
     c.add_argument("config_pos", nargs="?", default=None, metavar="FILE")
     c.add_argument("-c", "--config", default=None)
+    c.add_argument(
+        "--no-bind",
+        action="store_true",
+        help="skip trying the listen ports (e.g. to check a file while the gateway runs)",
+    )
     c.set_defaults(func=lambda a: cmd_check(_pos_config(a)))
 
     d = sub.add_parser("demo", help="two built-in upstreams + the gateway at 90/10")

@@ -7,6 +7,7 @@ reports *every* mistake with its path so an operator fixes a file in one pass
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
@@ -15,12 +16,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 
+from gateway.config_syntax import (
+    consul_address,
+    key_path,
+    listen_address,
+    load_yaml,
+    match_host,
+    path_prefix_problem,
+    upstream_url,
+    yaml_problem,
+)
 from gateway.errors import ConfigError
 from gateway.retry import BUDGET_MIN, BUDGET_RATIO, DEFAULT_RETRIES, MAX_RETRIES
+from gateway.statedoc import is_number, weight_problem
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 BALANCERS = ("p2c", "round_robin", "hash")
@@ -194,18 +205,25 @@ def parse_duration(value: object) -> float | None:
 
 
 def parse_hostport(value: object) -> HostPort | None:
-    if not isinstance(value, str):
-        return None
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        return None
-    host = host.strip("[]") or "0.0.0.0"
-    p = int(port)
-    return HostPort(host, p) if 0 <= p <= 65535 else None
+    """'host:port' -> HostPort; None when malformed (see `listen_address` for why)."""
+    host, port, problem = listen_address(value)
+    return None if problem is not None else HostPort(host, port)
+
+
+def _listen(
+    m: Mapping[str, Any], key: str, default: HostPort, path: str, errs: _Errors
+) -> HostPort:
+    if key not in m:
+        return default
+    host, port, problem = listen_address(m[key])
+    if problem is not None:
+        errs.add(key_path(path, key), problem)
+        return default
+    return HostPort(host, port)
 
 
 def _is_number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    return is_number(v)  # no OverflowError on a 400-digit integer
 
 
 def _mapping(v: object, path: str, errs: _Errors) -> Mapping[str, Any]:
@@ -220,17 +238,53 @@ def _mapping(v: object, path: str, errs: _Errors) -> Mapping[str, Any]:
 def _unknown(m: Mapping[str, Any], allowed: set[str], path: str, errs: _Errors) -> None:
     for k in m:
         if k not in allowed:
-            errs.add(f"{path}.{k}" if path else str(k), "unknown field")
+            near = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+            hint = (
+                f"did you mean {near[0]!r}?" if near else f"allowed: {', '.join(sorted(allowed))}"
+            )
+            errs.add(key_path(path, k), f"unknown field ({hint})")
 
 
-def _duration(m: Mapping[str, Any], key: str, default: float, path: str, errs: _Errors) -> float:
+def _duration(
+    m: Mapping[str, Any],
+    key: str,
+    default: float,
+    path: str,
+    errs: _Errors,
+    *,
+    positive: bool = False,
+) -> float:
     if key not in m:
         return default
     d = parse_duration(m[key])
     if d is None:
-        errs.add(f"{path}.{key}" if path else key, "must be a duration such as 2s, 300ms or 5m")
+        errs.add(key_path(path, key), "must be a duration such as 2s, 300ms or 5m")
+        return default
+    if positive and d <= 0:
+        errs.add(key_path(path, key), "must be a positive duration such as 2s or 300ms, not 0")
         return default
     return d
+
+
+def _string_number_hint(v: object) -> str | None:
+    """Why a number field got a string that looks like a number, and how to write it.
+
+    YAML 1.1 (what PyYAML reads) only takes a float with a dot and a signed
+    exponent (`1.0e+3`); `1e3` is read as the string '1e3'.
+    """
+    if not isinstance(v, str):
+        return None
+    try:
+        f = float(v.strip())
+    except ValueError:
+        return None
+    if not math.isfinite(f):
+        return None
+    plain = str(int(f)) if f.is_integer() and abs(f) < 1e15 else repr(f)
+    return (
+        f"YAML read {v!r} as a string, not a number (YAML 1.1 needs a dot and a "
+        f"signed exponent, e.g. 1.0e+3): write {plain}"
+    )
 
 
 def _number(
@@ -240,7 +294,7 @@ def _number(
         return default
     v = m[key]
     if not _is_number(v) or v < minimum:
-        errs.add(f"{path}.{key}", f"must be a number >= {minimum:g}")
+        errs.add(key_path(path, key), _string_number_hint(v) or f"must be a number >= {minimum:g}")
         return default
     return float(v)
 
@@ -250,7 +304,7 @@ def _string(m: Mapping[str, Any], key: str, default: str, path: str, errs: _Erro
         return default
     v = m[key]
     if not isinstance(v, str) or not v:
-        errs.add(f"{path}.{key}" if path else key, "must be a non-empty string")
+        errs.add(key_path(path, key), "must be a non-empty string")
         return default
     return v
 
@@ -260,31 +314,45 @@ def _bool(m: Mapping[str, Any], key: str, default: bool, path: str, errs: _Error
         return default
     v = m[key]
     if not isinstance(v, bool):
-        errs.add(f"{path}.{key}", "must be true or false")
+        errs.add(key_path(path, key), f"must be true or false, not {v!r}")
         return default
     return v
 
 
 def parse_endpoint(value: object) -> Endpoint | None:
     """'http://host:port' (or 'host:port') -> Endpoint; only plain HTTP upstreams."""
+    errs = _Errors()
+    ep = _upstream(value, "", errs)
+    return None if errs.items else ep
+
+
+def _upstream(value: object, path: str, errs: _Errors) -> Endpoint | None:
+    """One `upstreams` entry: a URL string or `{url, weight}`."""
     weight = 1
+    url = value
     if isinstance(value, Mapping):
+        _unknown(value, {"url", "weight"}, path, errs)
         w = value.get("weight", 1)
         if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+            errs.add(
+                key_path(path, "weight"),
+                _string_number_hint(w) or f"upstream weight must be an integer >= 1, not {w!r}",
+            )
             return None
         weight = w
-        value = value.get("url")
-    if not isinstance(value, str):
+        if "url" not in value:
+            errs.add(key_path(path, "url"), "is required (an http://host:port URL)")
+            return None
+        url = value["url"]
+        path = key_path(path, "url")
+    if not isinstance(url, str):
+        errs.add(path, f"must be an http://host:port URL string, not {url!r}")
         return None
-    text = value if "://" in value else f"http://{value}"
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError:
+    host, port, problem = upstream_url(url)
+    if problem is not None:
+        errs.add(path, problem)
         return None
-    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
-        return None
-    return Endpoint(parts.hostname, port or 80, weight)
+    return Endpoint(host, port, weight)
 
 
 def _timeouts(v: object, path: str, errs: _Errors, base: Timeouts) -> Timeouts:
@@ -339,7 +407,7 @@ def _guard(v: object, path: str, errs: _Errors) -> GuardConfig:
         error_rate=error_rate,
         latency_p95_ms=_number(m, "latency_p95_ms", d.latency_p95_ms, path, errs),
         latency_p95_delta_ms=_number(m, "latency_p95_delta_ms", d.latency_p95_delta_ms, path, errs),
-        window=_duration(m, "window", d.window, path, errs),
+        window=_duration(m, "window", d.window, path, errs, positive=True),
         min_requests=min_req,
         min_endpoints=min_ep,
         alert_webhook=hook,
@@ -357,6 +425,8 @@ def _release(name: str, v: object, path: str, errs: _Errors) -> ReleaseConfig:
         errs.add(f"{path}.weight", "is required (a number >= 0)")
     else:
         weight = _number(m, "weight", 0.0, path, errs)
+        if (why := weight_problem(weight)) is not None:  # bounds shared with the admin API
+            errs.add(f"{path}.weight", why)
     ups: list[Endpoint] = []
     raw_ups = m.get("upstreams")
     if raw_ups is not None:
@@ -364,10 +434,8 @@ def _release(name: str, v: object, path: str, errs: _Errors) -> ReleaseConfig:
             errs.add(f"{path}.upstreams", "must be a list of http://host:port URLs")
         else:
             for i, u in enumerate(raw_ups):
-                ep = parse_endpoint(u)
-                if ep is None:
-                    errs.add(f"{path}.upstreams[{i}]", f"not an http://host:port URL: {u!r}")
-                else:
+                ep = _upstream(u, f"{path}.upstreams[{i}]", errs)
+                if ep is not None:
                     ups.append(ep)
     consul = None
     if m.get("consul") is not None:
@@ -394,7 +462,7 @@ def _release(name: str, v: object, path: str, errs: _Errors) -> ReleaseConfig:
         bm = _mapping(m["baggage"], f"{path}.baggage", errs)
         for k, bv in bm.items():
             if not isinstance(k, str) or not _HEADER_RE.match(k) or not isinstance(bv, str | int):
-                errs.add(f"{path}.baggage.{k}", "must be token: string")
+                errs.add(key_path(f"{path}.baggage", k), "must be token: string")
             else:
                 baggage.append((k, str(bv)))
     return ReleaseConfig(name, weight, tuple(ups), consul, tuple(baggage))
@@ -406,7 +474,7 @@ def _retries(m: Mapping[str, object], path: str, errs: _Errors, default: int) ->
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_RETRIES:
         errs.add(
             f"{path}.retries" if path else "retries",
-            f"must be an integer between 0 and {MAX_RETRIES}",
+            f"must be an integer between 0 and {MAX_RETRIES}, not {v!r}",
         )
         return default
     return v
@@ -424,11 +492,13 @@ def _retry_budget(v: object, errs: _Errors) -> RetryBudgetConfig:
         or not math.isfinite(pct)
         or not 0 <= pct <= 100
     ):
-        errs.add("retry_budget.percent", "must be a number between 0 and 100")
+        errs.add("retry_budget.percent", f"must be a number between 0 and 100, not {pct!r}")
         pct = d.percent
     mc = m.get("min_concurrent", d.min_concurrent)
     if not isinstance(mc, int) or isinstance(mc, bool) or not 0 <= mc <= 10000:
-        errs.add("retry_budget.min_concurrent", "must be an integer between 0 and 10000")
+        errs.add(
+            "retry_budget.min_concurrent", f"must be an integer between 0 and 10000, not {mc!r}"
+        )
         mc = d.min_concurrent
     return RetryBudgetConfig(float(pct), mc)
 
@@ -450,24 +520,27 @@ def _service(
     )
     mm = _mapping(m.get("match"), f"{path}.match", errs)
     _unknown(mm, {"hosts", "path_prefix"}, f"{path}.match", errs)
-    hosts = mm.get("hosts", [])
-    if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
-        errs.add(f"{path}.match.hosts", "must be a list of host names")
-        hosts = []
+    hosts = _match_hosts(mm.get("hosts", []), f"{path}.match.hosts", errs)
     prefix = mm.get("path_prefix", "/")
-    if not isinstance(prefix, str) or not prefix.startswith("/"):
-        errs.add(f"{path}.match.path_prefix", "must be a path starting with '/'")
+    if not isinstance(prefix, str):
+        errs.add(f"{path}.match.path_prefix", f"must be a path starting with '/', not {prefix!r}")
+        prefix = "/"
+    elif (problem := path_prefix_problem(prefix)) is not None:
+        errs.add(f"{path}.match.path_prefix", problem)
         prefix = "/"
     releases: dict[str, ReleaseConfig] = {}
     rm = _mapping(m.get("releases"), f"{path}.releases", errs)
     if not rm:
         errs.add(f"{path}.releases", "at least one release is required")
     for rname, rv in rm.items():
-        releases[str(rname)] = _release(str(rname), rv, f"{path}.releases.{rname}", errs)
+        releases[str(rname)] = _release(str(rname), rv, key_path(f"{path}.releases", rname), errs)
     baseline = _string(m, "baseline", "stable", path, errs)
     if releases and baseline not in releases:
-        errs.add(f"{path}.baseline", f"names no release (have: {', '.join(releases)})")
-    if releases and all(r.weight == 0 for r in releases.values()):
+        have = ", ".join(repr(r) for r in releases)
+        errs.add(f"{path}.baseline", f"{baseline!r} names no release (have: {have})")
+    weight_paths = {key_path(f"{path}.releases", r) + ".weight" for r in rm}
+    refused = any(p in weight_paths for p, _ in errs.items)  # that error is the cause
+    if releases and not refused and all(r.weight == 0 for r in releases.values()):
         errs.add(f"{path}.releases", "all weights are zero; at least one must be > 0")
     balancer = _string(m, "balancer", "p2c", path, errs)
     if balancer not in BALANCERS:
@@ -479,7 +552,7 @@ def _service(
     return ServiceConfig(
         name=name,
         releases=releases,
-        match=MatchConfig(tuple(h.lower() for h in hosts), prefix),
+        match=MatchConfig(hosts, prefix),
         baseline=baseline,
         balancer=balancer,
         timeouts=_timeouts(m.get("timeouts"), f"{path}.timeouts", errs, base_t),
@@ -487,6 +560,23 @@ def _service(
         salt=salt,
         guard=_guard(m.get("guard"), f"{path}.guard", errs),
     )
+
+
+def _match_hosts(v: object, path: str, errs: _Errors) -> tuple[str, ...]:
+    if not isinstance(v, list):
+        errs.add(path, f"must be a list of host names, not {v!r}")
+        return ()
+    hosts: list[str] = []
+    for i, h in enumerate(v):
+        if not isinstance(h, str):
+            errs.add(f"{path}[{i}]", f"must be a host name string, not {h!r}")
+            continue
+        host, problem = match_host(h)
+        if problem is not None:
+            errs.add(f"{path}[{i}]", problem)
+        elif host not in hosts:
+            hosts.append(host)
+    return tuple(hosts)
 
 
 def _routing(v: object, errs: _Errors) -> RoutingConfig:
@@ -515,7 +605,10 @@ def _routing(v: object, errs: _Errors) -> RoutingConfig:
         errs.add("routing.trust_overrides", "must be true, false or a list of CIDRs")
     max_age = m.get("sticky_cookie_max_age", d.sticky_cookie_max_age)
     if not isinstance(max_age, int) or isinstance(max_age, bool) or max_age < 0:
-        errs.add("routing.sticky_cookie_max_age", "must be an integer >= 0 (seconds)")
+        errs.add(
+            "routing.sticky_cookie_max_age",
+            _string_number_hint(max_age) or "must be an integer >= 0 (seconds)",
+        )
         max_age = d.sticky_cookie_max_age
     return RoutingConfig(
         sticky_cookie=_bool(m, "sticky_cookie", False, "routing", errs),
@@ -523,6 +616,63 @@ def _routing(v: object, errs: _Errors) -> RoutingConfig:
         trust_overrides=trust,
         **names,
     )
+
+
+_ANY_HOST = ("0.0.0.0", "::")
+
+
+def _listeners_clash(data: HostPort, admin: HostPort) -> str | None:
+    """Why `admin` cannot listen beside `data`, or None (port 0 never clashes)."""
+    if data.port != admin.port or data.port == 0:
+        return None
+    if data.host == admin.host or data.host in _ANY_HOST or admin.host in _ANY_HOST:
+        return (
+            f"{str(admin)!r} overlaps the data listener {str(data)!r} (same port): "
+            f"give the admin listener a port of its own"
+        )
+    return None
+
+
+def _consul_address(cm: Mapping[str, Any], env: Mapping[str, str], errs: _Errors) -> str:
+    """`consul.address`, overridden by CONSUL_HTTP_ADDR as Consul's own CLI does."""
+    address = _string(cm, "address", ConsulConfig().address, "consul", errs)
+    url, problem = consul_address(address)
+    if problem is not None:
+        errs.add("consul.address", problem)
+    from_env = env.get("CONSUL_HTTP_ADDR")
+    if from_env:
+        env_url, problem = consul_address(from_env)
+        if problem is not None:
+            errs.add("CONSUL_HTTP_ADDR", f"(environment, overrides consul.address) {problem}")
+        return env_url
+    return url
+
+
+def _match_collisions(services: Mapping[str, ServiceConfig], errs: _Errors) -> None:
+    """Refuse two services with the same (host, path prefix): the second could never match.
+
+    Hosts are already lower-cased (RFC 9110 §7.2: host names compare case-insensitively).
+    """
+    owner: dict[tuple[str, str], str] = {}
+    refused = tuple(path for path, _ in errs.items)
+    for s in services.values():
+        prefix = s.match.path_prefix
+        base = key_path("services", s.name) + ".match"
+        if any(p.startswith(base) for p in refused):
+            continue  # its match is not what the file says: a clash would be a guess
+        keys = [(h, f"{base}.hosts[{i}]") for i, h in enumerate(s.match.hosts)] or [
+            ("", f"{base}.path_prefix")
+        ]
+        for host, path in keys:
+            first = owner.setdefault((host, prefix), s.name)
+            if first == s.name:
+                continue
+            on = f"host {host!r}" if host else "no hosts (any host)"
+            errs.add(
+                path,
+                f"{on} with path_prefix {prefix!r} is already matched by service {first!r}, "
+                f"so service {s.name!r} would never be chosen (hosts compare case-insensitively)",
+            )
 
 
 def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<memory>") -> Config:
@@ -552,22 +702,12 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         "",
         errs,
     )
-    listen = HostPort("0.0.0.0", 8080)
-    if "listen" in m:
-        hp = parse_hostport(m["listen"])
-        if hp is None:
-            errs.add("listen", "must be host:port")
-        else:
-            listen = hp
+    listen = _listen(m, "listen", HostPort("0.0.0.0", 8080), "", errs)
     am = _mapping(m.get("admin"), "admin", errs)
     _unknown(am, {"listen", "token_env"}, "admin", errs)
-    admin_listen = AdminConfig().listen
-    if "listen" in am:
-        hp = parse_hostport(am["listen"])
-        if hp is None:
-            errs.add("admin.listen", "must be host:port")
-        else:
-            admin_listen = hp
+    admin_listen = _listen(am, "listen", AdminConfig().listen, "admin", errs)
+    if (clash := _listeners_clash(listen, admin_listen)) is not None:
+        errs.add("admin.listen", clash)
     token_env = am.get("token_env", "GATEWAY_ADMIN_TOKEN")
     if token_env is not None and (not isinstance(token_env, str) or not token_env):
         errs.add("admin.token_env", "must be an environment variable name or null")
@@ -577,7 +717,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
 
     workers = m.get("workers", 1)
     if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 256:
-        errs.add("workers", "must be an integer between 1 and 256")
+        errs.add("workers", _string_number_hint(workers) or "must be an integer between 1 and 256")
         workers = 1
     engine = _string(m, "engine", "fast", "", errs)
     if engine not in ENGINES:
@@ -590,21 +730,16 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
     state = StateConfig(
         store=store,
         path=_string(sm, "path", StateConfig().path, "state", errs),
-        poll_interval=_duration(sm, "poll_interval", 0.25, "state", errs),
+        poll_interval=_duration(sm, "poll_interval", 0.25, "state", errs, positive=True),
     )
     cm = _mapping(m.get("consul"), "consul", errs)
     _unknown(cm, {"address", "kv_prefix", "token", "poll_wait"}, "consul", errs)
     consul = ConsulConfig(
-        address=env.get("CONSUL_HTTP_ADDR")
-        or _string(cm, "address", ConsulConfig().address, "consul", errs),
+        address=_consul_address(cm, env, errs),
         kv_prefix=_string(cm, "kv_prefix", ConsulConfig().kv_prefix, "consul", errs),
         token=env.get("CONSUL_HTTP_TOKEN") or cm.get("token"),
-        poll_wait=_duration(cm, "poll_wait", 30.0, "consul", errs),
+        poll_wait=_duration(cm, "poll_wait", 30.0, "consul", errs, positive=True),
     )
-    if consul.address and "://" not in consul.address:
-        consul = ConsulConfig(
-            f"http://{consul.address}", consul.kv_prefix, consul.token, consul.poll_wait
-        )
     base_t = _timeouts(m.get("timeouts"), "timeouts", errs, Timeouts())
     base_retries = _retries(m, "", errs, DEFAULT_RETRIES)
     retry_budget = _retry_budget(m.get("retry_budget"), errs)
@@ -617,15 +752,13 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         if isinstance(sv, Mapping) and not svm:
             errs.add("services", "at least one service is required")
         for name, v in svm.items():
+            spath = key_path("services", name)
             if not _NAME_RE.match(str(name)):
-                errs.add(
-                    f"services.{name}", "service name must be letters, digits, '.', '_' or '-'"
-                )
-            services[str(name)] = _service(
-                str(name), v, f"services.{name}", errs, base_t, base_retries
-            )
+                errs.add(spath, "service name must be letters, digits, '.', '_' or '-'")
+            services[str(name)] = _service(str(name), v, spath, errs, base_t, base_retries)
+        _match_collisions(services, errs)
     routing = _routing(m.get("routing"), errs)
-    drain = _duration(m, "drain_timeout", 30.0, "", errs)
+    drain = _duration(m, "drain_timeout", 30.0, "", errs, positive=True)
     access_log = _bool(m, "access_log", False, "", errs)
     if errs.items:
         raise ConfigError(errs.items, source)
@@ -658,10 +791,25 @@ def load(path: str | None = None, *, env: Mapping[str, str] | None = None) -> Co
     p = resolve_path(path, env)
     try:
         text = Path(p).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError([("(file)", f"cannot read {p}: {e.strerror or e}")], p) from e
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason})"
+        raise ConfigError([("(file)", f"cannot read {p}: {why or e}")], p) from e
+    return loads(text, env=env, source=p)
+
+
+def loads(text: str, *, env: Mapping[str, str] | None = None, source: str = "<memory>") -> Config:
+    """Parse and validate YAML text; duplicate keys are refused with everything else."""
+    p = source
     try:
-        raw = yaml.safe_load(text)
+        raw, duplicates = load_yaml(text)
     except yaml.YAMLError as e:
-        raise ConfigError([("(yaml)", f"not valid YAML: {e}")], p) from e
-    return build(raw, env=env, source=p)
+        raise ConfigError([("(yaml)", yaml_problem(e))], p) from e
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError([("(yaml)", "not valid YAML: nested too deeply")], p) from None
+    if not duplicates:
+        return build(raw, env=env, source=p)
+    try:  # report the duplicates together with everything else that is wrong
+        build(raw, env=env, source=p)
+    except ConfigError as e:
+        raise ConfigError([*duplicates, *e.errors], p) from None
+    raise ConfigError(duplicates, p)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gateway import changes
+from gateway import changes, statedoc
 from gateway import config as config_mod
 from gateway import rollout as rollout_mod
 from gateway.config import Config, Endpoint
@@ -265,12 +265,21 @@ class ControlPlane:
                     if new_state is None
                     else cur.with_service(service, new_state)
                 )
+                # The whole document, as the next start will read it (gateway/statedoc.py).
+                try:
+                    statedoc.check(replace(new_doc, version=cur.version + 1))
+                except statedoc.InvalidDoc as e:
+                    raise BadRequest(f"the resulting state is invalid: {e}", e.field) from None
                 try:
                     stored = await store.write(new_doc, cur.version)
                 except Conflict:
                     if if_match is not None:
                         raise
-                    latest = store.load()
+                    try:
+                        latest = store.load()
+                    except StateError as e:  # unreadable now: the next try replaces it
+                        log.warning("%s; retrying on state version %d", e.message, cur.version)
+                        continue
                     if latest.version > self.doc.version:
                         self._apply(latest)
                     continue

@@ -105,7 +105,10 @@ async def run_demo(host: str, port: int, admin_port: int, duration: float | None
             await r.cleanup()
         return 1
     assert gw.port is not None and gw.admin_port is not None
-    print(f"gateway demo {gw.version}: stable on :{p_stable} (90 %), gray on :{p_gray} (10 %)")
+    from gateway.version import build_description
+
+    print(f"gateway demo {gw.version} ({build_description()})")
+    print(f"stable on :{p_stable} (90 %), gray on :{p_gray} (10 %)")
     print(f"gateway on http://{host}:{gw.port}  admin on http://127.0.0.1:{gw.admin_port}")
     print("Try (each answer names the release that served it):")
     for what, line in curl_lines(gw.port, gw.admin_port):

@@ -11,7 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.rollout import STATES as ROLLOUT_STATES
-from gateway.store.doc import GUARD_FIELDS
+from gateway.statedoc import (
+    GUARD_FIELDS,
+    MAX_LATENCY_MS,
+    MAX_MIN_REQUESTS,
+    MAX_WEIGHT,
+    MIN_WEIGHT,
+)
 
 _REF = "#/components/schemas/"
 
@@ -25,7 +31,12 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 _NUM = {"type": "number"}
-_WEIGHT = {"type": "number", "minimum": 0}
+_WEIGHT = {
+    "type": "number",
+    "minimum": 0,
+    "maximum": MAX_WEIGHT,
+    "description": f"0, or between {MIN_WEIGHT:g} and {MAX_WEIGHT:,.0f}",
+}
 _SHARE = {"type": "number", "minimum": 0, "maximum": 1}
 _PERCENT = {"type": "number", "minimum": 0, "maximum": 100}
 _RATIO_MAP = {"type": "object", "additionalProperties": _SHARE}
@@ -94,9 +105,9 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {
             "error_rate": {"type": "number", "minimum": 0, "maximum": 1},
-            "latency_p95_ms": {"type": "number", "minimum": 0},
-            "latency_p95_delta_ms": {"type": "number", "minimum": 0},
-            "min_requests": {"type": "integer", "minimum": 1},
+            "latency_p95_ms": {"type": "number", "minimum": 0, "maximum": MAX_LATENCY_MS},
+            "latency_p95_delta_ms": {"type": "number", "minimum": 0, "maximum": MAX_LATENCY_MS},
+            "min_requests": {"type": "integer", "minimum": 1, "maximum": MAX_MIN_REQUESTS},
         },
     },
     "Guard": {

@@ -23,6 +23,18 @@ CIRCUIT_BREAK = "CircuitBreak"
 ROLLED_BACK = "RolledBack"
 STATES = (PENDING, PROGRESSING, PAUSED, PROMOTED, CIRCUIT_BREAK, ROLLED_BACK)
 ACTIVE = (PROGRESSING, PAUSED)
+MAX_STEPS = 100
+MAX_PAUSE = 30 * 86400.0  # seconds: a step held longer than 30 days waits for promote instead
+_FLOAT_MAX = 1.7976931348623157e308
+
+
+def _finite(v: object) -> bool:
+    """A number that is not a bool and fits a finite float (no OverflowError on huge ints)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return -_FLOAT_MAX <= v <= _FLOAT_MAX
+    return isinstance(v, float) and v - v == 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,17 +76,39 @@ class Rollout:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Rollout:
+        """A stored rollout, every field checked: BadRequest naming the field otherwise.
+
+        Why so strict: a stored document is read by every process on every
+        change; a value that later breaks `tick` or `weight` (a step index out
+        of range, a string where a time belongs) must be refused on reading.
+        """
         r = parse_plan(d.get("release"), d.get("steps"))
         state = d.get("state", PENDING)
-        if state not in STATES:
+        if not isinstance(state, str) or state not in STATES:
             raise BadRequest(f"unknown rollout state {state!r}", "state")
+        step = d.get("step", -1)
+        if not isinstance(step, int) or isinstance(step, bool) or not -1 <= step < len(r.steps):
+            raise BadRequest(f"must be an integer between -1 and {len(r.steps) - 1}", "step")
+        if step < 0 and state in (*ACTIVE, CIRCUIT_BREAK):
+            raise BadRequest(f"a {state} rollout needs a step >= 0", "step")
+        started = d.get("step_started", 0.0)
+        if not _finite(started):
+            raise BadRequest("must be a finite number (seconds since the epoch)", "step_started")
+        left = d.get("paused_left")
+        if left is not None and not (
+            isinstance(left, int | float) and _finite(left) and 0 <= left <= MAX_PAUSE
+        ):
+            raise BadRequest(f"must be null or seconds between 0 and {MAX_PAUSE:g}", "paused_left")
+        reason = d.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise BadRequest("must be null or a string", "reason")
         return replace(
             r,
             state=state,
-            step=int(d.get("step", -1)),
-            step_started=float(d.get("step_started", 0.0)),
-            paused_left=d.get("paused_left"),
-            reason=d.get("reason"),
+            step=step,
+            step_started=float(started),
+            paused_left=None if left is None else float(left),
+            reason=reason,
         )
 
 
@@ -84,13 +118,15 @@ def parse_plan(release: object, steps: object) -> Rollout:
         raise BadRequest("release must be a non-empty string", "release")
     if not isinstance(steps, list) or not steps:
         raise BadRequest("steps must be a non-empty list of {weight, pause}", "steps")
+    if len(steps) > MAX_STEPS:
+        raise BadRequest(f"at most {MAX_STEPS} steps", "steps")
     out: list[Step] = []
     prev = 0.0
     for i, s in enumerate(steps):
         if not isinstance(s, Mapping):
             raise BadRequest("each step must be an object", f"steps[{i}]")
         w = s.get("weight")
-        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= 100:
+        if not (isinstance(w, int | float) and _finite(w) and 0 <= w <= 100):
             raise BadRequest("weight must be a number between 0 and 100", f"steps[{i}].weight")
         if w < prev:
             raise BadRequest("weights must not decrease", f"steps[{i}].weight")
@@ -102,9 +138,12 @@ def parse_plan(release: object, steps: object) -> Rollout:
         else:
             from gateway.config import parse_duration
 
-            pause = parse_duration(p)
-            if pause is None:
-                raise BadRequest("pause must be a duration such as 5m or null", f"steps[{i}].pause")
+            pause = parse_duration(p) if _finite(p) or isinstance(p, str) else None
+            if pause is None or not pause <= MAX_PAUSE:
+                raise BadRequest(
+                    "pause must be a duration such as 5m (at most 30 days) or null",
+                    f"steps[{i}].pause",
+                )
         out.append(Step(float(w), pause))
     return Rollout(release, tuple(out))
 

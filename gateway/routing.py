@@ -69,10 +69,28 @@ class WeightTable:
 
     @classmethod
     def build(cls, salt: str, weights: Mapping[str, float]) -> WeightTable:
-        total = float(sum(w for w in weights.values() if w > 0))
+        """Shares and hash entries from raw weights; share > 0 exactly when the hash can pick.
+
+        Why scale by the largest weight when the sum overflows: the sum of two
+        huge weights is inf, which would make every share 0. Why a release whose 1/weight
+        is not finite gets no share: its hash score is -inf, so the hash could
+        never pick it. The store and config bound weights (gateway/statedoc.py)
+        so neither happens to legal values; this keeps the two views in step anyway.
+        """
         names = tuple(weights)
-        shares = {n: (weights[n] / total if total > 0 and weights[n] > 0 else 0.0) for n in names}
-        live = tuple((n, release_seed(salt, n), 1.0 / weights[n]) for n in names if weights[n] > 0)
+        live_w = {
+            n: float(w)
+            for n, w in weights.items()
+            if w > 0 and math.isfinite(w) and math.isfinite(1.0 / w)
+        }
+        scaled = live_w
+        total = float(sum(scaled.values()))
+        if math.isinf(total):
+            top = max(live_w.values())
+            scaled = {n: w / top for n, w in live_w.items()}
+            total = float(sum(scaled.values()))
+        shares = {n: (scaled[n] / total if n in scaled else 0.0) for n in names}
+        live = tuple((n, release_seed(salt, n), 1.0 / live_w[n]) for n in names if n in live_w)
         cum: list[float] = []
         acc = 0.0
         for n, _, _ in live:

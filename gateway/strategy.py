@@ -16,7 +16,7 @@ import yaml
 
 from gateway.config import Config, ServiceConfig
 from gateway.errors import ConfigError
-from gateway.store.doc import is_number
+from gateway.statedoc import is_number
 
 VERSIONS = ("v1",)
 _FIELDS = ("version", "traffic", "targets")

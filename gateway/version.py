@@ -7,6 +7,8 @@ a source checkout reports the package version plus `git describe`.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import subprocess
 from functools import cache
@@ -38,8 +40,57 @@ def build_version() -> str:
     return __version__
 
 
-def compiled() -> bool:
-    """True when the per-request modules run as mypyc-compiled extensions (setup.py)."""
-    from gateway import handler
+# The modules setup.py's COMPILED list compiles with mypyc (the per-request path).
+COMPILED_MODULES: tuple[str, ...] = (
+    "gateway.engine.api",
+    "gateway.engine.fast",
+    "gateway.engine.fast_client",
+    "gateway.engine.fast_pool",
+    "gateway.engine.fast_upstream",
+    "gateway.engine.fast_wire",
+    "gateway.balancer",
+    "gateway.guard",
+    "gateway.handler",
+    "gateway.headers",
+    "gateway.metrics",
+    "gateway.propagation",
+    "gateway.routing",
+    "gateway.tally",
+    "gateway.state",
+)
 
-    return not handler.__file__.endswith(".py")
+
+def _is_extension(module: str) -> bool:
+    spec = importlib.util.find_spec(module)
+    origin = spec.origin if spec is not None else None
+    return origin is not None and not origin.endswith(".py")
+
+
+def pure_modules() -> list[str]:
+    """The per-request modules that run as Python source (none in a compiled build)."""
+    return [m for m in COMPILED_MODULES if not _is_extension(m)]
+
+
+def compiled() -> bool:
+    """True when every per-request module runs as a mypyc-compiled extension (setup.py)."""
+    return not pure_modules()
+
+
+def _recorded_why() -> str:
+    """Why the build is pure, as the build recorded it (setup.py writes _build.json)."""
+    try:
+        record = json.loads((Path(__file__).resolve().parent / "_build.json").read_text())
+    except (OSError, ValueError):
+        return "a source checkout or editable install"
+    why = record.get("why") if isinstance(record, dict) else None
+    return str(why) if why else "no reason recorded"
+
+
+def build_description() -> str:
+    """Which build serves, for `gateway --version` and the startup log (README.md, "Install")."""
+    pure = pure_modules()
+    if not pure:
+        return "compiled build: mypyc"
+    if len(pure) < len(COMPILED_MODULES):
+        return f"partly compiled build: {', '.join(pure)} run as Python source"
+    return f"pure-Python build: {_recorded_why()}"

@@ -1,8 +1,10 @@
-"""The compiled (mypyc) build: the Dockerfile's two stages, and the data-path tests run on it.
+"""The default install is the compiled (mypyc) build, and the data-path tests pass on it.
 
-Why: the container ships the per-request modules compiled (setup.py, GATEWAY_COMPILE=1) and
-the benchmark figures are taken on that build, so the same functional tests must hold there
-too: compiled classes reject what interpreted ones allow (unknown attributes, monkeypatching).
+Why: a plain `pip install .` compiles the per-request modules where a C compiler is
+(README.md, "Install"; _build/gateway_build.py), and the benchmark figures are taken on
+that build, so the same functional tests must hold there too: compiled classes reject
+what interpreted ones allow (unknown attributes, monkeypatching). One install, shared by
+every test of this module, keeps the suite's time in bounds.
 """
 
 from __future__ import annotations
@@ -11,25 +13,34 @@ import os
 import shutil
 import subprocess
 import sys
-import zipfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
-from benchmarks.build import copy_sources
-from tests.test_dockerfile import BUILD_STEP, PROBE, ROOT, _run
+from tests.conftest import free_port
+from tests.install_helpers import (
+    ROOT,
+    Installed,
+    demo,
+    get,
+    pip_install,
+    probe,
+    run,
+    stable_port,
+    warning_lines,
+)
+from tests.programs import need
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        shutil.which("cc") is None, reason="no C compiler: the compiled build needs one"
-    ),
-]
+# The install compiles (minutes on a busy 2-core box): far over the per-test default.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 # Data-path suites re-run on the compiled modules (the rest never touch them per request).
 SUITES = [
     "test_engine_fast.py",
+    "test_fast_pool.py",
     "test_fuzz_engine.py",
     "test_proxy_e2e.py",
     "test_trace_e2e.py",
@@ -43,58 +54,109 @@ SUITES = [
 
 
 @pytest.fixture(scope="module")
-def compiled_wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The builder stage: a fresh venv with mypy, then the Dockerfile's wheel step."""
-    tmp = tmp_path_factory.mktemp("compiled")
-    build, wheels, src = tmp / "build", tmp / "wheels", tmp / "src"
-    subprocess.run([sys.executable, "-m", "venv", str(build)], check=True, timeout=120)
-    pip = _run(
-        [str(build / "bin" / "pip"), "install", "-q", "mypy>=1.10", "setuptools>=68", "wheel"],
-        timeout=600,
-    )
-    assert pip.returncode == 0, pip.stderr[-3000:]
-    copy_sources(src)  # the builder's WORKDIR: only what the Dockerfile copies
-    wheel = _run(
-        [str(build / "bin" / "pip"), *BUILD_STEP.split()[2:-2], str(wheels), "."],
-        cwd=src,
-        env={**os.environ, "GATEWAY_COMPILE": "1"},
-        timeout=900,
-    )
-    assert wheel.returncode == 0, wheel.stderr[-3000:]
-    built = sorted(wheels.glob("gray_gateway-*.whl"))
-    assert len(built) == 1 and "none-any" not in built[0].name, built  # a platform wheel
-    yield built[0]
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+    """A fresh venv and a plain `pip install .`, with no flag and no mypy installed by hand."""
+    need("gcc", "the default install compiles with the C compiler CPython names")
+    yield pip_install(tmp_path_factory.mktemp("compiled"))
 
 
-def test_runtime_stage_installs_only_the_wheel(compiled_wheel: Path, tmp_path: Path) -> None:
-    runtime = tmp_path / "runtime"
-    subprocess.run([sys.executable, "-m", "venv", str(runtime)], check=True, timeout=120)
-    pip = _run(
-        [str(runtime / "bin" / "pip"), "install", "-q", "--no-compile", str(compiled_wheel)],
-        timeout=600,
+def test_a_plain_install_is_compiled_and_self_contained(
+    installed: Installed, tmp_path: Path
+) -> None:
+    assert warning_lines(installed.pip_output) == []
+    assert (
+        probe(installed, "from gateway.version import compiled; print(compiled())", tmp_path)
+        == "True"
     )
-    assert pip.returncode == 0, pip.stderr[-3000:]
-    py, gw = str(runtime / "bin" / "python"), str(runtime / "bin" / "gateway")
-    probe = _run([py, "-c", PROBE], cwd=tmp_path)  # no mypy in this venv: self-contained
-    assert probe.stdout.strip() == "True", probe.stderr
-    check = _run([gw, "check", "-c", str(ROOT / "config" / "gateway.yaml")], cwd=tmp_path)
-    assert check.returncode == 0, check.stderr
-    ver = _run(
-        [gw, "--version"],
+    assert (
+        probe(installed, "import importlib.util as u; print(u.find_spec('mypy'))", tmp_path)
+        == "None"
+    )
+    record = installed.site_packages() / "gateway" / "_build.json"
+    assert record.read_text().strip() == '{"build": "compiled", "why": ""}'
+    ver = run(
+        [installed.gateway, "--version"],
         cwd=tmp_path,
         env={"GATEWAY_BUILD_VERSION": "v1.2.3", "PATH": "/usr/bin:/bin"},
         timeout=60,
     )
-    assert ver.stdout.strip() == "gateway v1.2.3"
+    assert ver.stdout.strip() == "gateway v1.2.3 (compiled build: mypyc)", ver.stderr
+    check = run(
+        [installed.gateway, "check", "-c", str(ROOT / "config" / "gateway.yaml")],
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stderr
+
+
+def test_the_compiled_install_serves_and_says_so(installed: Installed, tmp_path: Path) -> None:
+    """The README's first command (`gateway demo`), then `gateway run` whose log names the build."""
+    with demo(installed, tmp_path) as (port, lines):
+        assert "(compiled build: mypyc)" in lines[0], lines
+        status, release, _ = get(port, "/hello", "alice")
+        assert status == 200 and release in ("stable", "gray")
+        upstream = f"http://127.0.0.1:{stable_port(lines)}"
+        gw_port = free_port()
+        cfg = tmp_path / "gateway.yaml"
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "listen": f"127.0.0.1:{gw_port}",
+                    "admin": {"listen": f"127.0.0.1:{free_port()}"},
+                    "state": {"store": "memory"},
+                    "services": {
+                        "svc": {"releases": {"stable": {"weight": 1, "upstreams": [upstream]}}}
+                    },
+                }
+            )
+        )
+        log = tmp_path / "run.log"
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        with log.open("w") as f:
+            proc = subprocess.Popen(
+                [installed.gateway, "run", "-c", str(cfg)],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                cwd=tmp_path,
+                env=env,
+            )
+        try:
+            deadline = time.monotonic() + 60
+            while "serving:" not in log.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)  # polling the log file with a deadline
+            assert "engine fast, compiled build: mypyc" in log.read_text()
+            status, release, body = get(gw_port, "/x", "bob")
+            assert (status, release) == (200, "stable") and b"stable" in body
+        finally:
+            proc.terminate()
+            assert proc.wait(30) == 0
+
+
+def _package_tree(installed: Installed, tree: Path) -> None:
+    """What the install put in site-packages (its RECORD), minus scripts outside it."""
+    site = installed.site_packages()
+    record = next(site.glob("gray_gateway-*.dist-info")) / "RECORD"
+    for line in record.read_text().splitlines():
+        rel = line.rsplit(",", 2)[0]
+        if not rel or rel.startswith(".."):
+            continue
+        dest = tree / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(site / rel, dest)
 
 
 def test_data_path_suites_pass_on_the_compiled_modules(
-    compiled_wheel: Path, tmp_path: Path
+    installed: Installed, tmp_path: Path
 ) -> None:
-    tree = tmp_path / "tree"  # the wheel's compiled package next to a copy of the tests
-    with zipfile.ZipFile(compiled_wheel) as z:
-        z.extractall(tree)
+    tree = tmp_path / "tree"  # the installed compiled package next to a copy of the tests
+    _package_tree(installed, tree)
     shutil.copytree(ROOT / "tests", tree / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "benchmarks",
+        tree / "benchmarks",
+        ignore=shutil.ignore_patterns("__pycache__", "results"),
+    )
     shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
     (tree / "tests" / "test_zz_compiled.py").write_text(
         "from gateway.version import compiled\n\n\n"
@@ -102,7 +164,7 @@ def test_data_path_suites_pass_on_the_compiled_modules(
         "    assert compiled()\n"
     )
     env = {**os.environ, "PYTHONPATH": str(tree)}  # gateway worker processes inherit it
-    run = _run(
+    done = run(
         [
             sys.executable,
             "-m",
@@ -115,7 +177,7 @@ def test_data_path_suites_pass_on_the_compiled_modules(
         ],
         cwd=tree,
         env=env,
-        timeout=900,
+        timeout=1200,
     )
-    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and "test_zz_compiled" not in run.stdout, run.stdout[-2000:]
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "test_zz_compiled" not in done.stdout, done.stdout[-2000:]

@@ -149,7 +149,8 @@ def _check(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_command_exit_codes(tmp_path: Path) -> None:
-    ok = _check(str(ROOT / "config" / "gateway.yaml"))
+    # --no-bind: the example's ports (8080, 9901) may be taken on a shared machine
+    ok = _check("--no-bind", str(ROOT / "config" / "gateway.yaml"))
     assert ok.returncode == 0, ok.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text(

@@ -206,7 +206,10 @@ def test_version_flag_and_healthz_header(tmp_path: Path) -> None:
         timeout=60,
         env={**os.environ, "GATEWAY_BUILD_VERSION": "v9.9.9-3-gabc"},
     )
-    assert baked.stdout.strip() == "gateway v9.9.9-3-gabc"
+    assert (
+        baked.stdout.strip()
+        == "gateway v9.9.9-3-gabc (pure-Python build: a source checkout or editable install)"
+    )
     with run_gateway_process(
         tmp_path, _single("http://127.0.0.1:9"), env={"GATEWAY_BUILD_VERSION": "v9.9.9-3-gabc"}
     ) as gw:

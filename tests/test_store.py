@@ -42,9 +42,9 @@ def test_encode_decode_round_trip_and_unknown_service_fields_survive() -> None:
     assert decode(encode(EMPTY)) == EMPTY
     body = json.loads(encode(DOC))
     del body["checksum"]
-    body["services"]["user-api"]["rollout"] = {"state": "Paused", "step": 2}
+    body["services"]["user-api"]["owner"] = {"team": "payments", "since": 2}
     doc = decode(_signed(body))
-    assert doc.services["user-api"].extra == {"rollout": {"state": "Paused", "step": 2}}
+    assert doc.services["user-api"].extra == {"owner": {"team": "payments", "since": 2}}
     assert decode(encode(doc)) == doc
 
 

@@ -20,7 +20,12 @@ log = logging.getLogger(__name__)
 
 
 class Pool:
-    """Idle keep-alive connections per (host, port), most recently used first."""
+    """Idle keep-alive connections per (host, port), most recently used first.
+
+    Each key's idle set is an insertion-ordered dict used as an ordered set: `release`
+    appends, `acquire` pops the most recent (LIFO, `dict.popitem`), and `discard` (every
+    close of a pooled connection) removes one in O(1) instead of scanning a list.
+    """
 
     __slots__ = ("loop", "per_host", "idle_timeout", "idle_conns", "conns", "tasks", "all_closed")
 
@@ -28,36 +33,36 @@ class Pool:
         self.loop = loop
         self.per_host = per_host
         self.idle_timeout = idle_timeout
-        self.idle_conns: dict[Key, list[Upstream]] = {}
+        self.idle_conns: dict[Key, dict[Upstream, None]] = {}
         self.conns: set[Upstream] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.all_closed: asyncio.Event | None = None
 
     def acquire(self, host: str, port: int) -> Upstream | None:
-        lst = self.idle_conns.get((host, port))
-        while lst:
-            up = lst.pop()
+        idle = self.idle_conns.get((host, port))
+        while idle:
+            up = idle.popitem()[0]
             if not up.closed:
                 return up
         return None
 
     def release(self, up: Upstream) -> None:
-        lst = self.idle_conns.get(up.key)
-        if lst is None:
-            lst = self.idle_conns[up.key] = []
-        if len(lst) >= self.per_host:
+        idle = self.idle_conns.get(up.key)
+        if idle is None:
+            idle = self.idle_conns[up.key] = {}
+        if len(idle) >= self.per_host:
             up.close()
             return
-        lst.append(up)
+        idle[up] = None
         now = self.loop.time()
         up.idle_since = now
         if up.timer is None:
             up._arm(now + min(up.rt, self.idle_timeout))
 
     def discard(self, up: Upstream) -> None:
-        lst = self.idle_conns.get(up.key)
-        if lst and up in lst:
-            lst.remove(up)
+        idle = self.idle_conns.get(up.key)
+        if idle:
+            idle.pop(up, None)
 
     def connect(self, ex: Exchange, replay: list[bytes] | None = None) -> None:
         """Open a fresh connection for `ex` (RFC 9112 §9.3: new connection when none idle)."""
@@ -151,8 +156,8 @@ class Pool:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for lst in self.idle_conns.values():
-            for up in list(lst):
+        for idle in self.idle_conns.values():
+            for up in list(idle):
                 up.close()
         self.idle_conns.clear()
         for up in list(self.conns):

@@ -56,6 +56,8 @@ class ConsulStore:
         self._modify = 0  # ModifyIndex of the stored key; 0 = absent (cas=0 creates)
         self._index = 0  # X-Consul-Index for the blocking loop
         self._changed = asyncio.Event()
+        self._rejected = 0  # ModifyIndex of the invalid document last refused (logged once)
+        self.source = f"consul:{self.key}"
 
     # ------------------------------------------------------------------ reading
     async def open(self) -> None:
@@ -72,7 +74,12 @@ class ConsulStore:
         self._modify, self._index = modify, index
 
     async def _get(self, index: int) -> tuple[StateDoc | None, int, int]:
-        """(document or None when absent, ModifyIndex, X-Consul-Index)."""
+        """(document or None when absent, ModifyIndex, X-Consul-Index); StateError if invalid."""
+        raw, modify, idx = await self._get_raw(index)
+        return (None if raw is None else decode(raw, self.source)), modify, idx
+
+    async def _get_raw(self, index: int) -> tuple[bytes | None, int, int]:
+        """(stored bytes or None when absent, ModifyIndex, X-Consul-Index)."""
         assert self._session is not None
         params: dict[str, str] = {}
         timeout = 10.0
@@ -95,7 +102,7 @@ class ConsulStore:
             entries: Any = await r.json()
         entry = entries[0]
         raw = base64.b64decode(entry.get("Value") or b"")
-        return decode(raw, f"consul:{self.key}"), int(entry["ModifyIndex"]), idx
+        return raw, int(entry["ModifyIndex"]), idx
 
     def load(self) -> StateDoc:
         return self._doc
@@ -121,10 +128,9 @@ class ConsulStore:
             if r.status != 200:
                 raise StateError(f"Consul refused the write ({r.status}): {text[:200]}", "state")
         # The PUT answers only true/false; read back the ModifyIndex for the next CAS.
-        latest, modify, index = await self._get(index=0)
-        if latest is not None and latest.version >= self._doc.version:
-            self._doc, self._modify = latest, modify
-            self._index = max(self._index, next_index(0, index))
+        raw, modify, index = await self._get_raw(index=0)
+        self._take(raw, modify)
+        self._index = max(self._index, next_index(0, index))
         if text != "true":
             raise Conflict("another replica changed the state first; retry", "If-Match")
         self._changed.set()
@@ -153,12 +159,8 @@ class ConsulStore:
     async def _poll(self) -> None:
         """One blocking GET; updates the cache with a newer valid document."""
         try:
-            doc, modify, index = await self._get(index=self._index)
-        except StateError as e:
-            log.error("%s; keeping state version %d", e.message, self._doc.version)
-            await asyncio.sleep(self._backoff.next())
-            return
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as e:
+            raw, modify, index = await self._get_raw(index=self._index)
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, IndexError) as e:
             log.warning(
                 "Consul KV watch failed (%s); keeping state version %d", e, self._doc.version
             )
@@ -167,9 +169,29 @@ class ConsulStore:
             return
         self._backoff.reset()
         self._index = next_index(self._index, index)  # went backwards: start over (§2)
-        if doc is None:
+        self._take(raw, modify)
+
+    def _take(self, raw: bytes | None, modify: int) -> None:
+        """Cache a newer valid document; remember where an invalid one sits.
+
+        Why keep the invalid document's ModifyIndex: the next write replaces it
+        with the last good state plus that change (CAS on that index), as the
+        file store replaces a corrupt file; the blocking loop moves on to the
+        next index, so an invalid document is logged once, not once per poll.
+        """
+        if raw is None:
             self._modify = 0  # deleted: the next write creates it again (cas=0)
-        elif doc.version >= self._doc.version:
+            return
+        try:
+            doc = decode(raw, self.source)
+        except StateError as e:
+            if modify > self._modify:
+                self._modify = modify
+            if modify != self._rejected:
+                self._rejected = modify
+                log.error("%s; not applied, keeping state version %d", e.message, self._doc.version)
+            return
+        if doc.version >= self._doc.version:
             self._doc, self._modify = doc, modify
 
     async def close(self) -> None:

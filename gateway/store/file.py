@@ -36,6 +36,7 @@ class FileStore:
         self.poll_interval = max(0.01, poll_interval)
         self._last: StateDoc = EMPTY
         self._sig: _Sig | None = None
+        self._rejected: _Sig | None = None  # the file version last refused (logged once)
 
     def __repr__(self) -> str:
         return f"FileStore({str(self.path)!r})"
@@ -49,17 +50,52 @@ class FileStore:
 
     def _read(self) -> StateDoc:
         try:
-            data = self.path.read_bytes()
+            return self._read_present()
         except FileNotFoundError:
             return EMPTY
+
+    def _read_present(self) -> StateDoc:
+        """The file's document; FileNotFoundError when absent, StateError when unusable."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            raise
         except OSError as e:
             raise StateError(
                 f"{self.path}: cannot read state file: {e.strerror or e}", "state"
             ) from e
         return decode(data, str(self.path))
 
+    async def open(self) -> None:
+        """Check before serving that the state directory takes writes (exit 2 otherwise).
+
+        Why at start: a read-only or missing-and-uncreatable directory would
+        otherwise be noticed only by the first admin write or guard rollback.
+        """
+        await asyncio.to_thread(self._check_writable)
+
+    def _check_writable(self) -> None:
+        parent = self.path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".probe", dir=parent)
+            os.close(fd)
+            os.unlink(probe)
+            with open(self.lock_path, "a+b"):
+                pass
+        except OSError as e:
+            raise StateError(
+                f"state.path: the state directory {str(parent)!r} is not writable "
+                f"({e.strerror or e}); fix its permissions or choose another state.path",
+                "state.path",
+            ) from e
+
     def load(self) -> StateDoc:
         sig = self._stat()
+        if sig is None and self._last.version > 0:
+            # Removed at run time: the last applied state still holds, and the
+            # next write recreates the file from it.
+            return self._last
         doc = self._read()
         self._last, self._sig = doc, sig
         return doc
@@ -76,7 +112,17 @@ class FileStore:
         with lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
-                current = self._read().version
+                current = self._read_present().version
+            except FileNotFoundError:
+                # Removed at run time: recreate it from the last applied state plus
+                # this change, so admin writes and the guard's rollback keep working.
+                current = self._last.version
+                if current > 0:
+                    log.warning(
+                        "%s: state file missing; recreating it at version %d",
+                        self.path,
+                        expected_version + 1,
+                    )
             except StateError as e:
                 # Replacing a corrupt file with the last good state plus this
                 # change is what the operator is asking for by writing.
@@ -127,12 +173,20 @@ class FileStore:
                 continue
             sig = new_sig
             if new_sig is None:
-                log.warning("%s: state file removed; keeping state version %d", self.path, seen)
+                log.warning(
+                    "%s: state file removed; keeping state version %d "
+                    "(the next change recreates it)",
+                    self.path,
+                    seen,
+                )
                 continue
             try:
                 doc = self._read()
             except StateError as e:
-                log.error("%s; not applied, keeping state version %d", e.message, seen)
+                # One line per version of the file, even when the watch restarts.
+                if new_sig != self._rejected:
+                    self._rejected = new_sig
+                    log.error("%s; not applied, keeping state version %d", e.message, seen)
                 continue
             if doc.version > seen:
                 seen = doc.version

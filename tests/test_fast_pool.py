@@ -1,0 +1,85 @@
+"""The fast engine's keep-alive pool: idle order, per-host cap, and discarding on close."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.engine.fast_pool import Pool
+from gateway.engine.fast_upstream import Upstream
+
+KEY = ("127.0.0.1", 9)
+OTHER = ("127.0.0.1", 10)
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[Pool]:
+    p = Pool(asyncio.get_running_loop(), per_host=64, idle_timeout=30.0)
+    yield p
+    for idle in p.idle_conns.values():
+        for up in idle:
+            if up.timer is not None:
+                up.timer.cancel()
+    await p.close()
+
+
+def _idle(pool: Pool, n: int, key: tuple[str, int] = KEY) -> list[Upstream]:
+    """`n` connections released to the pool idle, oldest first (no sockets: never attached)."""
+    ups = [Upstream(pool, key) for _ in range(n)]
+    for up in ups:
+        pool.release(up)
+    return ups
+
+
+def _drain(pool: Pool, key: tuple[str, int] = KEY) -> list[Upstream]:
+    out = []
+    while (up := pool.acquire(*key)) is not None:
+        out.append(up)
+    return out
+
+
+async def test_acquire_takes_the_most_recently_released_first(pool: Pool) -> None:
+    ups = _idle(pool, 3)
+    assert _drain(pool) == ups[::-1]
+    assert pool.acquire(*OTHER) is None
+
+
+@pytest.mark.parametrize("which", [0, 2, 4], ids=["oldest", "middle", "newest"])
+async def test_a_closed_idle_connection_leaves_the_pool(pool: Pool, which: int) -> None:
+    ups = _idle(pool, 5)
+    ups[which].close()  # Upstream.close discards itself from the pool
+    left = [up for i, up in enumerate(ups) if i != which]
+    assert _drain(pool) == left[::-1]
+
+
+async def test_discard_of_what_is_not_idle_changes_nothing(pool: Pool) -> None:
+    ups = _idle(pool, 2)
+    busy = Upstream(pool, KEY)  # never released: in use
+    pool.discard(busy)
+    pool.discard(Upstream(pool, OTHER))  # a key with no idle list at all
+    pool.discard(ups[0])
+    pool.discard(ups[0])  # twice
+    assert _drain(pool) == [ups[1]]
+
+
+async def test_discard_keys_are_separate(pool: Pool) -> None:
+    a, b = _idle(pool, 1, KEY)[0], _idle(pool, 1, OTHER)[0]
+    b.close()
+    assert _drain(pool, OTHER) == [] and _drain(pool, KEY) == [a]
+
+
+async def test_release_beyond_the_per_host_cap_closes(pool: Pool) -> None:
+    pool.per_host = 2
+    ups = _idle(pool, 3)  # the third is closed instead of pooled
+    assert _drain(pool) == [ups[1], ups[0]]
+
+
+async def test_thousands_of_idle_connections_close_in_any_order(pool: Pool) -> None:
+    """1,000 idle connections (issue: c1000), closed out of order; the rest stay in order."""
+    pool.per_host = 5000
+    ups = _idle(pool, 2000)
+    for up in ups[::2]:
+        up.close()
+    assert _drain(pool) == ups[1::2][::-1]
