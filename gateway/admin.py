@@ -23,6 +23,7 @@ from aiohttp import web
 from gateway import changes, preview
 from gateway.errors import BadRequest, GatewayError, NotFound, Unauthorized
 from gateway.openapi import build_openapi
+from gateway.readiness import unready_releases
 from gateway.routing import WeightTable
 
 if TYPE_CHECKING:
@@ -92,16 +93,22 @@ async def auth_middleware(request: web.Request, handler: _Handler) -> web.Stream
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"}, headers={"X-App-Version": _gw(request).version})
+    gw = _gw(request)
+    if gw.draining:  # as the data listener's: probes see the drain (RFC 9110 §15.6.4)
+        return web.json_response(
+            {"status": "draining"}, status=503, headers={"X-App-Version": gw.version}
+        )
+    return web.json_response({"status": "ok"}, headers={"X-App-Version": gw.version})
 
 
 async def readyz(request: web.Request) -> web.Response:
     gw = _gw(request)
-    ok = gw.is_ready()
+    missing = unready_releases(gw.holder.current)
+    body: dict[str, object] = {"status": "not ready" if missing else "ready"}
+    if missing:  # which releases hold it back (gateway/readiness.py says why)
+        body["no_endpoints"] = [{"service": s, "release": r} for s, r in missing]
     return web.json_response(
-        {"status": "ready" if ok else "not ready"},
-        status=200 if ok else 503,
-        headers={"X-App-Version": gw.version},
+        body, status=503 if missing else 200, headers={"X-App-Version": gw.version}
     )
 
 

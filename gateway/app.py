@@ -24,6 +24,7 @@ from gateway.engine.aio import AiohttpEngine
 from gateway.guardian import Guardian
 from gateway.handler import ProxyHandler
 from gateway.metrics import Metrics
+from gateway.readiness import unready_releases
 from gateway.state import Snapshot, SnapshotHolder, build_snapshot
 from gateway.telemetry import Telemetry
 from gateway.version import build_version
@@ -63,8 +64,17 @@ def make_engine(config: Config, handler: ProxyHandler) -> Any:
         except ImportError:  # pragma: no cover - fast engine always ships
             log.warning("fast engine unavailable; using the aiohttp engine")
         else:
-            return FastEngine(handler, upstream_pool_per_host=1024)
-    return AiohttpEngine(handler)
+            t = config.timeouts
+            return FastEngine(
+                handler,
+                upstream_pool_per_host=1024,
+                keepalive_timeout=t.idle,
+                header_timeout=t.header,
+                body_timeout=t.body,
+                body_min_rate=t.body_min_rate,
+                upstream_idle_timeout=t.upstream_idle,
+            )
+    return AiohttpEngine(handler, timeouts=config.timeouts)
 
 
 class Gateway:
@@ -138,6 +148,7 @@ class Gateway:
         self.engine = make_engine(config, self.handler)
         self.with_admin = admin
         self.with_data = data
+        self.draining = False
         self.sock: socket.socket | None = None
         self.admin_runner: web.AppRunner | None = None
         self.admin_port: int | None = None
@@ -146,7 +157,13 @@ class Gateway:
         self._publish_gauges(self.holder.current)
 
     def is_ready(self) -> bool:
-        return all(sv.available for sv in self.holder.current.services.values())
+        """Ready while no release with weight > 0 lacks endpoints (gateway/readiness.py)."""
+        return not unready_releases(self.holder.current)
+
+    def begin_drain(self) -> None:
+        """SIGTERM: `/healthz` on both listeners answers 503 draining from now on."""
+        self.draining = True
+        self.handler.draining = True
 
     def _publish_gauges(self, snap: Snapshot) -> None:
         self.metrics.set_weights(
@@ -200,6 +217,7 @@ class Gateway:
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         d = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        self.begin_drain()
         if self.with_data:
             await self.guardian.stop()
             await self.engine.shutdown(d)

@@ -169,6 +169,7 @@ def _supervise(args: argparse.Namespace, cfg: Any, workers: int) -> int:
                 if p.returncode is not None and not stop.is_set():
                     log.error("worker %d exited with %s; restarting", p.pid, p.returncode)
                     procs[i] = await asyncio.create_subprocess_exec(*cmd)
+        gw.begin_drain()  # the master's admin /healthz says so while workers drain
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)

@@ -55,9 +55,24 @@ class HostPort:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    connect: float = 2.0
-    read: float = 30.0
+    """Every timeout the gateway enforces, in seconds (docs/configuration.md#timeouts).
+
+    `connect`, `read` and `total` are per upstream exchange and may be set per
+    service; the rest are per client connection and set only at top level.
+    """
+
+    connect: float = 2.0  # opening an upstream connection -> 502 `connect`
+    read: float = 30.0  # between reads of the upstream response -> 504 `timeout`
     total: float | None = None
+    header: float = 30.0  # from a request's first byte to the end of its head -> 408
+    body: float = 10.0  # window over which a request body must make progress -> 408
+    body_min_rate: float = 240.0  # bytes/s the body must average over each `body` window
+    idle: float = 75.0  # an idle keep-alive client connection is closed
+    upstream_idle: float = 60.0  # an idle pooled upstream connection is closed
+
+
+# Keys of `timeouts:` that only make sense per client connection (top level only).
+_CLIENT_TIMEOUTS = ("header", "body", "body_min_rate", "idle", "upstream_idle")
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,16 +370,48 @@ def _upstream(value: object, path: str, errs: _Errors) -> Endpoint | None:
     return Endpoint(host, port, weight)
 
 
-def _timeouts(v: object, path: str, errs: _Errors, base: Timeouts) -> Timeouts:
+def _timeouts(
+    v: object, path: str, errs: _Errors, base: Timeouts, *, top: bool = False
+) -> Timeouts:
     m = _mapping(v, path, errs)
-    _unknown(m, {"connect", "read", "total"}, path, errs)
+    allowed = {"connect", "read", "total"}
+    if top:
+        allowed.update(_CLIENT_TIMEOUTS)
+    else:
+        for k in _CLIENT_TIMEOUTS:
+            if k in m:
+                errs.add(
+                    key_path(path, k), "only settable in the top-level timeouts (per connection)"
+                )
+        allowed.update(k for k in _CLIENT_TIMEOUTS if k in m)
+    _unknown(m, allowed, path, errs)
+
+    def dur(key: str, default: float) -> float:
+        return _duration(m, key, default, path, errs, positive=True)
+
     total = base.total
     if "total" in m and m["total"] is not None:
-        total = _duration(m, "total", 0.0, path, errs) or None
+        total = dur("total", 1.0)
+    if not top:
+        return Timeouts(
+            connect=dur("connect", base.connect),
+            read=dur("read", base.read),
+            total=total,
+            header=base.header,
+            body=base.body,
+            body_min_rate=base.body_min_rate,
+            idle=base.idle,
+            upstream_idle=base.upstream_idle,
+        )
     return Timeouts(
-        connect=_duration(m, "connect", base.connect, path, errs),
-        read=_duration(m, "read", base.read, path, errs),
+        connect=dur("connect", base.connect),
+        read=dur("read", base.read),
         total=total,
+        header=dur("header", base.header),
+        body=dur("body", base.body),
+        body_min_rate=_number(m, "body_min_rate", base.body_min_rate, path, errs),
+        idle=dur("idle", base.idle),
+        upstream_idle=dur("upstream_idle", base.upstream_idle),
     )
 
 
@@ -740,7 +787,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         token=env.get("CONSUL_HTTP_TOKEN") or cm.get("token"),
         poll_wait=_duration(cm, "poll_wait", 30.0, "consul", errs, positive=True),
     )
-    base_t = _timeouts(m.get("timeouts"), "timeouts", errs, Timeouts())
+    base_t = _timeouts(m.get("timeouts"), "timeouts", errs, Timeouts(), top=True)
     base_retries = _retries(m, "", errs, DEFAULT_RETRIES)
     retry_budget = _retry_budget(m.get("retry_budget"), errs)
     services: dict[str, ServiceConfig] = {}

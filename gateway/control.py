@@ -402,7 +402,12 @@ class ControlPlane:
 
         def edit(st: ServiceState, snap: Snapshot) -> ServiceState:
             current = snap.weights.get(service, {})
-            weights = changes.weights_change(svc, current, {release: 0})
+            change = {release: 0.0}
+            if release != svc.baseline and not any(
+                w > 0 for r, w in current.items() if r != release and r in svc.releases
+            ):
+                change[svc.baseline] = 100.0  # the only live release failed: back to baseline
+            weights = changes.weights_change(svc, current, change)
             raw = st.extra.get("rollout")
             cur = rollout_mod.Rollout.from_json(raw) if isinstance(raw, Mapping) else None
             if cur is not None and cur.release == release and cur.state in rollout_mod.ACTIVE:

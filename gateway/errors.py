@@ -62,9 +62,13 @@ class Conflict(GatewayError):
 
 
 class StateError(GatewayError):
-    """The state store is unreadable or corrupt; nothing from it was applied."""
+    """The state store is unreadable or corrupt; nothing from it was applied.
 
-    status = 500
+    503 to an admin caller: the request was fine and nothing changed; the
+    store cannot take it now (RFC 9110 §15.6.4).
+    """
+
+    status = 503
 
 
 class Unavailable(GatewayError):

@@ -7,6 +7,7 @@ per-request path allocates little.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Final, TypeVar
 
@@ -45,6 +46,11 @@ VIA_TOKEN: Final = b"1.1 gray-gateway"
 _VIA: Final = (b"Via", VIA_TOKEN)
 _XFP_HTTP: Final = (b"X-Forwarded-Proto", b"http")
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+# A client's X-Request-ID is kept only when it is 1-200 visible ASCII bytes
+# (RFC 5234 VCHAR, %x21-7E): longer or other bytes would be echoed into logs,
+# upstream heads and responses unchecked.
+REQUEST_ID_MAX: Final = 200
+_REQUEST_ID_RE: Final = re.compile(rb"[\x21-\x7e]{1,%d}" % REQUEST_ID_MAX)
 
 
 class Scanned:
@@ -62,6 +68,7 @@ class Scanned:
         "stage",
         "user",
         "request_id",
+        "request_id_replaced",
         "forwarded_for",
         "via",
         "traceparent",
@@ -79,6 +86,7 @@ class Scanned:
         self.stage: str | None = None
         self.user: str | None = None
         self.request_id: str | None = None
+        self.request_id_replaced = False  # the client's was refused (valid_request_id)
         self.forwarded_for: bytes | None = None
         self.via: bytes | None = None
         # Shared empty defaults: most requests carry none of these (no per-request lists).
@@ -140,7 +148,13 @@ def scan(headers: Sequence[tuple[bytes, bytes]], stage_l: bytes, user_l: bytes) 
             elif n == b"baggage":
                 bg = _add(bg, _latin(value))
             elif n == b"x-request-id":
-                s.request_id = _latin(value).strip() or None
+                v = value.strip()
+                if valid_request_id(v):
+                    s.request_id = _latin(v)
+                    s.request_id_replaced = False
+                elif v:
+                    s.request_id = None
+                    s.request_id_replaced = True
             elif n == b"x-forwarded-for":
                 xff = _add(xff, value)
             elif n == b"via":
@@ -177,6 +191,23 @@ def scan(headers: Sequence[tuple[bytes, bytes]], stage_l: bytes, user_l: bytes) 
     if b"upgrade" not in s.connection_tokens:
         s.upgrade = None
     return s
+
+
+def valid_request_id(value: bytes) -> bool:
+    """1 to REQUEST_ID_MAX visible ASCII bytes (no spaces, no controls, no 8-bit)."""
+    return _REQUEST_ID_RE.fullmatch(value) is not None
+
+
+def set_authority(s: Scanned, authority: bytes) -> None:
+    """Host becomes the absolute-form target's authority (RFC 9112 §3.2.2).
+
+    A proxy MUST ignore the received Host and generate one from the target.
+    """
+    s.host = _latin(authority)
+    s.host_b = authority
+    kept = [(k, v) for k, v in s.kept if k != b"Host"]
+    kept.insert(0, (b"Host", authority))
+    s.kept = kept
 
 
 def upstream_headers(

@@ -78,7 +78,18 @@ SCHEMAS: dict[str, Any] = {
     "Status": {
         "type": "object",
         "required": ["status"],
-        "properties": {"status": {"type": "string", "enum": ["ok", "ready", "not ready"]}},
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "ready", "not ready", "draining"]},
+            "no_endpoints": {
+                "type": "array",
+                "description": "on /readyz: the releases with weight > 0 and no endpoint",
+                "items": {
+                    "type": "object",
+                    "required": ["service", "release"],
+                    "properties": {"service": {"type": "string"}, "release": {"type": "string"}},
+                },
+            },
+        },
     },
     "Endpoint": {
         "type": "object",
@@ -306,10 +317,16 @@ def _paths() -> dict[str, Any]:
         "200": _json(_ref("Status"), "serving"),
     }
     return {
-        "/healthz": {"get": {"summary": "liveness", "security": _PUBLIC, "responses": health}},
+        "/healthz": {
+            "get": {
+                "summary": "liveness; 503 draining once the process drains (SIGTERM)",
+                "security": _PUBLIC,
+                "responses": {**health, "503": _json(_ref("Status"), "draining")},
+            }
+        },
         "/readyz": {
             "get": {
-                "summary": "ready once config is loaded and every service has an endpoint",
+                "summary": "ready while every release with weight > 0 has an endpoint",
                 "security": _PUBLIC,
                 "responses": {**health, "503": _json(_ref("Status"), "not ready")},
             }

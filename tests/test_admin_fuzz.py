@@ -70,7 +70,11 @@ _if_match = st.one_of(
     st.none(),
     st.just("CURRENT"),
     st.just("*"),
-    st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=0x2FF), max_size=20),
+    # What a client can put in a header: visible ASCII and space, plus non-ASCII digits.
+    st.text(
+        alphabet=st.characters(min_codepoint=32, max_codepoint=126) | st.sampled_from("²٣"),
+        max_size=20,
+    ),
     st.builds(lambda n: "7" * n, st.integers(1, 5000)),
 )
 _query = st.dictionaries(

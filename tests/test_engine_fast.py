@@ -483,7 +483,7 @@ async def test_header_timeout_answers_408(env: Env) -> None:
 
 
 async def test_body_timeout_aborts_exchange(env: Env) -> None:
-    handler, port, _, eng = await proxied_echo(env, header_timeout=0.2)
+    handler, port, _, eng = await proxied_echo(env, body_timeout=0.2)
     c = await env.connect(port)
     await c.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
     r = await c.response()

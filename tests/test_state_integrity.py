@@ -416,3 +416,46 @@ async def test_consul_key_deleted_at_run_time_is_recreated_by_the_next_write() -
                     assert decode(await r.read()).version == 2
         finally:
             await store.close()
+
+
+async def test_a_store_that_cannot_write_answers_json_503_and_changes_nothing(
+    tmp_path: Path, upstreams: Any, gateway: Any
+) -> None:
+    stable, gray = await upstreams("stable"), await upstreams("gray")
+    var = tmp_path / "var"
+    gw = await gateway(file_config(var / "state.json", stable.url, gray.url))
+    # The directory turns into a plain file at run time: no write can succeed (even as root).
+    for p in var.iterdir():
+        p.unlink()
+    var.rmdir()
+    var.write_text("not a directory")
+    async with aiohttp.ClientSession() as s:
+        url = f"http://127.0.0.1:{gw.admin_port}/admin/services/svc/weights"
+        async with s.put(url, json={"gray": 5}) as r:
+            assert r.status == 503 and r.content_type == "application/json"
+            assert (await r.json())["field"] == "state"
+    assert gw.holder.current.version == 0
+
+
+async def test_guard_rolls_back_a_gray_that_had_all_the_traffic(
+    tmp_path: Path, upstreams: Any, gateway: Any
+) -> None:
+    stable = await upstreams("stable")
+    gray = await start_app(_failing_app())
+    try:
+        guard = {"error_rate": 0.05, "min_requests": 20, "window": "30s"}
+        cfg = file_config(tmp_path / "state.json", stable.url, gray.url, guard=guard)
+        cfg["services"]["svc"]["releases"]["stable"]["weight"] = 0
+        cfg["services"]["svc"]["releases"]["gray"]["weight"] = 100
+        gw = await gateway(cfg, guard_interval=0.1)
+        async with aiohttp.ClientSession() as s:
+            for i in range(60):
+                async with s.get(f"http://127.0.0.1:{gw.port}/", headers={"X-User-ID": f"u{i}"}):
+                    pass
+        # Weight 0 for gray alone would leave no release: the baseline takes the traffic.
+        await until(lambda: gw.holder.current.version >= 1, "the guard's rollback")
+        rv = gw.holder.current.services["svc"].releases
+        assert rv["gray"].raw_weight == 0 and rv["stable"].raw_weight == 100
+        assert decode((tmp_path / "state.json").read_bytes()).version == 1
+    finally:
+        await gray.runner.cleanup()

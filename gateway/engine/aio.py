@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.config import Timeouts
 from gateway.engine.api import (
     ERR_CLIENT,
     ERR_CONNECT,
@@ -34,6 +36,40 @@ from gateway.headers import strip_response_hop_by_hop
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
+class BodyStalled(Exception):
+    """The client's request body fell below `timeouts.body_min_rate` (answered 408)."""
+
+
+async def progressing_body(
+    content: aiohttp.StreamReader, window: float, min_rate: float
+) -> AsyncIterator[bytes]:
+    """The request body, raising BodyStalled when a `window` brings too few bytes.
+
+    Why: the same rule as the fast engine (docs/configuration.md#timeouts): a
+    body trickled a byte at a time is as stalled as a silent one.
+    """
+    loop = asyncio.get_running_loop()
+    need = max(1.0, min_rate * window)
+    start = loop.time()
+    n = 0
+    while True:
+        try:
+            async with asyncio.timeout_at(start + window):
+                chunk = await content.readany()
+        except TimeoutError:
+            chunk = None
+        now = loop.time()
+        if chunk is not None:
+            if not chunk:
+                return
+            n += len(chunk)
+            yield chunk
+        if now >= start + window:
+            if n < need:
+                raise BodyStalled
+            start, n = now, 0
+
+
 def _cimd(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
     return CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
 
@@ -41,8 +77,10 @@ def _cimd(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
 class AiohttpEngine:
     """engine.api over aiohttp: same Handler, same observable behaviour."""
 
-    def __init__(self, handler: Handler, **_: object) -> None:
+    def __init__(self, handler: Handler, *, timeouts: Timeouts | None = None) -> None:
         self.handler = handler
+        # aiohttp's server has no request-head timeout; the others apply here too.
+        self.timeouts = timeouts or Timeouts()
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.ServerRunner | None = None
         self._site: web.SockSite | None = None
@@ -56,11 +94,15 @@ class AiohttpEngine:
 
     async def serve(self, sock: socket.socket) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60),
+            connector=aiohttp.TCPConnector(
+                limit=0, limit_per_host=0, keepalive_timeout=self.timeouts.upstream_idle
+            ),
             auto_decompress=False,
             skip_auto_headers=_SKIP_AUTO,
         )
-        server = web.Server(self._handle, handler_cancellation=True)
+        server = web.Server(
+            self._handle, handler_cancellation=True, keepalive_timeout=self.timeouts.idle
+        )
         self._runner = web.ServerRunner(server, handle_signals=False, access_log=None)
         await self._runner.setup()
         self._site = web.SockSite(self._runner, sock)
@@ -119,6 +161,7 @@ class AiohttpEngine:
             headers["Content-Length"] = str(request.content_length)
         has_body = request.body_exists
         method = request.method
+        t = self.timeouts
         # A request that reached an upstream is sent again only when that is
         # harmless (RFC 9110 §9.2.2) and its body is kept whole; a streamed body
         # goes to another endpoint only when no byte of it was sent (README "Failover").
@@ -127,10 +170,14 @@ class AiohttpEngine:
         if has_body and replayable:
             n = request.content_length
             if n is not None and n <= REPLAY_CAP:
-                body = await request.read()
+                try:
+                    chunks = progressing_body(request.content, t.body, t.body_min_rate)
+                    body = b"".join([c async for c in chunks])
+                except BodyStalled:
+                    return self._stalled(fwd)
             else:
                 replayable = False
-        target = (fwd.target or request.raw_path.encode()).decode()
+        target = request.raw_path if fwd.target is None else fwd.target.decode("latin-1")
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=fwd.connect_timeout, sock_read=fwd.read_timeout
         )
@@ -142,7 +189,9 @@ class AiohttpEngine:
             async with asyncio.timeout_at(when):  # timeouts.total: every attempt included
                 while True:
                     url = URL(f"http://{fwd.host}:{fwd.port}{target}", encoded=True)
-                    data = body if body is not None or not has_body else request.content.iter_any()
+                    data: bytes | AsyncIterator[bytes] | None = body
+                    if body is None and has_body:
+                        data = progressing_body(request.content, t.body, t.body_min_rate)
                     try:
                         up = await session.request(
                             method,
@@ -161,7 +210,10 @@ class AiohttpEngine:
                         kind, code, sent = ERR_TIMEOUT, 504, True
                     except aiohttp.ClientResponseError:
                         kind, code, sent = ERR_PROTOCOL, 502, True
-                    except aiohttp.ClientError:
+                    except aiohttp.ClientError as e:
+                        if isinstance(e.__cause__, BodyStalled):
+                            reported = True
+                            return self._stalled(fwd)  # aiohttp already cut the upstream
                         kind, code, sent = ERR_RESET, 502, True
                     if (
                         kind == ERR_PROTOCOL
@@ -206,6 +258,14 @@ class AiohttpEngine:
                 fwd.on_done(status, ERR_CLIENT)
             raise
 
+    @staticmethod
+    def _stalled(fwd: Forward) -> web.Response:
+        """408 for a request body below `timeouts.body_min_rate` (docs/configuration.md)."""
+        resp = web.json_response({"error": "request body timeout"}, status=408)
+        resp.force_close()
+        fwd.on_done(408, ERR_CLIENT)
+        return resp
+
     def _fail(self, fwd: Forward, status: int, kind: str) -> web.Response:
         body = self.handler.error_body(status, kind, fwd)
         fwd.on_done(body.status, kind)
@@ -213,7 +273,8 @@ class AiohttpEngine:
 
     async def _websocket(self, request: web.BaseRequest, fwd: Forward) -> web.StreamResponse:
         assert self._session is not None
-        url = URL(f"http://{fwd.host}:{fwd.port}{request.raw_path}", encoded=True)
+        target = request.raw_path if fwd.target is None else fwd.target.decode("latin-1")
+        url = URL(f"http://{fwd.host}:{fwd.port}{target}", encoded=True)
         skip = {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "host"}
         headers = {k.decode(): v.decode() for k, v in fwd.headers if k.lower().decode() not in skip}
         protocols = [

@@ -40,6 +40,8 @@ class FastEngine:
         max_target_bytes: int = 8192,
         keepalive_timeout: float = 75.0,
         header_timeout: float = 30.0,
+        body_timeout: float = 10.0,
+        body_min_rate: float = 240.0,
         upstream_pool_per_host: int = 256,
         upstream_idle_timeout: float = 60.0,
     ) -> None:
@@ -48,9 +50,15 @@ class FastEngine:
         self.max_target_bytes = max_target_bytes
         self.keepalive_timeout = keepalive_timeout
         self.header_timeout = header_timeout
+        # A request body must bring this many bytes in every `body_timeout`
+        # window (at least one), else 408: a trickle is as stalled as silence.
+        self.body_timeout = body_timeout
+        self.body_min_bytes = max(1.0, body_min_rate * body_timeout)
         self.upstream_pool_per_host = upstream_pool_per_host
         self.upstream_idle_timeout = upstream_idle_timeout
         self.closing = False
+        # How late the lazy per-connection timer may notice a shorter timeout;
+        # a body's window arms its own deadline (ClientConn.on_headers_complete).
         self._tick = min(keepalive_timeout, header_timeout)
         self._in_flight = 0
         self._clients: set[ClientConn] = set()

@@ -46,10 +46,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# What the client connection waits for (drives its single lazy timer).
-S_WAIT: Final = 0  # the start of the next request (idle if nothing is in flight)
-S_HEAD: Final = 1  # the rest of a request head
-S_BODY: Final = 2  # the rest of a request body
+# What the client connection waits for (drives its single lazy timer and says
+# which timeout applies: docs/configuration.md#timeouts).
+S_WAIT: Final = 0  # the start of the next request (`idle` if nothing is in flight)
+S_HEAD: Final = 1  # the rest of a request head (`header`)
+S_BODY: Final = 2  # the rest of a request body (`body` and `body_min_rate`)
 S_LINGER: Final = 3  # the peer's close after our final response
 S_TUNNEL: Final = 4  # nothing: an upgraded connection just relays
 
@@ -94,6 +95,7 @@ class ClientConn:
         "_head_bytes",
         "_tstate",
         "_t0",
+        "_bn",
         "_timer",
         "_tw",
         "_parsing",
@@ -138,7 +140,8 @@ class ClientConn:
         self._done_in_feed = 0
         self._head_bytes = 0
         self._tstate = S_WAIT
-        self._t0 = 0.0
+        self._t0 = 0.0  # when the current timeout's period began
+        self._bn = 0  # request body bytes read since _t0 (S_BODY)
         self._timer: asyncio.TimerHandle | None = None
         self._tw = 0.0
         self._parsing: Exchange | None = None
@@ -267,6 +270,10 @@ class ClientConn:
             self._last_ex = None  # only the upgrade branch needs it; an idle connection holds none
         if self.closed or self._linger:
             return
+        if self._tstate == S_WAIT and not self._done_in_feed and self._idle():
+            # The first bytes of a request line that llhttp has not reported yet:
+            # the header timeout runs from here, not the idle one.
+            self._begin()
         if self._tstate == S_HEAD:
             # llhttp has no header size limit: count raw bytes of an unfinished head.
             if self._done_in_feed:
@@ -359,12 +366,18 @@ class ClientConn:
         self._queue.append(ex)
         self.engine._in_flight += 1
         self._tstate = S_BODY
+        if body_kind:  # the body's progress window starts now (no clock read without one)
+            self._t0 = self.loop.time()
+            self._bn = 0
+            self._arm(self._t0 + self.engine.body_timeout)
 
     def on_body(self, body: bytes) -> None:
         ex = self._parsing
-        if ex is None or ex.discard:
+        if ex is None:
             return
-        self._t0 = self.loop.time()
+        self._bn += len(body)
+        if ex.discard:
+            return
         if ex.body_kind == BODY_CHUNKED:
             body = b"".join((b"%x\r\n" % len(body), body, CRLF))
         self._to_upstream(ex, body)
@@ -645,7 +658,8 @@ class ClientConn:
             self.pause = p
             if not p and not self.closed:
                 self.transport.resume_reading()
-                self._t0 = self.loop.time()
+                self._t0 = self.loop.time()  # we stopped reading: the client was not late
+                self._bn = 0
 
     def _shut(self, abort: bool) -> None:
         if self.closed:
@@ -705,9 +719,18 @@ class ClientConn:
             if now >= deadline:
                 self._shut(abort=False)
                 return
+        elif st == S_BODY:
+            deadline = self._t0 + eng.body_timeout
+            if now >= deadline:
+                if self._bn < eng.body_min_bytes:
+                    self._fail_input(408, "request body timeout")
+                    return
+                self._t0 = now  # enough progress: the next window starts
+                self._bn = 0
+                deadline = now + eng.body_timeout
         else:
             deadline = self._t0 + eng.header_timeout
             if now >= deadline:
-                self._fail_input(408, "request timeout")
+                self._fail_input(408, "request header timeout")
                 return
         self._arm(min(deadline, now + eng._tick))

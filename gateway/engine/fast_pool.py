@@ -56,8 +56,9 @@ class Pool:
         idle[up] = None
         now = self.loop.time()
         up.idle_since = now
-        if up.timer is None:
-            up._arm(now + min(up.rt, self.idle_timeout))
+        when = now + min(up.rt, self.idle_timeout)
+        if up.timer is None or up.tw > when:  # a read timer may be set later than the idle end
+            up._arm(when)
 
     def discard(self, up: Upstream) -> None:
         idle = self.idle_conns.get(up.key)
