@@ -38,6 +38,7 @@ COMPILED = [
     "gateway/metrics.py",
     "gateway/propagation.py",
     "gateway/routing.py",
+    "gateway/segments.py",
     "gateway/tally.py",
     "gateway/state.py",
 ]

@@ -23,6 +23,7 @@ from aiohttp import web
 from gateway import changes, preview
 from gateway.errors import BadRequest, GatewayError, NotFound, Unauthorized
 from gateway.openapi import build_openapi
+from gateway.paths import BadTarget
 from gateway.readiness import unready_releases
 from gateway.routing import WeightTable
 
@@ -253,7 +254,7 @@ async def post_platform_weights(request: web.Request) -> web.Response:
 # --------------------------------------------------------------------------- explain / preview
 
 
-_EXPLAIN_PARAMS = ("user", "header", "cookie", "client_ip")
+_EXPLAIN_PARAMS = ("user", "header", "cookie", "client_ip", "path", "query", "method")
 
 
 async def explain(request: web.Request) -> web.Response:
@@ -280,14 +281,25 @@ async def explain(request: web.Request) -> web.Response:
         ipaddress.ip_address(client_ip)
     except ValueError:
         raise BadRequest(f"{client_ip!r} is not an IP address", "client_ip") from None
-    ex = preview.explain(
-        snap,
-        sv.name,
-        headers=headers,
-        client_ip=client_ip,
-        rng=_gw(request).rng,
-        now=time.perf_counter(),  # the handler's clock, for passive-health ejections
-    )
+    path, method = q.get("path", "/"), q.get("method", "GET")
+    if not path.startswith("/"):
+        raise BadRequest(f"{path!r} is not a path starting with '/'", "path")
+    if not method or not method.isascii() or not method.isalpha():
+        raise BadRequest(f"{method!r} is not a request method", "method")
+    try:
+        ex = preview.explain(
+            snap,
+            sv.name,
+            headers=headers,
+            client_ip=client_ip,
+            rng=_gw(request).rng,
+            now=time.perf_counter(),  # the handler's clock, for passive-health ejections
+            path=path,
+            query=q.get("query", ""),
+            method=method.upper(),
+        )
+    except BadTarget as e:
+        raise BadRequest(f"{path!r}: {e.message}", "path") from None
     return web.json_response({**ex.to_json(), "state_version": snap.version})
 
 

@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from gateway.config_syntax import (
 )
 from gateway.errors import ConfigError
 from gateway.retry import BUDGET_MIN, BUDGET_RATIO, DEFAULT_RETRIES, MAX_RETRIES
+from gateway.segments import SegmentSet
+from gateway.segments_config import parse_segments
 from gateway.statedoc import is_number, weight_problem
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
@@ -139,6 +141,7 @@ class ServiceConfig:
     retries: int = DEFAULT_RETRIES  # failover attempts on other endpoints (README "Failover")
     salt: str = ""
     guard: GuardConfig = GuardConfig()
+    segments: SegmentSet | None = None  # user segments, in order (gateway/segments.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -561,7 +564,17 @@ def _service(
     m = _mapping(v, path, errs)
     _unknown(
         m,
-        {"match", "baseline", "balancer", "timeouts", "retries", "releases", "guard", "salt"},
+        {
+            "match",
+            "baseline",
+            "balancer",
+            "timeouts",
+            "retries",
+            "releases",
+            "guard",
+            "salt",
+            "segments",
+        },
         path,
         errs,
     )
@@ -663,6 +676,28 @@ def _routing(v: object, errs: _Errors) -> RoutingConfig:
         trust_overrides=trust,
         **names,
     )
+
+
+def _with_segments(
+    svc: ServiceConfig,
+    m: Mapping[str, Any],
+    path: str,
+    errs: _Errors,
+    env: Mapping[str, str],
+    source: str,
+) -> ServiceConfig:
+    """`services.<s>.segments`, compiled once here (user files resolved next to the config)."""
+    base_dir = Path(source).parent if source != "<memory>" else Path.cwd()
+    segs = parse_segments(
+        m["segments"],
+        f"{path}.segments",
+        errs.add,
+        service=svc.name,
+        releases=tuple(svc.releases),
+        base_dir=base_dir,
+        env=env,
+    )
+    return replace(svc, segments=segs)
 
 
 _ANY_HOST = ("0.0.0.0", "::")
@@ -803,6 +838,10 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             if not _NAME_RE.match(str(name)):
                 errs.add(spath, "service name must be letters, digits, '.', '_' or '-'")
             services[str(name)] = _service(str(name), v, spath, errs, base_t, base_retries)
+            if isinstance(v, Mapping) and v.get("segments") is not None:
+                services[str(name)] = _with_segments(
+                    services[str(name)], v, spath, errs, env, source
+                )
         _match_collisions(services, errs)
     routing = _routing(m.get("routing"), errs)
     drain = _duration(m, "drain_timeout", 30.0, "", errs, positive=True)

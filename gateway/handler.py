@@ -82,6 +82,7 @@ class ProxyHandler:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.perf_counter,
         defer: Callable[[Callable[[], None]], object] | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.holder = holder
         self.metrics = metrics
@@ -95,6 +96,7 @@ class ProxyHandler:
         self.rng = rng or random.Random()
         self.ids = propagation.IdMint(self.rng)
         self.clock = clock
+        self.wall = wall  # wall-clock time for segments' time windows (gateway/segments.py)
         # Accounting (metrics, guard windows) is batched: `on_done` adds to its
         # release's tally (gateway/tally.py), and
         # `flush` runs once per event-loop iteration via `defer` (loop.call_soon),
@@ -209,22 +211,33 @@ class ProxyHandler:
         if s.stage or stage_cookie:
             trusted = snap.trust.trusted(head.client_ip)
         now = self.clock()
+        user_key = s.user or user_cookie
+        seg = sv.cfg.segments
+        hit = None
+        if seg is not None:  # one function for the data path and explain (gateway/segments.py)
+            hit = seg.evaluate(
+                head.headers, path, target, head.method, head.client_ip, user_key, self.wall
+            )
         dec = choose_release(
             sv.table,
             baseline=sv.cfg.baseline,
             available=live_releases(sv, now),
             stage_header=s.stage,
             stage_cookie=stage_cookie,
-            user_key=s.user or user_cookie,
+            user_key=user_key,
             trusted=trusted,
             rng=self.rng,
             mint_uid=rc.sticky_cookie,
+            segment=hit[0] if hit is not None else None,
+            segment_key=hit[1] if hit is not None else None,
         )
         if dec is None:
             self.log_error(503, svc_name, "", "", "unavailable", s.request_id or "")
             return respond_json(
                 503, {"error": "no healthy endpoint in any release", "service": svc_name}
             )
+        if dec.segment is not None and self.metrics is not None:
+            self.metrics.segment_request(svc_name, dec.segment, dec.release)
         rv = sv.releases[dec.release]
         # None only when every release is out and all are probed (live_releases):
         # then pick as if no endpoint sat out (a time past every ejection).

@@ -143,6 +143,13 @@ class Metrics:
             registry=r,
             **gauge_mode,
         )
+        self.segment_requests = Counter(
+            "gateway_segment_requests_total",
+            "Requests a user segment chose the release for, by the release that served them.",
+            ["service", "segment", "release"],
+            registry=r,
+        )
+        self._seg: dict[tuple[str, str, str], Any] = {}
         self._req: dict[tuple[str, str, int], Any] = {}
         self._dur: dict[tuple[str, str], Any] = {}
         self._err: dict[tuple[str, str, str], Any] = {}
@@ -190,6 +197,14 @@ class Metrics:
             if h is None:
                 h = self._dur[k2] = self.duration.labels(service, release)
             _observe_many(h, seconds)
+
+    def segment_request(self, service: str, segment: str, release: str) -> None:
+        """One request routed by a segment; labels are configured names only."""
+        k = (service, segment, release)
+        c = self._seg.get(k)
+        if c is None:
+            c = self._seg[k] = self.segment_requests.labels(service, segment, release)
+        c.inc()
 
     def upstream_error(self, service: str, release: str, kind: str) -> None:
         k = (service, release, kind)

@@ -249,11 +249,23 @@ SCHEMAS: dict[str, Any] = {
             "release": {"type": ["string", "null"]},
             "reason": {
                 "type": "string",
-                "enum": ["header", "cookie", "hash", "random", "fallback", "unavailable"],
+                "enum": [
+                    "header",
+                    "cookie",
+                    "segment",
+                    "hash",
+                    "random",
+                    "fallback",
+                    "unavailable",
+                ],
             },
             "key": {"type": ["string", "null"]},
             "chosen": {"type": ["string", "null"]},
             "trusted": {"type": "boolean"},
+            "segment": {
+                "type": ["string", "null"],
+                "description": "the user segment that chose the release (README Segments)",
+            },
             "state_version": {"type": "integer", "minimum": 0},
         },
     },
@@ -436,7 +448,27 @@ def _paths() -> dict[str, Any]:
                         "name": "client_ip",
                         "in": "query",
                         "schema": {"type": "string", "default": "127.0.0.1"},
-                        "description": "decides whether stage overrides are trusted",
+                        "description": "decides whether stage overrides are trusted; "
+                        "segments' `cidrs` match it",
+                    },
+                    {
+                        "name": "path",
+                        "in": "query",
+                        "schema": {"type": "string", "default": "/"},
+                        "description": "request path, for segments' `path`",
+                    },
+                    {
+                        "name": "query",
+                        "in": "query",
+                        "schema": {"type": "string", "default": ""},
+                        "description": "raw query string (a=1&b=2, percent-encoded), "
+                        "for segments' `query`",
+                    },
+                    {
+                        "name": "method",
+                        "in": "query",
+                        "schema": {"type": "string", "default": "GET"},
+                        "description": "request method, for segments' `method`",
                     },
                 ],
                 "responses": {

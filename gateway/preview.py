@@ -10,10 +10,12 @@ its numbers are exact for that sample, not an estimate.
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gateway.paths import normalize_path
 from gateway.routing import WeightTable, choose_release, cookie_value
 from gateway.state import Snapshot, live_releases
 
@@ -30,6 +32,7 @@ class Explanation:
     key: str | None
     chosen: str | None  # the pick before any fallback to the baseline
     trusted: bool  # whether stage overrides from this client are honoured
+    segment: str | None = None  # the user segment that chose the release, if one did
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -39,6 +42,7 @@ class Explanation:
             "key": self.key,
             "chosen": self.chosen,
             "trusted": self.trusted,
+            "segment": self.segment,
         }
 
 
@@ -50,8 +54,17 @@ def explain(
     client_ip: str = "127.0.0.1",
     rng: random.Random | None = None,
     now: float = 0.0,
+    path: str = "/",
+    query: str = "",
+    method: str = "GET",
+    wall: float | None = None,
 ) -> Explanation:
-    """The data path's decision for a request with these headers (handler.ProxyHandler)."""
+    """The data path's decision for a request with these headers (handler.ProxyHandler).
+
+    `path`, `query` (the raw query string) and `method` matter only to segments;
+    `path` is normalized as the data path does (gateway/paths.py; raises BadTarget);
+    `wall` is the wall-clock time for their time windows (default: now).
+    """
     sv = snap.services[service]
     rc = snap.config.routing
     stage_n, user_n = rc.stage_header.lower(), rc.user_header.lower()
@@ -70,6 +83,20 @@ def explain(
     stage_cookie = cookie_value(cookie, rc.stage_cookie)
     user_cookie = cookie_value(cookie, rc.user_cookie) if user is None else None
     trusted = snap.trust.trusted(client_ip)
+    hit = None
+    if sv.cfg.segments is not None:  # the data path's own function, on the same bytes
+        at = time.time() if wall is None else wall
+        path_b = normalize_path(path.encode())
+        target = path_b + b"?" + query.encode() if query else path_b
+        hit = sv.cfg.segments.evaluate(
+            [(n.encode(), v.encode()) for n, v in headers],
+            path_b.decode("latin-1"),
+            target,
+            method.encode(),
+            client_ip,
+            user or user_cookie,
+            lambda: at,
+        )
     dec = choose_release(
         sv.table,
         baseline=sv.cfg.baseline,
@@ -80,10 +107,15 @@ def explain(
         trusted=trusted,
         rng=rng or random.Random(),
         mint_uid=rc.sticky_cookie,
+        segment=hit[0] if hit is not None else None,
+        segment_key=hit[1] if hit is not None else None,
     )
     if dec is None:
-        return Explanation(service, None, REASON_UNAVAILABLE, user or user_cookie, None, trusted)
-    return Explanation(service, dec.release, dec.reason, dec.key, dec.chosen, trusted)
+        seg = hit[0].name if hit is not None else None
+        return Explanation(
+            service, None, REASON_UNAVAILABLE, user or user_cookie, None, trusted, seg
+        )
+    return Explanation(service, dec.release, dec.reason, dec.key, dec.chosen, trusted, dec.segment)
 
 
 @dataclass(frozen=True, slots=True)

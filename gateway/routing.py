@@ -31,6 +31,7 @@ REASON_COOKIE: Final = "cookie"
 REASON_HASH: Final = "hash"
 REASON_RANDOM: Final = "random"
 REASON_FALLBACK: Final = "fallback"
+REASON_SEGMENT: Final = "segment"
 
 
 def release_seed(salt: str, release: str) -> int:
@@ -162,6 +163,29 @@ class TrustPolicy:
         return any(ip in net for net in self._nets)
 
 
+class SegmentRoute:
+    """Where a matched user segment sends its requests (gateway/segments.py matches them).
+
+    Either one fixed `release`, or the segment's own split `table` (salted
+    `<service>/<segment>`, so it is independent of the service's split) keyed by
+    the segment's bucketing key. `keyed_by_user`: that key is the sticky key
+    (no `sticky_by`), so a minted sticky cookie can key it too.
+    """
+
+    __slots__ = ("name", "release", "table", "keyed_by_user")
+
+    def __init__(
+        self, name: str, release: str | None, table: WeightTable | None, keyed_by_user: bool
+    ) -> None:
+        self.name = name
+        self.release = release
+        self.table = table
+        self.keyed_by_user = keyed_by_user
+
+    def __repr__(self) -> str:
+        return f"SegmentRoute({self.name!r}, {self.release!r})"
+
+
 class Decision:
     """Which release serves a request, and why (the answer `explain` gives).
 
@@ -169,7 +193,7 @@ class Decision:
     or not) costs ~0.3 µs more and stays interpreted in the compiled build.
     """
 
-    __slots__ = ("release", "reason", "key", "chosen", "set_cookie")
+    __slots__ = ("release", "reason", "key", "chosen", "set_cookie", "segment")
 
     def __init__(
         self,
@@ -178,22 +202,32 @@ class Decision:
         key: str | None,  # the sticky key used, if any
         chosen: str,  # the release picked before any fallback
         set_cookie: str | None = None,  # a fresh sticky uid to hand to the client
+        segment: str | None = None,  # the user segment that chose `chosen`, if one did
     ) -> None:
         self.release = release
         self.reason = reason
         self.key = key
         self.chosen = chosen
         self.set_cookie = set_cookie
+        self.segment = segment
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Decision):
             return NotImplemented
-        return (self.release, self.reason, self.key, self.chosen, self.set_cookie) == (
+        return (
+            self.release,
+            self.reason,
+            self.key,
+            self.chosen,
+            self.set_cookie,
+            self.segment,
+        ) == (
             other.release,
             other.reason,
             other.key,
             other.chosen,
             other.set_cookie,
+            other.segment,
         )
 
     def __repr__(self) -> str:
@@ -211,20 +245,37 @@ def choose_release(
     trusted: bool,
     rng: random.Random,
     mint_uid: bool = False,
+    segment: SegmentRoute | None = None,
+    segment_key: str | None = None,
 ) -> Decision | None:
-    """SPEC §2 in order: trusted header, trusted cookie, sticky key, weighted random.
+    """In order: trusted header, trusted cookie, user segment, sticky key, weighted random.
 
     `available` are the releases that have a healthy endpoint now; a chosen
     release outside it falls back to the baseline. None: nothing can serve.
+    `segment` is the first segment the request matched (README "Segments"), and
+    `segment_key` its bucketing key (its `sticky_by` value, else the sticky key).
     """
     release: str | None = None
     reason = REASON_HASH
     key = user_key or None
     new_uid: str | None = None
+    seg_name: str | None = None
     if trusted and stage_header and stage_header in table.raw:
         release, reason = stage_header, REASON_HEADER
     elif trusted and stage_cookie and stage_cookie in table.raw:
         release, reason = stage_cookie, REASON_COOKIE
+    elif segment is not None:
+        seg_name, reason = segment.name, REASON_SEGMENT
+        st = segment.table
+        if segment.release is not None or st is None:
+            release = segment.release
+        elif segment_key:
+            release = st.pick_hash(segment_key)
+        elif mint_uid and segment.keyed_by_user:
+            new_uid = f"{rng.getrandbits(128):032x}"
+            release, key = st.pick_hash(new_uid), new_uid
+        else:
+            release = st.pick_random(rng)
     elif key is not None:
         release = table.pick_hash(key)
     elif mint_uid:
@@ -237,9 +288,9 @@ def choose_release(
     if release is None:
         release = baseline
     if release in available:
-        return Decision(release, reason, key, release, new_uid)
+        return Decision(release, reason, key, release, new_uid, seg_name)
     if baseline in available:
-        return Decision(baseline, REASON_FALLBACK, key, release, new_uid)
+        return Decision(baseline, REASON_FALLBACK, key, release, new_uid, seg_name)
     return None
 
 

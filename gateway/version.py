@@ -55,6 +55,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "gateway.metrics",
     "gateway.propagation",
     "gateway.routing",
+    "gateway.segments",
     "gateway.tally",
     "gateway.state",
 )
