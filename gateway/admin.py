@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from gateway import changes, preview
-from gateway.errors import BadRequest, GatewayError, NotFound, Unauthorized
+from gateway import audit, changes, preview
+from gateway.config import AdminConfig, AdminToken
+from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, Unauthorized
 from gateway.openapi import build_openapi
 from gateway.paths import BadTarget
 from gateway.readiness import unready_releases
@@ -76,18 +77,56 @@ async def errors_middleware(request: web.Request, handler: _Handler) -> web.Stre
         return error_response(500, "internal error; see the gateway log", None)
 
 
+def admin_tokens(cfg: AdminConfig) -> tuple[AdminToken, ...]:
+    """The `token_env` token (named `admin`, role write) and the named ones of `tokens_file`."""
+    env = (AdminToken("admin", cfg.token, "write"),) if cfg.token else ()
+    return env + cfg.tokens
+
+
+def match_token(tokens: tuple[AdminToken, ...], cred: str) -> AdminToken | None:
+    """Compare against every token in constant time, so timing tells nothing (RFC 6750 §5.3)."""
+    got = cred.encode()
+    found: AdminToken | None = None
+    for t in tokens:
+        if hmac.compare_digest(got, t.token.encode()) and found is None:
+            found = t
+    return found
+
+
+_READ_METHODS = ("GET", "HEAD", "OPTIONS")
+# What an admin request does, for the audit trail: (method, route) -> action.
+_AUDIT_ACTIONS = {
+    ("PUT", "/admin/services/{service}/weights"): "weights.set",
+    ("DELETE", "/admin/services/{service}/weights"): "weights.clear",
+    ("POST", "/admin/weights"): "weights.platform",
+    ("POST", "/admin/services/{service}/rollout"): "rollout.start",
+    ("POST", "/admin/reload"): "reload",
+}
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
-    """Bearer token on /admin, compared in constant time (RFC 6750 §2.1)."""
+    """Bearer token on /admin, compared in constant time (RFC 6750 §2.1); roles read|write."""
+    actor = "anonymous"
     if request.path.startswith("/admin"):
-        token = _gw(request).control.config.admin.token
-        if token:
+        tokens = admin_tokens(_gw(request).control.config.admin)
+        if tokens:
             scheme, _, cred = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                cred.strip().encode(), token.encode()
-            ):
+            who = match_token(tokens, cred.strip()) if scheme.lower() == "bearer" else None
+            if who is None:
                 raise Unauthorized("missing or wrong bearer token", "Authorization")
-    return await handler(request)
+            if who.role != "write" and request.method not in _READ_METHODS:
+                raise Forbidden(
+                    f"token {who.name!r} is read-only: it may only GET", "Authorization"
+                )
+            actor = who.name
+    info = request.match_info
+    route = info.route.resource.canonical if info.route.resource is not None else request.path
+    action = _AUDIT_ACTIONS.get((request.method, route))
+    if action is None and request.method == "POST" and route.startswith("/admin/services/"):
+        action = "rollout." + route.rsplit("/", 1)[-1]
+    with audit.acting(actor, "admin", action or f"{request.method} {route}"):
+        return await handler(request)
 
 
 # --------------------------------------------------------------------------- unauthenticated
@@ -174,6 +213,17 @@ def service_doc(
             },
             "window_s": g.window,
             "min_endpoints": g.min_endpoints,
+            "for_s": g.hold,
+            "rules": [
+                {
+                    "metric": r.metric,
+                    ("below" if r.metric == "healthy_endpoints" else "above"): r.threshold,
+                    "window_s": r.window if r.window is not None else g.window,
+                    "action": r.action,
+                    "for_s": r.hold if r.hold is not None else g.hold,
+                }
+                for r in g.rules
+            ],
         },
         "rollout": dict(rollout) if rollout is not None else None,
     }
@@ -368,6 +418,38 @@ def _rollout_action(action: str) -> _Handler:
     return handle
 
 
+# --------------------------------------------------------------------------- audit
+
+_AUDIT_PARAMS = ("service", "since", "limit")
+
+
+async def get_audit(request: web.Request) -> web.Response:
+    gw = _gw(request)
+    q = request.query
+    for k in q:
+        if k not in _AUDIT_PARAMS:
+            raise BadRequest(f"unknown parameter (known: {', '.join(_AUDIT_PARAMS)})", k)
+    service = q.get("service") or None
+    if service is not None and service not in gw.holder.current.services:
+        raise NotFound(f"unknown service {service!r}", "service")
+    since = None
+    if "since" in q:
+        since = audit.parse_time(q["since"], time.time())
+        if since is None:
+            raise BadRequest(
+                "must be RFC 3339 (2026-01-02T03:04:05Z), epoch seconds or a duration ago (10m)",
+                "since",
+            )
+    limit = 100
+    if "limit" in q:
+        s = q["limit"]
+        if not s.isdigit() or not 1 <= int(s) <= audit.KEEP:
+            raise BadRequest(f"must be an integer between 1 and {audit.KEEP}", "limit")
+        limit = int(s)
+    records = await gw.auditor.query(service, since, limit)
+    return web.json_response({"records": records, "count": len(records)})
+
+
 # --------------------------------------------------------------------------- reload / openapi
 
 
@@ -413,6 +495,9 @@ ROUTES: tuple[tuple[str, str, _Handler], ...] = (
     ("POST", "/admin/services/{service}/pause", _rollout_action("pause")),
     ("POST", "/admin/services/{service}/resume", _rollout_action("resume")),
     ("POST", "/admin/services/{service}/abort", _rollout_action("abort")),
+    ("POST", "/admin/services/{service}/rollout/confirm", _rollout_action("confirm")),
+    ("POST", "/admin/services/{service}/rollout/retry", _rollout_action("retry")),
+    ("GET", "/admin/audit", get_audit),
     ("POST", "/admin/reload", reload),
     ("GET", "/admin/openapi.json", openapi),
 )

@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import ClientTimeout, web
 
+from gateway import audit
 from gateway.config import Config, HostPort
 from gateway.control import ControlPlane
 from gateway.discovery import ConsulDiscovery, Pacing, consul_selectors
@@ -102,6 +103,11 @@ class Gateway:
         self.holder = SnapshotHolder(build_snapshot(config, rng=self.rng))
         # The control plane applies the state store, reloads and discovery to `holder`.
         self.control = ControlPlane(config, self.holder, rng=self.rng)
+        # Audit trail beside the state store: every stored change, with who made it.
+        self.auditor = audit.Auditor(audit.open_audit(config.state, config.consul))
+        self.control.on_change = self.auditor.on_change
+        if admin:  # workers reload too, on the master's signal: audit the reload once
+            self.control.reload_listeners.append(self._audit_reload)
         # Consul discovery (SPEC §1): complete endpoint maps go to the control plane,
         # which merges them with static upstreams; a dead Consul keeps the last good set.
         selectors = consul_selectors(config)
@@ -153,8 +159,33 @@ class Gateway:
         self.admin_runner: web.AppRunner | None = None
         self.admin_port: int | None = None
         self.port: int | None = None
+        self._background: set[asyncio.Task[Any]] = set()
         self.holder.subscribe(self._publish_gauges)
         self._publish_gauges(self.holder.current)
+
+    def _audit_reload(self) -> None:
+        """A reload is a change too: audited by whoever asked (SIGHUP: `reload`)."""
+        ctx = audit.current()
+        actor = ctx.actor if ctx is not None else "reload"
+        source = ctx.source if ctx is not None else "signal"
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a reload called outside the event loop (tests): log only
+            log.info("reload by %s not audited: no event loop", actor)
+            return
+        task = loop.create_task(
+            self.auditor.record(
+                action="reload",
+                service=None,
+                before=None,
+                after={"config": self.control.config.source},
+                state_version=self.holder.current.version,
+                actor=actor,
+                source=source,
+            )
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def is_ready(self) -> bool:
         """Ready while no release with weight > 0 lacks endpoints (gateway/readiness.py)."""
@@ -228,5 +259,8 @@ class Gateway:
         if self.discovery is not None:
             await self.discovery.stop()
         await self.control.stop()
+        for task in list(self._background):
+            await task
+        await self.auditor.store.close()
         # Flushing exporters blocks (OTLP over HTTP), so keep it off the event loop.
         await asyncio.to_thread(self.telemetry.shutdown)

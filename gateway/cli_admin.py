@@ -169,6 +169,27 @@ def cmd_strategy(args: argparse.Namespace) -> int:
     return rc
 
 
+# --------------------------------------------------------------------------- audit
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Print the audit trail, one JSON record a line, oldest first."""
+    from urllib.parse import urlencode
+
+    params = {"limit": str(args.limit)}
+    if args.service:
+        params["service"] = args.service
+    if args.since:
+        params["since"] = args.since
+    try:
+        doc = call(admin_url(args), "GET", "/admin/audit?" + urlencode(params))
+    except AdminError as e:
+        return _fail("gateway audit", str(e))
+    for rec in doc["records"]:
+        print(json.dumps(rec, separators=(",", ":"), sort_keys=True))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -208,3 +229,12 @@ def add_commands(sub: Any) -> None:
     )
     _admin_arg(s)
     s.set_defaults(func=cmd_strategy)
+
+    a = sub.add_parser("audit", help="the audit trail: who changed what (admin API)")
+    a.add_argument("service", nargs="?", default=None, metavar="SERVICE")
+    a.add_argument(
+        "--since", default=None, metavar="T", help="RFC 3339 time, epoch seconds or 10m (ago)"
+    )
+    a.add_argument("--limit", type=int, default=100, help="at most this many records (1-1000)")
+    _admin_arg(a)
+    a.set_defaults(func=cmd_audit)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -118,6 +119,35 @@ class MatchConfig:
     path_prefix: str = "/"
 
 
+RULE_METRICS = (
+    "error_rate",
+    "latency_p95_ms",
+    "latency_p99_ms",
+    "latency_p95_delta_ms",
+    "healthy_endpoints",
+)
+RULE_ACTIONS = ("pause", "rollback")
+ALERT_FORMATS = ("json", "slack", "dingtalk", "wecom")
+TOKEN_ROLES = ("read", "write")
+
+
+@dataclass(frozen=True, slots=True)
+class GuardRule:
+    """One extra guard rule; `healthy_endpoints` breaches *below* `threshold`, the rest above."""
+
+    metric: str
+    threshold: float
+    action: str = "rollback"
+    window: float | None = None  # None: the guard's window
+    hold: float | None = None  # YAML `for`; None: the guard's `for`
+
+
+@dataclass(frozen=True, slots=True)
+class AlertTarget:
+    url: str
+    format: str = "json"
+
+
 @dataclass(frozen=True, slots=True)
 class GuardConfig:
     error_rate: float = 0.01
@@ -128,6 +158,21 @@ class GuardConfig:
     min_endpoints: int = 1
     alert_webhook: str | None = None
     enabled: bool = True
+    hold: float = 30.0  # YAML `for`: how long a breach must last before the guard acts
+    rules: tuple[GuardRule, ...] = ()
+    alerts: tuple[AlertTarget, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutConfig:
+    confirm_timeout: float = 1800.0  # CircuitBreak confirms itself after this long
+
+
+@dataclass(frozen=True, slots=True)
+class AdminToken:
+    name: str
+    token: str
+    role: str = "write"
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +206,8 @@ class AdminConfig:
     listen: HostPort = HostPort("127.0.0.1", 9901)
     token_env: str | None = "GATEWAY_ADMIN_TOKEN"
     token: str | None = None  # resolved from token_env at load time
+    tokens_file: str | None = None
+    tokens: tuple[AdminToken, ...] = ()  # named tokens read from tokens_file at load time
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +240,8 @@ class Config:
     timeouts: Timeouts = Timeouts()
     retries: int = DEFAULT_RETRIES  # the default for services that set none
     retry_budget: RetryBudgetConfig = RetryBudgetConfig()
+    alerts: tuple[AlertTarget, ...] = ()
+    rollout: RolloutConfig = RolloutConfig()
     source: str = field(default="<memory>", compare=False)
 
 
@@ -431,6 +480,9 @@ def _guard(v: object, path: str, errs: _Errors) -> GuardConfig:
             "min_endpoints",
             "alert_webhook",
             "enabled",
+            "for",
+            "rules",
+            "alerts",
         },
         path,
         errs,
@@ -462,7 +514,132 @@ def _guard(v: object, path: str, errs: _Errors) -> GuardConfig:
         min_endpoints=min_ep,
         alert_webhook=hook,
         enabled=_bool(m, "enabled", True, path, errs),
+        hold=_duration(m, "for", d.hold, path, errs),
+        rules=_rules(m.get("rules"), f"{path}.rules", errs),
+        alerts=_alerts(m.get("alerts"), f"{path}.alerts", errs),
     )
+
+
+def _rules(v: object, path: str, errs: _Errors) -> tuple[GuardRule, ...]:
+    if v is None:
+        return ()
+    if not isinstance(v, list):
+        errs.add(path, "must be a list of {metric, above, window, action, for}")
+        return ()
+    out: list[GuardRule] = []
+    for i, item in enumerate(v):
+        p = f"{path}[{i}]"
+        if not isinstance(item, Mapping):
+            errs.add(p, "must be a mapping {metric, above, window, action, for}")
+            continue
+        _unknown(item, {"metric", "above", "below", "window", "action", "for"}, p, errs)
+        metric = item.get("metric")
+        if metric not in RULE_METRICS:
+            errs.add(f"{p}.metric", f"must be one of {', '.join(RULE_METRICS)}")
+            continue
+        key, other = ("below", "above") if metric == "healthy_endpoints" else ("above", "below")
+        if other in item:
+            errs.add(f"{p}.{other}", f"{metric} rules take `{key}`, not `{other}`")
+        if key not in item:
+            errs.add(f"{p}.{key}", f"is required for {metric} (a number >= 0)")
+            continue
+        threshold = _number(item, key, 0.0, p, errs)
+        if metric == "error_rate" and threshold > 1:
+            errs.add(f"{p}.{key}", "must be a fraction between 0 and 1")
+        action = item.get("action", "rollback")
+        if action not in RULE_ACTIONS:
+            errs.add(f"{p}.action", f"must be one of {', '.join(RULE_ACTIONS)}")
+            action = "rollback"
+        window = _duration(item, "window", 0.0, p, errs) if "window" in item else None
+        if window is not None and window < 1:
+            errs.add(f"{p}.window", "must be at least 1s")
+            window = None
+        hold = _duration(item, "for", 0.0, p, errs) if "for" in item else None
+        out.append(GuardRule(metric, threshold, action, window, hold))
+    return tuple(out)
+
+
+def _alerts(v: object, path: str, errs: _Errors) -> tuple[AlertTarget, ...]:
+    if v is None:
+        return ()
+    if not isinstance(v, list):
+        errs.add(path, "must be a list of {url, format}")
+        return ()
+    out: list[AlertTarget] = []
+    for i, item in enumerate(v):
+        p = f"{path}[{i}]"
+        if not isinstance(item, Mapping):
+            errs.add(p, "must be a mapping {url, format}")
+            continue
+        _unknown(item, {"url", "format"}, p, errs)
+        url = item.get("url")
+        if not isinstance(url, str) or not _http_url(url):
+            errs.add(f"{p}.url", "must be an http(s) URL")
+            continue
+        fmt = item.get("format", "json")
+        if fmt not in ALERT_FORMATS:
+            errs.add(f"{p}.format", f"must be one of {', '.join(ALERT_FORMATS)}")
+            continue
+        out.append(AlertTarget(url, fmt))
+    return tuple(out)
+
+
+def _http_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _rollout_cfg(v: object, errs: _Errors) -> RolloutConfig:
+    m = _mapping(v, "rollout", errs)
+    _unknown(m, {"confirm_timeout"}, "rollout", errs)
+    d = RolloutConfig()
+    ct = _duration(m, "confirm_timeout", d.confirm_timeout, "rollout", errs)
+    if ct <= 0:
+        errs.add("rollout.confirm_timeout", "must be a duration > 0 such as 30m")
+        ct = d.confirm_timeout
+    return RolloutConfig(confirm_timeout=ct)
+
+
+def read_tokens_file(path: str, errs: _Errors) -> tuple[AdminToken, ...]:
+    """`name token [read|write]` per line; `#` comments and blank lines are skipped."""
+    f = "admin.tokens_file"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        errs.add(f, f"cannot read {path!r}: {getattr(e, 'strerror', None) or e}")
+        return ()
+    out: list[AdminToken] = []
+    names: set[str] = set()
+    secrets: set[str] = set()
+    for n, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        where = f"{path!r} line {n}"
+        if len(parts) not in (2, 3):
+            errs.add(f, f"{where}: expected `name token [read|write]`")
+            continue
+        name, token = parts[0], parts[1]
+        role = parts[2] if len(parts) == 3 else "write"
+        if not _NAME_RE.match(name):
+            errs.add(f, f"{where}: name {name!r} must be letters, digits, '.', '_' or '-'")
+        elif name in names:
+            errs.add(f, f"{where}: name {name!r} is listed twice")
+        elif role not in TOKEN_ROLES:
+            errs.add(f, f"{where}: role {role!r} must be read or write")
+        elif token in secrets:
+            errs.add(f, f"{where}: the token of {name!r} is also another name's token")
+        else:
+            names.add(name)
+            secrets.add(token)
+            out.append(AdminToken(name, token, role))
+    if not out and not any(p == f for p, _ in errs.items):
+        errs.add(f, f"{path!r} lists no tokens")
+    return tuple(out)
 
 
 def _release(name: str, v: object, path: str, errs: _Errors) -> ReleaseConfig:
@@ -780,13 +957,15 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             "retries",
             "retry_budget",
             "services",
+            "alerts",
+            "rollout",
         },
         "",
         errs,
     )
     listen = _listen(m, "listen", HostPort("0.0.0.0", 8080), "", errs)
     am = _mapping(m.get("admin"), "admin", errs)
-    _unknown(am, {"listen", "token_env"}, "admin", errs)
+    _unknown(am, {"listen", "token_env", "tokens_file"}, "admin", errs)
     admin_listen = _listen(am, "listen", AdminConfig().listen, "admin", errs)
     if (clash := _listeners_clash(listen, admin_listen)) is not None:
         errs.add("admin.listen", clash)
@@ -795,7 +974,17 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         errs.add("admin.token_env", "must be an environment variable name or null")
         token_env = None
     token = env.get(token_env) if token_env else None
-    admin = AdminConfig(admin_listen, token_env, token or None)
+    tokens_file = am.get("tokens_file")
+    tokens: tuple[AdminToken, ...] = ()
+    if tokens_file is not None:
+        if not isinstance(tokens_file, str) or not tokens_file:
+            errs.add("admin.tokens_file", "must be a file path or null")
+            tokens_file = None
+        else:
+            tokens = read_tokens_file(tokens_file, errs)
+            if token and any(t.name == "admin" for t in tokens):
+                errs.add("admin.tokens_file", "the name 'admin' is taken by the token_env token")
+    admin = AdminConfig(admin_listen, token_env, token or None, tokens_file, tokens)
 
     workers = m.get("workers", 1)
     if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 256:
@@ -846,6 +1035,8 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
     routing = _routing(m.get("routing"), errs)
     drain = _duration(m, "drain_timeout", 30.0, "", errs, positive=True)
     access_log = _bool(m, "access_log", False, "", errs)
+    alerts = _alerts(m.get("alerts"), "alerts", errs)
+    rollout = _rollout_cfg(m.get("rollout"), errs)
     if errs.items:
         raise ConfigError(errs.items, source)
     return Config(
@@ -862,6 +1053,8 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         timeouts=base_t,
         retries=base_retries,
         retry_budget=retry_budget,
+        alerts=alerts,
+        rollout=rollout,
         source=source,
     )
 

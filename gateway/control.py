@@ -14,11 +14,11 @@ import ipaddress
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gateway import changes, statedoc
+from gateway import audit, changes, statedoc
 from gateway import config as config_mod
 from gateway import rollout as rollout_mod
 from gateway.config import Config, Endpoint
@@ -35,7 +35,11 @@ _ACTIONS: dict[str, Callable[[rollout_mod.Rollout, float], rollout_mod.Rollout]]
     "pause": rollout_mod.pause,
     "resume": rollout_mod.resume,
     "abort": lambda r, now: rollout_mod.abort(r),
+    "confirm": rollout_mod.confirm,
+    "retry": rollout_mod.retry,
 }
+# Called after every stored change: (service, before, after, state version) — the audit.
+ChangeHook = Callable[[str, ServiceState | None, ServiceState | None, int], Awaitable[None]]
 # Changing these needs new sockets, processes or a new store: a reload warns and keeps them.
 _RESTART_ONLY = ("listen", "admin", "workers", "engine", "state", "consul")
 
@@ -52,7 +56,7 @@ def is_loopback(host: str) -> bool:
 def check_admin_exposure(cfg: Config) -> None:
     """Refuse an admin listener reachable off-host without a token (SPEC §6)."""
     a = cfg.admin
-    if a.token or is_loopback(a.listen.host):
+    if a.token or a.tokens or is_loopback(a.listen.host):
         return
     how = (
         f"export {a.token_env}=<secret>"
@@ -126,6 +130,7 @@ class ControlPlane:
         self.rollout_interval = 1.0
         self._warned: set[str] = set()
         self._discovered: EndpointMap | None = None
+        self.on_change: ChangeHook | None = None
 
     @property
     def store(self) -> StateStore:
@@ -270,6 +275,10 @@ class ControlPlane:
                     statedoc.check(replace(new_doc, version=cur.version + 1))
                 except statedoc.InvalidDoc as e:
                     raise BadRequest(f"the resulting state is invalid: {e}", e.field) from None
+                # For the audit; nothing stored yet: the config's weights were replaced.
+                before = cur.services.get(service) or ServiceState(
+                    weights=self.holder.current.weights.get(service, {})
+                )
                 try:
                     stored = await store.write(new_doc, cur.version)
                 except Conflict:
@@ -284,6 +293,10 @@ class ControlPlane:
                         self._apply(latest)
                     continue
                 self._apply(stored)
+                if self.on_change is not None:
+                    await self.on_change(
+                        service, before, stored.services.get(service), stored.version
+                    )
                 return stored
         raise Conflict("the state kept changing under this request; retry", "If-Match")
 
@@ -376,11 +389,12 @@ class ControlPlane:
         moved = []
         for service in list(self.doc.services):
             r = self.rollout_of(service)
-            if r is None or r.state != rollout_mod.PROGRESSING:
+            if r is None or r.state not in (rollout_mod.PROGRESSING, rollout_mod.CIRCUIT_BREAK):
                 continue
             if rollout_mod.tick(r, now) == r or service not in self.config.services:
                 continue
             svc = self.config.services[service]
+            step = "confirm_timeout" if r.state == rollout_mod.CIRCUIT_BREAK else "step"
 
             def edit(st: ServiceState, snap: Snapshot, svc: Any = svc) -> ServiceState:
                 raw = st.extra.get("rollout")
@@ -392,13 +406,40 @@ class ControlPlane:
                     return st
                 return self._with_rollout(st, svc, snap.weights.get(svc.name, {}), nxt)
 
-            await self._change(service, edit, None)
+            with audit.acting("rollout", "rollout", f"rollout.{step}"):
+                await self._change(service, edit, None)
             moved.append(service)
         return moved
 
-    async def trip(self, service: str, release: str, reason: str) -> StateDoc:
-        """The guard's rollback: weight 0, rollout CircuitBreak -> RolledBack, persisted."""
+    async def transition(
+        self,
+        service: str,
+        fn: Callable[[rollout_mod.Rollout], rollout_mod.Rollout],
+    ) -> StateDoc:
+        """Apply one pure rollout move (a guard pause or resume); Conflict when none applies."""
         svc = self.config.services[service]
+
+        def edit(st: ServiceState, snap: Snapshot) -> ServiceState:
+            raw = st.extra.get("rollout")
+            if not isinstance(raw, Mapping):
+                raise Conflict(f"service {service!r} has no rollout", "state")
+            nxt = fn(rollout_mod.Rollout.from_json(raw))
+            return self._with_rollout(st, svc, snap.weights.get(service, {}), nxt)
+
+        return await self._change(service, edit, None)
+
+    async def trip(
+        self,
+        service: str,
+        release: str,
+        reason: str,
+        *,
+        now: float | None = None,
+    ) -> StateDoc:
+        """The guard's rollback: weight 0, rollout CircuitBreak (until confirm/retry), persisted."""
+        svc = self.config.services[service]
+        now = time.time() if now is None else now
+        confirm_timeout = self.config.rollout.confirm_timeout
 
         def edit(st: ServiceState, snap: Snapshot) -> ServiceState:
             current = snap.weights.get(service, {})
@@ -410,14 +451,22 @@ class ControlPlane:
             weights = changes.weights_change(svc, current, change)
             raw = st.extra.get("rollout")
             cur = rollout_mod.Rollout.from_json(raw) if isinstance(raw, Mapping) else None
-            if cur is not None and cur.release == release and cur.state in rollout_mod.ACTIVE:
-                r = rollout_mod.rolled_back(rollout_mod.circuit_break(cur, reason))
+            mine = cur is not None and cur.release == release
+            if current.get(release, 0.0) <= 0 or (
+                mine and cur is not None and cur.state == rollout_mod.CIRCUIT_BREAK
+            ):  # another worker or replica rolled it back first
+                raise Conflict(f"{release!r} of {service!r} is already rolled back", "state")
+            if mine and cur is not None and cur.state in rollout_mod.ACTIVE:
+                r = rollout_mod.circuit_break(cur, reason, now, confirm_timeout)
             else:
+                # No rollout of it: a one-step plan at its old share, so `retry` restores it.
                 pct = current.get(release, 0.0) / (sum(current.values()) or 1.0) * 100.0
                 r = replace(
                     rollout_mod.Rollout(release, (rollout_mod.Step(min(100.0, pct), None),)),
-                    state=rollout_mod.ROLLED_BACK,
+                    state=rollout_mod.CIRCUIT_BREAK,
+                    step=0,
                     reason=reason,
+                    confirm_by=now + confirm_timeout,
                 )
             return replace(st, weights=weights, extra={**st.extra, "rollout": r.to_json()})
 

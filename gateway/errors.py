@@ -51,6 +51,12 @@ class Unauthorized(GatewayError):
     status = 401
 
 
+class Forbidden(GatewayError):
+    """A valid token whose role does not allow this request (a `read` token writing)."""
+
+    status = 403
+
+
 class NotFound(GatewayError):
     status = 404
 

@@ -1,4 +1,4 @@
-"""Sliding-window health of each release and the trip decision (SPEC §7) — pure.
+"""Sliding-window health of each release (README.md "Guard rules") — pure.
 
 Why buckets: a request is recorded in O(1) into a per-second bucket (count,
 failures, a fixed log-scale latency histogram); evaluation sums the buckets
@@ -15,16 +15,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from gateway.config import GuardConfig
 from gateway.tally import Tally
 
 # Latency bucket upper bounds in seconds: ~10 % apart from 0.5 ms to ~120 s.
 _BOUNDS: Final[tuple[float, ...]] = tuple(0.0005 * (1.1**i) for i in range(131))
 _NB: Final = len(_BOUNDS) + 1
-
-REASON_ERROR_RATE: Final = "error_rate"
-REASON_LATENCY: Final = "latency_p95"
-REASON_LATENCY_DELTA: Final = "latency_p95_delta"
 
 
 class _Bucket:
@@ -48,6 +43,7 @@ class WindowStats:
     requests: int
     failures: int
     p95_ms: float | None
+    p99_ms: float | None = None
 
     @property
     def error_rate(self) -> float:
@@ -86,8 +82,13 @@ class ReleaseWindow:
         for x in seconds:
             hist[bisect_left(_BOUNDS, x)] += 1
 
-    def stats(self, now: float) -> WindowStats:
-        lo = int(now) - self.window
+    def stats(self, now: float, span: int = 0) -> WindowStats:
+        """Totals of the last `span` seconds (0 or more than the window: the whole window).
+
+        A rule with a shorter window than the guard's reads the same buckets,
+        so extra rules add nothing to the per-request cost.
+        """
+        lo = int(now) - (span if 0 < span < self.window else self.window)
         req = fail = 0
         hist = [0] * _NB
         for b in self._buckets:
@@ -97,7 +98,9 @@ class ReleaseWindow:
                 for i, c in enumerate(b.hist):
                     if c:
                         hist[i] += c
-        return WindowStats(req, fail, _quantile_ms(hist, req, 0.95) if req else None)
+        if not req:
+            return WindowStats(req, fail, None, None)
+        return WindowStats(req, fail, _quantile_ms(hist, req, 0.95), _quantile_ms(hist, req, 0.99))
 
 
 def _quantile_ms(hist: list[int], total: int, q: float) -> float:
@@ -110,60 +113,11 @@ def _quantile_ms(hist: list[int], total: int, q: float) -> float:
     return _BOUNDS[-1] * 1000.0
 
 
-@dataclass(frozen=True, slots=True)
-class Trip:
-    service: str
-    release: str
-    reason: str
-    value: float
-    threshold: float
-    stats: WindowStats
-    baseline_p95_ms: float | None
-
-
 def is_failure(status: int, error: str | None) -> bool:
     """5xx answers and upstream failures count; a client hanging up does not."""
     if error is not None:
         return error != "client_abort"
     return status >= 500
-
-
-def decide(
-    service: str,
-    release: str,
-    cfg: GuardConfig,
-    stats: WindowStats,
-    baseline: WindowStats | None,
-) -> Trip | None:
-    """The first threshold a release crosses, given at least `min_requests` (SPEC §7)."""
-    if not cfg.enabled or stats.requests < cfg.min_requests:
-        return None
-    base_p95 = baseline.p95_ms if baseline is not None else None
-    if stats.error_rate > cfg.error_rate:
-        return Trip(
-            service, release, REASON_ERROR_RATE, stats.error_rate, cfg.error_rate, stats, base_p95
-        )
-    if stats.p95_ms is not None and stats.p95_ms > cfg.latency_p95_ms:
-        return Trip(
-            service, release, REASON_LATENCY, stats.p95_ms, cfg.latency_p95_ms, stats, base_p95
-        )
-    if (
-        stats.p95_ms is not None
-        and base_p95 is not None
-        and baseline is not None
-        and baseline.requests >= cfg.min_requests
-        and stats.p95_ms - base_p95 > cfg.latency_p95_delta_ms
-    ):
-        return Trip(
-            service,
-            release,
-            REASON_LATENCY_DELTA,
-            stats.p95_ms - base_p95,
-            cfg.latency_p95_delta_ms,
-            stats,
-            base_p95,
-        )
-    return None
 
 
 class Guard:
@@ -204,23 +158,9 @@ class Guard:
         for status, seconds, error in t.odd:
             w.record(now, seconds, is_failure(status, error))
 
-    def stats(self, service: str, release: str) -> WindowStats:
+    def stats(self, service: str, release: str, span: int = 0) -> WindowStats:
         w = self._windows.get((service, release))
-        return w.stats(self.clock()) if w is not None else WindowStats(0, 0, None)
+        return w.stats(self.clock(), span) if w is not None else WindowStats(0, 0, None)
 
     def reset(self, service: str, release: str) -> None:
         self._windows.pop((service, release), None)
-
-    def evaluate(
-        self, service: str, baseline: str, releases: Mapping[str, float], cfg: GuardConfig
-    ) -> list[Trip]:
-        """Trips for every non-baseline release that still has weight."""
-        base = self.stats(service, baseline)
-        trips = []
-        for rel, weight in releases.items():
-            if rel == baseline or weight <= 0:
-                continue
-            t = decide(service, rel, cfg, self.stats(service, rel), base)
-            if t is not None:
-                trips.append(t)
-        return trips

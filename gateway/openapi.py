@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.config import RULE_ACTIONS, RULE_METRICS
 from gateway.rollout import STATES as ROLLOUT_STATES
 from gateway.statedoc import (
     GUARD_FIELDS,
@@ -129,6 +130,24 @@ SCHEMAS: dict[str, Any] = {
             "thresholds": _ref("Thresholds"),
             "window_s": {"type": "number", "minimum": 0},
             "min_endpoints": {"type": "integer", "minimum": 0},
+            "for_s": {
+                "type": "number",
+                "minimum": 0,
+                "description": "how long a breach must last before the guard acts",
+            },
+            "rules": {"type": "array", "items": _ref("GuardRule")},
+        },
+    },
+    "GuardRule": {
+        "type": "object",
+        "required": ["metric", "window_s", "action", "for_s"],
+        "properties": {
+            "metric": {"type": "string", "enum": list(RULE_METRICS)},
+            "above": {"type": "number"},
+            "below": {"type": "number", "description": "healthy_endpoints only"},
+            "window_s": {"type": "number", "minimum": 0},
+            "action": {"type": "string", "enum": list(RULE_ACTIONS)},
+            "for_s": {"type": "number", "minimum": 0},
         },
     },
     "Service": {
@@ -179,8 +198,52 @@ SCHEMAS: dict[str, Any] = {
             "step_started": {"type": "number"},
             "paused_left": {"type": ["number", "null"]},
             "reason": {"type": ["string", "null"]},
+            "paused_by": {
+                "type": ["string", "null"],
+                "description": "guard: a guard pause rule holds it and lifts it by itself",
+            },
+            "confirm_by": {
+                "type": ["number", "null"],
+                "description": "CircuitBreak: when it confirms itself (rollout.confirm_timeout)",
+            },
             "weight": _PERCENT,
             "steps": {"type": "array", "items": _ref("RolloutStep")},
+        },
+    },
+    "AuditRecord": {
+        "type": "object",
+        "required": [
+            "time",
+            "actor",
+            "source",
+            "action",
+            "service",
+            "before",
+            "after",
+            "reason",
+            "state_version",
+        ],
+        "properties": {
+            "time": {"type": "string", "format": "date-time"},
+            "actor": {
+                "type": "string",
+                "description": "the admin token's name, or guard, rollout, reload",
+            },
+            "source": {"type": "string"},
+            "action": {"type": "string"},
+            "service": {"type": ["string", "null"]},
+            "before": {"type": ["object", "null"]},
+            "after": {"type": ["object", "null"]},
+            "reason": {"type": ["string", "null"]},
+            "state_version": {"type": "integer", "minimum": 0},
+        },
+    },
+    "AuditList": {
+        "type": "object",
+        "required": ["records", "count"],
+        "properties": {
+            "records": {"type": "array", "items": _ref("AuditRecord")},
+            "count": {"type": "integer", "minimum": 0},
         },
     },
     "RolloutStep": {
@@ -552,7 +615,51 @@ def _paths() -> dict[str, Any]:
                 ("pause", "hold the current step"),
                 ("resume", "continue a paused rollout"),
                 ("abort", "roll back: the release to weight 0, state RolledBack"),
+                ("rollout/confirm", "accept a guard rollback: CircuitBreak -> RolledBack"),
+                (
+                    "rollout/retry",
+                    "start the plan again at step 1: CircuitBreak|RolledBack -> "
+                    "Progressing, guard counters reset",
+                ),
             )
+        },
+        "/admin/audit": {
+            "get": {
+                "summary": "the audit trail: every accepted change and guard action, oldest "
+                "first (the last 1,000 are kept)",
+                "parameters": [
+                    {
+                        "name": "service",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "required": False,
+                        "description": "RFC 3339 time, epoch seconds, or a duration ago (10m)",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": 1000,
+                            "default": 100,
+                        },
+                    },
+                ],
+                "responses": {
+                    "200": _json(_ref("AuditList"), "matching records"),
+                    "400": _E400,
+                    "401": _E401,
+                    "404": _E404,
+                },
+            }
         },
         "/admin/reload": {
             "post": {
@@ -576,6 +683,18 @@ def _paths() -> dict[str, Any]:
     }
 
 
+_E403 = _json(_ERR, "a read-only token (admin.tokens_file) may only GET")
+
+
+def _with_roles(paths: dict[str, Any]) -> dict[str, Any]:
+    """Every admin write may answer 403 to a read-only token."""
+    for path, item in paths.items():
+        for method in ("put", "post", "delete"):
+            if path.startswith("/admin") and method in item:
+                item[method]["responses"].setdefault("403", _E403)
+    return paths
+
+
 def build_openapi(version: str) -> dict[str, Any]:
     """The document served at /admin/openapi.json."""
     return {
@@ -584,13 +703,14 @@ def build_openapi(version: str) -> dict[str, Any]:
             "title": "Gray-release gateway admin API",
             "version": version,
             "description": "SPEC §6. Every path under /admin needs `Authorization: Bearer "
-            "<token>` when a token is configured (admin.token_env); /healthz, /readyz and "
+            "<token>` when a token is configured (admin.token_env, admin.tokens_file); a "
+            "`read` token may only GET (403 otherwise); /healthz, /readyz and "
             '/metrics never do. Errors are {"error", "field"}. Guard thresholds that can '
             f"change live: {', '.join(GUARD_FIELDS)}.",
         },
         "servers": [{"url": "/"}],
         "security": [{"bearerAuth": []}],
-        "paths": _paths(),
+        "paths": _with_roles(_paths()),
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},

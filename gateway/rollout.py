@@ -1,10 +1,12 @@
 """The rollout state machine (SPEC §7) — pure.
 
 Why explicit transitions: `Pending → Progressing ⇄ Paused → Promoted` and
-`Progressing|Paused → CircuitBreak → RolledBack`, as Argo Rollouts and Flagger
-operators know them; every move is a method that returns the new immutable
-state or raises, so the admin API can answer 409 on an impossible request and
-the state persists as plain JSON.
+`Progressing|Paused → CircuitBreak → RolledBack` (`confirm`, or by itself
+after `rollout.confirm_timeout`) and `CircuitBreak|RolledBack → Progressing`
+(`retry`, from step 1), as Argo Rollouts and Flagger operators know them;
+every move is a function that returns the new immutable state or raises, so
+the admin API can answer 409 on an impossible request and the state persists
+as plain JSON.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class Rollout:
     step_started: float = 0.0
     paused_left: float | None = None  # seconds of the current pause left when paused
     reason: str | None = None
+    paused_by: str | None = None  # "guard" when a guard rule paused it (it resumes by itself)
+    confirm_by: float | None = None  # CircuitBreak: wall time it confirms itself
+
+    def __repr__(self) -> str:
+        return f"<Rollout {self.release} {self.state} step={self.step} reason={self.reason!r}>"
 
     @property
     def weight(self) -> float:
@@ -70,6 +77,8 @@ class Rollout:
             "step_started": self.step_started,
             "paused_left": self.paused_left,
             "reason": self.reason,
+            "paused_by": self.paused_by,
+            "confirm_by": self.confirm_by,
             "steps": [{"weight": s.weight, "pause": s.pause} for s in self.steps],
             "weight": self.weight,
         }
@@ -102,6 +111,14 @@ class Rollout:
         reason = d.get("reason")
         if reason is not None and not isinstance(reason, str):
             raise BadRequest("must be null or a string", "reason")
+        paused_by = d.get("paused_by")
+        if paused_by not in (None, "guard"):
+            raise BadRequest('must be null or "guard"', "paused_by")
+        confirm_by = d.get("confirm_by")
+        if confirm_by is not None and not _finite(confirm_by):
+            raise BadRequest(
+                "must be null or a finite number (seconds since the epoch)", "confirm_by"
+            )
         return replace(
             r,
             state=state,
@@ -109,6 +126,8 @@ class Rollout:
             step_started=float(started),
             paused_left=None if left is None else float(left),
             reason=reason,
+            paused_by=paused_by,
+            confirm_by=None if confirm_by is None else float(confirm_by),
         )
 
 
@@ -155,7 +174,14 @@ def start(r: Rollout, now: float) -> Rollout:
 
 
 def tick(r: Rollout, now: float) -> Rollout:
-    """Advance while Progressing and the current step's pause has elapsed."""
+    """Advance while Progressing and the current step's pause has elapsed.
+
+    A CircuitBreak past its `confirm_by` confirms itself (→ RolledBack).
+    """
+    if r.state == CIRCUIT_BREAK:
+        if r.confirm_by is not None and now >= r.confirm_by:
+            return confirm(r, now)
+        return r
     if r.state != PROGRESSING:
         return r
     while True:
@@ -172,7 +198,7 @@ def pause(r: Rollout, now: float) -> Rollout:
         raise Conflict(f"rollout is {r.state}; only a Progressing rollout pauses", "state")
     s = r.steps[r.step]
     left = None if s.pause is None else max(0.0, s.pause - (now - r.step_started))
-    return replace(r, state=PAUSED, paused_left=left)
+    return replace(r, state=PAUSED, paused_left=left, paused_by=None)
 
 
 def resume(r: Rollout, now: float) -> Rollout:
@@ -180,7 +206,21 @@ def resume(r: Rollout, now: float) -> Rollout:
         raise Conflict(f"rollout is {r.state}; only a Paused rollout resumes", "state")
     s = r.steps[r.step]
     started = now if s.pause is None or r.paused_left is None else now - (s.pause - r.paused_left)
-    return replace(r, state=PROGRESSING, step_started=started, paused_left=None)
+    return replace(
+        r, state=PROGRESSING, step_started=started, paused_left=None, paused_by=None, reason=None
+    )
+
+
+def guard_pause(r: Rollout, now: float, reason: str) -> Rollout:
+    """A guard `pause` rule: hold at the current step, weights unchanged."""
+    return replace(pause(r, now), paused_by="guard", reason=reason)
+
+
+def guard_resume(r: Rollout, now: float) -> Rollout:
+    """The guard's own pause ends once its rules held again; an operator's pause does not."""
+    if r.state != PAUSED or r.paused_by != "guard":
+        raise Conflict(f"rollout is {r.state} (paused by {r.paused_by}); not the guard's", "state")
+    return resume(r, now)
 
 
 def promote(r: Rollout, now: float) -> Rollout:
@@ -190,17 +230,45 @@ def promote(r: Rollout, now: float) -> Rollout:
     return replace(r, state=PROMOTED, step=len(r.steps) - 1, step_started=now, paused_left=None)
 
 
-def circuit_break(r: Rollout, reason: str) -> Rollout:
-    """The guard tripped: weight to 0 first, then RolledBack once persisted."""
+def circuit_break(
+    r: Rollout, reason: str, now: float = 0.0, confirm_timeout: float | None = None
+) -> Rollout:
+    """The guard tripped: weight 0; waits for `confirm`, `retry` or `confirm_timeout`."""
     if r.state not in ACTIVE:
         return r
-    return replace(r, state=CIRCUIT_BREAK, reason=reason)
+    by = None if confirm_timeout is None else now + confirm_timeout
+    return replace(
+        r, state=CIRCUIT_BREAK, reason=reason, paused_left=None, paused_by=None, confirm_by=by
+    )
+
+
+def confirm(r: Rollout, now: float) -> Rollout:
+    """An operator (or the confirm timeout) accepts the rollback."""
+    if r.state != CIRCUIT_BREAK:
+        raise Conflict(f"rollout is {r.state}; only a CircuitBreak is confirmed", "state")
+    return replace(r, state=ROLLED_BACK, confirm_by=None)
+
+
+def retry(r: Rollout, now: float) -> Rollout:
+    """Start the same plan again from step 1 with its counters reset."""
+    if r.state not in (CIRCUIT_BREAK, ROLLED_BACK):
+        raise Conflict(f"rollout is {r.state}; only CircuitBreak or RolledBack retries", "state")
+    return replace(
+        r,
+        state=PROGRESSING,
+        step=0,
+        step_started=now,
+        paused_left=None,
+        reason=None,
+        paused_by=None,
+        confirm_by=None,
+    )
 
 
 def rolled_back(r: Rollout) -> Rollout:
     if r.state not in (CIRCUIT_BREAK, *ACTIVE):
         raise Conflict(f"rollout is {r.state}; cannot roll back", "state")
-    return replace(r, state=ROLLED_BACK)
+    return replace(r, state=ROLLED_BACK, confirm_by=None)
 
 
 def abort(r: Rollout, reason: str = "aborted") -> Rollout:

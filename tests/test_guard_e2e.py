@@ -44,6 +44,7 @@ async def test_failing_gray_is_rolled_back_with_alert(upstreams: Any, gateway: A
             "error_rate": 0.05,
             "min_requests": 20,
             "window": "30s",
+            "for": "0s",
             "alert_webhook": f"{hook.url}/alert",
         }
         gw = await gateway(gateway_config(svc), guard_interval=0.1)
@@ -57,8 +58,10 @@ async def test_failing_gray_is_rolled_back_with_alert(upstreams: Any, gateway: A
             await asyncio.wait_for(got.wait(), 10)
             alert = received[0]
             assert alert["service"] == "svc" and alert["release"] == "gray"
+            assert alert["window"]["requests"] >= 20 and alert["window"]["failures"] > 0
             assert (
-                alert["reason"] == "error_rate" and alert["action"]["rollout_state"] == "RolledBack"
+                alert["reason"] == "error_rate"
+                and alert["action"]["rollout_state"] == "CircuitBreak"
             )
             snap = gw.holder.current
             assert snap.services["svc"].releases["gray"].raw_weight == 0
@@ -76,7 +79,7 @@ async def test_failing_gray_is_rolled_back_with_alert(upstreams: Any, gateway: A
             if smp.name == "gateway_guard_trips_total"
         }
         assert trips == {("gray", "error_rate"): 1.0}
-        assert 'gateway_rollout_state{service="svc",state="RolledBack"} 1.0' in text
+        assert 'gateway_rollout_state{service="svc",state="CircuitBreak"} 1.0' in text
     finally:
         await gray.runner.cleanup()
         await hook.runner.cleanup()
@@ -85,7 +88,7 @@ async def test_failing_gray_is_rolled_back_with_alert(upstreams: Any, gateway: A
 async def test_healthy_gray_is_left_alone(upstreams: Any, gateway: Any) -> None:
     stable, gray = await upstreams("stable"), await upstreams("gray")
     svc = two_releases(stable.url, gray.url, 50, 50)
-    svc["svc"]["guard"] = {"error_rate": 0.05, "min_requests": 20, "window": "30s"}
+    svc["svc"]["guard"] = {"error_rate": 0.05, "min_requests": 20, "window": "30s", "for": "0s"}
     gw = await gateway(gateway_config(svc), guard_interval=0.05)
     async with aiohttp.ClientSession() as s:
         for i in range(100):

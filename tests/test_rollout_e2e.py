@@ -6,7 +6,10 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 
+from gateway import audit
+from gateway.errors import Conflict
 from tests.conftest import gateway_config, two_releases
 
 PLAN = {
@@ -72,14 +75,25 @@ async def test_abort_rolls_back_and_bad_plans_change_nothing(upstreams: Any, gat
             assert gw.holder.current.version == version
         status, doc = await _post(s, f"{base}/abort")
         assert status == 409  # nothing to abort
+        for action in ("rollout/confirm", "rollout/retry"):
+            status, doc = await _post(s, f"{base}/{action}")
+            assert (status, doc["field"]) == (409, "state"), action
+            status, doc = await _post(
+                s, f"http://127.0.0.1:{gw.admin_port}/admin/services/x/{action}"
+            )
+            assert (status, doc["field"]) == (404, "service"), action
         status, doc = await _post(s, f"{base}/rollout", PLAN)
         assert status == 200
         status, doc = await _post(s, f"{base}/abort")
         assert status == 200 and doc["rollout"]["state"] == "RolledBack"
         assert doc["percent"]["gray"] == 0
+        version = gw.holder.current.version
+        status, doc = await _post(s, f"{base}/rollout/confirm")  # abort needs no confirm
+        assert (status, doc["field"]) == (409, "state")
+        assert gw.holder.current.version == version
 
 
-async def test_guard_trip_during_rollout_is_circuit_break_then_rolled_back(
+async def test_guard_trip_during_rollout_is_circuit_break_until_confirmed(
     upstreams: Any, gateway: Any
 ) -> None:
     st, gr = await upstreams("stable"), await upstreams("gray")
@@ -90,5 +104,44 @@ async def test_guard_trip_during_rollout_is_circuit_break_then_rolled_back(
         await gw.control.trip("svc", "gray", "error_rate")
         async with s.get(base) as r:
             doc = await r.json()
-    assert doc["rollout"]["state"] == "RolledBack" and doc["rollout"]["reason"] == "error_rate"
-    assert doc["weights"]["gray"] == 0
+        assert doc["rollout"]["state"] == "CircuitBreak"
+        assert doc["rollout"]["reason"] == "error_rate"
+        assert doc["weights"]["gray"] == 0
+        status, doc = await _post(s, f"{base}/rollout/confirm")
+        assert status == 200 and doc["rollout"]["state"] == "RolledBack"
+        status, doc = await _post(s, f"{base}/rollout/confirm")
+        assert status == 409 and doc["field"] == "state"
+        status, doc = await _post(s, f"{base}/rollout/retry")
+        assert status == 200 and doc["rollout"]["state"] == "Progressing"
+        assert doc["rollout"]["step"] == 0 and doc["percent"]["gray"] == 5
+
+
+async def test_circuit_break_confirms_itself_after_confirm_timeout(
+    upstreams: Any, gateway: Any
+) -> None:
+    st, gr = await upstreams("stable"), await upstreams("gray")
+    cfg = gateway_config(two_releases(st.url, gr.url, 100, 0), rollout={"confirm_timeout": "10m"})
+    gw = await gateway(cfg)
+    base = f"http://127.0.0.1:{gw.admin_port}/admin/services/svc"
+    async with aiohttp.ClientSession() as s:
+        await _post(s, f"{base}/rollout", PLAN)
+        now = time.time()
+        with audit.acting("guard", "guard", "guard.rollback"):
+            await gw.control.trip("svc", "gray", "error_rate", now=now)
+        version = gw.holder.current.version
+        with pytest.raises(Conflict):  # a second worker's trip of the same release: no-op
+            await gw.control.trip("svc", "gray", "error_rate", now=now)
+        assert gw.holder.current.version == version
+        assert await gw.control.advance(now + 599) == []  # still waiting for an operator
+        assert gw.control.rollout_of("svc").state == "CircuitBreak"  # type: ignore[union-attr]
+        assert await gw.control.advance(now + 600) == ["svc"]
+        async with s.get(base) as r:
+            doc = await r.json()
+    assert doc["rollout"]["state"] == "RolledBack" and doc["weights"]["gray"] == 0
+    recs = await gw.auditor.query("svc")
+    assert [(r["actor"], r["action"]) for r in recs] == [
+        ("anonymous", "rollout.start"),
+        ("guard", "guard.rollback"),
+        ("rollout", "rollout.confirm_timeout"),
+    ]
+    assert recs[-1]["after"]["rollout"]["state"] == "RolledBack"
