@@ -260,6 +260,21 @@ class Pool:
                 b = slots[(slots.index(a) + 1 + self._rng.randrange(n - 1)) % n]
         return a if a.outstanding * b.weight <= b.outstanding * a.weight else b
 
+    def pick_other(self, tried: Sequence[Slot], key: str | None, now: float) -> Slot | None:
+        """A live endpoint not in `tried`, for a retry (README "Failover"); None if none is left.
+
+        Why apart from `pick`: a retry must not land on an endpoint that just
+        failed, and round robin's rotation is left as it is.
+        """
+        rest = [s for s in self.slots if s.down_until <= now and s not in tried]
+        n = len(rest)
+        if n <= 1:
+            return rest[0] if n else None
+        if self.kind == "hash" and key:
+            return max(rest, key=lambda s: hrw_score(key, s._seed, s._inv))
+        a, b = self._rng.sample(rest, 2)
+        return a if a.outstanding * b.weight <= b.outstanding * a.weight else b
+
     def _pick_rr(self) -> Slot:
         # nginx's smooth weighted round robin: evenly interleaved, honours weights.
         best: Slot | None = None

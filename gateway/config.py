@@ -31,6 +31,7 @@ from gateway.config_syntax import (
     yaml_problem,
 )
 from gateway.errors import ConfigError
+from gateway.retry import BUDGET_MIN, BUDGET_RATIO, DEFAULT_RETRIES, MAX_RETRIES
 from gateway.segments import SegmentSet
 from gateway.segments_config import parse_segments
 from gateway.statedoc import is_number, weight_problem
@@ -75,6 +76,14 @@ class Timeouts:
 
 # Keys of `timeouts:` that only make sense per client connection (top level only).
 _CLIENT_TIMEOUTS = ("header", "body", "body_min_rate", "idle", "upstream_idle")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudgetConfig:
+    """Retries in flight per release: `percent` % of its requests in flight, >= `min_concurrent`."""
+
+    percent: float = BUDGET_RATIO * 100.0
+    min_concurrent: int = BUDGET_MIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +205,7 @@ class ServiceConfig:
     baseline: str = "stable"
     balancer: str = "p2c"
     timeouts: Timeouts = Timeouts()
+    retries: int = DEFAULT_RETRIES  # failover attempts on other endpoints (README "Failover")
     salt: str = ""
     guard: GuardConfig = GuardConfig()
     segments: SegmentSet | None = None  # user segments, in order (gateway/segments.py)
@@ -253,6 +263,8 @@ class Config:
     consul: ConsulConfig = ConsulConfig()
     routing: RoutingConfig = RoutingConfig()
     timeouts: Timeouts = Timeouts()
+    retries: int = DEFAULT_RETRIES  # the default for services that set none
+    retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     alerts: tuple[AlertTarget, ...] = ()
     rollout: RolloutConfig = RolloutConfig()
     source: str = field(default="<memory>", compare=False)
@@ -774,11 +786,63 @@ def _outlier(v: object, path: str, errs: _Errors) -> OutlierConfig:
     )
 
 
-def _service(name: str, v: object, path: str, errs: _Errors, base_t: Timeouts) -> ServiceConfig:
+def _retries(m: Mapping[str, object], path: str, errs: _Errors, default: int) -> int:
+    """`retries`: failover attempts after the first, an integer 0..10 (README "Failover")."""
+    v = m.get("retries", default)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_RETRIES:
+        errs.add(
+            f"{path}.retries" if path else "retries",
+            f"must be an integer between 0 and {MAX_RETRIES}, not {v!r}",
+        )
+        return default
+    return v
+
+
+def _retry_budget(v: object, errs: _Errors) -> RetryBudgetConfig:
+    """`retry_budget: {percent, min_concurrent}` (README "Failover")."""
+    m = _mapping(v, "retry_budget", errs)
+    _unknown(m, {"percent", "min_concurrent"}, "retry_budget", errs)
+    d = RetryBudgetConfig()
+    pct = m.get("percent", d.percent)
+    if (
+        not isinstance(pct, int | float)
+        or isinstance(pct, bool)
+        or not math.isfinite(pct)
+        or not 0 <= pct <= 100
+    ):
+        errs.add("retry_budget.percent", f"must be a number between 0 and 100, not {pct!r}")
+        pct = d.percent
+    mc = m.get("min_concurrent", d.min_concurrent)
+    if not isinstance(mc, int) or isinstance(mc, bool) or not 0 <= mc <= 10000:
+        errs.add(
+            "retry_budget.min_concurrent", f"must be an integer between 0 and 10000, not {mc!r}"
+        )
+        mc = d.min_concurrent
+    return RetryBudgetConfig(float(pct), mc)
+
+
+def _service(
+    name: str,
+    v: object,
+    path: str,
+    errs: _Errors,
+    base_t: Timeouts,
+    base_retries: int = DEFAULT_RETRIES,
+) -> ServiceConfig:
     m = _mapping(v, path, errs)
     _unknown(
         m,
-        {"match", "baseline", "balancer", "timeouts", "releases", "guard", "salt", "segments"},
+        {
+            "match",
+            "baseline",
+            "balancer",
+            "timeouts",
+            "retries",
+            "releases",
+            "guard",
+            "salt",
+            "segments",
+        },
         path,
         errs,
     )
@@ -820,6 +884,7 @@ def _service(name: str, v: object, path: str, errs: _Errors, base_t: Timeouts) -
         baseline=baseline,
         balancer=balancer,
         timeouts=_timeouts(m.get("timeouts"), f"{path}.timeouts", errs, base_t),
+        retries=_retries(m, path, errs, base_retries),
         salt=salt,
         guard=_guard(m.get("guard"), f"{path}.guard", errs),
     )
@@ -980,6 +1045,8 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             "consul",
             "routing",
             "timeouts",
+            "retries",
+            "retry_budget",
             "services",
             "alerts",
             "rollout",
@@ -1043,6 +1110,8 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         watch_burst=_bounded(cm, "watch_burst", ConsulConfig().watch_burst, "consul", errs, 1, 100),
     )
     base_t = _timeouts(m.get("timeouts"), "timeouts", errs, Timeouts(), top=True)
+    base_retries = _retries(m, "", errs, DEFAULT_RETRIES)
+    retry_budget = _retry_budget(m.get("retry_budget"), errs)
     services: dict[str, ServiceConfig] = {}
     sv = m.get("services")
     if sv is None:
@@ -1055,7 +1124,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             spath = key_path("services", name)
             if not _NAME_RE.match(str(name)):
                 errs.add(spath, "service name must be letters, digits, '.', '_' or '-'")
-            services[str(name)] = _service(str(name), v, spath, errs, base_t)
+            services[str(name)] = _service(str(name), v, spath, errs, base_t, base_retries)
             if isinstance(v, Mapping) and v.get("segments") is not None:
                 services[str(name)] = _with_segments(
                     services[str(name)], v, spath, errs, env, source
@@ -1080,6 +1149,8 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         consul=consul,
         routing=routing,
         timeouts=base_t,
+        retries=base_retries,
+        retry_budget=retry_budget,
         alerts=alerts,
         rollout=rollout,
         source=source,

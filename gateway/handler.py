@@ -22,6 +22,8 @@ from gateway.errors import upstream_status
 from gateway.headers import scan, set_authority, upstream_headers
 from gateway.metrics import Metrics
 from gateway.paths import BadTarget, origin_target
+from gateway.ratelog import RateLimiter
+from gateway.retry import RetryBudget, may_retry
 from gateway.routing import REASON_FALLBACK, choose_release, cookie_value
 from gateway.state import SnapshotHolder, live_releases
 from gateway.tally import Tally
@@ -103,6 +105,37 @@ class ProxyHandler:
         self.defer = defer
         self._tallies: dict[str, dict[str, Tally]] = {}  # service -> release -> tally
         self._dirty: list[Tally] = []  # tallies with exchanges since the last flush
+        self._budgets: dict[tuple[str, str], RetryBudget] = {}  # (service, release) -> budget
+        self._errlines = RateLimiter()  # one log line per 502/503/504, a few per second
+
+    def budget(self, service: str, release: str) -> RetryBudget:
+        """The retry budget of (service, release); made on its first retry."""
+        c = self.holder.current.config.retry_budget  # a reload may have changed it
+        b = self._budgets.get((service, release))
+        if b is None:
+            b = self._budgets[(service, release)] = RetryBudget()
+        b.ratio = c.percent / 100.0
+        b.minimum = c.min_concurrent
+        return b
+
+    def log_error(
+        self, status: int, service: str, release: str, upstream: str, kind: str, rid: str
+    ) -> None:
+        """One line for a 502/503/504 the gateway answers itself, rate-limited per service+kind."""
+        suppressed = self._errlines.allow((service, kind), self.clock())
+        if suppressed is None:
+            return
+        fields: dict[str, object] = {
+            "status": status,
+            "service": service,
+            "release": release,
+            "upstream": upstream,
+            "kind": kind,
+            "request_id": rid,
+        }
+        if suppressed:
+            fields["suppressed"] = suppressed
+        errlog.warning("upstream error %s", json.dumps(fields, separators=(",", ":")))
 
     def flush(self) -> None:
         """Hand every finished exchange since the last flush to metrics and observers."""
@@ -199,6 +232,7 @@ class ProxyHandler:
             segment_key=hit[1] if hit is not None else None,
         )
         if dec is None:
+            self.log_error(503, svc_name, "", "", "unavailable", s.request_id or "")
             return respond_json(
                 503, {"error": "no healthy endpoint in any release", "service": svc_name}
             )
@@ -272,7 +306,10 @@ class ProxyHandler:
                 upstream_port=slot.port,
             )
 
+        t = sv.cfg.timeouts
         on_done = _Done(self, slot, pool, start, self.tally(service, release), span_done)
+        on_done.key = dec.key
+        on_done.retries = sv.cfg.retries
         if self.access_log:
             on_done.log_fields = {
                 "trace_id": trace_id,
@@ -286,7 +323,6 @@ class ProxyHandler:
             if s.request_id_replaced:
                 on_done.log_fields["request_id_replaced"] = True
 
-        t = sv.cfg.timeouts
         return Forward(
             host=slot.host,
             port=slot.port,
@@ -298,6 +334,8 @@ class ProxyHandler:
             read_timeout=t.read,
             on_done=on_done,
             target=fwd_target,
+            total_timeout=t.total or 0.0,
+            retry=on_done if on_done.retries and len(pool) > 1 else None,
         )
 
     def finished(self, t: Tally, status: int, elapsed: float, error: str | None) -> None:
@@ -318,6 +356,12 @@ class ProxyHandler:
             "protocol": "upstream sent an invalid response",
         }.get(kind, "upstream failed")
         status = status or upstream_status(kind)
+        rid = ""
+        for n, v in fwd.response_headers:
+            if n == b"X-Request-ID":
+                rid = v.decode("latin-1")
+                break
+        self.log_error(status, fwd.service, fwd.release, f"{fwd.host}:{fwd.port}", kind, rid)
         return respond_json(
             status,
             {"error": msg, "kind": kind, "service": fwd.service, "release": fwd.release},
@@ -343,7 +387,18 @@ class _Done:
     object with every captured local alive until the exchange ends).
     """
 
-    __slots__ = ("h", "slot", "pool", "start", "tally", "span_done", "log_fields")
+    __slots__ = (
+        "h",
+        "slot",
+        "pool",
+        "start",
+        "tally",
+        "span_done",
+        "log_fields",
+        "key",
+        "retries",
+        "retrying",
+    )
 
     def __init__(
         self,
@@ -361,10 +416,60 @@ class _Done:
         self.tally = tally
         self.span_done = span_done
         self.log_fields: dict[str, object] | None = None
+        self.key: str | None = None  # the sticky key, for the hash balancer's next choice
+        self.retries = 0  # failover attempts allowed after the first (config `retries`)
+        self.retrying: _Retrying | None = None  # made on the first retry only
+
+    def again(self, fwd: Forward, kind: str) -> bool:
+        """engine.api.Retry: point `fwd` at another live endpoint of the release, if allowed.
+
+        Bounded by `retries`, `timeouts.total` and the release's retry budget
+        (gateway/retry.py); the failed endpoint's passive health counts the
+        failure as a finished exchange would.
+        """
+        h = self.h
+        now = h.clock()
+        r = self.retrying
+        total = fwd.total_timeout
+        left = total - (now - self.start) if total else None
+        if not may_retry(kind, 0 if r is None else len(r.tried) - 1, self.retries, left):
+            return False
+        old = self.slot
+        pool = self.pool
+        nxt = pool.pick_other((old,) if r is None else r.tried, self.key, now)
+        if nxt is None:
+            return False
+        if r is None:
+            r = self.retrying = _Retrying(old)
+        if r.budget is None and kind != "connect":
+            # A refused connection cost no upstream any work, so moving on
+            # multiplies nothing; a request that was sent (or a connect timeout,
+            # which may be an overloaded listener) needs a budget token.
+            budget = h.budget(fwd.service, fwd.release)
+            if not budget.admit(sum(s.outstanding for s in pool.slots)):
+                return False
+            r.budget = budget
+        r.tried.append(nxt)
+        old.outstanding -= 1
+        if kind == "connect" or kind == "timeout":
+            pool.eject(old, now)
+        nxt.outstanding += 1
+        self.slot = nxt
+        fwd.host = nxt.host
+        fwd.port = nxt.port
+        if h.metrics is not None:
+            h.metrics.retried(fwd.service, fwd.release, kind)
+        if self.log_fields is not None:
+            self.log_fields["upstream"] = nxt.endpoint.address
+            self.log_fields["retries"] = len(r.tried) - 1
+        return True
 
     def __call__(self, status: int, error: str | None) -> None:
         slot = self.slot
         slot.outstanding -= 1
+        r = self.retrying
+        if r is not None and r.budget is not None:
+            r.budget.release()
         h = self.h
         end = h.clock()
         elapsed = end - self.start
@@ -384,3 +489,13 @@ class _Done:
             fields["error"] = error
             fields["duration_ms"] = round(elapsed * 1000, 3)
             log.info(json.dumps(fields, separators=(",", ":")))
+
+
+class _Retrying:
+    """A request's failover state: the endpoints tried, in order, and its budget token if any."""
+
+    __slots__ = ("budget", "tried")
+
+    def __init__(self, first: Slot) -> None:
+        self.budget: RetryBudget | None = None
+        self.tried: list[Slot] = [first]

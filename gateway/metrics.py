@@ -118,6 +118,12 @@ class Metrics:
             ["service", "release", "kind"],
             registry=r,
         )
+        self.upstream_retries = Counter(
+            "gateway_upstream_retries_total",
+            "Failed upstream attempts retried on another endpoint, by failure kind.",
+            ["service", "release", "reason"],
+            registry=r,
+        )
         self.guard_trips = Counter(
             "gateway_guard_trips_total",
             "Automatic rollbacks decided by the guard.",
@@ -206,6 +212,10 @@ class Metrics:
         if c is None:
             c = self._err[k] = self.upstream_errors.labels(service, release, kind)
         c.inc()
+
+    def retried(self, service: str, release: str, reason: str) -> None:
+        """One failover to another endpoint (rare: a failed attempt, so no cached child)."""
+        self.upstream_retries.labels(service, release, reason).inc()
 
     def set_weights(self, shares: dict[str, dict[str, float]]) -> None:
         for svc, rel_shares in shares.items():

@@ -30,6 +30,7 @@ from gateway.engine.api import (
     RequestHead,
     Respond,
 )
+from gateway.engine.fast_wire import IDEMPOTENT, REPLAY_CAP
 from gateway.headers import strip_response_hop_by_hop
 
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -148,6 +149,7 @@ class AiohttpEngine:
 
     async def _forward(self, request: web.BaseRequest, fwd: Forward) -> web.StreamResponse:
         assert self._session is not None
+        session = self._session
         headers = _cimd(fwd.headers)
         if headers.get("Expect", "").lower() == "100-continue":
             # RFC 9110 §10.1.1: this engine answers the interim 100 itself, as
@@ -158,64 +160,111 @@ class AiohttpEngine:
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
         has_body = request.body_exists
+        method = request.method
+        t = self.timeouts
+        # A request that reached an upstream is sent again only when that is
+        # harmless (RFC 9110 §9.2.2) and its body is kept whole; a streamed body
+        # goes to another endpoint only when no byte of it was sent (README "Failover").
+        replayable = method.encode() in IDEMPOTENT
+        body: bytes | None = None
+        if has_body and replayable:
+            n = request.content_length
+            if n is not None and n <= REPLAY_CAP:
+                try:
+                    chunks = progressing_body(request.content, t.body, t.body_min_rate)
+                    body = b"".join([c async for c in chunks])
+                except BodyStalled:
+                    return self._stalled(fwd)
+            else:
+                replayable = False
         target = request.raw_path if fwd.target is None else fwd.target.decode("latin-1")
-        url = URL(f"http://{fwd.host}:{fwd.port}{target}", encoded=True)
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=fwd.connect_timeout, sock_read=fwd.read_timeout
         )
+        total = fwd.total_timeout
+        when = asyncio.get_running_loop().time() + total if total else None
         status = 0
-        body = None
-        if has_body:
-            t = self.timeouts
-            body = progressing_body(request.content, t.body, t.body_min_rate)
+        reported = False
         try:
-            async with self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                timeout=timeout,
-            ) as up:
-                out_h = strip_response_hop_by_hop(up.raw_headers, False) + fwd.response_headers
-                resp = web.StreamResponse(status=up.status, reason=up.reason, headers=_cimd(out_h))
-                if up.content_length is not None:
-                    resp.content_length = up.content_length
-                status = up.status
-                await resp.prepare(request)
+            async with asyncio.timeout_at(when):  # timeouts.total: every attempt included
+                while True:
+                    url = URL(f"http://{fwd.host}:{fwd.port}{target}", encoded=True)
+                    data: bytes | AsyncIterator[bytes] | None = body
+                    if body is None and has_body:
+                        data = progressing_body(request.content, t.body, t.body_min_rate)
+                    try:
+                        up = await session.request(
+                            method,
+                            url,
+                            headers=headers,
+                            data=data,
+                            allow_redirects=False,
+                            timeout=timeout,
+                        )
+                        break
+                    except aiohttp.ClientConnectorError:
+                        kind, code, sent = ERR_CONNECT, 502, False
+                    except aiohttp.ConnectionTimeoutError:
+                        kind, code, sent = ERR_TIMEOUT, 504, False
+                    except aiohttp.ServerTimeoutError:
+                        kind, code, sent = ERR_TIMEOUT, 504, True
+                    except aiohttp.ClientResponseError:
+                        kind, code, sent = ERR_PROTOCOL, 502, True
+                    except aiohttp.ClientError as e:
+                        if isinstance(e.__cause__, BodyStalled):
+                            reported = True
+                            return self._stalled(fwd)  # aiohttp already cut the upstream
+                        kind, code, sent = ERR_RESET, 502, True
+                    if (
+                        kind == ERR_PROTOCOL
+                        or (sent and not replayable)
+                        or fwd.retry is None
+                        or not fwd.retry.again(fwd, kind)
+                    ):
+                        reported = True
+                        return self._fail(fwd, code, kind)
                 try:
-                    async for chunk in up.content.iter_any():
-                        await resp.write(chunk)
-                except (aiohttp.ClientError, TimeoutError):
-                    fwd.on_done(status, ERR_RESET)
-                    status = -1
-                    raise ConnectionResetError from None
-                await resp.write_eof()
-                fwd.on_done(status, None)
-                status = -1
-                return resp
-        except ConnectionResetError:
-            if status != -1:
+                    out_h = strip_response_hop_by_hop(up.raw_headers, False) + fwd.response_headers
+                    resp = web.StreamResponse(
+                        status=up.status, reason=up.reason, headers=_cimd(out_h)
+                    )
+                    if up.content_length is not None:
+                        resp.content_length = up.content_length
+                    status = up.status
+                    await resp.prepare(request)
+                    try:
+                        async for chunk in up.content.iter_any():
+                            await resp.write(chunk)
+                    except (aiohttp.ClientError, TimeoutError):
+                        reported = True
+                        fwd.on_done(status, ERR_RESET)
+                        raise ConnectionResetError from None
+                    await resp.write_eof()
+                    reported = True
+                    fwd.on_done(status, None)
+                    return resp
+                finally:
+                    up.release()
+        except TimeoutError:  # only timeouts.total gets here: the others are caught above
+            if reported:
+                raise
+            reported = True
+            if status == 0:
+                return self._fail(fwd, 504, ERR_TIMEOUT)
+            fwd.on_done(status, ERR_TIMEOUT)
+            raise ConnectionResetError from None  # the head is out: cut the response
+        except (ConnectionResetError, asyncio.CancelledError):
+            if not reported:
                 fwd.on_done(status, ERR_CLIENT)
             raise
-        except asyncio.CancelledError:
-            if status != -1:
-                fwd.on_done(status, ERR_CLIENT)
-            raise
-        except aiohttp.ClientConnectorError:
-            return self._fail(fwd, 502, ERR_CONNECT)
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            return self._fail(fwd, 504, ERR_TIMEOUT)
-        except aiohttp.ClientResponseError:
-            return self._fail(fwd, 502, ERR_PROTOCOL)
-        except aiohttp.ClientError as e:
-            if isinstance(e.__cause__, BodyStalled):
-                # the upstream exchange is already cut (aiohttp closes it)
-                resp = web.json_response({"error": "request body timeout"}, status=408)
-                resp.force_close()
-                fwd.on_done(408, ERR_CLIENT)
-                return resp
-            return self._fail(fwd, 502, ERR_RESET)
+
+    @staticmethod
+    def _stalled(fwd: Forward) -> web.Response:
+        """408 for a request body below `timeouts.body_min_rate` (docs/configuration.md)."""
+        resp = web.json_response({"error": "request body timeout"}, status=408)
+        resp.force_close()
+        fwd.on_done(408, ERR_CLIENT)
+        return resp
 
     def _fail(self, fwd: Forward, status: int, kind: str) -> web.Response:
         body = self.handler.error_body(status, kind, fwd)

@@ -66,6 +66,14 @@ ERR_PROTOCOL: Final = "protocol"  # upstream sent an unparsable response -> 502
 ERR_CLIENT: Final = "client_abort"  # client went away; nothing to answer
 
 
+class Retry(Protocol):
+    """Policy's side of failover: move a `Forward` to another endpoint after a failed attempt."""
+
+    def again(self, fwd: Forward, kind: str) -> bool:
+        """True when `fwd.host`/`fwd.port` now name another endpoint to try; False: answer."""
+        ...
+
+
 class Forward:
     """Send the request to one upstream endpoint.
 
@@ -87,6 +95,8 @@ class Forward:
         "read_timeout",
         "on_done",
         "target",
+        "total_timeout",
+        "retry",
     )
 
     def __init__(
@@ -103,6 +113,10 @@ class Forward:
         # error kind or None). Policy uses it for metrics, guard, balancer counts.
         on_done: Callable[[int, str | None], None],
         target: bytes | None = None,  # override request-target; None = as received
+        # Seconds for the whole exchange, every attempt included (timeouts.total); 0 = none.
+        total_timeout: float = 0.0,
+        # Asked after an attempt that may be repeated failed (README "Failover"); None = never.
+        retry: Retry | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -114,6 +128,8 @@ class Forward:
         self.read_timeout = read_timeout
         self.on_done = on_done
         self.target = target
+        self.total_timeout = total_timeout
+        self.retry = retry
 
     def __repr__(self) -> str:
         return f"Forward({self.host!r}, {self.port}, {self.service!r}, {self.release!r})"

@@ -442,6 +442,8 @@ class ClientConn:
             self._respond(ex, r)
             return
         ex.fwd = r
+        if r.total_timeout:
+            ex.deadline = self.loop.time() + r.total_timeout
         try:
             if ex.upgrade is None:
                 up = self.pool.acquire(r.host, r.port)

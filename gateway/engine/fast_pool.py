@@ -75,8 +75,15 @@ class Pool:
         fwd = ex.fwd
         assert fwd is not None
         key = (fwd.host, fwd.port)
+        limit = fwd.connect_timeout
+        final = False  # the limit is timeouts.total's: no attempt may follow
+        if ex.deadline:
+            left = ex.deadline - self.loop.time()
+            if left <= limit:
+                limit = left if left > 0.0 else 0.0
+                final = True
         try:
-            async with asyncio.timeout(fwd.connect_timeout):
+            async with asyncio.timeout(limit):
                 _, proto = await self.loop.create_connection(
                     partial(_upstream, self, key), fwd.host, fwd.port
                 )
@@ -85,10 +92,10 @@ class Pool:
             ex.client.abort()  # shutdown: its connection_lost reports client_abort
             raise
         except TimeoutError:
-            ex.client.upstream_failed(ex, 504, ERR_TIMEOUT)
+            self._connect_failed(ex, 504, ERR_TIMEOUT, replay, final)
             return
         except OSError:
-            ex.client.upstream_failed(ex, 502, ERR_CONNECT)
+            self._connect_failed(ex, 502, ERR_CONNECT, replay, final)
             return
         except Exception:  # e.g. a host name IDNA cannot encode: still an answer
             log.exception("fast engine: connecting to %s:%s failed", fwd.host, fwd.port)
@@ -106,6 +113,44 @@ class Pool:
             log.exception("fast engine: attaching an upstream failed")
             up.abandon()
             ex.client.upstream_failed(ex, 502, ERR_PROTOCOL)
+
+    def resend(self, ex: Exchange, replay: list[bytes] | None) -> None:
+        """Send `ex` to the endpoint failover chose: an idle connection there, else a new one.
+
+        Why not always a new one: when an endpoint dies, every request in flight
+        on it fails over at once, and a burst of fresh connections to the
+        survivors can overflow their listen queues (SYNs dropped, connect timeouts).
+        """
+        fwd = ex.fwd
+        assert fwd is not None
+        up = self.acquire(fwd.host, fwd.port)
+        if up is None:
+            self.connect(ex, replay)
+            return
+        try:
+            up.attach(ex, True, replay)
+        except Exception:  # a bug must not leave the client hanging
+            log.exception("fast engine: attaching an upstream failed")
+            up.abandon()
+            ex.client.upstream_failed(ex, 502, ERR_PROTOCOL)
+
+    def _connect_failed(
+        self, ex: Exchange, status: int, kind: str, replay: list[bytes] | None, final: bool
+    ) -> None:
+        """No byte reached the endpoint: any method may go to another one (README "Failover")."""
+        fwd = ex.fwd
+        assert fwd is not None
+        if (
+            not final
+            and not ex.finished
+            and not ex.client.closed
+            and ex.upgrade is None
+            and fwd.retry is not None
+            and fwd.retry.again(fwd, kind)
+        ):
+            self.resend(ex, replay)
+            return
+        ex.client.upstream_failed(ex, status, kind)
 
     async def close(self) -> None:
         tasks = list(self.tasks)

@@ -376,12 +376,20 @@ class Upstream:
             data += b"".join(buf)
             ex.buf = None
         self.transport.write(data)
-        if reused and len(data) <= REPLAY_CAP and ex.head is not None:
-            if ex.head.method in IDEMPOTENT:
-                ex.replay = [data]
-                ex.replay_size = len(data)
+        # Kept for a replay (a stale pooled connection, or failover to another
+        # endpoint) only when sending it twice is harmless: RFC 9110 §9.2.2.
+        ex.replay = None
+        if (
+            (reused or fwd.retry is not None)
+            and len(data) <= REPLAY_CAP
+            and ex.upgrade is None
+            and ex.head is not None
+            and ex.head.method in IDEMPOTENT
+        ):
+            ex.replay_head = data
+            ex.replay_size = len(data)
         else:
-            ex.replay = None
+            ex.replay_head = None
         client = ex.client
         if client.pause & P_WAIT:
             client.upstream_ready()
@@ -395,17 +403,21 @@ class Upstream:
             self.last = now
             if self.timer is None or self.tw > now + self.rt:
                 self._arm(now + self.rt)
+        if ex.deadline:
+            self._arm(ex.deadline)
 
     def send(self, ex: Exchange, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
-        r = ex.replay
-        if r is not None:
+        if ex.replay_head is not None:
             ex.replay_size += len(data)
             if ex.replay_size > REPLAY_CAP:
+                ex.replay_head = None
                 ex.replay = None
+            elif ex.replay is None:
+                ex.replay = [data]
             else:
-                r.append(data)
+                ex.replay.append(data)
 
     def request_done(self) -> None:
         now = self.loop.time()
@@ -475,29 +487,36 @@ class Upstream:
             ex.client.resume_for_upstream()
         ex.client.response_complete(ex, self.mode != M_EOF)
 
-    def _failed(self, status: int, kind: str) -> None:
+    def _failed(self, status: int, kind: str, final: bool = False) -> None:
         ex = self.ex
         if ex is None:
             return
-        retry = (
-            kind == ERR_RESET
-            and self.reused
-            and not self.got
-            and not ex.retried
-            and not ex.head_sent
-            and ex.replay is not None
-        )
+        # Sent again only when no response byte came back and all that was sent
+        # is kept (an idempotent request, RFC 9110 §9.2.2); `final`: the deadline.
+        replay = None
+        if not self.got and not ex.head_sent and not final:
+            replay = ex.replay_parts()
+        stale = replay is not None and kind == ERR_RESET and self.reused and not ex.retried
         if self.wpaused:
             ex.client.resume_for_upstream()
         self.abandon()
         ex.up = None
-        if retry:
-            ex.retried = True
-            replay = ex.replay
-            ex.replay = None
-            self.pool.connect(ex, replay)
-            ex.client.wait_upstream(ex)
-            return
+        ex.replay_head = None
+        ex.replay = None
+        if replay is not None:
+            fwd = ex.fwd
+            assert fwd is not None
+            if stale:
+                # A keep-alive connection the upstream closed while idle (RFC 9112
+                # §9.3.1): the same endpoint on a fresh connection.
+                ex.retried = True
+                self.pool.connect(ex, replay)
+                ex.client.wait_upstream(ex)
+                return
+            if fwd.retry is not None and fwd.retry.again(fwd, kind):
+                ex.client.wait_upstream(ex)  # before: resend may attach at once and resume
+                self.pool.resend(ex, replay)
+                return
         ex.client.upstream_failed(ex, status, kind)
 
     def _start_tunnel(self, ex: Exchange, rest: bytes) -> None:
@@ -529,6 +548,10 @@ class Upstream:
             return
         now = self.loop.time()
         ex = self.ex
+        if ex is not None and ex.deadline and now >= ex.deadline:
+            # timeouts.total: the whole exchange is over, whatever is in progress.
+            self._failed(ex.status if ex.head_sent else 504, ERR_TIMEOUT, True)
+            return
         if ex is None:
             deadline = self.idle_since + self.pool.idle_timeout
             if now >= deadline:
@@ -544,4 +567,6 @@ class Upstream:
                 return
         else:
             deadline = now + self.rt  # waiting on the client, not on us
+        if ex is not None and ex.deadline and ex.deadline < deadline:
+            deadline = ex.deadline
         self._arm(min(deadline, now + self.rt))

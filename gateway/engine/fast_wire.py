@@ -190,9 +190,11 @@ class Exchange:
         "head_sent",
         "close_after",
         "finished",
+        "replay_head",
         "replay",
         "replay_size",
         "retried",
+        "deadline",
     )
 
     def __init__(
@@ -225,9 +227,21 @@ class Exchange:
         self.head_sent = False
         self.close_after = False
         self.finished = False
+        # What was sent upstream, kept while it may be sent again (an idempotent
+        # request of at most REPLAY_CAP bytes): the first write, then later body parts.
+        self.replay_head: bytes | None = None
         self.replay: list[bytes] | None = None
         self.replay_size = 0
-        self.retried = False
+        self.retried = False  # a stale pooled connection was replaced once already
+        self.deadline = 0.0  # loop time by which the whole exchange ends (timeouts.total); 0 = none
+
+    def replay_parts(self) -> list[bytes] | None:
+        """Everything sent upstream so far, when it may all be sent again; else None."""
+        first = self.replay_head
+        if first is None:
+            return None
+        more = self.replay
+        return [first] if more is None else [first, *more]
 
 
 def request_head(ex: Exchange, fwd: Forward) -> bytes:
