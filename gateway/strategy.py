@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import yaml
 
 from gateway.config import Config, ServiceConfig
+from gateway.config_syntax import load_yaml, yaml_problem
 from gateway.errors import ConfigError
 from gateway.statedoc import is_number
 
@@ -163,11 +164,20 @@ def build(raw: object, config: Config, *, source: str = "<strategy>") -> Strateg
 
 
 def load_text(text: str, config: Config, *, source: str = "<strategy>") -> Strategy:
+    """Parse a strategy file the way the config is parsed: duplicate keys are errors."""
     try:
-        raw = yaml.safe_load(text)
+        raw, duplicates = load_yaml(text)
     except yaml.YAMLError as e:
-        raise ConfigError([("(yaml)", f"not valid YAML: {e}")], source) from e
-    return build(raw, config, source=source)
+        raise ConfigError([("(yaml)", yaml_problem(e))], source) from e
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError([("(yaml)", "not valid YAML: nested too deeply")], source) from None
+    try:
+        strategy = build(raw, config, source=source)
+    except ConfigError as e:
+        raise ConfigError([*duplicates, *e.errors], source) from None
+    if duplicates:
+        raise ConfigError(duplicates, source)
+    return strategy
 
 
 def _num(x: float) -> float | int:

@@ -173,6 +173,11 @@ ERRORS = [
         "traffic: 5\ntargets: [{service: user-api, version: v2.1, weight: 0}]",
         ["targets"],
     ),
+    (
+        "duplicate-key",
+        "traffic: 5\ntraffic: 50\ntargets: [{service: user-api, version: v2.1}]",
+        ["traffic"],
+    ),
 ]
 
 
