@@ -3,7 +3,7 @@
 wrk gets a Lua script that puts a random ``X-User-ID`` on each request (so the
 sticky split really splits) and prints its exact percentiles as one JSON line
 in ``done()``; the text parser is the fallback and reads the ``--latency``
-table. hey is used for the fixed-rate run; it reports to 0.1 ms (PERF_NOTES).
+table. hey is used for the fixed-rate run; it reports to 0.1 ms.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ end
 
 # Paced arrivals: each connection waits an exponentially distributed gap before
 # its next request, so the merged stream is close to Poisson at the target rate
-# (no synchronised bursts, unlike hey's per-worker tickers: PERF_NOTES). wrk
+# (no synchronised bursts, unlike hey's per-worker tickers: benchmarks/RESULTS.md). wrk
 # truncates delay() to whole milliseconds; the half millisecond added back keeps
 # the mean, and the gap leaves room for the response (~0.5 ms here).
 WRK_PACED_LUA = """\

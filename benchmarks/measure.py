@@ -141,7 +141,10 @@ class Runner:
         return rec
 
     def _metrics_delta(self, server: Server, client_requests: int) -> Record:
-        """SPEC §8 counters once per run: did they move, and what share went gray."""
+        """The gateway's counters once per run: did they move, and what share went gray.
+
+        Names: README "Tracing & metrics".
+        """
         before = self._last_metrics.get(id(server))
         after = self.fleet.scrape_requests(server)
         self._last_metrics[id(server)] = after

@@ -1,8 +1,9 @@
 """The policy path alone, in-process: `handle` + `on_done` + the per-iteration flush.
 
-Why: the loopback benchmark's figures move ±10 % with the machine's state (PERF_NOTES), more
-than most single changes to the per-request policy. This times the real `Gateway` objects'
-handler over 1,000 distinct request heads (random user ids, propagation on, nothing sampled,
+Why: the loopback benchmark's figures move ±10 % with the machine's state
+(benchmarks/README.md "Method, and why"), more than most single changes to the per-request policy.
+This times the real `Gateway` objects' handler over 1,000 distinct request heads (random user ids,
+propagation on, nothing sampled,
 metrics and guard on), best of N rounds, with no sockets — stable to a few percent.
 
     python -m benchmarks.policy                 # the build on sys.path (pure unless compiled)

@@ -172,7 +172,8 @@ ratio of: the figure ×nginx/×haproxy/×direct compare — req/s (higher is bet
 p99 (hey and wrk paced at 5k/s) and p50 (wrk c1) latency and KiB/conn (lower is better) otherwise.
 fwd µs/req: user+sys CPU of the forwarder's processes per request; ups: of both upstreams.
 gray %: share the gateway's http_requests_total counted for gray (else the upstreams' counts).
-Medians of interleaved repeats; compare ratios within this run only (PERF_NOTES)."""
+Medians of interleaved repeats; compare ratios within this run only
+(benchmarks/README.md "Method, and why")."""
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:

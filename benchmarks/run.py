@@ -3,7 +3,7 @@
     python -m benchmarks.run [--quick] [--scenarios a,b] [--repeats N] [--duration S]
                              [--pin] [--out DIR]
 
-Method (PERF_NOTES.md): every target of a scenario group is run once per
+Method (benchmarks/README.md "Method, and why"): every target of a scenario group is run once per
 repeat, in turn (A B C A B C …), so the machine's drift hits all of them
 alike; the table shows medians and ratios from this run only.
 """

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 WEIGHTS: dict[str, float] = {"stable": 95, "gray": 5}
 SERVICE = "bench"
 
-# SPEC §9: the gateway reads the standard OTEL_* variables.
+# README "Tracing & metrics": the gateway reads the standard OTEL_* variables.
 TRACING_ENV: dict[str, dict[str, str]] = {
     "off": {"OTEL_TRACES_EXPORTER": "none", "OTEL_SDK_DISABLED": "true"},
     "prop": {"OTEL_TRACES_SAMPLER": "always_off", "OTEL_TRACES_EXPORTER": "none"},
@@ -97,7 +97,10 @@ def gateway_config(
     weights: Mapping[str, float] = WEIGHTS,
     workers: int = 1,
 ) -> str:
-    """The benchmark's gateway config (SPEC §5): one service, every Host, a weighted pair."""
+    """The benchmark's gateway config: one service, every Host, a weighted pair.
+
+    Shape: README "Config walkthrough".
+    """
     config = {
         "listen": f"127.0.0.1:{port}",
         "admin": {"listen": f"127.0.0.1:{admin_port}"},
@@ -151,7 +154,10 @@ _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 def requests_by_release(metrics_text: str, service: str = SERVICE) -> dict[str, float]:
-    """Sum ``http_requests_total{service=...}`` over codes, per release (SPEC §8)."""
+    """Sum ``http_requests_total{service=...}`` over codes, per release.
+
+    Names: README "Tracing & metrics".
+    """
     out: dict[str, float] = {}
     for m in _METRIC.finditer(metrics_text):
         labels = dict(_LABEL.findall(m.group("labels")))

@@ -132,9 +132,10 @@ print(json.dumps({"version": platform.python_version(), "build": sys.version,
 def python_build(python: str = sys.executable) -> dict[str, object]:
     """Which CPython build `python` is, and whether it is an optimized one (PGO).
 
-    Why: the interpreter's own build moves the gateway's CPU per request (PERF_NOTES;
-    here ~1.3 µs of user time per request, a few percent of throughput). The container's
-    `python:3.12` image is built with --enable-optimizations --with-lto; Debian and Ubuntu
+    Why: the interpreter's own build moves the gateway's CPU per request
+    (benchmarks/README.md "Which interpreter"; here ~1.3 µs of user time per request, a few percent
+    of throughput). The container's `python:3.12` image is built with --enable-optimizations
+    --with-lto; Debian and Ubuntu
     build their python3 packages with PGO too, without saying so in CONFIG_ARGS, so a
     packaged interpreter is recognised by its package.
     """

@@ -1,4 +1,4 @@
-"""Admin REST API on its own listener (SPEC §6).
+"""Admin REST API on its own listener (README "Admin API").
 
 Why a separate listener: operators and the release platform reach it on a
 private address with a bearer token; the data path never serves it.
@@ -51,7 +51,7 @@ def error_response(status: int, message: str, field: str | None) -> web.Response
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
-    """The one place admin errors become `{"error", "field"}` JSON (STYLE habit 6)."""
+    """The one place admin errors become `{"error", "field"}` JSON (README "Admin API")."""
     try:
         return await handler(request)
     except GatewayError as e:

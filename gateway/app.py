@@ -99,7 +99,8 @@ class Gateway:
         self.rng = rng or random.Random()
         self.version = version or build_version()
         self.metrics = metrics or Metrics()
-        # OTEL_* / GATEWAY_ENV (SPEC §9), or injected by tests; owned and shut down here.
+        # OTEL_* / GATEWAY_ENV (README "Tracing & metrics"), or injected by tests;
+        # owned and shut down here.
         self.telemetry = telemetry or Telemetry.from_env(os.environ, version=self.version)
         self.holder = SnapshotHolder(build_snapshot(config, rng=self.rng))
         # The control plane applies the state store, reloads and discovery to `holder`.
@@ -109,8 +110,9 @@ class Gateway:
         self.control.on_change = self.auditor.on_change
         if admin:  # workers reload too, on the master's signal: audit the reload once
             self.control.reload_listeners.append(self._audit_reload)
-        # Consul discovery (SPEC §1): complete endpoint maps go to the control plane,
-        # which merges them with static upstreams; a dead Consul keeps the last good set.
+        # Consul discovery (README "Consul discovery"): complete endpoint maps go to
+        # the control plane, which merges them with static upstreams; a dead Consul keeps the last
+        # good set.
         selectors = consul_selectors(config)
         self.discovery = (
             ConsulDiscovery(
@@ -121,7 +123,8 @@ class Gateway:
                 metrics=DiscoveryMetrics(self.metrics.registry),
                 pacing=consul_pacing
                 or Pacing(rate=config.consul.watch_rate, burst=config.consul.watch_burst),
-                # Consul calls traced by the aiohttp-client instrumentation (SPEC §9);
+                # Consul calls traced by the aiohttp-client instrumentation
+                # (README "Tracing & metrics");
                 # same settings as discovery's default session.
                 session_factory=lambda: self.telemetry.client_session(
                     timeout=ClientTimeout(total=None), trust_env=False
@@ -130,14 +133,16 @@ class Gateway:
             if selectors
             else None
         )
-        # Guard (SPEC §7): every data-path process watches its share of traffic and
-        # rolls a bad release back through the control plane (so all processes follow).
+        # Guard (README "Guard and rollouts"): every data-path process watches its
+        # share of traffic and rolls a bad release back through the control plane (so all processes
+        # follow).
         self.guardian = Guardian(
             self.holder,
             self.control,
             self.metrics,
             interval=guard_interval,
-            # alert webhooks are the gateway's own calls: traced like Consul's (SPEC §9)
+            # alert webhooks are the gateway's own calls: traced like Consul's
+            # (README "Tracing & metrics")
             session_factory=lambda: self.telemetry.client_session(timeout=ClientTimeout(total=5)),
         )
         self.handler = ProxyHandler(
@@ -256,7 +261,10 @@ class Gateway:
         )
 
     def request_reload(self) -> None:
-        """SIGHUP: re-read and validate the config; on errors keep the running one (SPEC §6)."""
+        """SIGHUP: re-read and validate the config; on errors keep the running one.
+
+        README "Running it".
+        """
         log.info("reload requested")
         self.control.reload()
 

@@ -1,4 +1,4 @@
-"""Choosing one endpoint inside a release (SPEC §2): p2c, round robin, hash.
+"""Choosing one endpoint inside a release (README "How routing decides"): p2c, round robin, hash.
 
 Why p2c least-outstanding by default: two random choices weighted by the
 endpoint weight, then the one with fewer requests in flight per unit of

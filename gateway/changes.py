@@ -1,4 +1,4 @@
-"""What an admin request asks to change, validated — pure policy, no I/O (SPEC §6).
+"""What an admin request asks to change, validated — pure policy, no I/O (README "Admin API").
 
 Why separate from the HTTP handlers: every rejection must name its field and
 leave the state untouched, so validation returns plain values or raises
@@ -39,7 +39,7 @@ def weights_change(
     """Merge `{release: weight}` into the service's current raw weights.
 
     Releases not named keep their weight, so raising one release moves keys
-    only into it (SPEC §2 monotone). Raises BadRequest naming the field.
+    only into it (monotone: README "How routing decides"). Raises BadRequest naming the field.
     """
     if not isinstance(body, Mapping):
         raise BadRequest("body must be a JSON object of release: weight", "body")
@@ -62,7 +62,7 @@ def weights_change(
 
 
 def thresholds_change(body: object, *, field: str = "metrics_threshold") -> dict[str, float]:
-    """Validate guard thresholds (SPEC §7 fields) an operator changes live."""
+    """Validate guard thresholds (README "Guard rules" fields) an operator changes live."""
     if not isinstance(body, Mapping):
         raise BadRequest(f"must be an object with any of {', '.join(GUARD_FIELDS)}", field)
     out: dict[str, float] = {}
@@ -113,7 +113,7 @@ def platform_change(
     """`{"gray_weight": P, "metrics_threshold": {...}}` -> (weights, guard thresholds).
 
     The gray release gets P, the baseline 100 - P and every other release 0,
-    so the gray share is exactly P percent as the platform means it (SPEC §6).
+    so the gray share is exactly P percent as the platform means it (README "Admin API").
     """
     weights: dict[str, float] | None = None
     guard: dict[str, float] | None = None

@@ -1,4 +1,4 @@
-"""Admin client commands: `gateway weights`, `gateway strategy` (SPEC §4, §10).
+"""Admin client commands: `gateway weights`, `gateway strategy` (README "Admin API").
 
 Why plain urllib: the client runs once per command, needs no event loop and
 must work from any shell with only the gateway installed. The admin address
@@ -218,7 +218,9 @@ def add_commands(sub: Any) -> None:
     _admin_arg(w)
     w.set_defaults(func=cmd_weights)
 
-    s = sub.add_parser("strategy", help="validate, plan or apply a strategy file (SPEC §10)")
+    s = sub.add_parser(
+        "strategy", help='validate, plan or apply a strategy file (README "Admin API")'
+    )
     s.add_argument("action", choices=("validate", "plan", "apply"))
     s.add_argument("file", metavar="FILE")
     s.add_argument(

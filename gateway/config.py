@@ -2,7 +2,7 @@
 
 Why: every other module takes plain, already-validated values; validation
 reports *every* mistake with its path so an operator fixes a file in one pass
-(SPEC §5).
+(README "Config walkthrough", docs/configuration.md).
 """
 
 from __future__ import annotations

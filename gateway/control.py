@@ -2,7 +2,7 @@
 
 Why one owner: every accepted change follows the same order — validate,
 write to the store (CAS), swap the snapshot, answer with the new version
-(SPEC §6) — and every process (master, each worker) applies documents it
+(README "Admin API") — and every process (master, each worker) applies documents it
 hears from the store watch the same way, so they converge within one poll.
 """
 
@@ -54,7 +54,7 @@ def is_loopback(host: str) -> bool:
 
 
 def check_admin_exposure(cfg: Config) -> None:
-    """Refuse an admin listener reachable off-host without a token (SPEC §6)."""
+    """Refuse an admin listener reachable off-host without a token (README "Admin API")."""
     a = cfg.admin
     if a.token or a.tokens or is_loopback(a.listen.host):
         return
@@ -222,7 +222,9 @@ class ControlPlane:
         self._apply(self.doc)
 
     def set_discovered(self, endpoints: EndpointMap) -> None:
-        """Discovery's callback: a complete {(service, release): endpoints} map (SPEC §1).
+        """Discovery's callback: a complete {(service, release): endpoints} map.
+
+        README "Consul discovery".
 
         Merged after the static endpoints; weights, guard thresholds and the
         state version stay those of the store.
@@ -301,7 +303,7 @@ class ControlPlane:
         raise Conflict("the state kept changing under this request; retry", "If-Match")
 
     async def set_weights(self, service: str, body: object, if_match: int | None) -> StateDoc:
-        """PUT /admin/services/{service}/weights (SPEC §6)."""
+        """PUT /admin/services/{service}/weights (README "Admin API")."""
         svc = self.config.services[service]
 
         def edit(st: ServiceState, snap: Snapshot) -> ServiceState:
@@ -323,7 +325,7 @@ class ControlPlane:
     async def platform(
         self, service: str, body: Mapping[str, Any], if_match: int | None
     ) -> StateDoc:
-        """POST /admin/weights, the release-platform payload (SPEC §6)."""
+        """POST /admin/weights, the release-platform payload (README "Admin API")."""
         svc = self.config.services[service]
 
         def edit(st: ServiceState, snap: Snapshot) -> ServiceState:
@@ -336,7 +338,7 @@ class ControlPlane:
 
         return await self._change(service, edit, if_match)
 
-    # ------------------------------------------------------------------ rollouts (SPEC §7)
+    # ------------------------------------------- rollouts (README "Guard and rollouts")
     def rollout_of(self, service: str) -> rollout_mod.Rollout | None:
         st = self.doc.services.get(service)
         raw = st.extra.get("rollout") if st is not None else None

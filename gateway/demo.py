@@ -1,7 +1,7 @@
 """`gateway demo`: two built-in upstreams and the gateway at 90/10 on them.
 
 Why: a newcomer sees header override, cookie override and sticky users work
-in one command, with nothing to install or configure (SPEC §4).
+in one command, with nothing to install or configure (README "Trying the demo").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One exception tree for the gateway and the single mapping to HTTP status.
 
-Why: every error a user can cause must name what to fix (STYLE habit 6), and
+Why: every error a user can cause must name what to fix, and
 status codes are decided in exactly one place.
 """
 

@@ -1,7 +1,7 @@
 """The policy side of the data path: one request head in, one decision out.
 
 Why a separate module: the engine moves bytes; this decides service, release
-and endpoint, rewrites headers (SPEC §3) and accounts for the outcome
+and endpoint, rewrites headers (README "On every hop") and accounts for the outcome
 (metrics, balancer counts, guard). It imports neither aiohttp nor asyncio, so
 either engine can drive it and tests can call it with plain values.
 """
@@ -41,7 +41,7 @@ class Observer(Protocol):
 
 
 class Tracer(Protocol):
-    """Span hooks; only called for sampled requests (PERF_NOTES: spans cost ~10 µs)."""
+    """Span hooks; only called for sampled requests (an SDK span costs ~10 µs)."""
 
     def start(
         self,

@@ -1,4 +1,4 @@
-"""Header policy on every hop (SPEC §3) — pure, over lists of (name, value) bytes.
+"""Header policy on every hop (README "On every hop") — pure, over lists of (name, value) bytes.
 
 Why one pass: the request head is scanned once to pull out what routing and
 tracing need and to drop hop-by-hop fields (RFC 9110 §7.6.1), so the
@@ -219,7 +219,7 @@ def upstream_headers(
     request_id: bytes,
     trace: Sequence[tuple[bytes, bytes]] = (),
 ) -> Headers:
-    """The end-to-end header list sent to the upstream (SPEC §3).
+    """The end-to-end header list sent to the upstream (README "On every hop").
 
     Extends and returns `s.kept` (a scan serves one request). `stage` is the
     (configured stage header, release) field, built once per snapshot.

@@ -1,9 +1,9 @@
-"""Prometheus metrics with the names fixed by SPEC §8.
+"""Prometheus metrics with the fixed names of README "Tracing & metrics".
 
 Why children are cached: `Counter.labels(...)` costs ~1 µs per call, a kept
-child ~0.25 µs (PERF_NOTES), so the per-request path looks children up in a
+child ~0.25 µs (CPython 3.11), so the per-request path looks children up in a
 dict keyed by plain tuples. Label values come from closed sets only (service,
-release, status code, error kind), never paths or user ids (STYLE habit 8).
+release, status code, error kind), never paths or user ids.
 With `--workers N` every process writes prometheus_client multiprocess files
 and the admin listener aggregates them.
 """
@@ -162,7 +162,7 @@ class Metrics:
         """Many finished exchanges at once: sorted into tallies, one update per label set.
 
         Why: each prometheus_client update takes a lock (~0.25-0.5 µs); summing
-        first keeps the per-request cost to a tally update (PERF_NOTES budget).
+        first keeps the per-request cost to a tally update.
         """
         tallies: dict[tuple[str, str], Tally] = {}
         for service, release, status, seconds, error in items:

@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 document of the admin API (SPEC §6 `GET /admin/openapi.json`).
+"""The OpenAPI 3.1 document of the admin API (`GET /admin/openapi.json`, README "Admin API").
 
 Why hand-written data instead of generated: the document is part of the
 contract, reviewed like code; tests keep it true by checking that every
@@ -415,7 +415,7 @@ def _paths() -> dict[str, Any]:
         },
         "/metrics": {
             "get": {
-                "summary": "Prometheus text format (SPEC §8)",
+                "summary": 'Prometheus text format (README "Tracing & metrics")',
                 "security": _PUBLIC,
                 "responses": {
                     "200": {
@@ -587,7 +587,7 @@ def _paths() -> dict[str, Any]:
             "parameters": [_SVC_PARAM],
             "post": {
                 "summary": "start a step plan: the release goes to each step's weight, advancing "
-                "after each pause while the guard holds (SPEC §7)",
+                'after each pause while the guard holds (README "Guard and rollouts")',
                 "parameters": [_IF_MATCH],
                 "requestBody": {
                     "required": True,
@@ -709,8 +709,9 @@ def build_openapi(version: str) -> dict[str, Any]:
         "info": {
             "title": "Gray-release gateway admin API",
             "version": version,
-            "description": "SPEC §6. Every path under /admin needs `Authorization: Bearer "
-            "<token>` when a token is configured (admin.token_env, admin.tokens_file); a "
+            "description": 'See README "Admin API". Every path under /admin needs '
+            "`Authorization: Bearer <token>` when a token is configured "
+            "(admin.token_env, admin.tokens_file); a "
             "`read` token may only GET (403 otherwise); /healthz, /readyz and "
             '/metrics never do. Errors are {"error", "field"}. Guard thresholds that can '
             f"change live: {', '.join(GUARD_FIELDS)}.",

@@ -1,7 +1,7 @@
 """Explain and preview: what the data path does for a request, and what a change would move.
 
 Why reuse `routing.choose_release` and the snapshot's own tables: an
-explanation that differs from the data path is worse than none (SPEC §6
+explanation that differs from the data path is worse than none (README "Admin API",
 explain: "exactly what the data path would do for that request now");
 preview hashes the same synthetic keys with the old and the new table, so
 its numbers are exact for that sample, not an estimate.

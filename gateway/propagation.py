@@ -1,6 +1,6 @@
 """W3C Trace Context (Level 2) and W3C Baggage: parse what came in, build what goes upstream.
 
-Why: SPEC §3 makes the gateway a trace participant on every hop (same trace-id, its own span as
+Why: the gateway is a trace participant on every hop (same trace-id, its own span as
 parent, a new trace when the incoming one is absent or invalid) and requires malformed baggage
 to be dropped rather than forwarded. Pure functions over header strings, so the rules are tested
 with tables and the forwarding engine only passes values in and out.
@@ -236,7 +236,7 @@ def build_baggage(values: Sequence[str], extra: Sequence[tuple[str, str]]) -> st
     Why: W3C Baggage "Header Content" and "Mutating baggage": a list-member not in the format
     MAY be removed (we always do), a value is a URL-encoded UTF-8 string, a key MAY be updated
     (our extra replaces it). "Limits" asks for at least 64 members and 8192 bytes; we keep 180
-    (SPEC §3) and, when over, drop whole incoming members from the end, never our own.
+    (README "On every hop") and, when over, drop whole incoming members from the end, never our own.
     """
     extras = [_encode_extra(key, value) for key, value in extra]
     if not values:

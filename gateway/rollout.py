@@ -1,4 +1,4 @@
-"""The rollout state machine (SPEC §7) — pure.
+"""The rollout state machine (README "Guard and rollouts") — pure.
 
 Why explicit transitions: `Pending → Progressing ⇄ Paused → Promoted` and
 `Progressing|Paused → CircuitBreak → RolledBack` (`confirm`, or by itself

@@ -1,4 +1,4 @@
-"""Choosing the service and the release for a request — pure policy (SPEC §1–§2).
+"""Choosing the service and the release for a request — pure policy (README "How routing decides").
 
 Why weighted rendezvous hashing: each release r scores a key k with
 ``ln(u_r(k)) / w_r`` where ``u_r(k)`` is a uniform hash in (0, 1); the highest
@@ -48,9 +48,10 @@ def _score(h: i64, inv_weight: float) -> float:
     """ln((float(h mod 2**64) + 0.5) / 2**64) * inv_weight, for a signed 64-bit hash `h`.
 
     Why the two halves: float(unsigned h) must be exactly what it has always been (one
-    correct rounding of the unsigned value; a changed score would move users, SPEC §2
-    "sticky across restarts"). hi * 2**32 and lo are exact doubles and IEEE addition rounds
-    their exact sum once, so this equals float(h + 2**64) for a negative h, without the
+    correct rounding of the unsigned value; a changed score would move users;
+    README "How routing decides": sticky across restarts). hi * 2**32 and lo are exact doubles and
+    IEEE addition rounds their exact sum once, so this equals float(h + 2**64) for a negative h,
+    without the
     big integer (which in the compiled build is a heap object and slow arithmetic).
     """
     hi = (h >> 32) & 0xFFFFFFFF
@@ -304,7 +305,10 @@ def _prefix_ok(path: str, prefix: str) -> bool:
 
 
 class ServiceMatcher:
-    """Host + longest path prefix -> service (SPEC §1): exact host > wildcard > any."""
+    """Host + longest path prefix -> service: exact host > wildcard > any.
+
+    README "How routing decides".
+    """
 
     __slots__ = ("_exact", "_wild", "_any", "_cache")
 

@@ -2,8 +2,8 @@
 
 Why: a weight change, a new endpoint set or a config reload builds a complete
 new `Snapshot`; a request reads `holder.current` once, so it sees the old or
-the new table, never a mix (SPEC §6: applied whole). Everything a request needs
-is precomputed here, not per request (STYLE habit 4).
+the new table, never a mix (README "Admin API": applied whole). Everything a request needs
+is precomputed here, not per request.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def live_releases(sv: ServiceView, now: float) -> frozenset[str]:
     """Releases that can serve now: with endpoints, and not all of them ejected.
 
     Why here: the data path and `explain` both decide with this set, so the
-    baseline fallback of SPEC §2 covers passive-health ejections too. If every
+    baseline fallback (README "How routing decides") covers passive-health ejections too. If every
     release is out, all of them are probed rather than the request refused.
     """
     for pool in sv.pools:

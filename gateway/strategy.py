@@ -1,4 +1,4 @@
-"""The strategy DSL (SPEC §10): a YAML file naming target releases and a traffic share.
+"""The strategy DSL: a YAML file naming target releases and a traffic share.
 
 Why pure and config-checked: `validate` must report every mistake with its
 path in one pass (like `gateway check`), and `plan` must print exactly the

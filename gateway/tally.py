@@ -1,7 +1,7 @@
 """Finished exchanges of one (service, release), gathered between two accounting flushes.
 
 Why: metrics and guard windows are updated once per event-loop iteration, not per request
-(PERF_NOTES: a labelled counter update costs ~0.25-1 µs and takes a lock). The data path adds
+(a labelled prometheus_client counter update costs ~0.25-1 µs and takes a lock). The data path adds
 each finished exchange to its release's tally — a counter bump and a list append, no tuple or
 key built per request — and the flush hands whole tallies to `Metrics` and `Guard`.
 """
@@ -20,7 +20,7 @@ class Tally:
         self.n = 0  # exchanges in this tally (0: not queued for a flush)
         self.codes: dict[int, int] = {}  # status -> count, answered without an engine error
         self.seconds: list[float] = []  # durations of those
-        self.failed = 0  # of those, 5xx (guard failures, SPEC §7)
+        self.failed = 0  # of those, 5xx (guard failures, README "Guard and rollouts")
         self.odd: list[tuple[int, float, str | None]] = []  # (status or 0, seconds, error kind)
 
     def add(self, status: int, seconds: float, error: str | None) -> None:

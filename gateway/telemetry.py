@@ -1,8 +1,9 @@
 """OpenTelemetry for the gateway: OTEL_* configuration, a cheap sampler, spans only when sampled.
 
-Why: SPEC §9 asks for a SERVER span per request and a CLIENT span per upstream attempt with the
-current HTTP semantic conventions, configured by the standard `OTEL_*` variables plus
-`GATEWAY_ENV` profiles. PERF_NOTES prices an unsampled SDK span at 4.4 µs against a ~16 µs
+Why: README "Tracing & metrics" promises a SERVER span per request and a CLIENT span per
+upstream attempt with the current HTTP semantic conventions, configured by the standard `OTEL_*`
+variables plus `GATEWAY_ENV` profiles. An unsampled SDK span costs ~4.4 µs (CPython 3.11) against a
+~16 µs
 request budget, so the per-request decision is a plain function over the parsed `traceparent`
 (`Telemetry.sampler`) and SDK span objects exist only for sampled requests
 (`Telemetry.tracer`). Propagation itself stays in `gateway.propagation` and happens either way.
@@ -78,9 +79,9 @@ _DECIDED = create_key("gateway.sampled")
 class TelemetryConfig:
     """Tracing settings resolved from the environment once, at start.
 
-    Why: STYLE habit 2 (no env reads outside one loader) and SPEC §9 (only `OTEL_*` plus
-    `GATEWAY_ENV`); `problems` collects invalid values, which the OTel spec says to warn about
-    and replace with the default rather than refuse to start.
+    Why: no env reads outside one loader, and only `OTEL_*` plus `GATEWAY_ENV`
+    (README "Tracing & metrics"); `problems` collects invalid values, which the OTel spec
+    says to warn about and replace with the default rather than refuse to start.
     """
 
     service_name: str = DEFAULT_SERVICE_NAME
@@ -178,7 +179,7 @@ def _key_values(raw: str | None) -> tuple[tuple[str, str], ...]:
 def decision_function(kind: str, ratio: float, rng: random.Random | None = None) -> SamplerFn:
     """The per-request sampling decision, equal to the OTel SDK sampler of the same name.
 
-    Why: the SDK decides only while creating a span (PERF_NOTES: 4.4 µs even when dropped);
+    Why: the SDK decides only while creating a span (~4.4 µs even when dropped);
     this reads the parsed `traceparent` instead. Ratio sampling compares the trace-id's low 64
     bits with the SDK's bound, so every OTel hop with the same ratio keeps the same traces; a
     trace the gateway starts has no id yet, so that decision draws its own 64 random bits.
@@ -263,7 +264,7 @@ class _PinnedIds(RandomIdGenerator):
     """Hands out one pinned id next (per thread), then random ones again.
 
     Why: the upstream already got `traceparent` with our span id as parent and a new trace its
-    id before any span existed (SPEC §3); the SDK takes ids only from its IdGenerator.
+    id before any span existed (README "On every hop"); the SDK takes ids only from its IdGenerator.
     """
 
     def __init__(self) -> None:
@@ -296,8 +297,9 @@ def _host_port(value: str) -> tuple[str, int | None]:
 class SpanTracer:
     """The handler's `Tracer`: a SERVER span and its CLIENT child for one sampled request.
 
-    Why: SPEC §9 and the HTTP semantic conventions (v1.26+ attribute names); the CLIENT span
-    takes the span id the handler already sent upstream, so the upstream's parent is that span.
+    Why: README "Tracing & metrics" and the OpenTelemetry HTTP semantic conventions (v1.26+
+    attribute names); the CLIENT span takes the span id the handler already sent upstream, so the
+    upstream's parent is that span.
     """
 
     def __init__(self, tracer: trace_api.Tracer, ids: _PinnedIds) -> None:
@@ -407,7 +409,8 @@ class Telemetry:
 
     Why: one owner that `Gateway.stop()` shuts down, so buffered spans are flushed on drain;
     with tracing disabled or nothing to export there is no provider and `tracer` is None, so a
-    request costs only the `sampler` call (SPEC §9: propagation happens regardless).
+    request costs only the `sampler` call (propagation happens regardless:
+    README "Tracing & metrics").
     """
 
     def __init__(
@@ -455,7 +458,7 @@ class Telemetry:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, version: str = "dev") -> Telemetry:
-        """Build from `OTEL_*` and `GATEWAY_ENV` (SPEC §9)."""
+        """Build from `OTEL_*` and `GATEWAY_ENV` (README "Tracing & metrics")."""
         return cls(TelemetryConfig.from_env(env), version=version)
 
     def _exporting_processors(self) -> list[SpanProcessor]:
@@ -481,9 +484,10 @@ class Telemetry:
     def trace_configs(self) -> list[aiohttp.TraceConfig]:
         """aiohttp `trace_configs` that trace the gateway's own client calls (Consul, webhooks).
 
-        Why: SPEC §9 names opentelemetry-instrumentation-aiohttp-client; attaching it per
-        session instead of `AioHttpClientInstrumentor().instrument()` keeps it off the data
-        path's pooled session, which would otherwise pay for a span on every request.
+        Why: the gateway's own calls are traced with
+        opentelemetry-instrumentation-aiohttp-client; attaching it per session instead of
+        `AioHttpClientInstrumentor().instrument()` keeps it off the data path's pooled session,
+        which would otherwise pay for a span on every request.
         """
         if self.provider is None:
             return []

@@ -1,4 +1,4 @@
-"""Admin API (issue 4, SPEC §6): validation, auth, CAS, the platform payload, explain, preview.
+"""Admin API (issue 4, README): validation, auth, CAS, the platform payload, explain, preview.
 
 A real in-process Gateway with a file state store and real upstreams on
 127.0.0.1; every admin response these tests see is checked against the
@@ -343,7 +343,8 @@ async def test_put_persists_before_answering_and_returns_the_new_version(admin: 
     stored = decode(admin.state.read_bytes())
     assert stored.version == 1
     assert stored.services["user-api"].weights == {"stable": 90, "gray": 10}
-    # releases not named keep their weight (monotone single-release change, SPEC §2)
+    # releases not named keep their weight (monotone single-release change,
+    # README "How routing decides")
     _, doc, _ = await admin.call("PUT", "/admin/services/user-api/weights", json={"gray": 30})
     assert doc["weights"] == {"stable": 90, "gray": 30} and doc["state_version"] == 2
 

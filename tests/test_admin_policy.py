@@ -119,7 +119,8 @@ def test_preview_moves_only_into_or_out_of_the_changed_release(
     assert sum(pv.shares.values()) == pytest.approx(1) and sum(pv.before.values()) == pytest.approx(
         1
     )
-    # monotone (SPEC §2): the moved share is exactly the net share change of the changed release
+    # monotone (README "How routing decides"): the moved share is exactly the net
+    # share change of the changed release
     for rel in new:
         if new[rel] != old.get(rel):
             assert pv.moved_share == pytest.approx(abs(pv.shares[rel] - pv.before[rel]))

@@ -1,4 +1,7 @@
-"""Releases discovered from Consul, through the running gateway (SPEC §1, §2)."""
+"""Releases discovered from Consul, through the running gateway.
+
+README "Consul discovery" and "How routing decides".
+"""
 
 from __future__ import annotations
 

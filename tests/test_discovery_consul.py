@@ -2,7 +2,7 @@
 
 Synchronisation is by events only: the double records each request (and whether it
 is parked in a blocking query), discovery reports updates and errors; every wait
-has a deadline (STYLE habit 3).
+has a deadline.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Guard windows and trip decisions (SPEC §7), on a fake clock."""
+"""Guard windows and trip decisions (README "Guard rules"), on a fake clock."""
 
 from __future__ import annotations
 

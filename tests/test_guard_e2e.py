@@ -1,4 +1,7 @@
-"""The guard rolls a failing release back by itself, through the state store (SPEC §7)."""
+"""The guard rolls a failing release back by itself, through the state store.
+
+README "Guard and rollouts".
+"""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Issue 5 acceptance 4: the admin `/metrics` as an operator's Prometheus would read it.
 
-Two scrapes around a 95/5 run feed the SPEC §8 gray-share expression (evaluated here for its
-one shape, and by `promtool test rules` when promtool is installed); the gauges, the upstream
-error kinds and the `--workers 2` aggregation are checked on the exposition text.
+Two scrapes around a 95/5 run feed the gray-share expression of README "Tracing & metrics"
+(evaluated here for its one shape, and by `promtool test rules` when promtool is installed); the
+gauges, the upstream error kinds and the `--workers 2` aggregation are checked on the exposition
+text.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from gateway.metrics import BUCKETS
 from tests.conftest import free_port, gateway_config, run_gateway_process, two_releases
 from tests.loadclient import ThreadedUpstreams, releases_for_users, start_fixed_upstream
 
-# SPEC §8, verbatim: "the operator's query for the gray share works as written".
+# The gray-share query as README "Tracing & metrics" prints it: it must work as written.
 GRAY_SHARE = (
     'sum(rate(http_requests_total{service="user-api",release="gray"}[5m])) / '
     'sum(rate(http_requests_total{service="user-api"}[5m])) * 100'

@@ -1,4 +1,4 @@
-"""The rollout state machine (SPEC §7)."""
+"""The rollout state machine (README "Guard and rollouts")."""
 
 from __future__ import annotations
 

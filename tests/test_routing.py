@@ -300,7 +300,10 @@ def _reference_score(key: str, seed: int, inv_weight: float) -> float:
 
 
 def test_scores_equal_the_big_integer_definition_so_no_user_moves() -> None:
-    """SPEC §2 "sticky across restarts": the score must not change between versions or builds."""
+    """Sticky across restarts: the score must not change between versions or builds.
+
+    README "How routing decides".
+    """
     rng = random.Random(11)
     for i in range(50_000):
         key, seed, inv = (

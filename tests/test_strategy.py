@@ -1,4 +1,4 @@
-"""Strategy DSL (SPEC §10) and the admin CLI (`gateway weights`, `gateway strategy`)."""
+"""Strategy DSL (README "Admin API") and the admin CLI (`gateway weights`, `gateway strategy`)."""
 
 from __future__ import annotations
 

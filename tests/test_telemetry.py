@@ -1,4 +1,4 @@
-"""Telemetry setup (SPEC §9): OTEL_* / GATEWAY_ENV resolution, the cheap sampler, span shape."""
+"""Telemetry setup (README): OTEL_* / GATEWAY_ENV resolution, the cheap sampler, span shape."""
 
 from __future__ import annotations
 

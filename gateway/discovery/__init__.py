@@ -1,4 +1,6 @@
-"""Endpoints per release: listed in the config or discovered from Consul (SPEC §1).
+"""Endpoints per release: listed in the config or discovered from Consul.
+
+README "Consul discovery".
 
 Why a package of its own: discovery streams complete endpoint mappings
 {(service, release): endpoints} to one callback; the owner merges them with the
@@ -38,7 +40,10 @@ def merge_endpoints(
     static: Mapping[ReleaseKey, tuple[Endpoint, ...]],
     discovered: Mapping[ReleaseKey, tuple[Endpoint, ...]],
 ) -> dict[ReleaseKey, tuple[Endpoint, ...]]:
-    """Static endpoints first, then discovered ones not already listed (SPEC §5 allows both)."""
+    """Static endpoints first, then discovered ones not already listed.
+
+    Both may be set (README "Consul discovery").
+    """
     out = dict(static)
     for key, eps in discovered.items():
         have = out.get(key, ())

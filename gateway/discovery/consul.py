@@ -1,16 +1,17 @@
 """Consul discovery: one blocking-query watch per distinct (service, tags, datacenter).
 
 Why blocking queries on `/v1/health/service/<service>?tag=..&passing=1`: a release is a
-service plus tags (SPEC §1) and only instances whose every check is `passing` are
-healthy (CONSUL_API.md §3); the agent wakes the watch on any change (§2). Why
+service plus tags (README "Consul discovery") and only instances whose every check is
+`passing` are healthy (Consul API docs, Health: list service instances); the agent wakes
+the watch on any change (Consul API docs, Blocking Queries). Why
 aiohttp and not py-consul's `consul.aio`: in py-consul 1.8 its constructor passes
 the deprecated `ssl_context`/`verify_ssl` to `TCPConnector` (a DeprecationWarning on
 aiohttp 3.14, an error under `filterwarnings = error`, and TLS client certs are not
 applied — criteo/py-consul#100), `health.service()` returns only `(index, data)` so
-`X-Consul-Results-Filtered-By-ACLs` (§7) is unreadable, it has no per-request
+`X-Consul-Results-Filtered-By-ACLs` (Consul API docs) is unreadable, it has no per-request
 timeout, and `CONSUL_HTTP_TOKEN` silently beats the configured token.
 
-A dead or misbehaving Consul keeps the last known good endpoints (SPEC §1): errors
+A dead or misbehaving Consul keeps the last known good endpoints (README "Consul discovery"): errors
 never publish an empty set, are logged once per outage and retried with backoff.
 """
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the discovery watches (extends SPEC §8; names are new, none changed).
+"""Prometheus metrics of the discovery watches (new names; README "Tracing & metrics" unchanged).
 
 Why per (service, release): the same closed label set as the data-path metrics, so
 an operator can join "no healthy endpoints" with "its watch is failing".

@@ -2,7 +2,7 @@
 
 Why: the aiohttp server + ClientSession forwarder spends ~89 µs of CPU per
 request, nginx ~13; uvloop Protocols with llhttp and pooled keep-alive
-upstreams get within reach of nginx (PERF_NOTES). Policy stays behind the
+upstreams get within reach of nginx (benchmarks/RESULTS.md). Policy stays behind the
 `Handler` interface of `engine.api`; the engine only moves bytes and frames.
 Layout: `fast_client` (client connections), `fast_upstream` (upstream
 connections and the response relay), `fast_pool` (keep-alive pool, connects),

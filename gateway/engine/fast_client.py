@@ -399,7 +399,7 @@ class ClientConn:
         self._done_in_feed += 1
         if ex is None:
             return
-        ex.keep = self.parser.should_keep_alive()  # here, not after feed_data (PERF_NOTES)
+        ex.keep = self.parser.should_keep_alive()  # here: llhttp resets it once feed_data returns
         ex.req_done = True
         if not ex.discard:
             if ex.body_kind == BODY_CHUNKED:
@@ -485,7 +485,7 @@ class ClientConn:
             self._unpause_(P_WAIT | P_UPW)
 
     def upstream_failed(self, ex: Exchange, status: int, kind: str) -> None:
-        """The upstream exchange failed; answer via `error_body` or abort (SPEC §7)."""
+        """The upstream exchange failed; answer via `error_body` or abort (README "Failover")."""
         if ex.finished or self.closed:
             return
         ex.up = None

@@ -1,7 +1,7 @@
 """Keep-alive pool of upstream connections, and opening new ones.
 
 Why: reusing connections is most of the speed (RFC 9112 §9.3 persistence;
-PERF_NOTES: dropping pooled connections costs 4x); a fresh connection is only
+dropping pooled connections costs 4x); a fresh connection is only
 opened when no idle one is left, within `Forward.connect_timeout`.
 """
 

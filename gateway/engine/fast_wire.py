@@ -3,7 +3,7 @@
 Why a module of its own: the client side (`fast.py`) and the upstream side
 (`fast_upstream.py`) both build HTTP/1.1 heads and share one exchange record;
 keeping the wire constants here precomputes them once at import, never per
-request (STYLE habit 4).
+request.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def request_framing(
 
 
 def error_json(status: int, message: str) -> Respond:
-    """The engine's own error answer: a small JSON body, like policy's (SPEC §3)."""
+    """The engine's own error answer: a small JSON body, like policy's (README "On every hop")."""
     body = json.dumps({"error": message}).encode()
     return Respond(status, body, [(b"Content-Type", b"application/json")])
 

@@ -1,6 +1,6 @@
 """Where accepted weight and guard changes persist, and how every process hears of them.
 
-Why an interface: SPEC §6 requires every accepted change to be persisted
+Why an interface: README "Admin API" promises every accepted change to be persisted
 before the response, to survive a restart and to reach every worker and
 replica. The file store does it for one host (atomic rename + polling), the
 memory store for demos and tests; a Consul KV store (CAS on ModifyIndex,
@@ -58,7 +58,10 @@ class StateStore(Protocol):
 
 
 def open_store(cfg: StateConfig, consul: ConsulConfig | None = None) -> StateStore:
-    """The store named by `state.store` (SPEC §5); call `open()` on it when it has one."""
+    """The store named by `state.store`; call `open()` on it when it has one.
+
+    README "Config walkthrough".
+    """
     if cfg.store == "file":
         from gateway.store.file import FileStore
 

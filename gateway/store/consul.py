@@ -1,4 +1,6 @@
-"""The Consul KV store: one JSON document, CAS writes, blocking-query watch (SPEC §6).
+"""The Consul KV store: one JSON document, CAS writes, blocking-query watch.
+
+README "Consul KV state (several replicas)".
 
 Why this shape (CONSUL_API.md §4 "Routing weights for several gateway
 replicas"): every replica reads one key; writers do read-modify-write with

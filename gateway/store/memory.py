@@ -1,4 +1,6 @@
-"""The memory store: no persistence, for `gateway demo` and tests (SPEC §5 `state.store`).
+"""The memory store: no persistence, for `gateway demo` and tests.
+
+`state.store`: README "Config walkthrough".
 
 Why keep CAS and watch here too: the control plane runs the same code path
 whichever store is configured, so tests on this store exercise it.
