@@ -1,8 +1,10 @@
-"""A Consul agent double: the HTTP API subset the gateway uses, faithful to CONSUL_API.md.
+"""A Consul agent double: the HTTP API subset the gateway uses, faithful to Consul's docs.
 
-Why a double: no Consul binary can be installed here (CONSUL_API.md, preamble), so
+Why a double: no Consul binary can be installed on the build machines, so
 the discovery client is tested against this aiohttp app on 127.0.0.1. Every rule
-it implements is one of CONSUL_API.md and is pinned by tests/test_consul_double.py,
+it implements is one of Consul's HTTP API (website/content/api-docs: health.mdx,
+kv.mdx, features/blocking.mdx, agent/service.mdx) and is pinned by
+tests/test_consul_double.py,
 which also runs against a real agent when GATEWAY_TEST_REAL_CONSUL=1 asks for it.
 
 Deliberate limits (each answers 404/500 rather than pretending): one node runs the
@@ -688,7 +690,8 @@ class ConsulDouble:
             return  # deregistering an unknown service is a no-op (§5)
         for cid in [c.id for c in self.checks.values() if c.service_id == sid]:
             self._drop_check(cid)
-        self._extinction = self._next()  # CONSUL_API.md §3: last time any service went away
+        # health.mdx: an unknown service's X-Consul-Index is the last time any service went away
+        self._extinction = self._next()
         self._commit(services=[svc.name])
 
     def _update_check(self, cid: str, status: str, output: str) -> None:

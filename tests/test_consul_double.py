@@ -1,11 +1,11 @@
-"""Pins every rule of CONSUL_API.md on the double — or on a real agent when asked.
+"""Pins every rule of Consul's HTTP API the double implements on it — or on a real agent when asked.
 
 A real agent is used only when GATEWAY_TEST_REAL_CONSUL=1 (its address from the
 standard CONSUL_HTTP_ADDR, default 127.0.0.1:8500): a developer who merely has
 CONSUL_HTTP_ADDR exported for their own work must not have tests write to it.
 
-Why both: a double that departs from the real agent proves nothing (CONSUL_API.md,
-preamble). The `agent` fixture yields the double's address, or the real agent's
+Why both: a double that departs from the real agent proves nothing. The `agent`
+fixture yields the double's address, or the real agent's
 (names get a unique prefix and are cleaned up); tests that need the double's hooks
 (ACL tokens, kill, snapshot restore, jitter switch) are skipped against a real agent.
 """

@@ -1,4 +1,4 @@
-"""The Consul KV state store against the Consul double (CONSUL_API.md §4)."""
+"""The Consul KV state store against the Consul double (Consul docs: api-docs/kv.mdx)."""
 
 from __future__ import annotations
 

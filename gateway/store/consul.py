@@ -2,8 +2,8 @@
 
 README "Consul KV state (several replicas)".
 
-Why this shape (CONSUL_API.md §4 "Routing weights for several gateway
-replicas"): every replica reads one key; writers do read-modify-write with
+Why this shape (Consul docs: api-docs/kv.mdx, CAS on `ModifyIndex`, and
+features/blocking.mdx): every replica reads one key; writers do read-modify-write with
 `?cas=<ModifyIndex>` and treat `false` as "someone else wrote first"; every
 replica runs a blocking GET loop and applies a newer, valid document; an
 index going backwards resets the loop to 0; 404 means "config defaults". A
@@ -87,7 +87,8 @@ class ConsulStore:
         timeout = 10.0
         if index > 0:
             params = {"index": str(index), "wait": go_duration(self.wait)}
-            timeout = self.wait + self.wait / 16 + 5  # CONSUL_API.md §2 client timeout
+            # Consul docs, features/blocking.mdx: the server may add up to wait/16 of jitter.
+            timeout = self.wait + self.wait / 16 + 5
         async with self._session.get(
             self.url,
             params=params,
