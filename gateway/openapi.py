@@ -691,14 +691,19 @@ def _paths() -> dict[str, Any]:
 
 
 _E403 = _json(_ERR, "a read-only token (admin.tokens_file) may only GET")
+_E413 = _json(_ERR, "request body over the admin limit (1 MiB); nothing changed")
+_E503 = _json(_ERR, "the state store cannot take the write now; nothing changed")
 
 
 def _with_roles(paths: dict[str, Any]) -> dict[str, Any]:
-    """Every admin write may answer 403 to a read-only token."""
+    """Every admin write may answer 403 (read-only token), 413 (body too large) and 503."""
     for path, item in paths.items():
         for method in ("put", "post", "delete"):
             if path.startswith("/admin") and method in item:
-                item[method]["responses"].setdefault("403", _E403)
+                responses = item[method]["responses"]
+                responses.setdefault("403", _E403)
+                responses.setdefault("413", _E413)
+                responses.setdefault("503", _E503)
     return paths
 
 

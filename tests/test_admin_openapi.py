@@ -10,6 +10,7 @@ Schema 2020-12).
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -140,3 +141,14 @@ async def test_every_answer_is_documented_and_fits_its_schema(
         parsed = json.loads(text)
         check_documented(method, path, r.status, parsed)
         assert r.status < 500, text
+
+
+async def test_oversized_write_is_a_documented_json_413(live: Admin) -> None:
+    """A body over the admin limit is refused as JSON, and the document says so."""
+    h = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    big = b'{"stable": 1, "pad": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    path = "/admin/services/user-api/weights"
+    async with live.session.put(live.base + path, data=io.BytesIO(big), headers=h) as r:
+        body = json.loads(await r.text())
+    assert r.status == 413 and body["field"] == "body"
+    check_documented("PUT", path, 413, body)
