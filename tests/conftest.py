@@ -208,3 +208,12 @@ async def gather_limited(coros: list[Awaitable[Any]], limit: int = 64) -> list[A
             return await c
 
     return await asyncio.gather(*(one(c) for c in coros))
+
+
+@pytest.fixture(params=["fast", "aiohttp"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """Each end-to-end test that takes `engine` runs on both forwarding engines."""
+    name: str = request.param
+    if name == "fast":
+        pytest.importorskip("gateway.engine.fast")
+    return name

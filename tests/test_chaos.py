@@ -26,6 +26,7 @@ from aiohttp import web
 from gateway.store.doc import decode
 from tests.conftest import ROOT, GatewayProcess, free_port, run_gateway_process
 from tests.test_failover import RawUpstream
+from tests.test_process import threaded_app
 
 pytestmark = pytest.mark.slow
 
@@ -226,46 +227,31 @@ def test_chaos_endpoint_that_never_answers_is_a_504_then_ejected(tmp_path: Path)
 @contextmanager
 def _held_upstream(expect: int) -> Iterator[tuple[str, threading.Event, Callable[[], None]]]:
     """An upstream that holds every request until released; `all_in` once `expect` arrived."""
-    loop = asyncio.new_event_loop()
-    ready, all_in = threading.Event(), threading.Event()
-    holder: dict[str, Any] = {}
+    all_in = threading.Event()
     arrived: list[int] = []
+    state: dict[str, Any] = {}
+
+    async def on_startup(app: web.Application) -> None:
+        state["loop"], state["go"] = asyncio.get_running_loop(), asyncio.Event()
 
     async def held(request: web.Request) -> web.Response:
         arrived.append(1)
         if len(arrived) >= expect:
             all_in.set()
-        await holder["go"].wait()
+        await state["go"].wait()
         return web.Response(text="done")
 
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        holder["go"] = asyncio.Event()
-        app = web.Application()
-        app.router.add_get("/held", held)
-        runner = web.AppRunner(app, access_log=None)
-        loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        loop.run_until_complete(site.start())
-        holder["port"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(runner.cleanup())
-        loop.close()
+    def release() -> None:  # from the test's thread
+        state["loop"].call_soon_threadsafe(state["go"].set)
 
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert ready.wait(10)
-    try:
-        yield (
-            f"http://127.0.0.1:{holder['port']}",
-            all_in,
-            lambda: loop.call_soon_threadsafe(holder["go"].set),
-        )
-    finally:
-        loop.call_soon_threadsafe(holder["go"].set)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(10)
+    app = web.Application()
+    app.on_startup.append(on_startup)
+    app.router.add_get("/held", held)
+    with threaded_app(app) as url:
+        try:
+            yield url, all_in, release
+        finally:
+            release()
 
 
 def _refused(port: int) -> bool:

@@ -30,14 +30,6 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 UpstreamFactory = Callable[..., Awaitable[Upstream]]
 
 
-@pytest.fixture(params=["fast", "aiohttp"])
-def engine(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    if name == "fast":
-        pytest.importorskip("gateway.engine.fast")
-    return name
-
-
 def _svc(*urls: str, balancer: str = "round_robin", **extra: Any) -> dict[str, Any]:
     return {
         "svc": {

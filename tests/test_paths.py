@@ -153,12 +153,6 @@ def test_origin_target_refuses(method: bytes, target: bytes, err: str) -> None:
 # --------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(params=["fast", "aiohttp"])
-def engine(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    return name
-
-
 async def _a_and_b(upstreams: UpstreamFactory, gateway: GatewayFactory, engine: str) -> Gateway:
     a, b = await upstreams("svc-a"), await upstreams("svc-b")
     services: dict[str, Any] = {

@@ -18,14 +18,6 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 UpstreamFactory = Callable[..., Awaitable[Upstream]]
 
 
-@pytest.fixture(params=["fast", "aiohttp"])
-def engine(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    if name == "fast":
-        pytest.importorskip("gateway.engine.fast")
-    return name
-
-
 async def _pair(
     upstreams: UpstreamFactory, gateway: GatewayFactory, engine: str, **top: Any
 ) -> tuple[Gateway, Upstream, Upstream]:

@@ -28,12 +28,6 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 UpstreamFactory = Callable[..., Awaitable[Upstream]]
 
 
-@pytest.fixture(params=["fast", "aiohttp"])
-def engine(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    return name
-
-
 async def _exchange(port: int, head: bytes) -> tuple[int, dict[str, Any], Any]:
     c = await RawClient.connect(port)
     try:

@@ -20,14 +20,6 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 UpstreamFactory = Callable[..., Awaitable[Upstream]]
 
 
-@pytest.fixture(params=["fast", "aiohttp"])
-def engine(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    if name == "fast":
-        pytest.importorskip("gateway.engine.fast")
-    return name
-
-
 async def _start(
     upstreams: UpstreamFactory,
     gateway: GatewayFactory,

@@ -115,12 +115,6 @@ def test_bad_timeouts_refused_naming_the_field(doc: dict[str, Any], field: str, 
 # --------------------------------------------------------------------------- enforced
 
 
-@pytest.fixture(params=["fast", "aiohttp"])
-def engine(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    return name
-
-
 class SlowBodyUpstream:
     """An upstream that reads the whole request body and records whether it was cut."""
 
