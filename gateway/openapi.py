@@ -257,7 +257,11 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["weight"],
         "properties": {
-            "weight": _PERCENT,
+            "weight": {
+                **_PERCENT,
+                "description": "percent of the service's traffic for the release (not a raw "
+                "weight); the baseline gets the rest",
+            },
             "pause": {
                 "type": ["number", "string", "null"],
                 "description": "seconds or a duration (5m); null = hold until promote",
@@ -286,7 +290,8 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "minProperties": 1,
         "additionalProperties": _WEIGHT,
-        "description": "release -> raw weight; releases not named keep their weight; "
+        "description": "release -> raw weight (not percent: weights are normalized, so "
+        "stable 95 + gray 10 gives gray 10/105 = 9.5 %); releases not named keep their weight; "
         "at least one weight of the result must be > 0",
         "example": {"stable": 95, "gray": 5},
     },
@@ -383,7 +388,8 @@ _IF_MATCH = {
     "name": "If-Match",
     "in": "header",
     "required": False,
-    "description": "the state version (ETag) this change is based on",
+    "description": "optional: the state version this change is based on, as the ETag "
+    "of GET /admin/services/{service} gives it; a stale one answers 409",
     "schema": {"type": "string"},
 }
 _ETAG = {"ETag": {"description": "the state version", "schema": {"type": "string"}}}
@@ -554,7 +560,9 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "exact share of sticky users that a weight change would move",
                 "description": "Query: release=weight for any release (others keep their "
-                "weight) and `sample` synthetic keys (default 100000).",
+                "weight) and `sample` synthetic keys (default 100000). The weights are raw, "
+                "as in PUT .../weights, not percent: beside stable 95, ?gray=10 means "
+                "10/105 = 9.5 %.",
                 "parameters": [
                     {
                         "name": "sample",
@@ -572,7 +580,8 @@ def _paths() -> dict[str, Any]:
                         "style": "form",
                         "explode": True,
                         "schema": {"type": "object", "additionalProperties": _WEIGHT},
-                        "description": "release=weight pairs, e.g. ?stable=90&gray=10",
+                        "description": "release=raw weight pairs (not percent), e.g. "
+                        "?stable=90&gray=10",
                     },
                 ],
                 "responses": {

@@ -34,9 +34,16 @@ REASON_FALLBACK: Final = "fallback"
 REASON_SEGMENT: Final = "segment"
 
 
+# The mmh3 seed that turns (salt, release) into each release's own hash seed. Any constant
+# works (this one is the 32-bit golden ratio, a customary hash constant), but it is part of
+# every user's assignment: changing it reshuffles every sticky user of every service, on
+# every replica, at once (docs/routing.md, "The salt and the seed").
+RELEASE_SEED_HASH_SEED: Final = 0x9E3779B9
+
+
 def release_seed(salt: str, release: str) -> int:
     """Per-(service salt, release) 32-bit seed so each release hashes keys independently."""
-    return int(mmh3.hash(f"{salt}\x1f{release}", 0x9E3779B9, signed=False))
+    return int(mmh3.hash(f"{salt}\x1f{release}", RELEASE_SEED_HASH_SEED, signed=False))
 
 
 def hrw_score(key: str, seed: int, inv_weight: float) -> float:
