@@ -217,10 +217,6 @@ class ControlPlane:
         if changed:
             log.info("applied state version %d", doc.version)
 
-    def rebuild(self) -> None:
-        """Rebuild the snapshot from the current config, state and endpoints."""
-        self._apply(self.doc)
-
     def set_discovered(self, endpoints: EndpointMap) -> None:
         """Discovery's callback: a complete {(service, release): endpoints} map.
 

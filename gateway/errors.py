@@ -78,6 +78,8 @@ class StateError(GatewayError):
 
 
 class Unavailable(GatewayError):
+    """A dependency cannot answer now (the audit trail in Consul); 503, try again later."""
+
     status = 503
 
 
