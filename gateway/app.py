@@ -252,13 +252,22 @@ class Gateway:
             site = web.TCPSite(self.admin_runner, a.host, a.port, reuse_address=True)
             await site.start()
             self.admin_port = site_port(site)
-        log.info(
-            "gateway %s listening on %s:%s (engine %s)",
-            self.version,
-            self.config.listen.host,
-            self.port,
-            self.config.engine,
-        )
+        log.info("gateway %s %s", self.version, self.listening())
+
+    def listening(self) -> str:
+        """Where this process serves, for the startup log: the data and/or admin address.
+
+        Why both: a newcomer needs the admin address to use the admin API, and a
+        `--workers N` master serves only the admin listener (its workers log the data one).
+        """
+        parts = []
+        if self.with_data and self.port is not None:
+            data = HostPort(self.config.listen.host, self.port)
+            parts.append(f"listening on {data} (engine {self.config.engine})")
+        if self.with_admin and self.admin_port is not None:
+            admin = HostPort(self.config.admin.listen.host, self.admin_port)
+            parts.append(f"admin API on http://{admin}")
+        return ", ".join(parts) or "serving nothing"
 
     def request_reload(self) -> None:
         """SIGHUP: re-read and validate the config; on errors keep the running one.

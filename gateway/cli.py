@@ -11,12 +11,16 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import ConfigError, GatewayError
 
+if TYPE_CHECKING:
+    from gateway.config import Config
+
 log = logging.getLogger("gateway")
+Adjust = Callable[["Config"], "Config"]
 
 
 def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
@@ -81,10 +85,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- run
 
 
-async def _serve(cfg: Any, *, admin: bool, data: bool = True) -> int:
+async def _serve(cfg: Any, *, admin: bool, data: bool = True, adjust: Adjust | None = None) -> int:
     from gateway.app import Gateway
 
     gw = Gateway(cfg, admin=admin, data=data)
+    if adjust is not None:  # a reload keeps the command line's ports
+        gw.control.adjust = adjust
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -108,8 +114,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway import config
 
     _setup_logging(args.log_level)
+    adjust = _port_overrides(args.port, args.admin_port)
     try:
-        cfg = config.load(args.config)
+        cfg = adjust(config.load(args.config))
     except ConfigError as e:
         _print_config_errors(e)
         return 2
@@ -118,8 +125,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.worker or workers <= 1:
-            return _run_loop(_serve(cfg, admin=not args.worker))
-        return _supervise(args, cfg, workers)
+            return _run_loop(_serve(cfg, admin=not args.worker, adjust=adjust))
+        return _supervise(args, cfg, workers, adjust)
     except GatewayError as e:  # unsafe admin listener, corrupt state file: exit 2
         if isinstance(e, ConfigError):
             _print_config_errors(e)
@@ -131,18 +138,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _supervise(args: argparse.Namespace, cfg: Any, workers: int) -> int:
+def _supervise(args: argparse.Namespace, cfg: Any, workers: int, adjust: Adjust) -> int:
     """Master: N data-path workers on one port (SO_REUSEPORT) + the admin listener."""
     mp_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
     cmd = [sys.executable, "-m", "gateway", "run", "--worker", "-c", cfg.source]
     cmd += ["--log-level", args.log_level]
+    for flag, value in (("--port", args.port), ("--admin-port", args.admin_port)):
+        if value is not None:
+            cmd += [flag, str(value)]
     procs: list[asyncio.subprocess.Process] = []
 
     async def main() -> int:
         from gateway.app import Gateway
 
         gw = Gateway(cfg, admin=True, data=False)
+        gw.control.adjust = adjust
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -233,14 +244,44 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="config file (default: $GATEWAY_CONFIG or config/gateway.yaml)",
     )
-    r.add_argument("--workers", type=int, default=None, help="worker processes (SO_REUSEPORT)")
-    r.add_argument("--log-level", default="INFO")
+    r.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="data-path worker processes sharing the port (SO_REUSEPORT); default: `workers`",
+    )
+    r.add_argument(
+        "--port",
+        type=_port,
+        default=None,
+        help="serve on this port instead of the config's `listen` port (0: any free port)",
+    )
+    r.add_argument(
+        "--admin-port",
+        type=_port,
+        default=None,
+        help="admin API on this port instead of the config's `admin.listen` port",
+    )
+    r.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        type=str.upper,
+        help="log level (default: INFO)",
+    )
     r.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("check", help="validate a config file; exit 2 listing every error")
-    c.add_argument("config_pos", nargs="?", default=None, metavar="FILE")
-    c.add_argument("-c", "--config", default=None)
+    c.add_argument(
+        "config_pos", nargs="?", default=None, metavar="FILE", help="the config file to check"
+    )
+    c.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help="the config file (default: FILE, $GATEWAY_CONFIG or config/gateway.yaml)",
+    )
     c.add_argument(
         "--no-bind",
         action="store_true",
@@ -249,9 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=lambda a: cmd_check(_pos_config(a)))
 
     d = sub.add_parser("demo", help="two built-in upstreams + the gateway at 90/10")
-    d.add_argument("--host", default="127.0.0.1")
-    d.add_argument("--port", type=int, default=8080)
-    d.add_argument("--admin-port", type=int, default=9901)
+    d.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the demo gateway serves on (default: %(default)s)",
+    )
+    d.add_argument(
+        "--port", type=_port, default=8080, help="the gateway's port (default: %(default)s)"
+    )
+    d.add_argument(
+        "--admin-port",
+        type=_port,
+        default=9901,
+        help="the admin API's port on 127.0.0.1 (default: %(default)s)",
+    )
     d.add_argument("--duration", type=float, default=None, help=argparse.SUPPRESS)
     d.set_defaults(func=cmd_demo)
 
@@ -259,6 +311,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_admin.add_commands(sub)
     return p
+
+
+def _port(text: str) -> int:
+    """A TCP port for --port/--admin-port: 0 (any free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not between 0 and 65535")
+    return port
+
+
+def _port_overrides(port: int | None, admin_port: int | None) -> Adjust:
+    """`run --port/--admin-port` as a function on a loaded config (reloads apply it too).
+
+    The override still goes through the loader's rule that the admin listener may not
+    share the data listener's port (docs/configuration.md, `admin`).
+    """
+    from dataclasses import replace
+
+    from gateway import config as config_mod
+    from gateway.config import HostPort
+
+    def adjust(cfg: Config) -> Config:
+        if port is None and admin_port is None:
+            return cfg
+        listen = cfg.listen if port is None else HostPort(cfg.listen.host, port)
+        a = cfg.admin.listen
+        admin = a if admin_port is None else HostPort(a.host, admin_port)
+        if (clash := config_mod._listeners_clash(listen, admin)) is not None:
+            raise ConfigError([("--admin-port", clash)], cfg.source)
+        return replace(cfg, listen=listen, admin=replace(cfg.admin, listen=admin))
+
+    return adjust
 
 
 def _pos_config(a: argparse.Namespace) -> argparse.Namespace:

@@ -206,9 +206,14 @@ def _admin_arg(p: argparse.ArgumentParser) -> None:
 def add_commands(sub: Any) -> None:
     """Register the admin-client subcommands on the main parser."""
     w = sub.add_parser("weights", help="get or set a service's release weights (admin API)")
-    w.add_argument("action", choices=("get", "set"))
-    w.add_argument("service")
-    w.add_argument("assignments", nargs="*", metavar="release=weight")
+    w.add_argument("action", choices=("get", "set"), help="get: show them; set: change them")
+    w.add_argument("service", help="the service's name in the config")
+    w.add_argument(
+        "assignments",
+        nargs="*",
+        metavar="release=weight",
+        help="raw weights for `set` (normalized; releases not named keep theirs)",
+    )
     w.add_argument(
         "--if-match",
         default=None,
@@ -221,8 +226,12 @@ def add_commands(sub: Any) -> None:
     s = sub.add_parser(
         "strategy", help='validate, plan or apply a strategy file (README "Admin API")'
     )
-    s.add_argument("action", choices=("validate", "plan", "apply"))
-    s.add_argument("file", metavar="FILE")
+    s.add_argument(
+        "action",
+        choices=("validate", "plan", "apply"),
+        help="validate: check the file; plan: print the weights it would set; apply: set them",
+    )
+    s.add_argument("file", metavar="FILE", help="the strategy YAML (config/strategy.example.yaml)")
     s.add_argument(
         "-c",
         "--config",
@@ -233,7 +242,9 @@ def add_commands(sub: Any) -> None:
     s.set_defaults(func=cmd_strategy)
 
     a = sub.add_parser("audit", help="the audit trail: who changed what (admin API)")
-    a.add_argument("service", nargs="?", default=None, metavar="SERVICE")
+    a.add_argument(
+        "service", nargs="?", default=None, metavar="SERVICE", help="only this service's records"
+    )
     a.add_argument(
         "--since", default=None, metavar="T", help="RFC 3339 time, epoch seconds or 10m (ago)"
     )

@@ -44,6 +44,10 @@ ChangeHook = Callable[[str, ServiceState | None, ServiceState | None, int], Awai
 _RESTART_ONLY = ("listen", "admin", "workers", "engine", "state", "consul")
 
 
+def _unchanged(config: Config) -> Config:
+    return config
+
+
 def is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
@@ -131,6 +135,8 @@ class ControlPlane:
         self._warned: set[str] = set()
         self._discovered: EndpointMap | None = None
         self.on_change: ChangeHook | None = None
+        # Applied to every config this process loads, e.g. `gateway run --port`'s override.
+        self.adjust: Callable[[Config], Config] = _unchanged
 
     @property
     def store(self) -> StateStore:
@@ -482,7 +488,7 @@ class ControlPlane:
             log.error("reload: %s: %s", *err)
             return ReloadResult(False, (err,))
         try:
-            new = config_mod.load(source)
+            new = self.adjust(config_mod.load(source))
         except ConfigError as e:
             for path, msg in e.errors:
                 log.error("reload: %s: %s: %s", source, path, msg)

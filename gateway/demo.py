@@ -16,6 +16,10 @@ from aiohttp import web
 from gateway import config as config_mod
 from gateway.app import Gateway, site_port
 
+# The demo's one service bears the name README's examples use, so every admin example
+# there works pasted against a fresh demo (tests/test_readme_examples.py runs them).
+DEMO_SERVICE = "user-api"
+
 
 def demo_upstream(release: str) -> web.Application:
     """An upstream that answers with its release name and the headers it received."""
@@ -58,7 +62,7 @@ def demo_config(host: str, port: int, admin_port: int, stable: int, gray: int) -
             "state": {"store": "memory"},
             "drain_timeout": "2s",
             "services": {
-                "demo": {
+                DEMO_SERVICE: {
                     "releases": {
                         "stable": {"weight": 90, "upstreams": [f"http://127.0.0.1:{stable}"]},
                         "gray": {"weight": 10, "upstreams": [f"http://127.0.0.1:{gray}"]},

@@ -253,7 +253,7 @@ def test_demo_curl_lines_do_what_they_say() -> None:
         assert all(m is not None for m in seen)
         assert {m.group(1) for m in seen if m} <= {"stable", "gray"}
         services = json.loads(run(admin_line))
-        assert "demo" in json.dumps(services)
+        assert "user-api" in json.dumps(services)  # gateway/demo.py's DEMO_SERVICE
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
