@@ -21,11 +21,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 
 from gateway.config import AlertTarget
+
+# One webhook call's limit: a receiver slower than this is retried with backoff, in the
+# background queue, so a slow receiver never holds up the guard (README "Alerts").
+ALERT_TIMEOUT_S: Final = 5.0
 
 log = logging.getLogger("gateway.alerts")
 

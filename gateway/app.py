@@ -12,11 +12,12 @@ import logging
 import os
 import random
 import socket
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import ClientTimeout, web
 
 from gateway import audit
+from gateway.alerts import ALERT_TIMEOUT_S
 from gateway.config import Config, HostPort
 from gateway.control import ControlPlane
 from gateway.discovery import ConsulDiscovery, Pacing, consul_selectors
@@ -33,8 +34,19 @@ from gateway.version import build_version
 
 log = logging.getLogger("gateway")
 
+# The kernel's accept queue for the data listener (capped by net.core.somaxconn): deep
+# enough that a burst of new connections waits for the next accept batch instead of
+# being refused while the loop is busy.
+LISTEN_BACKLOG: Final = 4096
+# Idle keep-alive connections the fast engine keeps per upstream endpoint: above the
+# client connections one worker serves at once (the 1,000-connection benchmark), so a
+# busy endpoint's connections are reused rather than closed and reopened.
+UPSTREAM_POOL_PER_HOST: Final = 1024
 
-def bind_socket(addr: HostPort, *, reuse_port: bool = True, backlog: int = 2048) -> socket.socket:
+
+def bind_socket(
+    addr: HostPort, *, reuse_port: bool = True, backlog: int = LISTEN_BACKLOG
+) -> socket.socket:
     """A listening socket; SO_REUSEPORT lets N worker processes share the port."""
     family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -69,7 +81,7 @@ def make_engine(config: Config, handler: ProxyHandler) -> Any:
             t = config.timeouts
             return FastEngine(
                 handler,
-                upstream_pool_per_host=1024,
+                upstream_pool_per_host=UPSTREAM_POOL_PER_HOST,
                 keepalive_timeout=t.idle,
                 header_timeout=t.header,
                 body_timeout=t.body,
@@ -143,7 +155,9 @@ class Gateway:
             interval=guard_interval,
             # alert webhooks are the gateway's own calls: traced like Consul's
             # (README "Tracing & metrics")
-            session_factory=lambda: self.telemetry.client_session(timeout=ClientTimeout(total=5)),
+            session_factory=lambda: self.telemetry.client_session(
+                timeout=ClientTimeout(total=ALERT_TIMEOUT_S)
+            ),
         )
         self.handler = ProxyHandler(
             self.holder,

@@ -29,6 +29,9 @@ from gateway.store import EMPTY, ServiceState, StateDoc, StateStore, open_store
 
 log = logging.getLogger("gateway.control")
 
+# Compare-and-set attempts for one change when other writers keep winning the race: each
+# lost race means another change landed first and this one is re-applied on top of it;
+# losing five in a row is contention worth a 409 the caller can retry.
 _RETRIES = 5
 _ACTIONS: dict[str, Callable[[rollout_mod.Rollout, float], rollout_mod.Rollout]] = {
     "promote": rollout_mod.promote,

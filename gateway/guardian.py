@@ -23,7 +23,7 @@ import aiohttp
 
 from gateway import audit, rules
 from gateway import rollout as rollout_mod
-from gateway.alerts import AlertSender, targets_for
+from gateway.alerts import ALERT_TIMEOUT_S, AlertSender, targets_for
 from gateway.control import ControlPlane
 from gateway.errors import Conflict
 from gateway.guard import Guard, WindowStats
@@ -117,7 +117,7 @@ class Guardian:
         self.holds = rules.Holds()
         self.alerts = AlertSender(
             session_factory
-            or (lambda: aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)))
+            or (lambda: aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ALERT_TIMEOUT_S)))
         )
         self._task: asyncio.Task[None] | None = None
         self.flush: Callable[[], None] | None = None  # the handler's batched accounting
