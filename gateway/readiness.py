@@ -1,9 +1,9 @@
 """When a gateway process is ready for traffic (pure; `/readyz`).
 
 Why this rule: a release with weight > 0 and no endpoint gets its share of
-requests served by the baseline instead (README "Readiness"), so the split the
-operator set, and every sticky user's release, silently differ from the state
-store; a process that has not yet seen a Consul-discovered release's
+requests served by the baseline instead (docs/configuration.md, "Health and
+readiness"), so the split the operator set, and every sticky user's release,
+silently differ from the state store; a process that has not yet seen a Consul-discovered release's
 endpoints must not take traffic in that state. The rule subsumes "every
 service has an endpoint" (at least one release of a service has a positive
 weight). The price: every replica sees the same Consul, so a weighted release

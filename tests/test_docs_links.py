@@ -70,3 +70,37 @@ def test_a_broken_anchor_is_caught(tmp_path: Path) -> None:
     assert "the-salt-and-the-seed" in anchors(page)
     assert "nope" not in anchors(page)
     assert links(page) == ["#the-salt-and-the-seed", "#nope"]
+
+
+# --------------------------------------------------------------------------- citations in code
+
+CITED_SECTION = re.compile(r'README(?:\.md)?,? "([^"]+)"')
+CITED_DOC = re.compile(r"(?<![\w/.-])docs/[\w-]+\.md")
+SOURCES = sorted(p for d in ("gateway", "tests", "benchmarks") for p in (ROOT / d).rglob("*.py"))
+
+
+def _headings(page: Path) -> set[str]:
+    text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.M | re.S)
+    return {h.strip() for h in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+
+
+def test_every_readme_section_cited_in_code_exists() -> None:
+    """Comments cite README sections by title: each title is a heading of a README."""
+    titles = _headings(ROOT / "README.md") | _headings(ROOT / "benchmarks" / "README.md")
+    broken = [
+        f'{src.relative_to(ROOT)}: README "{title}"'
+        for src in SOURCES
+        for title in CITED_SECTION.findall(src.read_text(encoding="utf-8"))
+        if title not in titles and " ".join(title.split()) not in titles
+    ]
+    assert not broken, "cited README sections that do not exist:\n" + "\n".join(broken)
+
+
+def test_every_doc_cited_in_code_exists() -> None:
+    broken = [
+        f"{src.relative_to(ROOT)}: {doc}"
+        for src in SOURCES
+        for doc in CITED_DOC.findall(src.read_text(encoding="utf-8"))
+        if not (ROOT / doc).exists()
+    ]
+    assert not broken, "cited docs that do not exist:\n" + "\n".join(broken)
