@@ -88,7 +88,7 @@ def test_every_readme_section_cited_in_code_exists() -> None:
     """Comments cite README sections by title: each title is a heading of a README."""
     titles = _headings(ROOT / "README.md") | _headings(ROOT / "benchmarks" / "README.md")
     broken = [
-        f'{src.relative_to(ROOT)}: README "{title}"'
+        f"{src.relative_to(ROOT)}: README section {title!r}"
         for src in SOURCES
         for title in CITED_SECTION.findall(src.read_text(encoding="utf-8"))
         if title not in titles and " ".join(title.split()) not in titles
