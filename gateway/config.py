@@ -296,12 +296,6 @@ def parse_duration(value: object) -> float | None:
     return None
 
 
-def parse_hostport(value: object) -> HostPort | None:
-    """'host:port' -> HostPort; None when malformed (see `listen_address` for why)."""
-    host, port, problem = listen_address(value)
-    return None if problem is not None else HostPort(host, port)
-
-
 def _listen(
     m: Mapping[str, Any], key: str, default: HostPort, path: str, errs: _Errors
 ) -> HostPort:
