@@ -107,10 +107,34 @@ def accepted_keys() -> dict[str, set[str]]:
     return seen
 
 
-def documented() -> dict[str, dict[str, list[str]]]:
-    """Section -> field -> the row's cells, from the `### \\`section\\`` tables of the doc."""
-    out: dict[str, dict[str, list[str]]] = {}
+# Other spellings of the placeholders, as a writer may use them.
+_PLACEHOLDERS = {"<s>": "<service>", "<svc>": "<service>", "<r>": "<release>", "<rel>": "<release>"}
+# Column headers -> the cell each holds ("field" may also be "key").
+_COLUMNS = {"field": "field", "key": "field", "default": "default", "unit": "unit"}
+
+
+def _canonical(path: str) -> str:
+    segs = [re.sub(r"\[[^\]]*\]$", "[]", s) for s in path.split(".")]
+    return ".".join(_PLACEHOLDERS.get(s, s) for s in segs)
+
+
+def _column(header: str) -> str | None:
+    h = header.strip().lower()
+    if "reload" in h:
+        return "reload"
+    return _COLUMNS.get(h, "meaning" if h else None)
+
+
+def documented() -> dict[str, dict[str, dict[str, str]]]:
+    """Section -> field -> its cells by column (field, default, unit, reload, meaning).
+
+    A table belongs to the heading above it whose text is the section's path in backticks
+    (`### (top level)` for the root); a field cell that holds a dotted path
+    (`analysis.prometheus.address`) names its own section instead.
+    """
+    out: dict[str, dict[str, dict[str, str]]] = {}
     section: str | None = None
+    columns: list[str | None] = []
     fenced = False
     for line in DOC.read_text(encoding="utf-8").splitlines():
         if line.startswith("```"):
@@ -120,14 +144,30 @@ def documented() -> dict[str, dict[str, list[str]]]:
         if line.startswith("#"):
             title = line.lstrip("#").strip()
             m = re.fullmatch(r"`([^`]+)`", title)
-            section = "" if title == TOP else m.group(1) if m and line.startswith("### ") else None
+            section = "" if title == TOP else _canonical(m.group(1)) if m else None
+            columns = []
             continue
-        if section is None or not line.startswith("| `"):
+        if not line.startswith("|"):
+            columns = []
             continue
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
-        field = re.fullmatch(r"`([^`]+)`", cells[0])
-        assert field, f"{DOC.name}: the first cell of a row is a `field`: {line}"
-        out.setdefault(section, {})[field.group(1)] = cells
+        if not columns:  # the header row of a table
+            columns = [_column(c) for c in cells]
+            continue
+        if "field" not in columns or set(cells) <= {"---", ":---", "---:"} or not cells:
+            continue
+        named = {c: v for c, v in zip(columns, cells, strict=False) if c is not None}
+        field = re.fullmatch(r"`([^`]+)`", named.get("field", ""))
+        if field is None:
+            continue
+        path = _canonical(field.group(1))
+        if "." in path and not path.startswith("<"):
+            where, _, key = path.rpartition(".")
+        elif section is not None:
+            where, key = section, path
+        else:
+            continue
+        out.setdefault(where, {})[key] = named
     return out
 
 
@@ -194,9 +234,11 @@ def _unknown_at(section: str, key: str) -> bool:
 
 
 def _documented_fields() -> Iterator[tuple[str, str]]:
+    """Documented fields, but for placeholders (`analysis.templates.<name>`: any name)."""
     for section, fields in documented().items():
         for key in fields:
-            yield section, key
+            if not key.startswith("<"):
+                yield section, key
 
 
 @pytest.mark.parametrize(
@@ -221,12 +263,13 @@ def test_every_row_fills_default_unit_reload_and_meaning() -> None:
     for section, fields in documented().items():
         for key, cells in fields.items():
             where = f"`{section or TOP}`.`{key}`"
-            assert len(cells) == 5, (
-                f"{where}: a row has 5 cells: field, default, unit, reload, meaning"
-            )
-            assert all(cells), f"{where}: every cell is filled"
-            assert cells[3].startswith(reload_words), (
-                f"{where}: the reload cell says applied, restart or kept"
+            for column in ("default", "unit", "reload", "meaning"):
+                assert cells.get(column), (
+                    f"docs/configuration.md {where}: the row needs a `{column}` cell "
+                    "(columns: field | default | unit | reload | meaning)"
+                )
+            assert cells["reload"].startswith(reload_words), (
+                f"{where}: the reload cell starts with applied, restart or kept"
             )
 
 
