@@ -237,7 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action=_VersionAction, help="the version and which build serves")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="serve traffic")
+    r = sub.add_parser(
+        "run",
+        help="serve traffic",
+        description="Serve the data listener and the admin API from a config file; "
+        "SIGTERM drains, SIGHUP reloads (docs/operations.md).",
+    )
     r.add_argument(
         "-c",
         "--config",
@@ -289,7 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=lambda a: cmd_check(_pos_config(a)))
 
-    d = sub.add_parser("demo", help="two built-in upstreams + the gateway at 90/10")
+    d = sub.add_parser(
+        "demo",
+        help="two built-in upstreams + the gateway at 90/10",
+        description="Start two built-in upstreams (stable, gray) and the gateway at 90/10 "
+        "on them, with its admin API, and print curl lines to try (README "
+        '"Trying the demo"). Ctrl-C stops it.',
+    )
     d.add_argument(
         "--host",
         default="127.0.0.1",
