@@ -4,7 +4,7 @@ Why temp file + fsync + rename + fsync(dir): a reader (another worker, the
 next start) sees the old document or the new one, never a torn one, and an
 accepted change survives a power cut (README "Admin API"). Why polling stat() every
 `state.poll_interval`: it is portable, costs one syscall per worker per tick
-and bounds propagation well under the 1 s the issue allows.
+and keeps propagation to every worker well under a second (README "Admin API").
 """
 
 from __future__ import annotations
