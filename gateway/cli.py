@@ -298,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="two built-in upstreams + the gateway at 90/10",
         description="Start two built-in upstreams (stable, gray) and the gateway at 90/10 "
-        "on them, with its admin API, and print curl lines to try (README "
-        '"Trying the demo"). Ctrl-C stops it.',
+        "on them, with its admin API, and print curl lines to try "
+        '(README "Trying the demo"). Ctrl-C stops it.',
     )
     d.add_argument(
         "--host",

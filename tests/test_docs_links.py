@@ -74,7 +74,7 @@ def test_a_broken_anchor_is_caught(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- citations in code
 
-CITED_SECTION = re.compile(r'README(?:\.md)?,? "([^"]+)"')
+CITED_SECTION = re.compile(r'README(?:\.md)?,? "([^"\n]+)"')
 CITED_DOC = re.compile(r"(?<![\w/.-])docs/[\w-]+\.md")
 SOURCES = sorted(p for d in ("gateway", "tests", "benchmarks") for p in (ROOT / d).rglob("*.py"))
 
