@@ -172,7 +172,7 @@ def run_block(block: str, port: int, admin: int) -> list[tuple[int, str]]:
     curl = need("curl", "the README's examples are curl lines")
     script = re.sub(r"(127\.0\.0\.1|localhost):8080", rf"\g<1>:{port}", block)
     script = re.sub(r"(127\.0\.0\.1|localhost):9901", rf"\g<1>:{admin}", script)
-    prelude = f"curl() {{ {curl} -w '\\n{MARK}%{{http_code}}\\n' \"$@\"; }}\nset -e\n"
+    prelude = f"curl() {{ {curl} --max-time 20 -w '\\n{MARK}%{{http_code}}\\n' \"$@\"; }}\nset -e\n"
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
