@@ -104,3 +104,16 @@ def test_every_doc_cited_in_code_exists() -> None:
         if not (ROOT / doc).exists()
     ]
     assert not broken, "cited docs that do not exist:\n" + "\n".join(broken)
+
+
+def test_no_comment_cites_a_document_outside_the_repo() -> None:
+    """Comments cite README, docs/ or a public spec; never the design notes the repo lacks."""
+    outside = re.compile("|".join(["SPEC" + " §", "PERF" + "_NOTES", "STYLE" + " habit"]))
+    pages = [*SOURCES, *PAGES, *(ROOT / "benchmarks").rglob("*.md")]
+    found = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for p in pages
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if outside.search(line)
+    ]
+    assert not found, "cite the repo's docs or a public spec instead:\n" + "\n".join(found)
