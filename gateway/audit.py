@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import aiohttp
 
@@ -222,10 +222,19 @@ class FileAudit:
         return None
 
 
+# Compare-and-set attempts for one audit append: every process that acts (each replica's
+# guard, each admin write) appends to the same key, so a burst of changes loses races;
+# each attempt re-reads and re-appends; the record is logged whether or not one succeeds.
+_CONSUL_CAS_ATTEMPTS: Final = 20
+# One Consul KV call. The change is stored before the append and the answer waits for
+# it: a hung Consul fails the append after this long (logged), and never undoes the change.
+_CONSUL_TIMEOUT_S: Final = 10.0
+
+
 class ConsulAudit:
     """A JSON list under `<kv_prefix>/audit`, read-modify-write with `?cas=` like the state."""
 
-    def __init__(self, cfg: ConsulConfig, *, retries: int = 20) -> None:
+    def __init__(self, cfg: ConsulConfig, *, retries: int = _CONSUL_CAS_ATTEMPTS) -> None:
         self.url = f"{cfg.address.rstrip('/')}/v1/kv/{cfg.kv_prefix.strip('/')}/audit"
         self.headers = {"X-Consul-Token": cfg.token} if cfg.token else {}
         self.retries = retries
@@ -234,7 +243,7 @@ class ConsulAudit:
     def _s(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=10), trust_env=False
+                timeout=aiohttp.ClientTimeout(total=_CONSUL_TIMEOUT_S), trust_env=False
             )
         return self._session
 

@@ -20,6 +20,9 @@ from gateway.tally import Tally
 # Latency bucket upper bounds in seconds: ~10 % apart from 0.5 ms to ~120 s.
 _BOUNDS: Final[tuple[float, ...]] = tuple(0.0005 * (1.1**i) for i in range(131))
 _NB: Final = len(_BOUNDS) + 1
+# The window of a service `configure` has not named (yet): the config's default
+# `guard.window` (docs/configuration.md), so a record before the first configure is kept.
+DEFAULT_WINDOW_S: Final = 300.0
 
 
 class _Bucket:
@@ -140,7 +143,7 @@ class Guard:
         key = (service, release)
         w = self._windows.get(key)
         if w is None:
-            w = self._windows[key] = ReleaseWindow(self._sizes.get(service, 300.0))
+            w = self._windows[key] = ReleaseWindow(self._sizes.get(service, DEFAULT_WINDOW_S))
         return w
 
     def record(
