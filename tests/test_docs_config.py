@@ -2,17 +2,19 @@
 
 Every key the loader accepts has a row in the reference, and every row names a
 key the loader accepts. The accepted keys come from the loader itself: each
-strict mapping in gateway/config.py goes through `config._unknown(m, allowed,
-path, errs)`, so a spy on that function, fed a config that opens every nested
-mapping it learns of, reads the loader's own tables; the segment DSL keeps its
-keys as data in gateway/segments_config.py. A documented key is checked by
-loading a config that sets it, so sections parsed elsewhere are checked too.
+strict mapping goes through a module-level `_unknown(m, allowed, path, ...)`
+(gateway/config.py's, or a section module's own), so spies on those functions,
+fed a config that opens every nested mapping they learn of, read the loader's
+own tables; the segment DSL keeps its keys as data in gateway/segments_config.py.
+A documented key is checked by loading a config that sets it, so a section
+checked some other way is checked in that direction too.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +53,46 @@ def _errors(raw: Raw) -> list[tuple[str, str]]:
     return []
 
 
+def _checkers() -> list[tuple[Any, Callable[..., Any]]]:
+    """(module, function) for every `_unknown(m, allowed, path, ...)` of a gateway module.
+
+    The loader and each config section module (gateway/config.py and the `*_config.py`
+    modules it calls) refuse unknown keys through a module-level `_unknown` taking the
+    mapping, the allowed keys and the path first; each module calls its own by name.
+    """
+    found = []
+    for src in sorted((ROOT / "gateway").rglob("*.py")):
+        if "_unknown" not in src.read_text(encoding="utf-8"):
+            continue
+        name = ".".join(src.relative_to(ROOT).with_suffix("").parts)
+        mod = importlib.import_module(name)
+        fn = getattr(mod, "_unknown", None)
+        if callable(fn):
+            found.append((mod, fn))
+    return found
+
+
+CHECKERS = _checkers()
+
+
 def _spy_run(raw: Raw) -> dict[str, set[str]]:
-    """Section -> the keys `_unknown` allowed there, for one load of `raw`."""
+    """Section -> the keys the `_unknown` checks allowed there, for one load of `raw`."""
     seen: dict[str, set[str]] = {}
-    real: Callable[..., None] = config_mod._unknown
 
-    def spy(m: Mapping[str, Any], allowed: set[str], path: str, errs: Any) -> None:
-        seen.setdefault(_norm(path), set()).update(allowed)
-        real(m, allowed, path, errs)
+    def spying(real: Callable[..., Any]) -> Callable[..., Any]:
+        def spy(m: Any, allowed: Any, path: str, *rest: Any, **kw: Any) -> Any:
+            seen.setdefault(_norm(path), set()).update(str(k) for k in allowed)
+            return real(m, allowed, path, *rest, **kw)
 
-    config_mod._unknown = spy  # type: ignore[assignment]
+        return spy
+
+    for mod, fn in CHECKERS:
+        mod._unknown = spying(fn)
     try:
         _errors(raw)
     finally:
-        config_mod._unknown = real  # type: ignore[assignment]
+        for mod, fn in CHECKERS:
+            mod._unknown = fn
     return seen
 
 
