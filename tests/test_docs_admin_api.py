@@ -38,3 +38,16 @@ def test_every_documented_operation_exists() -> None:
 
 def test_the_doc_is_not_empty() -> None:
     assert len(documented()) >= 10
+
+
+def test_each_weight_says_whether_it_is_raw_or_percent() -> None:
+    """One meaning per endpoint, stated in the document a client generator reads."""
+    doc = build_openapi("test")
+    schemas = doc["components"]["schemas"]
+    preview = doc["paths"]["/admin/services/{service}/preview"]["get"]
+    assert "raw" in schemas["Weights"]["description"]
+    assert "percent" in schemas["PlatformPayload"]["properties"]["gray_weight"]["description"]
+    assert "percent" in schemas["RolloutStep"]["properties"]["weight"]["description"]
+    assert "raw" in preview["description"] and "not percent" in preview["description"]
+    text = DOC.read_text(encoding="utf-8")
+    assert "**raw weight**" in text and "**percent**" in text
