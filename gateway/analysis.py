@@ -121,6 +121,14 @@ def read_response(body: object) -> Reading:
     return Reading(value)
 
 
+def _slack(b: float, v: float) -> float:
+    """Rounding room for a difference: 0.99 - 0.985 is 0.0050000000000000044 in binary floats.
+
+    Without it a drop of exactly `max_drop` (on the bound, which passes) would fail.
+    """
+    return 1e-9 * max(1.0, abs(b), abs(v))
+
+
 @dataclass(frozen=True, slots=True)
 class Evaluation:
     result: str
@@ -154,11 +162,11 @@ def evaluate(spec: MetricSpec, release: Reading, baseline: Reading | None = None
     if b is not None:
         if spec.max_drop is not None:
             threshold = b - spec.max_drop
-            if b - v > spec.max_drop:
+            if b - v > spec.max_drop + _slack(b, v):
                 failed.append(f"dropped {b - v:g} below the baseline (max_drop {spec.max_drop:g})")
         if spec.max_increase is not None:
             threshold = b + spec.max_increase if spec.max_drop is None else threshold
-            if v - b > spec.max_increase:
+            if v - b > spec.max_increase + _slack(b, v):
                 failed.append(
                     f"rose {v - b:g} above the baseline (max_increase {spec.max_increase:g})"
                 )
