@@ -26,7 +26,7 @@ so every replica shows them and `step_gate` reads them.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -306,18 +306,29 @@ def counts(at: float, weight_at: float, spec: MetricSpec) -> bool:
     return at >= weight_at + spec.initial_delay
 
 
-def step_gate(results: object, step_started: float, release: str | None = None) -> str | None:
+def step_gate(
+    results: object,
+    step_started: float,
+    release: str | None = None,
+    required: Sequence[str] = (),
+) -> str | None:
     """Why a rollout step may not advance yet, or None (README "Progressive delivery").
 
     Every non-observe metric needs a counted success that started in the
     step (at or after `step_started`). `results` is what the analysis runner
-    stores in `ServiceState.extra["analysis"]`; without it nothing blocks.
+    stores in `ServiceState.extra["analysis"]`; without it nothing blocks,
+    except that each name in `required` (the configured non-observe metrics)
+    must have results for `release` already.
     """
-    if not isinstance(results, Mapping):
-        return None
-    releases = results.get("releases")
+    releases = results.get("releases") if isinstance(results, Mapping) else None
     if not isinstance(releases, Mapping):
-        return None
+        releases = {}
+    if required and release is not None:
+        mine = releases.get(release)
+        have = mine.get("metrics") if isinstance(mine, Mapping) else None
+        for name in required:
+            if not isinstance(have, Mapping) or name not in have:
+                return f"waiting for analysis {name}"
     for rel, block in releases.items():
         if release is not None and rel != release:
             continue

@@ -402,8 +402,13 @@ class ControlPlane:
                 continue
             if rollout_mod.tick(r, now) == r or service not in self.config.services:
                 continue
-            gated = self.analysis_of(service) is not None
-            if gated and analysis.step_gate(self.analysis_of(service), r.step_started, r.release):
+            required = [
+                m.name for m in self.config.analysis.metrics_for(service) if m.action != "observe"
+            ]
+            gated = bool(required) and r.state == rollout_mod.PROGRESSING
+            if gated and analysis.step_gate(
+                self.analysis_of(service), r.step_started, r.release, required
+            ):
                 continue  # every analysis metric needs a counted success in the step
             svc = self.config.services[service]
             step = "confirm_timeout" if r.state == rollout_mod.CIRCUIT_BREAK else "step"

@@ -304,3 +304,23 @@ def test_analysis_pause_and_resume_are_its_own() -> None:
     assert A.analysis_resume(p, 3.0).state == R.PROGRESSING
     with pytest.raises(Exception, match="not analysis"):
         A.analysis_resume(R.pause(r, 2.0), 3.0)
+
+
+@pytest.mark.parametrize(
+    ("results", "required", "reason"),
+    [
+        (None, ["kpi"], "waiting for analysis kpi"),
+        (
+            _results(other={"action": "rollback", "success_at": 100.0}),
+            ["kpi"],
+            "waiting for analysis kpi",
+        ),
+        (_results(kpi={"action": "rollback", "success_at": 100.0}), ["kpi"], None),
+        (None, [], None),
+    ],
+    ids=["no-results-yet", "metric-not-run-yet", "run-and-passed", "nothing-required"],
+)
+def test_step_gate_required_metrics(
+    results: object, required: list[str], reason: str | None
+) -> None:
+    assert A.step_gate(results, 100.0, "gray", required) == reason
