@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -324,3 +326,35 @@ def test_step_gate_required_metrics(
     results: object, required: list[str], reason: str | None
 ) -> None:
     assert A.step_gate(results, 100.0, "gray", required) == reason
+
+
+def test_the_data_path_never_reaches_analysis() -> None:
+    """No per-request work: the request path's modules import nothing of the analysis.
+
+    The runner lives in the admin process (gateway/app.py) and only writes the
+    state document, once per interval; what a request reads is the snapshot.
+    """
+    root = Path(A.__file__).resolve().parent
+    data_path = [
+        root / "handler.py",
+        root / "routing.py",
+        root / "balancer.py",
+        root / "state.py",
+        root / "tally.py",
+        *sorted((root / "engine").glob("*.py")),
+    ]
+    analysis_modules = {
+        "gateway.analysis",
+        "gateway.analysis_runner",
+        "gateway.analysis_config",
+        "gateway.prometheus",
+    }
+    for f in data_path:
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            assert not analysis_modules & set(names), (f.name, names)

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from gateway.analysis_runner import LEASE_MIN
 from gateway.app import Gateway
-from tests.conftest import gateway_config, start_app
+from tests.conftest import gateway_config, run_gateway_process, start_app
 from tests.consul_double import ConsulDouble
 
 pytestmark = pytest.mark.timeout(120)
@@ -184,3 +184,51 @@ async def test_one_replica_evaluates_and_every_replica_shows_it(
         # The evaluator goes away: the other takes over once the lease ran out.
         await first.stop(1.0)
         await _until(lambda: runs(second) >= 1, LEASE_MIN + 30)
+
+
+async def test_the_master_evaluates_with_every_workers_requests_counted(
+    prom: FakePrometheus, upstreams: Any, tmp_path: Any
+) -> None:
+    """`--workers 2`: the admin process runs the analysis; min_requests sums both workers."""
+    stable, gray = await upstreams("stable"), await upstreams("gray")
+    doc = _doc(
+        prom,
+        stable.url,
+        gray.url,
+        _metric(min_requests=30),
+        state={"store": "file", "path": str(tmp_path / "state.json")},
+    )
+    with run_gateway_process(tmp_path, doc, workers=2) as gp:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                f"{gp.admin}/admin/services/svc/rollout",
+                json={"release": "gray", "steps": [{"weight": 20, "pause": "1h"}]},
+            ) as r:
+                assert r.status == 200, await r.text()
+
+            async def view() -> dict[str, Any]:
+                async with s.get(f"{gp.admin}/admin/services/svc") as r:
+                    body: dict[str, Any] = await r.json()
+                    return body
+
+            async def has_block() -> bool:
+                return bool((await view())["analysis"]["releases"])
+
+            await _until(has_block, 30)
+            assert prom.queries == []  # waiting for traffic
+            for i in range(40):  # new connections: spread over both workers
+                async with aiohttp.ClientSession() as one:
+                    async with one.get(
+                        f"{gp.url}/", headers={"X-Release-Stage": "gray", "X-User-ID": f"u{i}"}
+                    ) as r:
+                        assert r.status == 200
+
+            async def evaluated() -> bool:
+                run = (await view())["analysis"]["releases"]["gray"]["metrics"]["kpi"]
+                return bool(run["result"] == "success")
+
+            await _until(evaluated, 30)
+            async with s.get(f"{gp.admin}/metrics") as r:
+                text = await r.text()
+            assert 'gateway_analysis_value{metric="kpi",release="gray",service="svc"} 0.99' in text
+            assert "gateway_analysis_runs_total{" in text
