@@ -404,9 +404,12 @@ class AnalysisRunner:
                         done.add((release, kind))
                         self._announce(service, release, spec, run, kind, acts.version, now)
                 elif r is None or r.release != release or r.state not in rollout_mod.ACTIVE:
-                    # no rollout to hold (analysis.always): the pause is an alert
+                    # no rollout to hold (analysis.always): the pause is an alert, once a streak
                     done.add((release, kind))
-                    self._announce(service, release, spec, run, kind, acts.version, now)
+                    if run.failed_in_row == spec.failure_limit or (
+                        run.inconclusive_in_row == spec.inconclusive_limit
+                    ):
+                        self._announce(service, release, spec, run, kind, acts.version, now)
             else:  # an observe metric reached a limit
                 self._announce(service, release, spec, run, kind, acts.version, now)
         r = self.control.rollout_of(service)

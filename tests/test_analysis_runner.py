@@ -232,3 +232,51 @@ async def test_the_master_evaluates_with_every_workers_requests_counted(
                 text = await r.text()
             assert 'gateway_analysis_value{metric="kpi",release="gray",service="svc"} 0.99' in text
             assert "gateway_analysis_runs_total{" in text
+
+
+@pytest.mark.parametrize(
+    ("action", "weight_after", "alert"),
+    [("rollback", 0.0, "AnalysisRolledBack"), ("pause", 10.0, "AnalysisPaused")],
+    ids=["rollback-sets-weight-0", "pause-only-alerts"],
+)
+async def test_always_analyses_a_release_without_a_rollout(
+    prom: FakePrometheus,
+    upstreams: Any,
+    gateway: Any,
+    action: str,
+    weight_after: float,
+    alert: str,
+) -> None:
+    got: list[dict[str, Any]] = []
+    alerted = asyncio.Event()
+
+    async def hook(request: web.Request) -> web.Response:
+        got.append(await request.json())
+        alerted.set()
+        return web.Response()
+
+    receiver = web.Application()
+    receiver.router.add_post("/", hook)
+    rx = await upstreams(app=receiver)
+    stable, gray = await upstreams("stable"), await upstreams("gray")
+    prom.value = "0.5"  # below min 0.95
+    doc = _doc(
+        prom,
+        stable.url,
+        gray.url,
+        _metric(failure_limit=1, action=action),
+        alerts=[{"url": f"{rx.url}/"}],
+    )
+    doc["services"]["svc"]["releases"]["gray"]["weight"] = 10
+    doc["analysis"]["always"] = True
+    gw = await gateway(doc)
+    await asyncio.wait_for(alerted.wait(), 30)
+    assert got[0]["alert"] == alert and got[0]["value"] == 0.5 and got[0]["threshold"] == 0.95
+    assert gw.holder.current.services["svc"].releases["gray"].raw_weight == weight_after
+    r = gw.control.rollout_of("svc")
+    if action == "rollback":
+        assert r is not None and r.state == "CircuitBreak"
+    else:  # the failures go on; the alert came once, at the limit
+        assert r is None
+        await _until(lambda: _runs(gw).get("failed_in_row", 0) >= 4, 30)
+        assert [a["alert"] for a in got] == [alert]
