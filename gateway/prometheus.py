@@ -42,9 +42,11 @@ class PrometheusClient:
         timeout = aiohttp.ClientTimeout(total=self.config.timeout)
         try:
             async with self._session.post(url, data={"query": promql}, timeout=timeout) as resp:
-                raw = await resp.content.read(_MAX_BODY + 1)
-                if len(raw) > _MAX_BODY:
-                    return Reading(None, "the answer is larger than 1 MiB")
+                raw = b""
+                while chunk := await resp.content.read(_MAX_BODY + 1 - len(raw)):
+                    raw += chunk
+                    if len(raw) > _MAX_BODY:
+                        return Reading(None, "the answer is larger than 1 MiB")
                 try:
                     body = json.loads(raw)
                 except ValueError:
