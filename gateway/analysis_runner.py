@@ -130,6 +130,8 @@ class AnalysisRunner:
         self._task: asyncio.Task[None] | None = None
         self._due: dict[tuple[str, str, str], float] = {}  # (service, release, metric) -> time
         self._seen: dict[tuple[str, str], _Seen] = {}
+        # Releases that left analysis (rolled back, rollout over): counters restart when back.
+        self._fresh: set[tuple[str, str]] = set()
         self._step_base: dict[tuple[str, str], tuple[object, float]] = {}  # step -> count then
 
     # ------------------------------------------------------------------ lifecycle
@@ -194,6 +196,8 @@ class AnalysisRunner:
     ) -> None:
         targets, ro = self._targets(service, snap)
         weights = snap.weights.get(service, {})
+        for gone in [k for k in self._seen if k[0] == service and k[1] not in targets]:
+            self._leave(gone)
         for rel in targets:
             w = weights.get(rel, 0.0)
             seen = self._seen.get((service, rel))
@@ -212,10 +216,10 @@ class AnalysisRunner:
         jobs: list[Awaitable[None]] = []
         for rel in targets:
             for spec in specs:
-                key = (service, rel, spec.name)
-                if self._due.get(key, 0.0) > now:
+                due = (service, rel, spec.name)
+                if self._due.get(due, 0.0) > now:
                     continue
-                self._due[key] = now + spec.interval
+                self._due[due] = now + spec.interval
                 jobs.append(self._evaluate(service, rel, spec, ro, now, outcomes))
         renew = isinstance(lease, Mapping) and (
             not isinstance(lease.get("until"), int | float)
@@ -260,9 +264,15 @@ class AnalysisRunner:
         except _NotOwner:
             self._forget(service)
             return
+        self._fresh.difference_update((service, rel) for rel in targets)
         acts.version = doc.version
         self._publish(service, outcomes)
         await self._act(service, specs, acts, now)
+
+    def _leave(self, key: tuple[str, str]) -> None:
+        """A release is no longer analysed: next time it starts afresh (a retry resets counters)."""
+        self._seen.pop(key, None)
+        self._fresh.add(key)
 
     def _forget(self, service: str) -> None:
         for k in [k for k in self._due if k[0] == service]:
@@ -339,7 +349,10 @@ class AnalysisRunner:
         old_at = prev.get("weight_at")
         if old_w == weight and isinstance(old_at, int | float):
             weight_at = min(weight_at, float(old_at))  # a replica that took over keeps it
-        fresh = not isinstance(old_w, int | float) or old_w <= 0  # a new rollout or a retry
+        # A new rollout or a retry: the counters restart (README "Progressive delivery").
+        fresh = (
+            not isinstance(old_w, int | float) or old_w <= 0 or (service, release) in self._fresh
+        )
         old_metrics = prev.get("metrics")
         old_metrics = old_metrics if isinstance(old_metrics, Mapping) else {}
         metrics: dict[str, Any] = {}
@@ -439,6 +452,7 @@ class AnalysisRunner:
             except Conflict:  # already rolled back (by the guard, or a replica)
                 return False
         self.metrics.set_rollout_state(service, rollout_mod.CIRCUIT_BREAK)
+        self._leave((service, release))
         return True
 
     async def _move(

@@ -132,6 +132,11 @@ class Setup:
         data = await self.prom.api("query", query='sum(rate(payments_total{release="gray"}[5s]))')
         return bool(data["result"])
 
+    async def gray_ratio_back(self) -> bool:
+        assert self.prom is not None
+        data = await self.prom.api("query", query=PAYMENT_SUCCESS.replace("{{release}}", "gray"))
+        return bool(data["result"]) and float(data["result"][0]["value"][1]) >= 0.989
+
     async def stop(self) -> None:
         if self.prom is not None:
             await self.prom.stop()
@@ -184,7 +189,15 @@ async def test_a_kpi_drop_of_2_percent_rolls_back_then_confirm_and_retry(
     await _admin(gw, "POST", "/services/svc/rollout/confirm")
     assert _state(gw) == "RolledBack"
     setup.exporter.ratio["gray"] = 0.99
+    await _until(setup.gray_ratio_back, 30)  # the rate window no longer holds the drop
     await _admin(gw, "POST", "/services/svc/rollout/retry")
+    assert _state(gw) == "Progressing" and _gray_weight(gw) == 20
+    # The retry starts afresh: the failures before it are not counted again.
+    ro = gw.control.rollout_of("svc")
+    assert ro is not None
+    retried = ro.step_started
+    await _until(lambda: (_run(gw).get("success_at") or 0) >= retried, 30)
+    assert _run(gw)["failed_in_row"] == 0
     assert _state(gw) == "Progressing" and _gray_weight(gw) == 20
 
 

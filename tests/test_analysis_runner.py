@@ -280,3 +280,35 @@ async def test_always_analyses_a_release_without_a_rollout(
         assert r is None
         await _until(lambda: _runs(gw).get("failed_in_row", 0) >= 4, 30)
         assert [a["alert"] for a in got] == [alert]
+
+
+async def test_a_retry_starts_the_failure_count_afresh(
+    prom: FakePrometheus, upstreams: Any, gateway: Any
+) -> None:
+    got: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        got.append(await request.json())
+        return web.Response()
+
+    receiver = web.Application()
+    receiver.router.add_post("/", hook)
+    rx = await upstreams(app=receiver)
+    stable, gray = await upstreams("stable"), await upstreams("gray")
+    prom.value = "0.5"  # below min 0.95: every evaluation fails
+    doc = _doc(prom, stable.url, gray.url, _metric(), alerts=[{"url": f"{rx.url}/"}])
+    gw = await gateway(doc)
+    await _start_rollout(gw, [{"weight": 20, "pause": "1h"}])
+
+    def rolled_back() -> list[dict[str, Any]]:
+        return [a for a in got if a["alert"] == "AnalysisRolledBack"]
+
+    await _until(lambda: len(rolled_back()) == 1, 30)
+    assert rolled_back()[0]["failed_in_row"] == 2
+    async with aiohttp.ClientSession() as s:
+        url = f"http://127.0.0.1:{gw.admin_port}/admin/services/svc/rollout/retry"
+        async with s.post(url) as r:
+            assert r.status == 200
+    # Two new failures trip it again; without the reset the first would have.
+    await _until(lambda: len(rolled_back()) == 2, 30)
+    assert rolled_back()[1]["failed_in_row"] == 2
