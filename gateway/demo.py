@@ -117,11 +117,11 @@ async def run_demo(host: str, port: int, admin_port: int, duration: float | None
     print("Try (each answer names the release that served it):")
     for what, line in curl_lines(gw.port, gw.admin_port):
         print(f"  # {what}\n  {line}")
-    print("Ctrl-C to stop.", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the line that says Ctrl-C works
         loop.add_signal_handler(sig, stop.set)
+    print("Ctrl-C to stop.", flush=True)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), duration)
     await gw.stop(2.0)

@@ -29,6 +29,8 @@ DOC = ROOT / "docs" / "configuration.md"
 TOP = "(top level)"
 NAMES = {"<service>": "svc", "<release>": "rel"}  # placeholder -> the name used in probes
 PROBE = "zz_not_a_field"
+# How the loader words an unknown key (not "unknown template ...", a bad value).
+UNKNOWN_KEY = ("unknown field", "unknown match key")
 
 Raw = dict[str, Any]
 
@@ -258,7 +260,7 @@ def _materialize(section: str, key: str, value: object) -> tuple[Raw, str]:
 
 def _unknown_at(section: str, key: str) -> bool:
     raw, path = _materialize(section, key, None)
-    return any(p == path and msg.startswith("unknown") for p, msg in _errors(raw))
+    return any(p == path and msg.startswith(UNKNOWN_KEY) for p, msg in _errors(raw))
 
 
 def _documented_fields() -> Iterator[tuple[str, str]]:

@@ -114,6 +114,8 @@ EXPECTED: dict[str, list[Check]] = {
 }
 NEEDS_MORE_THAN_THE_DEMO = {
     "explain?header=X-Employee:true": "the `segments:` of the YAML above it, which the demo lacks",
+    "admin/services/payments/rollout": "a `payments` service analysed by a real Prometheus "
+    "(tests/test_analysis_e2e.py tests that scenario against one)",
 }
 
 

@@ -49,6 +49,7 @@ TESTED_ELSEWHERE = {
     "openapi": "tests/test_admin_openapi.py checks every answer against the document",
     "preflight": "tests/test_config_check.py (ports taken, state directory)",
     "preview": "tests/test_admin.py (explain, preview; being split: issue 13)",
+    "prometheus": "tests/test_analysis_client.py (the Prometheus client against a real server)",
     "readiness": "tests/test_admin.py, tests/test_reliability_e2e.py (/readyz)",
     "rules": "tests/test_guard_rules.py, tests/test_guard_rules_e2e.py",
     "segments_config": "tests/test_segments.py (the DSL's errors, field by field)",
