@@ -15,6 +15,8 @@ PKG = Path(__file__).resolve().parent.parent / "gateway"
 
 # Policy: plain values in, plain values out; time and randomness passed in.
 PURE = (
+    "analysis",
+    "analysis_config",
     "balancer",
     "changes",
     "config_syntax",
