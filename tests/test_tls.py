@@ -336,3 +336,32 @@ async def post_reload(admin_port: int) -> tuple[int, Any]:
         s.post(f"http://127.0.0.1:{admin_port}/admin/reload") as r,
     ):
         return r.status, await r.json()
+
+
+async def test_active_health_check_of_an_https_endpoint_speaks_tls(
+    pki: PKI, tls_upstreams: Any, started: list[Gateway]
+) -> None:
+    probed = asyncio.Event()
+
+    async def health(request: web.Request) -> web.Response:
+        if request.headers.get("User-Agent") == "gray-gateway-health":
+            probed.set()
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_get("/healthz", health)
+    port = await tls_upstreams(pki.server_ctx(), app=app)
+    svc = {
+        "svc": {
+            "upstream_tls": {"ca": str(pki.ca_pem)},
+            "releases": {
+                "stable": {
+                    "weight": 100,
+                    "upstreams": [f"https://127.0.0.1:{port}"],
+                    "health_check": {"interval": "200ms", "timeout": "200ms"},
+                }
+            },
+        }
+    }
+    await start(started, gateway_config(svc), "fast")
+    await asyncio.wait_for(probed.wait(), 30)
