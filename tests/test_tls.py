@@ -365,3 +365,79 @@ async def test_active_health_check_of_an_https_endpoint_speaks_tls(
     }
     await start(started, gateway_config(svc), "fast")
     await asyncio.wait_for(probed.wait(), 30)
+
+
+async def test_websocket_over_the_https_listener_to_a_tls_upstream(
+    engine: str, pki: PKI, tls_upstreams: Any, started: list[Gateway]
+) -> None:
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        async for msg in sock:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await sock.send_str(f"tls:{msg.data}")
+        return sock
+
+    app = web.Application()
+    app.router.add_get("/ws", ws)
+    port = await tls_upstreams(pki.server_ctx(), app=app)
+    svc = one_release(f"https://127.0.0.1:{port}", upstream_tls={"ca": str(pki.ca_pem)})
+    gw = await start(started, gateway_config(svc, tls=listener(pki)), engine)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.ws_connect(f"wss://127.0.0.1:{gw.port}/ws", ssl=pki.client_ctx()) as sock,
+    ):
+        await sock.send_str("hello")
+        assert await sock.receive_str() == "tls:hello"
+
+
+async def test_tls_failures_count_toward_passive_health(
+    pki: PKI, tls_upstreams: Any, started: list[Gateway], tmp_path: Path
+) -> None:
+    other = make_pki(tmp_path / "other", "other")
+    port = await tls_upstreams(pki.server_ctx())
+    svc = one_release(f"https://127.0.0.1:{port}", upstream_tls={"ca": str(other.ca_pem)})
+    gw = await start(started, gateway_config(svc, retries=0), "fast")
+    assert gw.port is not None
+    slot = gw.holder.current.services["svc"].releases["stable"].pool.slots[0]
+    for n in (1, 2):
+        status, body = await get_json(gw.port, None)
+        assert status == 502 and body["kind"] == "tls"
+        assert slot.fails == n and slot.down_until == 0.0
+    status, _ = await get_json(gw.port, None)
+    assert status == 502
+    assert slot.down_until > 0  # the third in a row takes it out, as connect errors do
+
+
+async def test_a_reload_reads_upstream_tls_files_again_and_drops_old_pooled_connections(
+    pki: PKI, tls_upstreams: Any, started: list[Gateway], tmp_path: Path
+) -> None:
+    peers: list[object] = []
+
+    async def echo(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        return web.json_response({"release": "stable"})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", echo)
+    port = await tls_upstreams(pki.server_ctx(), app=app)
+    ca = tmp_path / "upstream-ca.pem"
+    ca.write_bytes(pki.ca_pem.read_bytes())
+    doc = gateway_config(one_release(f"https://127.0.0.1:{port}", upstream_tls={"ca": str(ca)}))
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    gw = Gateway(C.load(str(path), env={}))
+    await gw.start()
+    started.append(gw)
+    assert gw.port is not None and gw.admin_port is not None
+    for _ in range(2):
+        assert (await get_json(gw.port, None))[0] == 200
+    assert len(set(peers)) == 1
+    status, body = await post_reload(gw.admin_port)
+    assert status == 200, body
+    assert (await get_json(gw.port, None))[0] == 200
+    assert len(set(peers)) == 2  # a new connection, made with the reloaded context
+    ca.write_text("gone\n")  # a CA file that is no more: the reload is refused, naming it
+    status, body = await post_reload(gw.admin_port)
+    assert status == 400 and body["field"] == "services.svc.upstream_tls.ca"
+    assert (await get_json(gw.port, None))[0] == 200

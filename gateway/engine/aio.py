@@ -306,7 +306,9 @@ class AiohttpEngine:
     async def _websocket(self, request: web.BaseRequest, fwd: Forward) -> web.StreamResponse:
         assert self._session is not None
         target = request.raw_path if fwd.target is None else fwd.target.decode("latin-1")
-        url = URL(f"http://{fwd.host}:{fwd.port}{target}", encoded=True)
+        tls = fwd.tls
+        scheme = "https" if tls is not None else "http"
+        url = URL(f"{scheme}://{fwd.host}:{fwd.port}{target}", encoded=True)
         skip = {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "host"}
         headers = {k.decode(): v.decode() for k, v in fwd.headers if k.lower().decode() not in skip}
         protocols = [
@@ -320,7 +322,12 @@ class AiohttpEngine:
                 headers=headers,
                 protocols=protocols,
                 timeout=aiohttp.ClientWSTimeout(ws_close=fwd.read_timeout),
+                ssl=tls.context if tls is not None and tls.context else True,
+                server_hostname=tls.server_name if tls is not None else None,
             )
+        except aiohttp.ClientSSLError as e:
+            fwd.detail = describe(e.__cause__ or e)
+            return self._fail(fwd, 502, ERR_TLS)
         except aiohttp.ClientConnectorError:
             return self._fail(fwd, 502, ERR_CONNECT)
         except aiohttp.ClientError:
