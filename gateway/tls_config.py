@@ -12,9 +12,13 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
+from gateway.config_syntax import key_path
 from gateway.tls import TLSFileError, client_context, server_context
+
+if TYPE_CHECKING:
+    from gateway.config import ReleaseConfig, ServiceConfig
 
 AddError = Callable[[str, str], None]
 
@@ -158,13 +162,13 @@ class ContextCache:
 
 
 def with_upstream_tls(
-    svc: Any,
+    svc: ServiceConfig,
     raw: Mapping[str, Any],
     path: str,
     add: AddError,
     base: Path,
     cache: ContextCache,
-) -> Any:
+) -> ServiceConfig:
     """Give every release of `svc` its effective `upstream_tls` (release fields over service's).
 
     A release gets one when either level sets it, or when it may reach an
@@ -174,10 +178,10 @@ def with_upstream_tls(
     if svc_fields is None:
         return svc
     rm = raw.get("releases")
-    releases = {}
+    releases: dict[str, ReleaseConfig] = {}
     for name, r in svc.releases.items():
         rraw = rm.get(name) if isinstance(rm, Mapping) else None
-        rpath = f"{path}.releases.{name}.upstream_tls"
+        rpath = key_path(f"{path}.releases", name) + ".upstream_tls"
         own = _upstream_fields(
             rraw.get("upstream_tls") if isinstance(rraw, Mapping) else None, rpath, add, base
         )
