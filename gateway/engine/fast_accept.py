@@ -122,7 +122,7 @@ class Acceptor:
         self._tasks.discard(task)
         exc = None if task.cancelled() else task.exception()
         if exc is not None:
-            if isinstance(exc, ssl.SSLError | ConnectionError | TimeoutError):
+            if self.tls is not None and isinstance(exc, OSError | TimeoutError):
                 # A client that fails the handshake (no certificate for client_ca,
                 # plain HTTP to the HTTPS port, a scanner) is the client's problem.
                 log.debug("fast engine: TLS handshake with a client failed: %s", exc)
