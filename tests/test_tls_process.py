@@ -288,3 +288,16 @@ def test_check_accepts_https_upstreams_and_upstream_tls(pki: PKI, tmp_path: Path
     f.write_text(yaml.safe_dump(doc))
     r = _gateway("check", "--no-bind", "-c", str(f), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+
+
+def test_relative_tls_paths_are_read_next_to_the_config_file(pki: PKI, tmp_path: Path) -> None:
+    conf_dir = tmp_path / "etc"
+    (conf_dir / "certs").mkdir(parents=True)
+    for src, name in ((pki.server.cert, "cert.pem"), (pki.server.key, "key.pem")):
+        (conf_dir / "certs" / name).write_bytes(src.read_bytes())
+    doc = base_doc(pki, tls={"cert": "certs/cert.pem", "key": "certs/key.pem"})
+    f = conf_dir / "gateway.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    cfg = C.load(str(f), env={})
+    assert cfg.tls is not None and cfg.tls.cert == str(conf_dir / "certs" / "cert.pem")
+    assert cfg.tls.context is not None
