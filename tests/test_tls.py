@@ -441,3 +441,37 @@ async def test_a_reload_reads_upstream_tls_files_again_and_drops_old_pooled_conn
     status, body = await post_reload(gw.admin_port)
     assert status == 400 and body["field"] == "services.svc.upstream_tls.ca"
     assert (await get_json(gw.port, None))[0] == 200
+
+
+async def test_a_gray_release_whose_certificate_fails_is_rolled_back_by_the_guard(
+    pki: PKI, upstreams: Any, tls_upstreams: Any, started: list[Gateway], tmp_path: Path
+) -> None:
+    other = make_pki(tmp_path / "other", "other")  # gray's certificate is from a CA not trusted
+    stable = await upstreams("stable")
+    gray = await tls_upstreams(other.server_ctx(), "gray")
+    svc = {
+        "svc": {
+            "upstream_tls": {"ca": str(pki.ca_pem)},
+            "guard": {"error_rate": 0.05, "min_requests": 20, "window": "30s", "for": "0s"},
+            "releases": {
+                "stable": {"weight": 50, "upstreams": [stable.url]},
+                "gray": {"weight": 50, "upstreams": [f"https://127.0.0.1:{gray}"]},
+            },
+        }
+    }
+    gw = Gateway(C.build(gateway_config(svc, retries=0), env={}), guard_interval=0.05)
+    await gw.start()
+    started.append(gw)
+    kinds: set[str] = set()
+    async with aiohttp.ClientSession() as s:
+        for i in range(120):
+            async with s.get(f"http://127.0.0.1:{gw.port}/", headers={"X-User-ID": f"u{i}"}) as r:
+                if r.status == 502:
+                    kinds.add((await r.json())["kind"])
+        assert kinds == {"tls"}
+        end = asyncio.get_running_loop().time() + 30
+        while gw.holder.current.services["svc"].releases["gray"].raw_weight != 0:
+            assert asyncio.get_running_loop().time() < end, "the guard never rolled gray back"
+            await asyncio.sleep(0.05)
+        async with s.get(f"http://127.0.0.1:{gw.port}/", headers={"X-User-ID": "u1"}) as r:
+            assert r.status == 200 and r.headers["X-Release-Stage"] == "stable"
