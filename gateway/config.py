@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gateway.analysis_config import AnalysisConfig, parse_analysis
 from gateway.config_syntax import (
     consul_address,
     key_path,
@@ -282,6 +283,7 @@ class Config:
     alerts: tuple[AlertTarget, ...] = ()
     rollout: RolloutConfig = RolloutConfig()
     tls: ListenerTLS | None = None  # the data listener speaks HTTPS (README "TLS")
+    analysis: AnalysisConfig = AnalysisConfig()  # gateway/analysis_config.py
     source: str = field(default="<memory>", compare=False)
 
 
@@ -863,6 +865,7 @@ def _service(
             "salt",
             "segments",
             "upstream_tls",
+            "analysis",  # gateway/analysis_config.py
         },
         path,
         errs,
@@ -1072,6 +1075,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             "alerts",
             "rollout",
             "tls",
+            "analysis",
         },
         "",
         errs,
@@ -1166,6 +1170,16 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
     access_log = _bool(m, "access_log", False, "", errs)
     alerts = _alerts(m.get("alerts"), "alerts", errs)
     rollout = _rollout_cfg(m.get("rollout"), errs)
+    svm_raw = m.get("services")
+    analysis = parse_analysis(
+        m.get("analysis"),
+        {
+            str(n): (v.get("analysis") if isinstance(v, Mapping) else None)
+            for n, v in (svm_raw.items() if isinstance(svm_raw, Mapping) else ())
+        },
+        errs.add,
+        env,
+    )
     if errs.items:
         raise ConfigError(errs.items, source)
     return Config(
@@ -1185,6 +1199,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         alerts=alerts,
         rollout=rollout,
         tls=listener_tls,
+        analysis=analysis,
         source=source,
     )
 
