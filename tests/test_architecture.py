@@ -60,8 +60,16 @@ UPPER = (
     "gateway.telemetry",
 )
 # The engine sits below the handler: it knows its own interface, the config's
-# timeouts and the hop-by-hop rules, nothing of routing or the control plane.
-ENGINE_MAY_IMPORT = ("gateway.engine", "gateway.config", "gateway.headers", "gateway.errors")
+# timeouts, the hop-by-hop rules and the TLS contexts it dials and serves with
+# (gateway/tls.py, gateway/tls_config.py), nothing of routing or the control plane.
+ENGINE_MAY_IMPORT = (
+    "gateway.engine",
+    "gateway.config",
+    "gateway.headers",
+    "gateway.errors",
+    "gateway.tls",
+    "gateway.tls_config",
+)
 
 
 def imports(path: Path) -> Iterator[str]:
