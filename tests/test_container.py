@@ -45,18 +45,10 @@ RUN_ID = uuid.uuid4().hex[:8]
 IMAGE = f"localhost/gray-gateway-test:{RUN_ID}"
 CONTAINER = f"gray-gateway-test-{RUN_ID}"
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")  # pip inside the build trusts the host's
-STANDIN_PACKAGES = {
-    "run": ("python3", "python3-venv", "python3-pip", "ca-certificates"),
-    # The builder compiles the per-request modules with mypyc (setup.py COMPILED).
-    "build": (
-        "python3",
-        "python3-venv",
-        "python3-pip",
-        "ca-certificates",
-        "python3-dev",
-        "build-essential",
-    ),
-}
+RUN_PACKAGES = ("python3", "python3-venv", "python3-pip", "ca-certificates")
+# The builder compiles the per-request modules with mypyc (setup.py COMPILED); its stand-in
+# is the run stand-in plus these, installed by apt in a container and committed.
+BUILD_PACKAGES = ("build-essential", "python3-dev")
 # Trimmed from a stand-in's root before import: nothing in a build or a run reads them.
 TRIM = (
     "usr/share/doc",
@@ -67,7 +59,8 @@ TRIM = (
 )
 DRAIN_TIMEOUT = 20  # the container config's drain_timeout, seconds
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+# Cold (no cached stand-ins) on a busy 2-core box the first test waits ~14 min for the fixture.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def _ulimits() -> list[str]:
@@ -145,18 +138,19 @@ def _apt_source() -> tuple[str, str]:
     _unavailable("no Debian apt source on this host to debootstrap the stand-in images from")
 
 
-def _standin_tag(role: str, suite: str) -> str:
-    recipe = json.dumps([suite, STANDIN_PACKAGES[role], TRIM]).encode()
-    return (
-        f"localhost/gray-gateway-standin-{role}:{suite}-{hashlib.sha256(recipe).hexdigest()[:10]}"
-    )
+def _standin_tags(suite: str) -> dict[str, str]:
+    """Tags that name their recipe, so a changed recipe makes new stand-ins."""
+    run = hashlib.sha256(json.dumps([suite, RUN_PACKAGES, TRIM]).encode()).hexdigest()[:10]
+    build = hashlib.sha256(json.dumps([run, BUILD_PACKAGES]).encode()).hexdigest()[:10]
+    prefix = "localhost/gray-gateway-standin"
+    return {"run": f"{prefix}-run:{suite}-{run}", "build": f"{prefix}-build:{suite}-{build}"}
 
 
-def _debootstrap(exe: str, role: str, mirror: str, suite: str, target: Path) -> None:
+def _debootstrap(exe: str, mirror: str, suite: str, target: Path) -> None:
     argv = [
         exe,
         "--variant=minbase",
-        f"--include={','.join(STANDIN_PACKAGES[role])}",
+        f"--include={','.join(RUN_PACKAGES)}",
         suite,
         str(target),
         mirror,
@@ -166,32 +160,26 @@ def _debootstrap(exe: str, role: str, mirror: str, suite: str, target: Path) -> 
         log = target / "debootstrap" / "debootstrap.log"
         tail = log.read_text()[-2000:] if log.exists() else ""
         raise AssertionError(
-            f"debootstrap {role}: exit {done.returncode}\n"
-            f"{done.stdout[-2000:]}{done.stderr[-2000:]}{tail}"
+            f"debootstrap: exit {done.returncode}\n{done.stdout[-2000:]}{done.stderr[-2000:]}{tail}"
         )
     for rel in TRIM:
         shutil.rmtree(target / rel, ignore_errors=True)
 
 
 def _standins(podman: Podman, tmp: Path) -> dict[str, str]:
-    """The stand-in images' tags, made (both at once) where the cache lacks them."""
+    """The stand-in images' tags, made where the cache lacks them."""
     mirror, suite = _apt_source()
-    tags = {role: _standin_tag(role, suite) for role in STANDIN_PACKAGES}
-    missing = [r for r, t in tags.items() if podman("image", "exists", t, check=False).returncode]
-    if not missing:
-        return tags
-    debootstrap = need("debootstrap", "makes the Debian stand-ins for the python:3.12 images")
-    with podman.phase("debootstrap stand-ins"), concurrent.futures.ThreadPoolExecutor() as pool:
-        jobs = [pool.submit(_debootstrap, debootstrap, r, mirror, suite, tmp / r) for r in missing]
-        for job in jobs:
-            job.result()
-    with podman.phase("import stand-ins"):
-        for role in missing:
-            archive = tmp / f"{role}.tar"
+    tags = _standin_tags(suite)
+    if podman("image", "exists", tags["run"], check=False).returncode != 0:
+        debootstrap = need("debootstrap", "makes the Debian stand-ins for the python:3.12 images")
+        with podman.phase("debootstrap run stand-in"):
+            _debootstrap(debootstrap, mirror, suite, tmp / "run")
+        with podman.phase("import run stand-in"):
+            archive = tmp / "run.tar"
             subprocess.run(
-                ["tar", "-C", str(tmp / role), "-cf", str(archive), "."], check=True, timeout=300
+                ["tar", "-C", str(tmp / "run"), "-cf", str(archive), "."], check=True, timeout=300
             )
-            shutil.rmtree(tmp / role)
+            shutil.rmtree(tmp / "run")
             podman(
                 "import",
                 "--change",
@@ -199,10 +187,35 @@ def _standins(podman: Podman, tmp: Path) -> dict[str, str]:
                 "--change",
                 "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 str(archive),
-                tags[role],
+                tags["run"],
                 timeout=300,
             )
             archive.unlink()
+    if podman("image", "exists", tags["build"], check=False).returncode != 0:
+        name = f"gray-gateway-standin-{RUN_ID}"
+        trim = " ".join(f"/{rel}" for rel in TRIM)
+        script = (
+            "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+            f"--no-install-recommends {' '.join(BUILD_PACKAGES)} && rm -rf {trim}"
+        )
+        with podman.phase("build stand-in (apt in a container)"):
+            try:
+                podman(
+                    "run",
+                    "--name",
+                    name,
+                    "--network",
+                    "host",
+                    *_ulimits(),
+                    tags["run"],
+                    "sh",
+                    "-c",
+                    script,
+                    timeout=600,
+                )
+                podman("commit", "--change", 'CMD ["/bin/sh"]', name, tags["build"], timeout=300)
+            finally:
+                podman("rm", "--force", name, check=False, timeout=60)
     return tags
 
 
@@ -316,6 +329,7 @@ def running(
     podman = Podman(exe)
     tmp = tmp_path_factory.mktemp("container")
     report = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
     started = time.monotonic()
     upstreams: Upstreams | None = None
     try:
@@ -380,7 +394,10 @@ def running(
         total = time.monotonic() - started
         if report is not None:
             parts = ", ".join(f"{k} {v:.1f}s" for k, v in podman.timings.items())
-            report.write_line(f"\ntests/test_container.py: wall time {total:.1f}s ({parts})")
+            line = f"tests/test_container.py: wall time {total:.1f}s ({parts})"
+            with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+                report.write_line("")
+                report.write_line(line)
 
 
 def _bridge_gateway(podman: Podman) -> str:
