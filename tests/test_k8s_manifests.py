@@ -23,7 +23,9 @@ import yaml
 from gateway.config import Config, loads
 
 ROOT = Path(__file__).resolve().parent.parent
-K8S = ROOT / "deploy" / "k8s"
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"  # the base: gateway + sample user-api
+K8S_HA = DEPLOY / "k8s-ha"  # an overlay of it: several replicas on the Consul KV store
 KUBERNETES_VERSION = "1.30.0"  # kubernetes-validate ships strict schemas for 1.25 .. 1.37
 TOKEN_PLACEHOLDER = "replace-me-with-a-long-random-token"
 IMAGE_CONFIG = "/etc/gateway/gateway.yaml"  # the Dockerfile's ENTRYPOINT reads this
@@ -33,7 +35,9 @@ Doc = dict[str, Any]
 
 
 def _manifest_files() -> list[Path]:
-    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+    return sorted(
+        p for d in (K8S, K8S_HA) for p in d.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
 
 
 def _docs(path: Path) -> list[Doc]:
@@ -41,7 +45,7 @@ def _docs(path: Path) -> list[Doc]:
 
 
 def _kustomizations() -> list[Path]:
-    return sorted(K8S.rglob("kustomization.yaml"))
+    return sorted(DEPLOY.rglob("kustomization.yaml"))
 
 
 def _rendered(directory: Path) -> list[Doc]:
@@ -97,11 +101,11 @@ def _gateway(docs: list[Doc]) -> tuple[Doc, Doc]:
     return dep, container
 
 
-SETUPS = [K8S, K8S / "ha"]
+SETUPS = [K8S, K8S_HA]
 SETUP_IDS = ["base", "ha"]
 
 
-@pytest.mark.parametrize("path", _manifest_files(), ids=lambda p: str(p.relative_to(K8S)))
+@pytest.mark.parametrize("path", _manifest_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
 def test_every_manifest_validates_strictly(path: Path) -> None:
     docs = _docs(path)
     assert docs, path
@@ -117,7 +121,7 @@ def test_strict_validation_refuses_an_unknown_field() -> None:
         kubernetes_validate.validate(dep, KUBERNETES_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("kust", _kustomizations(), ids=lambda p: str(p.relative_to(K8S)))
+@pytest.mark.parametrize("kust", _kustomizations(), ids=lambda p: str(p.relative_to(DEPLOY)))
 def test_the_kustomization_lists_every_file_of_its_folder(kust: Path) -> None:
     spec = yaml.safe_load(kust.read_text())
     assert spec["kind"] == "Kustomization"
@@ -129,6 +133,11 @@ def test_the_kustomization_lists_every_file_of_its_folder(kust: Path) -> None:
         assert (kust.parent / name).exists(), name
     files = {p.name for p in kust.parent.glob("*.yaml") if p.name != "kustomization.yaml"}
     assert files == {n for n in listed if not n.startswith("..")}
+    for name in spec.get("resources", []):
+        target = (kust.parent / name).resolve()
+        if target.is_dir():  # a base: kustomize refuses one that contains the overlay
+            assert (target / "kustomization.yaml").exists(), name
+            assert not kust.parent.resolve().is_relative_to(target), name
 
 
 @pytest.mark.parametrize("setup", SETUPS, ids=SETUP_IDS)
