@@ -116,6 +116,8 @@ NEEDS_MORE_THAN_THE_DEMO = {
     "explain?header=X-Employee:true": "the `segments:` of the YAML above it, which the demo lacks",
     "curl --cacert cert.pem https://localhost:8080/": "the `tls:` listener and certificate of "
     "the YAML above it (tests/test_tls_process.py serves HTTPS from such a config)",
+    "kubectl create secret generic gray-gateway-admin": "a Kubernetes cluster "
+    "(tests/test_k8s_manifests.py validates the manifests it applies)",
     "admin/services/payments/rollout": "a `payments` service analysed by a real Prometheus "
     "(tests/test_analysis_e2e.py tests that scenario against one)",
 }
