@@ -35,6 +35,14 @@ from gateway.retry import BUDGET_MIN, BUDGET_RATIO, DEFAULT_RETRIES, MAX_RETRIES
 from gateway.segments import SegmentSet
 from gateway.segments_config import parse_segments
 from gateway.statedoc import is_number, weight_problem
+from gateway.steering_config import (
+    DEFAULT_LANES_TRUST,
+    PrivacyConfig,
+    check_services,
+    parse_privacy,
+    parse_release,
+    parse_routing,
+)
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 BALANCERS = ("p2c", "round_robin", "hash")
@@ -133,6 +141,8 @@ class ReleaseConfig:
     baggage: tuple[tuple[str, str], ...] = ()
     health_check: HealthCheckConfig | None = None
     outlier: OutlierConfig = OutlierConfig()
+    lanes: tuple[str, ...] = ()  # lanes this release serves (README "Segments and lanes")
+    tag: tuple[tuple[str, str], ...] = ()  # the gray tag: baggage and span `gray.tag`
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +231,13 @@ class RoutingConfig:
     sticky_cookie_max_age: int = 365 * 24 * 3600
     # True: trust every client; False: nobody; tuple: clients in these networks.
     trust_overrides: bool | tuple[Network, ...] = True
+    # Who may steer and how (gateway/steering_config.py, README "Segments and lanes").
+    trusted_proxies: tuple[Network, ...] = ()
+    lanes_trust: tuple[Network, ...] = DEFAULT_LANES_TRUST
+    tag_header: str = "X-Traffic-Tag"
+    tags: tuple[tuple[str, str], ...] = ()  # tag header value -> release
+    lanes: bool = False
+    lane_fallback: str = "baseline"  # baseline | reject
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +284,7 @@ class Config:
     retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     alerts: tuple[AlertTarget, ...] = ()
     rollout: RolloutConfig = RolloutConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     source: str = field(default="<memory>", compare=False)
 
 
@@ -669,7 +687,12 @@ def read_tokens_file(path: str, errs: _Errors) -> tuple[AdminToken, ...]:
 
 def _release(name: str, v: object, path: str, errs: _Errors) -> ReleaseConfig:
     m = _mapping(v, path, errs)
-    _unknown(m, {"weight", "upstreams", "consul", "baggage", "health_check", "outlier"}, path, errs)
+    _unknown(
+        m,
+        {"weight", "upstreams", "consul", "baggage", "health_check", "outlier", "lanes", "tag"},
+        path,
+        errs,
+    )
     if not _NAME_RE.match(name):
         errs.add(path, "release name must be letters, digits, '.', '_' or '-'")
     weight = 0.0
@@ -719,7 +742,16 @@ def _release(name: str, v: object, path: str, errs: _Errors) -> ReleaseConfig:
                 baggage.append((k, str(bv)))
     hc = _health_check(m.get("health_check"), f"{path}.health_check", errs)
     outlier = _outlier(m.get("outlier"), f"{path}.outlier", errs)
-    return ReleaseConfig(name, weight, tuple(ups), consul, tuple(baggage), hc, outlier)
+    return ReleaseConfig(
+        name,
+        weight,
+        tuple(ups),
+        consul,
+        tuple(baggage),
+        hc,
+        outlier,
+        **parse_release(m, path, errs.add),
+    )
 
 
 def _count(m: Mapping[str, Any], key: str, default: int, path: str, errs: _Errors, lo: int) -> int:
@@ -911,7 +943,7 @@ def _routing(v: object, errs: _Errors) -> RoutingConfig:
     m = _mapping(v, "routing", errs)
     d = RoutingConfig()
     _unknown(m, {f for f in RoutingConfig.__dataclass_fields__}, "routing", errs)
-    names = {}
+    names: dict[str, Any] = {}
     for key in ("stage_header", "stage_cookie", "user_header", "user_cookie"):
         val = _string(m, key, getattr(d, key), "routing", errs)
         if not _HEADER_RE.match(val):
@@ -943,6 +975,7 @@ def _routing(v: object, errs: _Errors) -> RoutingConfig:
         sticky_cookie_max_age=max_age,
         trust_overrides=trust,
         **names,
+        **parse_routing(m, errs.add),
     )
 
 
@@ -1050,6 +1083,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             "services",
             "alerts",
             "rollout",
+            "privacy",
         },
         "",
         errs,
@@ -1135,6 +1169,8 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
     access_log = _bool(m, "access_log", False, "", errs)
     alerts = _alerts(m.get("alerts"), "alerts", errs)
     rollout = _rollout_cfg(m.get("rollout"), errs)
+    privacy = parse_privacy(m.get("privacy"), env, errs.add)
+    check_services(services, routing.tags, errs.add)
     if errs.items:
         raise ConfigError(errs.items, source)
     return Config(
@@ -1153,6 +1189,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         retry_budget=retry_budget,
         alerts=alerts,
         rollout=rollout,
+        privacy=privacy,
         source=source,
     )
 

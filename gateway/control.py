@@ -22,6 +22,7 @@ from gateway import audit, changes, statedoc
 from gateway import config as config_mod
 from gateway import rollout as rollout_mod
 from gateway.config import Config, Endpoint
+from gateway.decide import tripped_releases
 from gateway.discovery import merge_endpoints
 from gateway.errors import BadRequest, ConfigError, Conflict, StateError
 from gateway.state import Snapshot, SnapshotHolder, build_snapshot, static_endpoints
@@ -210,6 +211,7 @@ class ControlPlane:
             endpoints=endpoints_for(self.config, self.holder.current, self._discovered),
             previous=self.holder.current,
             rng=self.rng,
+            tripped=tripped_releases(doc.services),
         )
         changed = doc.version != self.doc.version
         self.doc = doc
