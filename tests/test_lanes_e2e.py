@@ -384,3 +384,53 @@ async def test_explain_agrees_with_the_data_path_for_10000_mixed_requests(
     # Every way of choosing was exercised.
     assert {r for r, _ in served} == {"stable", "gray", "blue"}
     assert any(f == "nowhere" for _, f in served)  # a lane this service lacks: the fallback
+
+
+async def test_tripped_release_takes_no_segment_tag_or_lane_until_retry(
+    upstreams: UpstreamFactory,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    engine: str,
+) -> None:
+    """A rolled-back release is reached only by the trusted stage header and cookie."""
+    st, gr = await upstreams("stable"), await upstreams("gray")
+    services = {
+        "svc": {
+            "releases": {
+                "stable": {"weight": 100, "upstreams": [st.url]},
+                "gray": {"weight": 0, "upstreams": [gr.url]},
+            },
+            "segments": [
+                {"name": "staff", "match": {"header": {"X-Employee": "true"}}, "release": "gray"}
+            ],
+        }
+    }
+    routing = {"lanes": True, "tags": {"canary": "gray"}}
+    gw = await gateway(gateway_config(services, engine=engine, routing=routing))
+    base = f"http://127.0.0.1:{gw.admin_port}/admin/services/svc"
+    steering = {
+        "segment": {"X-Employee": "true"},
+        "tag": {"X-Traffic-Tag": "canary"},
+        "lane": {"baggage": "release.stage=gray"},
+    }
+
+    async def served(headers: dict[str, str]) -> tuple[str, str | None]:
+        async with client.get(f"http://127.0.0.1:{gw.port}/", headers=headers) as r:
+            assert r.status == 200
+            return str((await r.json())["release"]), r.headers.get("X-Release-Fallback")
+
+    async def post(path: str, body: Any = None) -> None:
+        async with client.post(f"{base}/{path}", json=body) as r:
+            assert r.status == 200, await r.text()
+
+    for how, h in steering.items():
+        assert await served(h) == ("gray", None), how
+    await post("rollout", {"release": "gray", "steps": [{"weight": 5, "pause": "1h"}]})
+    await post("abort")  # -> RolledBack
+    for how, h in steering.items():
+        assert await served(h) == ("stable", "gray"), how
+    assert await served({"X-Release-Stage": "gray"}) == ("gray", None)
+    assert await served({"Cookie": "release_stage=gray"}) == ("gray", None)
+    await post("rollout/retry")
+    for how, h in steering.items():
+        assert await served(h) == ("gray", None), how
