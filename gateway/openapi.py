@@ -322,11 +322,14 @@ SCHEMAS: dict[str, Any] = {
                 "enum": [
                     "header",
                     "cookie",
+                    "tag",
+                    "lane",
                     "segment",
                     "hash",
                     "random",
                     "fallback",
                     "unavailable",
+                    "lane_unavailable",
                 ],
             },
             "key": {"type": ["string", "null"]},
@@ -335,6 +338,15 @@ SCHEMAS: dict[str, Any] = {
             "segment": {
                 "type": ["string", "null"],
                 "description": "the user segment that chose the release (README Segments)",
+            },
+            "client": {
+                "type": "string",
+                "description": "the client address, when trusted proxies make it differ from"
+                " client_ip (README Segments and lanes)",
+            },
+            "lane": {
+                "type": "string",
+                "description": "the lane the request is in (routing.lanes)",
             },
             "state_version": {"type": "integer", "minimum": 0},
         },
