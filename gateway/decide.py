@@ -108,10 +108,14 @@ def decide(
     if dec is None:
         return None
     dec.client = client
-    dec.trusted = trusted
-    dec.lane = lane
-    dec.strip_tag = tag is not None and not trusted
-    dec.strip_baggage = strip_baggage
+    if trusted:  # the rest only when they differ from Decision's defaults: fewer stores
+        dec.trusted = True
+    elif tag is not None:
+        dec.strip_tag = True
+    if lane is not None:
+        dec.lane = lane
+    if strip_baggage:
+        dec.strip_baggage = True
     return dec
 
 
