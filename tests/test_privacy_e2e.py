@@ -1,4 +1,4 @@
-"""`privacy.user_id` through the gateway process: no raw user id leaves it (issue 13 item 6)."""
+"""`privacy.user_id` through the gateway process: no raw user id leaves it; the gray tag does."""
 
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ async def test_hash_reaches_upstream_log_and_span_never_the_raw_id(
     upstreams: UpstreamFactory, tmp_path: Path
 ) -> None:
     st = await upstreams("stable")
+    stable = {"weight": 1, "upstreams": [st.url], "tag": {"env": "pre", "group": "v2"}}
     doc = gateway_config(
-        {"svc": {"releases": {"stable": {"weight": 1, "upstreams": [st.url]}}}},
+        {"svc": {"releases": {"stable": stable}}},
         access_log=True,
         privacy={"user_id": "hash"},
     )
@@ -70,6 +71,9 @@ async def test_hash_reaches_upstream_log_and_span_never_the_raw_id(
     assert f'"user":"{want}"' in log
     assert f'"user.id": "{want}"' in log
     assert want in explained
+    # The release's gray tag rides along: baggage (encoded) and span attribute (plain).
+    assert "gray.tag=env=pre%3Bgroup=v2" in bodies[0]["headers"]["baggage"]
+    assert '"gray.tag": "env=pre;group=v2"' in log
     # …and the raw id appears nowhere.
     for where, text in (("upstream", repr(bodies)), ("log+spans", log), ("explain", explained)):
         assert RAW not in text, where
