@@ -434,3 +434,36 @@ async def test_tripped_release_takes_no_segment_tag_or_lane_until_retry(
     await post("rollout/retry")
     for how, h in steering.items():
         assert await served(h) == ("gray", None), how
+
+
+async def test_explain_names_the_lane_tag_and_client(
+    upstreams: UpstreamFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    gw = await _chain(upstreams, gateway, "fast")
+    base = f"http://127.0.0.1:{gw.admin_port}/admin/services"
+
+    async def explain(svc: str, *headers: str) -> dict[str, Any]:
+        params = [("header", h) for h in headers]
+        async with client.get(f"{base}/{svc}/explain", params=params) as r:
+            assert r.status == 200
+            return dict(await r.json())
+
+    ex = await explain("b", "baggage: release.stage=gray")
+    assert (ex["release"], ex["reason"], ex["lane"]) == ("v2", "lane", "gray")
+    ex = await explain("c", "baggage: release.stage=gray")
+    assert (ex["release"], ex["reason"], ex["chosen"], ex["lane"]) == (
+        "stable",
+        "fallback",
+        "gray",
+        "gray",
+    )
+    ex = await explain("a", "X-Traffic-Tag: canary")
+    assert (ex["release"], ex["reason"], ex["trusted"]) == ("gray", "tag", True)
+    ex = await explain("a", "X-Traffic-Tag: canary", f"X-Forwarded-For: {HOSTILE}")
+    assert (ex["release"], ex["reason"], ex["trusted"], ex["client"]) == (
+        "stable",
+        "random",  # no sticky key given
+        False,
+        HOSTILE,
+    )
+    assert "lane" not in ex
