@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gateway.analysis_config import AnalysisConfig, parse_analysis
 from gateway.config_syntax import (
     consul_address,
     key_path,
@@ -285,6 +286,7 @@ class Config:
     alerts: tuple[AlertTarget, ...] = ()
     rollout: RolloutConfig = RolloutConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    analysis: AnalysisConfig = AnalysisConfig()  # gateway/analysis_config.py
     source: str = field(default="<memory>", compare=False)
 
 
@@ -874,6 +876,7 @@ def _service(
             "guard",
             "salt",
             "segments",
+            "analysis",  # gateway/analysis_config.py
         },
         path,
         errs,
@@ -1084,6 +1087,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             "alerts",
             "rollout",
             "privacy",
+            "analysis",
         },
         "",
         errs,
@@ -1171,6 +1175,16 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
     rollout = _rollout_cfg(m.get("rollout"), errs)
     privacy = parse_privacy(m.get("privacy"), env, errs.add)
     check_services(services, routing.tags, errs.add)
+    svm_raw = m.get("services")
+    analysis = parse_analysis(
+        m.get("analysis"),
+        {
+            str(n): (v.get("analysis") if isinstance(v, Mapping) else None)
+            for n, v in (svm_raw.items() if isinstance(svm_raw, Mapping) else ())
+        },
+        errs.add,
+        env,
+    )
     if errs.items:
         raise ConfigError(errs.items, source)
     return Config(
@@ -1190,6 +1204,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         alerts=alerts,
         rollout=rollout,
         privacy=privacy,
+        analysis=analysis,
         source=source,
     )
 
