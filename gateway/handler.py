@@ -61,15 +61,24 @@ class Tracer(Protocol):
     ) -> Callable[[int, str | None], None]: ...
 
 
-def span_attrs(gray_tag: str | None, user: str | None) -> Sequence[tuple[str, str]]:
-    """Extra SERVER span attributes: the release's `gray.tag`, a hashed user id."""
-    if gray_tag is None and user is None:
+def span_attrs(
+    gray_tag: str | None, user: str | None, client: str, peer: str
+) -> Sequence[tuple[str, str]]:
+    """Extra SERVER span attributes: `gray.tag`, a hashed user id, the client behind proxies.
+
+    Why the last: OpenTelemetry's HTTP semantic conventions make `client.address`
+    the client behind proxies and `network.peer.address` the connection's peer.
+    """
+    if gray_tag is None and user is None and client == peer:
         return ()
     out: list[tuple[str, str]] = []
     if gray_tag is not None:
         out.append(("gray.tag", gray_tag))
     if user is not None:
         out.append(("user.id", user))
+    if client != peer:
+        out.append(("client.address", client))
+        out.append(("network.peer.address", peer))
     return out
 
 
@@ -307,7 +316,7 @@ class ProxyHandler:
                 span_id,
                 upstream_host=slot.host,
                 upstream_port=slot.port,
-                extra_attrs=span_attrs(rv.gray_tag, user_shown),
+                extra_attrs=span_attrs(rv.gray_tag, user_shown, dec.client, head.client_ip),
             )
 
         t = sv.cfg.timeouts

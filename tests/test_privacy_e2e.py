@@ -10,9 +10,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from gateway.app import Gateway
+from gateway.telemetry import Telemetry, TelemetryConfig
 from tests.conftest import Upstream, gateway_config, run_gateway_process
+from tests.test_trace_e2e import eventually
 
 UpstreamFactory = Callable[..., Awaitable[Upstream]]
 GatewayFactory = Callable[..., Awaitable[Gateway]]
@@ -109,3 +114,28 @@ async def test_drop_sends_no_user_id_keep_sends_it(
     else:
         assert got["x-user-id"] == RAW and got["cookie"] == f"uid={RAW}"
         assert ex["key"] == RAW
+
+
+async def test_span_names_the_client_behind_a_trusted_proxy_and_the_gray_tag(
+    upstreams: UpstreamFactory, gateway: GatewayFactory, client: aiohttp.ClientSession, engine: str
+) -> None:
+    mem = InMemorySpanExporter()
+    tel = Telemetry(TelemetryConfig(), processors=[SimpleSpanProcessor(mem)])
+    st = await upstreams("stable")
+    stable = {"weight": 1, "upstreams": [st.url], "tag": {"env": "pre"}}
+    doc = gateway_config(
+        {"svc": {"releases": {"stable": stable}}},
+        engine=engine,
+        routing={"trusted_proxies": ["127.0.0.1/32"]},
+    )
+    gw = await gateway(doc, telemetry=tel)
+    url = f"http://127.0.0.1:{gw.port}/"
+    async with client.get(url, headers={"X-Forwarded-For": "198.51.100.20"}) as r:
+        assert r.status == 200
+    await eventually(lambda: len(mem.get_finished_spans()) == 2, within=30.0)
+    (server,) = [s for s in mem.get_finished_spans() if s.kind is SpanKind.SERVER]
+    attrs = dict(server.attributes or {})
+    assert attrs["client.address"] == "198.51.100.20"
+    assert attrs["network.peer.address"] == "127.0.0.1"
+    assert attrs["gray.tag"] == "env=pre"
+    assert "user.id" not in attrs  # privacy.user_id: keep writes no user id to spans
