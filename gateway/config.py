@@ -12,6 +12,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,6 +44,14 @@ from gateway.steering_config import (
     parse_privacy,
     parse_release,
     parse_routing,
+)
+from gateway.tls_config import (
+    ContextCache,
+    ListenerTLS,
+    UpstreamTLS,
+    consul_tls,
+    parse_listener_tls,
+    with_upstream_tls,
 )
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
@@ -100,6 +109,7 @@ class Endpoint:
     host: str
     port: int
     weight: int = 1
+    tls: bool = False  # https:// (README "TLS")
 
     @property
     def address(self) -> str:
@@ -144,6 +154,7 @@ class ReleaseConfig:
     outlier: OutlierConfig = OutlierConfig()
     lanes: tuple[str, ...] = ()  # lanes this release serves (README "Segments and lanes")
     tag: tuple[tuple[str, str], ...] = ()  # the gray tag: baggage and span `gray.tag`
+    upstream_tls: UpstreamTLS | None = None  # effective, for https:// endpoints (tls_config.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +231,7 @@ class ServiceConfig:
     salt: str = ""
     guard: GuardConfig = GuardConfig()
     segments: SegmentSet | None = None  # user segments, in order (gateway/segments.py)
+    upstream_tls: UpstreamTLS | None = None  # as written; releases hold the effective one
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +278,8 @@ class ConsulConfig:
     # Discovery's request pacing per watch (README.md, "Consul discovery").
     watch_rate: float = 2.0  # requests per second once the burst is spent
     watch_burst: float = 4.0
+    # From the Consul CLI's TLS variables (gateway/tls_config.py); None: aiohttp's defaults.
+    tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +300,7 @@ class Config:
     alerts: tuple[AlertTarget, ...] = ()
     rollout: RolloutConfig = RolloutConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    tls: ListenerTLS | None = None  # the data listener speaks HTTPS (README "TLS")
     analysis: AnalysisConfig = AnalysisConfig()  # gateway/analysis_config.py
     source: str = field(default="<memory>", compare=False)
 
@@ -464,7 +479,7 @@ def _upstream(value: object, path: str, errs: _Errors) -> Endpoint | None:
     if problem is not None:
         errs.add(path, problem)
         return None
-    return Endpoint(host, port, weight)
+    return Endpoint(host, port, weight, url.startswith("https://"))
 
 
 def _timeouts(
@@ -691,7 +706,17 @@ def _release(name: str, v: object, path: str, errs: _Errors) -> ReleaseConfig:
     m = _mapping(v, path, errs)
     _unknown(
         m,
-        {"weight", "upstreams", "consul", "baggage", "health_check", "outlier", "lanes", "tag"},
+        {
+            "weight",
+            "upstreams",
+            "consul",
+            "baggage",
+            "health_check",
+            "outlier",
+            "upstream_tls",
+            "lanes",
+            "tag",
+        },
         path,
         errs,
     )
@@ -876,6 +901,7 @@ def _service(
             "guard",
             "salt",
             "segments",
+            "upstream_tls",
             "analysis",  # gateway/analysis_config.py
         },
         path,
@@ -1087,6 +1113,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             "alerts",
             "rollout",
             "privacy",
+            "tls",
             "analysis",
         },
         "",
@@ -1139,14 +1166,19 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         "consul",
         errs,
     )
+    consul_url, consul_ssl = consul_tls(_consul_address(cm, env, errs), env, errs.add)
     consul = ConsulConfig(
-        address=_consul_address(cm, env, errs),
+        address=consul_url,
         kv_prefix=_string(cm, "kv_prefix", ConsulConfig().kv_prefix, "consul", errs),
         token=env.get("CONSUL_HTTP_TOKEN") or cm.get("token"),
         poll_wait=_duration(cm, "poll_wait", 30.0, "consul", errs, positive=True),
         watch_rate=_bounded(cm, "watch_rate", ConsulConfig().watch_rate, "consul", errs, 0.01, 100),
         watch_burst=_bounded(cm, "watch_burst", ConsulConfig().watch_burst, "consul", errs, 1, 100),
+        tls=consul_ssl,
     )
+    base_dir = Path(source).parent if source != "<memory>" else Path.cwd()
+    listener_tls = parse_listener_tls(m.get("tls"), errs.add, base_dir)
+    tls_cache = ContextCache()
     base_t = _timeouts(m.get("timeouts"), "timeouts", errs, Timeouts(), top=True)
     base_retries = _retries(m, "", errs, DEFAULT_RETRIES)
     retry_budget = _retry_budget(m.get("retry_budget"), errs)
@@ -1166,6 +1198,10 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             if isinstance(v, Mapping) and v.get("segments") is not None:
                 services[str(name)] = _with_segments(
                     services[str(name)], v, spath, errs, env, source
+                )
+            if isinstance(v, Mapping):
+                services[str(name)] = with_upstream_tls(
+                    services[str(name)], v, spath, errs.add, base_dir, tls_cache
                 )
         _match_collisions(services, errs)
     routing = _routing(m.get("routing"), errs)
@@ -1204,6 +1240,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         alerts=alerts,
         rollout=rollout,
         privacy=privacy,
+        tls=listener_tls,
         analysis=analysis,
         source=source,
     )

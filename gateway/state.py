@@ -17,6 +17,7 @@ from gateway.balancer import Pool, SlotRegistry
 from gateway.config import Config, Endpoint, GuardConfig, ServiceConfig
 from gateway.propagation import GRAY_TAG_KEY, build_baggage, gray_tag
 from gateway.routing import ServiceMatcher, TrustPolicy, WeightTable
+from gateway.tls_config import UpstreamTLS
 
 EndpointMap = Mapping[tuple[str, str], tuple[Endpoint, ...]]
 PRIVACY_KEEP = 0
@@ -37,6 +38,7 @@ class ReleaseView:
     stage_h: tuple[bytes, bytes]  # (configured stage header, name): to the upstream and client
     baggage_h: tuple[bytes, bytes]  # the whole baggage field when the client sent none
     gray_tag: str | None = None  # the release's `tag:` as `k=v;k2=v2` (span attribute)
+    tls: UpstreamTLS | None = None  # for its https:// endpoints (gateway/tls_config.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +184,7 @@ def build_snapshot(
                 stage_h=(stage_name_b, r.name.encode()),
                 baggage_h=(b"baggage", (build_baggage((), extra) or "").encode("latin-1")),
                 gray_tag=gt,
+                tls=r.upstream_tls,
             )
         guard = s.guard
         go = (guard_overrides or {}).get(s.name)
