@@ -12,21 +12,25 @@ import logging
 import os
 import random
 import socket
+import time
 from typing import Any
 
 from aiohttp import ClientTimeout, web
 
 from gateway import audit
+from gateway.alerts import AlertSender
 from gateway.config import Config, HostPort
 from gateway.control import ControlPlane
 from gateway.discovery import ConsulDiscovery, Pacing, consul_selectors
 from gateway.discovery.metrics import DiscoveryMetrics
 from gateway.engine.aio import AiohttpEngine
-from gateway.guardian import Guardian
+from gateway.guardian import Guardian, healthy_endpoints
 from gateway.handler import ProxyHandler
 from gateway.healthcheck import HealthChecker
+from gateway.hooks import HookRunner
 from gateway.metrics import Metrics
 from gateway.readiness import unready_releases
+from gateway.rollout_driver import RolloutDriver, default_analysis_gate, served_counter
 from gateway.state import Snapshot, SnapshotHolder, build_snapshot
 from gateway.telemetry import Telemetry
 from gateway.version import build_version
@@ -158,6 +162,22 @@ class Gateway:
             defer=lambda fn: asyncio.get_running_loop().call_soon(fn),
         )
         self.guardian.flush = self.handler.flush
+        # Rollout driver (README "Rollouts"): in the admin process only, it moves rollouts
+        # through the control plane; hooks and alerts are its own background calls.
+        self.driver = RolloutDriver(
+            self.control,
+            clock=time.time,
+            healthy=self._healthy,
+            served=served_counter(self.metrics, self.handler.flush),
+            breaching=self.guardian.holds.breached,
+            analysis=default_analysis_gate(),
+            hooks=HookRunner(
+                lambda: self.telemetry.client_session(timeout=ClientTimeout(total=None))
+            ),
+            alerts=AlertSender(
+                lambda: self.telemetry.client_session(timeout=ClientTimeout(total=5))
+            ),
+        )
         # Active health checks and the ejected/returned log, per data-path process.
         self.health = HealthChecker(
             self.holder,
@@ -199,6 +219,10 @@ class Gateway:
         )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _healthy(self, service: str, release: str) -> int:
+        sv = self.holder.current.services.get(service)
+        return 0 if sv is None else healthy_endpoints(sv, release, self.handler.clock())
 
     def is_ready(self) -> bool:
         """Ready while no release with weight > 0 lacks endpoints (gateway/readiness.py)."""
@@ -243,6 +267,8 @@ class Gateway:
             await self.guardian.start()
             await self.health.start()
         if self.with_admin:
+            # One process steps rollouts forward: the admin one (single process or master).
+            await self.driver.start()
             from gateway.admin import build_admin_app
 
             app = build_admin_app(self)
@@ -279,6 +305,8 @@ class Gateway:
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
             self.admin_runner = None
+        if self.with_admin:
+            await self.driver.stop()
         if self.discovery is not None:
             await self.discovery.stop()
         await self.control.stop()
