@@ -97,6 +97,7 @@ class Gateway:
         version: str | None = None,
         telemetry: Telemetry | None = None,
         guard_interval: float = 1.0,
+        rollout_interval: float = 1.0,
         consul_pacing: Pacing | None = None,
     ) -> None:
         self.config = config
@@ -177,6 +178,7 @@ class Gateway:
             alerts=AlertSender(
                 lambda: self.telemetry.client_session(timeout=ClientTimeout(total=5))
             ),
+            interval=rollout_interval,
         )
         # Active health checks and the ejected/returned log, per data-path process.
         self.health = HealthChecker(

@@ -253,8 +253,8 @@ class RolloutDriver:
             moved.append(service)
             r2 = self.control.rollout_of(service)
             if r2 is not None:
-                live.add(self._step_key(service, r2))
                 self._announce(service, r2, now)
+                live.add(self._step_key(service, r2))
         self.hooks.forget(lambda k: _gate_live(k, live))
         for k in [k for k in self._base if k not in live]:
             del self._base[k]
