@@ -258,12 +258,17 @@ def watch(
     interval: float = 1.0,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
-    out: Callable[[str], None] = print,
+    out: Callable[[str], None] | None = None,
 ) -> int:
     """Print each change until Promoted (0), CircuitBreak/RolledBack (1) or `timeout` (2).
 
     A gateway that cannot be reached for a moment (a restart) is waited for.
     """
+    if out is None:
+
+        def out(line: str) -> None:  # each change at once, also into a pipe
+            print(line, flush=True)
+
     end = clock() + timeout
     path = f"/admin/services/{quote(service, safe='')}"
     last = None
