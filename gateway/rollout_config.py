@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 AddError = Callable[[str, str], None]
@@ -65,6 +65,27 @@ class RolloutConfig:
         return tuple(h for h in self.webhooks if h.type == kind)
 
 
+class _Adder:
+    """The `errs` shape gateway/config.py's helpers take, around an `add` callable."""
+
+    def __init__(self, add: AddError) -> None:
+        self.add = add
+
+
+def _unknown(m: Mapping[str, Any], allowed: tuple[str, ...], path: str, add: AddError) -> bool:
+    """The loader's own unknown-key check (same "did you mean" hints); False if any."""
+    from gateway import config as config_mod
+
+    seen: list[str] = []
+
+    def note(p: str, msg: str) -> None:
+        seen.append(p)
+        add(p, msg)
+
+    config_mod._unknown(m, set(allowed), path, _Adder(note))  # type: ignore[arg-type]
+    return not seen
+
+
 def _duration(m: Mapping[str, object], key: str, default: float, add: AddError) -> float:
     from gateway.config import parse_duration
 
@@ -94,11 +115,7 @@ def _webhook(v: object, path: str, add: AddError) -> Webhook | None:
     if not isinstance(v, Mapping):
         add(path, "must be a mapping {name, type, url, timeout, retries}")
         return None
-    ok = True
-    for k in v:
-        if k not in _HOOK_KEYS:
-            add(f"{path}.{k}", f"unknown field (allowed: {', '.join(_HOOK_KEYS)})")
-            ok = False
+    ok = _unknown(v, _HOOK_KEYS, path, add)
     name = v.get("name")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         add(f"{path}.name", "must be a name of letters, digits, '.', '_' or '-' (at most 63)")
@@ -137,9 +154,7 @@ def parse_rollout(v: object, add: AddError) -> RolloutConfig:
     if not isinstance(v, Mapping):
         add("rollout", "must be a mapping")
         return d
-    for k in v:
-        if k not in _KEYS:
-            add(f"rollout.{k}", f"unknown field (allowed: {', '.join(_KEYS)})")
+    _unknown(v, _KEYS, "rollout", add)
     first = _duration(v, "min_first_pause", d.min_first_pause, add)
     later = _duration(v, "min_pause", d.min_pause, add)
     ct = _duration(v, "confirm_timeout", d.confirm_timeout, add)
