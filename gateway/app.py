@@ -171,7 +171,7 @@ class Gateway:
             healthy=self._healthy,
             served=served_counter(self.metrics, self.handler.flush),
             breaching=self.guardian.holds.breached,
-            analysis=default_analysis_gate(),
+            analysis=default_analysis_gate(self.control),
             hooks=HookRunner(
                 lambda: self.telemetry.client_session(timeout=ClientTimeout(total=None))
             ),

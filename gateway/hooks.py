@@ -126,12 +126,16 @@ class HookRunner:
         return False, detail
 
     def gate(
-        self, hooks: tuple[Webhook, ...], key: object, body: Callable[[Webhook], Any]
+        self,
+        hooks: tuple[Webhook, ...],
+        key: object,
+        body: Callable[[Webhook], Any],
+        limit: int | None = None,
     ) -> str | None:
         """None once every hook answered 2xx for `key`; else why it holds (calls one if idle).
 
         A hook that said yes for this key is not called again; one that said no
-        is called again on the next tick.
+        is called again on the next tick, until it said no `limit` times in a row.
         """
         waiting: str | None = None
         for h in hooks:
@@ -145,7 +149,7 @@ class HookRunner:
                 log.info("hook %s (%s): %s", h.name, h.type, detail)
             if c.ok:
                 continue
-            if c.task is None:
+            if c.task is None and (limit is None or c.failures < limit):
                 c.task = self._spawn(self.call(h, body(h)))
             if waiting is None:
                 waiting = f"waiting:{h.name}"

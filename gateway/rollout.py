@@ -28,9 +28,10 @@ ACTIVE = (PROGRESSING, PAUSED)
 MAX_STEPS = 100
 MAX_PAUSE = 30 * 86400.0  # seconds: a step held longer than 30 days waits for promote instead
 MANUAL = "manual"  # a step pause that waits for `promote`
-# Who holds a Paused (or Pending) rollout: an operator (None), a guard `pause` rule, a
-# confirm hook, or the progress deadline (then only an operator's `resume` continues).
-PAUSED_BY = (None, "guard", "hook", "deadline")
+# Who holds a Paused (or Pending) rollout: an operator (None), a guard `pause` rule, an
+# analysis `pause` (gateway/analysis_runner.py), a confirm hook, or the progress deadline
+# (then only an operator's `resume` continues).
+PAUSED_BY = (None, "guard", "analysis", "hook", "deadline")
 WAITING_FOR_TRAFFIC = "waiting for traffic"
 _FLOAT_MAX = 1.7976931348623157e308
 
@@ -120,7 +121,7 @@ class Rollout:
             raise BadRequest("must be null or a string", "reason")
         paused_by = d.get("paused_by")
         if paused_by not in PAUSED_BY:
-            raise BadRequest('must be null, "guard", "hook" or "deadline"', "paused_by")
+            raise BadRequest('must be null, "guard", "analysis", "hook" or "deadline"', "paused_by")
         confirm_by = d.get("confirm_by")
         if confirm_by is not None and not _finite(confirm_by):
             raise BadRequest(

@@ -56,14 +56,30 @@ class ControlLike(Protocol):
 StepKey = tuple[str, str, int, int]
 
 
-def default_analysis_gate() -> AnalysisGate | None:
-    """gateway/analysis.py's `step_gate` when that module provides one (else no analysis gate)."""
+def default_analysis_gate(control: Any) -> AnalysisGate | None:
+    """gateway/analysis.py's `step_gate` over the control plane's stored results, when that
+    module is there (README "Progressive delivery"); else no analysis gate.
+
+    Every configured metric that is not `observe` needs a counted success in the step.
+    """
     try:
         from gateway import analysis  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
         return None
-    gate = getattr(analysis, "step_gate", None)
-    return gate if callable(gate) else None
+    gate: Any = getattr(analysis, "step_gate", None)
+    if not callable(gate):
+        return None
+
+    def check(service: str, r: R.Rollout, now: float) -> str | None:
+        specs = getattr(getattr(control.config, "analysis", None), "metrics_for", None)
+        required = [m.name for m in specs(service) if m.action != "observe"] if specs else []
+        if not required:
+            return None
+        results = getattr(control, "analysis_of", lambda s: None)(service)
+        why: str | None = gate(results, r.step_started, r.release, required)
+        return why
+
+    return check
 
 
 class RolloutDriver:
@@ -160,7 +176,7 @@ class RolloutDriver:
             return R.Facts()
         step_hooks = self.limits.hooks("step")
         if step_hooks:
-            hooks = self.hooks.gate(step_hooks, key, body)
+            hooks = self.hooks.gate(step_hooks, key, body, STEP_FAILURE_LIMIT)
         if self.analysis is not None:
             try:
                 analysis = self.analysis(service, r, now)
@@ -194,12 +210,12 @@ class RolloutDriver:
         if R.overdue(r, now, lim.progress_deadline):
             nxt = R.miss_deadline(r, now, lim.progress_deadline_action, lim.confirm_timeout)
             return nxt, "rollout.progress_deadline"
+        f = self.facts(service, r, now)
         if r.state == R.PROGRESSING:
             worst = self.hooks.failures(lim.hooks("step"), self._step_key(service, r))
             if worst is not None and worst[1] >= STEP_FAILURE_LIMIT:
                 reason = f"hook:{worst[0]} failed {worst[1]} times in a row"
                 return R.circuit_break(r, reason, now, lim.confirm_timeout), "rollout.hook_failed"
-        f = self.facts(service, r, now)
         nxt = R.drive(r, now, f)
         last = r.step + 1 >= len(r.steps) if r.step >= 0 else False
         moving = nxt.state == R.PROMOTED or (nxt.step != r.step and r.state == R.PROGRESSING)

@@ -380,3 +380,62 @@ async def test_put_baseline_after_a_promotion_persists_and_routes(
     again = await gateway(doc_cfg, rollout_interval=SLOW)  # the file store keeps it
     assert again.holder.current.services["svc"].cfg.baseline == "gray"
     assert again.control.baseline_of("svc") == "gray"
+
+
+async def test_failing_step_hook_holds_then_rolls_back(upstreams: Any, gateway: Any) -> None:
+    st, gr = await upstreams("stable"), await upstreams("gray")
+    smoke, notes = Receiver(status=502), Receiver()
+    recv, ev = await upstreams(app=smoke.app()), await upstreams(app=notes.app())
+    limits = _fast_limits(
+        webhooks=[
+            {"name": "smoke", "type": "step", "url": f"{recv.url}/smoke", "retries": 0},
+            {"name": "undo", "type": "rollback", "url": f"{ev.url}/undo", "retries": 0},
+        ]
+    )
+    services = two_releases(st.url, gr.url, 100, 0)
+    services["svc"]["guard"] = {"min_requests": 1}
+    gw = await gateway(gateway_config(services, rollout=limits), rollout_interval=SLOW)
+    admin = f"http://127.0.0.1:{gw.admin_port}/admin/services/svc"
+    plan = {"release": "gray", "steps": [{"weight": 10, "pause": "1m"}, {"weight": 100}]}
+    async with aiohttp.ClientSession() as s:
+        assert (await _post(s, f"{admin}/rollout", plan))[0] == 200
+        await _to_gray(s, gw, 1)
+        now = time.time() + 61  # the pause is over and gray served enough: only the hook holds
+        r = await _advance_until(gw, now, lambda r: r.reason == "waiting:smoke (HTTP 502)")
+        assert (r.state, r.step) == ("Progressing", 0)
+        r = await _advance_until(gw, now, lambda r: r.state == "CircuitBreak")
+        assert r.reason == "hook:smoke failed 2 times in a row" and r.weight == 0
+    undo = await notes.wait_for(lambda b: b["path"] == "/undo")
+    assert undo["type"] == "rollback" and undo["state"] == "CircuitBreak"
+    assert [b["step"] for b in smoke.got] == [0, 0]
+
+
+async def test_an_analysis_gate_holds_the_step_until_it_opens(upstreams: Any, gateway: Any) -> None:
+    """The driver asks gateway/analysis.py's `step_gate` (when present) through
+    `RolloutDriver.analysis`; here a stand-in says what that gate would."""
+    st, gr = await upstreams("stable"), await upstreams("gray")
+    services = two_releases(st.url, gr.url, 100, 0)
+    services["svc"]["guard"] = {"min_requests": 1}
+    gw = await gateway(gateway_config(services, rollout=_fast_limits()), rollout_interval=SLOW)
+    verdict: dict[str, str | None] = {"why": "waiting for analysis payment-success"}
+    asked: list[tuple[str, str, int]] = []
+
+    def gate(service: str, r: Any, now: float) -> str | None:
+        asked.append((service, r.release, r.step))
+        return verdict["why"]
+
+    gw.driver.analysis = gate
+    admin = f"http://127.0.0.1:{gw.admin_port}/admin/services/svc"
+    plan = {"release": "gray", "steps": [{"weight": 10, "pause": "1m"}, {"weight": 100}]}
+    async with aiohttp.ClientSession() as s:
+        assert (await _post(s, f"{admin}/rollout", plan))[0] == 200
+        await _to_gray(s, gw, 1)
+        now = time.time() + 61
+        await gw.driver.advance(now)
+        r = gw.control.rollout_of("svc")
+        assert r is not None and (r.step, r.reason) == (0, "waiting for analysis payment-success")
+        verdict["why"] = None
+        await gw.driver.advance(now)
+        r = gw.control.rollout_of("svc")
+        assert r is not None and (r.step, r.weight) == (1, 100)
+    assert ("svc", "gray", 0) in asked
