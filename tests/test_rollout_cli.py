@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,53 @@ def test_start_from_a_plan_file_preview_and_bad_input(tmp_path: Path) -> None:
         )
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == "svc: gray Progressing step 1/3 weight 5%"
+
+
+def test_with_two_workers_the_master_counts_their_requests_and_promotes(tmp_path: Path) -> None:
+    """The driver runs in the master; `min_requests` counts what every worker served."""
+    import urllib.request
+
+    with ThreadedUpstreams(["stable", "gray"]) as up:
+        doc = _doc(up)
+        doc["services"]["svc"]["guard"] = {"min_requests": 6}
+        doc["rollout"] = {"min_first_pause": "1s", "min_pause": "1s"}
+        with run_gateway_process(tmp_path, doc, workers=2) as gw:
+            plan = tmp_path / "plan.yaml"
+            plan.write_text("- {weight: 10, pause: 1s}\n- {weight: 100, pause: 0}\n")
+            r = _cli(
+                gw,
+                "rollout",
+                "start",
+                "svc",
+                "--release",
+                "gray",
+                "--plan",
+                str(plan),
+                cwd=tmp_path,
+            )
+            assert r.returncode == 0, r.stderr
+            p = _watch(gw, "90s", tmp_path)
+            # 5 requests: not enough, whichever worker served them ...
+            for _ in range(5):
+                req = urllib.request.Request(gw.url + "/", headers={"X-Release-Stage": "gray"})
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    assert resp.headers["X-Release-Stage"] == "gray"
+            deadline = time.monotonic() + 30
+            while (
+                "waiting for traffic"
+                not in _cli(gw, "rollout", "status", "svc", cwd=tmp_path).stdout
+            ):
+                assert time.monotonic() < deadline, "the step did not wait for traffic"
+                time.sleep(0.2)  # poll interval of the condition
+            assert p.poll() is None  # still watching: not promoted
+            # ... a 6th and the step advances; the final step needs its own 6, then promotes.
+            deadline = time.monotonic() + 60
+            while p.poll() is None:
+                assert time.monotonic() < deadline, "not promoted"
+                req = urllib.request.Request(gw.url + "/", headers={"X-Release-Stage": "gray"})
+                with urllib.request.urlopen(req, timeout=10):
+                    pass
+                time.sleep(0.1)  # a trickle of traffic, not a synchronisation
+            rc, out = _finish(p)
+            assert rc == 0, out
+            assert out.splitlines()[-1] == "svc: gray Promoted step 2/2 weight 100%"
