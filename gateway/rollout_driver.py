@@ -234,6 +234,8 @@ class RolloutDriver:
             return nxt, "rollout.confirm_timeout"
         if r.state == R.PENDING and nxt.state == R.PROGRESSING:
             return nxt, "rollout.precheck"
+        if (nxt.state, nxt.step) == (r.state, r.step):
+            return nxt, "rollout.wait"  # only the reason changed: why it holds
         return nxt, "rollout.step"
 
     # ------------------------------------------------------------------ acting

@@ -154,9 +154,10 @@ async def test_a_step_waits_for_min_requests_served_in_it(upstreams: Any, gatewa
         r3 = gw.control.rollout_of("svc")
         assert r3 is not None and (r3.step, r3.reason) == (1, "waiting for traffic")
     recs = await gw.auditor.query("svc")
-    assert [(r["actor"], r["action"]) for r in recs][:2] == [
-        ("anonymous", "rollout.start"),
-        ("rollout", "rollout.step"),
+    assert [(r["actor"], r["action"], r["reason"]) for r in recs][:3] == [
+        ("anonymous", "rollout.start", None),
+        ("rollout", "rollout.wait", "waiting for traffic"),
+        ("rollout", "rollout.step", None),
     ]
 
 
