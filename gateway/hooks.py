@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -73,16 +72,11 @@ def payload(
 class HookRunner:
     """Calls hooks in background tasks and remembers each gate's last answer."""
 
-    def __init__(
-        self,
-        session_factory: Callable[[], aiohttp.ClientSession] | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
+    def __init__(self, session_factory: Callable[[], aiohttp.ClientSession] | None = None) -> None:
         self._factory = session_factory or (
             lambda: aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         )
         self._session: aiohttp.ClientSession | None = None
-        self.clock = clock
         self._calls: dict[tuple[str, object], _Call] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 

@@ -104,7 +104,7 @@ class RolloutDriver:
         self.served = served
         self.breaching = breaching
         self.analysis = analysis
-        self.hooks = hooks or HookRunner(clock=clock)
+        self.hooks = hooks or HookRunner()
         self.alerts = alerts
         self.interval = interval
         self._base: dict[StepKey, int] = {}  # served count at step start
