@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gateway.analysis_config import AnalysisConfig, parse_analysis
 from gateway.config_syntax import (
     consul_address,
     key_path,
@@ -263,6 +264,7 @@ class Config:
     retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     alerts: tuple[AlertTarget, ...] = ()
     rollout: RolloutConfig = RolloutConfig()
+    analysis: AnalysisConfig = AnalysisConfig()  # gateway/analysis_config.py
     source: str = field(default="<memory>", compare=False)
 
 
@@ -827,6 +829,7 @@ def _service(
             "guard",
             "salt",
             "segments",
+            "analysis",  # gateway/analysis_config.py
         },
         path,
         errs,
@@ -1035,6 +1038,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             "services",
             "alerts",
             "rollout",
+            "analysis",
         },
         "",
         errs,
@@ -1120,6 +1124,16 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
     access_log = _bool(m, "access_log", False, "", errs)
     alerts = _alerts(m.get("alerts"), "alerts", errs)
     rollout = parse_rollout(m.get("rollout"), errs.add)
+    svm_raw = m.get("services")
+    analysis = parse_analysis(
+        m.get("analysis"),
+        {
+            str(n): (v.get("analysis") if isinstance(v, Mapping) else None)
+            for n, v in (svm_raw.items() if isinstance(svm_raw, Mapping) else ())
+        },
+        errs.add,
+        env,
+    )
     if errs.items:
         raise ConfigError(errs.items, source)
     return Config(
@@ -1138,6 +1152,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         retry_budget=retry_budget,
         alerts=alerts,
         rollout=rollout,
+        analysis=analysis,
         source=source,
     )
 

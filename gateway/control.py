@@ -247,6 +247,8 @@ class ControlPlane:
         service: str,
         edit: Callable[[ServiceState, Snapshot], ServiceState | None],
         if_match: int | None,
+        *,
+        quiet: bool = False,  # bookkeeping (analysis results): no audit record
     ) -> StateDoc:
         """Validate, CAS-write, then swap; on another writer's change, catch up and retry."""
         store = self.store
@@ -287,7 +289,7 @@ class ControlPlane:
                         self._apply(latest)
                     continue
                 self._apply(stored)
-                if self.on_change is not None:
+                if self.on_change is not None and not quiet:
                     await self.on_change(
                         service, before, stored.services.get(service), stored.version
                     )
@@ -402,6 +404,11 @@ class ControlPlane:
 
         return await self._change(service, edit, if_match)
 
+    def analysis_of(self, service: str) -> Mapping[str, Any] | None:
+        st = self.doc.services.get(service)
+        raw = st.extra.get("analysis") if st is not None else None
+        return raw if isinstance(raw, Mapping) else None
+
     async def set_baseline(self, service: str, body: object, if_match: int | None) -> StateDoc:
         """PUT /admin/services/{service}/baseline: after a promotion, name the new baseline."""
         svc = self.config.services[service]
@@ -430,6 +437,12 @@ class ControlPlane:
             return replace(st, extra=extra)
 
         return await self._change(service, edit, if_match)
+
+    async def record_analysis(
+        self, service: str, edit: Callable[[ServiceState, Snapshot], ServiceState]
+    ) -> StateDoc:
+        """Store analysis results and its lease (CAS; gateway/analysis_runner.py), unaudited."""
+        return await self._change(service, edit, None, quiet=True)
 
     async def transition(
         self,
