@@ -440,3 +440,33 @@ async def test_an_analysis_gate_holds_the_step_until_it_opens(upstreams: Any, ga
         r = gw.control.rollout_of("svc")
         assert r is not None and (r.step, r.weight) == (1, 100)
     assert ("svc", "gray", 0) in asked
+
+
+async def test_confirm_step_hook_holds_each_step_paused_until_2xx(
+    upstreams: Any, gateway: Any
+) -> None:
+    st, gr = await upstreams("stable"), await upstreams("gray")
+    gate = Receiver(status=409)
+    recv = await upstreams(app=gate.app())
+    limits = _fast_limits(
+        webhooks=[{"name": "qa", "type": "confirm_step", "url": f"{recv.url}/qa", "retries": 0}]
+    )
+    services = two_releases(st.url, gr.url, 100, 0)
+    services["svc"]["guard"] = {"min_requests": 1}
+    gw = await gateway(gateway_config(services, rollout=limits), rollout_interval=SLOW)
+    admin = f"http://127.0.0.1:{gw.admin_port}/admin/services/svc"
+    plan = {
+        "release": "gray",
+        "steps": [{"weight": 10, "pause": "1m"}, {"weight": 40, "pause": "1m"}, {"weight": 100}],
+    }
+    async with aiohttp.ClientSession() as s:
+        assert (await _post(s, f"{admin}/rollout", plan))[0] == 200
+        await _to_gray(s, gw, 1)
+        now = time.time() + 61
+        r = await _advance_until(gw, now, lambda r: r.state == "Paused")
+        assert (r.step, r.paused_by, r.reason, r.weight) == (0, "hook", "waiting:qa", 10)
+        asked = await gate.wait_for(lambda b: b["type"] == "confirm_step")
+        assert (asked["step"], asked["phase"]) == (0, "Progressing")
+        gate.status = 200
+        r = await _advance_until(gw, now, lambda r: r.step == 1)
+        assert (r.state, r.weight, r.reason) == ("Progressing", 40, None)
