@@ -282,9 +282,11 @@ class RolloutDriver:
         self, service: str, cur: R.Rollout, nxt: R.Rollout, action: str, now: float
     ) -> None:
         def fn(stored: R.Rollout) -> R.Rollout:
-            if stored != cur:  # someone else moved it since we looked: decide again
-                return self.decide(service, stored, now)[0]
-            return nxt
+            if stored == cur:
+                return nxt
+            # Another replica or an operator moved it since we looked: this move is theirs
+            # now (one write, one audit record, one alert); the next tick decides afresh.
+            raise Conflict(f"the rollout of {service!r} changed meanwhile", "state")
 
         with audit.acting("rollout", "rollout", action, nxt.reason):
             try:

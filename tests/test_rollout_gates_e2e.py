@@ -470,3 +470,38 @@ async def test_confirm_step_hook_holds_each_step_paused_until_2xx(
         gate.status = 200
         r = await _advance_until(gw, now, lambda r: r.step == 1)
         assert (r.state, r.weight, r.reason) == ("Progressing", 40, None)
+
+
+async def test_two_replicas_driving_one_rollout_move_it_once(
+    upstreams: Any, gateway: Any, tmp_path: Any
+) -> None:
+    """Two gateways on one state file (as replicas): both drivers decide, one write wins."""
+    st, gr = await upstreams("stable"), await upstreams("gray")
+    services = two_releases(st.url, gr.url, 100, 0)
+    services["svc"]["guard"] = {"min_requests": 1}
+    doc = gateway_config(
+        services,
+        rollout=_fast_limits(),
+        state={"store": "file", "path": str(tmp_path / "state.json")},
+    )
+    g1 = await gateway(doc, rollout_interval=SLOW)
+    g2 = await gateway(doc, rollout_interval=SLOW)
+    plan = {"release": "gray", "steps": [{"weight": 10, "pause": "1m"}, {"weight": 100}]}
+    async with aiohttp.ClientSession() as s:
+        status, body = await _post(
+            s, f"http://127.0.0.1:{g1.admin_port}/admin/services/svc/rollout", plan
+        )
+        assert status == 200, body
+        end = time.monotonic() + 30
+        while g2.control.rollout_of("svc") is None:  # the file store's poll brings it
+            assert time.monotonic() < end
+            await asyncio.sleep(0.05)
+        await _to_gray(s, g1, 1)
+        await _to_gray(s, g2, 1)
+        later = time.time() + 61
+        moved = await asyncio.gather(g1.driver.advance(later), g2.driver.advance(later))
+    assert ["svc"] in moved
+    r = g1.control.rollout_of("svc")
+    assert r is not None and (r.step, r.weight) == (1, 100)
+    steps = [x for x in await g1.auditor.query("svc") if x["action"] == "rollout.step"]
+    assert len(steps) == 1, steps
