@@ -496,6 +496,9 @@ async def test_two_replicas_driving_one_rollout_move_it_once(
         while g2.control.rollout_of("svc") is None:  # the file store's poll brings it
             assert time.monotonic() < end
             await asyncio.sleep(0.05)
+        # Each driver counts its own replica's requests from when it first saw the step.
+        assert await g1.driver.advance(time.time()) == []
+        assert await g2.driver.advance(time.time()) == []
         await _to_gray(s, g1, 1)
         await _to_gray(s, g2, 1)
         later = time.time() + 61
