@@ -34,6 +34,7 @@ from gateway.config_syntax import (
 )
 from gateway.errors import ConfigError
 from gateway.retry import BUDGET_MIN, BUDGET_RATIO, DEFAULT_RETRIES, MAX_RETRIES
+from gateway.rollout_config import RolloutConfig, parse_rollout
 from gateway.segments import SegmentSet
 from gateway.segments_config import parse_segments
 from gateway.statedoc import is_number, weight_problem
@@ -205,11 +206,6 @@ class GuardConfig:
     hold: float = 30.0  # YAML `for`: how long a breach must last before the guard acts
     rules: tuple[GuardRule, ...] = ()
     alerts: tuple[AlertTarget, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class RolloutConfig:
-    confirm_timeout: float = 1800.0  # CircuitBreak confirms itself after this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -651,17 +647,6 @@ def _http_url(url: str) -> bool:
     except ValueError:
         return False
     return parts.scheme in ("http", "https") and bool(parts.hostname)
-
-
-def _rollout_cfg(v: object, errs: _Errors) -> RolloutConfig:
-    m = _mapping(v, "rollout", errs)
-    _unknown(m, {"confirm_timeout"}, "rollout", errs)
-    d = RolloutConfig()
-    ct = _duration(m, "confirm_timeout", d.confirm_timeout, "rollout", errs)
-    if ct <= 0:
-        errs.add("rollout.confirm_timeout", "must be a duration > 0 such as 30m")
-        ct = d.confirm_timeout
-    return RolloutConfig(confirm_timeout=ct)
 
 
 def read_tokens_file(path: str, errs: _Errors) -> tuple[AdminToken, ...]:
@@ -1208,7 +1193,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
     drain = _duration(m, "drain_timeout", 30.0, "", errs, positive=True)
     access_log = _bool(m, "access_log", False, "", errs)
     alerts = _alerts(m.get("alerts"), "alerts", errs)
-    rollout = _rollout_cfg(m.get("rollout"), errs)
+    rollout = parse_rollout(m.get("rollout"), errs.add)
     privacy = parse_privacy(m.get("privacy"), env, errs.add)
     check_services(services, routing.tags, errs.add)
     svm_raw = m.get("services")
