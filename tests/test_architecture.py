@@ -20,6 +20,7 @@ PURE = (
     "balancer",
     "changes",
     "config_syntax",
+    "decide",
     "errors",
     "guard",
     "headers",
@@ -35,8 +36,10 @@ PURE = (
     "segments_config",
     "state",
     "statedoc",
+    "steering_config",
     "strategy",
     "tally",
+    "trust",
 )
 # Whatever does I/O, waits or serves: never imported by policy.
 IO_LIBRARIES = ("aiohttp", "asyncio", "uvloop", "httptools", "prometheus_client", "opentelemetry")

@@ -102,6 +102,7 @@ EXPECTED: dict[str, list[Check]] = {
     "curl -s -X POST localhost:9901/admin/services/user-api/rollout -d": [
         ok_json(lambda b: b["rollout"]["state"] == "Progressing"),
         ok_json(lambda b: b["rollout"]["state"] == "Paused"),
+        ok_json(lambda b: b["rollout"]["step"] == 1 and b["percent"]["gray"] == 5),  # promote
         error(409),  # confirm: only after a guard rollback (the README says so)
         error(409),  # retry: likewise
     ],
