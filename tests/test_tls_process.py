@@ -277,8 +277,12 @@ async def test_workers_serve_https(pki: PKI, tmp_path: Path) -> None:
             c = await _open(gw.port, pki.client_ctx())
             assert await _served(c) == cert_serial(pki.server.cert)
             await c.close()
-        out = gw.log.read_text()
-    assert out.count("listening on") >= 2, out
+        # Each worker logs its data address once it serves (the master logs only the
+        # admin one); the second worker may still be starting: poll with a deadline.
+        end = time.monotonic() + 60
+        while (out := gw.log.read_text()).count("listening on") < 2:
+            assert time.monotonic() < end, out
+            await asyncio.sleep(0.05)
 
 
 def test_check_accepts_https_upstreams_and_upstream_tls(pki: PKI, tmp_path: Path) -> None:
