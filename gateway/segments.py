@@ -434,10 +434,11 @@ class SegmentSet:
     reload that changes nothing compares equal.
     """
 
-    __slots__ = ("segments", "header_names", "cookies", "query", "spec")
+    __slots__ = ("segments", "header_names", "cookies", "query", "spec", "doc")
 
-    def __init__(self, segments: tuple[Segment, ...], spec: object) -> None:
+    def __init__(self, segments: tuple[Segment, ...], spec: object, doc: object = None) -> None:
         self.segments = segments
+        self.doc = doc  # the `segments:` list as written (config or admin API), for GET
         names: set[str] = set()
         cookies = query = False
         for s in segments:
