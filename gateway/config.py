@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gateway.analysis_config import AnalysisConfig, parse_analysis
 from gateway.config_syntax import (
     consul_address,
     key_path,
@@ -267,6 +268,7 @@ class Config:
     retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     alerts: tuple[AlertTarget, ...] = ()
     rollout: RolloutConfig = RolloutConfig()
+    analysis: AnalysisConfig = AnalysisConfig()  # gateway/analysis_config.py
     source: str = field(default="<memory>", compare=False)
 
 
@@ -842,6 +844,7 @@ def _service(
             "guard",
             "salt",
             "segments",
+            "analysis",  # gateway/analysis_config.py
         },
         path,
         errs,
@@ -1050,6 +1053,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             "services",
             "alerts",
             "rollout",
+            "analysis",
         },
         "",
         errs,
@@ -1135,6 +1139,16 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
     access_log = _bool(m, "access_log", False, "", errs)
     alerts = _alerts(m.get("alerts"), "alerts", errs)
     rollout = _rollout_cfg(m.get("rollout"), errs)
+    svm_raw = m.get("services")
+    analysis = parse_analysis(
+        m.get("analysis"),
+        {
+            str(n): (v.get("analysis") if isinstance(v, Mapping) else None)
+            for n, v in (svm_raw.items() if isinstance(svm_raw, Mapping) else ())
+        },
+        errs.add,
+        env,
+    )
     if errs.items:
         raise ConfigError(errs.items, source)
     return Config(
@@ -1153,6 +1167,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         retry_budget=retry_budget,
         alerts=alerts,
         rollout=rollout,
+        analysis=analysis,
         source=source,
     )
 
