@@ -596,6 +596,7 @@ def _paths() -> dict[str, Any]:
                 "parameters": [_IF_MATCH],
                 "responses": {
                     "200": {**_json(_ref("Segments"), "accepted"), "headers": _ETAG},
+                    "400": _E400,
                     "401": _E401,
                     "404": _E404,
                     "409": _E409,

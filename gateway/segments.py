@@ -553,7 +553,9 @@ class SegmentSet:
                     cookie_lines.append(value.decode("latin-1"))
         jar = parse_cookies(cookie_lines) if cookie_lines is not None else None
         query = None
-        if self.query and b"?" in target:  # `in` is a memchr; bytes.find a method call
+        # An int needle (63 is "?"): CPython's bytes `in` tries a bytes needle as an
+        # integer first and clears the TypeError; an int is a plain memchr.
+        if self.query and 63 in target:
             query = parse_query(target[target.find(b"?") + 1 :].decode("latin-1"))
         req: Inputs | None = None
         for s in self.segments:
