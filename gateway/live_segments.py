@@ -80,15 +80,21 @@ class LiveSegments:
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
-        self._cache: dict[str, tuple[str, SegmentSet | None]] = {}
+        # service -> (stored list as text, its matchers, the config generation parsed for)
+        self._cache: dict[str, tuple[str, SegmentSet | None, int]] = {}
+        self._generation = 0
 
     def forget(self) -> None:
-        """A config reload: re-read user files and re-check releases on the next apply."""
-        self._cache.clear()
+        """A config reload: re-read user files and re-check releases on the next apply.
+
+        The parsed sets are kept (stale) as the last good ones, should a list no
+        longer parse against the new config.
+        """
+        self._generation += 1
 
     def remember(self, service: str, raw: list[Any], segs: SegmentSet | None) -> None:
         """A list just parsed for a PUT: the apply that follows need not parse it again."""
-        self._cache[service] = (_text(raw), segs)
+        self._cache[service] = (_text(raw), segs, self._generation)
 
     def overlay(self, config: Config, doc: StateDoc) -> Config:
         """`config` with every stored list in force instead of the config's own.
@@ -105,7 +111,7 @@ class LiveSegments:
                 continue
             text = _text(raw)
             hit = self._cache.get(name)
-            if hit is None or hit[0] != text:
+            if hit is None or hit[0] != text or hit[2] != self._generation:
                 try:
                     segs = parse(svc, raw, config, self.env)
                 except BadRequest as e:
@@ -117,10 +123,9 @@ class LiveSegments:
                         e.message,
                         keep,
                     )
-                    if hit is not None:
-                        changed[name] = replace(svc, segments=hit[1])
-                    continue
-                hit = self._cache[name] = (text, segs)
+                    # Kept for this list and config: one warning, not one per apply.
+                    segs = hit[1] if hit is not None else svc.segments
+                hit = self._cache[name] = (text, segs, self._generation)
             changed[name] = replace(svc, segments=hit[1])
         if not changed:
             return config

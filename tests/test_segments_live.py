@@ -8,6 +8,7 @@ and every wrong field a 400 naming it with the state version unchanged.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
@@ -424,3 +425,40 @@ async def test_preview_of_a_segment_bad_input(
         f"http://127.0.0.1:{gw.admin_port}/admin/services/svc/preview", params=params
     ) as r:
         assert (r.status, (await r.json())["field"]) == (400, field)
+
+
+def test_a_stored_list_that_no_longer_parses_keeps_the_last_good_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A release removed from the config: last known good, else the config's list."""
+    caplog.set_level(logging.WARNING, "gateway.segments")
+    from gateway.live_segments import LiveSegments
+    from gateway.statedoc import ServiceState, StateDoc
+
+    def cfg(releases: list[str], segments: list[Any] | None = None) -> C.Config:
+        rel = {r: {"weight": 1, "upstreams": ["http://127.0.0.1:9"]} for r in releases}
+        svc: dict[str, Any] = {"releases": rel}
+        if segments is not None:
+            svc["segments"] = segments
+        return C.build({"services": {"svc": svc}}, env={})
+
+    doc = StateDoc(1, {"svc": ServiceState(extra={"segments": [STAFF]})})
+    live = LiveSegments({})
+    segs = live.overlay(cfg(["stable", "gray"], [NORTH]), doc).services["svc"].segments
+    assert segs is not None and segs.doc == [STAFF]
+    # the same document after a reload to a config without `gray`: the last good list
+    own = [{"name": "own", "match": {"header": {"X-O": "1"}}, "release": "blue"}]
+    live.forget()  # what a reload does
+    segs = live.overlay(cfg(["stable", "blue"], own), doc).services["svc"].segments
+    assert segs is not None and segs.doc == [STAFF]
+    assert "the last good list stays in force" in caplog.text
+    caplog.clear()
+    live.overlay(cfg(["stable", "blue"], own), doc)  # the next apply: no second warning
+    assert caplog.text == ""
+    # a fresh process (a restart) with that config: the config's own list
+    live = LiveSegments({})
+    segs = live.overlay(cfg(["stable", "blue"], own), doc).services["svc"].segments
+    assert segs is not None and segs.doc == own
+    assert "the config's list stays in force" in caplog.text
+    plain = cfg(["stable", "gray"])
+    assert live.overlay(plain, StateDoc(2, {})) is plain  # nothing stored: the config as is
