@@ -571,6 +571,9 @@ class SegmentSet:
                     continue
             if req is None:
                 req = Inputs(got, jar, query, path, method, client_ip, user, wall)
-            if s.matches(req):
+            for c in s.conds:  # Segment.matches, inline: no call per segment
+                if not c.test(req):
+                    break
+            else:
                 return s.route, s.key(req)
         return None
