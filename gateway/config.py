@@ -12,6 +12,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +37,14 @@ from gateway.retry import BUDGET_MIN, BUDGET_RATIO, DEFAULT_RETRIES, MAX_RETRIES
 from gateway.segments import SegmentSet
 from gateway.segments_config import parse_segments
 from gateway.statedoc import is_number, weight_problem
+from gateway.tls_config import (
+    ContextCache,
+    ListenerTLS,
+    UpstreamTLS,
+    consul_tls,
+    parse_listener_tls,
+    with_upstream_tls,
+)
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 BALANCERS = ("p2c", "round_robin", "hash")
@@ -92,6 +101,7 @@ class Endpoint:
     host: str
     port: int
     weight: int = 1
+    tls: bool = False  # https:// (README "TLS")
 
     @property
     def address(self) -> str:
@@ -134,6 +144,7 @@ class ReleaseConfig:
     baggage: tuple[tuple[str, str], ...] = ()
     health_check: HealthCheckConfig | None = None
     outlier: OutlierConfig = OutlierConfig()
+    upstream_tls: UpstreamTLS | None = None  # effective, for https:// endpoints (tls_config.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +221,7 @@ class ServiceConfig:
     salt: str = ""
     guard: GuardConfig = GuardConfig()
     segments: SegmentSet | None = None  # user segments, in order (gateway/segments.py)
+    upstream_tls: UpstreamTLS | None = None  # as written; releases hold the effective one
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +261,8 @@ class ConsulConfig:
     # Discovery's request pacing per watch (README.md, "Consul discovery").
     watch_rate: float = 2.0  # requests per second once the burst is spent
     watch_burst: float = 4.0
+    # From the Consul CLI's TLS variables (gateway/tls_config.py); None: aiohttp's defaults.
+    tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +282,7 @@ class Config:
     retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     alerts: tuple[AlertTarget, ...] = ()
     rollout: RolloutConfig = RolloutConfig()
+    tls: ListenerTLS | None = None  # the data listener speaks HTTPS (README "TLS")
     analysis: AnalysisConfig = AnalysisConfig()  # gateway/analysis_config.py
     source: str = field(default="<memory>", compare=False)
 
@@ -446,7 +461,7 @@ def _upstream(value: object, path: str, errs: _Errors) -> Endpoint | None:
     if problem is not None:
         errs.add(path, problem)
         return None
-    return Endpoint(host, port, weight)
+    return Endpoint(host, port, weight, url.startswith("https://"))
 
 
 def _timeouts(
@@ -671,7 +686,12 @@ def read_tokens_file(path: str, errs: _Errors) -> tuple[AdminToken, ...]:
 
 def _release(name: str, v: object, path: str, errs: _Errors) -> ReleaseConfig:
     m = _mapping(v, path, errs)
-    _unknown(m, {"weight", "upstreams", "consul", "baggage", "health_check", "outlier"}, path, errs)
+    _unknown(
+        m,
+        {"weight", "upstreams", "consul", "baggage", "health_check", "outlier", "upstream_tls"},
+        path,
+        errs,
+    )
     if not _NAME_RE.match(name):
         errs.add(path, "release name must be letters, digits, '.', '_' or '-'")
     weight = 0.0
@@ -844,6 +864,7 @@ def _service(
             "guard",
             "salt",
             "segments",
+            "upstream_tls",
             "analysis",  # gateway/analysis_config.py
         },
         path,
@@ -1053,6 +1074,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             "services",
             "alerts",
             "rollout",
+            "tls",
             "analysis",
         },
         "",
@@ -1105,14 +1127,19 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         "consul",
         errs,
     )
+    consul_url, consul_ssl = consul_tls(_consul_address(cm, env, errs), env, errs.add)
     consul = ConsulConfig(
-        address=_consul_address(cm, env, errs),
+        address=consul_url,
         kv_prefix=_string(cm, "kv_prefix", ConsulConfig().kv_prefix, "consul", errs),
         token=env.get("CONSUL_HTTP_TOKEN") or cm.get("token"),
         poll_wait=_duration(cm, "poll_wait", 30.0, "consul", errs, positive=True),
         watch_rate=_bounded(cm, "watch_rate", ConsulConfig().watch_rate, "consul", errs, 0.01, 100),
         watch_burst=_bounded(cm, "watch_burst", ConsulConfig().watch_burst, "consul", errs, 1, 100),
+        tls=consul_ssl,
     )
+    base_dir = Path(source).parent if source != "<memory>" else Path.cwd()
+    listener_tls = parse_listener_tls(m.get("tls"), errs.add, base_dir)
+    tls_cache = ContextCache()
     base_t = _timeouts(m.get("timeouts"), "timeouts", errs, Timeouts(), top=True)
     base_retries = _retries(m, "", errs, DEFAULT_RETRIES)
     retry_budget = _retry_budget(m.get("retry_budget"), errs)
@@ -1132,6 +1159,10 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             if isinstance(v, Mapping) and v.get("segments") is not None:
                 services[str(name)] = _with_segments(
                     services[str(name)], v, spath, errs, env, source
+                )
+            if isinstance(v, Mapping):
+                services[str(name)] = with_upstream_tls(
+                    services[str(name)], v, spath, errs.add, base_dir, tls_cache
                 )
         _match_collisions(services, errs)
     routing = _routing(m.get("routing"), errs)
@@ -1167,6 +1198,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         retry_budget=retry_budget,
         alerts=alerts,
         rollout=rollout,
+        tls=listener_tls,
         analysis=analysis,
         source=source,
     )

@@ -85,6 +85,7 @@ STATUS_BY_UPSTREAM_ERROR = {
     "connect": 502,
     "reset": 502,
     "protocol": 502,
+    "tls": 502,
     "timeout": 504,
 }
 

@@ -12,9 +12,11 @@ import logging
 from functools import partial
 from typing import cast
 
-from gateway.engine.api import ERR_CONNECT, ERR_PROTOCOL, ERR_TIMEOUT
+from gateway.engine.api import ERR_CONNECT, ERR_PROTOCOL, ERR_TIMEOUT, ERR_TLS
 from gateway.engine.fast_upstream import Key, Upstream
 from gateway.engine.fast_wire import Exchange
+from gateway.tls import describe, is_tls_error
+from gateway.tls_config import UpstreamTLS
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +40,13 @@ class Pool:
         self.tasks: set[asyncio.Task[None]] = set()
         self.all_closed: asyncio.Event | None = None
 
-    def acquire(self, host: str, port: int) -> Upstream | None:
+    def acquire(self, host: str, port: int, tls: UpstreamTLS | None = None) -> Upstream | None:
         idle = self.idle_conns.get((host, port))
         while idle:
             up = idle.popitem()[0]
+            if up.tls is not tls:  # opened plain, or with another TLS config (a reload)
+                up.close()
+                continue
             if not up.closed:
                 return up
         return None
@@ -84,9 +89,19 @@ class Pool:
                 final = True
         try:
             async with asyncio.timeout(limit):
-                _, proto = await self.loop.create_connection(
-                    partial(_upstream, self, key), fwd.host, fwd.port
-                )
+                tls = fwd.tls
+                if tls is None:
+                    _, proto = await self.loop.create_connection(
+                        partial(_upstream, self, key, None), fwd.host, fwd.port
+                    )
+                else:  # README "TLS": SNI and the checked name are server_name or the host
+                    _, proto = await self.loop.create_connection(
+                        partial(_upstream, self, key, tls),
+                        fwd.host,
+                        fwd.port,
+                        ssl=tls.context,
+                        server_hostname=tls.server_name or fwd.host,
+                    )
                 up = cast(Upstream, proto)
         except asyncio.CancelledError:
             ex.client.abort()  # shutdown: its connection_lost reports client_abort
@@ -94,8 +109,13 @@ class Pool:
         except TimeoutError:
             self._connect_failed(ex, 504, ERR_TIMEOUT, replay, final)
             return
-        except OSError:
-            self._connect_failed(ex, 502, ERR_CONNECT, replay, final)
+        except OSError as e:
+            if is_tls_error(e):
+                # A certificate the context refuses is no network fault: answered, not retried.
+                fwd.detail = describe(e)
+                ex.client.upstream_failed(ex, 502, ERR_TLS)
+            else:
+                self._connect_failed(ex, 502, ERR_CONNECT, replay, final)
             return
         except Exception:  # e.g. a host name IDNA cannot encode: still an answer
             log.exception("fast engine: connecting to %s:%s failed", fwd.host, fwd.port)
@@ -123,7 +143,7 @@ class Pool:
         """
         fwd = ex.fwd
         assert fwd is not None
-        up = self.acquire(fwd.host, fwd.port)
+        up = self.acquire(fwd.host, fwd.port, fwd.tls)
         if up is None:
             self.connect(ex, replay)
             return
@@ -172,6 +192,6 @@ class Pool:
                 pass
 
 
-def _upstream(pool: Pool, key: Key) -> asyncio.Protocol:
+def _upstream(pool: Pool, key: Key, tls: UpstreamTLS | None) -> asyncio.Protocol:
     # Upstream is a protocol by duck typing, like ClientConn (native when compiled).
-    return cast(asyncio.Protocol, Upstream(pool, key))
+    return cast(asyncio.Protocol, Upstream(pool, key, tls))
