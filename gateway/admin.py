@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from gateway import analysis, audit, changes, preview
+from gateway import analysis, audit, changes, live_segments, preview
 from gateway.config import AdminConfig, AdminToken
 from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, Unauthorized
 from gateway.openapi import build_openapi
@@ -98,6 +98,8 @@ _READ_METHODS = ("GET", "HEAD", "OPTIONS")
 _AUDIT_ACTIONS = {
     ("PUT", "/admin/services/{service}/weights"): "weights.set",
     ("DELETE", "/admin/services/{service}/weights"): "weights.clear",
+    ("PUT", "/admin/services/{service}/segments"): "segments.set",
+    ("DELETE", "/admin/services/{service}/segments"): "segments.clear",
     ("POST", "/admin/weights"): "weights.platform",
     ("POST", "/admin/services/{service}/rollout"): "rollout.start",
     ("PUT", "/admin/services/{service}/baseline"): "baseline.set",
@@ -318,6 +320,43 @@ async def post_platform_weights(request: web.Request) -> web.Response:
     return _service_response(gw, name)
 
 
+def _segments_response(gw: Gateway, name: str) -> web.Response:
+    """The list in force (README "Segments"): the stored live one, else the config's."""
+    snap = gw.holder.current
+    live = live_segments.stored(gw.control.doc, name) is not None
+    return web.json_response(
+        {
+            "service": name,
+            "state_version": snap.version,
+            "source": "live" if live else "config",
+            "segments": live_segments.as_json(snap.services[name].cfg.segments),
+        },
+        headers=_etag(snap.version),
+    )
+
+
+async def get_segments(request: web.Request) -> web.Response:
+    _, sv = _service(request)
+    return _segments_response(_gw(request), sv.name)
+
+
+async def put_segments(request: web.Request) -> web.Response:
+    gw = _gw(request)
+    _, sv = _service(request)
+    if_match = changes.parse_if_match(request.headers.get("If-Match"))
+    body = changes.parse_json(await request.read())
+    await gw.control.set_segments(sv.name, body, if_match)
+    return _segments_response(gw, sv.name)
+
+
+async def delete_segments(request: web.Request) -> web.Response:
+    gw = _gw(request)
+    _, sv = _service(request)
+    if_match = changes.parse_if_match(request.headers.get("If-Match"))
+    await gw.control.clear_segments(sv.name, if_match)
+    return _segments_response(gw, sv.name)
+
+
 # --------------------------------------------------------------------------- explain / preview
 
 
@@ -394,7 +433,7 @@ async def preview_change(request: web.Request) -> web.Response:
         sample = int(s)
     body: dict[str, float] = {}
     for k, v in q.items():
-        if k == "sample":
+        if k in ("sample", "segment"):
             continue
         if k not in sv.releases:
             raise BadRequest(
@@ -402,12 +441,23 @@ async def preview_change(request: web.Request) -> web.Response:
                 f"weights.{k}",
             )
         body[k] = _float_param(v, f"weights.{k}")
-    weights = changes.weights_change(sv.cfg, sv.table.raw, body)
-    new = WeightTable.build(sv.cfg.salt or sv.cfg.name, weights)
+    segment = q.get("segment")
+    if segment is not None:  # that segment's own split (README "Segments")
+        old, new, weights = live_segments.split_change(sv.name, sv.cfg.segments, segment, body)
+    else:
+        weights = changes.weights_change(sv.cfg, sv.table.raw, body)
+        old, new = sv.table, WeightTable.build(sv.cfg.salt or sv.cfg.name, weights)
     # ~1.5 µs per key: off the event loop so the admin (and data) path keeps answering.
-    pv = await asyncio.to_thread(preview.preview, sv.table, new, sample)
+    pv = await asyncio.to_thread(preview.preview, old, new, sample)
+    extra = {"segment": segment} if segment is not None else {}
     return web.json_response(
-        {"service": sv.name, "state_version": snap.version, "weights": weights, **pv.to_json()}
+        {
+            "service": sv.name,
+            "state_version": snap.version,
+            "weights": weights,
+            **extra,
+            **pv.to_json(),
+        }
     )
 
 
@@ -539,6 +589,9 @@ ROUTES: tuple[tuple[str, str, _Handler], ...] = (
     ("PUT", "/admin/services/{service}/weights", put_weights),
     ("DELETE", "/admin/services/{service}/weights", delete_weights),
     ("POST", "/admin/weights", post_platform_weights),
+    ("GET", "/admin/services/{service}/segments", get_segments),
+    ("PUT", "/admin/services/{service}/segments", put_segments),
+    ("DELETE", "/admin/services/{service}/segments", delete_segments),
     ("GET", "/admin/services/{service}/explain", explain),
     ("GET", "/admin/services/{service}/preview", preview_change),
     ("POST", "/admin/services/{service}/rollout", post_rollout),

@@ -154,7 +154,8 @@ def cmd_strategy(args: argparse.Namespace) -> int:
         )
         return 0
     if args.action == "plan":
-        _print_json(plan)
+        # with segments: {"weights": …, "segments": …} (README "Segments")
+        _print_json({"weights": plan, "segments": st.segments} if st.segments else plan)
         return 0
     base = admin_url(args)
     rc = 0
@@ -167,6 +168,16 @@ def cmd_strategy(args: argparse.Namespace) -> int:
             rc = 1
             continue
         applied[service] = {"state_version": doc["state_version"], "weights": doc["weights"]}
+    for service, segments in st.segments.items():  # each list whole (README "Segments")
+        try:
+            doc = call(base, "PUT", f"/admin/services/{quote(service, safe='')}/segments", segments)
+        except AdminError as e:
+            print(f"{prog}: {service}: {e}", file=sys.stderr)
+            rc = 1
+            continue
+        done = applied.setdefault(service, {})
+        done["state_version"] = doc["state_version"]
+        done["segments"] = [x["name"] for x in doc["segments"]]
     _print_json(applied)
     return rc
 

@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gateway import changes, statedoc
+from gateway import changes, live_segments, statedoc
 from gateway import config as config_mod
 from gateway import rollout as rollout_mod
 from gateway.config import Config, Endpoint
@@ -153,6 +154,8 @@ class ControlPlane:
         self.on_change: ChangeHook | None = None
         # Applied to every config this process loads, e.g. `gateway run --port`'s override.
         self.adjust: Callable[[Config], Config] = _unchanged
+        # Stored `PUT …/segments` lists, parsed once per change (gateway/live_segments.py).
+        self.segments = live_segments.LiveSegments(os.environ)
 
     @property
     def store(self) -> StateStore:
@@ -205,7 +208,7 @@ class ControlPlane:
     def _apply(self, doc: StateDoc) -> None:
         self._warn_unknown(doc)
         snap = build_snapshot(
-            with_baselines(self.config, doc),
+            self.segments.overlay(with_baselines(self.config, doc), doc),
             version=doc.version,
             overrides=doc.weights(),
             guard_overrides=doc.guards(),
@@ -336,6 +339,33 @@ class ControlPlane:
             if guard is not None:
                 st = replace(st, guard={**st.guard, **guard})
             return st
+
+        return await self._change(service, edit, if_match)
+
+    async def set_segments(self, service: str, body: object, if_match: int | None) -> StateDoc:
+        """PUT /admin/services/{service}/segments: the whole list (README "Segments")."""
+        svc = self.config.services[service]
+        # Parsed (user files read) before the write, so a bad list changes nothing.
+        # Off the event loop: a user file may hold a million keys.
+        segs = await asyncio.to_thread(
+            live_segments.parse, svc, body, self.config, self.segments.env
+        )
+        assert isinstance(body, list)
+        self.segments.remember(service, body, segs)
+
+        def edit(st: ServiceState, snap: Snapshot) -> ServiceState:
+            return replace(st, extra={**st.extra, live_segments.KEY: body})
+
+        return await self._change(service, edit, if_match)
+
+    async def clear_segments(self, service: str, if_match: int | None) -> StateDoc:
+        """DELETE /admin/services/{service}/segments: the config's list is in force again."""
+
+        def edit(st: ServiceState, snap: Snapshot) -> ServiceState | None:
+            extra = {k: v for k, v in st.extra.items() if k != live_segments.KEY}
+            if not (st.weights or st.guard or extra):
+                return None
+            return replace(st, extra=extra)
 
         return await self._change(service, edit, if_match)
 
@@ -542,6 +572,7 @@ class ControlPlane:
         keep = {f: getattr(self.config, f) for f in _RESTART_ONLY}
         self.config = replace(new, **keep)
         self._warned.clear()
+        self.segments.forget()  # live lists re-read their user files too
         self._apply(self.doc)
         log.info("reload: %s applied (state version %d)", source, self.doc.version)
         for fn in self.reload_listeners:

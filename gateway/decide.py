@@ -12,7 +12,7 @@ in the order of README "Segments". Pure: no aiohttp, no asyncio.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Final
 
 from gateway import propagation
@@ -31,7 +31,7 @@ def decide(
     snap: Snapshot,
     sv: ServiceView,
     s: Scanned,
-    headers: Sequence[tuple[bytes, bytes]],
+    headers: list[tuple[bytes, bytes]],
     path: str,
     target: bytes,
     method: bytes,

@@ -439,10 +439,51 @@ SCHEMAS: dict[str, Any] = {
             "state_version": {"type": "integer", "minimum": 0},
             "weights": {"type": "object", "additionalProperties": _WEIGHT},
             "sample": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+            "segment": {
+                "type": "string",
+                "description": "present when the preview is of that segment's split",
+            },
             "moved_share": _SHARE,
             "moves": {**_RATIO_MAP, "description": '"from->to" -> fraction of the sample'},
             "shares": {**_RATIO_MAP, "description": "fraction per release after the change"},
             "before": {**_RATIO_MAP, "description": "fraction per release now"},
+        },
+    },
+    "Segment": {
+        "type": "object",
+        "required": ["name", "match"],
+        "description": 'one user segment, as in the config\'s `segments:` (README "Segments")',
+        "properties": {
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"},
+            "match": {
+                "type": "object",
+                "description": "every condition given must hold: header, cookie, query, "
+                "path, method, users, cidrs, time",
+            },
+            "release": {"type": "string", "description": "all of the segment to this release"},
+            "weights": {
+                "type": "object",
+                "additionalProperties": _WEIGHT,
+                "description": "the segment's own split (instead of `release`)",
+            },
+            "sticky_by": {
+                "type": "object",
+                "description": "{header: NAME} or {cookie: NAME}: the bucketing key",
+            },
+        },
+    },
+    "Segments": {
+        "type": "object",
+        "required": ["service", "state_version", "source", "segments"],
+        "properties": {
+            "service": {"type": "string"},
+            "state_version": {"type": "integer", "minimum": 0},
+            "source": {
+                "type": "string",
+                "enum": ["config", "live"],
+                "description": "`live`: set by PUT …/segments; `config`: the config's list",
+            },
+            "segments": {"type": "array", "items": _ref("Segment")},
         },
     },
     "Reload": {
@@ -554,6 +595,46 @@ def _paths() -> dict[str, Any]:
                 },
             },
         },
+        "/admin/services/{service}/segments": {
+            "parameters": [_SVC_PARAM],
+            "get": {
+                "summary": "the user segments in force: set live, else the config's",
+                "responses": {
+                    "200": {**_json(_ref("Segments"), "the segments"), "headers": _ETAG},
+                    "401": _E401,
+                    "404": _E404,
+                },
+            },
+            "put": {
+                "summary": "replace the whole list, validated like the config; persisted "
+                "before the answer, applied by every worker and replica; user files re-read",
+                "parameters": [_IF_MATCH],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"type": "array", "items": _ref("Segment")}}
+                    },
+                },
+                "responses": {
+                    "200": {**_json(_ref("Segments"), "accepted"), "headers": _ETAG},
+                    "400": _E400,
+                    "401": _E401,
+                    "404": _E404,
+                    "409": _E409,
+                },
+            },
+            "delete": {
+                "summary": "forget the live list: the config's segments are in force again",
+                "parameters": [_IF_MATCH],
+                "responses": {
+                    "200": {**_json(_ref("Segments"), "accepted"), "headers": _ETAG},
+                    "400": _E400,
+                    "401": _E401,
+                    "404": _E404,
+                    "409": _E409,
+                },
+            },
+        },
         "/admin/weights": {
             "post": {
                 "summary": "release-platform payload: gray percent and guard thresholds",
@@ -651,6 +732,13 @@ def _paths() -> dict[str, Any]:
                             "maximum": 1_000_000,
                             "default": 100_000,
                         },
+                    },
+                    {
+                        "name": "segment",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "preview that segment's own split instead of the "
+                        "service's (its weights not named are kept)",
                     },
                     {
                         "name": "weights",

@@ -75,6 +75,8 @@ class Inputs:
         "user",
         "_wall",
         "_now",
+        "_salt",
+        "_hashed",
     )
 
     def __init__(
@@ -83,7 +85,7 @@ class Inputs:
         cookies: dict[str, Values] | None,
         query: dict[str, Values] | None,
         path: str,
-        method: str,
+        method: bytes,
         client_ip: str,
         user: str | None,
         wall: Callable[[], float],
@@ -92,11 +94,13 @@ class Inputs:
         self.cookies = cookies
         self.query = query
         self.path = path
-        self.method = method
+        self.method = method  # as sent: methods are case-sensitive (RFC 9110 §9.1)
         self.client_ip = client_ip
         self.user = user
         self._wall = wall  # wall clock, seconds since the epoch: read once, when a rule asks
         self._now = -1.0
+        self._salt = ""  # the salt `_hashed` was computed with ("" = not yet)
+        self._hashed = ""
 
     def now(self) -> float:
         """Wall-clock time for time windows, read at most once per request."""
@@ -104,6 +108,13 @@ class Inputs:
         if now < 0:
             now = self._now = self._wall()
         return now
+
+    def hashed_user(self, user: str, salt: str) -> str:
+        """salted_hash(salt, user), computed once per request however many lists ask."""
+        if self._salt != salt:
+            self._hashed = salted_hash(salt, user)
+            self._salt = salt
+        return self._hashed
 
 
 _V4_MAPPED: Final = 0xFFFF << 32
@@ -260,10 +271,16 @@ class MethodCond(Condition):
     __slots__ = ("methods",)
 
     def __init__(self, methods: frozenset[str]) -> None:
-        self.methods = methods
+        # Compared undecoded, one by one: a list names a few methods, and `==` on
+        # bytes is cheaper than hashing the request's method for a set.
+        self.methods = tuple(sorted(m.encode("latin-1") for m in methods))
 
     def test(self, req: Inputs) -> bool:
-        return req.method in self.methods
+        method = req.method
+        for m in self.methods:
+            if m == method:
+                return True
+        return False
 
 
 class UsersCond(Condition):
@@ -280,7 +297,7 @@ class UsersCond(Condition):
         if not u:
             return False
         if self.salt is not None:
-            u = salted_hash(self.salt, u)
+            u = req.hashed_user(u, self.salt)
         return u in self.keys
 
 
@@ -367,6 +384,10 @@ GATE_NONE: Final = 0
 GATE_HEADER: Final = 1
 GATE_COOKIE: Final = 2
 GATE_QUERY: Final = 3
+# Header names up to this length are filtered by length before lower-casing.
+_MAX_NAME: Final = 63
+# Shared, never written: "no wanted header in this request" without a new dict.
+_NO_VALUES: Final[dict[str, Values]] = {}
 
 
 def _needs_value(vt: ValueTest) -> bool:
@@ -432,12 +453,30 @@ class SegmentSet:
 
     Equal when built from the same document and the same user-file contents, so a
     reload that changes nothing compares equal.
+
+    Why the precomputed scan: most header lines a request carries are not ones
+    any rule names. `name_lens[n]` says whether some wanted name is `n` bytes
+    long, so a line is lower-cased and looked up only when its length could
+    match; a request whose lines name nothing wanted allocates nothing for them.
+    A segment whose gate field is absent is skipped before anything else is
+    built, and the rest (cookies, the query string, the per-request inputs) is
+    parsed at most once, and only when a segment needs it.
     """
 
-    __slots__ = ("segments", "header_names", "cookies", "query", "spec")
+    __slots__ = (
+        "segments",
+        "header_names",
+        "cookies",
+        "query",
+        "spec",
+        "doc",
+        "name_lens",
+        "scan",
+    )
 
-    def __init__(self, segments: tuple[Segment, ...], spec: object) -> None:
+    def __init__(self, segments: tuple[Segment, ...], spec: object, doc: object = None) -> None:
         self.segments = segments
+        self.doc = doc  # the `segments:` list as written (config or admin API), for GET
         names: set[str] = set()
         cookies = query = False
         for s in segments:
@@ -453,6 +492,19 @@ class SegmentSet:
         self.cookies = cookies
         self.query = query
         self.spec = spec
+        lens = bytearray(_MAX_NAME + 1)
+        for n in self.header_names:
+            if len(n) <= _MAX_NAME:
+                lens[len(n)] = 1
+        if cookies:
+            lens[len(b"cookie")] = 1
+        self.name_lens = bytes(lens)
+        # Names longer than _MAX_NAME: rare; then every line is looked at.
+        self.scan = (
+            2
+            if any(len(n) > _MAX_NAME for n in self.header_names)
+            else int(bool(self.header_names) or cookies)
+        )
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SegmentSet) and self.spec == other.spec
@@ -463,45 +515,9 @@ class SegmentSet:
     def __repr__(self) -> str:
         return f"SegmentSet({[s.name for s in self.segments]!r})"
 
-    def gather(
-        self,
-        headers: Sequence[tuple[bytes, bytes]],
-        path: str,
-        target: bytes,
-        method: bytes,
-        client_ip: str,
-        user: str | None,
-        wall: Callable[[], float],
-    ) -> Inputs:
-        """Read what the rules need from a request head, each part parsed once."""
-        want = self.header_names
-        cookie_lines: list[str] | None = [] if self.cookies else None
-        got: dict[str, Values] = {}
-        if want or cookie_lines is not None:
-            for name, value in headers:
-                n = name.lower()
-                if n in want:
-                    got.setdefault(n.decode("latin-1"), []).append(value.decode("latin-1"))
-                if cookie_lines is not None and n == b"cookie":
-                    cookie_lines.append(value.decode("latin-1"))
-        query = None
-        if self.query:
-            q = target.find(b"?")
-            query = parse_query(target[q + 1 :].decode("latin-1")) if q >= 0 else {}
-        return Inputs(
-            got,
-            parse_cookies(cookie_lines) if cookie_lines else None,
-            query,
-            path,
-            method.decode("latin-1"),
-            client_ip,
-            user,
-            wall,
-        )
-
     def evaluate(
         self,
-        headers: Sequence[tuple[bytes, bytes]],
+        headers: list[tuple[bytes, bytes]],
         path: str,
         target: bytes,
         method: bytes,
@@ -515,19 +531,49 @@ class SegmentSet:
         call this, then `routing.choose_release`, so explain answers exactly what
         the data path does.
         """
-        req = self.gather(headers, path, target, method, client_ip, user, wall)
-        got, cookies, query = req.headers, req.cookies, req.query
+        got = _NO_VALUES
+        cookie_lines: list[str] | None = None
+        scan = self.scan
+        if scan:
+            lens = self.name_lens
+            want = self.header_names
+            cookies = self.cookies
+            for name, value in headers:
+                n = len(name)
+                if scan == 1 and (n > _MAX_NAME or not lens[n]):
+                    continue
+                low = name.lower()
+                if low in want:
+                    if got is _NO_VALUES:
+                        got = {}
+                    got.setdefault(low.decode("latin-1"), []).append(value.decode("latin-1"))
+                elif cookies and low == b"cookie":
+                    if cookie_lines is None:
+                        cookie_lines = []
+                    cookie_lines.append(value.decode("latin-1"))
+        jar = parse_cookies(cookie_lines) if cookie_lines is not None else None
+        query = None
+        # An int needle (63 is "?"): CPython's bytes `in` tries a bytes needle as an
+        # integer first and clears the TypeError; an int is a plain memchr.
+        if self.query and 63 in target:
+            query = parse_query(target[target.find(b"?") + 1 :].decode("latin-1"))
+        req: Inputs | None = None
         for s in self.segments:
             gate = s.gate
             if gate != GATE_NONE:
                 if gate == GATE_HEADER:
-                    if s.gate_name not in got:
+                    if got is _NO_VALUES or s.gate_name not in got:
                         continue
                 elif gate == GATE_COOKIE:
-                    if not cookies or s.gate_name not in cookies:
+                    if jar is None or s.gate_name not in jar:
                         continue
-                elif not query or s.gate_name not in query:
+                elif query is None or s.gate_name not in query:
                     continue
-            if s.matches(req):
+            if req is None:
+                req = Inputs(got, jar, query, path, method, client_ip, user, wall)
+            for c in s.conds:  # Segment.matches, inline: no call per segment
+                if not c.test(req):
+                    break
+            else:
                 return s.route, s.key(req)
         return None

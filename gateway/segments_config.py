@@ -361,7 +361,7 @@ def parse_segments(
         out.append(Segment(name, tuple(conds), route, sticky_h, sticky_c))
     if not out:
         return None
-    return SegmentSet(tuple(out), tuple(spec))
+    return SegmentSet(tuple(out), tuple(spec), raw)
 
 
 def _is_name(name: str) -> bool:

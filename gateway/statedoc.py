@@ -174,11 +174,31 @@ def _service(name: str, sv: object) -> ServiceState:
             raise InvalidDoc(f"{path}.rollout.{e.field}", e.message) from None
     if "baseline" in extra and not (isinstance(extra["baseline"], str) and extra["baseline"]):
         raise InvalidDoc(f"{path}.baseline", "must be a release name")
+    if "segments" in extra:
+        _segments_shape(f"{path}.segments", extra["segments"])
     return ServiceState(
         {r: float(w) for r, w in weights.items()},
         {g: (v if GUARD_FIELDS[g][0] else float(v)) for g, v in guard.items()},
         extra,
     )
+
+
+def _segments_shape(path: str, raw: object) -> None:
+    """A stored segments list (README "Segments"): an array of named objects.
+
+    Why only the shape: the matching rules need the config (its releases, the
+    directory user files resolve against); every process parses the list with
+    the config's own parser when it applies the document (gateway/live_segments.py).
+    """
+    if not isinstance(raw, list):
+        raise InvalidDoc(path, "must be an array of segments")
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise InvalidDoc(f"{path}[{i}]", "must be an object {name, match, release | weights}")
+        if not isinstance(item.get("name"), str) or not item["name"]:
+            raise InvalidDoc(f"{path}[{i}].name", "must be a non-empty string")
+        if not isinstance(item.get("match"), dict):
+            raise InvalidDoc(f"{path}[{i}].match", "must be an object")
 
 
 def from_body(raw: object) -> StateDoc:

@@ -4,23 +4,33 @@ Why pure and config-checked: `validate` must report every mistake with its
 path in one pass (like `gateway check`), and `plan` must print exactly the
 weights `apply` will send, so both are plain functions over the parsed file
 and the gateway config, tested with tables.
+
+`segments:` (label routing and time windows) maps a service to a list of user
+segments in the config's own shape (README "Segments"), checked by the
+config's parser; a segment's `release` and `weights` may name a release or a
+Consul tag of one, like a target's `version`. `apply` sends each list whole
+to `PUT /admin/services/{s}/segments`.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import yaml
 
 from gateway.config import Config, ServiceConfig
 from gateway.config_syntax import load_yaml, yaml_problem
 from gateway.errors import ConfigError
+from gateway.segments_config import parse_segments
 from gateway.statedoc import is_number
 
 VERSIONS = ("v1",)
-_FIELDS = ("version", "traffic", "targets")
+_FIELDS = ("version", "traffic", "targets", "segments")
 _TARGET_FIELDS = ("service", "version", "weight")
 _PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%?\s*$")
 
@@ -37,6 +47,8 @@ class Target:
 class Strategy:
     traffic: float  # percent of each listed service's traffic that goes to its targets
     targets: tuple[Target, ...]
+    # service -> its whole segments list, releases resolved, as PUT …/segments takes it
+    segments: Mapping[str, list[Any]] = field(default_factory=dict)
 
 
 def parse_percent(v: object) -> float | None:
@@ -117,8 +129,64 @@ def _target(i: int, raw: object, config: Config, errs: list[tuple[str, str]]) ->
     return Target(service, version, release, float(weight))
 
 
-def build(raw: object, config: Config, *, source: str = "<strategy>") -> Strategy:
+def _resolve(svc: ServiceConfig, v: object) -> object:
+    """A segment's release as written -> the release it names (Consul tags resolved)."""
+    if isinstance(v, str):
+        release, _ = resolve_version(svc, v)
+        if release is not None:
+            return release
+    return v
+
+
+def _segments(
+    raw: object, config: Config, errs: list[tuple[str, str]], env: Mapping[str, str]
+) -> dict[str, list[Any]]:
+    """`segments: {service: [segment, ...]}`, each list checked as the config's would be."""
+    if not isinstance(raw, Mapping) or not raw:
+        errs.append(("segments", "must be a mapping of service -> list of segments"))
+        return {}
+    out: dict[str, list[Any]] = {}
+    base_dir = Path.cwd() if config.source.startswith("<") else Path(config.source).parent
+    for service, items in raw.items():
+        path = f"segments.{service}"
+        svc = config.services.get(str(service))
+        if svc is None:
+            errs.append((path, f"unknown service {service!r} (have: {', '.join(config.services)})"))
+            continue
+        if not isinstance(items, list):
+            errs.append((path, "must be a list of segments (an empty list removes them all)"))
+            continue
+        resolved: list[Any] = []
+        for item in items:
+            if isinstance(item, Mapping):
+                item = dict(item)
+                if "release" in item:
+                    item["release"] = _resolve(svc, item["release"])
+                if isinstance(item.get("weights"), Mapping):
+                    item["weights"] = {_resolve(svc, k): v for k, v in item["weights"].items()}
+            resolved.append(item)
+        parse_segments(
+            resolved,
+            path,
+            lambda p, m: errs.append((p, m)),
+            service=svc.name,
+            releases=tuple(svc.releases),
+            base_dir=base_dir,
+            env=env,
+        )
+        out[svc.name] = resolved
+    return out
+
+
+def build(
+    raw: object,
+    config: Config,
+    *,
+    source: str = "<strategy>",
+    env: Mapping[str, str] | None = None,
+) -> Strategy:
     """Validate a parsed strategy against `config`; ConfigError listing every problem."""
+    env = os.environ if env is None else env
     errs: list[tuple[str, str]] = []
     if not isinstance(raw, Mapping):
         raise ConfigError(
@@ -131,7 +199,11 @@ def build(raw: object, config: Config, *, source: str = "<strategy>") -> Strateg
     if version not in VERSIONS:
         errs.append(("version", f"must be one of {', '.join(VERSIONS)}"))
     traffic = 0.0
-    if "traffic" not in raw:
+    segments = _segments(raw["segments"], config, errs, env) if "segments" in raw else None
+    only_segments = segments is not None and "targets" not in raw and "traffic" not in raw
+    if only_segments:
+        pass  # a strategy of segments alone changes no weights
+    elif "traffic" not in raw:
         errs.append(("traffic", "is required: the share for the targets, e.g. 20%"))
     elif (p := parse_percent(raw["traffic"])) is None:
         errs.append(("traffic", "must be a percentage between 0% and 100%, e.g. 20%"))
@@ -139,7 +211,9 @@ def build(raw: object, config: Config, *, source: str = "<strategy>") -> Strateg
         traffic = p
     targets: list[Target] = []
     raw_targets = raw.get("targets")
-    if not isinstance(raw_targets, list) or not raw_targets:
+    if only_segments:
+        raw_targets = []
+    elif not isinstance(raw_targets, list) or not raw_targets:
         errs.append(("targets", "is required: a non-empty list of {service, version, weight}"))
         raw_targets = []
     seen: dict[tuple[str, str], int] = {}
@@ -160,7 +234,7 @@ def build(raw: object, config: Config, *, source: str = "<strategy>") -> Strateg
                 )
     if errs:
         raise ConfigError(errs, source)
-    return Strategy(traffic, tuple(targets))
+    return Strategy(traffic, tuple(targets), segments or {})
 
 
 def load_text(text: str, config: Config, *, source: str = "<strategy>") -> Strategy:

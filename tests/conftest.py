@@ -161,7 +161,12 @@ def wait_http(
 
 @contextlib.contextmanager
 def run_gateway_process(
-    tmp: Path, doc: dict[str, Any], *, workers: int = 1, env: dict[str, str] | None = None
+    tmp: Path,
+    doc: dict[str, Any],
+    *,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+    ready_s: float = 20.0,
 ) -> Iterator[GatewayProcess]:
     port, admin_port = free_port(), free_port()
     doc = dict(doc)
@@ -182,8 +187,8 @@ def run_gateway_process(
         )
     gp = GatewayProcess(proc, port, admin_port, log)
     try:
-        wait_http(f"{gp.url}/healthz", proc=proc)
-        wait_http(f"{gp.admin}/healthz", proc=proc)
+        wait_http(f"{gp.url}/healthz", ready_s, proc=proc)
+        wait_http(f"{gp.admin}/healthz", ready_s, proc=proc)
         yield gp
     except BaseException:
         print(log.read_text(errors="replace")[-4000:])

@@ -88,7 +88,7 @@ EXPECTED: dict[str, list[Check]] = {
     ],
     # "Admin API"
     "curl -s localhost:9901/admin/services/user-api              #": [
-        ok_json(lambda b: b["service"] == "user-api" and b["state_version"] == 0),
+        ok_json(lambda b: b["service"] == "user-api" and b["state_version"] >= 0),
         weights(stable=90, gray=10),  # the PUT without If-Match
         weights(stable=90, gray=20),  # the PUT with the ETag read just before
         ok_json(lambda b: b["percent"]["gray"] == 5 and b["percent"]["stable"] == 95),
@@ -97,6 +97,12 @@ EXPECTED: dict[str, list[Check]] = {
         weights(stable=90, gray=10),  # DELETE: back to the demo's config weights
         error(400),  # reload: the demo's config is not a file (the README says so)
         ok_json(lambda b: b["openapi"].startswith("3.")),
+    ],
+    # "Segments": set live, read back, forget (If-Match optional, as for weights)
+    "curl -s -X PUT localhost:9901/admin/services/user-api/segments -d": [
+        ok_json(lambda b: True),
+        ok_json(lambda b: b["source"] == "live" and len(b["segments"]) == 2),
+        ok_json(lambda b: True),
     ],
     # "Guard and rollouts"
     "curl -s -X POST localhost:9901/admin/services/user-api/rollout -d": [
@@ -117,6 +123,8 @@ NEEDS_MORE_THAN_THE_DEMO = {
     "explain?header=X-Employee:true": "the `segments:` of the YAML above it, which the demo lacks",
     "curl --cacert cert.pem https://localhost:8080/": "the `tls:` listener and certificate of "
     "the YAML above it (tests/test_tls_process.py serves HTTPS from such a config)",
+    "preview?segment=north": "the segment `north` in force (the block above sets it live, "
+    "then forgets it again); tests/test_segments_live.py previews by segment",
     "kubectl create secret generic gray-gateway-admin": "a Kubernetes cluster "
     "(tests/test_k8s_manifests.py validates the manifests it applies)",
     "admin/services/payments/rollout": "a `payments` service analysed by a real Prometheus "

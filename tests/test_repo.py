@@ -49,6 +49,7 @@ TESTED_ELSEWHERE = {
     "hooks": "tests/test_rollout.py, tests/test_rollout_gates_e2e.py (hooks against real servers)",
     "rollout_driver": "tests/test_rollout_gates_e2e.py (the driver in a real gateway)",
     "trust": "tests/test_decide.py (the client address behind trusted proxies)",
+    "live_segments": "tests/test_segments_live.py (PUT/GET/DELETE .../segments, stored lists)",
     "openapi": "tests/test_admin_openapi.py checks every answer against the document",
     "preflight": "tests/test_config_check.py (ports taken, state directory)",
     "preview": "tests/test_admin.py (explain, preview; being split: issue 13)",

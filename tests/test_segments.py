@@ -646,3 +646,71 @@ def test_the_policy_benchmark_segments_case(tmp_path: Path) -> None:
     assert got == [("beta" if i % 10 == 0 else None) for i in range(200)]
     r = policy.measure_segments(rounds=1, heads_n=50)
     assert r["none_us"] > 0 and r["segments_us"] > 0
+
+
+# --------------------------------------------------------------------------- the cheap scan
+
+LONG = "X-" + "L" * 70  # longer than the length filter's table: every line is looked at
+
+SCAN = [
+    # (segments' matches in order, request headers, target, method, expected segment)
+    ("length-filtered-miss", [{"header": {"X-Region": "n"}}], [("X-Regio1", "n")], "/", "GET",
+     None),
+    ("any-case-name", [{"header": {"X-Region": "n"}}], [("x-REGION", "n")], "/", "GET", "s0"),
+    ("same-length-as-cookie", [{"header": {"X-Tier": "a"}}, {"cookie": {"b": "1"}}],
+     [("Cookie", "b=1"), ("X-Tier", "z")], "/", "GET", "s1"),
+    ("cookie-without-header-rules", [{"cookie": {"b": "1"}}], [("COOKIE", "a=2; b=1")], "/",
+     "GET", "s0"),
+    ("long-header-name", [{"header": {LONG: "v"}}], [("Host", "h"), (LONG.lower(), "v")], "/",
+     "GET", "s0"),
+    ("long-name-absent", [{"header": {LONG: {"absent": True}}}], [("Host", "h")], "/", "GET",
+     "s0"),
+    ("absent-gate-with-no-wanted-lines", [{"header": {"X-A": {"absent": True}}}], [], "/", "GET",
+     "s0"),
+    ("gated-by-header-skips-to-next", [{"header": {"X-A": "1"}}, {"method": ["POST"]}], [], "/",
+     "POST", "s1"),
+    ("query-gate", [{"query": {"q": "1"}}], [], "/p?q=1", "GET", "s0"),
+    ("query-gate-no-query", [{"query": {"q": {"absent": True}}}], [], "/p", "GET", "s0"),
+    ("method-list", [{"method": ["PUT", "GET"]}], [], "/", "GET", "s0"),
+    ("method-case-sensitive", [{"method": ["GET"]}], [], "/", "get", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("matches", "headers", "target", "method", "expected"),
+    [c[1:] for c in SCAN],
+    ids=[c[0] for c in SCAN],
+)
+def test_the_precomputed_scan_reads_what_the_rules_need(
+    matches: list[dict[str, Any]],
+    headers: list[tuple[str, str]],
+    target: str,
+    method: str,
+    expected: str | None,
+) -> None:
+    segs = _segs([{"name": f"s{i}", "match": m, "release": "gray"} for i, m in enumerate(matches)])
+    assert _hit(segs, headers, target=target, method=method) == expected
+
+
+def test_a_salted_user_hash_is_computed_once_for_every_hashed_list(tmp_path: Path) -> None:
+    salt = "pepper"
+    for name, keys in (("a.txt", ["alice"]), ("b.txt", ["bob"])):
+        (tmp_path / name).write_text("".join(salted_hash(salt, k) + "\n" for k in keys))
+    segs = _segs(
+        [
+            {
+                "name": "a",
+                "match": {"users": {"file": str(tmp_path / "a.txt"), "hashed": True}},
+                "release": "gray",
+            },
+            {
+                "name": "b",
+                "match": {"users": {"file": str(tmp_path / "b.txt"), "hashed": True}},
+                "release": "stable",
+            },
+        ],  # fmt: skip
+        env={"GATEWAY_USER_SALT": salt},
+    )
+    assert _hit(segs, user="alice") == "a"
+    assert _hit(segs, user="bob") == "b"
+    assert _hit(segs, user="carol") is None

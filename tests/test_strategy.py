@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
@@ -31,6 +32,28 @@ targets:
   - {service: user-api, version: "v9", weight: 80}
   - {service: x, version: "v2.0", weight: 20}
   - {service: user-api, version: "v2.0", weight: -5}
+"""
+
+
+# Label routing and time windows (seed §4.1) beside the traffic split.
+SEGMENTS_EXAMPLE = """\
+version: v1
+traffic: 20%
+targets:
+  - {service: user-api, version: "v2.1", weight: 80}
+  - {service: user-api, version: "v2.0", weight: 20}
+segments:
+  user-api:
+    - name: beta
+      match: {header: {X-Beta: "true"}}
+      release: "v2.1"
+    - name: night
+      match: {time: {from: "22:00", to: "06:00", tz: Asia/Shanghai, days: [mon, tue]}}
+      weights: {stable: 80, "v2.0": 20}
+  catalog:
+    - name: staff
+      match: {cookie: {role: {in: [staff, admin]}}}
+      release: v3
 """
 
 
@@ -178,6 +201,50 @@ ERRORS = [
         "traffic: 5\ntraffic: 50\ntargets: [{service: user-api, version: v2.1}]",
         ["traffic"],
     ),
+    ("segments-not-mapping", "segments: [1]", ["segments"]),
+    (
+        "segments-unknown-service",
+        "segments: {nope: []}",
+        ["segments.nope"],
+    ),
+    ("segments-not-list", "segments: {user-api: {name: x}}", ["segments.user-api"]),
+    (
+        "segment-bad-regex",
+        "segments: {user-api: [{name: a, match: {header: {X-A: {regex: '(a'}}}, release: v2.1}]}",
+        ["segments.user-api[0].match.header.X-A.regex"],
+    ),
+    (
+        "segment-unknown-release",
+        "segments: {user-api: [{name: a, match: {header: {X-A: '1'}}, release: blue}]}",
+        ["segments.user-api[0].release"],
+    ),
+    (
+        "segment-ambiguous-tag",
+        "segments: {catalog: [{name: a, match: {header: {X-A: '1'}}, release: gray}]}",
+        ["segments.catalog[0].release"],
+    ),
+    (
+        "segment-bad-time-zone",
+        "segments: {user-api: [{name: a, match: {time: {from: '22:00', to: '06:00',"
+        " tz: Nowhere/Land}}, weights: {v2.1: 1}}]}",
+        ["segments.user-api[0].match.time.tz"],
+    ),
+    (
+        "segment-negative-weight",
+        "segments: {user-api: [{name: a, match: {header: {X-A: '1'}}, weights: {v2.1: -1}}]}",
+        ["segments.user-api[0].weights.v2.1"],
+    ),
+    (
+        "segment-missing-file",
+        "segments: {user-api: [{name: a, match: {users: {file: /no/such/users.txt}},"
+        " release: v2.1}]}",
+        ["segments.user-api[0].match.users.file"],
+    ),
+    (
+        "segments-with-half-a-split",
+        "traffic: 5\nsegments: {user-api: []}",
+        ["targets"],
+    ),
 ]
 
 
@@ -227,6 +294,34 @@ def test_plan_table(text: str, expected: dict[str, dict[str, float]]) -> None:
     assert strategy.plan(strategy.load_text(text, CFG), CFG) == expected
 
 
+def test_segments_are_checked_and_resolved_like_targets() -> None:
+    st = strategy.load_text(SEGMENTS_EXAMPLE, CFG)
+    assert strategy.plan(st, CFG) == {"user-api": {"v2.1": 16, "v2.0": 4, "stable": 80}}
+    assert st.segments["user-api"][0] == {
+        "name": "beta",
+        "match": {"header": {"X-Beta": "true"}},
+        "release": "v2.1",
+    }
+    assert st.segments["user-api"][1]["weights"] == {"stable": 80, "v2.0": 20}
+    # a Consul tag resolves to its release, as for targets
+    assert st.segments["catalog"][0]["release"] == "v3-canary"
+
+
+def test_a_strategy_of_segments_alone_changes_no_weights() -> None:
+    st = strategy.load_text("segments: {user-api: []}", CFG)
+    assert strategy.plan(st, CFG) == {}
+    assert st.segments == {"user-api": []}
+
+
+def test_plan_with_segments_prints_both(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (files / "seg.yaml").write_text(SEGMENTS_EXAMPLE)
+    rc = cli.main(["strategy", "plan", str(files / "seg.yaml"), "-c", str(files / "gateway.yaml")])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["weights"] == {"user-api": {"v2.1": 16, "v2.0": 4, "stable": 80}}
+    assert [x["name"] for x in out["segments"]["user-api"]] == ["beta", "night"]
+
+
 # --------------------------------------------------------------------------- against a live admin
 
 
@@ -260,6 +355,32 @@ async def test_strategy_apply_sends_the_plan_through_the_admin_api(
     assert rc == 0, out.err
     assert json.loads(out.out)["user-api"]["weights"] == {"stable": 80, "v2.1": 16, "v2.0": 4}
     assert gw.holder.current.services["user-api"].table.raw == {"stable": 80, "v2.1": 16, "v2.0": 4}
+
+
+async def test_strategy_apply_puts_each_services_segments(
+    live: tuple[Gateway, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    gw, d = live
+    (d / "seg.yaml").write_text(SEGMENTS_EXAMPLE)
+    rc = await _cli("strategy", "apply", str(d / "seg.yaml"), "-c", str(d / "gateway.yaml"))
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    applied = json.loads(out.out)
+    assert applied["user-api"]["weights"] == {"stable": 80, "v2.1": 16, "v2.0": 4}
+    assert applied["user-api"]["segments"] == ["beta", "night"]
+    assert applied["catalog"]["segments"] == ["staff"]
+    snap = gw.holder.current
+    assert snap.version == 3  # weights, then each service's segments
+    catalog = snap.services["catalog"].cfg.segments
+    assert catalog is not None and catalog.segments[0].route.release == "v3-canary"
+    user_api = snap.services["user-api"].cfg.segments
+    assert user_api is not None and [s.name for s in user_api.segments] == ["beta", "night"]
+    # and the data path's decision (explain) routes by them
+    url = f"http://127.0.0.1:{gw.admin_port}/admin/services/user-api/explain?header=X-Beta:true"
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer t0ken"}) as s:
+        async with s.get(url) as r:
+            ex = await r.json()
+    assert (ex["reason"], ex["segment"], ex["release"]) == ("segment", "beta", "v2.1")
 
 
 async def test_weights_get_and_set(
