@@ -22,6 +22,7 @@ from gateway.control import ControlPlane
 from gateway.discovery import ConsulDiscovery, Pacing, consul_selectors
 from gateway.discovery.metrics import DiscoveryMetrics
 from gateway.engine.aio import AiohttpEngine
+from gateway.engine.api import Limits
 from gateway.guardian import Guardian
 from gateway.handler import ProxyHandler
 from gateway.healthcheck import HealthChecker
@@ -29,6 +30,7 @@ from gateway.metrics import Metrics
 from gateway.readiness import unready_releases
 from gateway.state import Snapshot, SnapshotHolder, build_snapshot
 from gateway.telemetry import Telemetry
+from gateway.upstream_config import engine_limits
 from gateway.version import build_version
 
 log = logging.getLogger("gateway")
@@ -69,6 +71,7 @@ def make_engine(config: Config, handler: ProxyHandler) -> Any:
             t = config.timeouts
             return FastEngine(
                 handler,
+                upstream_limits=Limits(*engine_limits(config)),
                 upstream_pool_per_host=1024,
                 keepalive_timeout=t.idle,
                 header_timeout=t.header,
@@ -76,7 +79,9 @@ def make_engine(config: Config, handler: ProxyHandler) -> Any:
                 body_min_rate=t.body_min_rate,
                 upstream_idle_timeout=t.upstream_idle,
             )
-    return AiohttpEngine(handler, timeouts=config.timeouts)
+    return AiohttpEngine(
+        handler, timeouts=config.timeouts, upstream_limits=Limits(*engine_limits(config))
+    )
 
 
 class Gateway:
@@ -165,6 +170,10 @@ class Gateway:
             on_change=lambda: self._publish_endpoints(self.holder.current),
         )
         self.engine = make_engine(config, self.handler)
+        # upstream.max_connections / queue_timeout follow a reload (docs/configuration.md).
+        self.control.reload_listeners.append(
+            lambda: self.engine.upstream_limits.set(*engine_limits(self.control.config))
+        )
         self.with_admin = admin
         self.with_data = data
         self.draining = False

@@ -35,6 +35,7 @@ from gateway.retry import BUDGET_MIN, BUDGET_RATIO, DEFAULT_RETRIES, MAX_RETRIES
 from gateway.segments import SegmentSet
 from gateway.segments_config import parse_segments
 from gateway.statedoc import is_number, weight_problem
+from gateway.upstream_config import UpstreamLimits, parse_upstream_limits
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 BALANCERS = ("p2c", "round_robin", "hash")
@@ -209,6 +210,7 @@ class ServiceConfig:
     salt: str = ""
     guard: GuardConfig = GuardConfig()
     segments: SegmentSet | None = None  # user segments, in order (gateway/segments.py)
+    upstream: UpstreamLimits = UpstreamLimits()  # connection cap per endpoint (upstream_config.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +269,7 @@ class Config:
     retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     alerts: tuple[AlertTarget, ...] = ()
     rollout: RolloutConfig = RolloutConfig()
+    upstream: UpstreamLimits = UpstreamLimits()  # the default for services that set none
     source: str = field(default="<memory>", compare=False)
 
 
@@ -842,6 +845,7 @@ def _service(
             "guard",
             "salt",
             "segments",
+            "upstream",
         },
         path,
         errs,
@@ -1050,6 +1054,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             "services",
             "alerts",
             "rollout",
+            "upstream",
         },
         "",
         errs,
@@ -1111,6 +1116,9 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
     )
     base_t = _timeouts(m.get("timeouts"), "timeouts", errs, Timeouts(), top=True)
     base_retries = _retries(m, "", errs, DEFAULT_RETRIES)
+    base_up = parse_upstream_limits(
+        m.get("upstream"), "upstream", errs.add, UpstreamLimits(), parse_duration
+    )
     retry_budget = _retry_budget(m.get("retry_budget"), errs)
     services: dict[str, ServiceConfig] = {}
     sv = m.get("services")
@@ -1129,6 +1137,13 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
                 services[str(name)] = _with_segments(
                     services[str(name)], v, spath, errs, env, source
                 )
+            sup = v.get("upstream") if isinstance(v, Mapping) else None
+            services[str(name)] = replace(
+                services[str(name)],
+                upstream=parse_upstream_limits(
+                    sup, f"{spath}.upstream", errs.add, base_up, parse_duration
+                ),
+            )
         _match_collisions(services, errs)
     routing = _routing(m.get("routing"), errs)
     drain = _duration(m, "drain_timeout", 30.0, "", errs, positive=True)
@@ -1153,6 +1168,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         retry_budget=retry_budget,
         alerts=alerts,
         rollout=rollout,
+        upstream=base_up,
         source=source,
     )
 

@@ -86,6 +86,7 @@ STATUS_BY_UPSTREAM_ERROR = {
     "reset": 502,
     "protocol": 502,
     "timeout": 504,
+    "limit": 503,  # upstream.max_connections reached for longer than upstream.queue_timeout
 }
 
 

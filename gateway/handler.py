@@ -354,6 +354,7 @@ class ProxyHandler:
             "reset": "upstream closed the connection",
             "timeout": "upstream timed out",
             "protocol": "upstream sent an invalid response",
+            "limit": "upstream connection limit",
         }.get(kind, "upstream failed")
         status = status or upstream_status(kind)
         rid = ""

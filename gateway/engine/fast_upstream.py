@@ -137,6 +137,7 @@ class Upstream:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         self.pool.conns.add(self)
+        self.pool.opened(self.key)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -150,7 +151,12 @@ class Upstream:
         ex = self.ex
         if ex is None:
             pool.discard(self)
+            pool.closed(self.key)
             return
+        self._lost(ex, exc)
+        pool.closed(self.key)  # after the exchange's own retry, which may want this endpoint
+
+    def _lost(self, ex: Exchange, exc: Exception | None) -> None:
         if self.tunnel:
             self.ex = None
             ex.client.tunnel_closed(ex)
