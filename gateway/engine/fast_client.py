@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from typing import TYPE_CHECKING, Final, cast
 
 from httptools import (
@@ -56,6 +57,10 @@ S_TUNNEL: Final = 4  # nothing: an upgraded connection just relays
 
 LINGER_SECONDS: Final = 2.0
 
+# What `ClientConn._headers` is between two heads: shared, never appended to
+# (on_header appends only in S_HEAD, and `_begin` makes a fresh list first).
+_NO_HEADERS: Final[list[tuple[bytes, bytes]]] = []
+
 
 class ClientConn:
     """One client connection: parse requests in order, answer them in order.
@@ -96,7 +101,7 @@ class ClientConn:
         "_tstate",
         "_t0",
         "_bn",
-        "_timer",
+        "_tick",
         "_tw",
         "_parsing",
         "_last_ex",
@@ -128,7 +133,7 @@ class ClientConn:
         self.pause = 0
         self.wpaused = False
         self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._headers: list[tuple[bytes, bytes]] = _NO_HEADERS  # a fresh list per head (_begin)
         self._hsize = 0
         self._count = False  # count header bytes exactly (the head may exceed the limit)
         self._max_head = engine.max_header_bytes
@@ -142,7 +147,7 @@ class ClientConn:
         self._tstate = S_WAIT
         self._t0 = 0.0  # when the current timeout's period began
         self._bn = 0  # request body bytes read since _t0 (S_BODY)
-        self._timer: asyncio.TimerHandle | None = None
+        self._tick = 0  # the wheel tick armed (engine/fast_timers.py); 0: none
         self._tw = 0.0
         self._parsing: Exchange | None = None
         self._last_ex: Exchange | None = None
@@ -165,16 +170,17 @@ class ClientConn:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
-            self.client_ip = str(peer[0])
+            # Interned: a thousand connections from one address share one string.
+            self.client_ip = sys.intern(str(peer[0]))
         self.engine._clients.add(self)
         self._t0 = self.loop.time()
         self._arm(self._t0 + self.engine._tick)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._tick:
+            self.pool.wheel.remove(self, self._tick)
+            self._tick = 0
         eng = self.engine
         eng._clients.discard(self)
         tun = self._tun
@@ -295,8 +301,7 @@ class ClientConn:
 
     def _begin(self) -> None:
         self._url = b""
-        if self._headers:
-            self._headers = []  # a head that never completed
+        self._headers = []  # on_header appends only after this (state S_HEAD)
         self._hsize = 0
         self._cl = None
         self._te = None
@@ -304,7 +309,7 @@ class ClientConn:
         self._upg = None
         self._tstate = S_HEAD
         self._t0 = self.loop.time()
-        if self._timer is None:
+        if not self._tick:
             self._arm(self._t0 + self.engine._tick)
 
     def on_url(self, url: bytes) -> None:
@@ -350,7 +355,7 @@ class ClientConn:
             self._upg if p.should_upgrade() else None,
         )
         headers = self._headers
-        self._headers = []  # the next request's; an idle connection holds no old head
+        self._headers = _NO_HEADERS  # an idle connection holds no head, nor an empty list
         ex = Exchange(
             self,
             RequestHead(method, self._url, headers, self.client_ip, version),
@@ -545,7 +550,7 @@ class ClientConn:
                 self._close()
                 return
             self._t0 = self.loop.time()
-            if self._timer is None:
+            if not self._tick:
                 self._arm(self._t0 + self.engine._tick)
 
     def _fail_input(self, status: int, message: str) -> None:
@@ -688,16 +693,19 @@ class ClientConn:
         self._arm(self._t0 + min(LINGER_SECONDS, self.engine._tick))
 
     def _arm(self, when: float) -> None:
-        t = self._timer
-        if t is not None:
+        t = self._tick
+        wheel = self.pool.wheel
+        if t:
             if self._tw <= when:
                 return
-            t.cancel()
+            wheel.remove(self, t)
         self._tw = when
-        self._timer = self.loop.call_at(when, self._on_timer)
+        self._tick = wheel.add(self, when)
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def on_tick(self, tick: int) -> None:
+        if tick != self._tick:
+            return  # re-armed elsewhere meanwhile
+        self._tick = 0
         if self.closed:
             return
         eng = self.engine

@@ -17,6 +17,7 @@ from functools import partial
 from typing import cast
 
 from gateway.engine.api import ERR_CONNECT, ERR_LIMIT, ERR_PROTOCOL, ERR_TIMEOUT, Limits
+from gateway.engine.fast_timers import Wheel
 from gateway.engine.fast_upstream import Key, Upstream
 from gateway.engine.fast_wire import Exchange
 
@@ -54,6 +55,7 @@ class Pool:
         "limits",
         "open",
         "waiting",
+        "wheel",
     )
 
     def __init__(
@@ -76,6 +78,8 @@ class Pool:
         self.open: dict[Key, int] = {}
         # Per endpoint at its cap: requests waiting, first come first served.
         self.waiting: dict[Key, deque[Waiter]] = {}
+        # Every timeout of this engine's connections, client and upstream, on one loop timer.
+        self.wheel = Wheel(loop)
 
     def acquire(self, host: str, port: int) -> Upstream | None:
         idle = self.idle_conns.get((host, port))
@@ -98,7 +102,7 @@ class Pool:
         now = self.loop.time()
         up.idle_since = now
         when = now + min(up.rt, self.idle_timeout)
-        if up.timer is None or up.tw > when:  # a read timer may be set later than the idle end
+        if not up.tick or up.tw > when:  # a read timer may be set later than the idle end
             up._arm(when)
 
     def discard(self, up: Upstream) -> None:
@@ -330,6 +334,7 @@ class Pool:
                     await self.all_closed.wait()
             except TimeoutError:
                 pass
+        self.wheel.close()
 
 
 def _upstream(pool: Pool, key: Key) -> asyncio.Protocol:
