@@ -46,9 +46,6 @@ VIA_TOKEN: Final = b"1.1 gray-gateway"
 _VIA: Final = (b"Via", VIA_TOKEN)
 _XFP_HTTP: Final = (b"X-Forwarded-Proto", b"http")
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
-# The lengths of every name `scan` looks at (besides the configured two): a field
-# of another length is kept without lower-casing its name (no bytes made).
-_SPECIAL_LENS: Final = frozenset(len(n) for n in HOP_BY_HOP | _FRAMING | _REWRITTEN) | {4, 6}
 # A client's X-Request-ID is kept only when it is 1-200 visible ASCII bytes
 # (RFC 5234 VCHAR, %x21-7E): longer or other bytes would be echoed into logs,
 # upstream heads and responses unchecked.
@@ -129,15 +126,7 @@ def scan(headers: Sequence[tuple[bytes, bytes]], stage_l: bytes, user_l: bytes) 
     tp: list[str] | None = None
     ts: list[str] | None = None
     bg: list[str] | None = None
-    sl = len(stage_l)
-    ul = len(user_l)
-    for hv in headers:
-        name = hv[0]
-        nl = len(name)
-        if nl not in _SPECIAL_LENS and nl != sl and nl != ul:
-            kept.append(hv)  # no field of interest has this length: kept as received
-            continue
-        value = hv[1]
+    for name, value in headers:
         n = name.lower()
         if n == b"host":
             s.host = _latin(value)
@@ -145,12 +134,12 @@ def scan(headers: Sequence[tuple[bytes, bytes]], stage_l: bytes, user_l: bytes) 
             kept.append((b"Host", value))
         elif n == b"cookie":
             cookies = _add(cookies, _latin(value))
-            kept.append(hv)
+            kept.append((name, value))
         elif n == stage_l:
             s.stage = _latin(value).strip()
         elif n == user_l:
             s.user = _latin(value).strip() or None
-            kept.append(hv)
+            kept.append((name, value))
         elif n in _REWRITTEN:
             if n == b"traceparent":
                 tp = _add(tp, _latin(value))
@@ -179,7 +168,7 @@ def scan(headers: Sequence[tuple[bytes, bytes]], stage_l: bytes, user_l: bytes) 
             elif n == b"upgrade":
                 s.upgrade = value
         else:
-            kept.append(hv)
+            kept.append((name, value))
     if tp is not None:
         s.traceparent = tp
     if ts is not None:
@@ -221,12 +210,6 @@ def set_authority(s: Scanned, authority: bytes) -> None:
     s.kept = kept
 
 
-# Client address -> its bytes for X-Forwarded-For: a keep-alive client (or a
-# proxy in front) sends many requests from one address; cleared when full.
-_IP_CACHE: Final[dict[str, bytes]] = {}
-_IP_CACHE_MAX: Final = 4096
-
-
 def upstream_headers(
     s: Scanned,
     *,
@@ -242,12 +225,7 @@ def upstream_headers(
     (configured stage header, release) field, built once per snapshot.
     """
     out = s.kept
-    ip = _IP_CACHE.get(client_ip)
-    if ip is None:
-        ip = client_ip.encode("latin-1")
-        if len(_IP_CACHE) >= _IP_CACHE_MAX:
-            _IP_CACHE.clear()
-        _IP_CACHE[client_ip] = ip
+    ip = client_ip.encode("latin-1")
     out.append((b"X-Forwarded-For", s.forwarded_for + b", " + ip if s.forwarded_for else ip))
     out.append(_XFP_HTTP if proto == "http" else (b"X-Forwarded-Proto", proto.encode()))
     if s.host_b is not None:
