@@ -88,3 +88,21 @@ async def test_a_stale_call_from_a_bucket_already_taken_is_ignored() -> None:
         await ev.wait()
     assert len(a.fired) == 1 and len(b.fired) == 1
     assert b.fired[0] >= b.when and b.when - now >= 0.2 - RESOLUTION
+
+
+async def test_a_failing_connection_does_not_stop_the_others() -> None:
+    loop = asyncio.get_running_loop()
+    wheel = Wheel(loop)
+
+    class Broken(Conn):
+        def on_tick(self, tick: int) -> None:
+            raise RuntimeError("bug")
+
+    ev = asyncio.Event()
+    now = loop.time()
+    Broken(wheel, asyncio.Event(), 1).arm(now + 0.01)
+    ok = Conn(wheel, ev, 1)
+    ok.arm(now + 0.01)  # the same bucket, after the broken one
+    async with asyncio.timeout(DEADLINE):
+        await ev.wait()
+    assert len(ok.fired) == 1

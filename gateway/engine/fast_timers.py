@@ -13,8 +13,11 @@ Varghese and Lauck (SOSP 1987), as in the Linux kernel's timer wheel.
 from __future__ import annotations
 
 import asyncio
+import logging
 from heapq import heappop, heappush
 from typing import Final, Protocol
+
+log = logging.getLogger(__name__)
 
 RESOLUTION: Final = 0.05  # seconds per tick
 
@@ -85,7 +88,10 @@ class Wheel:
             for obj in b:
                 # It may arm again (another bucket); one that moved while this bucket
                 # waited here (a detached bucket cannot be left) ignores the call.
-                obj.on_tick(t)
+                try:
+                    obj.on_tick(t)
+                except Exception:  # one connection's bug must not stop the others' timers
+                    log.exception("fast engine: a connection's timer failed")
 
     def close(self) -> None:
         if self.handle is not None:
