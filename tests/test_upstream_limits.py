@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from gateway import config as C
 from gateway.app import Gateway
@@ -234,3 +235,22 @@ def test_gateway_check_exits_2_naming_the_field(tmp_path: Path) -> None:
     )
     assert p.returncode == 2, p
     assert "services.user-api.upstream.max_connections" in p.stdout + p.stderr
+
+
+async def test_a_reload_applies_new_limits(engine: str, tmp_path: Path) -> None:
+    f = tmp_path / "gateway.yaml"
+    doc = _doc({"max_connections": 8})
+    doc["state"] = {"store": "memory"}
+    f.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    gw = Gateway(C.load(str(f), env={}), admin=False)
+    await gw.start()
+    try:
+        assert gw.engine.upstream_limits.get("svc") == (8, 1.0)
+        doc["upstream"] = {"max_connections": 2, "queue_timeout": "5s"}
+        doc["services"]["svc"]["upstream"] = {"queue_timeout": "250ms"}
+        f.write_text(yaml.safe_dump(doc), encoding="utf-8")
+        assert gw.control.reload().ok
+        assert gw.engine.upstream_limits.get("svc") == (2, 0.25)
+        assert gw.engine.upstream_limits.default == (2, 5.0)
+    finally:
+        await gw.stop(1.0)
