@@ -131,7 +131,7 @@ class ClientConn:
         # Made at the first byte and dropped after PARSER_IDLE_SECONDS idle: an idle
         # keep-alive connection holds no llhttp parser (~0.85 KiB with its bound methods).
         self.parser: HttpRequestParser | None = None
-        self._begun = False  # llhttp has seen bytes of a message it has not completed
+        self._begun = False  # llhttp may hold bytes of a next message (see data_received)
         self.client_ip = ""
         self.closed = False
         self.close_soon = engine.closing  # no keep-alive: shutdown, upgrade or client EOF
@@ -260,6 +260,9 @@ class ClientConn:
             if p is None:
                 p = self.parser = HttpRequestParser(self)
             p.feed_data(data)
+            # Bytes after a complete message that start no request line yet (a method's
+            # first letters) raise no callback: a chunk ending in LF left none behind.
+            self._begun = data[-1] != 10
         except HttpParserUpgrade as e:
             ex = self._last_ex
             assert ex is not None
@@ -319,9 +322,6 @@ class ClientConn:
         self._t0 = self.loop.time()
         if not self._tick:
             self._arm(self._t0 + self.engine._tick)
-
-    def on_message_begin(self) -> None:
-        self._begun = True
 
     def on_url(self, url: bytes) -> None:
         if self._tstate != S_HEAD:
@@ -414,7 +414,6 @@ class ClientConn:
         self._parsing = None
         self._tstate = S_WAIT
         self._done_in_feed += 1
-        self._begun = False
         if ex is None:
             return
         p = self.parser
