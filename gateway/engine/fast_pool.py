@@ -121,7 +121,7 @@ class Pool:
         key = (fwd.host, fwd.port)
         cap, wait = self.limits.get(fwd.service)
         n = self.open.get(key, 0)
-        if n >= cap or key in self.waiting:
+        if n >= cap:  # (below it, nobody waits: `closed` wakes waiters while there is room)
             self._wait(key, ex, replay, cap, wait)
             return
         self.open[key] = n + 1
