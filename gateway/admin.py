@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from gateway import audit, changes, preview
+from gateway import analysis, audit, changes, preview
 from gateway.config import AdminConfig, AdminToken
 from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, Unauthorized
 from gateway.openapi import build_openapi
@@ -173,7 +173,10 @@ def _percent(share: float) -> float:
 
 
 def service_doc(
-    snap: Snapshot, name: str, rollout: Mapping[str, Any] | None = None
+    snap: Snapshot,
+    name: str,
+    rollout: Mapping[str, Any] | None = None,
+    analysis_block: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One service as operators see it: weights, endpoints, guard, rollout, state version."""
     sv = snap.services[name]
@@ -226,6 +229,8 @@ def service_doc(
             ],
         },
         "rollout": dict(rollout) if rollout is not None else None,
+        # README "Progressive delivery": last results per metric (gateway/analysis.py)
+        "analysis": analysis.view(snap.config.analysis.metrics_for(name), analysis_block),
     }
 
 
@@ -250,7 +255,8 @@ def _service(request: web.Request) -> tuple[Snapshot, ServiceView]:
 def _service_response(gw: Gateway, name: str) -> web.Response:
     snap = gw.holder.current
     return web.json_response(
-        service_doc(snap, name, _rollout_json(gw, name)), headers=_etag(snap.version)
+        service_doc(snap, name, _rollout_json(gw, name), gw.control.analysis_of(name)),
+        headers=_etag(snap.version),
     )
 
 
@@ -260,7 +266,10 @@ async def list_services(request: web.Request) -> web.Response:
         {
             "state_version": snap.version,
             "services": [
-                service_doc(snap, n, _rollout_json(_gw(request), n)) for n in snap.services
+                service_doc(
+                    snap, n, _rollout_json(_gw(request), n), _gw(request).control.analysis_of(n)
+                )
+                for n in snap.services
             ],
         },
         headers=_etag(snap.version),

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import ClientTimeout, web
 
 from gateway import audit
+from gateway.analysis_runner import AnalysisRunner
 from gateway.config import Config, HostPort
 from gateway.control import ControlPlane
 from gateway.discovery import ConsulDiscovery, Pacing, consul_selectors
@@ -150,6 +151,18 @@ class Gateway:
             # (README "Tracing & metrics")
             session_factory=lambda: self.telemetry.client_session(timeout=ClientTimeout(total=5)),
         )
+        # Prometheus analysis (README "Progressive delivery"): in the process that drives rollouts.
+        self.analysis = (
+            AnalysisRunner(
+                self.control,
+                self.metrics,
+                session_factory=lambda: self.telemetry.client_session(
+                    timeout=ClientTimeout(total=None), trust_env=False
+                ),
+            )
+            if admin
+            else None
+        )
         self.handler = ProxyHandler(
             self.holder,
             metrics=self.metrics,
@@ -251,6 +264,8 @@ class Gateway:
             await self.engine.serve(self.sock)
             await self.guardian.start()
             await self.health.start()
+        if self.analysis is not None:
+            await self.analysis.start()
         if self.with_admin:
             from gateway.admin import build_admin_app
 
@@ -290,6 +305,8 @@ class Gateway:
             self.admin_runner = None
         if self.discovery is not None:
             await self.discovery.stop()
+        if self.analysis is not None:
+            await self.analysis.stop()
         await self.control.stop()
         for task in list(self._background):
             await task

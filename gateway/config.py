@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gateway.analysis_config import AnalysisConfig, parse_analysis
 from gateway.config_syntax import (
     consul_address,
     key_path,
@@ -270,6 +271,7 @@ class Config:
     alerts: tuple[AlertTarget, ...] = ()
     rollout: RolloutConfig = RolloutConfig()
     upstream: UpstreamLimits = UpstreamLimits()  # the default for services that set none
+    analysis: AnalysisConfig = AnalysisConfig()  # gateway/analysis_config.py
     source: str = field(default="<memory>", compare=False)
 
 
@@ -846,6 +848,7 @@ def _service(
             "salt",
             "segments",
             "upstream",
+            "analysis",  # gateway/analysis_config.py
         },
         path,
         errs,
@@ -1055,6 +1058,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             "alerts",
             "rollout",
             "upstream",
+            "analysis",
         },
         "",
         errs,
@@ -1150,6 +1154,16 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
     access_log = _bool(m, "access_log", False, "", errs)
     alerts = _alerts(m.get("alerts"), "alerts", errs)
     rollout = _rollout_cfg(m.get("rollout"), errs)
+    svm_raw = m.get("services")
+    analysis = parse_analysis(
+        m.get("analysis"),
+        {
+            str(n): (v.get("analysis") if isinstance(v, Mapping) else None)
+            for n, v in (svm_raw.items() if isinstance(svm_raw, Mapping) else ())
+        },
+        errs.add,
+        env,
+    )
     if errs.items:
         raise ConfigError(errs.items, source)
     return Config(
@@ -1169,6 +1183,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         alerts=alerts,
         rollout=rollout,
         upstream=base_up,
+        analysis=analysis,
         source=source,
     )
 

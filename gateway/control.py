@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gateway import audit, changes, statedoc
+from gateway import analysis, audit, changes, statedoc
 from gateway import config as config_mod
 from gateway import rollout as rollout_mod
 from gateway.config import Config, Endpoint
@@ -255,6 +255,8 @@ class ControlPlane:
         service: str,
         edit: Callable[[ServiceState, Snapshot], ServiceState | None],
         if_match: int | None,
+        *,
+        quiet: bool = False,  # bookkeeping (analysis results): no audit record
     ) -> StateDoc:
         """Validate, CAS-write, then swap; on another writer's change, catch up and retry."""
         store = self.store
@@ -295,7 +297,7 @@ class ControlPlane:
                         self._apply(latest)
                     continue
                 self._apply(stored)
-                if self.on_change is not None:
+                if self.on_change is not None and not quiet:
                     await self.on_change(
                         service, before, stored.services.get(service), stored.version
                     )
@@ -386,6 +388,11 @@ class ControlPlane:
 
         return await self._change(service, edit, if_match)
 
+    def analysis_of(self, service: str) -> Mapping[str, Any] | None:
+        st = self.doc.services.get(service)
+        raw = st.extra.get("analysis") if st is not None else None
+        return raw if isinstance(raw, Mapping) else None
+
     async def advance(self, now: float) -> list[str]:
         """Move every Progressing rollout whose pause has elapsed to its next step."""
         moved = []
@@ -395,15 +402,27 @@ class ControlPlane:
                 continue
             if rollout_mod.tick(r, now) == r or service not in self.config.services:
                 continue
+            required = [
+                m.name for m in self.config.analysis.metrics_for(service) if m.action != "observe"
+            ]
+            gated = bool(required) and r.state == rollout_mod.PROGRESSING
+            if gated and analysis.step_gate(
+                self.analysis_of(service), r.step_started, r.release, required
+            ):
+                continue  # every analysis metric needs a counted success in the step
             svc = self.config.services[service]
             step = "confirm_timeout" if r.state == rollout_mod.CIRCUIT_BREAK else "step"
 
-            def edit(st: ServiceState, snap: Snapshot, svc: Any = svc) -> ServiceState:
+            def edit(
+                st: ServiceState, snap: Snapshot, svc: Any = svc, gated: bool = gated
+            ) -> ServiceState:
                 raw = st.extra.get("rollout")
                 if not isinstance(raw, Mapping):
                     return st
                 cur = rollout_mod.Rollout.from_json(raw)
                 nxt = rollout_mod.tick(cur, now)
+                if gated and nxt.state == rollout_mod.PROGRESSING and nxt.step != cur.step:
+                    nxt = analysis.one_step(cur, now)  # a held step: the next starts now
                 if nxt == cur:
                     return st
                 return self._with_rollout(st, svc, snap.weights.get(svc.name, {}), nxt)
@@ -412,6 +431,12 @@ class ControlPlane:
                 await self._change(service, edit, None)
             moved.append(service)
         return moved
+
+    async def record_analysis(
+        self, service: str, edit: Callable[[ServiceState, Snapshot], ServiceState]
+    ) -> StateDoc:
+        """Store analysis results and its lease (CAS; gateway/analysis_runner.py), unaudited."""
+        return await self._change(service, edit, None, quiet=True)
 
     async def transition(
         self,

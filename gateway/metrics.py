@@ -149,6 +149,27 @@ class Metrics:
             ["service", "segment", "release"],
             registry=r,
         )
+        # Analysis (gateway/analysis_runner.py): set by the process that drives rollouts.
+        self.analysis_value = Gauge(
+            "gateway_analysis_value",
+            "Last value of an analysis metric's query for a release.",
+            ["service", "release", "metric"],
+            registry=r,
+            **gauge_mode,
+        )
+        self.analysis_threshold = Gauge(
+            "gateway_analysis_threshold",
+            "The bound an analysis metric's last value was held to.",
+            ["service", "release", "metric"],
+            registry=r,
+            **gauge_mode,
+        )
+        self.analysis_runs = Counter(
+            "gateway_analysis_runs_total",
+            "Counted analysis evaluations by result (success, failure, inconclusive).",
+            ["service", "release", "metric", "result"],
+            registry=r,
+        )
         self._seg: dict[tuple[str, str, str], Any] = {}
         self._req: dict[tuple[str, str, int], Any] = {}
         self._dur: dict[tuple[str, str], Any] = {}
@@ -229,6 +250,32 @@ class Metrics:
     def set_rollout_state(self, service: str, state: str) -> None:
         for s in ROLLOUT_STATES:
             self.rollout_state.labels(service, s).set(1 if s == state else 0)
+
+    def served(self, service: str, release: str) -> float:
+        """Requests the release has answered so far, over every worker (analysis min_requests).
+
+        Read from the counters, not on the data path: the analysis runner asks
+        once per evaluation.
+        """
+        mp = multiprocess_dir()
+        if mp:
+            reg = CollectorRegistry()
+            prom_mp.MultiProcessCollector(reg, path=mp)  # type: ignore[no-untyped-call]
+            families = reg.collect()
+        else:
+            families = self.requests.collect()
+        total = 0.0
+        for fam in families:
+            if fam.name != "http_requests":
+                continue
+            for s in fam.samples:
+                if (
+                    s.name == "http_requests_total"
+                    and s.labels.get("service") == service
+                    and s.labels.get("release") == release
+                ):
+                    total += s.value
+        return total
 
     def exposition(self) -> bytes:
         """The text format for /metrics: all workers' files in multiprocess mode."""

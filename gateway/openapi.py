@@ -182,6 +182,58 @@ SCHEMAS: dict[str, Any] = {
             "releases": {"type": "object", "additionalProperties": _ref("Release")},
             "guard": _ref("Guard"),
             "rollout": _ref("Rollout"),
+            "analysis": _ref("Analysis"),
+        },
+    },
+    "Analysis": {
+        "type": ["object", "null"],
+        "description": (
+            'Prometheus analysis: config and last results (README "Progressive delivery")'
+        ),
+        "required": ["evaluator", "metrics", "releases"],
+        "properties": {
+            "evaluator": {
+                "type": ["string", "null"],
+                "description": "the replica holding the evaluation lease",
+            },
+            "metrics": {"type": "array", "items": {"type": "object"}},
+            "releases": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "properties": {
+                        "weight_at": {"type": ["number", "null"]},
+                        "metrics": {
+                            "type": "object",
+                            "additionalProperties": _ref("AnalysisRun"),
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "AnalysisRun": {
+        "type": "object",
+        "required": ["value", "threshold", "result", "at", "failed_in_row", "inconclusive_in_row"],
+        "properties": {
+            "action": {"type": "string", "enum": ["rollback", "pause", "observe"]},
+            "value": {"type": ["number", "null"]},
+            "baseline_value": {"type": ["number", "null"]},
+            "threshold": {"type": ["number", "null"]},
+            "result": {
+                "type": ["string", "null"],
+                "enum": ["success", "failure", "inconclusive", None],
+            },
+            "why": {"type": ["string", "null"]},
+            "at": {"type": ["number", "null"]},
+            "counted": {
+                "type": "boolean",
+                "description": "false: started within initial_delay of a weight change",
+            },
+            "failed_in_row": {"type": "integer", "minimum": 0},
+            "inconclusive_in_row": {"type": "integer", "minimum": 0},
+            "success_at": {"type": ["number", "null"]},
+            "last": {"type": "array", "maxItems": 10, "items": {"type": "object"}},
         },
     },
     "ServiceList": {
@@ -207,7 +259,7 @@ SCHEMAS: dict[str, Any] = {
             "reason": {"type": ["string", "null"]},
             "paused_by": {
                 "type": ["string", "null"],
-                "description": "guard: a guard pause rule holds it and lifts it by itself",
+                "description": "guard or analysis: that pause lifts by itself",
             },
             "confirm_by": {
                 "type": ["number", "null"],

@@ -112,8 +112,8 @@ class Rollout:
         if reason is not None and not isinstance(reason, str):
             raise BadRequest("must be null or a string", "reason")
         paused_by = d.get("paused_by")
-        if paused_by not in (None, "guard"):
-            raise BadRequest('must be null or "guard"', "paused_by")
+        if paused_by not in (None, "guard", "analysis"):  # analysis: gateway/analysis_runner.py
+            raise BadRequest('must be null, "guard" or "analysis"', "paused_by")
         confirm_by = d.get("confirm_by")
         if confirm_by is not None and not _finite(confirm_by):
             raise BadRequest(
