@@ -35,6 +35,14 @@ class Runner:
         self._last_metrics: dict[int, dict[str, float] | None] = {}
 
     def server(self, scenario: Scenario, target: str) -> Server:
+        if scenario.tls:
+            from benchmarks import tlsbench
+
+            if target == "nginx":
+                return tlsbench.nginx_ref(self.fleet, scenario.workers)
+            if target == "gateway":
+                return tlsbench.gateway(self.fleet, scenario.workers, scenario.tracing)
+            raise RuntimeError(f"{target} has no TLS configuration in this benchmark")
         if target == "direct":
             return self.fleet.direct()
         if target == "nginx":
@@ -60,7 +68,7 @@ class Runner:
         return path
 
     def _drive(self, probe: Probe, server: Server, duration_s: float) -> tuple[str, int]:
-        url = f"http://127.0.0.1:{server.port}{probe.path}"
+        url = f"{server.scheme}://127.0.0.1:{server.port}{probe.path}"
         argv = pinned(self._tool_argv(probe, url, duration_s), self.layout.clients)
         proc = subprocess.run(
             argv, capture_output=True, text=True, timeout=duration_s + 30, cwd=self.workdir

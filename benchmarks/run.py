@@ -141,7 +141,8 @@ class Session:
         self.broken: dict[tuple[object, ...], str] = {}
 
     def _key(self, scenario: Scenario, target: str) -> tuple[object, ...]:
-        return (target, scenario.workers, scenario.tracing if target == "gateway" else None)
+        tracing = scenario.tracing if target == "gateway" else None
+        return (target, scenario.workers, tracing, scenario.tls)
 
     def _usable(self, cell: Cell) -> str | None:
         scenario, probe, target = cell

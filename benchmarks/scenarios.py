@@ -59,6 +59,7 @@ class Scenario:
     workers: int = 1
     tracing: str = "prop"
     fresh: bool = False  # start the forwarder anew for every run (memory figures)
+    tls: bool = False  # the forwarders terminate HTTPS (benchmarks/tlsbench.py)
 
     @property
     def group_key(self) -> str:
@@ -108,6 +109,13 @@ SCENARIOS: dict[str, Scenario] = {
             "gateway --workers 2 vs nginx worker_processes 2 vs haproxy nbthread 2",
             _C50,
             workers=2,
+        ),
+        Scenario(
+            "tls_c50_1k",
+            "HTTPS to the forwarder (one certificate for both), 50 keep-alive connections, 1 KiB",
+            _C50,
+            targets=("nginx", "gateway"),
+            tls=True,
         ),
         Scenario(
             "idle10k",

@@ -67,6 +67,7 @@ class Server:
     port: int
     proc: Proc
     admin_port: int | None = None
+    scheme: str = "http"  # https: the TLS scenario (benchmarks/tlsbench.py)
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ def site_port(site: web.BaseSite) -> int:
 
 
 def make_engine(config: Config, handler: ProxyHandler) -> Any:
+    tls = config.tls.context if config.tls is not None else None  # README "TLS"
     if config.engine == "fast":
         try:
             from gateway.engine.fast import FastEngine  # type: ignore[import-not-found,unused-ignore]
@@ -79,9 +80,13 @@ def make_engine(config: Config, handler: ProxyHandler) -> Any:
                 body_timeout=t.body,
                 body_min_rate=t.body_min_rate,
                 upstream_idle_timeout=t.upstream_idle,
+                tls=tls,
             )
     return AiohttpEngine(
-        handler, timeouts=config.timeouts, upstream_limits=Limits(*engine_limits(config))
+        handler,
+        timeouts=config.timeouts,
+        tls=tls,
+        upstream_limits=Limits(*engine_limits(config)),
     )
 
 
@@ -187,6 +192,7 @@ class Gateway:
         self.control.reload_listeners.append(
             lambda: self.engine.upstream_limits.set(*engine_limits(self.control.config))
         )
+        self.control.reload_listeners.append(self._reload_tls)
         self.with_admin = admin
         self.with_data = data
         self.draining = False
@@ -221,6 +227,15 @@ class Gateway:
         )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _reload_tls(self) -> None:
+        """A reload read the certificate files again: new connections get them (README "TLS")."""
+        new = self.control.config.tls
+        if (new is None) != (self.config.tls is None):
+            log.warning("reload: tls: turning HTTPS on or off takes effect on restart")
+        elif new is not None and new.context is not None:
+            self.engine.set_tls(new.context)
+            log.info("reload: tls: new connections use %s", new.cert)
 
     def is_ready(self) -> bool:
         """Ready while no release with weight > 0 lacks endpoints (gateway/readiness.py)."""

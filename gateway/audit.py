@@ -229,12 +229,15 @@ class ConsulAudit:
         self.url = f"{cfg.address.rstrip('/')}/v1/kv/{cfg.kv_prefix.strip('/')}/audit"
         self.headers = {"X-Consul-Token": cfg.token} if cfg.token else {}
         self.retries = retries
+        self.tls = cfg.tls  # Consul over TLS (README "TLS")
         self._session: aiohttp.ClientSession | None = None
 
     def _s(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=10), trust_env=False
+                timeout=aiohttp.ClientTimeout(total=10),
+                trust_env=False,
+                connector=aiohttp.TCPConnector(ssl=self.tls if self.tls is not None else True),
             )
         return self._session
 

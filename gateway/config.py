@@ -12,6 +12,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +37,14 @@ from gateway.retry import BUDGET_MIN, BUDGET_RATIO, DEFAULT_RETRIES, MAX_RETRIES
 from gateway.segments import SegmentSet
 from gateway.segments_config import parse_segments
 from gateway.statedoc import is_number, weight_problem
+from gateway.tls_config import (
+    ContextCache,
+    ListenerTLS,
+    UpstreamTLS,
+    consul_tls,
+    parse_listener_tls,
+    with_upstream_tls,
+)
 from gateway.upstream_config import UpstreamLimits, parse_upstream_limits
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
@@ -93,6 +102,7 @@ class Endpoint:
     host: str
     port: int
     weight: int = 1
+    tls: bool = False  # https:// (README "TLS")
 
     @property
     def address(self) -> str:
@@ -135,6 +145,7 @@ class ReleaseConfig:
     baggage: tuple[tuple[str, str], ...] = ()
     health_check: HealthCheckConfig | None = None
     outlier: OutlierConfig = OutlierConfig()
+    upstream_tls: UpstreamTLS | None = None  # effective, for https:// endpoints (tls_config.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +223,7 @@ class ServiceConfig:
     guard: GuardConfig = GuardConfig()
     segments: SegmentSet | None = None  # user segments, in order (gateway/segments.py)
     upstream: UpstreamLimits = UpstreamLimits()  # connection cap per endpoint (upstream_config.py)
+    upstream_tls: UpstreamTLS | None = None  # as written; releases hold the effective one
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +263,8 @@ class ConsulConfig:
     # Discovery's request pacing per watch (README.md, "Consul discovery").
     watch_rate: float = 2.0  # requests per second once the burst is spent
     watch_burst: float = 4.0
+    # From the Consul CLI's TLS variables (gateway/tls_config.py); None: aiohttp's defaults.
+    tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +285,7 @@ class Config:
     alerts: tuple[AlertTarget, ...] = ()
     rollout: RolloutConfig = RolloutConfig()
     upstream: UpstreamLimits = UpstreamLimits()  # the default for services that set none
+    tls: ListenerTLS | None = None  # the data listener speaks HTTPS (README "TLS")
     analysis: AnalysisConfig = AnalysisConfig()  # gateway/analysis_config.py
     source: str = field(default="<memory>", compare=False)
 
@@ -449,7 +464,7 @@ def _upstream(value: object, path: str, errs: _Errors) -> Endpoint | None:
     if problem is not None:
         errs.add(path, problem)
         return None
-    return Endpoint(host, port, weight)
+    return Endpoint(host, port, weight, url.startswith("https://"))
 
 
 def _timeouts(
@@ -674,7 +689,12 @@ def read_tokens_file(path: str, errs: _Errors) -> tuple[AdminToken, ...]:
 
 def _release(name: str, v: object, path: str, errs: _Errors) -> ReleaseConfig:
     m = _mapping(v, path, errs)
-    _unknown(m, {"weight", "upstreams", "consul", "baggage", "health_check", "outlier"}, path, errs)
+    _unknown(
+        m,
+        {"weight", "upstreams", "consul", "baggage", "health_check", "outlier", "upstream_tls"},
+        path,
+        errs,
+    )
     if not _NAME_RE.match(name):
         errs.add(path, "release name must be letters, digits, '.', '_' or '-'")
     weight = 0.0
@@ -848,6 +868,7 @@ def _service(
             "salt",
             "segments",
             "upstream",
+            "upstream_tls",
             "analysis",  # gateway/analysis_config.py
         },
         path,
@@ -1058,6 +1079,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             "alerts",
             "rollout",
             "upstream",
+            "tls",
             "analysis",
         },
         "",
@@ -1110,14 +1132,19 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         "consul",
         errs,
     )
+    consul_url, consul_ssl = consul_tls(_consul_address(cm, env, errs), env, errs.add)
     consul = ConsulConfig(
-        address=_consul_address(cm, env, errs),
+        address=consul_url,
         kv_prefix=_string(cm, "kv_prefix", ConsulConfig().kv_prefix, "consul", errs),
         token=env.get("CONSUL_HTTP_TOKEN") or cm.get("token"),
         poll_wait=_duration(cm, "poll_wait", 30.0, "consul", errs, positive=True),
         watch_rate=_bounded(cm, "watch_rate", ConsulConfig().watch_rate, "consul", errs, 0.01, 100),
         watch_burst=_bounded(cm, "watch_burst", ConsulConfig().watch_burst, "consul", errs, 1, 100),
+        tls=consul_ssl,
     )
+    base_dir = Path(source).parent if source != "<memory>" else Path.cwd()
+    listener_tls = parse_listener_tls(m.get("tls"), errs.add, base_dir)
+    tls_cache = ContextCache()
     base_t = _timeouts(m.get("timeouts"), "timeouts", errs, Timeouts(), top=True)
     base_retries = _retries(m, "", errs, DEFAULT_RETRIES)
     base_up = parse_upstream_limits(
@@ -1148,6 +1175,10 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
                     sup, f"{spath}.upstream", errs.add, base_up, parse_duration
                 ),
             )
+            if isinstance(v, Mapping):
+                services[str(name)] = with_upstream_tls(
+                    services[str(name)], v, spath, errs.add, base_dir, tls_cache
+                )
         _match_collisions(services, errs)
     routing = _routing(m.get("routing"), errs)
     drain = _duration(m, "drain_timeout", 30.0, "", errs, positive=True)
@@ -1183,6 +1214,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         alerts=alerts,
         rollout=rollout,
         upstream=base_up,
+        tls=listener_tls,
         analysis=analysis,
         source=source,
     )

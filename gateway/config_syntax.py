@@ -179,11 +179,14 @@ def _split_url(value: str, schemes: tuple[str, ...]) -> tuple[SplitResult | None
 
 
 def upstream_url(value: str) -> tuple[str, int, str | None]:
-    """'http://host:port' (or 'host:port') -> (host, port, problem or None); plain HTTP only."""
-    parts, problem = _split_url(value, ("http",))
+    """'http(s)://host:port' (or 'host:port') -> (host, port, problem or None).
+
+    https:// is TLS to the upstream (README "TLS"), port 443 unless given.
+    """
+    parts, problem = _split_url(value, ("http", "https"))
     if parts is None:
-        return "", 0, f"not an http://host:port URL: {problem}"
-    return str(parts.hostname), parts.port or 80, None
+        return "", 0, f"not an http(s)://host:port URL: {problem}"
+    return str(parts.hostname), parts.port or (443 if parts.scheme == "https" else 80), None
 
 
 def consul_address(value: str) -> tuple[str, str | None]:

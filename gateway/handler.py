@@ -27,6 +27,7 @@ from gateway.retry import RetryBudget, may_retry
 from gateway.routing import REASON_FALLBACK, choose_release, cookie_value
 from gateway.state import SnapshotHolder, live_releases
 from gateway.tally import Tally
+from gateway.tls_config import UpstreamTLS
 
 log = logging.getLogger("gateway.access")
 errlog = logging.getLogger("gateway.handler")
@@ -310,6 +311,7 @@ class ProxyHandler:
         on_done = _Done(self, slot, pool, start, self.tally(service, release), span_done)
         on_done.key = dec.key
         on_done.retries = sv.cfg.retries
+        on_done.tls = rv.tls
         if self.access_log:
             on_done.log_fields = {
                 "trace_id": trace_id,
@@ -336,6 +338,7 @@ class ProxyHandler:
             target=fwd_target,
             total_timeout=t.total or 0.0,
             retry=on_done if on_done.retries and len(pool) > 1 else None,
+            tls=rv.tls if slot.endpoint.tls else None,
         )
 
     def finished(self, t: Tally, status: int, elapsed: float, error: str | None) -> None:
@@ -356,6 +359,8 @@ class ProxyHandler:
             "protocol": "upstream sent an invalid response",
             "limit": "upstream connection limit",
         }.get(kind, "upstream failed")
+        if kind == "tls":
+            msg = f"upstream TLS error: {fwd.detail or 'handshake failed'}"
         status = status or upstream_status(kind)
         rid = ""
         for n, v in fwd.response_headers:
@@ -399,6 +404,7 @@ class _Done:
         "key",
         "retries",
         "retrying",
+        "tls",
     )
 
     def __init__(
@@ -420,6 +426,7 @@ class _Done:
         self.key: str | None = None  # the sticky key, for the hash balancer's next choice
         self.retries = 0  # failover attempts allowed after the first (config `retries`)
         self.retrying: _Retrying | None = None  # made on the first retry only
+        self.tls: UpstreamTLS | None = None  # the release's, for its https:// endpoints
 
     def again(self, fwd: Forward, kind: str) -> bool:
         """engine.api.Retry: point `fwd` at another live endpoint of the release, if allowed.
@@ -458,6 +465,7 @@ class _Done:
         self.slot = nxt
         fwd.host = nxt.host
         fwd.port = nxt.port
+        fwd.tls = self.tls if nxt.endpoint.tls else None
         if h.metrics is not None:
             h.metrics.retried(fwd.service, fwd.release, kind)
         if self.log_fields is not None:
@@ -479,7 +487,7 @@ class _Done:
                 self.pool.server_error(slot, end)  # outlier ejection (balancer.Pool)
             elif slot.fails or slot.errors:
                 slot.succeeded()
-        elif error == "connect" or error == "timeout":
+        elif error == "connect" or error == "timeout" or error == "tls":
             self.pool.eject(slot, end)
         h.finished(self.tally, status, elapsed, error)
         if self.span_done is not None:

@@ -24,6 +24,7 @@ import aiohttp
 
 from gateway.config import HealthCheckConfig
 from gateway.state import Snapshot, SnapshotHolder
+from gateway.tls_config import UpstreamTLS
 
 log = logging.getLogger("gateway.health")
 
@@ -35,6 +36,7 @@ class _Target:
     host: str
     port: int
     cfg: HealthCheckConfig
+    tls: UpstreamTLS | None = None  # an https:// endpoint is checked over TLS (README "TLS")
 
 
 def _session() -> aiohttp.ClientSession:
@@ -101,7 +103,8 @@ class HealthChecker:
                 if hc is None:
                     continue
                 for s in rv.pool.slots:
-                    out[(name, rel, s.endpoint.address)] = _Target(s.host, s.port, hc)
+                    tls = rv.tls if s.endpoint.tls else None
+                    out[(name, rel, s.endpoint.address)] = _Target(s.host, s.port, hc, tls)
         return out
 
     def _reconcile(self, snap: Snapshot) -> None:
@@ -131,11 +134,16 @@ class HealthChecker:
         """One check: any 2xx or 3xx answer within the timeout passes."""
         assert self._session is not None
         host = f"[{t.host}]" if ":" in t.host else t.host
-        url = f"http://{host}:{t.port}{t.cfg.path}"
+        tls = t.tls
+        url = f"{'https' if tls else 'http'}://{host}:{t.port}{t.cfg.path}"
         try:
             async with asyncio.timeout(t.cfg.timeout):
                 async with self._session.get(
-                    url, allow_redirects=False, headers={"User-Agent": "gray-gateway-health"}
+                    url,
+                    allow_redirects=False,
+                    headers={"User-Agent": "gray-gateway-health"},
+                    ssl=tls.context if tls is not None and tls.context is not None else True,
+                    server_hostname=tls.server_name if tls is not None else None,
                 ) as r:
                     await r.read()
                     return 200 <= r.status < 400

@@ -114,7 +114,7 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "gateway_upstream_errors_total",
-            "Upstream failures by kind (connect, reset, timeout, protocol).",
+            "Upstream failures by kind (connect, reset, timeout, protocol, tls).",
             ["service", "release", "kind"],
             registry=r,
         )

@@ -17,6 +17,7 @@ from gateway.balancer import Pool, SlotRegistry
 from gateway.config import Config, Endpoint, GuardConfig, ServiceConfig
 from gateway.propagation import build_baggage
 from gateway.routing import ServiceMatcher, TrustPolicy, WeightTable
+from gateway.tls_config import UpstreamTLS
 
 EndpointMap = Mapping[tuple[str, str], tuple[Endpoint, ...]]
 
@@ -32,6 +33,7 @@ class ReleaseView:
     extra_baggage: tuple[tuple[str, str], ...]  # release.stage + the extras, in order
     stage_h: tuple[bytes, bytes]  # (configured stage header, name): to the upstream and client
     baggage_h: tuple[bytes, bytes]  # the whole baggage field when the client sent none
+    tls: UpstreamTLS | None = None  # for its https:// endpoints (gateway/tls_config.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +157,7 @@ def build_snapshot(
                 extra_baggage=(extra := (("release.stage", r.name), *r.baggage)),
                 stage_h=(stage_name_b, r.name.encode()),
                 baggage_h=(b"baggage", (build_baggage((), extra) or "").encode("latin-1")),
+                tls=r.upstream_tls,
             )
         guard = s.guard
         go = (guard_overrides or {}).get(s.name)

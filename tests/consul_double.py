@@ -23,6 +23,7 @@ import contextlib
 import json
 import random
 import re
+import ssl
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -467,6 +468,7 @@ class ConsulDouble:
         self._ttl_timers: dict[str, asyncio.TimerHandle] = {}
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.ssl_context: ssl.SSLContext | None = None  # set before start(): served over HTTPS
         self.add_node(node, node_address)
         self._add_check(_Check("serfHealth", node, "Serf Health Status", "passing"))
         self._commit(node_level=node)
@@ -474,7 +476,8 @@ class ConsulDouble:
     # ------------------------------------------------------------------ lifecycle
     @property
     def address(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def node_address(self) -> str:
@@ -488,7 +491,9 @@ class ConsulDouble:
             app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5
         )
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)
+        site = web.TCPSite(
+            runner, "127.0.0.1", self.port, reuse_address=True, ssl_context=self.ssl_context
+        )
         await site.start()
         server = site._server
         assert server is not None

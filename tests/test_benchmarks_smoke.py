@@ -89,7 +89,7 @@ Error distribution:
 
 def test_modules_import_and_scenarios_are_complete() -> None:
     expected = {"c50_1k", "c50_100k", "c1000_1k", "rate5k", "trace_off", "trace_prop"}
-    expected |= {"trace_sampled", "workers2", "idle10k"}
+    expected |= {"trace_sampled", "workers2", "idle10k", "tls_c50_1k"}
     assert set(scenarios.SCENARIOS) == expected
     assert set(scenarios.QUICK) <= expected
     assert all(callable(f) for f in (run.main, measure.Runner, idle.measure_idle))

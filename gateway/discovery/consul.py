@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -73,7 +74,8 @@ def endpoint_of(entry: object) -> Endpoint | None:
     """One health entry -> Endpoint, or None when it is unusable or not entirely passing.
 
     Why each rule: an empty Service.Address means the node's address, Weights may be
-    missing (default 1), and `passing` means every check, node checks included (§3).
+    missing (default 1), `passing` means every check, node checks included (§3), and
+    Service.Meta `scheme: https` marks an instance that speaks TLS (README "TLS").
     Parsing is tolerant (`.get` with defaults) because field sets vary by version (§8).
     """
     if not isinstance(entry, Mapping):
@@ -95,7 +97,10 @@ def endpoint_of(entry: object) -> Endpoint | None:
     weights = svc.get("Weights")
     w = weights.get("Passing") if isinstance(weights, Mapping) else None
     weight = w if isinstance(w, int) and not isinstance(w, bool) and w >= 1 else 1
-    return Endpoint(host.strip("[]"), port, weight)
+    # README "TLS": an instance registered with Meta {"scheme": "https"} speaks TLS.
+    meta = svc.get("Meta")
+    tls = isinstance(meta, Mapping) and meta.get("scheme") == "https"
+    return Endpoint(host.strip("[]"), port, weight, tls)
 
 
 def parse_health(body: bytes) -> tuple[tuple[Endpoint, ...], int]:
@@ -202,6 +207,8 @@ class ConsulDiscovery:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._headers = {"X-Consul-Token": consul_cfg.token} if consul_cfg.token else {}
+        # Consul over TLS (README "TLS"): the context from CONSUL_CACERT & co., else the defaults.
+        self._ssl: ssl.SSLContext | bool = consul_cfg.tls if consul_cfg.tls is not None else True
         self._session: aiohttp.ClientSession | None = None
         self._watches: dict[WatchKey, _Watch] = {}
         self._published: EndpointSets | None = None
@@ -321,7 +328,7 @@ class ConsulDiscovery:
         )
         try:
             async with self._session.get(
-                url, params=params, headers=self._headers, timeout=timeout
+                url, params=params, headers=self._headers, timeout=timeout, ssl=self._ssl
             ) as resp:
                 body = await resp.read()
                 if resp.status != 200:

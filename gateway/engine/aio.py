@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -27,6 +28,7 @@ from gateway.engine.api import (
     ERR_PROTOCOL,
     ERR_RESET,
     ERR_TIMEOUT,
+    ERR_TLS,
     Forward,
     Handler,
     Limits,
@@ -35,6 +37,7 @@ from gateway.engine.api import (
 )
 from gateway.engine.fast_wire import IDEMPOTENT, REPLAY_CAP
 from gateway.headers import strip_response_hop_by_hop
+from gateway.tls import describe
 
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -96,8 +99,15 @@ class AiohttpEngine:
         *,
         timeouts: Timeouts | None = None,
         upstream_limits: Limits | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.handler = handler
+        # HTTPS listener (README "TLS"): the server keeps its first context; an SNI
+        # callback hands each new handshake the current one, so set_tls needs no restart.
+        self.tls = tls
+        self.scheme = "https" if tls is not None else "http"
+        if tls is not None:
+            tls.sni_callback = self._current_tls
         # aiohttp's server has no request-head timeout; the others apply here too.
         self.timeouts = timeouts or Timeouts()
         # upstream.max_connections: aiohttp's connector caps connections per host
@@ -131,8 +141,16 @@ class AiohttpEngine:
         )
         self._runner = web.ServerRunner(server, handle_signals=False, access_log=None)
         await self._runner.setup()
-        self._site = web.SockSite(self._runner, sock)
+        self._site = web.SockSite(self._runner, sock, ssl_context=self.tls)
         await self._site.start()
+
+    def set_tls(self, ctx: ssl.SSLContext) -> None:
+        """New certificate files (reload): used by handshakes from now on."""
+        self.tls = ctx
+
+    def _current_tls(self, conn: ssl.SSLObject, name: str | None, first: ssl.SSLContext) -> None:
+        if self.tls is not None and self.tls is not first:
+            conn.context = self.tls
 
     async def shutdown(self, drain_timeout: float) -> None:
         if self._site is not None:
@@ -154,6 +172,7 @@ class AiohttpEngine:
             headers=list(request.raw_headers),
             client_ip=request.remote or "",
             http_version=f"{v.major}.{v.minor}",
+            scheme=self.scheme,
         )
         res = self.handler.handle(head)
         if isinstance(res, Respond):
@@ -256,7 +275,9 @@ class AiohttpEngine:
         try:
             async with asyncio.timeout_at(when):  # timeouts.total: every attempt included
                 while True:
-                    url = URL(f"http://{fwd.host}:{fwd.port}{target}", encoded=True)
+                    tls = fwd.tls
+                    scheme = "https" if tls is not None else "http"
+                    url = URL(f"{scheme}://{fwd.host}:{fwd.port}{target}", encoded=True)
                     data: bytes | AsyncIterator[bytes] | None = body
                     if body is None and has_body:
                         data = progressing_body(request.content, t.body, t.body_min_rate)
@@ -268,8 +289,14 @@ class AiohttpEngine:
                             data=data,
                             allow_redirects=False,
                             timeout=timeout,
+                            ssl=tls.context if tls is not None and tls.context else True,
+                            server_hostname=tls.server_name if tls is not None else None,
                         )
                         break
+                    except aiohttp.ClientSSLError as e:
+                        fwd.detail = describe(e.__cause__ or e)
+                        reported = True
+                        return self._fail(fwd, 502, ERR_TLS)
                     except aiohttp.ClientConnectorError:
                         kind, code, sent = ERR_CONNECT, 502, False
                     except aiohttp.ConnectionTimeoutError:
@@ -342,7 +369,9 @@ class AiohttpEngine:
     async def _websocket(self, request: web.BaseRequest, fwd: Forward) -> web.StreamResponse:
         assert self._session is not None
         target = request.raw_path if fwd.target is None else fwd.target.decode("latin-1")
-        url = URL(f"http://{fwd.host}:{fwd.port}{target}", encoded=True)
+        tls = fwd.tls
+        scheme = "https" if tls is not None else "http"
+        url = URL(f"{scheme}://{fwd.host}:{fwd.port}{target}", encoded=True)
         skip = {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "host"}
         headers = {k.decode(): v.decode() for k, v in fwd.headers if k.lower().decode() not in skip}
         protocols = [
@@ -356,7 +385,12 @@ class AiohttpEngine:
                 headers=headers,
                 protocols=protocols,
                 timeout=aiohttp.ClientWSTimeout(ws_close=fwd.read_timeout),
+                ssl=tls.context if tls is not None and tls.context else True,
+                server_hostname=tls.server_name if tls is not None else None,
             )
+        except aiohttp.ClientSSLError as e:
+            fwd.detail = describe(e.__cause__ or e)
+            return self._fail(fwd, 502, ERR_TLS)
         except aiohttp.ClientConnectorError:
             return self._fail(fwd, 502, ERR_CONNECT)
         except aiohttp.ClientError:

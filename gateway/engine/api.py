@@ -9,7 +9,10 @@ exchange is over. Nothing here imports asyncio or aiohttp.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
+
+if TYPE_CHECKING:
+    from gateway.tls_config import UpstreamTLS
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -65,6 +68,7 @@ ERR_TIMEOUT: Final = "timeout"  # connect/read timeout -> 504
 ERR_PROTOCOL: Final = "protocol"  # upstream sent an unparsable response -> 502
 ERR_CLIENT: Final = "client_abort"  # client went away; nothing to answer
 ERR_LIMIT: Final = "limit"  # the endpoint stayed at upstream.max_connections -> 503
+ERR_TLS: Final = "tls"  # the upstream's TLS handshake failed (certificate...) -> 502
 
 
 class Limits:
@@ -123,6 +127,8 @@ class Forward:
         "target",
         "total_timeout",
         "retry",
+        "tls",
+        "detail",
     )
 
     def __init__(
@@ -143,6 +149,8 @@ class Forward:
         total_timeout: float = 0.0,
         # Asked after an attempt that may be repeated failed (README "Failover"); None = never.
         retry: Retry | None = None,
+        # https:// endpoint: the client context and SNI (README "TLS"); None = plain HTTP.
+        tls: UpstreamTLS | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -156,6 +164,9 @@ class Forward:
         self.target = target
         self.total_timeout = total_timeout
         self.retry = retry
+        self.tls = tls
+        # What the engine learnt about a failure, for the error body (the TLS error).
+        self.detail: str | None = None
 
     def __repr__(self) -> str:
         return f"Forward({self.host!r}, {self.port}, {self.service!r}, {self.release!r})"

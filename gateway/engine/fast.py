@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from typing import cast
 
 from gateway.engine.api import Handler, Limits
@@ -45,8 +46,12 @@ class FastEngine:
         upstream_pool_per_host: int = 256,
         upstream_idle_timeout: float = 60.0,
         upstream_limits: Limits | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.handler = handler
+        # HTTPS listener (README "TLS"): the context new connections get; set_tls swaps it.
+        self.tls = tls
+        self.scheme = "https" if tls is not None else "http"  # X-Forwarded-Proto
         self.max_header_bytes = max_header_bytes
         self.max_target_bytes = max_target_bytes
         self.keepalive_timeout = keepalive_timeout
@@ -84,7 +89,18 @@ class FastEngine:
         )
         sock.listen(4096)  # a deep accept queue for connection bursts (capped by somaxconn)
         self._server = Acceptor(loop, sock, self._protocol)
+        self._server.tls = self.tls
+        self._server.tls_timeout = self.header_timeout
         self._server.start()
+
+    def set_tls(self, ctx: ssl.SSLContext) -> None:
+        """New certificate files (reload): connections accepted from now on use `ctx`.
+
+        Open connections keep the session they negotiated (README "TLS").
+        """
+        self.tls = ctx
+        if self._server is not None:
+            self._server.tls = ctx
 
     def _protocol(self) -> asyncio.Protocol:
         # ClientConn is a protocol by duck typing (see its docstring).

@@ -16,6 +16,7 @@ import asyncio
 import errno
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Final
 
@@ -47,6 +48,10 @@ class Acceptor:
         self.closed = False
         self._reading = False
         self._tasks: set[asyncio.Task[object]] = set()
+        # HTTPS (README "TLS"): each accepted socket is wrapped with the context
+        # current at accept time, so a reload's new certificate serves new connections.
+        self.tls: ssl.SSLContext | None = None
+        self.tls_timeout = 30.0  # the handshake, as a request head's header_timeout
 
     def start(self) -> None:
         """Begin accepting (the socket is already bound and listening)."""
@@ -103,7 +108,13 @@ class Acceptor:
     def _adopt(self, conn: socket.socket) -> None:
         conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        task = self.loop.create_task(self.loop.connect_accepted_socket(self.protocol_factory, conn))
+        if self.tls is None:
+            coro = self.loop.connect_accepted_socket(self.protocol_factory, conn)
+        else:
+            coro = self.loop.connect_accepted_socket(
+                self.protocol_factory, conn, ssl=self.tls, ssl_handshake_timeout=self.tls_timeout
+            )
+        task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._adopted)
 
@@ -111,4 +122,9 @@ class Acceptor:
         self._tasks.discard(task)
         exc = None if task.cancelled() else task.exception()
         if exc is not None:
+            if self.tls is not None and isinstance(exc, OSError | TimeoutError):
+                # A client that fails the handshake (no certificate for client_ca,
+                # plain HTTP to the HTTPS port, a scanner) is the client's problem.
+                log.debug("fast engine: TLS handshake with a client failed: %s", exc)
+                return
             log.warning("fast engine: an accepted connection failed: %s", exc)

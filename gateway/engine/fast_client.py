@@ -370,7 +370,7 @@ class ClientConn:
         self._headers = _NO_HEADERS  # an idle connection holds no head, nor an empty list
         ex = Exchange(
             self,
-            RequestHead(method, self._url, headers, self.client_ip, version),
+            RequestHead(method, self._url, headers, self.client_ip, version, self.engine.scheme),
             http11,
             method == b"HEAD",
             p.should_keep_alive(),
@@ -465,7 +465,7 @@ class ClientConn:
             ex.deadline = self.loop.time() + r.total_timeout
         try:
             if ex.upgrade is None:
-                up = self.pool.acquire(r.host, r.port)
+                up = self.pool.acquire(r.host, r.port, r.tls)
                 if up is not None:
                     up.attach(ex, True)
                     return

@@ -16,10 +16,12 @@ from collections import deque
 from functools import partial
 from typing import cast
 
-from gateway.engine.api import ERR_CONNECT, ERR_LIMIT, ERR_PROTOCOL, ERR_TIMEOUT, Limits
+from gateway.engine.api import ERR_CONNECT, ERR_LIMIT, ERR_PROTOCOL, ERR_TIMEOUT, ERR_TLS, Limits
 from gateway.engine.fast_timers import Wheel
 from gateway.engine.fast_upstream import Key, Upstream
 from gateway.engine.fast_wire import Exchange
+from gateway.tls import describe, is_tls_error
+from gateway.tls_config import UpstreamTLS
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +83,13 @@ class Pool:
         # Every timeout of this engine's connections, client and upstream, on one loop timer.
         self.wheel = Wheel(loop)
 
-    def acquire(self, host: str, port: int) -> Upstream | None:
+    def acquire(self, host: str, port: int, tls: UpstreamTLS | None = None) -> Upstream | None:
         idle = self.idle_conns.get((host, port))
         while idle:
             up = idle.popitem()[0]
+            if up.tls is not tls:  # opened plain, or with another TLS config (a reload)
+                up.close()
+                continue
             if not up.closed:
                 return up
         return None
@@ -213,8 +218,11 @@ class Pool:
         q = self.waiting.get(up.key)
         if not q:
             return False
-        if q[0].ex.upgrade is not None:
-            up.close()  # an upgrade needs a connection of its own: this one makes room
+        first = q[0].ex
+        if first.upgrade is not None or first.fwd is None or first.fwd.tls is not up.tls:
+            # An upgrade needs a connection of its own, and one opened plain (or with
+            # another TLS config) is not reused: closing it makes room for a new one.
+            up.close()
             return True
         w = self._next(up.key)
         if w is None:
@@ -241,9 +249,19 @@ class Pool:
         try:
             try:
                 async with asyncio.timeout(limit):
-                    _, proto = await self.loop.create_connection(
-                        partial(_upstream, self, key), fwd.host, fwd.port
-                    )
+                    tls = fwd.tls
+                    if tls is None:
+                        _, proto = await self.loop.create_connection(
+                            partial(_upstream, self, key, None), fwd.host, fwd.port
+                        )
+                    else:  # README "TLS": SNI and the checked name are server_name or the host
+                        _, proto = await self.loop.create_connection(
+                            partial(_upstream, self, key, tls),
+                            fwd.host,
+                            fwd.port,
+                            ssl=tls.context,
+                            server_hostname=tls.server_name or fwd.host,
+                        )
                     up = cast(Upstream, proto)
             finally:
                 self.closed(key)  # the attempt's own count; a made connection counts itself
@@ -253,8 +271,13 @@ class Pool:
         except TimeoutError:
             self._connect_failed(ex, 504, ERR_TIMEOUT, replay, final)
             return
-        except OSError:
-            self._connect_failed(ex, 502, ERR_CONNECT, replay, final)
+        except OSError as e:
+            if is_tls_error(e):
+                # A certificate the context refuses is no network fault: answered, not retried.
+                fwd.detail = describe(e)
+                ex.client.upstream_failed(ex, 502, ERR_TLS)
+            else:
+                self._connect_failed(ex, 502, ERR_CONNECT, replay, final)
             return
         except Exception:  # e.g. a host name IDNA cannot encode: still an answer
             log.exception("fast engine: connecting to %s:%s failed", fwd.host, fwd.port)
@@ -282,7 +305,7 @@ class Pool:
         """
         fwd = ex.fwd
         assert fwd is not None
-        up = self.acquire(fwd.host, fwd.port)
+        up = self.acquire(fwd.host, fwd.port, fwd.tls)
         if up is None:
             self.connect(ex, replay)
             return
@@ -337,6 +360,6 @@ class Pool:
         self.wheel.close()
 
 
-def _upstream(pool: Pool, key: Key) -> asyncio.Protocol:
+def _upstream(pool: Pool, key: Key, tls: UpstreamTLS | None) -> asyncio.Protocol:
     # Upstream is a protocol by duck typing, like ClientConn (native when compiled).
-    return cast(asyncio.Protocol, Upstream(pool, key))
+    return cast(asyncio.Protocol, Upstream(pool, key, tls))

@@ -42,6 +42,7 @@ from gateway.engine.fast_wire import (
 
 if TYPE_CHECKING:
     from gateway.engine.fast_pool import Pool
+    from gateway.tls_config import UpstreamTLS
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +99,14 @@ class Upstream:
         "tw",
         "tunnel",
         "out",
+        "tls",
     )
 
-    def __init__(self, pool: Pool, key: Key) -> None:
+    def __init__(self, pool: Pool, key: Key, tls: UpstreamTLS | None = None) -> None:
         self.pool = pool
         self.loop = pool.loop
         self.key = key
+        self.tls = tls  # what it was opened with: reused only for the same (README "TLS")
         self.transport: asyncio.Transport | None = None
         self.parser = HttpResponseParser(self)
         self.ex: Exchange | None = None

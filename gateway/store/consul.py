@@ -17,6 +17,7 @@ import base64
 import contextlib
 import logging
 import random
+import ssl
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import replace
 from typing import Any
@@ -50,6 +51,8 @@ class ConsulStore:
         self.key = f"{cfg.kv_prefix.strip('/')}/state"
         self.url = f"{cfg.address.rstrip('/')}/v1/kv/{self.key}"
         self.headers = {"X-Consul-Token": cfg.token} if cfg.token else {}
+        # Consul over TLS (README "TLS"): the context from CONSUL_CACERT & co., else the defaults.
+        self.ssl: ssl.SSLContext | bool = cfg.tls if cfg.tls is not None else True
         self.wait = wait
         self._backoff = Backoff(backoff, 30.0, random.Random())
         self._session_factory = session_factory
@@ -94,6 +97,7 @@ class ConsulStore:
             params=params,
             headers=self.headers,
             timeout=aiohttp.ClientTimeout(total=timeout),
+            ssl=self.ssl,
         ) as r:
             idx = int(r.headers.get("X-Consul-Index", "1") or 1)
             if r.status == 404:
@@ -126,6 +130,7 @@ class ConsulStore:
             data=encode(new),
             headers=self.headers,
             timeout=aiohttp.ClientTimeout(total=10),
+            ssl=self.ssl,
         ) as r:
             text = (await r.text()).strip()
             if r.status != 200:

@@ -1,0 +1,69 @@
+"""The benchmark's TLS scenario: nginx and the gateway serve HTTPS with one certificate."""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from benchmarks import nginxconf, scenarios, servers, tlsbench
+from benchmarks.procs import ProcessSet
+from benchmarks.servers import CpuLayout, Fleet
+from tests.programs import need
+
+pytest.importorskip("trustme")
+
+
+def test_tls_scenario_is_c50_keepalive_1k_against_nginx() -> None:
+    s = scenarios.SCENARIOS["tls_c50_1k"]
+    assert s.tls and s.targets == ("nginx", "gateway")
+    assert s.probes == (scenarios.Probe("wrk", 50, "/1k"),)
+
+
+def test_tls_reference_config_passes_nginx_t(tmp_path: Path) -> None:
+    nginx = need("nginx", "nginx -t checks the TLS reference config")
+    cert, key = tlsbench.certificates(tmp_path)
+    prefix = tmp_path / "ref"
+    conf = nginxconf.reference_conf(
+        prefix, 18093, {"stable": 18090, "gray": 18092}, servers.WEIGHTS, nofile=1024
+    )
+    tls = tlsbench.nginx_tls_conf(conf, 18093, cert, key)
+    assert "listen 127.0.0.1:18093 ssl backlog=4096;" in tls and f"ssl_certificate {cert};" in tls
+    nginxconf.prepare_prefix(prefix, tls)
+    argv = nginxconf.nginx_argv(nginx, prefix)[:-2] + ["-t", "-q"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0, out.stderr
+
+
+def _served(port: int) -> tuple[int, bytes, bytes]:
+    """(status, body, the certificate it served) over HTTPS, certificate not checked."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=ctx)
+    try:
+        conn.request("GET", "/1k", headers={"X-User-ID": "u1"})
+        resp = conn.getresponse()
+        body = resp.read()
+        assert conn.sock is not None
+        der = conn.sock.getpeercert(binary_form=True)  # type: ignore[attr-defined]
+        return resp.status, body, der or b""
+    finally:
+        conn.close()
+
+
+def test_nginx_and_the_gateway_serve_the_split_over_tls_with_one_certificate(
+    tmp_path: Path,
+) -> None:
+    nginx = need("nginx", "the TLS scenario's reference")
+    with ProcessSet(tmp_path) as procs:
+        fleet = Fleet(procs, tmp_path, {"nginx": nginx}, CpuLayout(), builtin_upstream=True)
+        ref = tlsbench.nginx_ref(fleet)
+        gw = tlsbench.gateway(fleet)
+        assert ref.scheme == gw.scheme == "https"
+        a, b = _served(ref.port), _served(gw.port)
+        assert a[0] == b[0] == 200 and a[1] == b[1] and len(a[1]) == 1024
+        assert a[2] == b[2] != b""  # the same certificate on both
