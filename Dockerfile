@@ -6,7 +6,14 @@
 # back to pure Python); the runtime image gets only the wheel. The compiled build
 # is what benchmarks/RESULTS.md measures. mypy is pinned as _build/gateway_build.py
 # pins it for `pip install .`.
-FROM python:3.12 AS build
+#
+# The base images are build arguments so the same file builds from local stand-ins
+# where no registry is reachable (tests/test_container.py builds Debian ones with
+# debootstrap); the defaults are the official Python images.
+ARG BUILD_IMAGE=python:3.12
+ARG RUN_IMAGE=python:3.12-slim
+
+FROM ${BUILD_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml setup.py README.md MANIFEST.in ./
@@ -15,7 +22,7 @@ COPY gateway ./gateway
 RUN pip install "mypy==2.4.1" "setuptools>=68" wheel \
  && GATEWAY_COMPILE=1 pip wheel --no-build-isolation --no-deps -w /wheels .
 
-FROM python:3.12-slim
+FROM ${RUN_IMAGE}
 
 ARG VERSION=dev
 ENV GATEWAY_BUILD_VERSION=${VERSION} \
@@ -35,5 +42,5 @@ USER gateway
 WORKDIR /var/lib/gateway
 EXPOSE 8080 9901
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-  CMD python -c "import sys,urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status == 200 else 1)"
+  CMD python3 -c "import sys,urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status == 200 else 1)"
 ENTRYPOINT ["gateway", "run", "-c", "/etc/gateway/gateway.yaml"]

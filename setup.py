@@ -33,6 +33,7 @@ COMPILED = [
     "gateway/engine/fast_upstream.py",
     "gateway/engine/fast_wire.py",
     "gateway/balancer.py",
+    "gateway/decide.py",
     "gateway/guard.py",
     "gateway/handler.py",
     "gateway/headers.py",
@@ -41,6 +42,7 @@ COMPILED = [
     "gateway/routing.py",
     "gateway/segments.py",
     "gateway/tally.py",
+    "gateway/trust.py",
     "gateway/state.py",
 ]
 BUILD_RECORD = "gateway/_build.json"  # read by gateway.version.build_description()

@@ -100,6 +100,7 @@ _AUDIT_ACTIONS = {
     ("DELETE", "/admin/services/{service}/weights"): "weights.clear",
     ("POST", "/admin/weights"): "weights.platform",
     ("POST", "/admin/services/{service}/rollout"): "rollout.start",
+    ("PUT", "/admin/services/{service}/baseline"): "baseline.set",
     ("POST", "/admin/reload"): "reload",
 }
 
@@ -235,8 +236,15 @@ def service_doc(
 
 
 def _rollout_json(gw: Gateway, name: str) -> dict[str, Any] | None:
+    """The rollout status a pipeline waits on (README "Rollouts")."""
     r = gw.control.rollout_of(name)
-    return r.to_json() if r is not None else None
+    if r is None:
+        return None
+    doc = r.to_json()
+    doc["step_started_at"] = (
+        audit.iso(r.step_started) if r.step >= 0 and r.step_started > 0 else None
+    )
+    return doc
 
 
 def _etag(version: int) -> dict[str, str]:
@@ -411,8 +419,30 @@ async def post_rollout(request: web.Request) -> web.Response:
     _, sv = _service(request)
     if_match = changes.parse_if_match(request.headers.get("If-Match"))
     body = changes.parse_json(await request.read())
-    await gw.control.rollout(sv.name, "start", body, if_match, time.time())
+    now = time.time()
+    await gw.control.rollout(
+        sv.name, "start", body, if_match, now, admit=gw.driver.admit(sv.name, now)
+    )
     return _service_response(gw, sv.name)
+
+
+def _promote_full(raw: bytes, query: Mapping[str, str]) -> bool:
+    """`promote` ends the current step; `{"full": true}` (or `?full=true`) all of them."""
+    full: object = query.get("full", "false")
+    if full not in ("true", "false"):
+        raise BadRequest("must be true or false", "full")
+    full = full == "true"
+    if raw.strip():
+        body = changes.parse_json(raw)
+        if not isinstance(body, Mapping):
+            raise BadRequest('body must be a JSON object {"full": true|false}', "body")
+        for k in body:
+            if k != "full":
+                raise BadRequest("unknown field (allowed: full)", str(k))
+        full = body.get("full", full)
+        if not isinstance(full, bool):
+            raise BadRequest("must be true or false", "full")
+    return bool(full)
 
 
 def _rollout_action(action: str) -> _Handler:
@@ -420,11 +450,23 @@ def _rollout_action(action: str) -> _Handler:
         gw = _gw(request)
         _, sv = _service(request)
         if_match = changes.parse_if_match(request.headers.get("If-Match"))
-        await gw.control.rollout(sv.name, action, None, if_match, time.time())
+        act = action
+        if action == "promote" and _promote_full(await request.read(), request.query):
+            act = "promote_full"
+        await gw.control.rollout(sv.name, act, None, if_match, time.time())
         return _service_response(gw, sv.name)
 
     handle.__name__ = f"rollout_{action}"
     return handle
+
+
+async def put_baseline(request: web.Request) -> web.Response:
+    gw = _gw(request)
+    _, sv = _service(request)
+    if_match = changes.parse_if_match(request.headers.get("If-Match"))
+    body = changes.parse_json(await request.read())
+    await gw.control.set_baseline(sv.name, body, if_match)
+    return _service_response(gw, sv.name)
 
 
 # --------------------------------------------------------------------------- audit
@@ -506,6 +548,7 @@ ROUTES: tuple[tuple[str, str, _Handler], ...] = (
     ("POST", "/admin/services/{service}/abort", _rollout_action("abort")),
     ("POST", "/admin/services/{service}/rollout/confirm", _rollout_action("confirm")),
     ("POST", "/admin/services/{service}/rollout/retry", _rollout_action("retry")),
+    ("PUT", "/admin/services/{service}/baseline", put_baseline),
     ("GET", "/admin/audit", get_audit),
     ("POST", "/admin/reload", reload),
     ("GET", "/admin/openapi.json", openapi),

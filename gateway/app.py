@@ -12,11 +12,13 @@ import logging
 import os
 import random
 import socket
+import time
 from typing import Any
 
 from aiohttp import ClientTimeout, web
 
 from gateway import audit
+from gateway.alerts import AlertSender
 from gateway.analysis_runner import AnalysisRunner
 from gateway.config import Config, HostPort
 from gateway.control import ControlPlane
@@ -24,11 +26,13 @@ from gateway.discovery import ConsulDiscovery, Pacing, consul_selectors
 from gateway.discovery.metrics import DiscoveryMetrics
 from gateway.engine.aio import AiohttpEngine
 from gateway.engine.api import Limits
-from gateway.guardian import Guardian
+from gateway.guardian import Guardian, healthy_endpoints
 from gateway.handler import ProxyHandler
 from gateway.healthcheck import HealthChecker
+from gateway.hooks import HookRunner
 from gateway.metrics import Metrics
 from gateway.readiness import unready_releases
+from gateway.rollout_driver import RolloutDriver, default_analysis_gate, served_counter
 from gateway.state import Snapshot, SnapshotHolder, build_snapshot
 from gateway.telemetry import Telemetry
 from gateway.upstream_config import engine_limits
@@ -104,6 +108,7 @@ class Gateway:
         version: str | None = None,
         telemetry: Telemetry | None = None,
         guard_interval: float = 1.0,
+        rollout_interval: float = 1.0,
         consul_pacing: Pacing | None = None,
     ) -> None:
         self.config = config
@@ -181,6 +186,23 @@ class Gateway:
             defer=lambda fn: asyncio.get_running_loop().call_soon(fn),
         )
         self.guardian.flush = self.handler.flush
+        # Rollout driver (README "Rollouts"): in the admin process only, it moves rollouts
+        # through the control plane; hooks and alerts are its own background calls.
+        self.driver = RolloutDriver(
+            self.control,
+            clock=time.time,
+            healthy=self._healthy,
+            served=served_counter(self.metrics, self.handler.flush),
+            breaching=self.guardian.holds.breached,
+            analysis=default_analysis_gate(self.control),
+            hooks=HookRunner(
+                lambda: self.telemetry.client_session(timeout=ClientTimeout(total=None))
+            ),
+            alerts=AlertSender(
+                lambda: self.telemetry.client_session(timeout=ClientTimeout(total=5))
+            ),
+            interval=rollout_interval,
+        )
         # Active health checks and the ejected/returned log, per data-path process.
         self.health = HealthChecker(
             self.holder,
@@ -227,6 +249,10 @@ class Gateway:
         )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _healthy(self, service: str, release: str) -> int:
+        sv = self.holder.current.services.get(service)
+        return 0 if sv is None else healthy_endpoints(sv, release, self.handler.clock())
 
     def _reload_tls(self) -> None:
         """A reload read the certificate files again: new connections get them (README "TLS")."""
@@ -282,6 +308,8 @@ class Gateway:
         if self.analysis is not None:
             await self.analysis.start()
         if self.with_admin:
+            # One process steps rollouts forward: the admin one (single process or master).
+            await self.driver.start()
             from gateway.admin import build_admin_app
 
             app = build_admin_app(self)
@@ -318,6 +346,8 @@ class Gateway:
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
             self.admin_runner = None
+        if self.with_admin:
+            await self.driver.stop()
         if self.discovery is not None:
             await self.discovery.stop()
         if self.analysis is not None:

@@ -1,4 +1,4 @@
-"""Admin client commands: `gateway weights`, `gateway strategy` (README "Admin API").
+"""Admin client commands: `gateway weights|strategy|audit|rollout|preview` (README "Admin API").
 
 Why plain urllib: the client runs once per command, needs no event loop and
 must work from any shell with only the gateway installed. The admin address
@@ -12,8 +12,10 @@ import argparse
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -190,6 +192,188 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- rollout / preview
+
+# `rollout status --watch` exit codes (README "Rollouts"): for CI pipelines.
+WATCH_PROMOTED, WATCH_FAILED, WATCH_TIMEOUT = 0, 1, 2
+_FAILED_STATES = ("CircuitBreak", "RolledBack")
+
+
+def parse_traffic(text: str) -> float:
+    """'15%' or '15' -> 15.0; ValueError naming the problem."""
+    t = text.strip()
+    t = t[:-1] if t.endswith("%") else t
+    try:
+        w = float(t)
+    except ValueError:
+        raise ValueError(f"--traffic {text!r} is not a percentage such as 15%") from None
+    if not 0 <= w <= 100:
+        raise ValueError(f"--traffic {text!r} must be between 0% and 100%")
+    return w
+
+
+def _plan_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The POST .../rollout body from --plan FILE (YAML or JSON) or --traffic N%."""
+    if args.traffic is not None:
+        return {"release": args.release, "steps": [{"weight": parse_traffic(args.traffic)}]}
+    import yaml
+
+    try:
+        text = Path(args.plan).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot read {args.plan}: {e.strerror or e}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{args.plan}: not YAML or JSON: {e}") from None
+    if isinstance(doc, list):
+        doc = {"steps": doc}
+    if not isinstance(doc, dict) or "steps" not in doc:
+        raise ValueError(f"{args.plan}: must hold a list of steps or a mapping with 'steps'")
+    if doc.get("release", args.release) != args.release:
+        raise ValueError(f"{args.plan} names release {doc['release']!r}, not {args.release!r}")
+    return {"release": args.release, "steps": doc["steps"]}
+
+
+def status_line(doc: Mapping[str, Any]) -> str:
+    """One line per rollout change: state, step, weight, reason."""
+    r = doc.get("rollout")
+    if not r:
+        return f"{doc.get('service')}: no rollout"
+    steps = r.get("steps") or []
+    line = (
+        f"{doc.get('service')}: {r.get('release')} {r.get('state')} "
+        f"step {int(r.get('step', -1)) + 1}/{len(steps)} weight {r.get('weight'):g}%"
+    )
+    if r.get("reason"):
+        line += f" ({r['reason']})"
+    return line
+
+
+def watch(
+    base: str,
+    service: str,
+    timeout: float,
+    *,
+    interval: float = 1.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    out: Callable[[str], None] | None = None,
+) -> int:
+    """Print each change until Promoted (0), CircuitBreak/RolledBack (1) or `timeout` (2).
+
+    A gateway that cannot be reached for a moment (a restart) is waited for.
+    """
+    if out is None:
+
+        def out(line: str) -> None:  # each change at once, also into a pipe
+            print(line, flush=True)
+
+    end = clock() + timeout
+    path = f"/admin/services/{quote(service, safe='')}"
+    last = None
+    while True:
+        try:
+            doc = call(base, "GET", path)
+        except AdminError as e:
+            if "cannot reach" not in str(e):
+                print(f"gateway rollout status: {e}", file=sys.stderr)
+                return WATCH_FAILED
+            line = f"{service}: {e}"
+        else:
+            line = status_line(doc)
+            state = (doc.get("rollout") or {}).get("state")
+            if line != last:
+                out(line)
+                last = line
+            if state == "Promoted":
+                return WATCH_PROMOTED
+            if state in _FAILED_STATES:
+                return WATCH_FAILED
+        if line != last:
+            out(line)
+            last = line
+        if clock() >= end:
+            out(f"{service}: timed out after {timeout:g}s")
+            return WATCH_TIMEOUT
+        sleep(min(interval, max(0.0, end - clock())))
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    prog = f"gateway rollout {args.action}"
+    base = admin_url(args)
+    svc = f"/admin/services/{quote(args.service, safe='')}"
+    try:
+        if args.action == "start":
+            if (args.plan is None) == (args.traffic is None):
+                return _fail(prog, "give exactly one of --plan FILE or --traffic N%", 2)
+            if not args.release:
+                return _fail(prog, "--release R is required", 2)
+            try:
+                body = _plan_from(args)
+            except ValueError as e:
+                return _fail(prog, str(e), 2)
+            doc = call(base, "POST", svc + "/rollout", body)
+        elif args.action == "status":
+            if args.watch:
+                from gateway.config import parse_duration
+
+                timeout = parse_duration(args.timeout)
+                if timeout is None:
+                    return _fail(prog, f"--timeout {args.timeout!r} is not a duration (30m)", 2)
+                return watch(base, args.service, timeout, interval=args.interval)
+            doc = call(base, "GET", svc)
+            _print_json({"service": doc["service"], "rollout": doc["rollout"]})
+            return 0
+        else:
+            route = {"confirm": "/rollout/confirm", "retry": "/rollout/retry"}.get(
+                args.action, f"/{args.action}"
+            )
+            full = {"full": True} if args.action == "promote" and args.full else None
+            doc = call(base, "POST", svc + route, full)
+    except AdminError as e:
+        return _fail(prog, str(e))
+    print(status_line(doc))
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    """What a traffic share would move: GET .../preview with the weights it implies."""
+    from urllib.parse import urlencode
+
+    prog = "gateway preview"
+    try:
+        pct = parse_traffic(args.traffic)
+    except ValueError as e:
+        return _fail(prog, str(e), 2)
+    base = admin_url(args)
+    svc = f"/admin/services/{quote(args.service, safe='')}"
+    try:
+        doc = call(base, "GET", svc)
+        baseline = doc["baseline"]
+        current: dict[str, float] = doc["percent"]
+        release = args.release
+        if release is None:
+            others = [r for r in current if r != baseline]
+            if len(others) != 1:
+                return _fail(prog, f"say which release with --release ({', '.join(others)})", 2)
+            release = others[0]
+        if release not in current or release == baseline:
+            names = ", ".join(r for r in current if r != baseline)
+            return _fail(prog, f"--release {release!r} is not a non-baseline release ({names})", 2)
+        weights = {r: w for r, w in current.items() if r not in (baseline, release)}
+        weights[release] = pct
+        weights[baseline] = max(0.0, 100.0 - sum(w for r, w in weights.items() if r != baseline))
+        params = {k: f"{v:g}" for k, v in weights.items()}
+        if args.sample is not None:
+            params["sample"] = str(args.sample)
+        out = call(base, "GET", f"{svc}/preview?{urlencode(params)}")
+    except AdminError as e:
+        return _fail(prog, str(e))
+    _print_json(out)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -240,3 +424,39 @@ def add_commands(sub: Any) -> None:
     a.add_argument("--limit", type=int, default=100, help="at most this many records (1-1000)")
     _admin_arg(a)
     a.set_defaults(func=cmd_audit)
+
+    ro = sub.add_parser(
+        "rollout", help='start, watch and steer a step rollout (admin API, README "Rollouts")'
+    )
+    ro.add_argument(
+        "action",
+        choices=("start", "status", "pause", "resume", "promote", "abort", "confirm", "retry"),
+    )
+    ro.add_argument("service", metavar="SERVICE")
+    ro.add_argument("--release", default=None, help="start: the release to roll out")
+    ro.add_argument("--plan", default=None, metavar="FILE", help="start: YAML/JSON step plan")
+    ro.add_argument(
+        "--traffic", default=None, metavar="N%", help="start: one step at N%% until promote"
+    )
+    ro.add_argument("--full", action="store_true", help="promote: all remaining steps")
+    ro.add_argument(
+        "--watch",
+        action="store_true",
+        help="status: print each change; exit 0 Promoted, 1 CircuitBreak/RolledBack, 2 timeout",
+    )
+    ro.add_argument("--timeout", default="30m", help="status --watch: give up after (30m)")
+    ro.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    _admin_arg(ro)
+    ro.set_defaults(func=cmd_rollout)
+
+    pv = sub.add_parser(
+        "preview", help="what share of users a traffic change would move (admin API)"
+    )
+    pv.add_argument("service", metavar="SERVICE")
+    pv.add_argument("--traffic", required=True, metavar="N%", help="the release's new share")
+    pv.add_argument(
+        "--release", default=None, help="which release (default: the only non-baseline)"
+    )
+    pv.add_argument("--sample", type=int, default=None, help="synthetic keys (default 100,000)")
+    _admin_arg(pv)
+    pv.set_defaults(func=cmd_preview)

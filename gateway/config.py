@@ -34,9 +34,18 @@ from gateway.config_syntax import (
 )
 from gateway.errors import ConfigError
 from gateway.retry import BUDGET_MIN, BUDGET_RATIO, DEFAULT_RETRIES, MAX_RETRIES
+from gateway.rollout_config import RolloutConfig, parse_rollout
 from gateway.segments import SegmentSet
 from gateway.segments_config import parse_segments
 from gateway.statedoc import is_number, weight_problem
+from gateway.steering_config import (
+    DEFAULT_LANES_TRUST,
+    PrivacyConfig,
+    check_services,
+    parse_privacy,
+    parse_release,
+    parse_routing,
+)
 from gateway.tls_config import (
     ContextCache,
     ListenerTLS,
@@ -145,6 +154,8 @@ class ReleaseConfig:
     baggage: tuple[tuple[str, str], ...] = ()
     health_check: HealthCheckConfig | None = None
     outlier: OutlierConfig = OutlierConfig()
+    lanes: tuple[str, ...] = ()  # lanes this release serves (README "Segments and lanes")
+    tag: tuple[tuple[str, str], ...] = ()  # the gray tag: baggage and span `gray.tag`
     upstream_tls: UpstreamTLS | None = None  # effective, for https:// endpoints (tls_config.py)
 
 
@@ -199,11 +210,6 @@ class GuardConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class RolloutConfig:
-    confirm_timeout: float = 1800.0  # CircuitBreak confirms itself after this long
-
-
-@dataclass(frozen=True, slots=True)
 class AdminToken:
     name: str
     token: str
@@ -236,6 +242,13 @@ class RoutingConfig:
     sticky_cookie_max_age: int = 365 * 24 * 3600
     # True: trust every client; False: nobody; tuple: clients in these networks.
     trust_overrides: bool | tuple[Network, ...] = True
+    # Who may steer and how (gateway/steering_config.py, README "Segments and lanes").
+    trusted_proxies: tuple[Network, ...] = ()
+    lanes_trust: tuple[Network, ...] = DEFAULT_LANES_TRUST
+    tag_header: str = "X-Traffic-Tag"
+    tags: tuple[tuple[str, str], ...] = ()  # tag header value -> release
+    lanes: bool = False
+    lane_fallback: str = "baseline"  # baseline | reject
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +298,7 @@ class Config:
     alerts: tuple[AlertTarget, ...] = ()
     rollout: RolloutConfig = RolloutConfig()
     upstream: UpstreamLimits = UpstreamLimits()  # the default for services that set none
+    privacy: PrivacyConfig = PrivacyConfig()
     tls: ListenerTLS | None = None  # the data listener speaks HTTPS (README "TLS")
     analysis: AnalysisConfig = AnalysisConfig()  # gateway/analysis_config.py
     source: str = field(default="<memory>", compare=False)
@@ -638,17 +652,6 @@ def _http_url(url: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
-def _rollout_cfg(v: object, errs: _Errors) -> RolloutConfig:
-    m = _mapping(v, "rollout", errs)
-    _unknown(m, {"confirm_timeout"}, "rollout", errs)
-    d = RolloutConfig()
-    ct = _duration(m, "confirm_timeout", d.confirm_timeout, "rollout", errs)
-    if ct <= 0:
-        errs.add("rollout.confirm_timeout", "must be a duration > 0 such as 30m")
-        ct = d.confirm_timeout
-    return RolloutConfig(confirm_timeout=ct)
-
-
 def read_tokens_file(path: str, errs: _Errors) -> tuple[AdminToken, ...]:
     """`name token [read|write]` per line; `#` comments and blank lines are skipped."""
     f = "admin.tokens_file"
@@ -691,7 +694,17 @@ def _release(name: str, v: object, path: str, errs: _Errors) -> ReleaseConfig:
     m = _mapping(v, path, errs)
     _unknown(
         m,
-        {"weight", "upstreams", "consul", "baggage", "health_check", "outlier", "upstream_tls"},
+        {
+            "weight",
+            "upstreams",
+            "consul",
+            "baggage",
+            "health_check",
+            "outlier",
+            "upstream_tls",
+            "lanes",
+            "tag",
+        },
         path,
         errs,
     )
@@ -744,7 +757,16 @@ def _release(name: str, v: object, path: str, errs: _Errors) -> ReleaseConfig:
                 baggage.append((k, str(bv)))
     hc = _health_check(m.get("health_check"), f"{path}.health_check", errs)
     outlier = _outlier(m.get("outlier"), f"{path}.outlier", errs)
-    return ReleaseConfig(name, weight, tuple(ups), consul, tuple(baggage), hc, outlier)
+    return ReleaseConfig(
+        name,
+        weight,
+        tuple(ups),
+        consul,
+        tuple(baggage),
+        hc,
+        outlier,
+        **parse_release(m, path, errs.add),
+    )
 
 
 def _count(m: Mapping[str, Any], key: str, default: int, path: str, errs: _Errors, lo: int) -> int:
@@ -939,7 +961,7 @@ def _routing(v: object, errs: _Errors) -> RoutingConfig:
     m = _mapping(v, "routing", errs)
     d = RoutingConfig()
     _unknown(m, {f for f in RoutingConfig.__dataclass_fields__}, "routing", errs)
-    names = {}
+    names: dict[str, Any] = {}
     for key in ("stage_header", "stage_cookie", "user_header", "user_cookie"):
         val = _string(m, key, getattr(d, key), "routing", errs)
         if not _HEADER_RE.match(val):
@@ -971,6 +993,7 @@ def _routing(v: object, errs: _Errors) -> RoutingConfig:
         sticky_cookie_max_age=max_age,
         trust_overrides=trust,
         **names,
+        **parse_routing(m, errs.add),
     )
 
 
@@ -1079,6 +1102,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             "alerts",
             "rollout",
             "upstream",
+            "privacy",
             "tls",
             "analysis",
         },
@@ -1184,7 +1208,9 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
     drain = _duration(m, "drain_timeout", 30.0, "", errs, positive=True)
     access_log = _bool(m, "access_log", False, "", errs)
     alerts = _alerts(m.get("alerts"), "alerts", errs)
-    rollout = _rollout_cfg(m.get("rollout"), errs)
+    rollout = parse_rollout(m.get("rollout"), errs.add)
+    privacy = parse_privacy(m.get("privacy"), env, errs.add)
+    check_services(services, routing.tags, errs.add)
     svm_raw = m.get("services")
     analysis = parse_analysis(
         m.get("analysis"),
@@ -1214,6 +1240,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         alerts=alerts,
         rollout=rollout,
         upstream=base_up,
+        privacy=privacy,
         tls=listener_tls,
         analysis=analysis,
         source=source,

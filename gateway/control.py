@@ -18,10 +18,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gateway import analysis, audit, changes, statedoc
+from gateway import changes, statedoc
 from gateway import config as config_mod
 from gateway import rollout as rollout_mod
 from gateway.config import Config, Endpoint
+from gateway.decide import tripped_releases
 from gateway.discovery import merge_endpoints
 from gateway.errors import BadRequest, ConfigError, Conflict, StateError
 from gateway.state import Snapshot, SnapshotHolder, build_snapshot, static_endpoints
@@ -31,7 +32,8 @@ log = logging.getLogger("gateway.control")
 
 _RETRIES = 5
 _ACTIONS: dict[str, Callable[[rollout_mod.Rollout, float], rollout_mod.Rollout]] = {
-    "promote": rollout_mod.promote,
+    "promote": rollout_mod.promote_step,
+    "promote_full": rollout_mod.promote,
     "pause": rollout_mod.pause,
     "resume": rollout_mod.resume,
     "abort": lambda r, now: rollout_mod.abort(r),
@@ -100,6 +102,19 @@ def endpoints_for(
     return static
 
 
+def with_baselines(config: Config, doc: StateDoc) -> Config:
+    """The config with each `PUT .../baseline` applied (stored beside the weights)."""
+    changed = {}
+    for name, st in doc.services.items():
+        b = st.extra.get("baseline")
+        svc = config.services.get(name)
+        if svc is not None and isinstance(b, str) and b in svc.releases and b != svc.baseline:
+            changed[name] = replace(svc, baseline=b)
+    if not changed:
+        return config
+    return replace(config, services={**config.services, **changed})
+
+
 @dataclass(frozen=True, slots=True)
 class ReloadResult:
     ok: bool
@@ -126,8 +141,6 @@ class ControlPlane:
         self._store = store
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
-        self._driver: asyncio.Task[None] | None = None
-        self.rollout_interval = 1.0
         self._warned: set[str] = set()
         self._discovered: EndpointMap | None = None
         self.on_change: ChangeHook | None = None
@@ -157,28 +170,8 @@ class ControlPlane:
         self._apply(doc)
         log.info("state: %s store at version %d", self.config.state.store, doc.version)
         self._watcher = asyncio.create_task(self._watch(self._store), name="gateway-state-watch")
-        if admin:
-            # One process steps rollouts forward: the admin one (single process or master).
-            self._driver = asyncio.create_task(self._drive(), name="gateway-rollouts")
-
-    async def _drive(self) -> None:
-        while True:
-            await asyncio.sleep(self.rollout_interval)
-            try:
-                for service in await self.advance(time.time()):
-                    r = self.rollout_of(service)
-                    log.info("rollout of %s: %s", service, r.to_json() if r else None)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # keep driving: one failed write must not stop rollouts
-                log.exception("rollout step failed; retrying")
 
     async def stop(self) -> None:
-        if self._driver is not None:
-            self._driver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._driver
-            self._driver = None
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -203,13 +196,14 @@ class ControlPlane:
     def _apply(self, doc: StateDoc) -> None:
         self._warn_unknown(doc)
         snap = build_snapshot(
-            self.config,
+            with_baselines(self.config, doc),
             version=doc.version,
             overrides=doc.weights(),
             guard_overrides=doc.guards(),
             endpoints=endpoints_for(self.config, self.holder.current, self._discovered),
             previous=self.holder.current,
             rng=self.rng,
+            tripped=tripped_releases(doc.services),
         )
         changed = doc.version != self.doc.version
         self.doc = doc
@@ -346,18 +340,35 @@ class ControlPlane:
         raw = st.extra.get("rollout") if st is not None else None
         return rollout_mod.Rollout.from_json(raw) if isinstance(raw, Mapping) else None
 
-    @staticmethod
+    def baseline_of(self, service: str) -> str:
+        """The baseline in force: `PUT .../baseline` when stored, else the config's."""
+        st = self.doc.services.get(service)
+        stored = st.extra.get("baseline") if st is not None else None
+        svc = self.config.services[service]
+        return stored if isinstance(stored, str) and stored in svc.releases else svc.baseline
+
     def _with_rollout(
-        st: ServiceState, svc: Any, current: Mapping[str, float], r: rollout_mod.Rollout
+        self, st: ServiceState, svc: Any, current: Mapping[str, float], r: rollout_mod.Rollout
     ) -> ServiceState:
-        weights = rollout_mod.weights_for(r, svc.baseline, list(svc.releases), current)
+        base = st.extra.get("baseline")
+        baseline = base if isinstance(base, str) and base in svc.releases else svc.baseline
+        weights = rollout_mod.weights_for(r, baseline, list(svc.releases), current)
         return replace(st, weights=weights, extra={**st.extra, "rollout": r.to_json()})
 
     async def rollout(
-        self, service: str, action: str, body: object, if_match: int | None, now: float
+        self,
+        service: str,
+        action: str,
+        body: object,
+        if_match: int | None,
+        now: float,
+        *,
+        admit: Callable[[rollout_mod.Rollout], rollout_mod.Rollout] | None = None,
     ) -> StateDoc:
-        """Start a step plan, or promote/pause/resume/abort the current one."""
+        """Start a step plan (Pending, then `admit`: the driver's pre-check), or
+        promote/pause/resume/abort/confirm/retry the current one."""
         svc = self.config.services[service]
+        limits = self.config.rollout
 
         def edit(st: ServiceState, snap: Snapshot) -> ServiceState:
             raw = st.extra.get("rollout")
@@ -371,15 +382,22 @@ class ControlPlane:
                     )
                 if not isinstance(body, Mapping):
                     raise BadRequest("body must be a JSON object {release, steps}", "body")
+                for k in body:
+                    if k not in ("release", "steps"):
+                        raise BadRequest("unknown field (allowed: release, steps)", str(k))
                 r = rollout_mod.parse_plan(body.get("release"), body.get("steps"))
                 if r.release not in svc.releases:
                     raise BadRequest(
                         f"unknown release {r.release!r} (have: {', '.join(svc.releases)})",
                         "release",
                     )
-                if r.release == svc.baseline:
+                base = st.extra.get("baseline")
+                if r.release == (base if isinstance(base, str) else svc.baseline):
                     raise BadRequest("the baseline cannot be rolled out", "release")
-                r = rollout_mod.start(r, now)
+                rollout_mod.check_minimums(r, limits.min_first_pause, limits.min_pause)
+                r = rollout_mod.pending(r, now)
+                if admit is not None:
+                    r = admit(r)
             else:
                 if cur is None:
                     raise Conflict(f"service {service!r} has no rollout", "state")
@@ -393,44 +411,34 @@ class ControlPlane:
         raw = st.extra.get("analysis") if st is not None else None
         return raw if isinstance(raw, Mapping) else None
 
-    async def advance(self, now: float) -> list[str]:
-        """Move every Progressing rollout whose pause has elapsed to its next step."""
-        moved = []
-        for service in list(self.doc.services):
-            r = self.rollout_of(service)
-            if r is None or r.state not in (rollout_mod.PROGRESSING, rollout_mod.CIRCUIT_BREAK):
-                continue
-            if rollout_mod.tick(r, now) == r or service not in self.config.services:
-                continue
-            required = [
-                m.name for m in self.config.analysis.metrics_for(service) if m.action != "observe"
-            ]
-            gated = bool(required) and r.state == rollout_mod.PROGRESSING
-            if gated and analysis.step_gate(
-                self.analysis_of(service), r.step_started, r.release, required
-            ):
-                continue  # every analysis metric needs a counted success in the step
-            svc = self.config.services[service]
-            step = "confirm_timeout" if r.state == rollout_mod.CIRCUIT_BREAK else "step"
+    async def set_baseline(self, service: str, body: object, if_match: int | None) -> StateDoc:
+        """PUT /admin/services/{service}/baseline: after a promotion, name the new baseline."""
+        svc = self.config.services[service]
 
-            def edit(
-                st: ServiceState, snap: Snapshot, svc: Any = svc, gated: bool = gated
-            ) -> ServiceState:
-                raw = st.extra.get("rollout")
-                if not isinstance(raw, Mapping):
-                    return st
-                cur = rollout_mod.Rollout.from_json(raw)
-                nxt = rollout_mod.tick(cur, now)
-                if gated and nxt.state == rollout_mod.PROGRESSING and nxt.step != cur.step:
-                    nxt = analysis.one_step(cur, now)  # a held step: the next starts now
-                if nxt == cur:
-                    return st
-                return self._with_rollout(st, svc, snap.weights.get(svc.name, {}), nxt)
+        def edit(st: ServiceState, snap: Snapshot) -> ServiceState:
+            if not isinstance(body, Mapping):
+                raise BadRequest('body must be a JSON object {"baseline": release}', "body")
+            for k in body:
+                if k != "baseline":
+                    raise BadRequest("unknown field (allowed: baseline)", str(k))
+            name = body.get("baseline")
+            if not isinstance(name, str) or name not in svc.releases:
+                raise BadRequest(
+                    f"must name a release of {service!r} ({', '.join(svc.releases)})", "baseline"
+                )
+            raw = st.extra.get("rollout")
+            cur = rollout_mod.Rollout.from_json(raw) if isinstance(raw, Mapping) else None
+            if cur is not None and cur.state in (rollout_mod.PENDING, *rollout_mod.ACTIVE):
+                raise Conflict(
+                    f"a rollout of {cur.release!r} is {cur.state}; promote or abort it first",
+                    "state",
+                )
+            extra = {k: v for k, v in st.extra.items() if k != "baseline"}
+            if name != svc.baseline:  # the config's own: nothing to store
+                extra["baseline"] = name
+            return replace(st, extra=extra)
 
-            with audit.acting("rollout", "rollout", f"rollout.{step}"):
-                await self._change(service, edit, None)
-            moved.append(service)
-        return moved
+        return await self._change(service, edit, if_match)
 
     async def record_analysis(
         self, service: str, edit: Callable[[ServiceState, Snapshot], ServiceState]
@@ -471,10 +479,12 @@ class ControlPlane:
         def edit(st: ServiceState, snap: Snapshot) -> ServiceState:
             current = snap.weights.get(service, {})
             change = {release: 0.0}
-            if release != svc.baseline and not any(
+            base = st.extra.get("baseline")
+            baseline = base if isinstance(base, str) and base in svc.releases else svc.baseline
+            if release != baseline and not any(
                 w > 0 for r, w in current.items() if r != release and r in svc.releases
             ):
-                change[svc.baseline] = 100.0  # the only live release failed: back to baseline
+                change[baseline] = 100.0  # the only live release failed: back to baseline
             weights = changes.weights_change(svc, current, change)
             raw = st.extra.get("rollout")
             cur = rollout_mod.Rollout.from_json(raw) if isinstance(raw, Mapping) else None

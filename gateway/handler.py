@@ -12,11 +12,12 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
 from gateway import propagation
 from gateway.balancer import Pool, Slot
+from gateway.decide import decide, guard_request
 from gateway.engine.api import Forward, Headers, RequestHead, Respond
 from gateway.errors import upstream_status
 from gateway.headers import scan, set_authority, upstream_headers
@@ -24,8 +25,8 @@ from gateway.metrics import Metrics
 from gateway.paths import BadTarget, origin_target
 from gateway.ratelog import RateLimiter
 from gateway.retry import RetryBudget, may_retry
-from gateway.routing import REASON_FALLBACK, choose_release, cookie_value
-from gateway.state import SnapshotHolder, live_releases
+from gateway.routing import REASON_FALLBACK, REASON_REJECT
+from gateway.state import SnapshotHolder
 from gateway.tally import Tally
 from gateway.tls_config import UpstreamTLS
 
@@ -33,6 +34,8 @@ log = logging.getLogger("gateway.access")
 errlog = logging.getLogger("gateway.handler")
 _JSON: Final = [(b"Content-Type", b"application/json")]
 _PROBE: Final = float("inf")
+# Baggage members an untrusted client may not set (README "Segments and lanes").
+_STEERING_MEMBERS: Final = (propagation.LANE_KEY, propagation.GRAY_TAG_KEY)
 
 
 class Observer(Protocol):
@@ -55,7 +58,29 @@ class Tracer(Protocol):
         *,
         upstream_host: str,
         upstream_port: int,
+        extra_attrs: Sequence[tuple[str, str]] = (),
     ) -> Callable[[int, str | None], None]: ...
+
+
+def span_attrs(
+    gray_tag: str | None, user: str | None, client: str, peer: str
+) -> Sequence[tuple[str, str]]:
+    """Extra SERVER span attributes: `gray.tag`, a hashed user id, the client behind proxies.
+
+    Why the last: OpenTelemetry's HTTP semantic conventions make `client.address`
+    the client behind proxies and `network.peer.address` the connection's peer.
+    """
+    if gray_tag is None and user is None and client == peer:
+        return ()
+    out: list[tuple[str, str]] = []
+    if gray_tag is not None:
+        out.append(("gray.tag", gray_tag))
+    if user is not None:
+        out.append(("user.id", user))
+    if client != peer:
+        out.append(("client.address", client))
+        out.append(("network.peer.address", peer))
+    return out
 
 
 def json_body(obj: object) -> bytes:
@@ -192,7 +217,7 @@ class ProxyHandler:
                 fwd_target = norm
         if path_b == b"/healthz" or path_b == b"/readyz":
             return self._health(path_b)
-        s = scan(head.headers, snap.stage_l, snap.user_l)
+        s = scan(head.headers, snap.stage_l, snap.user_l, snap.tag_l)
         if authority is not None:
             set_authority(s, authority)
         elif s.host is None and head.http_version != "1.0":
@@ -203,40 +228,18 @@ class ProxyHandler:
             return respond_json(404, {"error": "no service matches this host and path"})
         sv = snap.services[svc_name]
         rc = snap.config.routing
-        stage_cookie = user_cookie = None
-        if s.cookie is not None:
-            stage_cookie = cookie_value(s.cookie, rc.stage_cookie)
-            if s.user is None:
-                user_cookie = cookie_value(s.cookie, rc.user_cookie)
-        trusted = False
-        if s.stage or stage_cookie:
-            trusted = snap.trust.trusted(head.client_ip)
         now = self.clock()
-        user_key = s.user or user_cookie
-        seg = sv.cfg.segments
-        hit = None
-        if seg is not None:  # one function for the data path and explain (gateway/segments.py)
-            hit = seg.evaluate(
-                head.headers, path, target, head.method, head.client_ip, user_key, self.wall
-            )
-        dec = choose_release(
-            sv.table,
-            baseline=sv.cfg.baseline,
-            available=live_releases(sv, now),
-            stage_header=s.stage,
-            stage_cookie=stage_cookie,
-            user_key=user_key,
-            trusted=trusted,
-            rng=self.rng,
-            mint_uid=rc.sticky_cookie,
-            segment=hit[0] if hit is not None else None,
-            segment_key=hit[1] if hit is not None else None,
-        )
+        dec = decide(
+            snap, sv, s, head.headers, path, target, head.method, head.client_ip, now, self.wall,
+            self.rng,
+        )  # fmt: skip
         if dec is None:
             self.log_error(503, svc_name, "", "", "unavailable", s.request_id or "")
             return respond_json(
                 503, {"error": "no healthy endpoint in any release", "service": svc_name}
             )
+        if dec.reason == REASON_REJECT:
+            return respond_json(503, {"error": "lane unavailable", "lane": dec.chosen})
         if dec.segment is not None and self.metrics is not None:
             self.metrics.segment_request(svc_name, dec.segment, dec.release)
         rv = sv.releases[dec.release]
@@ -265,11 +268,20 @@ class ProxyHandler:
             if ts:
                 trace.append((b"tracestate", ts.encode("latin-1")))
         if s.baggage:
-            bg = propagation.build_baggage(s.baggage, rv.extra_baggage)
+            extra = rv.extra_baggage
+            if dec.lane is not None:  # the lane goes on, whichever release served it
+                extra = ((propagation.LANE_KEY, dec.lane), *extra[1:])
+            bg = propagation.build_baggage(
+                s.baggage, extra, _STEERING_MEMBERS if dec.strip_baggage else ()
+            )
             if bg:
                 trace.append((b"baggage", bg.encode("latin-1")))
         else:
             trace.append(rv.baggage_h)
+        if dec.strip_tag or snap.privacy_mode:
+            user_shown = guard_request(s, dec, snap)
+        else:
+            user_shown = None
 
         up = upstream_headers(
             s,
@@ -305,6 +317,7 @@ class ProxyHandler:
                 span_id,
                 upstream_host=slot.host,
                 upstream_port=slot.port,
+                extra_attrs=span_attrs(rv.gray_tag, user_shown, dec.client, head.client_ip),
             )
 
         t = sv.cfg.timeouts
@@ -324,6 +337,8 @@ class ProxyHandler:
             }
             if s.request_id_replaced:
                 on_done.log_fields["request_id_replaced"] = True
+            if user_shown is not None:
+                on_done.log_fields["user"] = user_shown
 
         return Forward(
             host=slot.host,

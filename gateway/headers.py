@@ -66,6 +66,7 @@ class Scanned:
         "host_b",
         "cookie",
         "stage",
+        "tag",
         "user",
         "request_id",
         "request_id_replaced",
@@ -84,6 +85,7 @@ class Scanned:
         self.host_b: bytes | None = None  # as received, for X-Forwarded-Host
         self.cookie: str | None = None
         self.stage: str | None = None
+        self.tag: str | None = None  # the colouring tag header (routing.tag_header), kept
         self.user: str | None = None
         self.request_id: str | None = None
         self.request_id_replaced = False  # the client's was refused (valid_request_id)
@@ -112,10 +114,13 @@ def _latin(v: bytes) -> str:
     return v.decode("latin-1")
 
 
-def scan(headers: Sequence[tuple[bytes, bytes]], stage_l: bytes, user_l: bytes) -> Scanned:
+def scan(
+    headers: Sequence[tuple[bytes, bytes]], stage_l: bytes, user_l: bytes, tag_l: bytes = b""
+) -> Scanned:
     """Split a request head into end-to-end headers and the values policy needs.
 
-    `stage_l` / `user_l` are the lower-cased configured override/sticky header names.
+    `stage_l` / `user_l` / `tag_l` are the lower-cased configured override, sticky
+    and colouring-tag header names.
     """
     kept: Headers = []
     s = Scanned(kept)
@@ -139,6 +144,9 @@ def scan(headers: Sequence[tuple[bytes, bytes]], stage_l: bytes, user_l: bytes) 
             s.stage = _latin(value).strip()
         elif n == user_l:
             s.user = _latin(value).strip() or None
+            kept.append((name, value))
+        elif n == tag_l:
+            s.tag = _latin(value).strip() or None
             kept.append((name, value))
         elif n in _REWRITTEN:
             if n == b"traceparent":

@@ -259,7 +259,19 @@ SCHEMAS: dict[str, Any] = {
             "reason": {"type": ["string", "null"]},
             "paused_by": {
                 "type": ["string", "null"],
-                "description": "guard or analysis: that pause lifts by itself",
+                "enum": ["guard", "analysis", "hook", "deadline", None],
+                "description": "guard or analysis: that pause lifts by itself; "
+                "hook: a confirm hook holds it until it answers 2xx; deadline: the progress "
+                "deadline held it, only resume continues",
+            },
+            "held_since": {
+                "type": ["number", "null"],
+                "description": "Pending/Paused: since when (rollout.progress_deadline counts)",
+            },
+            "step_started_at": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "when the current step began (RFC 3339)",
             },
             "confirm_by": {
                 "type": ["number", "null"],
@@ -312,7 +324,9 @@ SCHEMAS: dict[str, Any] = {
             "weight": _PERCENT,
             "pause": {
                 "type": ["number", "string", "null"],
-                "description": "seconds or a duration (5m); null = hold until promote",
+                "description": 'seconds or a duration (5m); null or "manual" = hold until '
+                "promote; at least rollout.min_first_pause (first step) and "
+                "rollout.min_pause (later steps but the last)",
             },
         },
     },
@@ -374,11 +388,14 @@ SCHEMAS: dict[str, Any] = {
                 "enum": [
                     "header",
                     "cookie",
+                    "tag",
+                    "lane",
                     "segment",
                     "hash",
                     "random",
                     "fallback",
                     "unavailable",
+                    "lane_unavailable",
                 ],
             },
             "key": {"type": ["string", "null"]},
@@ -387,6 +404,15 @@ SCHEMAS: dict[str, Any] = {
             "segment": {
                 "type": ["string", "null"],
                 "description": "the user segment that chose the release (README Segments)",
+            },
+            "client": {
+                "type": "string",
+                "description": "the client address, when trusted proxies make it differ from"
+                " client_ip (README Segments and lanes)",
+            },
+            "lane": {
+                "type": "string",
+                "description": "the lane the request is in (routing.lanes)",
             },
             "state_version": {"type": "integer", "minimum": 0},
         },
@@ -646,7 +672,10 @@ def _paths() -> dict[str, Any]:
                     "content": {"application/json": {"schema": _ref("RolloutPlan")}},
                 },
                 "responses": {
-                    "200": _service_ok("started (Progressing); the new state version"),
+                    "200": _service_ok(
+                        "accepted: Progressing when the pre-check passed at once, else "
+                        "Pending with the reason; the new state version"
+                    ),
                     "400": _E400,
                     "401": _E401,
                     "404": _E404,
@@ -670,7 +699,6 @@ def _paths() -> dict[str, Any]:
                 },
             }
             for action, summary in (
-                ("promote", "skip the remaining steps: the release takes all traffic"),
                 ("pause", "hold the current step"),
                 ("resume", "continue a paused rollout"),
                 ("abort", "roll back: the release to weight 0, state RolledBack"),
@@ -681,6 +709,71 @@ def _paths() -> dict[str, Any]:
                     "Progressing, guard counters reset",
                 ),
             )
+        },
+        "/admin/services/{service}/promote": {
+            "parameters": [_SVC_PARAM],
+            "post": {
+                "summary": "end the current step now (every gate skipped); with "
+                '{"full": true} or ?full=true, all of them: the release takes all traffic',
+                "parameters": [
+                    _IF_MATCH,
+                    {
+                        "name": "full",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "enum": ["true", "false"]},
+                    },
+                ],
+                "requestBody": {
+                    "required": False,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {"full": {"type": "boolean", "default": False}},
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _service_ok("accepted; the new state version"),
+                    "400": _E400,
+                    "401": _E401,
+                    "404": _E404,
+                    "409": _json(_ERR, "not possible in the current rollout state"),
+                },
+            },
+        },
+        "/admin/services/{service}/baseline": {
+            "parameters": [_SVC_PARAM],
+            "put": {
+                "summary": "point the baseline at another release (after a promotion); "
+                "persisted like weights; refused while a rollout is Pending, Progressing "
+                "or Paused",
+                "parameters": [_IF_MATCH],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["baseline"],
+                                "additionalProperties": False,
+                                "properties": {"baseline": {"type": "string"}},
+                            },
+                            "example": {"baseline": "gray"},
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _service_ok("accepted; the new state version"),
+                    "400": _E400,
+                    "401": _E401,
+                    "404": _E404,
+                    "409": _json(_ERR, "a rollout is active, or If-Match is stale"),
+                },
+            },
         },
         "/admin/audit": {
             "get": {

@@ -1,6 +1,6 @@
 """Explain and preview: what the data path does for a request, and what a change would move.
 
-Why reuse `routing.choose_release` and the snapshot's own tables: an
+Why reuse `decide.decide` and the snapshot's own tables: an
 explanation that differs from the data path is worse than none (README "Admin API",
 explain: "exactly what the data path would do for that request now");
 preview hashes the same synthetic keys with the old and the new table, so
@@ -15,9 +15,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gateway.decide import decide, shown_user
+from gateway.headers import scan
 from gateway.paths import normalize_path
-from gateway.routing import WeightTable, choose_release, cookie_value
-from gateway.state import Snapshot, live_releases
+from gateway.routing import REASON_REJECT, WeightTable, cookie_value
+from gateway.state import Snapshot
+from gateway.trust import client_address
 
 REASON_UNAVAILABLE = "unavailable"
 DEFAULT_SAMPLE = 100_000
@@ -28,14 +31,17 @@ MAX_SAMPLE = 1_000_000
 class Explanation:
     service: str
     release: str | None  # None: no release can serve (the data path answers 503)
-    reason: str  # header | cookie | hash | random | fallback | unavailable
-    key: str | None
-    chosen: str | None  # the pick before any fallback to the baseline
-    trusted: bool  # whether stage overrides from this client are honoured
+    reason: str  # header | cookie | tag | lane | segment | hash | random | fallback | unavailable
+    key: str | None  # the sticky key as privacy.user_id lets it be shown (hashed, or None)
+    chosen: str | None  # the pick before any fallback to the baseline (or the lane)
+    trusted: bool  # whether stage overrides and tags from this client are honoured
     segment: str | None = None  # the user segment that chose the release, if one did
+    client: str | None = None  # the client address (behind routing.trusted_proxies)
+    lane: str | None = None  # the lane the request is in (routing.lanes)
+    peer: str | None = None  # the TCP peer explain was asked about
 
     def to_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "service": self.service,
             "release": self.release,
             "reason": self.reason,
@@ -44,6 +50,12 @@ class Explanation:
             "trusted": self.trusted,
             "segment": self.segment,
         }
+        # Only when they say something: a client address other than the peer, a lane.
+        if self.client is not None and self.client != self.peer:
+            out["client"] = self.client
+        if self.lane is not None:
+            out["lane"] = self.lane
+        return out
 
 
 def explain(
@@ -61,61 +73,60 @@ def explain(
 ) -> Explanation:
     """The data path's decision for a request with these headers (handler.ProxyHandler).
 
-    `path`, `query` (the raw query string) and `method` matter only to segments;
-    `path` is normalized as the data path does (gateway/paths.py; raises BadTarget);
-    `wall` is the wall-clock time for their time windows (default: now).
+    The same scan and the same `decide` as the data path (gateway/decide.py), on
+    the same header bytes. `client_ip` is the TCP peer; `path`, `query` (the raw
+    query string) and `method` matter only to segments; `path` is normalized as
+    the data path does (gateway/paths.py; raises BadTarget); `wall` is the
+    wall-clock time for their time windows (default: now).
     """
     sv = snap.services[service]
-    rc = snap.config.routing
-    stage_n, user_n = rc.stage_header.lower(), rc.user_header.lower()
-    stage: str | None = None
-    user: str | None = None
-    cookies: list[str] = []
-    for name, value in headers:  # like headers.scan: the last occurrence wins
-        n = name.lower()
-        if n == "cookie":
-            cookies.append(value)
-        elif n == stage_n:
-            stage = value.strip()
-        elif n == user_n:
-            user = value.strip() or None
-    cookie = "; ".join(cookies) if cookies else None
-    stage_cookie = cookie_value(cookie, rc.stage_cookie)
-    user_cookie = cookie_value(cookie, rc.user_cookie) if user is None else None
-    trusted = snap.trust.trusted(client_ip)
-    hit = None
-    if sv.cfg.segments is not None:  # the data path's own function, on the same bytes
-        at = time.time() if wall is None else wall
-        path_b = normalize_path(path.encode())
-        target = path_b + b"?" + query.encode() if query else path_b
-        hit = sv.cfg.segments.evaluate(
-            [(n.encode(), v.encode()) for n, v in headers],
-            path_b.decode("latin-1"),
-            target,
-            method.encode(),
-            client_ip,
-            user or user_cookie,
-            lambda: at,
-        )
-    dec = choose_release(
-        sv.table,
-        baseline=sv.cfg.baseline,
-        available=live_releases(sv, now),
-        stage_header=stage,
-        stage_cookie=stage_cookie,
-        user_key=user or user_cookie,
-        trusted=trusted,
-        rng=rng or random.Random(),
-        mint_uid=rc.sticky_cookie,
-        segment=hit[0] if hit is not None else None,
-        segment_key=hit[1] if hit is not None else None,
+    at = time.time() if wall is None else wall
+    raw = [(n.encode(), v.encode()) for n, v in headers]
+    s = scan(raw, snap.stage_l, snap.user_l, snap.tag_l)
+    path_b = normalize_path(path.encode())
+    target = path_b + b"?" + query.encode() if query else path_b
+    dec = decide(
+        snap,
+        sv,
+        s,
+        raw,
+        path_b.decode("latin-1"),
+        target,
+        method.encode(),
+        client_ip,
+        now,
+        lambda: at,
+        rng or random.Random(),
     )
-    if dec is None:
-        seg = hit[0].name if hit is not None else None
+    if dec is None or dec.reason == REASON_REJECT:
+        user = s.user or cookie_value(s.cookie, snap.config.routing.user_cookie)
+        client = client_ip
+        if s.forwarded_for is not None and snap.proxies_on:
+            client = client_address(client_ip, s.forwarded_for, snap.proxies)
         return Explanation(
-            service, None, REASON_UNAVAILABLE, user or user_cookie, None, trusted, seg
+            service,
+            None,
+            REASON_UNAVAILABLE if dec is None else dec.reason,
+            shown_user(snap, user),
+            None if dec is None else dec.chosen,
+            snap.trust.trusted(client),
+            None,
+            client,
+            None if dec is None else dec.chosen,
+            client_ip,
         )
-    return Explanation(service, dec.release, dec.reason, dec.key, dec.chosen, trusted, dec.segment)
+    return Explanation(
+        service,
+        dec.release,
+        dec.reason,
+        shown_user(snap, dec.key),
+        dec.chosen,
+        dec.trusted or snap.trust.trusted(dec.client),
+        dec.segment,
+        dec.client,
+        dec.lane,
+        client_ip,
+    )
 
 
 @dataclass(frozen=True, slots=True)

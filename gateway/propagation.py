@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 TRACE_HEADERS: Final = ("traceparent", "tracestate", "baggage")
 
@@ -230,31 +230,81 @@ def _encode_extra(key: str, value: str) -> str:
     return f"{key}={value}"
 
 
-def build_baggage(values: Sequence[str], extra: Sequence[tuple[str, str]]) -> str | None:
+LANE_KEY: Final = "release.stage"
+GRAY_TAG_KEY: Final = "gray.tag"
+# Never dropped at the size limits: later hops route on them (README "Segments and lanes").
+_PROTECTED: Final = (LANE_KEY, GRAY_TAG_KEY)
+
+
+def gray_tag(pairs: Sequence[tuple[str, str]]) -> str:
+    """A release's `tag:` map as the `gray.tag` value `k=v;k2=v2` (baggage encodes the `;`)."""
+    return ";".join(f"{k}={v}" for k, v in pairs)
+
+
+def lane_of(values: Sequence[str]) -> str | None:
+    """The first well-formed `release.stage` member's value across every `baggage` line.
+
+    Why the first: a client that appends a second member cannot override the one
+    an earlier hop set; `;properties` are metadata, not part of the value (W3C
+    Baggage "Header Content"); the value is percent-decoded UTF-8.
+    """
+    for line in values:
+        if LANE_KEY not in line:
+            continue
+        for raw in line.split(","):
+            member = raw.strip(_OWS)
+            key, sep, rest = member.partition("=")
+            if not sep or key.rstrip(_OWS) != LANE_KEY:
+                continue
+            if _BAGGAGE_MEMBER.fullmatch(member) is None:
+                continue
+            value = rest.partition(";")[0].strip(_OWS)
+            return unquote(value) if "%" in value else value or None
+    return None
+
+
+def build_baggage(
+    values: Sequence[str],
+    extra: Sequence[tuple[str, str]],
+    drop: Sequence[str] = (),
+) -> str | None:
     """Build the upstream `baggage`: valid incoming members unchanged, then our `extra` members.
 
     Why: W3C Baggage "Header Content" and "Mutating baggage": a list-member not in the format
     MAY be removed (we always do), a value is a URL-encoded UTF-8 string, a key MAY be updated
     (our extra replaces it). "Limits" asks for at least 64 members and 8192 bytes; we keep 180
-    (README "On every hop") and, when over, drop whole incoming members from the end, never our own.
+    (README "On every hop") and, when over, drop whole incoming members from the end, never our
+    own nor an incoming `gray.tag`. Members keyed in `drop` (an untrusted client's steering
+    members) are removed.
     """
     extras = [_encode_extra(key, value) for key, value in extra]
     if not values:
         return ",".join(extras) if extras else None
     header = values[0] if len(values) == 1 else ",".join(values)
     replaced = {key for key, _ in extra}
+    replaced.update(drop)
     size = sum(map(len, extras)) + len(extras) - 1
     count = len(extras)
-    members: list[str] = []
+    valid: list[tuple[str, str]] = []
     for raw in header.split(","):
         member = raw.strip(_OWS)
         match = _BAGGAGE_MEMBER.fullmatch(member)
         if match is None or match.group(1) in replaced:
             continue
-        size += len(member) + 1
-        count += 1
-        if count > BAGGAGE_MAX_MEMBERS or size > BAGGAGE_MAX_BYTES:
-            break
+        valid.append((match.group(1), member))
+    # Protected members are counted first, so the limits drop others before them.
+    for key, member in valid:
+        if key in _PROTECTED:
+            size += len(member) + 1
+            count += 1
+    members: list[str] = []
+    for key, member in valid:
+        if key not in _PROTECTED:
+            size += len(member) + 1
+            count += 1
+            if count > BAGGAGE_MAX_MEMBERS or size > BAGGAGE_MAX_BYTES:
+                members.extend(m for k, m in valid[len(members) :] if k in _PROTECTED)
+                break
         members.append(member)
     members.extend(extras)
     return ",".join(members) if members else None

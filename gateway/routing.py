@@ -32,6 +32,9 @@ REASON_HASH: Final = "hash"
 REASON_RANDOM: Final = "random"
 REASON_FALLBACK: Final = "fallback"
 REASON_SEGMENT: Final = "segment"
+REASON_TAG: Final = "tag"
+REASON_LANE: Final = "lane"
+REASON_REJECT: Final = "lane_unavailable"  # routing.lane_fallback: reject (a 503)
 
 
 def release_seed(salt: str, release: str) -> int:
@@ -194,7 +197,19 @@ class Decision:
     or not) costs ~0.3 µs more and stays interpreted in the compiled build.
     """
 
-    __slots__ = ("release", "reason", "key", "chosen", "set_cookie", "segment")
+    __slots__ = (
+        "release",
+        "reason",
+        "key",
+        "chosen",
+        "set_cookie",
+        "segment",
+        "client",
+        "trusted",
+        "lane",
+        "strip_tag",
+        "strip_baggage",
+    )
 
     def __init__(
         self,
@@ -211,6 +226,12 @@ class Decision:
         self.chosen = chosen
         self.set_cookie = set_cookie
         self.segment = segment
+        # Set by gateway/decide.py, which reads the request:
+        self.client = ""  # the client address (routing.trusted_proxies)
+        self.trusted = False  # stage header, cookie and tag header honoured
+        self.lane: str | None = None  # the lane to keep in the baggage passed on
+        self.strip_tag = False  # remove the tag header before forwarding (untrusted)
+        self.strip_baggage = False  # remove an incoming gray.tag member (untrusted)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Decision):
@@ -248,13 +269,24 @@ def choose_release(
     mint_uid: bool = False,
     segment: SegmentRoute | None = None,
     segment_key: str | None = None,
+    tag: str | None = None,
+    lane: str | None = None,
+    lane_unserved: str | None = None,
+    lane_reject: bool = False,
+    tripped: frozenset[str] = frozenset(),
 ) -> Decision | None:
-    """In order: trusted header, trusted cookie, user segment, sticky key, weighted random.
+    """In order: trusted header, trusted cookie, tag, lane, user segment, sticky key, random.
 
     `available` are the releases that have a healthy endpoint now; a chosen
     release outside it falls back to the baseline. None: nothing can serve.
     `segment` is the first segment the request matched (README "Segments"), and
     `segment_key` its bucketing key (its `sticky_by` value, else the sticky key).
+    `tag` / `lane` are the release a trusted colouring tag or lane names
+    (gateway/decide.py reads them); `lane_unserved` a trusted lane no release
+    here serves: the baseline serves it as a fallback, or with `lane_reject`
+    the answer is REASON_REJECT (a 503). A release in `tripped` (its rollout is in
+    CircuitBreak or RolledBack) is reached only by the stage header and cookie:
+    a tag, lane or segment naming it is served by the baseline as a fallback.
     """
     release: str | None = None
     reason = REASON_HASH
@@ -265,6 +297,16 @@ def choose_release(
         release, reason = stage_header, REASON_HEADER
     elif trusted and stage_cookie and stage_cookie in table.raw:
         release, reason = stage_cookie, REASON_COOKIE
+    elif tag is not None:
+        release, reason = tag, REASON_TAG
+    elif lane is not None:
+        release, reason = lane, REASON_LANE
+    elif lane_unserved is not None:
+        if lane_reject:
+            return Decision("", REASON_REJECT, key, lane_unserved)
+        if baseline in available:
+            return Decision(baseline, REASON_FALLBACK, key, lane_unserved)
+        return None
     elif segment is not None:
         seg_name, reason = segment.name, REASON_SEGMENT
         st = segment.table
@@ -288,6 +330,14 @@ def choose_release(
         release, reason = table.pick_random(rng), REASON_RANDOM
     if release is None:
         release = baseline
+    elif (
+        tripped
+        and release in tripped
+        and (reason == REASON_TAG or reason == REASON_LANE or reason == REASON_SEGMENT)
+    ):
+        if baseline in available:
+            return Decision(baseline, REASON_FALLBACK, key, release, new_uid, seg_name)
+        return None
     if release in available:
         return Decision(release, reason, key, release, new_uid, seg_name)
     if baseline in available:

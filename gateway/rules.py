@@ -133,6 +133,10 @@ class Holds:
             self._since[key] = cur
         return now - cur[1]
 
+    def breached(self, service: str, release: str) -> bool:
+        """A rule of the release is in breach now (acted on or not): a rollout step waits."""
+        return any(b for k, (b, _) in self._since.items() if k[0] == service and k[1] == release)
+
     def forget(self, service: str, release: str) -> None:
         for k in [k for k in self._since if k[0] == service and k[1] == release]:
             del self._since[k]

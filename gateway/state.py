@@ -15,11 +15,15 @@ from typing import Any
 
 from gateway.balancer import Pool, SlotRegistry
 from gateway.config import Config, Endpoint, GuardConfig, ServiceConfig
-from gateway.propagation import build_baggage
+from gateway.propagation import GRAY_TAG_KEY, build_baggage, gray_tag
 from gateway.routing import ServiceMatcher, TrustPolicy, WeightTable
 from gateway.tls_config import UpstreamTLS
 
 EndpointMap = Mapping[tuple[str, str], tuple[Endpoint, ...]]
+PRIVACY_KEEP = 0
+PRIVACY_HASH = 1
+PRIVACY_DROP = 2
+_PRIVACY_MODES = {"keep": PRIVACY_KEEP, "hash": PRIVACY_HASH, "drop": PRIVACY_DROP}
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +37,7 @@ class ReleaseView:
     extra_baggage: tuple[tuple[str, str], ...]  # release.stage + the extras, in order
     stage_h: tuple[bytes, bytes]  # (configured stage header, name): to the upstream and client
     baggage_h: tuple[bytes, bytes]  # the whole baggage field when the client sent none
+    gray_tag: str | None = None  # the release's `tag:` as `k=v;k2=v2` (span attribute)
     tls: UpstreamTLS | None = None  # for its https:// endpoints (gateway/tls_config.py)
 
 
@@ -44,6 +49,12 @@ class ServiceView:
     available: frozenset[str]  # releases with at least one healthy endpoint
     guard: GuardConfig
     pools: tuple[Pool, ...] = ()  # every release's pool, for the per-request health check
+    # README "Segments and lanes", precomputed: colouring tag -> release (this service's only),
+    # lane -> release, releases a tripped rollout took out of tags/lanes/segments.
+    tags: Mapping[str, str] = field(default_factory=dict)
+    lanes: Mapping[str, str] = field(default_factory=dict)
+    tripped: frozenset[str] = frozenset()
+    lane_reject: bool = False
 
     @property
     def name(self) -> str:
@@ -60,6 +71,12 @@ class Snapshot:
     stage_l: bytes
     user_l: bytes
     weights: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    proxies: TrustPolicy = field(default_factory=lambda: TrustPolicy(()))  # trusted_proxies
+    proxies_on: bool = False  # any trusted proxy configured
+    lanes_trust: TrustPolicy = field(default_factory=lambda: TrustPolicy(()))
+    tag_l: bytes = b"x-traffic-tag"
+    privacy_mode: int = 0  # PRIVACY_KEEP | PRIVACY_HASH | PRIVACY_DROP (privacy.user_id)
+    privacy_salt: str = ""
     # Live endpoint state (in flight, health), handed from each snapshot to the next.
     slots: SlotRegistry = field(default_factory=SlotRegistry)
 
@@ -117,8 +134,13 @@ def build_snapshot(
     endpoints: EndpointMap | None = None,
     previous: Snapshot | None = None,
     rng: random.Random | None = None,
+    tripped: Mapping[str, frozenset[str]] | None = None,
 ) -> Snapshot:
-    """Assemble a complete routing table; pools share live endpoint state with the previous one."""
+    """Assemble a complete routing table; pools share live endpoint state with the previous one.
+
+    `tripped`: per service, the releases whose rollout is in CircuitBreak or
+    RolledBack (gateway/decide.py's `tripped_releases`).
+    """
     rng = rng or random.Random()
     registry = previous.slots if previous is not None else SlotRegistry()
     live: dict[tuple[str, str], frozenset[str]] = {}
@@ -147,6 +169,10 @@ def build_snapshot(
                 pool = old
             else:
                 pool = Pool(e, s.balancer, rng, group, r.outlier)
+            gt = gray_tag(r.tag) if r.tag else None
+            extra = (("release.stage", r.name), *r.baggage)
+            if gt is not None:
+                extra = (*extra, (GRAY_TAG_KEY, gt))
             releases[r.name] = ReleaseView(
                 name=r.name,
                 raw_weight=weights[s.name][r.name],
@@ -154,9 +180,10 @@ def build_snapshot(
                 endpoints=e,
                 pool=pool,
                 baggage=r.baggage,
-                extra_baggage=(extra := (("release.stage", r.name), *r.baggage)),
+                extra_baggage=extra,
                 stage_h=(stage_name_b, r.name.encode()),
                 baggage_h=(b"baggage", (build_baggage((), extra) or "").encode("latin-1")),
+                gray_tag=gt,
                 tls=r.upstream_tls,
             )
         guard = s.guard
@@ -171,6 +198,13 @@ def build_snapshot(
             available=frozenset(n for n, rv in releases.items() if rv.endpoints),
             guard=guard,
             pools=tuple(rv.pool for rv in releases.values()),
+            tags={v: r for v, r in rc.tags if r in releases},
+            lanes={
+                **{n: n for n in releases if n != s.baseline},
+                **{lane: r.name for r in s.releases.values() for lane in r.lanes},
+            },
+            tripped=(tripped or {}).get(s.name, frozenset()),
+            lane_reject=rc.lane_fallback == "reject",
         )
     registry.prune(live)
     return Snapshot(
@@ -185,6 +219,12 @@ def build_snapshot(
         user_l=rc.user_header.lower().encode(),
         weights=weights,
         slots=registry,
+        proxies=TrustPolicy(rc.trusted_proxies),
+        proxies_on=bool(rc.trusted_proxies),
+        lanes_trust=TrustPolicy(rc.lanes_trust),
+        tag_l=rc.tag_header.lower().encode(),
+        privacy_mode=_PRIVACY_MODES[config.privacy.user_id],
+        privacy_salt=config.privacy.salt,
     )
 
 

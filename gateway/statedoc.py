@@ -172,6 +172,8 @@ def _service(name: str, sv: object) -> ServiceState:
             rollout_mod.Rollout.from_json(raw)
         except BadRequest as e:
             raise InvalidDoc(f"{path}.rollout.{e.field}", e.message) from None
+    if "baseline" in extra and not (isinstance(extra["baseline"], str) and extra["baseline"]):
+        raise InvalidDoc(f"{path}.baseline", "must be a release name")
     return ServiceState(
         {r: float(w) for r, w in weights.items()},
         {g: (v if GUARD_FIELDS[g][0] else float(v)) for g, v in guard.items()},

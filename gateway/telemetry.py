@@ -318,7 +318,9 @@ class SpanTracer:
         *,
         upstream_host: str,
         upstream_port: int,
+        extra_attrs: Sequence[tuple[str, str]] = (),
     ) -> SpanDone:
+        """The SERVER and CLIENT spans; `extra_attrs` go on the SERVER one (`gray.tag`, …)."""
         method = head.method.decode("latin-1")
         known = method if method in _METHODS else "_OTHER"
         target = head.target.decode("latin-1")
@@ -354,6 +356,8 @@ class SpanTracer:
             attrs["client.address"] = head.client_ip
         if agent:
             attrs["user_agent.original"] = agent
+        for name_a, value_a in extra_attrs:
+            attrs[name_a] = value_a
         cattrs = dict(common)
         cattrs["server.address"] = upstream_host
         cattrs["server.port"] = upstream_port

@@ -50,6 +50,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "gateway.engine.fast_upstream",
     "gateway.engine.fast_wire",
     "gateway.balancer",
+    "gateway.decide",
     "gateway.guard",
     "gateway.handler",
     "gateway.headers",
@@ -58,6 +59,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "gateway.routing",
     "gateway.segments",
     "gateway.tally",
+    "gateway.trust",
     "gateway.state",
 )
 

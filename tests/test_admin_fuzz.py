@@ -94,7 +94,7 @@ async def admin_gw(tmp_path: Path, upstreams: Any) -> AsyncIterator[tuple[Gatewa
     state = tmp_path / "state.json"
     state.write_bytes(signed(good_body(version=1)))
     gw = Gateway(C.build(file_config(state, stable.url, gray.url), env={}))
-    gw.control.rollout_interval = 3600.0  # only requests change the state in this test
+    gw.driver.interval = 3600.0  # only requests change the state in this test
     await gw.start()
     try:
         yield gw, state

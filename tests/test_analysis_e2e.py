@@ -8,6 +8,7 @@ resumes or lets the rollout advance through the control plane.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,14 @@ PAYMENT_SUCCESS = (
     'sum(rate(payments_total{release="{{release}}",status="ok"}[5s]))'
     ' / sum(rate(payments_total{release="{{release}}"}[5s]))'
 )
-QUIET_GUARD = {"error_rate": 1, "latency_p95_ms": 1e9, "latency_p95_delta_ms": 1e9}
+QUIET_GUARD = {
+    "error_rate": 1,
+    "latency_p95_ms": 1e9,
+    "latency_p95_delta_ms": 1e9,
+    "min_requests": 1,  # a step also needs this many requests served in it (README "Rollouts")
+}
+# Short steps in tests: the default minimums are 5m and 15m (README "Rollouts").
+FAST_ROLLOUT = {"min_first_pause": "0s", "min_pause": "0s"}
 
 
 async def _until(cond: Callable[[], bool | Awaitable[bool]], within: float) -> float:
@@ -120,7 +128,11 @@ class Setup:
         self.cleanup.append(exp)
         self.prom = Prometheus(self.tmp, [f"127.0.0.1:{exp.port}"])
         prom_cfg = {"prometheus": {"address": self.prom.url, "timeout": "1s"}}
-        doc = gateway_config(_service(stable.url, gray.url, metrics), analysis=prom_cfg, **top)
+        doc = gateway_config(
+            _service(stable.url, gray.url, metrics),
+            analysis=prom_cfg,
+            **{"rollout": FAST_ROLLOUT, **top},
+        )
         await self.prom.start()
         self.gw = await gateway(doc)
         # Rates need a few scrapes before the first evaluation can be conclusive.
@@ -215,7 +227,21 @@ async def test_a_small_kpi_drop_lets_the_rollout_advance(
         r = gw.control.rollout_of("svc")
         return r is not None and r.step == 2
 
-    await _until(progressed, 60)
+    async def trickle() -> None:  # each step needs gray requests served in it
+        async with aiohttp.ClientSession() as s:
+            while True:
+                url = f"http://127.0.0.1:{gw.port}/"
+                async with s.get(url, headers={"X-Release-Stage": "gray"}) as resp:
+                    await resp.read()
+                await asyncio.sleep(0.1)  # a trickle of traffic, not a synchronisation
+
+    traffic = asyncio.create_task(trickle())
+    try:
+        await _until(progressed, 60)
+    finally:
+        traffic.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await traffic
     assert {20.0, 50.0, 100.0} <= seen, seen
     assert _state(gw) == "Progressing"  # the last step waits for promote (pause: null)
     run = _run(gw)

@@ -22,7 +22,14 @@ from tests.consul_double import ConsulDouble
 
 pytestmark = pytest.mark.timeout(120)
 
-QUIET_GUARD = {"error_rate": 1, "latency_p95_ms": 1e9, "latency_p95_delta_ms": 1e9}
+QUIET_GUARD = {
+    "error_rate": 1,
+    "latency_p95_ms": 1e9,
+    "latency_p95_delta_ms": 1e9,
+    "min_requests": 1,  # a step also needs this many requests served in it (README "Rollouts")
+}
+# Short steps in tests: the default minimums are 5m and 15m (README "Rollouts").
+FAST_ROLLOUT = {"min_first_pause": "0s", "min_pause": "0s"}
 
 
 class FakePrometheus:
@@ -80,7 +87,7 @@ def _doc(prom: FakePrometheus, stable: str, gray: str, metric: dict[str, Any], *
         }
     }
     analysis = {"prometheus": {"address": prom.url, "timeout": "2s"}, "metrics": [metric]}
-    return gateway_config(svc, analysis=analysis, **top)
+    return gateway_config(svc, analysis=analysis, **{"rollout": FAST_ROLLOUT, **top})
 
 
 def _metric(**kw: Any) -> dict[str, Any]:
@@ -141,6 +148,10 @@ async def test_a_step_waits_for_a_counted_success(
     prom.value = None  # empty result: inconclusive, never progress
     gw = await gateway(_doc(prom, stable.url, gray.url, _metric(inconclusive_limit=1000)))
     await _start_rollout(gw, [{"weight": 10, "pause": "1s"}, {"weight": 30, "pause": "1h"}])
+    async with aiohttp.ClientSession() as s:  # the step's min_requests: one gray request
+        url = f"http://127.0.0.1:{gw.port}/"
+        async with s.get(url, headers={"X-Release-Stage": "gray"}) as resp:
+            assert resp.status == 200
     await _until(lambda: _runs(gw).get("inconclusive_in_row", 0) >= 3, 20)
     r = gw.control.rollout_of("svc")
     assert r is not None and r.step == 0 and r.state == "Progressing"  # pause long over

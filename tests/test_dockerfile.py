@@ -15,7 +15,8 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 
 def test_dockerfile_shape() -> None:
-    assert re.search(r"^FROM python:3\.12-slim$", DOCKERFILE, re.M)
+    assert re.search(r"^ARG RUN_IMAGE=python:3\.12-slim$", DOCKERFILE, re.M)
+    assert re.search(r"^FROM \$\{RUN_IMAGE\}$", DOCKERFILE, re.M)
     assert re.search(r"^ARG VERSION", DOCKERFILE, re.M)
     assert "GATEWAY_BUILD_VERSION=${VERSION}" in DOCKERFILE
     assert re.search(r"^USER (?!root)\w+", DOCKERFILE, re.M)
@@ -48,7 +49,8 @@ def _run(
 
 
 def test_dockerfile_builds_the_compiled_wheel_and_installs_only_it() -> None:
-    assert re.search(r"^FROM python:3\.12 AS build$", DOCKERFILE, re.M)
+    assert re.search(r"^ARG BUILD_IMAGE=python:3\.12$", DOCKERFILE, re.M)
+    assert re.search(r"^FROM \$\{BUILD_IMAGE\} AS build$", DOCKERFILE, re.M)
     assert BUILD_STEP in DOCKERFILE
     assert "COPY --from=build /wheels /wheels" in DOCKERFILE
     assert RUNTIME_STEP in DOCKERFILE

@@ -29,7 +29,9 @@ async def _post(s: aiohttp.ClientSession, url: str, body: Any = None) -> tuple[i
 
 async def test_rollout_steps_pause_resume_promote(upstreams: Any, gateway: Any) -> None:
     st, gr = await upstreams("stable"), await upstreams("gray")
-    gw = await gateway(gateway_config(two_releases(st.url, gr.url, 100, 0)))
+    services = two_releases(st.url, gr.url, 100, 0)
+    services["svc"]["guard"] = {"min_requests": 1}
+    gw = await gateway(gateway_config(services))
     base = f"http://127.0.0.1:{gw.admin_port}/admin/services/svc"
     async with aiohttp.ClientSession() as s:
         status, doc = await _post(s, f"{base}/rollout", PLAN)
@@ -37,17 +39,21 @@ async def test_rollout_steps_pause_resume_promote(upstreams: Any, gateway: Any) 
         assert doc["rollout"]["state"] == "Progressing" and doc["percent"]["gray"] == 5
         status, doc = await _post(s, f"{base}/rollout", PLAN)
         assert status == 409 and doc["field"] == "state"  # one active rollout at a time
-        # The driver steps forward once the pause has elapsed (time passed in, not slept).
-        assert await gw.control.advance(time.time() + 3600) == ["svc"]
+        # The driver steps forward once the pause has elapsed (time passed in, not slept)
+        # and gray served min_requests in the step.
+        stage = {"X-Release-Stage": "gray"}
+        async with s.get(f"http://127.0.0.1:{gw.port}/", headers=stage) as r:
+            assert r.headers["X-Release-Stage"] == "gray"
+        assert await gw.driver.advance(time.time() + 3600) == ["svc"]
         async with s.get(base) as r:
             doc = await r.json()
         assert doc["rollout"]["step"] == 1 and doc["percent"]["gray"] == 20
         status, doc = await _post(s, f"{base}/pause")
         assert status == 200 and doc["rollout"]["state"] == "Paused"
-        assert await gw.control.advance(time.time() + 10 * 3600) == []
+        assert await gw.driver.advance(time.time() + 600) == []  # paused: no step
         status, doc = await _post(s, f"{base}/resume")
         assert status == 200 and doc["rollout"]["state"] == "Progressing"
-        status, doc = await _post(s, f"{base}/promote")
+        status, doc = await _post(s, f"{base}/promote", {"full": True})
         assert status == 200 and doc["rollout"]["state"] == "Promoted"
         assert doc["percent"] == {"stable": 0, "gray": 100}
         status, doc = await _post(s, f"{base}/pause")
@@ -132,9 +138,9 @@ async def test_circuit_break_confirms_itself_after_confirm_timeout(
         with pytest.raises(Conflict):  # a second worker's trip of the same release: no-op
             await gw.control.trip("svc", "gray", "error_rate", now=now)
         assert gw.holder.current.version == version
-        assert await gw.control.advance(now + 599) == []  # still waiting for an operator
+        assert await gw.driver.advance(now + 599) == []  # still waiting for an operator
         assert gw.control.rollout_of("svc").state == "CircuitBreak"  # type: ignore[union-attr]
-        assert await gw.control.advance(now + 600) == ["svc"]
+        assert await gw.driver.advance(now + 600) == ["svc"]
         async with s.get(base) as r:
             doc = await r.json()
     assert doc["rollout"]["state"] == "RolledBack" and doc["weights"]["gray"] == 0

@@ -123,7 +123,7 @@ async def served(tmp_path: Path, upstreams: Any) -> AsyncIterator[tuple[Gateway,
     state = tmp_path / "state.json"
     state.write_bytes(signed(good_body(version=1)))
     gw = Gateway(C.build(file_config(state, stable.url, gray.url), env={}))
-    gw.control.rollout_interval = 3600.0  # stored rollouts stay as written
+    gw.driver.interval = 3600.0  # stored rollouts stay as written
     await gw.start()
     try:
         yield gw, state
