@@ -29,6 +29,7 @@ COMPILED = [
     "gateway/engine/fast.py",
     "gateway/engine/fast_client.py",
     "gateway/engine/fast_pool.py",
+    "gateway/engine/fast_timers.py",
     "gateway/engine/fast_upstream.py",
     "gateway/engine/fast_wire.py",
     "gateway/balancer.py",

@@ -25,6 +25,7 @@ from gateway.control import ControlPlane
 from gateway.discovery import ConsulDiscovery, Pacing, consul_selectors
 from gateway.discovery.metrics import DiscoveryMetrics
 from gateway.engine.aio import AiohttpEngine
+from gateway.engine.api import Limits
 from gateway.guardian import Guardian, healthy_endpoints
 from gateway.handler import ProxyHandler
 from gateway.healthcheck import HealthChecker
@@ -34,6 +35,7 @@ from gateway.readiness import unready_releases
 from gateway.rollout_driver import RolloutDriver, default_analysis_gate, served_counter
 from gateway.state import Snapshot, SnapshotHolder, build_snapshot
 from gateway.telemetry import Telemetry
+from gateway.upstream_config import engine_limits
 from gateway.version import build_version
 
 log = logging.getLogger("gateway")
@@ -86,6 +88,7 @@ def make_engine(config: Config, handler: ProxyHandler) -> Any:
             t = config.timeouts
             return FastEngine(
                 handler,
+                upstream_limits=Limits(*engine_limits(config)),
                 upstream_pool_per_host=UPSTREAM_POOL_PER_HOST,
                 keepalive_timeout=t.idle,
                 header_timeout=t.header,
@@ -94,7 +97,12 @@ def make_engine(config: Config, handler: ProxyHandler) -> Any:
                 upstream_idle_timeout=t.upstream_idle,
                 tls=tls,
             )
-    return AiohttpEngine(handler, timeouts=config.timeouts, tls=tls)
+    return AiohttpEngine(
+        handler,
+        timeouts=config.timeouts,
+        tls=tls,
+        upstream_limits=Limits(*engine_limits(config)),
+    )
 
 
 class Gateway:
@@ -215,6 +223,10 @@ class Gateway:
             on_change=lambda: self._publish_endpoints(self.holder.current),
         )
         self.engine = make_engine(config, self.handler)
+        # upstream.max_connections / queue_timeout follow a reload (docs/configuration.md).
+        self.control.reload_listeners.append(
+            lambda: self.engine.upstream_limits.set(*engine_limits(self.control.config))
+        )
         self.control.reload_listeners.append(self._reload_tls)
         self.with_admin = admin
         self.with_data = data

@@ -54,6 +54,7 @@ from gateway.tls_config import (
     parse_listener_tls,
     with_upstream_tls,
 )
+from gateway.upstream_config import UpstreamLimits, parse_upstream_limits
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 BALANCERS = ("p2c", "round_robin", "hash")
@@ -227,6 +228,7 @@ class ServiceConfig:
     salt: str = ""
     guard: GuardConfig = GuardConfig()
     segments: SegmentSet | None = None  # user segments, in order (gateway/segments.py)
+    upstream: UpstreamLimits = UpstreamLimits()  # connection cap per endpoint (upstream_config.py)
     upstream_tls: UpstreamTLS | None = None  # as written; releases hold the effective one
 
 
@@ -295,6 +297,7 @@ class Config:
     retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     alerts: tuple[AlertTarget, ...] = ()
     rollout: RolloutConfig = RolloutConfig()
+    upstream: UpstreamLimits = UpstreamLimits()  # the default for services that set none
     privacy: PrivacyConfig = PrivacyConfig()
     tls: ListenerTLS | None = None  # the data listener speaks HTTPS (README "TLS")
     analysis: AnalysisConfig = AnalysisConfig()  # gateway/analysis_config.py
@@ -880,6 +883,7 @@ def _service(
             "guard",
             "salt",
             "segments",
+            "upstream",
             "upstream_tls",
             "analysis",  # gateway/analysis_config.py
         },
@@ -1091,6 +1095,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
             "services",
             "alerts",
             "rollout",
+            "upstream",
             "privacy",
             "tls",
             "analysis",
@@ -1160,6 +1165,9 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
     tls_cache = ContextCache()
     base_t = _timeouts(m.get("timeouts"), "timeouts", errs, Timeouts(), top=True)
     base_retries = _retries(m, "", errs, DEFAULT_RETRIES)
+    base_up = parse_upstream_limits(
+        m.get("upstream"), "upstream", errs.add, UpstreamLimits(), parse_duration
+    )
     retry_budget = _retry_budget(m.get("retry_budget"), errs)
     services: dict[str, ServiceConfig] = {}
     sv = m.get("services")
@@ -1178,6 +1186,13 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
                 services[str(name)] = _with_segments(
                     services[str(name)], v, spath, errs, env, source
                 )
+            sup = v.get("upstream") if isinstance(v, Mapping) else None
+            services[str(name)] = replace(
+                services[str(name)],
+                upstream=parse_upstream_limits(
+                    sup, f"{spath}.upstream", errs.add, base_up, parse_duration
+                ),
+            )
             if isinstance(v, Mapping):
                 services[str(name)] = with_upstream_tls(
                     services[str(name)], v, spath, errs.add, base_dir, tls_cache
@@ -1218,6 +1233,7 @@ def build(raw: object, *, env: Mapping[str, str] | None = None, source: str = "<
         retry_budget=retry_budget,
         alerts=alerts,
         rollout=rollout,
+        upstream=base_up,
         privacy=privacy,
         tls=listener_tls,
         analysis=analysis,

@@ -89,6 +89,7 @@ STATUS_BY_UPSTREAM_ERROR = {
     "protocol": 502,
     "tls": 502,
     "timeout": 504,
+    "limit": 503,  # upstream.max_connections reached for longer than upstream.queue_timeout
 }
 
 

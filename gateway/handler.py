@@ -372,6 +372,7 @@ class ProxyHandler:
             "reset": "upstream closed the connection",
             "timeout": "upstream timed out",
             "protocol": "upstream sent an invalid response",
+            "limit": "upstream connection limit",
         }.get(kind, "upstream failed")
         if kind == "tls":
             msg = f"upstream TLS error: {fwd.detail or 'handshake failed'}"

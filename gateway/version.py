@@ -46,6 +46,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "gateway.engine.fast",
     "gateway.engine.fast_client",
     "gateway.engine.fast_pool",
+    "gateway.engine.fast_timers",
     "gateway.engine.fast_upstream",
     "gateway.engine.fast_wire",
     "gateway.balancer",

@@ -41,6 +41,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 SUITES = [
     "test_engine_fast.py",
     "test_fast_pool.py",
+    "test_fast_timers.py",
     "test_fuzz_engine.py",
     "test_proxy_e2e.py",
     "test_trace_e2e.py",

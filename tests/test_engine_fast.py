@@ -323,6 +323,36 @@ async def test_local_respond_keeps_connection(env: Env) -> None:
     assert handler.done == []
 
 
+async def test_an_idle_connection_drops_its_parser_and_parses_on(env: Env) -> None:
+    """Idle keep-alive connections hold no llhttp parser (issue 14: 1,000 connections).
+
+    One that has the first bytes of its next request keeps its parser: those bytes count.
+    """
+    handler = ProxyHandler(1, local=[b"/a"])
+    eng, port = await env.engine(handler)
+    partial = await env.connect(port)
+    await partial.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGE")  # then the next one's start
+    assert (await partial.response()).status == 200
+    clean = await env.connect(port)
+    await clean.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await clean.response()).status == 200
+    conns = {c._begun: c for c in eng._clients}
+    assert sorted(conns) == [False, True]
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 30.0
+    while conns[False].parser is not None:  # dropped after PARSER_IDLE_SECONDS
+        assert loop.time() < end, "an idle connection kept its parser"
+        await asyncio.sleep(0.05)
+    # The partial one armed no later than the clean one: its check has run too.
+    assert conns[True].parser is not None
+    await partial.send(b"T /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    await clean.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    for c in (partial, clean):
+        r = await c.response()
+        assert (r.status, r.body) == (200, b"local:/a")
+        await c.close()
+
+
 # -- refusals ---------------------------------------------------------------
 
 FRAMING = [

@@ -18,10 +18,7 @@ OTHER = ("127.0.0.1", 10)
 async def pool() -> AsyncIterator[Pool]:
     p = Pool(asyncio.get_running_loop(), per_host=64, idle_timeout=30.0)
     yield p
-    for idle in p.idle_conns.values():
-        for up in idle:
-            if up.timer is not None:
-                up.timer.cancel()
+    p.wheel.close()  # the idle timers of connections that never had a socket
     await p.close()
 
 

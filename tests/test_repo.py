@@ -58,6 +58,7 @@ TESTED_ELSEWHERE = {
     "rules": "tests/test_guard_rules.py, tests/test_guard_rules_e2e.py",
     "segments_config": "tests/test_segments.py (the DSL's errors, field by field)",
     "tls_config": "tests/test_tls.py, tests/test_tls_edges.py (each field refused by name)",
+    "upstream_config": "tests/test_upstream_limits.py (each field refused by name)",
     "statedoc": "tests/test_state_integrity.py, tests/test_state_fuzz.py",
     "store/doc": "tests/test_store.py, tests/test_state_integrity.py",
     "store/file": "tests/test_store.py",

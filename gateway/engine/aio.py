@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from collections import deque
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -23,12 +24,14 @@ from gateway.config import Timeouts
 from gateway.engine.api import (
     ERR_CLIENT,
     ERR_CONNECT,
+    ERR_LIMIT,
     ERR_PROTOCOL,
     ERR_RESET,
     ERR_TIMEOUT,
     ERR_TLS,
     Forward,
     Handler,
+    Limits,
     RequestHead,
     Respond,
 )
@@ -73,6 +76,16 @@ async def progressing_body(
             start, n = now, 0
 
 
+class _Gate:
+    """Requests in flight to one (service, endpoint), and those waiting for a turn."""
+
+    __slots__ = ("busy", "waiters")
+
+    def __init__(self) -> None:
+        self.busy = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+
 def _cimd(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
     return CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
 
@@ -85,6 +98,7 @@ class AiohttpEngine:
         handler: Handler,
         *,
         timeouts: Timeouts | None = None,
+        upstream_limits: Limits | None = None,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.handler = handler
@@ -96,6 +110,11 @@ class AiohttpEngine:
             tls.sni_callback = self._current_tls
         # aiohttp's server has no request-head timeout; the others apply here too.
         self.timeouts = timeouts or Timeouts()
+        # upstream.max_connections: aiohttp's connector caps connections per host
+        # (at the top-level value); a gate per (service, endpoint) adds the bounded
+        # wait and the 503 (docs/configuration.md#upstream-connection-limits).
+        self.upstream_limits = upstream_limits if upstream_limits is not None else Limits()
+        self._gates: dict[tuple[str, str, int], _Gate] = {}
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.ServerRunner | None = None
         self._site: web.SockSite | None = None
@@ -110,7 +129,9 @@ class AiohttpEngine:
     async def serve(self, sock: socket.socket) -> None:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
-                limit=0, limit_per_host=0, keepalive_timeout=self.timeouts.upstream_idle
+                limit=0,
+                limit_per_host=self.upstream_limits.default[0],
+                keepalive_timeout=self.timeouts.upstream_idle,
             ),
             auto_decompress=False,
             skip_auto_headers=_SKIP_AUTO,
@@ -161,11 +182,53 @@ class AiohttpEngine:
         try:
             if request.headers.get("Upgrade", "").lower() == "websocket":
                 return await self._websocket(request, res)
-            return await self._forward(request, res)
+            return await self._gated(request, res)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+    async def _gated(self, request: web.BaseRequest, fwd: Forward) -> web.StreamResponse:
+        """`_forward` within the endpoint's `upstream.max_connections`, else 503 after the wait."""
+        key = (fwd.service, fwd.host, fwd.port)
+        cap, wait = self.upstream_limits.get(fwd.service)
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = _Gate()
+        if gate.busy >= cap or gate.waiters:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            gate.waiters.append(fut)
+            try:
+                async with asyncio.timeout(wait):
+                    await fut
+            except BaseException as e:
+                if fut.done() and not fut.cancelled():
+                    self._leave(key, gate)  # the turn came with the timeout: pass it on
+                else:
+                    fut.cancel()
+                    with contextlib.suppress(ValueError):
+                        gate.waiters.remove(fut)
+                    if not gate.busy and not gate.waiters:
+                        self._gates.pop(key, None)
+                if isinstance(e, TimeoutError):
+                    return self._fail(fwd, 503, ERR_LIMIT)
+                raise
+        else:
+            gate.busy += 1
+        try:
+            return await self._forward(request, fwd)
+        finally:
+            self._leave(key, gate)
+
+    def _leave(self, key: tuple[str, str, int], gate: _Gate) -> None:
+        while gate.waiters:
+            fut = gate.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the turn passes on: `busy` stays
+                return
+        gate.busy -= 1
+        if gate.busy <= 0:
+            self._gates.pop(key, None)
 
     @staticmethod
     def _respond(res: Respond) -> web.Response:

@@ -67,7 +67,33 @@ ERR_RESET: Final = "reset"  # upstream closed or reset mid-exchange -> 502
 ERR_TIMEOUT: Final = "timeout"  # connect/read timeout -> 504
 ERR_PROTOCOL: Final = "protocol"  # upstream sent an unparsable response -> 502
 ERR_CLIENT: Final = "client_abort"  # client went away; nothing to answer
+ERR_LIMIT: Final = "limit"  # the endpoint stayed at upstream.max_connections -> 503
 ERR_TLS: Final = "tls"  # the upstream's TLS handshake failed (certificate...) -> 502
+
+
+class Limits:
+    """Per service: (max open connections per endpoint, seconds a request may wait for one).
+
+    Read only when a new upstream connection is needed; `set` swaps the values
+    on a config reload (docs/configuration.md#upstream-connection-limits).
+    """
+
+    __slots__ = ("default", "per_service")
+
+    def __init__(
+        self,
+        default: tuple[int, float] = (1024, 1.0),
+        per_service: dict[str, tuple[int, float]] | None = None,
+    ) -> None:
+        self.default = default
+        self.per_service: dict[str, tuple[int, float]] = per_service or {}
+
+    def set(self, default: tuple[int, float], per_service: dict[str, tuple[int, float]]) -> None:
+        self.default = default
+        self.per_service = per_service
+
+    def get(self, service: str) -> tuple[int, float]:
+        return self.per_service.get(service, self.default)
 
 
 class Retry(Protocol):

@@ -17,7 +17,7 @@ import socket
 import ssl
 from typing import cast
 
-from gateway.engine.api import Handler
+from gateway.engine.api import Handler, Limits
 from gateway.engine.fast_accept import Acceptor
 from gateway.engine.fast_client import ClientConn
 from gateway.engine.fast_pool import Pool
@@ -45,6 +45,7 @@ class FastEngine:
         body_min_rate: float = 240.0,
         upstream_pool_per_host: int = 256,
         upstream_idle_timeout: float = 60.0,
+        upstream_limits: Limits | None = None,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.handler = handler
@@ -61,6 +62,7 @@ class FastEngine:
         self.body_min_bytes = max(1.0, body_min_rate * body_timeout)
         self.upstream_pool_per_host = upstream_pool_per_host
         self.upstream_idle_timeout = upstream_idle_timeout
+        self.upstream_limits = upstream_limits if upstream_limits is not None else Limits()
         self.closing = False
         # How late the lazy per-connection timer may notice a shorter timeout;
         # a body's window arms its own deadline (ClientConn.on_headers_complete).
@@ -82,7 +84,9 @@ class FastEngine:
         """Start serving on a bound, listening socket; return once accepting."""
         loop = asyncio.get_running_loop()
         self._loop = loop
-        self._pool = Pool(loop, self.upstream_pool_per_host, self.upstream_idle_timeout)
+        self._pool = Pool(
+            loop, self.upstream_pool_per_host, self.upstream_idle_timeout, self.upstream_limits
+        )
         sock.listen(4096)  # a deep accept queue for connection bursts (capped by somaxconn)
         self._server = Acceptor(loop, sock, self._protocol)
         self._server.tls = self.tls

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from typing import TYPE_CHECKING, Final, cast
 
 from httptools import (
@@ -55,6 +56,11 @@ S_LINGER: Final = 3  # the peer's close after our final response
 S_TUNNEL: Final = 4  # nothing: an upgraded connection just relays
 
 LINGER_SECONDS: Final = 2.0
+PARSER_IDLE_SECONDS: Final = 1.0
+
+# What `ClientConn._headers` is between two heads: shared, never appended to
+# (on_header appends only in S_HEAD, and `_begin` makes a fresh list first).
+_NO_HEADERS: Final[list[tuple[bytes, bytes]]] = []
 
 
 class ClientConn:
@@ -96,7 +102,7 @@ class ClientConn:
         "_tstate",
         "_t0",
         "_bn",
-        "_timer",
+        "_tick",
         "_tw",
         "_parsing",
         "_last_ex",
@@ -109,6 +115,7 @@ class ClientConn:
         "_tun",
         "_tun_eof_c",
         "_tun_eof_u",
+        "_begun",
     )
 
     transport: asyncio.Transport
@@ -121,14 +128,17 @@ class ClientConn:
         self.loop = loop
         self.pool = pool
         self.handler = engine.handler
-        self.parser = HttpRequestParser(self)
+        # Made at the first byte and dropped after PARSER_IDLE_SECONDS idle: an idle
+        # keep-alive connection holds no llhttp parser (~0.85 KiB with its bound methods).
+        self.parser: HttpRequestParser | None = None
+        self._begun = False  # llhttp may hold bytes of a next message (see data_received)
         self.client_ip = ""
         self.closed = False
         self.close_soon = engine.closing  # no keep-alive: shutdown, upgrade or client EOF
         self.pause = 0
         self.wpaused = False
         self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._headers: list[tuple[bytes, bytes]] = _NO_HEADERS  # a fresh list per head (_begin)
         self._hsize = 0
         self._count = False  # count header bytes exactly (the head may exceed the limit)
         self._max_head = engine.max_header_bytes
@@ -142,7 +152,7 @@ class ClientConn:
         self._tstate = S_WAIT
         self._t0 = 0.0  # when the current timeout's period began
         self._bn = 0  # request body bytes read since _t0 (S_BODY)
-        self._timer: asyncio.TimerHandle | None = None
+        self._tick = 0  # the wheel tick armed (engine/fast_timers.py); 0: none
         self._tw = 0.0
         self._parsing: Exchange | None = None
         self._last_ex: Exchange | None = None
@@ -165,16 +175,17 @@ class ClientConn:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
-            self.client_ip = str(peer[0])
+            # Interned: a thousand connections from one address share one string.
+            self.client_ip = sys.intern(str(peer[0]))
         self.engine._clients.add(self)
         self._t0 = self.loop.time()
         self._arm(self._t0 + self.engine._tick)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._tick:
+            self.pool.wheel.remove(self, self._tick)
+            self._tick = 0
         eng = self.engine
         eng._clients.discard(self)
         tun = self._tun
@@ -245,7 +256,13 @@ class ClientConn:
         elif self._count:
             self._count = False
         try:
-            self.parser.feed_data(data)
+            p = self.parser
+            if p is None:
+                p = self.parser = HttpRequestParser(self)
+            p.feed_data(data)
+            # Bytes after a complete message that start no request line yet (a method's
+            # first letters) raise no callback: a chunk ending in LF left none behind.
+            self._begun = data[-1] != 10
         except HttpParserUpgrade as e:
             ex = self._last_ex
             assert ex is not None
@@ -295,8 +312,7 @@ class ClientConn:
 
     def _begin(self) -> None:
         self._url = b""
-        if self._headers:
-            self._headers = []  # a head that never completed
+        self._headers = []  # on_header appends only after this (state S_HEAD)
         self._hsize = 0
         self._cl = None
         self._te = None
@@ -304,7 +320,7 @@ class ClientConn:
         self._upg = None
         self._tstate = S_HEAD
         self._t0 = self.loop.time()
-        if self._timer is None:
+        if not self._tick:
             self._arm(self._t0 + self.engine._tick)
 
     def on_url(self, url: bytes) -> None:
@@ -339,6 +355,7 @@ class ClientConn:
 
     def on_headers_complete(self) -> None:
         p = self.parser
+        assert p is not None
         version = p.get_http_version()
         method = p.get_method()
         http11, body_kind, cl, upgrade = request_framing(
@@ -350,7 +367,7 @@ class ClientConn:
             self._upg if p.should_upgrade() else None,
         )
         headers = self._headers
-        self._headers = []  # the next request's; an idle connection holds no old head
+        self._headers = _NO_HEADERS  # an idle connection holds no head, nor an empty list
         ex = Exchange(
             self,
             RequestHead(method, self._url, headers, self.client_ip, version, self.engine.scheme),
@@ -399,7 +416,9 @@ class ClientConn:
         self._done_in_feed += 1
         if ex is None:
             return
-        ex.keep = self.parser.should_keep_alive()  # here: llhttp resets it once feed_data returns
+        p = self.parser
+        assert p is not None
+        ex.keep = p.should_keep_alive()  # here: llhttp resets it once feed_data returns
         ex.req_done = True
         if not ex.discard:
             if ex.body_kind == BODY_CHUNKED:
@@ -544,9 +563,11 @@ class ClientConn:
             if self.close_soon:
                 self._close()
                 return
-            self._t0 = self.loop.time()
-            if self._timer is None:
-                self._arm(self._t0 + self.engine._tick)
+            self._t0 = t0 = self.loop.time()
+            # Soon enough to drop the parser if nothing follows (_arm keeps an earlier one).
+            self._arm(
+                t0 + PARSER_IDLE_SECONDS if self.parser is not None else t0 + self.engine._tick
+            )
 
     def _fail_input(self, status: int, message: str) -> None:
         """Refuse the request being read (RFC 9112 §11.2: never forward it) and close."""
@@ -688,16 +709,19 @@ class ClientConn:
         self._arm(self._t0 + min(LINGER_SECONDS, self.engine._tick))
 
     def _arm(self, when: float) -> None:
-        t = self._timer
-        if t is not None:
+        t = self._tick
+        wheel = self.pool.wheel
+        if t:
             if self._tw <= when:
                 return
-            t.cancel()
+            wheel.remove(self, t)
         self._tw = when
-        self._timer = self.loop.call_at(when, self._on_timer)
+        self._tick = wheel.add(self, when)
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def on_tick(self, tick: int) -> None:
+        if tick != self._tick:
+            return  # re-armed elsewhere meanwhile
+        self._tick = 0
         if self.closed:
             return
         eng = self.engine
@@ -719,6 +743,12 @@ class ClientConn:
             if now >= deadline:
                 self._shut(abort=False)
                 return
+            if self.parser is not None and not self._begun:
+                drop = self._t0 + PARSER_IDLE_SECONDS
+                if now >= drop:
+                    self.parser = None  # between two messages: the next byte makes a new one
+                elif drop < deadline:
+                    deadline = drop
         elif st == S_BODY:
             deadline = self._t0 + eng.body_timeout
             if now >= deadline:

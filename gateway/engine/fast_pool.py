@@ -2,23 +2,40 @@
 
 Why: reusing connections is most of the speed (RFC 9112 §9.3 persistence;
 dropping pooled connections costs 4x); a fresh connection is only
-opened when no idle one is left, within `Forward.connect_timeout`.
+opened when no idle one is left, within `Forward.connect_timeout`, and only
+while the endpoint has fewer than its `upstream.max_connections` open; else
+the request waits up to `upstream.queue_timeout` for one to come free
+(docs/configuration.md#upstream-connection-limits), then gets 503.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from functools import partial
 from typing import cast
 
-from gateway.engine.api import ERR_CONNECT, ERR_PROTOCOL, ERR_TIMEOUT, ERR_TLS
+from gateway.engine.api import ERR_CONNECT, ERR_LIMIT, ERR_PROTOCOL, ERR_TIMEOUT, ERR_TLS, Limits
+from gateway.engine.fast_timers import Wheel
 from gateway.engine.fast_upstream import Key, Upstream
 from gateway.engine.fast_wire import Exchange
 from gateway.tls import describe, is_tls_error
 from gateway.tls_config import UpstreamTLS
 
 log = logging.getLogger(__name__)
+
+
+class Waiter:
+    """A request waiting for its endpoint to fall below the cap (or for an idle connection)."""
+
+    __slots__ = ("ex", "replay", "cap", "timer")
+
+    def __init__(self, ex: Exchange, replay: list[bytes] | None, cap: int) -> None:
+        self.ex = ex
+        self.replay = replay
+        self.cap = cap
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class Pool:
@@ -29,9 +46,27 @@ class Pool:
     close of a pooled connection) removes one in O(1) instead of scanning a list.
     """
 
-    __slots__ = ("loop", "per_host", "idle_timeout", "idle_conns", "conns", "tasks", "all_closed")
+    __slots__ = (
+        "loop",
+        "per_host",
+        "idle_timeout",
+        "idle_conns",
+        "conns",
+        "tasks",
+        "all_closed",
+        "limits",
+        "open",
+        "waiting",
+        "wheel",
+    )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, per_host: int, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        per_host: int,
+        idle_timeout: float,
+        limits: Limits | None = None,
+    ) -> None:
         self.loop = loop
         self.per_host = per_host
         self.idle_timeout = idle_timeout
@@ -39,6 +74,14 @@ class Pool:
         self.conns: set[Upstream] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.all_closed: asyncio.Event | None = None
+        self.limits = limits if limits is not None else Limits()
+        # Per endpoint: connections open or being opened (a connection that is
+        # both for a moment counts twice: never more than the cap on the wire).
+        self.open: dict[Key, int] = {}
+        # Per endpoint at its cap: requests waiting, first come first served.
+        self.waiting: dict[Key, deque[Waiter]] = {}
+        # Every timeout of this engine's connections, client and upstream, on one loop timer.
+        self.wheel = Wheel(loop)
 
     def acquire(self, host: str, port: int, tls: UpstreamTLS | None = None) -> Upstream | None:
         idle = self.idle_conns.get((host, port))
@@ -52,6 +95,8 @@ class Pool:
         return None
 
     def release(self, up: Upstream) -> None:
+        if self.waiting and self._hand_over(up):
+            return
         idle = self.idle_conns.get(up.key)
         if idle is None:
             idle = self.idle_conns[up.key] = {}
@@ -62,7 +107,7 @@ class Pool:
         now = self.loop.time()
         up.idle_since = now
         when = now + min(up.rt, self.idle_timeout)
-        if up.timer is None or up.tw > when:  # a read timer may be set later than the idle end
+        if not up.tick or up.tw > when:  # a read timer may be set later than the idle end
             up._arm(when)
 
     def discard(self, up: Upstream) -> None:
@@ -71,10 +116,124 @@ class Pool:
             idle.pop(up, None)
 
     def connect(self, ex: Exchange, replay: list[bytes] | None = None) -> None:
-        """Open a fresh connection for `ex` (RFC 9112 §9.3: new connection when none idle)."""
+        """Open a fresh connection for `ex` (RFC 9112 §9.3: new connection when none idle).
+
+        At the endpoint's cap the request waits instead (`Waiter`), for the
+        first connection released to the pool or closed.
+        """
+        fwd = ex.fwd
+        assert fwd is not None
+        key = (fwd.host, fwd.port)
+        cap, wait = self.limits.get(fwd.service)
+        n = self.open.get(key, 0)
+        if n >= cap:  # (below it, nobody waits: `closed` wakes waiters while there is room)
+            self._wait(key, ex, replay, cap, wait)
+            return
+        self.open[key] = n + 1
+        self._spawn(ex, replay)
+
+    def _spawn(self, ex: Exchange, replay: list[bytes] | None) -> None:
         task = self.loop.create_task(self._connect(ex, replay))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    # -- the cap: counting, waiting, handing over ----------------------------
+
+    def opened(self, key: Key) -> None:
+        """An upstream connection is established (Upstream.connection_made)."""
+        self.open[key] = self.open.get(key, 0) + 1
+
+    def closed(self, key: Key) -> None:
+        """One fewer connection (or attempt) to `key`: a waiter may open one now."""
+        n = self.open.get(key, 0) - 1
+        if n > 0:
+            self.open[key] = n
+        else:
+            self.open.pop(key, None)
+        if self.waiting:
+            self._wake(key)
+
+    def _wait(
+        self, key: Key, ex: Exchange, replay: list[bytes] | None, cap: int, wait: float
+    ) -> None:
+        w = Waiter(ex, replay, cap)
+        q = self.waiting.get(key)
+        if q is None:
+            q = self.waiting[key] = deque()
+        q.append(w)
+        when = self.loop.time() + wait
+        if ex.deadline and ex.deadline < when:
+            when = ex.deadline  # timeouts.total ends first: 504 as for any attempt
+        w.timer = self.loop.call_at(when, self._expired, key, w)
+
+    def _expired(self, key: Key, w: Waiter) -> None:
+        w.timer = None
+        q = self.waiting.get(key)
+        if q is not None:
+            try:
+                q.remove(w)
+            except ValueError:
+                return
+            if not q:
+                del self.waiting[key]
+        ex = w.ex
+        if ex.finished or ex.client.closed:
+            return
+        if ex.deadline and self.loop.time() >= ex.deadline:
+            ex.client.upstream_failed(ex, 504, ERR_TIMEOUT)
+        else:
+            ex.client.upstream_failed(ex, 503, ERR_LIMIT)
+
+    def _next(self, key: Key) -> Waiter | None:
+        """The first waiter for `key` whose client still wants an answer, dequeued."""
+        q = self.waiting.get(key)
+        while q:
+            w = q.popleft()
+            if w.timer is not None:
+                w.timer.cancel()
+                w.timer = None
+            ex = w.ex
+            if not ex.finished and not ex.client.closed:
+                if not q:
+                    del self.waiting[key]
+                return w
+        self.waiting.pop(key, None)
+        return None
+
+    def _wake(self, key: Key) -> None:
+        q = self.waiting.get(key)
+        while q:
+            n = self.open.get(key, 0)
+            if n >= q[0].cap:
+                return
+            w = self._next(key)
+            if w is None:
+                return
+            self.open[key] = n + 1
+            self._spawn(w.ex, w.replay)
+            q = self.waiting.get(key)
+
+    def _hand_over(self, up: Upstream) -> bool:
+        """A reusable connection goes to the first waiter for its endpoint instead of idling."""
+        q = self.waiting.get(up.key)
+        if not q:
+            return False
+        first = q[0].ex
+        if first.upgrade is not None or first.fwd is None or first.fwd.tls is not up.tls:
+            # An upgrade needs a connection of its own, and one opened plain (or with
+            # another TLS config) is not reused: closing it makes room for a new one.
+            up.close()
+            return True
+        w = self._next(up.key)
+        if w is None:
+            return False
+        try:
+            up.attach(w.ex, True, w.replay)
+        except Exception:  # a bug must not leave the client hanging
+            log.exception("fast engine: attaching an upstream failed")
+            up.abandon()
+            w.ex.client.upstream_failed(w.ex, 502, ERR_PROTOCOL)
+        return True
 
     async def _connect(self, ex: Exchange, replay: list[bytes] | None) -> None:
         fwd = ex.fwd
@@ -88,21 +247,24 @@ class Pool:
                 limit = left if left > 0.0 else 0.0
                 final = True
         try:
-            async with asyncio.timeout(limit):
-                tls = fwd.tls
-                if tls is None:
-                    _, proto = await self.loop.create_connection(
-                        partial(_upstream, self, key, None), fwd.host, fwd.port
-                    )
-                else:  # README "TLS": SNI and the checked name are server_name or the host
-                    _, proto = await self.loop.create_connection(
-                        partial(_upstream, self, key, tls),
-                        fwd.host,
-                        fwd.port,
-                        ssl=tls.context,
-                        server_hostname=tls.server_name or fwd.host,
-                    )
-                up = cast(Upstream, proto)
+            try:
+                async with asyncio.timeout(limit):
+                    tls = fwd.tls
+                    if tls is None:
+                        _, proto = await self.loop.create_connection(
+                            partial(_upstream, self, key, None), fwd.host, fwd.port
+                        )
+                    else:  # README "TLS": SNI and the checked name are server_name or the host
+                        _, proto = await self.loop.create_connection(
+                            partial(_upstream, self, key, tls),
+                            fwd.host,
+                            fwd.port,
+                            ssl=tls.context,
+                            server_hostname=tls.server_name or fwd.host,
+                        )
+                    up = cast(Upstream, proto)
+            finally:
+                self.closed(key)  # the attempt's own count; a made connection counts itself
         except asyncio.CancelledError:
             ex.client.abort()  # shutdown: its connection_lost reports client_abort
             raise
@@ -173,6 +335,11 @@ class Pool:
         ex.client.upstream_failed(ex, status, kind)
 
     async def close(self) -> None:
+        for q in self.waiting.values():
+            for w in q:
+                if w.timer is not None:
+                    w.timer.cancel()
+        self.waiting.clear()
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()
@@ -190,6 +357,7 @@ class Pool:
                     await self.all_closed.wait()
             except TimeoutError:
                 pass
+        self.wheel.close()
 
 
 def _upstream(pool: Pool, key: Key, tls: UpstreamTLS | None) -> asyncio.Protocol:

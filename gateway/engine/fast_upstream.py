@@ -95,7 +95,7 @@ class Upstream:
         "last",
         "idle_since",
         "rt",
-        "timer",
+        "tick",
         "tw",
         "tunnel",
         "out",
@@ -130,7 +130,7 @@ class Upstream:
         self.last = 0.0
         self.idle_since = 0.0
         self.rt = pool.idle_timeout
-        self.timer: asyncio.TimerHandle | None = None
+        self.tick = 0  # the wheel tick armed (engine/fast_timers.py); 0: none
         self.tw = 0.0
         self.tunnel = False
         self.out: list[bytes] = []  # bytes for the client, written once per read
@@ -140,12 +140,13 @@ class Upstream:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         self.pool.conns.add(self)
+        self.pool.opened(self.key)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.tick:
+            self.pool.wheel.remove(self, self.tick)
+            self.tick = 0
         pool = self.pool
         pool.conns.discard(self)
         if not pool.conns and pool.all_closed is not None:
@@ -153,7 +154,12 @@ class Upstream:
         ex = self.ex
         if ex is None:
             pool.discard(self)
+            pool.closed(self.key)
             return
+        self._lost(ex, exc)
+        pool.closed(self.key)  # after the exchange's own retry, which may want this endpoint
+
+    def _lost(self, ex: Exchange, exc: Exception | None) -> None:
         if self.tunnel:
             self.ex = None
             ex.client.tunnel_closed(ex)
@@ -404,7 +410,7 @@ class Upstream:
         if ex.req_done:
             now = self.loop.time()
             self.last = now
-            if self.timer is None or self.tw > now + self.rt:
+            if not self.tick or self.tw > now + self.rt:
                 self._arm(now + self.rt)
         if ex.deadline:
             self._arm(ex.deadline)
@@ -525,9 +531,9 @@ class Upstream:
     def _start_tunnel(self, ex: Exchange, rest: bytes) -> None:
         assert self.transport is not None
         self.tunnel = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.tick:
+            self.pool.wheel.remove(self, self.tick)
+            self.tick = 0
         buf = ex.buf
         ex.buf = None
         if buf:
@@ -537,16 +543,19 @@ class Upstream:
     # -- timers -------------------------------------------------------------
 
     def _arm(self, when: float) -> None:
-        t = self.timer
-        if t is not None:
+        t = self.tick
+        wheel = self.pool.wheel
+        if t:
             if self.tw <= when:
                 return
-            t.cancel()
+            wheel.remove(self, t)
         self.tw = when
-        self.timer = self.loop.call_at(when, self._on_timer)
+        self.tick = wheel.add(self, when)
 
-    def _on_timer(self) -> None:
-        self.timer = None
+    def on_tick(self, tick: int) -> None:
+        if tick != self.tick:
+            return  # re-armed elsewhere meanwhile
+        self.tick = 0
         if self.closed or self.tunnel:
             return
         now = self.loop.time()
