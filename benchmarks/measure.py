@@ -49,7 +49,9 @@ class Runner:
             return self.fleet.nginx_ref(scenario.workers, fresh=scenario.fresh)
         if target == "haproxy":
             return self.fleet.haproxy_ref(scenario.workers, fresh=scenario.fresh)
-        return self.fleet.gateway(scenario.workers, scenario.tracing, fresh=scenario.fresh)
+        return self.fleet.gateway(
+            scenario.workers, scenario.tracing, fresh=scenario.fresh, rollout=scenario.rollout
+        )
 
     def _tool_argv(self, probe: Probe, url: str, duration_s: float) -> list[str]:
         if probe.kind == "hey":

@@ -142,7 +142,7 @@ class Session:
 
     def _key(self, scenario: Scenario, target: str) -> tuple[object, ...]:
         tracing = scenario.tracing if target == "gateway" else None
-        return (target, scenario.workers, tracing, scenario.tls)
+        return (target, scenario.workers, tracing, scenario.tls, scenario.rollout)
 
     def _usable(self, cell: Cell) -> str | None:
         scenario, probe, target = cell

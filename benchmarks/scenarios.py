@@ -60,6 +60,7 @@ class Scenario:
     tracing: str = "prop"
     fresh: bool = False  # start the forwarder anew for every run (memory figures)
     tls: bool = False  # the forwarders terminate HTTPS (benchmarks/tlsbench.py)
+    rollout: bool = False  # the gateway runs a rollout with analysis configured (servers.py)
 
     @property
     def group_key(self) -> str:
@@ -95,6 +96,15 @@ SCENARIOS: dict[str, Scenario] = {
             group="c50_1k",
             targets=("gateway",),
             tracing="sampled",
+        ),
+        Scenario(
+            "rollout_on",
+            "gateway with a rollout running and Prometheus analysis evaluating every second "
+            "(its result writes reach the data path only as state-document changes)",
+            _C50,
+            group="c50_1k",
+            targets=("gateway",),
+            rollout=True,
         ),
         Scenario("c50_100k", "50 connections, 100 KiB body", (Probe("wrk", 50, "/100k"),)),
         Scenario("c1000_1k", "1000 connections, 1 KiB body", (Probe("wrk", 1000, "/1k"),)),

@@ -6,6 +6,9 @@ cost nothing), except where a scenario asks for a fresh one (idle RSS).
 
 from __future__ import annotations
 
+import copy
+import http.client
+import json
 import os
 import re
 import resource
@@ -14,6 +17,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -23,6 +27,31 @@ from benchmarks.tools import nginx_has_stub_status
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS: dict[str, float] = {"stable": 95, "gray": 5}
+
+# The `rollout_on` scenario: analysis configured and a rollout running, to show the
+# data path pays nothing for them. The Prometheus address is a free port nobody
+# listens on, so every evaluation is inconclusive (refused at once) and the runner
+# still stores its result in the state document every second; inconclusive_limit
+# is high enough that the rollout never pauses during a run. The plan holds gray at
+# 5 % (`pause: null` waits for promote), the split of every other scenario.
+ROLLOUT_CONFIG: dict[str, Any] = {
+    "rollout": {"min_first_pause": "0s", "min_pause": "0s"},
+    "analysis": {
+        "prometheus": {"address": "", "timeout": "1s"},
+        "metrics": [
+            {
+                "name": "kpi",
+                "query": 'sum(rate(http_requests_total{release="{{release}}"}[1m]))',
+                "min": 0,
+                "interval": "1s",
+                "initial_delay": "0s",
+                "inconclusive_limit": 1000,
+                "min_requests": 0,
+            }
+        ],
+    },
+}
+ROLLOUT_PLAN = {"release": "gray", "steps": [{"weight": WEIGHTS["gray"], "pause": None}]}
 SERVICE = "bench"
 
 # README "Tracing & metrics": the gateway reads the standard OTEL_* variables.
@@ -97,6 +126,7 @@ def gateway_config(
     upstreams: Mapping[str, int],
     weights: Mapping[str, float] = WEIGHTS,
     workers: int = 1,
+    rollout: bool = False,
 ) -> str:
     """The benchmark's gateway config: one service, every Host, a weighted pair.
 
@@ -116,7 +146,28 @@ def gateway_config(
             }
         },
     }
+    if rollout:
+        extra = copy.deepcopy(ROLLOUT_CONFIG)
+        extra["analysis"]["prometheus"]["address"] = f"http://127.0.0.1:{free_port()}"
+        config.update(extra)
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+
+
+def start_rollout(admin_port: int) -> None:
+    """POST the `rollout_on` plan; RuntimeError naming the answer when it is not accepted."""
+    conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=10)
+    try:
+        body = json.dumps(ROLLOUT_PLAN)
+        conn.request("POST", f"/admin/services/{SERVICE}/rollout", body=body)
+        resp = conn.getresponse()
+        answer = resp.read()
+        if resp.status // 100 != 2:
+            raise RuntimeError(f"rollout not started: {resp.status} {answer[:500]!r}")
+        state = json.loads(answer).get("rollout", {}).get("state")
+        if state != "Progressing":
+            raise RuntimeError(f"rollout not Progressing after start: {answer[:500]!r}")
+    finally:
+        conn.close()
 
 
 def gateway_env(
@@ -289,13 +340,16 @@ class Fleet:
             self._servers[key] = server
         return server
 
-    def gateway(self, workers: int = 1, tracing: str = "prop", *, fresh: bool = False) -> Server:
-        key: tuple[object, ...] = ("gateway", workers, tracing)
+    def gateway(
+        self, workers: int = 1, tracing: str = "prop", *, fresh: bool = False, rollout: bool = False
+    ) -> Server:
+        key: tuple[object, ...] = ("gateway", workers, tracing, rollout)
         if key in self._servers and not fresh:
             return self._servers[key]
         ups = {name: s.port for name, s in self.upstreams().items()}
         port, admin_port = free_port(), free_port()
-        name = f"gateway-w{workers}-{tracing}" + ("-fresh" if fresh else "")
+        name = f"gateway-w{workers}-{tracing}" + ("-rollout" if rollout else "")
+        name += "-fresh" if fresh else ""
         workdir = self.tmp / name
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "gateway.yaml"
@@ -306,6 +360,7 @@ class Fleet:
                 state_path=workdir / "state.json",
                 upstreams=ups,
                 workers=workers,
+                rollout=rollout,
             )
         )
         argv = pinned(gateway_argv(config, workers, self.python), self.layout.for_workers(workers))
@@ -314,6 +369,8 @@ class Fleet:
         )
         try:
             wait_http(port, "/healthz", proc=proc, deadline_s=20)
+            if rollout:
+                start_rollout(admin_port)
         except BaseException:
             self.procs.stop(proc)
             raise

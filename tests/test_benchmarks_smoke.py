@@ -30,6 +30,7 @@ from benchmarks import (
     tools,
 )
 from benchmarks.upstream import FixedResponder, Stats
+from gateway import config as config_mod
 from tests.programs import need
 
 WRK_TEXT = """\
@@ -89,7 +90,7 @@ Error distribution:
 
 def test_modules_import_and_scenarios_are_complete() -> None:
     expected = {"c50_1k", "c50_100k", "c1000_1k", "rate5k", "trace_off", "trace_prop"}
-    expected |= {"trace_sampled", "workers2", "idle10k", "tls_c50_1k"}
+    expected |= {"trace_sampled", "workers2", "idle10k", "tls_c50_1k", "rollout_on"}
     assert set(scenarios.SCENARIOS) == expected
     assert set(scenarios.QUICK) <= expected
     assert all(callable(f) for f in (run.main, measure.Runner, idle.measure_idle))
@@ -288,6 +289,30 @@ def test_gateway_config_matches_spec_shape(tmp_path: Path) -> None:
     releases = cfg["services"]["bench"]["releases"]
     assert releases["stable"] == {"weight": 95, "upstreams": ["http://127.0.0.1:9001"]}
     assert releases["gray"] == {"weight": 5, "upstreams": ["http://127.0.0.1:9002"]}
+
+
+def test_rollout_on_config_is_a_valid_gateway_config_and_leaves_the_template_alone(
+    tmp_path: Path,
+) -> None:
+    before = json.dumps(servers.ROLLOUT_CONFIG, sort_keys=True)
+    texts = [
+        servers.gateway_config(
+            port=18080,
+            admin_port=19901,
+            state_path=tmp_path / "state.json",
+            upstreams={"stable": 9001, "gray": 9002},
+            rollout=True,
+        )
+        for _ in range(2)
+    ]
+    assert json.dumps(servers.ROLLOUT_CONFIG, sort_keys=True) == before
+    path = tmp_path / "gateway.yaml"
+    path.write_text(texts[0])
+    cfg = config_mod.load(str(path))
+    assert [m.name for m in cfg.analysis.metrics_for("bench")] == ["kpi"]
+    assert cfg.rollout.min_first_pause == 0
+    plan = servers.ROLLOUT_PLAN
+    assert plan["steps"] == [{"weight": servers.WEIGHTS["gray"], "pause": None}]
 
 
 @pytest.mark.parametrize(
