@@ -50,7 +50,11 @@ class Runner:
         if target == "haproxy":
             return self.fleet.haproxy_ref(scenario.workers, fresh=scenario.fresh)
         return self.fleet.gateway(
-            scenario.workers, scenario.tracing, fresh=scenario.fresh, rollout=scenario.rollout
+            scenario.workers,
+            scenario.tracing,
+            fresh=scenario.fresh,
+            rollout=scenario.rollout,
+            segments=scenario.segments,
         )
 
     def _tool_argv(self, probe: Probe, url: str, duration_s: float) -> list[str]:

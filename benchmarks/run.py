@@ -142,7 +142,14 @@ class Session:
 
     def _key(self, scenario: Scenario, target: str) -> tuple[object, ...]:
         tracing = scenario.tracing if target == "gateway" else None
-        return (target, scenario.workers, tracing, scenario.tls, scenario.rollout)
+        return (
+            target,
+            scenario.workers,
+            tracing,
+            scenario.tls,
+            scenario.rollout,
+            scenario.segments,
+        )
 
     def _usable(self, cell: Cell) -> str | None:
         scenario, probe, target = cell

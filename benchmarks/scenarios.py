@@ -61,6 +61,7 @@ class Scenario:
     fresh: bool = False  # start the forwarder anew for every run (memory figures)
     tls: bool = False  # the forwarders terminate HTTPS (benchmarks/tlsbench.py)
     rollout: bool = False  # the gateway runs a rollout with analysis configured (servers.py)
+    segments: bool = False  # the service has policy.segments_case's 10 segments (1M-id list)
 
     @property
     def group_key(self) -> str:
@@ -105,6 +106,15 @@ SCENARIOS: dict[str, Scenario] = {
             group="c50_1k",
             targets=("gateway",),
             rollout=True,
+        ),
+        Scenario(
+            "segments_on",
+            "gateway with 10 user segments of every kind, one a 1,000,000-id list, that the "
+            "benchmark's random users fall through (every request tests all 10)",
+            _C50,
+            group="c50_1k",
+            targets=("gateway",),
+            segments=True,
         ),
         Scenario("c50_100k", "50 connections, 100 KiB body", (Probe("wrk", 50, "/100k"),)),
         Scenario("c1000_1k", "1000 connections, 1 KiB body", (Probe("wrk", 1000, "/1k"),)),

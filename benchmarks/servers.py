@@ -127,6 +127,7 @@ def gateway_config(
     weights: Mapping[str, float] = WEIGHTS,
     workers: int = 1,
     rollout: bool = False,
+    segments_file: Path | None = None,
 ) -> str:
     """The benchmark's gateway config: one service, every Host, a weighted pair.
 
@@ -146,6 +147,11 @@ def gateway_config(
             }
         },
     }
+    if segments_file is not None:
+        from benchmarks.policy import segments_case
+
+        svc: dict[str, Any] = config["services"][SERVICE]  # type: ignore[index]
+        svc["segments"] = segments_case(segments_file, [])
     if rollout:
         extra = copy.deepcopy(ROLLOUT_CONFIG)
         extra["analysis"]["prometheus"]["address"] = f"http://127.0.0.1:{free_port()}"
@@ -341,14 +347,21 @@ class Fleet:
         return server
 
     def gateway(
-        self, workers: int = 1, tracing: str = "prop", *, fresh: bool = False, rollout: bool = False
+        self,
+        workers: int = 1,
+        tracing: str = "prop",
+        *,
+        fresh: bool = False,
+        rollout: bool = False,
+        segments: bool = False,
     ) -> Server:
-        key: tuple[object, ...] = ("gateway", workers, tracing, rollout)
+        key: tuple[object, ...] = ("gateway", workers, tracing, rollout, segments)
         if key in self._servers and not fresh:
             return self._servers[key]
         ups = {name: s.port for name, s in self.upstreams().items()}
         port, admin_port = free_port(), free_port()
         name = f"gateway-w{workers}-{tracing}" + ("-rollout" if rollout else "")
+        name += "-segments" if segments else ""
         name += "-fresh" if fresh else ""
         workdir = self.tmp / name
         workdir.mkdir(parents=True, exist_ok=True)
@@ -361,6 +374,7 @@ class Fleet:
                 upstreams=ups,
                 workers=workers,
                 rollout=rollout,
+                segments_file=workdir / "beta-users.txt" if segments else None,
             )
         )
         argv = pinned(gateway_argv(config, workers, self.python), self.layout.for_workers(workers))

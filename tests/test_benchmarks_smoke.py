@@ -90,7 +90,7 @@ Error distribution:
 
 def test_modules_import_and_scenarios_are_complete() -> None:
     expected = {"c50_1k", "c50_100k", "c1000_1k", "rate5k", "trace_off", "trace_prop"}
-    expected |= {"trace_sampled", "workers2", "idle10k", "tls_c50_1k", "rollout_on"}
+    expected |= {"trace_sampled", "workers2", "idle10k", "tls_c50_1k", "rollout_on", "segments_on"}
     assert set(scenarios.SCENARIOS) == expected
     assert set(scenarios.QUICK) <= expected
     assert all(callable(f) for f in (run.main, measure.Runner, idle.measure_idle))
@@ -313,6 +313,24 @@ def test_rollout_on_config_is_a_valid_gateway_config_and_leaves_the_template_alo
     assert cfg.rollout.min_first_pause == 0
     plan = servers.ROLLOUT_PLAN
     assert plan["steps"] == [{"weight": servers.WEIGHTS["gray"], "pause": None}]
+
+
+def test_segments_on_config_carries_the_ten_segments_and_loads(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        servers.gateway_config(
+            port=18080,
+            admin_port=19901,
+            state_path=tmp_path / "state.json",
+            upstreams={"stable": 9001, "gray": 9002},
+            segments_file=tmp_path / "beta.txt",
+        )
+    )
+    cfg = config_mod.load(str(path))
+    names = [s["name"] for s in yaml.safe_load(path.read_text())["services"]["bench"]["segments"]]
+    assert len(names) == 10 and "beta" in names
+    assert cfg.services["bench"].segments is not None
+    assert (tmp_path / "beta.txt").read_text().count("\n") == 1_000_000
 
 
 @pytest.mark.parametrize(
