@@ -25,10 +25,24 @@ from gateway.demo import demo_upstream, serve_app
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, and never one this test process handed out before.
+
+    The kernel may give the same ephemeral port to two binds in a row once the first
+    socket is closed, so `port, admin = free_port(), free_port()` could collide (a
+    gateway refusing to start with its admin listener on the data port).
+    """
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no fresh free port after 1000 tries")
 
 
 # The demo's upstream: names its release and echoes the headers it received.
