@@ -36,7 +36,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway import analysis, audit
+from gateway import analysis, audit, periodic
 from gateway import rollout as rollout_mod
 from gateway.alerts import AlertSender, targets_for
 from gateway.analysis import Evaluation, MetricRun, Reading
@@ -150,14 +150,7 @@ class AnalysisRunner:
         await self.alerts.stop()
 
     async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.tick)
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the analysis must outlive one bad evaluation
-                log.exception("analysis evaluation failed")
+        await periodic.every(lambda: self.tick, self.run_once, "analysis evaluation")
 
     async def query(self, promql: str) -> Reading:
         if self._query is not None:

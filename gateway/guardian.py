@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway import audit, rules
+from gateway import audit, periodic, rules
 from gateway import rollout as rollout_mod
 from gateway.alerts import ALERT_TIMEOUT_S, AlertSender, targets_for
 from gateway.control import ControlPlane
@@ -150,14 +150,7 @@ class Guardian:
         await self.alerts.stop()
 
     async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.check()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the guard must outlive one bad evaluation
-                log.exception("guard evaluation failed")
+        await periodic.every(lambda: self.interval, self.check, "guard evaluation")
 
     async def check(self) -> list[rules.Verdict]:
         """Evaluate every rule of every guarded release now; act on what is due."""

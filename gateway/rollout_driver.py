@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
-from gateway import audit
+from gateway import audit, periodic
 from gateway import rollout as R
 from gateway.alerts import AlertSender, targets_for
 from gateway.errors import Conflict
@@ -143,16 +143,12 @@ class RolloutDriver:
             await self.alerts.stop()
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                for service in await self.advance():
-                    r = self.control.rollout_of(service)
-                    log.info("rollout of %s: %s", service, r.to_json() if r else None)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # keep driving: one failed write must not stop rollouts
-                log.exception("rollout step failed; retrying")
+        await periodic.every(lambda: self.interval, self._step, "rollout step")
+
+    async def _step(self) -> None:
+        for service in await self.advance():
+            r = self.control.rollout_of(service)
+            log.info("rollout of %s: %s", service, r.to_json() if r else None)
 
     # ------------------------------------------------------------------ facts
     def _served_in_step(self, service: str, r: R.Rollout) -> int:
