@@ -159,9 +159,9 @@ def gateway_config(
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
 
 
-def start_rollout(admin_port: int) -> None:
+def start_rollout(admin_port: int, timeout: float = 10.0) -> None:
     """POST the `rollout_on` plan; RuntimeError naming the answer when it is not accepted."""
-    conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=timeout)
     try:
         body = json.dumps(ROLLOUT_PLAN)
         conn.request("POST", f"/admin/services/{SERVICE}/rollout", body=body)

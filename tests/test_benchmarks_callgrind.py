@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.callgrind import inclusive, totals
+from benchmarks.callgrind import Counts, inclusive, ratio_change, table, totals
 
 ANNOTATE = """\
 --------------------------------------------------------------------------------
@@ -37,3 +37,40 @@ def test_totals_line() -> None:
     assert totals("events: Ir\nsummary: 12\ntotals: 345\n") == 345
     with pytest.raises(ValueError):
         totals("events: Ir\n")
+
+
+@pytest.mark.parametrize(
+    ("plain", "variant", "user_share", "want"),
+    [
+        (100_000, 100_000, 1.0, 0.0),  # same work: no change
+        (100_000, 102_000, 1.0, 0.8 * (1 - 100_000 / 102_000)),  # all CPU scales with Ir
+        (100_000, 102_000, 0.5, 0.8 * (1 - 1 / 1.01)),  # half the CPU is system calls
+        (100_000, 98_000, 1.0, 0.8 * (1 - 100_000 / 98_000)),  # less work: the ratio rises
+    ],
+    ids=["equal", "user-only", "half-syscalls", "less-work"],
+)
+def test_ratio_change_scales_with_the_user_share(
+    plain: float, variant: float, user_share: float, want: float
+) -> None:
+    assert ratio_change(0.8, plain, variant, user_share) == pytest.approx(want)
+
+
+def test_timer_work_is_taken_per_second_and_spread_over_the_real_rate() -> None:
+    c = Counts(
+        config="rollout_on",
+        requests=1_000,
+        load_s=100.0,
+        load_ir=90_000_000,
+        idle_s=20.0,
+        idle_ir=40_000_000,
+        inclusive={"ClientConn___data_received": 50_000_000, "ProxyHandler___flush": 10_000_000},
+    )
+    per = c.per_request(rate=20_000)
+    assert per["total"] == 90_000  # as counted, timer work included
+    assert per["data_path"] == 60_000  # Upstream___data_received absent: counted as 0
+    assert per["timer_per_s"] == 2_000_000
+    assert per["timer_at_rate"] == 100
+    assert per["work"] == 60_100
+    lines = table([c, c], rate=20_000, ratio=0.8, user_share=0.4)
+    assert lines[0].split() == ["Ir", "per", "request", "rollout_on", "rollout_on"]
+    assert lines[-2].endswith("0.0000") and lines[-1].endswith("0.0000")  # against itself
