@@ -54,6 +54,20 @@ def gateway_python_missing(python: str) -> str | None:
     return None
 
 
+def installed_build(python: str) -> str:
+    """ "compiled" or "pure": the gateway `python` imports from its own install.
+
+    Probed in that interpreter, away from the checkout and without PYTHONPATH, as the
+    gateway under test runs when no build of the harness is put in front of it.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [python, "-c", PROBE], cwd="/", env=env, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    return "compiled" if done.stdout.strip() == "True" else "pure"
+
+
 def copy_sources(src: Path) -> Path:
     """What the Dockerfile's builder stage copies: the build files, the backend, the package."""
     src.mkdir(parents=True, exist_ok=True)
@@ -111,9 +125,15 @@ def compile_tree(
 def prepare(
     want: str, tmp: Path, log: Callable[[str], None] = print, python: str = sys.executable
 ) -> Build:
-    """`want` is auto | compiled | pure; auto falls back to pure with a note when it must."""
+    """`want` is auto | compiled | pure; auto falls back to the installed package with a note.
+
+    The note and the kind say what that package is (a plain ``pip install .`` is the
+    compiled build); `pure` measures a pure copy of the sources when it is compiled.
+    """
     if want == "pure":
-        return Build("pure", None)
+        if installed_build(python) == "pure":
+            return Build("pure", None)
+        return Build("pure", copy_sources(tmp / "pure" / "src"))
     why = missing_for_compiled(python)
     if why is None:
         try:
@@ -122,6 +142,10 @@ def prepare(
             why = str(exc)
     if want == "compiled":
         raise RuntimeError(f"--build compiled: {why}")
-    note = f"compiled build unavailable ({why.splitlines()[0]}): measuring the pure-Python build"
+    kind = installed_build(python)
+    note = (
+        f"no compiled build of the checkout ({why.splitlines()[0]}): measuring the package "
+        f"installed for {python}, which is the {kind} build"
+    )
     log(f"!! {note}")
-    return Build("pure", None, note)
+    return Build(kind, None, note)

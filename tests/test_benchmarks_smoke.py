@@ -487,6 +487,32 @@ def test_build_choice_pure_and_a_clear_error_without_a_compiler(
     assert notes == [f"!! {auto.note}"] and "no C compiler" in auto.note
 
 
+def test_without_a_compiler_the_note_names_the_installed_build_it_measures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An interpreter whose installed gateway is the compiled build (as after `pip install .`
+    # into a venv without mypy): the fallback must say so, not "pure-Python".
+    fake = tmp_path / "site" / "gateway"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "version.py").write_text("def compiled() -> bool:\n    return True\n")
+    python = tmp_path / "compiled-python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH="{tmp_path / "site"}" exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    assert build.installed_build(str(python)) == "compiled"
+    assert build.installed_build(sys.executable) == "pure"  # this venv: the editable checkout
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, no gcc
+    notes: list[str] = []
+    auto = build.prepare("auto", tmp_path, log=notes.append, python=str(python))
+    assert (auto.kind, auto.pythonpath) == ("compiled", None)
+    assert "no C compiler" in auto.note and auto.note.endswith("which is the compiled build")
+    assert "pure" not in auto.note and notes == [f"!! {auto.note}"]
+    pure = build.prepare("pure", tmp_path, python=str(python))  # a pure copy in front of it
+    assert pure.kind == "pure" and pure.pythonpath is not None
+    assert not list(pure.pythonpath.rglob("*.so"))
+    assert (pure.pythonpath / "gateway" / "version.py").is_file()
+
+
 def test_the_interpreter_is_described_and_a_non_pgo_build_is_flagged() -> None:
     info = tools.python_build(sys.executable)
     assert info["version"] == platform.python_version()
