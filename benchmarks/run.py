@@ -69,7 +69,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=("auto", "compiled", "pure"),
         default="auto",
         help="gateway build: compiled with mypyc as the Dockerfile ships it (auto: when a C "
-        "compiler and mypy are here, else pure Python), or the pure-Python package",
+        "compiler and mypy are here, else the package installed for --python, whichever "
+        "build that is), or the pure-Python package",
     )
     parser.add_argument(
         "--python",
