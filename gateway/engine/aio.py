@@ -136,8 +136,13 @@ class AiohttpEngine:
             auto_decompress=False,
             skip_auto_headers=_SKIP_AUTO,
         )
+        # access_log=None here: ServerRunner does not pass it on, and aiohttp's own access
+        # logger would write a line per request whatever `access_log` says.
         server = web.Server(
-            self._handle, handler_cancellation=True, keepalive_timeout=self.timeouts.idle
+            self._handle,
+            handler_cancellation=True,
+            keepalive_timeout=self.timeouts.idle,
+            access_log=None,
         )
         self._runner = web.ServerRunner(server, handle_signals=False, access_log=None)
         await self._runner.setup()
