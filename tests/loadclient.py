@@ -95,6 +95,105 @@ async def releases_for_users(
     return out
 
 
+def _field(head: bytes, name: bytes) -> bytes | None:
+    """The value of header `name` (lower case) in a response head, or None."""
+    i = head.lower().find(b"\r\n" + name + b":")
+    if i < 0:
+        return None
+    start = i + len(name) + 3
+    end = head.find(b"\r\n", start)
+    return head[start : end if end >= 0 else len(head)].strip()
+
+
+class _Pipeline(asyncio.Protocol):
+    """Pipelined GETs on one keep-alive connection, at most `window` outstanding.
+
+    Parses only what the split tests read: the status, X-Release-Stage and a
+    Content-Length body (what FixedUpstream sends), with bytes.find, no callbacks.
+    """
+
+    def __init__(self, reqs: Sequence[bytes], window: int) -> None:
+        self.reqs, self.window = reqs, window
+        self.got: list[tuple[int, str, str]] = []
+        self.sent = 0
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+        self.done: asyncio.Future[list[tuple[int, str, str]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._fill()
+
+    def _fill(self) -> None:
+        end = min(len(self.reqs), len(self.got) + self.window)
+        if end - self.sent >= self.window // 2 or end == len(self.reqs) > self.sent:
+            assert self.transport is not None
+            self.transport.write(b"".join(self.reqs[self.sent : end]))
+            self.sent = end
+
+    def data_received(self, data: bytes) -> None:
+        buf, pos = self.buf + data, 0
+        while (end := buf.find(b"\r\n\r\n", pos)) >= 0:
+            head = buf[pos:end]
+            length = _field(head, b"content-length")
+            if length is None:
+                self._fail(ConnectionError(f"no Content-Length: {head!r}"))
+                return
+            body_end = end + 4 + int(length)
+            if len(buf) < body_end:
+                break
+            stage = (_field(head, b"x-release-stage") or b"").decode("latin-1")
+            body = buf[end + 4 : body_end].decode("latin-1")
+            self.got.append((int(head[9:12]), stage, body))
+            pos = body_end
+        self.buf = buf[pos:]
+        if len(self.got) == len(self.reqs):
+            assert self.transport is not None
+            self.transport.close()
+            if not self.done.done():
+                self.done.set_result(self.got)
+        else:
+            self._fill()
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionError(f"closed after {len(self.got)} of {len(self.reqs)}: {exc}"))
+
+
+async def stages_for_keys(
+    port: int,
+    keys: Sequence[str],
+    *,
+    header: str = "X-User-ID",
+    conns: int = 16,
+    window: int = 128,
+    host: str = "127.0.0.1",
+) -> list[tuple[int, str, str]]:
+    """(status, X-Release-Stage, body) for one GET per key, in the order of `keys`.
+
+    Each connection takes a contiguous slice of `keys`, so a key listed twice far
+    apart is asked on two connections (with `--workers N`, usually two processes).
+    """
+    loop = asyncio.get_running_loop()
+    reqs = [build_request("/", {header: k}) for k in keys]
+    per = (len(reqs) + conns - 1) // conns
+    slices = [reqs[i : i + per] for i in range(0, len(reqs), per)]
+    protos = []
+    for part in slices:
+        _, proto = await loop.create_connection(lambda p=part: _Pipeline(p, window), host, port)
+        protos.append(proto)
+    got = await asyncio.gather(*(p.done for p in protos))
+    return [r for part in got for r in part]
+
+
 class FixedUpstream(asyncio.Protocol):
     """Answers every request with its release name; keep-alive; no parsing beyond CRLFCRLF."""
 

@@ -259,3 +259,23 @@ def test_demo_curl_lines_do_what_they_say() -> None:
         assert proc.wait(20) == 0
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@pytest.mark.parametrize("engine", ["fast", "aiohttp"])
+def test_access_log_off_writes_no_line_per_request(tmp_path: Path, engine: str) -> None:
+    """`access_log: false` (the default) holds on both engines: aiohttp's own access
+    logger stays off too (it wrote one INFO line per request on the reference engine)."""
+    from tests.loadclient import ThreadedUpstreams, stages_for_keys
+
+    with ThreadedUpstreams(["stable"]) as up:
+        doc = {
+            "engine": engine,
+            "services": {
+                "svc": {"releases": {"stable": {"weight": 1, "upstreams": [up.url("stable")]}}}
+            },
+        }
+        with run_gateway_process(tmp_path, doc) as gp:
+            got = asyncio.run(stages_for_keys(gp.port, [f"u{i}" for i in range(50)], conns=2))
+            assert {r[:2] for r in got} == {(200, "stable")}
+        log = gp.log.read_text(errors="replace")  # the process has exited: every line is in
+    assert "HTTP/1.1" not in log and "aiohttp.access" not in log, log[-2000:]
