@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from functools import partial
 
 import httptools
 
@@ -186,9 +187,9 @@ async def stages_for_keys(
     reqs = [build_request("/", {header: k}) for k in keys]
     per = (len(reqs) + conns - 1) // conns
     slices = [reqs[i : i + per] for i in range(0, len(reqs), per)]
-    protos = []
+    protos: list[_Pipeline] = []
     for part in slices:
-        _, proto = await loop.create_connection(lambda p=part: _Pipeline(p, window), host, port)
+        _, proto = await loop.create_connection(partial(_Pipeline, part, window), host, port)
         protos.append(proto)
     got = await asyncio.gather(*(p.done for p in protos))
     return [r for part in got for r in part]
