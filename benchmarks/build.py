@@ -55,7 +55,7 @@ def gateway_python_missing(python: str) -> str | None:
 
 
 def installed_build(python: str) -> str:
-    """ "compiled" or "pure": the gateway `python` imports from its own install.
+    """Which build of the gateway `python` imports from its own install: compiled or pure.
 
     Probed in that interpreter, away from the checkout and without PYTHONPATH, as the
     gateway under test runs when no build of the harness is put in front of it.
