@@ -20,11 +20,11 @@ rollout driver, state-document reloads) runs once per wall-clock second
 whatever the request rate, so valgrind's ~50x slowdown inflates its share of a
 request: each config also counts an idle window of ``--idle`` seconds (no
 requests) after the load, and the timer work is reported as instructions per
-second, taken out of the loaded total, and put back at ``--rate`` real
-requests per second. The implied change of the c50 throughput ratio assumes
-that on the CPU-bound box throughput scales inversely with the forwarder's CPU
-per request, of which only the user-space share ``--user-share`` scales with
-the instructions counted here (the system calls are the same for every config:
+second and added to the data path spread over ``--rate`` real requests per
+second. The implied change of the c50 throughput ratio assumes that on the
+CPU-bound box throughput scales inversely with the forwarder's CPU per
+request, of which only the user-space share ``--user-share`` scales with the
+instructions counted here (the system calls are the same for every config:
 same requests, same connections); ``--user-share 1`` gives the upper bound.
 
     python -m benchmarks.callgrind --python /path/to/venv/bin/python --requests 5000
