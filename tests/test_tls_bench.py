@@ -67,3 +67,7 @@ def test_nginx_and_the_gateway_serve_the_split_over_tls_with_one_certificate(
         a, b = _served(ref.port), _served(gw.port)
         assert a[0] == b[0] == 200 and a[1] == b[1] and len(a[1]) == 1024
         assert a[2] == b[2] != b""  # the same certificate on both
+        # ... and the same protocol and cipher suite for a client with wrk's defaults
+        # (OpenSSL's; here TLS 1.3 with TLS_AES_256_GCM_SHA384 on both).
+        got = tlsbench.negotiated(gw.port)
+        assert got == tlsbench.negotiated(ref.port) and got[0] == "TLSv1.3"
