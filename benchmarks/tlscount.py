@@ -23,18 +23,17 @@ random ``X-User-ID`` each, dumps, and prints per request:
 
     python -m benchmarks.tlscount --python /path/to/venv/bin/python --requests 3000
 
-Only 127.0.0.1; every process runs in its own process group and is stopped on exit.
+Only 127.0.0.1; every process runs in its own process group (benchmarks/procs.py) and is
+stopped on exit.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -47,7 +46,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks import build, nginxconf, tlsbench
-from benchmarks.procs import free_port
+from benchmarks.procs import Proc, ProcessSet, free_port
 from benchmarks.servers import WEIGHTS, gateway_config, gateway_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,42 +132,19 @@ async def _load(
         w.close()
 
 
-def _start_upstreams(procs: list[subprocess.Popen[bytes]]) -> dict[str, int]:
+def _start_upstreams(procs: ProcessSet) -> dict[str, int]:
     ups = {"stable": free_port(), "gray": free_port()}
-    for p in ups.values():
+    for name, p in ups.items():
         argv = [sys.executable, "-m", "benchmarks.upstream", "--port", str(p)]
-        procs.append(
-            subprocess.Popen(
-                argv,
-                cwd=REPO,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )  # fmt: skip
-        )
+        procs.start(f"upstream-{name}", argv, cwd=REPO)
     return ups
 
 
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    for p in procs:
-        try:
-            p.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(5)
-
-
-def _ready(port: int, tls: bool, path: str, proc: subprocess.Popen[bytes]) -> None:
+def _ready(port: int, tls: bool, proc: Proc) -> None:
     end = time.monotonic() + 600
     while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the target exited ({proc.returncode}) before it was ready")
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited before it was ready\n{proc.log_tail()}")
         try:
             if tls:
                 tlsbench.negotiated(port)
@@ -186,6 +162,7 @@ def measure(
     tls: bool,
     ups: dict[str, int],
     workdir: Path,
+    procs: ProcessSet,
     *,
     python: str,
     pythonpath: Path | None,
@@ -220,15 +197,9 @@ def measure(
             conf = tlsbench.nginx_tls_conf(conf, port, cert, key)
         nginxconf.prepare_prefix(workdir, valgrind_nginx_conf(conf))
         argv = [*vg, nginx, "-p", str(workdir), "-c", str(workdir / "nginx.conf")]
-    procs: list[subprocess.Popen[bytes]] = []
+    proc = procs.start(workdir.name, argv, env=env, cwd=workdir)
     try:
-        with (workdir / "target.log").open("wb") as log:
-            proc = subprocess.Popen(
-                argv, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        procs.append(proc)
-        _ready(port, tls, "/1k", proc)
+        _ready(port, tls, proc)
 
         def between(what: str) -> None:
             cmd = ["callgrind_control", "-i", "on"] if what == "on" else ["callgrind_control", "-d"]
@@ -236,7 +207,7 @@ def measure(
 
         asyncio.run(_load(port, tls, conns, max(500, requests // 10), requests, between))
     finally:
-        _stop(procs)
+        procs.stop(proc)
     dump = next(p for p in sorted(workdir.glob("callgrind.out.*")))
     ann = subprocess.run(
         ["callgrind_annotate", "--inclusive=yes", "--threshold=100", "--auto=no", str(dump)],
@@ -269,7 +240,7 @@ def main() -> None:
         ):
             sys.exit(f"needs {tool} (Debian packages valgrind, nginx-light)")
     tmp = Path(tempfile.mkdtemp(prefix="gateway-tlscount-"))
-    procs: list[subprocess.Popen[bytes]] = []
+    procs = ProcessSet(tmp)
     rows: dict[tuple[str, bool], dict[str, float]] = {}
     try:
         if args.pythonpath is not None:
@@ -281,11 +252,11 @@ def main() -> None:
             name = f"{target}-{'https' if tls else 'http'}"
             print(f"== {name} under callgrind ...", flush=True)
             rows[(target, tls)] = measure(
-                target, tls, ups, tmp / name, python=args.python, pythonpath=made.pythonpath,
+                target, tls, ups, tmp / name, procs, python=args.python, pythonpath=made.pythonpath,
                 requests=args.requests, conns=args.conns,
             )  # fmt: skip
     finally:
-        _stop(procs)
+        procs.close()
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"\ngateway: {made.kind} build, {args.python}; {args.requests} requests "
