@@ -25,7 +25,7 @@ from gateway.control import ControlPlane
 from gateway.discovery import ConsulDiscovery, Pacing, consul_selectors
 from gateway.discovery.metrics import DiscoveryMetrics
 from gateway.engine.aio import AiohttpEngine
-from gateway.engine.api import Limits
+from gateway.engine.api import Engine, Limits
 from gateway.guardian import Guardian, healthy_endpoints
 from gateway.handler import ProxyHandler
 from gateway.healthcheck import HealthChecker
@@ -77,11 +77,11 @@ def site_port(site: web.BaseSite) -> int:
     return int(socks[0].getsockname()[1])
 
 
-def make_engine(config: Config, handler: ProxyHandler) -> Any:
+def make_engine(config: Config, handler: ProxyHandler) -> Engine:
     tls = config.tls.context if config.tls is not None else None  # README "TLS"
     if config.engine == "fast":
         try:
-            from gateway.engine.fast import FastEngine  # type: ignore[import-not-found,unused-ignore]
+            from gateway.engine.fast import FastEngine
         except ImportError:  # pragma: no cover - fast engine always ships
             log.warning("fast engine unavailable; using the aiohttp engine")
         else:

@@ -250,12 +250,23 @@ def has_control_chars(value: bytes) -> bool:
     return any((c < 0x20 and c != 0x09) or c == 0x7F for c in value)
 
 
+def connection_tokens(value: bytes) -> set[bytes]:
+    """The field names a Connection header lists (RFC 9110 §7.6.1), lower-cased.
+
+    `close` and `keep-alive` are connection options, not fields: left out.
+    """
+    return {t.strip().lower() for t in value.split(b",")} - _NOT_FIELD_NAMES
+
+
+_NOT_FIELD_NAMES: Final = frozenset({b"", b"close", b"keep-alive"})
+
+
 def strip_response_hop_by_hop(headers: Sequence[tuple[bytes, bytes]], upgrading: bool) -> Headers:
     """Response direction of RFC 9110 §7.6.1 (Proxy-Authenticate included)."""
     named: set[bytes] = set()
     for n, v in headers:
         if n.lower() == b"connection":
-            named.update(t.strip().lower() for t in v.split(b","))
+            named |= connection_tokens(v)
     out: Headers = []
     for n, v in headers:
         ln = n.lower()

@@ -34,8 +34,10 @@ from gateway.engine.api import (
     Limits,
     RequestHead,
     Respond,
+    UpstreamErrorKind,
 )
 from gateway.engine.fast_wire import IDEMPOTENT, REPLAY_CAP
+from gateway.errors import upstream_status
 from gateway.headers import strip_response_hop_by_hop
 from gateway.tls import describe
 
@@ -211,7 +213,7 @@ class AiohttpEngine:
                     if not gate.busy and not gate.waiters:
                         self._gates.pop(key, None)
                 if isinstance(e, TimeoutError):
-                    return self._fail(fwd, 503, ERR_LIMIT)
+                    return self._fail(fwd, ERR_LIMIT)
                 raise
         else:
             gate.busy += 1
@@ -275,6 +277,7 @@ class AiohttpEngine:
         try:
             async with asyncio.timeout_at(when):  # timeouts.total: every attempt included
                 while True:
+                    kind: UpstreamErrorKind
                     tls = fwd.tls
                     scheme = "https" if tls is not None else "http"
                     url = URL(f"{scheme}://{fwd.host}:{fwd.port}{target}", encoded=True)
@@ -296,20 +299,20 @@ class AiohttpEngine:
                     except aiohttp.ClientSSLError as e:
                         fwd.detail = describe(e.__cause__ or e)
                         reported = True
-                        return self._fail(fwd, 502, ERR_TLS)
+                        return self._fail(fwd, ERR_TLS)
                     except aiohttp.ClientConnectorError:
-                        kind, code, sent = ERR_CONNECT, 502, False
+                        kind, sent = ERR_CONNECT, False
                     except aiohttp.ConnectionTimeoutError:
-                        kind, code, sent = ERR_TIMEOUT, 504, False
+                        kind, sent = ERR_TIMEOUT, False
                     except aiohttp.ServerTimeoutError:
-                        kind, code, sent = ERR_TIMEOUT, 504, True
+                        kind, sent = ERR_TIMEOUT, True
                     except aiohttp.ClientResponseError:
-                        kind, code, sent = ERR_PROTOCOL, 502, True
+                        kind, sent = ERR_PROTOCOL, True
                     except aiohttp.ClientError as e:
                         if isinstance(e.__cause__, BodyStalled):
                             reported = True
                             return self._stalled(fwd)  # aiohttp already cut the upstream
-                        kind, code, sent = ERR_RESET, 502, True
+                        kind, sent = ERR_RESET, True
                     if (
                         kind == ERR_PROTOCOL
                         or (sent and not replayable)
@@ -317,7 +320,7 @@ class AiohttpEngine:
                         or not fwd.retry.again(fwd, kind)
                     ):
                         reported = True
-                        return self._fail(fwd, code, kind)
+                        return self._fail(fwd, kind)
                 try:
                     out_h = strip_response_hop_by_hop(up.raw_headers, False) + fwd.response_headers
                     resp = web.StreamResponse(
@@ -345,7 +348,7 @@ class AiohttpEngine:
                 raise
             reported = True
             if status == 0:
-                return self._fail(fwd, 504, ERR_TIMEOUT)
+                return self._fail(fwd, ERR_TIMEOUT)
             fwd.on_done(status, ERR_TIMEOUT)
             raise ConnectionResetError from None  # the head is out: cut the response
         except (ConnectionResetError, asyncio.CancelledError):
@@ -361,8 +364,8 @@ class AiohttpEngine:
         fwd.on_done(408, ERR_CLIENT)
         return resp
 
-    def _fail(self, fwd: Forward, status: int, kind: str) -> web.Response:
-        body = self.handler.error_body(status, kind, fwd)
+    def _fail(self, fwd: Forward, kind: UpstreamErrorKind) -> web.Response:
+        body = self.handler.error_body(upstream_status(kind), kind, fwd)
         fwd.on_done(body.status, kind)
         return self._respond(body)
 
@@ -390,11 +393,11 @@ class AiohttpEngine:
             )
         except aiohttp.ClientSSLError as e:
             fwd.detail = describe(e.__cause__ or e)
-            return self._fail(fwd, 502, ERR_TLS)
+            return self._fail(fwd, ERR_TLS)
         except aiohttp.ClientConnectorError:
-            return self._fail(fwd, 502, ERR_CONNECT)
+            return self._fail(fwd, ERR_CONNECT)
         except aiohttp.ClientError:
-            return self._fail(fwd, 502, ERR_PROTOCOL)
+            return self._fail(fwd, ERR_PROTOCOL)
         ws = web.WebSocketResponse(protocols=protocols)
         for k, v in fwd.response_headers:
             ws.headers[k.decode()] = v.decode()
