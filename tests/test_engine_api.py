@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from gateway.engine.aio import AiohttpEngine
-from gateway.engine.api import Engine, Forward, RequestHead, Respond
+from gateway.engine.api import Engine, Forward, Limits, RequestHead, Respond
 from gateway.engine.fast import FastEngine
+from gateway.upstream_config import DEFAULT_MAX_CONNECTIONS, DEFAULT_QUEUE_TIMEOUT
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,3 +115,8 @@ def test_each_engine_takes_no_catch_all_keyword_arguments(cls: type[object]) -> 
     assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in params)
     with pytest.raises(TypeError):
         cls(_Handler(), no_such_option=1)
+
+
+def test_the_engines_default_limits_are_the_configs() -> None:
+    """engine/api.py copies upstream_config's defaults (the engine may not import it)."""
+    assert Limits().default == (DEFAULT_MAX_CONNECTIONS, DEFAULT_QUEUE_TIMEOUT)

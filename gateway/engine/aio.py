@@ -35,6 +35,7 @@ from gateway.engine.api import (
     RequestHead,
     Respond,
     UpstreamErrorKind,
+    body_min_bytes,
 )
 from gateway.engine.fast_wire import IDEMPOTENT, REPLAY_CAP
 from gateway.errors import upstream_status
@@ -57,7 +58,7 @@ async def progressing_body(
     body trickled a byte at a time is as stalled as a silent one.
     """
     loop = asyncio.get_running_loop()
-    need = max(1.0, min_rate * window)
+    need = body_min_bytes(min_rate, window)
     start = loop.time()
     n = 0
     while True:

@@ -9,7 +9,7 @@ exchange is over. Nothing here imports asyncio or aiohttp.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from gateway.errors import (
     ERR_CLIENT,
@@ -47,6 +47,7 @@ __all__ = [
     "Respond",
     "Retry",
     "UpstreamErrorKind",
+    "body_min_bytes",
 ]
 
 Headers = list[tuple[bytes, bytes]]
@@ -96,6 +97,23 @@ class Respond:
         return f"Respond({self.status}, {self.body[:80]!r})"
 
 
+# The defaults of upstream.max_connections and upstream.queue_timeout
+# (docs/configuration.md#upstream-connection-limits): a deliberate copy of
+# gateway/upstream_config.py's, which the engine may not import (tests/test_engine_api.py
+# checks that they agree).
+MAX_CONNECTIONS: Final = 1024
+QUEUE_TIMEOUT: Final = 1.0
+
+
+def body_min_bytes(min_rate: float, window: float) -> float:
+    """Bytes a request body must bring in each `window` s (timeouts.body_min_rate), at least one.
+
+    Both engines answer 408 below it (docs/configuration.md#timeouts): a trickle is as
+    stalled as silence.
+    """
+    return max(1.0, min_rate * window)
+
+
 class Limits:
     """Per service: (max open connections per endpoint, seconds a request may wait for one).
 
@@ -107,7 +125,7 @@ class Limits:
 
     def __init__(
         self,
-        default: tuple[int, float] = (1024, 1.0),
+        default: tuple[int, float] = (MAX_CONNECTIONS, QUEUE_TIMEOUT),
         per_service: dict[str, tuple[int, float]] | None = None,
     ) -> None:
         self.default = default

@@ -17,12 +17,21 @@ import socket
 import ssl
 from typing import Final, cast
 
-from gateway.engine.api import Handler, Limits
+from gateway.config import Timeouts
+from gateway.engine.api import Handler, Limits, body_min_bytes
 from gateway.engine.fast_accept import Acceptor
 from gateway.engine.fast_client import ClientConn, ClientContext
 from gateway.engine.fast_pool import Pool
 
 __all__ = ["FastEngine"]
+
+# A request head (request line and fields) above this gets 431 (RFC 6585 §5): llhttp sets
+# no limit of its own; 64 KiB is above what browsers send with large cookies.
+MAX_HEADER_BYTES: Final = 65536
+# A longer request-target gets 414: RFC 9112 §3 asks for request lines of at least 8000 octets.
+MAX_TARGET_BYTES: Final = 8192
+# Every timeout's default is the config's (docs/configuration.md#timeouts): one place.
+_DEFAULT: Final = Timeouts()
 
 # The listen backlog is the caller's: gateway/app.py's bind_socket (LISTEN_BACKLOG).
 # Idle keep-alive connections kept per upstream endpoint, unless the caller says
@@ -46,14 +55,14 @@ class FastEngine:
         self,
         handler: Handler,
         *,
-        max_header_bytes: int = 65536,
-        max_target_bytes: int = 8192,
-        keepalive_timeout: float = 75.0,
-        header_timeout: float = 30.0,
-        body_timeout: float = 10.0,
-        body_min_rate: float = 240.0,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+        max_target_bytes: int = MAX_TARGET_BYTES,
+        keepalive_timeout: float = _DEFAULT.idle,
+        header_timeout: float = _DEFAULT.header,
+        body_timeout: float = _DEFAULT.body,
+        body_min_rate: float = _DEFAULT.body_min_rate,
         upstream_pool_per_host: int = POOL_PER_HOST,
-        upstream_idle_timeout: float = 60.0,
+        upstream_idle_timeout: float = _DEFAULT.upstream_idle,
         upstream_limits: Limits | None = None,
         tls: ssl.SSLContext | None = None,
     ) -> None:
@@ -68,7 +77,7 @@ class FastEngine:
         # A request body must bring this many bytes in every `body_timeout`
         # window (at least one), else 408: a trickle is as stalled as silence.
         self.body_timeout = body_timeout
-        self.body_min_bytes = max(1.0, body_min_rate * body_timeout)
+        self.body_min_bytes = body_min_bytes(body_min_rate, body_timeout)
         self.upstream_pool_per_host = upstream_pool_per_host
         self.upstream_idle_timeout = upstream_idle_timeout
         self.upstream_limits = upstream_limits if upstream_limits is not None else Limits()

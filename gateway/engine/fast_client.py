@@ -432,7 +432,7 @@ class ClientConn(Armed):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._counting:
-            self._counted += len(name) + len(value) + 4
+            self._counted += len(name) + len(value) + 4  # ": " and CRLF
             if self._counted > self._max_head:
                 raise Reject(431, "request header fields too large")
         if self.waiting_for != S_HEAD:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections import deque
 from functools import partial
-from typing import cast
+from typing import Final, cast
 
 from gateway.engine.api import (
     ERR_CONNECT,
@@ -32,6 +32,10 @@ from gateway.tls import describe, is_tls_error
 from gateway.tls_config import UpstreamTLS
 
 log = logging.getLogger(__name__)
+
+# On close, how long the aborted upstream connections get to report connection_lost
+# (each one's exchange is answered or counted there) before the engine stops anyway.
+CLOSE_WAIT_SECONDS: Final = 1.0
 
 
 class Waiter:
@@ -344,7 +348,7 @@ class Pool:
         if self.conns:
             self.all_closed = asyncio.Event()
             try:
-                async with asyncio.timeout(1.0):
+                async with asyncio.timeout(CLOSE_WAIT_SECONDS):
                     await self.all_closed.wait()
             except TimeoutError:
                 pass
