@@ -44,10 +44,6 @@ log = logging.getLogger("gateway")
 # enough that a burst of new connections waits for the next accept batch instead of
 # being refused while the loop is busy.
 LISTEN_BACKLOG: Final = 4096
-# Idle keep-alive connections the fast engine keeps per upstream endpoint: above the
-# client connections one worker serves at once (the 1,000-connection benchmark), so a
-# busy endpoint's connections are reused rather than closed and reopened.
-UPSTREAM_POOL_PER_HOST: Final = 1024
 
 
 def bind_socket(
@@ -89,7 +85,6 @@ def make_engine(config: Config, handler: ProxyHandler) -> Engine:
             return FastEngine(
                 handler,
                 upstream_limits=Limits(*engine_limits(config)),
-                upstream_pool_per_host=UPSTREAM_POOL_PER_HOST,
                 keepalive_timeout=t.idle,
                 header_timeout=t.header,
                 body_timeout=t.body,

@@ -89,6 +89,19 @@ class _Gate:
         self.waiters: deque[asyncio.Future[None]] = deque()
 
 
+def _dial(fwd: Forward, target: str) -> tuple[URL, ssl.SSLContext | bool, str | None]:
+    """The URL, `ssl` and `server_hostname` arguments for an aiohttp request to `fwd`'s endpoint.
+
+    README "TLS": an https:// endpoint gets its client context (True: the default
+    verification) and SNI/checked name `server_name`, else the host.
+    """
+    tls = fwd.tls
+    if tls is None:
+        return URL(f"http://{fwd.host}:{fwd.port}{target}", encoded=True), True, None
+    url = URL(f"https://{fwd.host}:{fwd.port}{target}", encoded=True)
+    return url, tls.context or True, tls.server_name
+
+
 def _cimd(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
     return CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
 
@@ -279,9 +292,7 @@ class AiohttpEngine:
             async with asyncio.timeout_at(when):  # timeouts.total: every attempt included
                 while True:
                     kind: UpstreamErrorKind
-                    tls = fwd.tls
-                    scheme = "https" if tls is not None else "http"
-                    url = URL(f"{scheme}://{fwd.host}:{fwd.port}{target}", encoded=True)
+                    url, ssl_arg, sni = _dial(fwd, target)  # again: failover moves `fwd`
                     data: bytes | AsyncIterator[bytes] | None = body
                     if body is None and has_body:
                         data = progressing_body(request.content, t.body, t.body_min_rate)
@@ -293,8 +304,8 @@ class AiohttpEngine:
                             data=data,
                             allow_redirects=False,
                             timeout=timeout,
-                            ssl=tls.context if tls is not None and tls.context else True,
-                            server_hostname=tls.server_name if tls is not None else None,
+                            ssl=ssl_arg,
+                            server_hostname=sni,
                         )
                         break
                     except aiohttp.ClientSSLError as e:
@@ -373,9 +384,7 @@ class AiohttpEngine:
     async def _websocket(self, request: web.BaseRequest, fwd: Forward) -> web.StreamResponse:
         assert self._session is not None
         target = request.raw_path if fwd.target is None else fwd.target.decode("latin-1")
-        tls = fwd.tls
-        scheme = "https" if tls is not None else "http"
-        url = URL(f"{scheme}://{fwd.host}:{fwd.port}{target}", encoded=True)
+        url, ssl_arg, sni = _dial(fwd, target)
         skip = {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "host"}
         headers = {k.decode(): v.decode() for k, v in fwd.headers if k.lower().decode() not in skip}
         protocols = [
@@ -389,8 +398,8 @@ class AiohttpEngine:
                 headers=headers,
                 protocols=protocols,
                 timeout=aiohttp.ClientWSTimeout(ws_close=fwd.read_timeout),
-                ssl=tls.context if tls is not None and tls.context else True,
-                server_hostname=tls.server_name if tls is not None else None,
+                ssl=ssl_arg,
+                server_hostname=sni,
             )
         except aiohttp.ClientSSLError as e:
             fwd.detail = describe(e.__cause__ or e)

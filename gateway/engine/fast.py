@@ -34,8 +34,9 @@ MAX_TARGET_BYTES: Final = 8192
 _DEFAULT: Final = Timeouts()
 
 # The listen backlog is the caller's: gateway/app.py's bind_socket (LISTEN_BACKLOG).
-# Idle keep-alive connections kept per upstream endpoint, unless the caller says
-# (gateway/app.py passes UPSTREAM_POOL_PER_HOST, sized for its 1,000-connection benchmark).
+# Idle keep-alive connections kept per upstream endpoint: above the client connections
+# one worker serves at once (the 1,000-connection benchmark, benchmarks/README.md), so a
+# busy endpoint's connections are reused rather than closed and reopened.
 POOL_PER_HOST: Final = 1024
 # At the end of a drain, connections whose last response is written get at least this
 # long to flush it before they are cut; after an abort, this long for the closes to land.

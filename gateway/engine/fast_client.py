@@ -592,7 +592,8 @@ class ClientConn(Armed):
 
     def response_complete(self, ex: Exchange, keep: bool) -> None:
         """The response to `ex` is fully written (called by the upstream side too)."""
-        ex.state = X_ANSWERED
+        if ex.state != X_FINISHED:  # the state only moves forward
+            ex.state = X_ANSWERED
         if not keep:
             ex.close_after = True
         if ex.req_done or ex.close_after:
