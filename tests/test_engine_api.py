@@ -71,11 +71,17 @@ class _Handler:
 
 
 def _protocol_members() -> dict[str, object]:
-    return {
-        name: value
-        for name, value in vars(Engine).items()
-        if not name.startswith("_") and (callable(value) or isinstance(value, property))
-    }
+    """Engine's public members (a compiled api.py shows properties as getset descriptors)."""
+    return {name: getattr(Engine, name) for name in dir(Engine) if not name.startswith("_")}
+
+
+def _parameters(method: object) -> list[str] | None:
+    """Parameter names but `self`; None where a compiled (mypyc) method does not say."""
+    try:
+        names = [p for p in inspect.signature(method).parameters if p != "self"]  # type: ignore[arg-type]
+    except ValueError:
+        return None
+    return names or None  # a compiled coroutine method shows `()`
 
 
 def test_the_protocol_names_what_app_py_calls() -> None:
@@ -93,16 +99,13 @@ def test_each_engine_has_every_member_with_the_same_parameters(cls: type[object]
     engine = cls(_Handler())  # type: ignore[call-arg]
     for name, member in _protocol_members().items():
         assert hasattr(engine, name), f"{cls.__name__} has no {name}"
-        if isinstance(member, property):
-            continue
+        if not inspect.isroutine(member):
+            continue  # a property: present is what counts
         got = getattr(cls, name)
-        assert callable(got), f"{cls.__name__}.{name} is not a method"
-        try:
-            have = list(inspect.signature(got).parameters)
-        except ValueError:  # a compiled (mypyc) method may not expose one
-            continue
-        want = list(inspect.signature(member).parameters)  # type: ignore[arg-type]
-        assert have == want, f"{cls.__name__}.{name}{have} != Engine.{name}{want}"
+        assert inspect.isroutine(got), f"{cls.__name__}.{name} is not a method"
+        have, want = _parameters(got), _parameters(member)
+        if have is not None and want is not None:
+            assert have == want, f"{cls.__name__}.{name}{have} != Engine.{name}{want}"
 
 
 @pytest.mark.parametrize("cls", [FastEngine, AiohttpEngine], ids=["fast", "aiohttp"])

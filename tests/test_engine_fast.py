@@ -18,7 +18,17 @@ from aiohttp import web
 
 from gateway.engine.api import Forward, RequestHead, Respond
 from gateway.engine.fast import FastEngine
-from gateway.engine.fast_client import C_CLOSED, C_LINGER, C_OPEN, C_SHUT, C_TUNNEL, CLIENT_STATES
+from gateway.engine.fast_client import (
+    C_CLOSED,
+    C_LINGER,
+    C_OPEN,
+    C_SHUT,
+    C_TUNNEL,
+    CLIENT_STATES,
+    ClientConn,
+    ClientContext,
+)
+from gateway.engine.fast_pool import Pool
 from gateway.engine.fast_upstream import (
     U_BUSY,
     U_CLOSED,
@@ -1106,10 +1116,24 @@ def test_every_state_value_has_one_name_in_order(
     ],
     ids=["waiting", "head-sent", "local-finished"],
 )
-def test_an_exchange_prints_its_request_and_state(
+async def test_an_exchange_prints_its_request_and_state(
     head: RequestHead | None, state: int, req_done: bool, want: str
 ) -> None:
-    ex = Exchange(None, head)  # type: ignore[arg-type]  # the client is not read by repr
+    loop = asyncio.get_running_loop()
+    pool = Pool(loop, 1, 1.0)
+    ctx = ClientContext(
+        loop,
+        pool,
+        ProxyHandler(1),
+        scheme="http",
+        max_header_bytes=1024,
+        max_target_bytes=1024,
+        keepalive_timeout=1.0,
+        header_timeout=1.0,
+        body_timeout=1.0,
+        body_min_bytes=1.0,
+    )
+    ex = Exchange(ClientConn(ctx), head)
     ex.state = state
     ex.req_done = req_done
     assert repr(ex) == f"Exchange({want})"
