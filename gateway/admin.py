@@ -471,7 +471,13 @@ async def post_rollout(request: web.Request) -> web.Response:
     body = changes.parse_json(await request.read())
     now = time.time()
     await gw.control.rollout(
-        sv.name, "start", body, if_match, now, admit=gw.driver.admit(sv.name, now)
+        sv.name,
+        "start",
+        body,
+        if_match,
+        now,
+        admit=gw.driver.admit(sv.name, now),
+        claim=gw.driver.claim(sv.name, now),
     )
     return _service_response(gw, sv.name)
 
