@@ -91,6 +91,11 @@ class HookRunner:
             await self._session.close()
             self._session = None
 
+    async def drain(self) -> None:
+        """Wait for every call in flight (a clean stop, or a test that counts calls)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
