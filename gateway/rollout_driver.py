@@ -547,13 +547,12 @@ class RolloutDriver:
             return True  # over and recorded: the lease runs out by itself
         seen = self._seen.get(service)
         key = self._step_key(service, r)
-        new_step = (
-            r.state in R.ACTIVE
-            and seen is not None
-            and (seen[0], seen[2]) == (r.release, r.step)
-            and d.step != key[1:]
+        # the step in force is the one this replica announced (its epoch is known)
+        in_step = (
+            r.state in R.ACTIVE and seen is not None and (seen[0], seen[2]) == (r.release, r.step)
         )
-        publish = r.state in R.ACTIVE and L.publish_due(
+        new_step = in_step and d.step != key[1:]
+        publish = in_step and L.publish_due(
             d,
             self.owner,
             key[1:],

@@ -280,8 +280,17 @@ async def test_a_killed_holder_is_replaced_and_the_rollout_carries_on(
             took = time.monotonic() - killed_at
             await _until(lambda: _stored(state).get("rollout", {}).get("state") == "Promoted", 60)
             survivor = next(p for p in procs if p is not victim)
-            async with s.get(f"{survivor.admin}/admin/audit?service=svc") as r:
-                records = (await r.json())["records"]
+            records: list[dict[str, Any]] = []
+
+            async def audited() -> bool:  # the record follows the stored change
+                async with s.get(f"{survivor.admin}/admin/audit?service=svc") as r:
+                    records[:] = (await r.json())["records"]
+                return any(
+                    r["action"] == "rollout.step" and r["after"]["rollout"]["state"] == "Promoted"
+                    for r in records
+                )
+
+            await _until(audited, 30)
     assert took < TTL + 30  # within the lease's expiry (and generous CI slack)
     steps = [
         (r["after"]["rollout"]["state"], r["after"]["rollout"]["step"])
