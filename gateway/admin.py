@@ -246,6 +246,7 @@ def _rollout_json(gw: Gateway, name: str) -> dict[str, Any] | None:
     doc["step_started_at"] = (
         audit.iso(r.step_started) if r.step >= 0 and r.step_started > 0 else None
     )
+    doc["driver"] = gw.driver.status(name, time.time())  # several replicas: who drives it
     return doc
 
 

@@ -453,6 +453,23 @@ class RolloutDriver:
         counts = [int(m.min_requests) for m in specs(service)] if specs else []
         return max([svc.guard.min_requests if svc.guard.enabled else 0, *counts])
 
+    def status(self, service: str, now: float) -> dict[str, Any]:
+        """The `driver` block of the rollout status: which replica drives it, and the fleet's
+        requests in the step as the replicas published them (docs/operations.md)."""
+        st = self.control.doc.services.get(service)
+        held = L.read(st.extra) if st is not None else None
+        d = L.driver(st.extra) if st is not None else L.Driver()
+        r = self.control.rollout_of(service)
+        served: int | None = None
+        if r is not None and r.state in R.ACTIVE and d.step is not None:
+            if (d.step[0], d.step[1]) == (r.release, r.step):
+                served = sum(n for s, n in d.served.values() if s == d.step)
+        return {
+            "replica": held.owner if held is not None and held.until > now else None,
+            "served_in_step": served,
+            "min_requests": self._needed(service),
+        }
+
     def holds(self, service: str, now: float) -> bool:
         """No other replica holds the service's lease now (this one does, or nobody)."""
         st = self.control.doc.services.get(service)

@@ -215,6 +215,14 @@ async def test_min_requests_counts_every_replicas_traffic(upstreams: Any, gatewa
             )
             r0 = gws[0].control.rollout_of("svc")
             assert r0 is not None and (r0.state, r0.step) == ("Progressing", 0)
+            # Any replica shows who drives it and the fleet's count so far.
+            async with s.get(f"http://127.0.0.1:{gws[2].admin_port}/admin/services/svc") as r:
+                shown = (await r.json())["rollout"]["driver"]
+            assert shown == {
+                "replica": gws[0].driver.owner,  # it took the POST while nobody held it
+                "served_in_step": 24,
+                "min_requests": 30,
+            }
             # The third replica's 12 make 36 >= 30: no replica served 30 on its own.
             await to_gray(gws[2], 12)
             await _until(lambda: (gws[1].control.rollout_of("svc") or r0).step == 1, 30)
