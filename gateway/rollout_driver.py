@@ -595,6 +595,9 @@ class RolloutDriver:
             return False
         except Conflict:  # the store kept changing: the lease is tried again next tick
             return held is not None and held.owner == self.owner
+        except Exception as e:  # a dead store: act only while the lease we hold lasts
+            log.warning("rollout of %s: could not write the lease: %s", service, e)
+            return held is not None and held.owner == self.owner and held.until > now
         return True
 
     async def _follow(
@@ -620,8 +623,12 @@ class RolloutDriver:
             return replace(st, extra=L.with_driver(st.extra, L.publish(cur, self.owner, step, own)))
 
         self._published[service] = now
-        with contextlib.suppress(_NotHolder, Conflict):
+        try:
             await self.control.record_analysis(service, edit)
+        except (_NotHolder, Conflict):
+            pass
+        except Exception as e:  # a dead store: the next publish tries again
+            log.warning("rollout of %s: could not publish the step's count: %s", service, e)
 
     async def _release(self) -> None:
         await release_leases(self.control, self.owner, self.clock())
