@@ -269,9 +269,26 @@ async def test_a_killed_holder_is_replaced_and_the_rollout_carries_on(
 
             def held() -> bool:
                 ro = _stored(state).get("rollout", {})
-                return ro.get("state") == "Paused" and ro.get("reason") == "waiting:approve"
+                why = str(ro.get("reason"))  # then "waiting:approve (HTTP 403)"
+                return ro.get("state") == "Paused" and why.startswith("waiting:approve")
 
             await _until(held, 60)
+            records: list[dict[str, Any]] = []
+
+            def audited(state: str, step: int, via: Any) -> Callable[[], Awaitable[bool]]:
+                async def check() -> bool:  # the audit record follows the stored change
+                    async with s.get(f"{via.admin}/admin/audit?service=svc") as r:
+                        records[:] = (await r.json())["records"]
+                    return any(
+                        r["actor"] == "rollout"
+                        and (r["after"]["rollout"]["state"], r["after"]["rollout"]["step"])
+                        == (state, step)
+                        for r in records
+                    )
+
+                return check
+
+            await _until(audited("Paused", 0, procs[0]), 30)  # recorded before the crash
             owner = lease.read(_stored(state)).owner  # type: ignore[union-attr]
             pid = int(owner.split(":")[1])
             victim = next(p for p in procs if p.proc.pid == pid)
@@ -288,17 +305,7 @@ async def test_a_killed_holder_is_replaced_and_the_rollout_carries_on(
             took = time.monotonic() - killed_at
             await _until(lambda: _stored(state).get("rollout", {}).get("state") == "Promoted", 60)
             survivor = next(p for p in procs if p is not victim)
-            records: list[dict[str, Any]] = []
-
-            async def audited() -> bool:  # the record follows the stored change
-                async with s.get(f"{survivor.admin}/admin/audit?service=svc") as r:
-                    records[:] = (await r.json())["records"]
-                return any(
-                    r["action"] == "rollout.step" and r["after"]["rollout"]["state"] == "Promoted"
-                    for r in records
-                )
-
-            await _until(audited, 30)
+            await _until(audited("Promoted", 2, survivor), 30)
     assert took < TTL + 30  # within the lease's expiry (and generous CI slack)
     steps = [
         (r["after"]["rollout"]["state"], r["after"]["rollout"]["step"])
