@@ -331,3 +331,29 @@ async def test_a_killed_holder_is_replaced_and_the_rollout_carries_on(
         "-> Promoted at step 2",
     ):  # at least once across the failover (docs/operations.md "Several replicas")
         assert any(e.endswith(want) for e in events), (want, events)
+
+
+async def test_a_clean_stop_hands_the_lease_to_another_replica(
+    upstreams: Any, gateway: Any
+) -> None:
+    """With a 10-minute lease only the hand-back at stop lets the other replica drive."""
+    st, gr = await upstreams("stable"), await upstreams("gray")
+    services = two_releases(st.url, gr.url, 100, 0)
+    plan = {"release": "gray", "steps": [{"weight": 20, "pause": "manual"}, {"weight": 100}]}
+    async with ConsulDouble(jitter=False) as consul:
+        doc = _consul_doc(services, consul, {**_limits("http://127.0.0.1:9"), "lease_ttl": "10m"})
+        g1, g2 = await gateway(doc), await gateway(doc)
+        async with aiohttp.ClientSession() as s:
+            url = f"http://127.0.0.1:{g1.admin_port}/admin/services/svc/rollout"
+            async with s.post(url, json=plan) as r:
+                assert r.status == 200, await r.text()
+
+        def owner(g: Gateway) -> str | None:
+            got = lease.read(_state(g).extra) if _state(g) is not None else None
+            return got.owner if got is not None else None
+
+        await _until(lambda: owner(g2) == g1.driver.owner, 30)
+        await g1.stop(1.0)
+        await _until(lambda: owner(g2) == g2.driver.owner, 30)
+        got = lease.read(_state(g2).extra)
+        assert got is not None and got.until > time.time()  # g2 holds it now
