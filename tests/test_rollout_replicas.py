@@ -4,8 +4,9 @@ Three gateways share one state store (the Consul double's KV for in-process
 gateways; one state file for real processes) and a hook receiver on 127.0.0.1
 counts every call: each hook is called once per event, whichever replica got
 the admin command; a holder killed with SIGKILL is replaced within the lease's
-TTL and the rollout carries on from its stored step; a step's `min_requests`
-is met by the replicas' traffic together.
+TTL and the rollout carries on from its stored step, and a clean stop hands
+the lease over at once; a step's `min_requests` (the guard's and an analysis
+metric's) is met by the replicas' traffic together.
 """
 
 from __future__ import annotations
@@ -357,3 +358,65 @@ async def test_a_clean_stop_hands_the_lease_to_another_replica(
         await _until(lambda: owner(g2) == g2.driver.owner, 30)
         got = lease.read(_state(g2).extra)
         assert got is not None and got.until > time.time()  # g2 holds it now
+
+
+async def test_analysis_waits_for_the_fleets_traffic(upstreams: Any, gateway: Any) -> None:
+    """An analysis metric's `min_requests` in a rollout step counts every replica too."""
+    queries: list[str] = []
+
+    async def query(request: web.Request) -> web.Response:  # a one-series answer, always
+        queries.append(str((await request.post()).get("query")))
+        result = [{"metric": {}, "value": [0, "0.99"]}]
+        return web.json_response(
+            {"status": "success", "data": {"resultType": "vector", "result": result}}
+        )
+
+    prom_app = web.Application()
+    prom_app.router.add_post("/api/v1/query", query)
+    prom = await upstreams(app=prom_app)
+    st, gr = await upstreams("stable"), await upstreams("gray")
+    services = two_releases(st.url, gr.url, 100, 0)
+    services["svc"]["guard"] = {"enabled": False}
+    metric = {
+        "name": "kpi",
+        "query": 'kpi{release="{{release}}"}',
+        "min": 0.95,
+        "interval": "1s",
+        "initial_delay": "0s",
+        "min_requests": 20,
+    }
+    plan = {"release": "gray", "steps": [{"weight": 20, "pause": "manual"}, {"weight": 100}]}
+    async with ConsulDouble(jitter=False) as consul:
+        doc = _consul_doc(services, consul, _limits("http://127.0.0.1:9"))
+        doc["analysis"] = {
+            "prometheus": {"address": prom.url, "timeout": "2s"},
+            "metrics": [metric],
+        }
+        gws = [await gateway(doc) for _ in range(2)]
+        async with aiohttp.ClientSession() as s:
+            url = f"http://127.0.0.1:{gws[0].admin_port}/admin/services/svc/rollout"
+            async with s.post(url, json=plan) as r:
+                assert r.status == 200, await r.text()
+            step = lease.driver(_state(gws[0]).extra).step
+            owners = {g.driver.owner for g in gws}
+
+            def counting() -> bool:  # both replicas count from here on (each published a 0)
+                d = lease.driver(_state(gws[0]).extra)
+                return {w for w, (s_, _) in d.served.items() if s_ == step} == owners
+
+            await _until(counting, 30)
+            assert queries == []  # waiting for traffic: no evaluation yet
+            for g in gws:  # 12 + 12: neither replica alone reaches 20
+                for _ in range(12):
+                    async with s.get(
+                        f"http://127.0.0.1:{g.port}/", headers={"X-Release-Stage": "gray"}
+                    ) as r:
+                        assert r.headers["X-Release-Stage"] == "gray"
+            await _until(lambda: bool(queries), 30)
+
+            def result() -> Any:
+                block = gws[1].control.analysis_of("svc") or {}
+                return block.get("releases", {}).get("gray", {}).get("metrics", {}).get("kpi", {})
+
+            await _until(lambda: result().get("result") == "success", 30)
+    assert all('release="gray"' in q for q in queries)
