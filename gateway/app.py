@@ -210,7 +210,11 @@ class Gateway:
                 lambda: self.telemetry.client_session(timeout=ClientTimeout(total=5))
             ),
             interval=rollout_interval,
+            # one lease per service for analysis and driving (gateway/lease.py)
+            owner=self.analysis.owner if self.analysis is not None else None,
         )
+        if self.analysis is not None:  # a rollout step's min_requests: the fleet's count
+            self.analysis.fleet = self.driver.served_in_step
         # Active health checks and the ejected/returned log, per data-path process.
         self.health = HealthChecker(
             self.holder,
