@@ -181,9 +181,9 @@ def test_every_kind_of_segment_through_the_gateway_process(tmp_path: Path, engin
 
 
 @pytest.mark.slow
-# 210,000 requests through two workers: measured 50-54 s on the fast engine and
-# 150-200 s on the reference engine while other suites kept the 2 cores at a load
-# average of 11-13; the suite's 120 s is too short for the reference engine then.
+# 210,000 requests through two workers: measured 47-54 s on the fast engine and
+# 93-200 s on the reference engine while other suites kept the 2 cores at a load
+# average of 10-13; the suite's 120 s is too short for the reference engine then.
 @pytest.mark.timeout(360)
 @pytest.mark.parametrize("engine", ["fast", "aiohttp"])
 def test_a_50_50_segment_over_100000_users_is_exact_sticky_and_monotone(
