@@ -14,9 +14,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.balancer import Pool, SlotRegistry
-from gateway.config import Config, Endpoint, GuardConfig, ServiceConfig
+from gateway.config import Config, Endpoint, GuardConfig, RoutingConfig, ServiceConfig
 from gateway.propagation import GRAY_TAG_KEY, build_baggage, gray_tag
 from gateway.routing import ServiceMatcher, TrustPolicy, WeightTable
+from gateway.segments import SegmentSet
 from gateway.tls_config import UpstreamTLS
 
 EndpointMap = Mapping[tuple[str, str], tuple[Endpoint, ...]]
@@ -45,9 +46,17 @@ class ReleaseView:
 class ServiceView:
     cfg: ServiceConfig
     table: WeightTable
-    releases: Mapping[str, ReleaseView]
+    releases: dict[str, ReleaseView]
     available: frozenset[str]  # releases with at least one healthy endpoint
     guard: GuardConfig
+    # `cfg` fields every request reads, copied here: a native attribute in the
+    # compiled build, where `cfg.x` (a plain dataclass) is a generic attribute lookup.
+    baseline: str
+    segments: SegmentSet | None
+    connect_timeout: float
+    read_timeout: float
+    total_timeout: float  # 0.0: none
+    retries: int
     pools: tuple[Pool, ...] = ()  # every release's pool, for the per-request health check
     # README "Segments", precomputed: colouring tag -> release (this service's only),
     # lane -> release, releases a tripped rollout took out of tags/lanes/segments.
@@ -65,11 +74,15 @@ class ServiceView:
 class Snapshot:
     version: int
     config: Config
-    services: Mapping[str, ServiceView]
+    services: dict[str, ServiceView]
     matcher: ServiceMatcher
     trust: TrustPolicy
     stage_l: bytes
     user_l: bytes
+    routing: RoutingConfig  # config.routing; its fields every request reads, copied:
+    stage_cookie: str
+    user_cookie: str
+    sticky_cookie: bool
     weights: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     proxies: TrustPolicy = field(default_factory=lambda: TrustPolicy(()))  # trusted_proxies
     proxies_on: bool = False  # any trusted proxy configured
@@ -197,6 +210,12 @@ def build_snapshot(
             releases=releases,
             available=frozenset(n for n, rv in releases.items() if rv.endpoints),
             guard=guard,
+            baseline=s.baseline,
+            segments=s.segments,
+            connect_timeout=s.timeouts.connect,
+            read_timeout=s.timeouts.read,
+            total_timeout=s.timeouts.total or 0.0,
+            retries=s.retries,
             pools=tuple(rv.pool for rv in releases.values()),
             tags={v: r for v, r in rc.tags if r in releases},
             lanes={
@@ -217,6 +236,10 @@ def build_snapshot(
         trust=TrustPolicy(rc.trust_overrides),
         stage_l=rc.stage_header.lower().encode(),
         user_l=rc.user_header.lower().encode(),
+        routing=rc,
+        stage_cookie=rc.stage_cookie,
+        user_cookie=rc.user_cookie,
+        sticky_cookie=rc.sticky_cookie,
         weights=weights,
         slots=registry,
         proxies=TrustPolicy(rc.trusted_proxies),
