@@ -249,20 +249,29 @@ class ProxyHandler:
 
         incoming = propagation.parse_traceparent(s.traceparent) if s.traceparent else None
         sampled = self.sampler(incoming) if self.sampler is not None else False
-        span_id = self.ids.span_id()
-        trace_id, tp = propagation.outgoing_traceparent(incoming, span_id, sampled, mint=self.ids)
+        # Ids and the traceparent as bytes: they go into header fields as they are.
+        span_id = self.ids.span_id_b()
+        trace_id, tp = propagation.outgoing_traceparent_b(incoming, span_id, sampled, self.ids)
         if s.request_id:
-            rid = s.request_id
+            rid_b = s.request_id.encode("latin-1")
         elif incoming is None:
-            rid = trace_id  # a new trace's random id doubles as the request id: one lookup key
+            rid_b = trace_id  # a new trace's random id doubles as the request id: one lookup key
         else:
-            rid = self.ids.trace_id()  # 128 random bits, as a generated request id needs
-        rid_b = rid.encode("latin-1")
-        trace: Headers = [(b"traceparent", tp.encode())]
+            rid_b = self.ids.trace_id_b()  # 128 random bits, as a generated request id needs
+        if dec.strip_tag or snap.privacy_mode:
+            user_shown = guard_request(s, dec, snap)
+        else:
+            user_shown = None
+
+        up = upstream_headers(
+            s, client_ip=head.client_ip, proto=head.scheme, stage=rv.stage_h, request_id=rid_b
+        )
+        # The trace fields last, as upstream_headers' `trace` would put them.
+        up.append((b"traceparent", tp))
         if s.tracestate and incoming is not None:
             ts = propagation.parse_tracestate(s.tracestate)
             if ts:
-                trace.append((b"tracestate", ts.encode("latin-1")))
+                up.append((b"tracestate", ts.encode("latin-1")))
         if s.baggage:
             extra = rv.extra_baggage
             if dec.lane is not None:  # the lane goes on, whichever release served it
@@ -271,22 +280,9 @@ class ProxyHandler:
                 s.baggage, extra, _STEERING_MEMBERS if dec.strip_baggage else ()
             )
             if bg:
-                trace.append((b"baggage", bg.encode("latin-1")))
+                up.append((b"baggage", bg.encode("latin-1")))
         else:
-            trace.append(rv.baggage_h)
-        if dec.strip_tag or snap.privacy_mode:
-            user_shown = guard_request(s, dec, snap)
-        else:
-            user_shown = None
-
-        up = upstream_headers(
-            s,
-            client_ip=head.client_ip,
-            proto=head.scheme,
-            stage=rv.stage_h,
-            request_id=rid_b,
-            trace=trace,
-        )
+            up.append(rv.baggage_h)
         resp_h: Headers = [rv.stage_h, (b"X-Request-ID", rid_b)]
         if dec.reason == REASON_FALLBACK:
             resp_h.append((b"X-Release-Fallback", dec.chosen.encode()))
@@ -308,9 +304,9 @@ class ProxyHandler:
                 head,
                 service,
                 release,
-                trace_id,
+                trace_id.decode("latin-1"),
                 parent,
-                span_id,
+                span_id.decode("latin-1"),
                 upstream_host=slot.host,
                 upstream_port=slot.port,
                 extra_attrs=span_attrs(rv.gray_tag, user_shown, dec.client, head.client_ip),
@@ -322,8 +318,8 @@ class ProxyHandler:
         on_done.tls = rv.tls
         if self.access_log:
             on_done.log_fields = {
-                "trace_id": trace_id,
-                "request_id": rid,
+                "trace_id": trace_id.decode("latin-1"),
+                "request_id": rid_b.decode("latin-1"),
                 "service": service,
                 "release": release,
                 "reason": dec.reason,

@@ -225,7 +225,6 @@ def upstream_headers(
     proto: str,
     stage: tuple[bytes, bytes],
     request_id: bytes,
-    trace: Sequence[tuple[bytes, bytes]] = (),
 ) -> Headers:
     """The end-to-end header list sent to the upstream (README "On every hop").
 
@@ -241,7 +240,6 @@ def upstream_headers(
     out.append((b"Via", s.via + b", " + VIA_TOKEN) if s.via else _VIA)
     out.append(stage)
     out.append((b"X-Request-ID", request_id))
-    out.extend(trace)
     return out
 
 
