@@ -26,6 +26,7 @@ from gateway.paths import BadTarget, origin_target
 from gateway.ratelog import RateLimiter
 from gateway.retry import RetryBudget, may_retry
 from gateway.routing import REASON_FALLBACK, REASON_REJECT
+from gateway.sampling import RequestSampler
 from gateway.state import SnapshotHolder
 from gateway.tally import Tally
 from gateway.tls_config import UpstreamTLS
@@ -101,7 +102,7 @@ class ProxyHandler:
         metrics: Metrics | None = None,
         observers: list[Observer] | None = None,
         tracer: Tracer | None = None,
-        sampler: Callable[[propagation.TraceParent | None], bool] | None = None,
+        sampler: RequestSampler | None = None,
         version: str = "dev",
         ready: Callable[[], bool] | None = None,
         access_log: bool = False,

@@ -32,6 +32,7 @@ PURE = (
     "rollout",
     "routing",
     "rules",
+    "sampling",
     "segments",
     "segments_config",
     "state",
