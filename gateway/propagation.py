@@ -34,7 +34,9 @@ _ZERO_TRACE_ID_B: Final = b"0" * 32
 _ZERO_SPAN_ID: Final = "0" * 16
 _ZERO_SPAN_ID_B: Final = b"0" * 16
 # Indexed by FLAG_RANDOM | FLAG_SAMPLED: the only bits version 00 lets us set.
-_FLAGS_HEX_B: Final = (b"00", b"01", b"02", b"03")
+# A variable-length tuple type: compiled, a fixed-length one is held unboxed and indexing it
+# by a variable makes a new tuple first.
+_FLAGS_HEX_B: Final[tuple[bytes, ...]] = (b"00", b"01", b"02", b"03")
 
 # W3C Trace Context 2, "tracestate Header Field Values", "Key": a lower-case letter or digit,
 # then up to 255 of lcalpha / DIGIT / "_" / "-" / "*" / "/" / "@" (level 1's tenant@system

@@ -15,6 +15,7 @@ from typing import Any
 
 from gateway.balancer import Pool, SlotRegistry
 from gateway.config import Config, Endpoint, GuardConfig, RoutingConfig, ServiceConfig
+from gateway.headers import Field
 from gateway.propagation import GRAY_TAG_KEY, build_baggage, gray_tag
 from gateway.routing import ServiceMatcher, TrustPolicy, WeightTable
 from gateway.segments import SegmentSet
@@ -36,8 +37,8 @@ class ReleaseView:
     pool: Pool
     baggage: tuple[tuple[str, str], ...]  # extra members besides release.stage
     extra_baggage: tuple[tuple[str, str], ...]  # release.stage + the extras, in order
-    stage_h: tuple[bytes, bytes]  # (configured stage header, name): to the upstream and client
-    baggage_h: tuple[bytes, bytes]  # the whole baggage field when the client sent none
+    stage_h: Field  # (configured stage header, name): to the upstream and client
+    baggage_h: Field  # the whole baggage field when the client sent none
     gray_tag: str | None = None  # the release's `tag:` as `k=v;k2=v2` (span attribute)
     tls: UpstreamTLS | None = None  # for its https:// endpoints (gateway/tls_config.py)
 
@@ -194,8 +195,8 @@ def build_snapshot(
                 pool=pool,
                 baggage=r.baggage,
                 extra_baggage=extra,
-                stage_h=(stage_name_b, r.name.encode()),
-                baggage_h=(b"baggage", (build_baggage((), extra) or "").encode("latin-1")),
+                stage_h=Field(stage_name_b, r.name.encode()),
+                baggage_h=Field(b"baggage", (build_baggage((), extra) or "").encode("latin-1")),
                 gray_tag=gt,
                 tls=r.upstream_tls,
             )
