@@ -44,6 +44,7 @@ COMPILED = [
     "gateway/tally.py",
     "gateway/trust.py",
     "gateway/state.py",
+    "gateway/sampling.py",
 ]
 BUILD_RECORD = "gateway/_build.json"  # read by gateway.version.build_description()
 

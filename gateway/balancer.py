@@ -41,6 +41,7 @@ class Slot:
         "endpoint",
         "host",
         "port",
+        "tls",
         "weight",
         "outstanding",
         "fails",
@@ -56,6 +57,7 @@ class Slot:
         self.endpoint = endpoint
         self.host = endpoint.host
         self.port = endpoint.port
+        self.tls = endpoint.tls  # https:// (a native field: read per request)
         self.weight = max(1, endpoint.weight)
         self.outstanding = 0
         self.fails = 0
@@ -72,6 +74,7 @@ class Slot:
     def reweigh(self, endpoint: Endpoint) -> None:
         """Follow a new weight (e.g. Consul Weights.Passing) for the same address."""
         self.endpoint = endpoint
+        self.tls = endpoint.tls
         self.weight = max(1, endpoint.weight)
         self._inv = 1.0 / self.weight
 

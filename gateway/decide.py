@@ -46,12 +46,11 @@ def decide(
     handler's clock (passive-health ejections), `wall` the wall clock (segment
     time windows).
     """
-    rc = snap.config.routing
     stage_cookie = user_cookie = None
     if s.cookie is not None:
-        stage_cookie = cookie_value(s.cookie, rc.stage_cookie)
+        stage_cookie = cookie_value(s.cookie, snap.stage_cookie)
         if s.user is None:
-            user_cookie = cookie_value(s.cookie, rc.user_cookie)
+            user_cookie = cookie_value(s.cookie, snap.user_cookie)
     client = peer
     if s.forwarded_for is not None and snap.proxies_on:
         client = client_address(peer, s.forwarded_for, snap.proxies)
@@ -76,27 +75,27 @@ def decide(
         if steering:
             lane_trusted = snap.lanes_trust.trusted(client)
             strip_baggage = not lane_trusted
-        if steering and lane_trusted and rc.lanes:
+        if steering and lane_trusted and snap.routing.lanes:
             lane = propagation.lane_of(s.baggage)
-            if lane is not None and lane != sv.cfg.baseline:
+            if lane is not None and lane != sv.baseline:
                 lane_release = sv.lanes.get(lane)
             else:
                 lane = None
     user_key = s.user or user_cookie
     hit = None
-    seg = sv.cfg.segments
+    seg = sv.segments
     if seg is not None:  # one function for the data path and explain (gateway/segments.py)
         hit = seg.evaluate(headers, path, target, method, client, user_key, wall)
     dec = choose_release(
         sv.table,
-        baseline=sv.cfg.baseline,
+        baseline=sv.baseline,
         available=live_releases(sv, now),
         stage_header=stage,
         stage_cookie=stage_cookie,
         user_key=user_key,
         trusted=trusted,
         rng=rng,
-        mint_uid=rc.sticky_cookie,
+        mint_uid=snap.sticky_cookie,
         segment=hit[0] if hit is not None else None,
         segment_key=hit[1] if hit is not None else None,
         tag=tag_release,

@@ -33,6 +33,7 @@ from gateway.paths import BadTarget, origin_target
 from gateway.ratelog import RateLimiter
 from gateway.retry import RetryBudget, may_retry
 from gateway.routing import REASON_FALLBACK, REASON_REJECT
+from gateway.sampling import RequestSampler
 from gateway.state import SnapshotHolder
 from gateway.tally import Tally
 from gateway.tls_config import UpstreamTLS
@@ -108,7 +109,7 @@ class ProxyHandler:
         metrics: Metrics | None = None,
         observers: list[Observer] | None = None,
         tracer: Tracer | None = None,
-        sampler: Callable[[propagation.TraceParent | None], bool] | None = None,
+        sampler: RequestSampler | None = None,
         version: str = "dev",
         ready: Callable[[], bool] | None = None,
         access_log: bool = False,
@@ -202,18 +203,15 @@ class ProxyHandler:
     def handle(self, head: RequestHead) -> Forward | Respond:
         snap = self.holder.current
         target = head.target
-        # Byte values, not 1-byte strings, on the left of `in`: CPython's bytes
-        # `in` first tries a bytes needle as an integer and clears the TypeError
-        # (~0.4 µs); an int needle is a plain memchr.
-        path_b = target[: target.find(b"?")] if 63 in target else target  # "?"
+        # Checked as str: the compiled build has C calls for str `find`/`in`, while a
+        # bytes `find` (or a bytes needle `in` bytes) is a Python method call.
+        path = target.decode("latin-1")
+        q = path.find("?")
+        if q >= 0:
+            path = path[:q]
         authority: bytes | None = None
         fwd_target: bytes | None = None
-        if (
-            target[:1] != b"/"
-            or 37 in path_b  # "%"
-            or (46 in path_b and path_b.find(b"/.") >= 0)  # "." then "/."
-            or path_b.find(b"//") >= 0
-        ):
+        if target[:1] != b"/" or "%" in path or ("." in path and "/." in path) or "//" in path:
             # The rare case: dot segments, `//`, `%` or a non-origin form (gateway/paths.py;
             # this is its `needs_normalizing`, inline: no call in the common case).
             try:
@@ -222,19 +220,18 @@ class ProxyHandler:
                 return respond_json(400, {"error": e.message})
             if norm != target:
                 fwd_target = norm
-        if path_b == b"/healthz" or path_b == b"/readyz":
-            return self._health(path_b)
+            path = path_b.decode("latin-1")
+        if path == "/healthz" or path == "/readyz":
+            return self._health(path)
         s = scan(head.headers, snap.stage_l, snap.user_l, snap.tag_l)
         if authority is not None:
             set_authority(s, authority)
         elif s.host is None and head.http_version != "1.0":
             return respond_json(400, {"error": "missing Host header"})
-        path = path_b.decode("latin-1")
         svc_name = snap.matcher.match(s.host, path)
         if svc_name is None:
             return respond_json(404, {"error": "no service matches this host and path"})
         sv = snap.services[svc_name]
-        rc = snap.config.routing
         now = self.clock()
         dec = decide(
             snap, sv, s, head.headers, path, target, head.method, head.client_ip, now, self.wall,
@@ -260,20 +257,29 @@ class ProxyHandler:
 
         incoming = propagation.parse_traceparent(s.traceparent) if s.traceparent else None
         sampled = self.sampler(incoming) if self.sampler is not None else False
-        span_id = self.ids.span_id()
-        trace_id, tp = propagation.outgoing_traceparent(incoming, span_id, sampled, mint=self.ids)
+        # Ids and the traceparent as bytes: they go into header fields as they are.
+        span_id = self.ids.span_id_b()
+        trace_id, tp = propagation.outgoing_traceparent_b(incoming, span_id, sampled, self.ids)
         if s.request_id:
-            rid = s.request_id
+            rid_b = s.request_id.encode("latin-1")
         elif incoming is None:
-            rid = trace_id  # a new trace's random id doubles as the request id: one lookup key
+            rid_b = trace_id  # a new trace's random id doubles as the request id: one lookup key
         else:
-            rid = self.ids.trace_id()  # 128 random bits, as a generated request id needs
-        rid_b = rid.encode("latin-1")
-        trace: Headers = [(b"traceparent", tp.encode())]
+            rid_b = self.ids.trace_id_b()  # 128 random bits, as a generated request id needs
+        if dec.strip_tag or snap.privacy_mode:
+            user_shown = guard_request(s, dec, snap)
+        else:
+            user_shown = None
+
+        up = upstream_headers(
+            s, client_ip=head.client_ip, proto=head.scheme, stage=rv.stage_h, request_id=rid_b
+        )
+        # The trace fields last, as upstream_headers' `trace` would put them.
+        up.append((b"traceparent", tp))
         if s.tracestate and incoming is not None:
             ts = propagation.parse_tracestate(s.tracestate)
             if ts:
-                trace.append((b"tracestate", ts.encode("latin-1")))
+                up.append((b"tracestate", ts.encode("latin-1")))
         if s.baggage:
             extra = rv.extra_baggage
             if dec.lane is not None:  # the lane goes on, whichever release served it
@@ -282,22 +288,9 @@ class ProxyHandler:
                 s.baggage, extra, _STEERING_MEMBERS if dec.strip_baggage else ()
             )
             if bg:
-                trace.append((b"baggage", bg.encode("latin-1")))
+                up.append((b"baggage", bg.encode("latin-1")))
         else:
-            trace.append(rv.baggage_h)
-        if dec.strip_tag or snap.privacy_mode:
-            user_shown = guard_request(s, dec, snap)
-        else:
-            user_shown = None
-
-        up = upstream_headers(
-            s,
-            client_ip=head.client_ip,
-            proto=head.scheme,
-            stage=rv.stage_h,
-            request_id=rid_b,
-            trace=trace,
-        )
+            up.append(rv.baggage_h)
         resp_h: Headers = [rv.stage_h, (b"X-Request-ID", rid_b)]
         if dec.reason == REASON_FALLBACK:
             resp_h.append((b"X-Release-Fallback", dec.chosen.encode()))
@@ -305,8 +298,8 @@ class ProxyHandler:
             resp_h.append(
                 (
                     b"Set-Cookie",
-                    f"{rc.user_cookie}={dec.set_cookie}; Path=/; Max-Age="
-                    f"{rc.sticky_cookie_max_age}; HttpOnly; SameSite=Lax".encode(),
+                    f"{snap.user_cookie}={dec.set_cookie}; Path=/; Max-Age="
+                    f"{snap.routing.sticky_cookie_max_age}; HttpOnly; SameSite=Lax".encode(),
                 )
             )
 
@@ -319,23 +312,22 @@ class ProxyHandler:
                 head,
                 service,
                 release,
-                trace_id,
+                trace_id.decode("latin-1"),
                 parent,
-                span_id,
+                span_id.decode("latin-1"),
                 upstream_host=slot.host,
                 upstream_port=slot.port,
                 extra_attrs=span_attrs(rv.gray_tag, user_shown, dec.client, head.client_ip),
             )
 
-        t = sv.cfg.timeouts
         on_done = _Done(self, slot, pool, start, self.tally(service, release), span_done)
         on_done.key = dec.key
-        on_done.retries = sv.cfg.retries
+        on_done.retries = sv.retries
         on_done.tls = rv.tls
         if self.access_log:
             on_done.log_fields = {
-                "trace_id": trace_id,
-                "request_id": rid,
+                "trace_id": trace_id.decode("latin-1"),
+                "request_id": rid_b.decode("latin-1"),
                 "service": service,
                 "release": release,
                 "reason": dec.reason,
@@ -354,13 +346,13 @@ class ProxyHandler:
             response_headers=resp_h,
             service=service,
             release=release,
-            connect_timeout=t.connect,
-            read_timeout=t.read,
+            connect_timeout=sv.connect_timeout,
+            read_timeout=sv.read_timeout,
             on_done=on_done,
             target=fwd_target,
-            total_timeout=t.total or 0.0,
+            total_timeout=sv.total_timeout,
             retry=on_done if on_done.retries and len(pool) > 1 else None,
-            tls=rv.tls if slot.endpoint.tls else None,
+            tls=rv.tls if slot.tls else None,
         )
 
     def finished(self, t: Tally, status: int, elapsed: float, error: str | None) -> None:
@@ -390,9 +382,9 @@ class ProxyHandler:
             fwd.response_headers,
         )
 
-    def _health(self, path: bytes) -> Respond:
+    def _health(self, path: str) -> Respond:
         vh = [(b"X-App-Version", self.version_b), *_JSON]
-        if path == b"/healthz":
+        if path == "/healthz":
             if self.draining:
                 return Respond(503, b'{"status":"draining"}', vh)
             return Respond(200, b'{"status":"ok"}', vh)
@@ -481,7 +473,7 @@ class _Done:
         self.slot = nxt
         fwd.host = nxt.host
         fwd.port = nxt.port
-        fwd.tls = self.tls if nxt.endpoint.tls else None
+        fwd.tls = self.tls if nxt.tls else None
         if h.metrics is not None:
             h.metrics.retried(fwd.service, fwd.release, kind)
         if self.log_fields is not None:

@@ -9,9 +9,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Final, TypeVar
+from typing import Final, NamedTuple, TypeVar
 
 Headers = list[tuple[bytes, bytes]]
+
+
+class Field(NamedTuple):
+    """A header field (name, value) built once (per process or snapshot), sent many times.
+
+    Why not a plain tuple: compiled, a `tuple[bytes, bytes]` constant or attribute is
+    held unboxed and made into a new tuple each time it goes into a header list; a
+    NamedTuple is kept as the one object, and reads as a tuple wherever Headers are read.
+    """
+
+    name: bytes
+    value: bytes
+
 
 # RFC 9110 §7.6.1 plus the de-facto ones; Upgrade is re-added by the engine when upgrading.
 HOP_BY_HOP: Final = frozenset(
@@ -43,8 +56,8 @@ _REWRITTEN: Final = frozenset(
     }
 )
 VIA_TOKEN: Final = b"1.1 gray-gateway"
-_VIA: Final = (b"Via", VIA_TOKEN)
-_XFP_HTTP: Final = (b"X-Forwarded-Proto", b"http")
+_VIA: Final = Field(b"Via", VIA_TOKEN)
+_XFP_HTTP: Final = Field(b"X-Forwarded-Proto", b"http")
 # Connection options that name no field (RFC 9110 §7.6.1): not among connection_tokens.
 _NOT_FIELD_NAMES: Final = frozenset({b"", b"close", b"keep-alive"})
 # A client's X-Request-ID is kept only when it is 1-200 visible ASCII bytes
@@ -212,9 +225,8 @@ def upstream_headers(
     *,
     client_ip: str,
     proto: str,
-    stage: tuple[bytes, bytes],
+    stage: Field,
     request_id: bytes,
-    trace: Sequence[tuple[bytes, bytes]] = (),
 ) -> Headers:
     """The end-to-end header list sent to the upstream (README "On every hop").
 
@@ -230,7 +242,6 @@ def upstream_headers(
     out.append((b"Via", s.via + b", " + VIA_TOKEN) if s.via else _VIA)
     out.append(stage)
     out.append((b"X-Request-ID", request_id))
-    out.extend(trace)
     return out
 
 

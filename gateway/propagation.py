@@ -8,6 +8,7 @@ with tables and the forwarding engine only passes values in and out.
 
 from __future__ import annotations
 
+import binascii
 import random
 import re
 from collections.abc import Sequence
@@ -29,9 +30,13 @@ FLAG_RANDOM: Final = 0x02
 _TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _TRACEPARENT_LEN: Final = 55
 _ZERO_TRACE_ID: Final = "0" * 32
+_ZERO_TRACE_ID_B: Final = b"0" * 32
 _ZERO_SPAN_ID: Final = "0" * 16
+_ZERO_SPAN_ID_B: Final = b"0" * 16
 # Indexed by FLAG_RANDOM | FLAG_SAMPLED: the only bits version 00 lets us set.
-_FLAGS_HEX: Final = ("00", "01", "02", "03")
+# A variable-length tuple type: compiled, a fixed-length one is held unboxed and indexing it
+# by a variable makes a new tuple first.
+_FLAGS_HEX_B: Final[tuple[bytes, ...]] = (b"00", b"01", b"02", b"03")
 
 # W3C Trace Context 2, "tracestate Header Field Values", "Key": a lower-case letter or digit,
 # then up to 255 of lcalpha / DIGIT / "_" / "-" / "*" / "/" / "@" (level 1's tenant@system
@@ -162,6 +167,7 @@ class IdMint:
     pre-drawn hex string ~0.05 µs. Ids stay uniformly random and non-zero
     (W3C Trace Context 2 §3.2.2.3-§3.2.2.4). Create it in the process that uses
     it (after fork) or with its own `rng`, so workers never share a draw.
+    The hex is kept as ASCII bytes: the ids go into header fields as bytes.
     """
 
     __slots__ = ("_rng", "_chunk", "_buf", "_pos")
@@ -169,32 +175,38 @@ class IdMint:
     def __init__(self, rng: random.Random | None = None, chunk: int = 4096) -> None:
         self._rng = rng
         self._chunk = chunk  # random bytes per draw: ~170 requests' worth of ids
-        self._buf = ""
+        self._buf = b""
         self._pos = 0
 
-    def _hex(self, n: int) -> str:
+    def _hex(self, n: int) -> bytes:
         pos = self._pos
         end = pos + n
         if end > len(self._buf):
             r = self._rng
-            self._buf = (
+            self._buf = binascii.hexlify(
                 random.randbytes(self._chunk) if r is None else r.randbytes(self._chunk)
-            ).hex()
+            )
             pos, end = 0, n
         self._pos = end
         return self._buf[pos:end]
 
-    def span_id(self) -> str:
+    def span_id_b(self) -> bytes:
         while True:
             sid = self._hex(16)
-            if sid != _ZERO_SPAN_ID:
+            if sid != _ZERO_SPAN_ID_B:
                 return sid
 
-    def trace_id(self) -> str:
+    def trace_id_b(self) -> bytes:
         while True:
             tid = self._hex(32)
-            if tid != _ZERO_TRACE_ID:
+            if tid != _ZERO_TRACE_ID_B:
                 return tid
+
+    def span_id(self) -> str:
+        return self.span_id_b().decode("ascii")
+
+    def trace_id(self) -> str:
+        return self.trace_id_b().decode("ascii")
 
 
 def outgoing_traceparent(
@@ -211,15 +223,25 @@ def outgoing_traceparent(
     trace-id, §3.2.2.5.2), downgrade the version to 00; with no valid incoming header restart
     the trace with a random id. `span_id` must be 16 lowercase hex digits, not all zero.
     """
+    if mint is None:
+        mint = IdMint(rng, chunk=16)
+    trace_id, header = outgoing_traceparent_b(incoming, span_id.encode("latin-1"), sampled, mint)
+    return trace_id.decode("latin-1"), header.decode("latin-1")
+
+
+def outgoing_traceparent_b(
+    incoming: TraceParent | None, span_id: bytes, sampled: bool, mint: IdMint
+) -> tuple[bytes, bytes]:
+    """`outgoing_traceparent` in bytes, for the data path: (trace_id, header value)."""
     if incoming is None:
-        trace_id = (mint if mint is not None else IdMint(rng, chunk=16)).trace_id()
+        trace_id = mint.trace_id_b()
         flags = FLAG_RANDOM
     else:
-        trace_id = incoming.trace_id
+        trace_id = incoming.trace_id.encode("latin-1")
         flags = incoming.flags & FLAG_RANDOM
     if sampled:
         flags |= FLAG_SAMPLED
-    return trace_id, f"00-{trace_id}-{span_id}-{_FLAGS_HEX[flags]}"
+    return trace_id, b"00-%s-%s-%s" % (trace_id, span_id, _FLAGS_HEX_B[flags])
 
 
 def _encode_extra(key: str, value: str) -> str:

@@ -25,6 +25,10 @@ if TYPE_CHECKING:  # a plain int at run time; an unboxed int64 in the compiled b
     from mypy_extensions import i64
 
 _TWO64: Final = float(2**64)
+# The 128-bit x64 MurmurHash3 as 16 little-endian bytes (mmh3 byte-swaps on big-endian
+# machines): its first 8 are `hash64`'s first value. One bytes object per call instead of
+# hash64's tuple of two integers (built from a format string), and a C static here.
+_HASH_BYTES: Final = mmh3.hash_bytes
 
 REASON_HEADER: Final = "header"
 REASON_COOKIE: Final = "cookie"
@@ -51,7 +55,10 @@ def release_seed(salt: str, release: str) -> int:
 
 def hrw_score(key: str, seed: int, inv_weight: float) -> float:
     """ln(u)/w for one release; u in (0, 1) from the key's 64-bit mmh3 hash."""
-    return _score(mmh3.hash64(key, seed)[0], inv_weight)
+    d = _HASH_BYTES(key, seed)
+    lo: i64 = d[0] | (d[1] << 8) | (d[2] << 16) | (d[3] << 24)
+    hi: i64 = d[4] | (d[5] << 8) | (d[6] << 16) | (d[7] << 24)
+    return _halves_score(hi, lo, inv_weight)
 
 
 def _score(h: i64, inv_weight: float) -> float:
@@ -64,8 +71,11 @@ def _score(h: i64, inv_weight: float) -> float:
     without the
     big integer (which in the compiled build is a heap object and slow arithmetic).
     """
-    hi = (h >> 32) & 0xFFFFFFFF
-    lo = h & 0xFFFFFFFF
+    return _halves_score((h >> 32) & 0xFFFFFFFF, h & 0xFFFFFFFF, inv_weight)
+
+
+def _halves_score(hi: i64, lo: i64, inv_weight: float) -> float:
+    """`_score` of the unsigned hash hi * 2**32 + lo, given as its two 32-bit halves."""
     return math.log((float(hi) * 4294967296.0 + float(lo) + 0.5) / _TWO64) * inv_weight
 
 
@@ -114,10 +124,12 @@ class WeightTable:
         """The release for a sticky key (None when every weight is zero)."""
         best: str | None = None
         best_score = -math.inf
-        # hrw_score per live release: this runs once per request per live release.
-        hash64 = mmh3.hash64
+        # hrw_score per live release, inline: this runs once per request per live release.
         for name, seed, inv in self._live:
-            s = _score(hash64(key, seed)[0], inv)
+            d = _HASH_BYTES(key, seed)
+            lo: i64 = d[0] | (d[1] << 8) | (d[2] << 16) | (d[3] << 24)
+            hi: i64 = d[4] | (d[5] << 8) | (d[6] << 16) | (d[7] << 24)
+            s = _halves_score(hi, lo, inv)
             if s > best_score:
                 best_score = s
                 best = name

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.balancer import Pool, SlotRegistry
-from gateway.config import Config, Endpoint, GuardConfig, ServiceConfig
+from gateway.config import Config, Endpoint, GuardConfig, RoutingConfig, ServiceConfig
+from gateway.headers import Field
 from gateway.propagation import GRAY_TAG_KEY, build_baggage, gray_tag
 from gateway.routing import ServiceMatcher, TrustPolicy, WeightTable
+from gateway.segments import SegmentSet
 from gateway.tls_config import UpstreamTLS
 
 EndpointMap = Mapping[tuple[str, str], tuple[Endpoint, ...]]
@@ -35,8 +37,8 @@ class ReleaseView:
     pool: Pool
     baggage: tuple[tuple[str, str], ...]  # extra members besides release.stage
     extra_baggage: tuple[tuple[str, str], ...]  # release.stage + the extras, in order
-    stage_h: tuple[bytes, bytes]  # (configured stage header, name): to the upstream and client
-    baggage_h: tuple[bytes, bytes]  # the whole baggage field when the client sent none
+    stage_h: Field  # (configured stage header, name): to the upstream and client
+    baggage_h: Field  # the whole baggage field when the client sent none
     gray_tag: str | None = None  # the release's `tag:` as `k=v;k2=v2` (span attribute)
     tls: UpstreamTLS | None = None  # for its https:// endpoints (gateway/tls_config.py)
 
@@ -45,9 +47,17 @@ class ReleaseView:
 class ServiceView:
     cfg: ServiceConfig
     table: WeightTable
-    releases: Mapping[str, ReleaseView]
+    releases: dict[str, ReleaseView]
     available: frozenset[str]  # releases with at least one healthy endpoint
     guard: GuardConfig
+    # `cfg` fields every request reads, copied here: a native attribute in the
+    # compiled build, where `cfg.x` (a plain dataclass) is a generic attribute lookup.
+    baseline: str
+    segments: SegmentSet | None
+    connect_timeout: float
+    read_timeout: float
+    total_timeout: float  # 0.0: none
+    retries: int
     pools: tuple[Pool, ...] = ()  # every release's pool, for the per-request health check
     # README "Segments", precomputed: colouring tag -> release (this service's only),
     # lane -> release, releases a tripped rollout took out of tags/lanes/segments.
@@ -65,11 +75,15 @@ class ServiceView:
 class Snapshot:
     version: int
     config: Config
-    services: Mapping[str, ServiceView]
+    services: dict[str, ServiceView]
     matcher: ServiceMatcher
     trust: TrustPolicy
     stage_l: bytes
     user_l: bytes
+    routing: RoutingConfig  # config.routing; its fields every request reads, copied:
+    stage_cookie: str
+    user_cookie: str
+    sticky_cookie: bool
     weights: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     proxies: TrustPolicy = field(default_factory=lambda: TrustPolicy(()))  # trusted_proxies
     proxies_on: bool = False  # any trusted proxy configured
@@ -181,8 +195,8 @@ def build_snapshot(
                 pool=pool,
                 baggage=r.baggage,
                 extra_baggage=extra,
-                stage_h=(stage_name_b, r.name.encode()),
-                baggage_h=(b"baggage", (build_baggage((), extra) or "").encode("latin-1")),
+                stage_h=Field(stage_name_b, r.name.encode()),
+                baggage_h=Field(b"baggage", (build_baggage((), extra) or "").encode("latin-1")),
                 gray_tag=gt,
                 tls=r.upstream_tls,
             )
@@ -197,6 +211,12 @@ def build_snapshot(
             releases=releases,
             available=frozenset(n for n, rv in releases.items() if rv.endpoints),
             guard=guard,
+            baseline=s.baseline,
+            segments=s.segments,
+            connect_timeout=s.timeouts.connect,
+            read_timeout=s.timeouts.read,
+            total_timeout=s.timeouts.total or 0.0,
+            retries=s.retries,
             pools=tuple(rv.pool for rv in releases.values()),
             tags={v: r for v, r in rc.tags if r in releases},
             lanes={
@@ -217,6 +237,10 @@ def build_snapshot(
         trust=TrustPolicy(rc.trust_overrides),
         stage_l=rc.stage_header.lower().encode(),
         user_l=rc.user_header.lower().encode(),
+        routing=rc,
+        stage_cookie=rc.stage_cookie,
+        user_cookie=rc.user_cookie,
+        sticky_cookie=rc.sticky_cookie,
         weights=weights,
         slots=registry,
         proxies=TrustPolicy(rc.trusted_proxies),

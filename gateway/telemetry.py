@@ -39,7 +39,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusC
 from opentelemetry.util.http import PARAMS_TO_REDACT, redact_query_parameters
 
 from gateway.engine.api import ERR_CLIENT, RequestHead
-from gateway.propagation import TraceParent
+from gateway.sampling import KINDS, RequestSampler
 
 if TYPE_CHECKING:
     import aiohttp
@@ -48,17 +48,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.telemetry")
 
-SamplerFn = Callable[[TraceParent | None], bool]
 SpanDone = Callable[[int, str | None], None]
 
-SAMPLERS: Final = (
-    "always_on",
-    "always_off",
-    "traceidratio",
-    "parentbased_always_on",
-    "parentbased_always_off",
-    "parentbased_traceidratio",
-)
+SAMPLERS: Final = KINDS  # the OTEL_TRACES_SAMPLER values decided per request
 EXPORTERS: Final = ("otlp", "console", "none")
 # GATEWAY_ENV -> (sampler, ratio, exporters). Unset: nothing is exported unless OTEL_* says so.
 PROFILES: Final[Mapping[str, tuple[str, float, tuple[str, ...]]]] = {
@@ -176,46 +168,14 @@ def _key_values(raw: str | None) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def decision_function(kind: str, ratio: float, rng: random.Random | None = None) -> SamplerFn:
+def decision_function(kind: str, ratio: float, rng: random.Random | None = None) -> RequestSampler:
     """The per-request sampling decision, equal to the OTel SDK sampler of the same name.
 
     Why: the SDK decides only while creating a span (~4.4 µs even when dropped);
-    this reads the parsed `traceparent` instead. Ratio sampling compares the trace-id's low 64
-    bits with the SDK's bound, so every OTel hop with the same ratio keeps the same traces; a
-    trace the gateway starts has no id yet, so that decision draws its own 64 random bits.
+    this reads the parsed `traceparent` instead (gateway/sampling.py), with the SDK's
+    ratio bound.
     """
-    getrandbits = random.getrandbits if rng is None else rng.getrandbits
-    bound = TraceIdRatioBased.get_bound_for_rate(ratio)
-
-    def always_on(incoming: TraceParent | None) -> bool:
-        return True
-
-    def always_off(incoming: TraceParent | None) -> bool:
-        return False
-
-    def by_ratio(incoming: TraceParent | None) -> bool:
-        if incoming is None:
-            return getrandbits(64) < bound
-        return int(incoming.trace_id[16:], 16) < bound
-
-    def parent_or_on(incoming: TraceParent | None) -> bool:
-        return incoming is None or incoming.sampled
-
-    def parent_or_off(incoming: TraceParent | None) -> bool:
-        return incoming is not None and incoming.sampled
-
-    def parent_or_ratio(incoming: TraceParent | None) -> bool:
-        return incoming.sampled if incoming is not None else getrandbits(64) < bound
-
-    table: dict[str, SamplerFn] = {
-        "always_on": always_on,
-        "always_off": always_off,
-        "traceidratio": by_ratio,
-        "parentbased_always_on": parent_or_on,
-        "parentbased_always_off": parent_or_off,
-        "parentbased_traceidratio": parent_or_ratio,
-    }
-    return table[kind]
+    return RequestSampler(kind, TraceIdRatioBased.get_bound_for_rate(ratio), rng)
 
 
 def sdk_sampler(kind: str, ratio: float) -> Sampler:

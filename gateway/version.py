@@ -61,6 +61,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "gateway.tally",
     "gateway.trust",
     "gateway.state",
+    "gateway.sampling",
 )
 
 

@@ -33,6 +33,7 @@ PURE = (
     "rollout",
     "routing",
     "rules",
+    "sampling",
     "segments",
     "segments_config",
     "state",

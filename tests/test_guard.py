@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
+import math
+import random
+
 import pytest
 
 from gateway.config import GuardConfig
-from gateway.guard import Guard, ReleaseWindow, WindowStats, is_failure
+from gateway.guard import _BOUNDS, Guard, ReleaseWindow, WindowStats, _bucket, is_failure
 from gateway.rules import Holds, evaluate, first_due, rules_of
 from gateway.tally import Tally
 
@@ -147,3 +151,15 @@ def test_tally_sorts_plain_answers_from_engine_errors() -> None:
     assert t.odd == [(502, 0.01, "connect"), (0, 0.01, "reset")]
     t.clear()
     assert (t.n, t.codes, t.seconds, t.failed, t.odd) == (0, {}, [], 0, [])
+
+
+def test_bucket_is_bisect_left_over_the_bounds() -> None:
+    """The computed latency bucket equals `bisect_left` (the rule `record` always had)."""
+    xs = [0.0, -1.0, math.nan, math.inf, -math.inf, 5e-324, 1e300]
+    for b in _BOUNDS:
+        xs += [b, math.nextafter(b, 0.0), math.nextafter(b, math.inf)]
+    rng = random.Random(5)
+    xs += [rng.expovariate(100.0) for _ in range(20_000)]
+    xs += [rng.uniform(0.0, 200.0) for _ in range(5_000)]
+    for x in xs:
+        assert _bucket(x) == bisect.bisect_left(_BOUNDS, x), x

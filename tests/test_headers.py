@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.headers import has_control_chars, scan, strip_response_hop_by_hop, upstream_headers
+from gateway.headers import (
+    Field,
+    has_control_chars,
+    scan,
+    strip_response_hop_by_hop,
+    upstream_headers,
+)
 from tests.engine_helpers import HOP
 
 
@@ -35,7 +41,7 @@ def test_hop_by_hop_and_connection_named_fields_removed() -> None:
         s,
         client_ip="10.0.0.9",
         proto="http",
-        stage=(b"X-Release-Stage", b"gray"),
+        stage=Field(b"X-Release-Stage", b"gray"),
         request_id=b"rid",
     )
     names = _names(out)
@@ -67,7 +73,7 @@ def test_existing_forwarded_for_and_via_are_appended_and_stage_replaced() -> Non
             s,
             client_ip="2.2.2.2",
             proto="http",
-            stage=(b"X-Release-Stage", b"stable"),
+            stage=Field(b"X-Release-Stage", b"stable"),
             request_id=b"keep-me",
         )
     )

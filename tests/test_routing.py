@@ -312,11 +312,16 @@ def test_scores_equal_the_big_integer_definition_so_no_user_moves() -> None:
             1 / rng.choice((1, 5, 33.3, 95)),
         )
         assert routing.hrw_score(key, seed, inv) == _reference_score(key, seed, inv), i
+    # Non-ASCII (hashed as UTF-8), empty and long keys, every tail length of a 16-byte block.
+    odd = ["", "é", "用户-42", "\x00\xff", "a" * 1000, *("k" * n for n in range(1, 17))]
+    for key in odd:
+        for seed in (0, 1, 2**31, 2**32 - 1):
+            assert routing.hrw_score(key, seed, 0.5) == _reference_score(key, seed, 0.5), key
     edges = [0, 1, -1, 2**63 - 1, -(2**63), 2**52 + 1, 2**53 + 1, -(2**53) - 1, -(2**52) - 1]
     for h in edges + [rng.getrandbits(64) - 2**63 for _ in range(50_000)]:
         u = h + 2**64 if h < 0 else h
         assert routing._score(h, 0.5) == math.log((u + 0.5) / float(2**64)) * 0.5
     table = WeightTable.build("salt", {"stable": 95, "gray": 5})
-    for key in KEYS[:5_000]:
+    for key in [*KEYS[:5_000], *odd]:
         want = max(table._live, key=lambda r: _reference_score(key, r[1], r[2]))[0]
         assert table.pick_hash(key) == want
