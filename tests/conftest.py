@@ -23,7 +23,7 @@ from aiohttp import web
 from gateway import config as C
 from gateway.app import Gateway
 from gateway.demo import demo_upstream, serve_app
-from tests import lanes
+from tests import parallel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ def free_port() -> int:
     The kernel may give the same ephemeral port to two binds in a row once the first
     socket is closed, so `port, admin = free_port(), free_port()` could collide (a
     gateway refusing to start with its admin listener on the data port); with the suite
-    in parallel lanes the same holds across processes, hence the shared claims.
+    in parallel workers the same holds across processes, hence the shared claims.
     """
     claims = os.environ.get(PORT_CLAIMS_ENV)
     for _ in range(1000):
@@ -77,15 +77,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(cleanup)
 
 
-# --------------------------------------------------------------------------- parallel lanes
+# --------------------------------------------------------------------------- parallel workers
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns -n into workers
 def pytest_cmdline_main(config: pytest.Config) -> None:
-    """The whole suite runs in parallel lanes (tests/lanes.py); chosen files in this process."""
+    """The whole suite runs in parallel workers (tests/parallel.py); chosen files in-process."""
     if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
         return
-    n = lanes.lanes_for(
+    n = parallel.workers_for(
         whole_suite=config.args_source is pytest.Config.ArgsSource.TESTPATHS,
         numprocesses=config.option.numprocesses,
         dist=config.option.dist,
@@ -98,8 +98,8 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if hasattr(config, "workerinput"):  # in a lane: the order files are handed out in
-        items.sort(key=lambda item: lanes.file_rank(item.path.name))
+    if hasattr(config, "workerinput"):  # in a worker: the order files are handed out in
+        items.sort(key=lambda item: parallel.file_rank(item.path.name))
 
 
 # The demo's upstream: names its release and echoes the headers it received.
@@ -211,8 +211,13 @@ def write_config(tmp: Path, doc: dict[str, Any]) -> Path:
     return p
 
 
+# Readiness deadline for a gateway process: generous, as another test worker may be compiling
+# on the other core (a `--workers 2` gateway took over 20 s to listen on a loaded 2-core box).
+READY_S = 60.0
+
+
 def wait_http(
-    url: str, deadline_s: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+    url: str, deadline_s: float = READY_S, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
     import urllib.request
 
@@ -237,7 +242,7 @@ def run_gateway_process(
     *,
     workers: int = 1,
     env: dict[str, str] | None = None,
-    ready_s: float = 20.0,
+    ready_s: float = READY_S,
 ) -> Iterator[GatewayProcess]:
     port, admin_port = free_port(), free_port()
     doc = dict(doc)

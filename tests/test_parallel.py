@@ -1,4 +1,4 @@
-"""The suite's parallel lanes (tests/lanes.py) and the port claims that keep lanes apart."""
+"""The suite's parallel test workers (tests/parallel.py) and the port claims between them."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PORT_CLAIMS_ENV, ROOT
-from tests.lanes import LANES, LONGEST_FIRST, file_rank, lanes_for
+from tests.parallel import LONGEST_FIRST, WORKERS, file_rank, workers_for
 
 
 @pytest.mark.parametrize(
     ("whole_suite", "numprocesses", "dist", "usepdb", "expect"),
     [
-        (True, None, "no", False, LANES),
+        (True, None, "no", False, WORKERS),
         (False, None, "no", False, None),
         (True, 0, "no", False, None),
         (True, 3, "no", False, None),
@@ -26,7 +26,7 @@ from tests.lanes import LANES, LONGEST_FIRST, file_rank, lanes_for
         (True, None, "no", True, None),
     ],
     ids=[
-        "whole-suite-gets-lanes",
+        "whole-suite-gets-workers",
         "chosen-files-stay-in-process",
         "n0-wins",
         "n3-wins",
@@ -35,10 +35,10 @@ from tests.lanes import LANES, LONGEST_FIRST, file_rank, lanes_for
         "pdb-stays-in-process",
     ],
 )
-def test_lanes_for(
+def test_workers_for(
     whole_suite: bool, numprocesses: object, dist: str, usepdb: bool, expect: int | None
 ) -> None:
-    got = lanes_for(whole_suite=whole_suite, numprocesses=numprocesses, dist=dist, usepdb=usepdb)
+    got = workers_for(whole_suite=whole_suite, numprocesses=numprocesses, dist=dist, usepdb=usepdb)
     assert got == expect
 
 
@@ -67,20 +67,26 @@ def _pytest(*args: str) -> str:
     return done.stdout
 
 
+# Only this file is collected (a whole-suite collection per worker takes a minute on a busy
+# box), the paths still taken from `testpaths` as by the README's plain `pytest`.
+ONLY_THIS_FILE = tuple(
+    f"--ignore-glob=*/{glob}" for glob in ("test_[!p]*", "test_p[!a]*", "test_pat*")
+)
+
+
 # Three pytest processes starting on a busy 2-core box: over the per-test default.
 @pytest.mark.timeout(300)
-def test_the_plain_command_runs_in_lanes() -> None:
-    # Only this file is collected (a whole-suite collection per lane takes a minute on a
-    # busy box), with the paths still taken from `testpaths` as by the README's `pytest`.
-    out = _pytest("--ignore-glob=*/test_[!l]*", "--ignore-glob=*/test_l[!a]*", "-k", "lanes_for")
-    assert f"created: {LANES}/{LANES} workers" in out, out[-3000:]
-    assert re.search(r"^\[gw\d\] .*PASSED tests/test_lanes\.py::test_lanes_for", out, re.M), out
+def test_the_plain_command_runs_in_workers() -> None:
+    out = _pytest(*ONLY_THIS_FILE, "-k", "workers_for")
+    assert f"created: {WORKERS}/{WORKERS} workers" in out, out[-3000:]
+    passed = r"^\[gw\d\] .*PASSED tests/test_parallel\.py::test_workers_for"
+    assert re.search(passed, out, re.M), out[-3000:]
 
 
 def test_a_chosen_file_runs_in_one_process() -> None:
-    out = _pytest("tests/test_lanes.py", "-k", "lanes_for")
-    assert re.search(r"^tests/test_lanes\.py::test_lanes_for\S* PASSED", out, re.M), out
-    assert "[gw" not in out and "workers" not in out, out[-3000:]
+    out = _pytest("tests/test_parallel.py", "-k", "workers_for")
+    assert re.search(r"^tests/test_parallel\.py::test_workers_for\S* PASSED", out, re.M), out
+    assert "[gw" not in out and "created:" not in out, out[-3000:]
 
 
 def test_ports_handed_out_in_two_processes_of_one_run_never_repeat(tmp_path: Path) -> None:
