@@ -9,6 +9,7 @@ cost of the TLS hop on top of the split (README "TLS"; benchmarks/README.md).
 from __future__ import annotations
 
 import http.client
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -71,6 +72,22 @@ def wait_https(port: int, path: str, *, proc: Proc, deadline_s: float = 20.0) ->
             conn.close()
         time.sleep(0.1)
     raise StartupError(f"{proc.name}: no 200 on https://127.0.0.1:{port}{path} (last: {last})")
+
+
+def negotiated(port: int) -> tuple[str, str]:
+    """(protocol, cipher suite) a client with OpenSSL's defaults gets from the server on `port`.
+
+    The load generator (wrk) offers OpenSSL's default protocols, suites and
+    groups and no ALPN; so does this probe. Both forwarders must come out the
+    same, or the scenario compares two different ciphers, not two forwarders.
+    """
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw) as tls:
+            cipher = tls.cipher()
+            return tls.version() or "", cipher[0] if cipher else ""
 
 
 def nginx_ref(fleet: Fleet, workers: int = 1) -> Server:

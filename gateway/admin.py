@@ -246,6 +246,7 @@ def _rollout_json(gw: Gateway, name: str) -> dict[str, Any] | None:
     doc["step_started_at"] = (
         audit.iso(r.step_started) if r.step >= 0 and r.step_started > 0 else None
     )
+    doc["driver"] = gw.driver.status(name, time.time())  # several replicas: who drives it
     return doc
 
 
@@ -471,7 +472,13 @@ async def post_rollout(request: web.Request) -> web.Response:
     body = changes.parse_json(await request.read())
     now = time.time()
     await gw.control.rollout(
-        sv.name, "start", body, if_match, now, admit=gw.driver.admit(sv.name, now)
+        sv.name,
+        "start",
+        body,
+        if_match,
+        now,
+        admit=gw.driver.admit(sv.name, now),
+        claim=gw.driver.claim(sv.name, now),
     )
     return _service_response(gw, sv.name)
 

@@ -12,11 +12,14 @@ the next conclusive success. Each action is one structured log line, an
 alert to every target (queued) and an audit record with actor `analysis`.
 
 One evaluator per service across replicas: a lease in the state document
-(`extra["analysis"]["lease"]`: owner and expiry), taken and renewed with the
-store's compare-and-set write (Consul: `?cas=<ModifyIndex>`,
-https://developer.hashicorp.com/consul/api-docs/kv#cas). A replica only
-evaluates while it holds the lease; the results go into the same document,
-so every replica's `GET /admin/services/{s}` shows them.
+(`extra["analysis"]["lease"]`: owner and expiry; gateway/lease.py), taken and
+renewed with the store's compare-and-set write (Consul: `?cas=<ModifyIndex>`,
+https://developer.hashicorp.com/consul/api-docs/kv#cas). It is the rollout
+driver's lease too (one replica evaluates a service and drives its rollout,
+docs/operations.md "Several replicas"). A replica only evaluates while it
+holds the lease; the results go into the same document, so every replica's
+`GET /admin/services/{s}` shows them. `min_requests` of a rollout step is the
+fleet's count (the driver's `served_in_step`), not this replica's.
 """
 
 from __future__ import annotations
@@ -26,10 +29,7 @@ import contextlib
 import functools
 import json
 import logging
-import os
-import socket
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -37,6 +37,7 @@ from typing import Any
 import aiohttp
 
 from gateway import analysis, audit, periodic
+from gateway import lease as lease_mod
 from gateway import rollout as rollout_mod
 from gateway.alerts import AlertSender, targets_for
 from gateway.analysis import Evaluation, MetricRun, Reading
@@ -45,12 +46,13 @@ from gateway.control import ControlPlane
 from gateway.errors import Conflict
 from gateway.metrics import Metrics
 from gateway.prometheus import PrometheusClient
+from gateway.rollout_driver import owner_id, release_leases
 from gateway.state import Snapshot
 from gateway.store import ServiceState
 
 log = logging.getLogger("gateway.analysis")
 
-LEASE_MIN = 10.0  # seconds: a lease outlives a few missed renewals at the shortest interval
+LEASE_MIN = 10.0  # seconds: `rollout.lease_ttl`'s default (gateway/rollout_config.py)
 
 _ALERT_NAMES = {
     analysis.ROLLBACK: "AnalysisRolledBack",
@@ -91,12 +93,8 @@ class _Acts:
     version: int = 0
 
 
-def lease_ttl(specs: tuple[MetricSpec, ...]) -> float:
-    return max(LEASE_MIN, 3 * min((s.interval for s in specs), default=LEASE_MIN))
-
-
-def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+def lease_ttl(specs: tuple[MetricSpec, ...], configured: float = LEASE_MIN) -> float:
+    return lease_mod.ttl(configured, tuple(s.interval for s in specs))
 
 
 class AnalysisRunner:
@@ -113,8 +111,11 @@ class AnalysisRunner:
         served: Callable[[str, str], float] | None = None,
         session_factory: Callable[[], aiohttp.ClientSession] | None = None,
         owner: str | None = None,
+        fleet: Callable[[str, rollout_mod.Rollout], int] | None = None,
     ) -> None:
         self.control = control
+        # The fleet's requests in a rollout's step (gateway/rollout_driver.py), when wired.
+        self.fleet = fleet
         self.metrics = metrics
         self.clock = clock
         self.tick = tick
@@ -145,6 +146,7 @@ class AnalysisRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+            await release_leases(self.control, self.owner, self.clock())
         if self._client is not None:
             await self._client.close()
         await self.alerts.stop()
@@ -198,13 +200,11 @@ class AnalysisRunner:
                 self._seen[(service, rel)] = _Seen(w, now)
         if not targets:
             return
-        block = self.control.analysis_of(service) or {}
-        lease = block.get("lease")
-        if isinstance(lease, Mapping) and lease.get("owner") != self.owner:
-            until = lease.get("until")
-            if isinstance(until, int | float) and until > now:
-                self._forget(service)
-                return  # another replica evaluates this service
+        st = self.control.doc.services.get(service)
+        lease = lease_mod.read(st.extra) if st is not None else None
+        if lease_mod.held_by_other(lease, self.owner, now):
+            self._forget(service)
+            return  # another replica evaluates this service
         outcomes: list[_Outcome] = []
         jobs: list[Awaitable[None]] = []
         for rel in targets:
@@ -214,15 +214,11 @@ class AnalysisRunner:
                     continue
                 self._due[due] = now + spec.interval
                 jobs.append(self._evaluate(service, rel, spec, ro, now, outcomes))
-        renew = isinstance(lease, Mapping) and (
-            not isinstance(lease.get("until"), int | float)
-            or lease["until"] - now < lease_ttl(specs) / 2
-        )
-        if not jobs and not renew and isinstance(lease, Mapping):
+        ttl = lease_ttl(specs, self.control.config.rollout.lease_ttl)
+        if not jobs and not lease_mod.renewal_due(lease, self.owner, now, ttl):
             return
         await asyncio.gather(*jobs)
         acts = _Acts()
-        ttl = lease_ttl(specs)
         baseline = self.control.config.services[service].baseline
 
         def edit(st: ServiceState, _snap: Snapshot) -> ServiceState:
@@ -230,11 +226,8 @@ class AnalysisRunner:
             acts.resume.clear()
             cur = st.extra.get("analysis")
             cur = cur if isinstance(cur, Mapping) else {}
-            held = cur.get("lease")
-            if isinstance(held, Mapping) and held.get("owner") != self.owner:
-                until = held.get("until")
-                if isinstance(until, int | float) and until > now:
-                    raise _NotOwner
+            if lease_mod.held_by_other(lease_mod.read(st.extra), self.owner, now):
+                raise _NotOwner
             releases = cur.get("releases")
             releases = dict(releases) if isinstance(releases, Mapping) else {}
             out: dict[str, Any] = {}
@@ -313,6 +306,8 @@ class AnalysisRunner:
     ) -> bool:
         """Fewer than `min_requests` served since the step (or the weight) changed."""
         if ro is not None and ro.release == release and ro.state in rollout_mod.ACTIVE:
+            if self.fleet is not None:
+                return self.fleet(service, ro) < spec.min_requests
             step: object = (ro.step, ro.step_started)
         else:
             seen = self._seen.get((service, release))

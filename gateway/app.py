@@ -25,7 +25,7 @@ from gateway.control import ControlPlane
 from gateway.discovery import ConsulDiscovery, Pacing, consul_selectors
 from gateway.discovery.metrics import DiscoveryMetrics
 from gateway.engine.aio import AiohttpEngine
-from gateway.engine.api import Limits
+from gateway.engine.api import Engine, Limits
 from gateway.guardian import Guardian, healthy_endpoints
 from gateway.handler import ProxyHandler
 from gateway.healthcheck import HealthChecker
@@ -44,10 +44,6 @@ log = logging.getLogger("gateway")
 # enough that a burst of new connections waits for the next accept batch instead of
 # being refused while the loop is busy.
 LISTEN_BACKLOG: Final = 4096
-# Idle keep-alive connections the fast engine keeps per upstream endpoint: above the
-# client connections one worker serves at once (the 1,000-connection benchmark), so a
-# busy endpoint's connections are reused rather than closed and reopened.
-UPSTREAM_POOL_PER_HOST: Final = 1024
 
 
 def bind_socket(
@@ -77,11 +73,11 @@ def site_port(site: web.BaseSite) -> int:
     return int(socks[0].getsockname()[1])
 
 
-def make_engine(config: Config, handler: ProxyHandler) -> Any:
+def make_engine(config: Config, handler: ProxyHandler) -> Engine:
     tls = config.tls.context if config.tls is not None else None  # README "TLS"
     if config.engine == "fast":
         try:
-            from gateway.engine.fast import FastEngine  # type: ignore[import-not-found,unused-ignore]
+            from gateway.engine.fast import FastEngine
         except ImportError:  # pragma: no cover - fast engine always ships
             log.warning("fast engine unavailable; using the aiohttp engine")
         else:
@@ -89,7 +85,6 @@ def make_engine(config: Config, handler: ProxyHandler) -> Any:
             return FastEngine(
                 handler,
                 upstream_limits=Limits(*engine_limits(config)),
-                upstream_pool_per_host=UPSTREAM_POOL_PER_HOST,
                 keepalive_timeout=t.idle,
                 header_timeout=t.header,
                 body_timeout=t.body,
@@ -215,7 +210,11 @@ class Gateway:
                 lambda: self.telemetry.client_session(timeout=ClientTimeout(total=5))
             ),
             interval=rollout_interval,
+            # one lease per service for analysis and driving (gateway/lease.py)
+            owner=self.analysis.owner if self.analysis is not None else None,
         )
+        if self.analysis is not None:  # a rollout step's min_requests: the fleet's count
+            self.analysis.fleet = self.driver.served_in_step
         # Active health checks and the ejected/returned log, per data-path process.
         self.health = HealthChecker(
             self.holder,

@@ -399,9 +399,13 @@ class ControlPlane:
         now: float,
         *,
         admit: Callable[[rollout_mod.Rollout], rollout_mod.Rollout] | None = None,
+        claim: Callable[[ServiceState], ServiceState] | None = None,
     ) -> StateDoc:
         """Start a step plan (Pending, then `admit`: the driver's pre-check), or
-        promote/pause/resume/abort/confirm/retry the current one."""
+        promote/pause/resume/abort/confirm/retry the current one.
+
+        `claim`: applied to a started plan's state in the same write (the driver's lease,
+        gateway/lease.py), so the replica that admitted it is the one that drives it."""
         svc = self.config.services[service]
         limits = self.config.rollout
 
@@ -433,6 +437,8 @@ class ControlPlane:
                 r = rollout_mod.pending(r, now)
                 if admit is not None:
                     r = admit(r)
+                if claim is not None:
+                    return claim(self._with_rollout(st, svc, current, r))
             else:
                 if cur is None:
                     raise Conflict(f"service {service!r} has no rollout", "state")

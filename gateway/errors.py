@@ -6,7 +6,8 @@ status codes are decided in exactly one place.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Final, Literal
 
 
 class GatewayError(Exception):
@@ -83,16 +84,46 @@ class Unavailable(GatewayError):
     status = 503
 
 
-STATUS_BY_UPSTREAM_ERROR = {
-    "connect": 502,
-    "reset": 502,
-    "protocol": 502,
-    "tls": 502,
-    "timeout": 504,
-    "limit": 503,  # upstream.max_connections reached for longer than upstream.queue_timeout
+# How an exchange with an upstream failed: a closed set, reported to `Forward.on_done`
+# (gateway/engine/api.py) and used as the `kind` label of gateway_upstream_errors_total
+# (gateway/metrics.py), so the strings themselves are part of the metrics contract.
+UpstreamErrorKind = Literal[
+    "connect", "reset", "timeout", "protocol", "client_abort", "limit", "tls"
+]
+
+ERR_CONNECT: Final = "connect"  # refused / unreachable
+ERR_RESET: Final = "reset"  # upstream closed or reset mid-exchange
+ERR_TIMEOUT: Final = "timeout"  # connect/read timeout, or timeouts.total
+ERR_PROTOCOL: Final = "protocol"  # upstream sent an unparsable response
+ERR_CLIENT: Final = "client_abort"  # client went away; nothing to answer
+ERR_LIMIT: Final = "limit"  # the endpoint stayed at upstream.max_connections
+ERR_TLS: Final = "tls"  # the upstream's TLS handshake failed (certificate...)
+
+# The status answered for each kind (RFC 9110 §15.6.3 502, §15.6.4 503, §15.6.5 504)
+# and what the error body says; client_abort has neither: nobody is left to answer.
+STATUS_BY_UPSTREAM_ERROR: Final[Mapping[UpstreamErrorKind, int]] = {
+    ERR_CONNECT: 502,
+    ERR_RESET: 502,
+    ERR_PROTOCOL: 502,
+    ERR_TLS: 502,
+    ERR_TIMEOUT: 504,
+    ERR_LIMIT: 503,  # upstream.max_connections reached for longer than upstream.queue_timeout
+}
+MESSAGE_BY_UPSTREAM_ERROR: Final[Mapping[UpstreamErrorKind, str]] = {
+    ERR_CONNECT: "upstream refused or unreachable",
+    ERR_RESET: "upstream closed the connection",
+    ERR_TIMEOUT: "upstream timed out",
+    ERR_PROTOCOL: "upstream sent an invalid response",
+    ERR_LIMIT: "upstream connection limit",
+    ERR_TLS: "upstream TLS error",
 }
 
 
-def upstream_status(kind: str) -> int:
+def upstream_status(kind: UpstreamErrorKind) -> int:
     """Upstream failure kind -> status sent to the client (RFC 9110 §15.6.3, §15.6.5)."""
     return STATUS_BY_UPSTREAM_ERROR.get(kind, 502)
+
+
+def upstream_message(kind: UpstreamErrorKind) -> str:
+    """Upstream failure kind -> the `error` text of the answer's JSON body."""
+    return MESSAGE_BY_UPSTREAM_ERROR.get(kind, "upstream failed")

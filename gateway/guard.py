@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from gateway.errors import ERR_CLIENT
 from gateway.tally import Tally
 
 # Latency bucket upper bounds in seconds: ~10 % apart from 0.5 ms to ~120 s.
@@ -119,7 +120,7 @@ def _quantile_ms(hist: list[int], total: int, q: float) -> float:
 def is_failure(status: int, error: str | None) -> bool:
     """5xx answers and upstream failures count; a client hanging up does not."""
     if error is not None:
-        return error != "client_abort"
+        return error != ERR_CLIENT
     return status >= 500
 
 

@@ -19,7 +19,14 @@ from gateway import propagation
 from gateway.balancer import Pool, Slot
 from gateway.decide import decide, guard_request
 from gateway.engine.api import Forward, Headers, RequestHead, Respond
-from gateway.errors import upstream_status
+from gateway.errors import (
+    ERR_CONNECT,
+    ERR_TIMEOUT,
+    ERR_TLS,
+    UpstreamErrorKind,
+    upstream_message,
+    upstream_status,
+)
 from gateway.headers import scan, set_authority, upstream_headers
 from gateway.metrics import Metrics
 from gateway.paths import BadTarget, origin_target
@@ -366,16 +373,10 @@ class ProxyHandler:
         if self.defer is None:
             self.flush()
 
-    def error_body(self, status: int, kind: str, fwd: Forward) -> Respond:
-        msg = {
-            "connect": "upstream refused or unreachable",
-            "reset": "upstream closed the connection",
-            "timeout": "upstream timed out",
-            "protocol": "upstream sent an invalid response",
-            "limit": "upstream connection limit",
-        }.get(kind, "upstream failed")
-        if kind == "tls":
-            msg = f"upstream TLS error: {fwd.detail or 'handshake failed'}"
+    def error_body(self, status: int, kind: UpstreamErrorKind, fwd: Forward) -> Respond:
+        msg = upstream_message(kind)
+        if kind == ERR_TLS:
+            msg = f"{msg}: {fwd.detail or 'handshake failed'}"
         status = status or upstream_status(kind)
         rid = ""
         for n, v in fwd.response_headers:
@@ -464,7 +465,7 @@ class _Done:
             return False
         if r is None:
             r = self.retrying = _Retrying(old)
-        if r.budget is None and kind != "connect":
+        if r.budget is None and kind != ERR_CONNECT:
             # A refused connection cost no upstream any work, so moving on
             # multiplies nothing; a request that was sent (or a connect timeout,
             # which may be an overloaded listener) needs a budget token.
@@ -474,7 +475,7 @@ class _Done:
             r.budget = budget
         r.tried.append(nxt)
         old.outstanding -= 1
-        if kind == "connect" or kind == "timeout":
+        if kind == ERR_CONNECT or kind == ERR_TIMEOUT:
             pool.eject(old, now)
         nxt.outstanding += 1
         self.slot = nxt
@@ -502,7 +503,7 @@ class _Done:
                 self.pool.server_error(slot, end)  # outlier ejection (balancer.Pool)
             elif slot.fails or slot.errors:
                 slot.succeeded()
-        elif error == "connect" or error == "timeout" or error == "tls":
+        elif error == ERR_CONNECT or error == ERR_TIMEOUT or error == ERR_TLS:
             self.pool.eject(slot, end)
         h.finished(self.tally, status, elapsed, error)
         if self.span_done is not None:

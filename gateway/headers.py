@@ -45,7 +45,8 @@ _REWRITTEN: Final = frozenset(
 VIA_TOKEN: Final = b"1.1 gray-gateway"
 _VIA: Final = (b"Via", VIA_TOKEN)
 _XFP_HTTP: Final = (b"X-Forwarded-Proto", b"http")
-_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+# Connection options that name no field (RFC 9110 §7.6.1): not among connection_tokens.
+_NOT_FIELD_NAMES: Final = frozenset({b"", b"close", b"keep-alive"})
 # A client's X-Request-ID is kept only when it is 1-200 visible ASCII bytes
 # (RFC 5234 VCHAR, %x21-7E): longer or other bytes would be echoed into logs,
 # upstream heads and responses unchecked.
@@ -75,8 +76,6 @@ class Scanned:
         "traceparent",
         "tracestate",
         "baggage",
-        "connection_tokens",
-        "upgrade",
     )
 
     def __init__(self, kept: Headers) -> None:
@@ -95,8 +94,6 @@ class Scanned:
         self.traceparent: Sequence[str] = ()
         self.tracestate: Sequence[str] = ()
         self.baggage: Sequence[str] = ()
-        self.connection_tokens: frozenset[bytes] = _NO_TOKENS
-        self.upgrade: bytes | None = None
 
 
 _T = TypeVar("_T")
@@ -169,12 +166,9 @@ def scan(
                 via = _add(via, value)
             # x-forwarded-proto/-host are replaced by ours
         elif n in HOP_BY_HOP or n in _FRAMING:
-            if n == b"connection":
-                if conn is None:
-                    conn = set()
-                conn.update(t.strip().lower() for t in value.split(b","))
-            elif n == b"upgrade":
-                s.upgrade = value
+            if n == b"connection":  # the engine handles upgrades (Connection: upgrade)
+                toks = connection_tokens(value)
+                conn = toks if conn is None else conn | toks
         else:
             kept.append((name, value))
     if tp is not None:
@@ -184,9 +178,6 @@ def scan(
     if bg is not None:
         s.baggage = bg
     if conn:
-        s.connection_tokens = frozenset(conn)
-        conn.discard(b"close")
-        conn.discard(b"keep-alive")
         conn.discard(b"upgrade")
         if conn:
             s.kept = [(k, v) for k, v in kept if k.lower() not in conn]
@@ -196,8 +187,6 @@ def scan(
         s.forwarded_for = b", ".join(xff)
     if via is not None:
         s.via = b", ".join(via)
-    if b"upgrade" not in s.connection_tokens:
-        s.upgrade = None
     return s
 
 
@@ -250,12 +239,20 @@ def has_control_chars(value: bytes) -> bool:
     return any((c < 0x20 and c != 0x09) or c == 0x7F for c in value)
 
 
+def connection_tokens(value: bytes) -> set[bytes]:
+    """The field names a Connection header lists (RFC 9110 §7.6.1), lower-cased.
+
+    `close` and `keep-alive` are connection options, not fields: left out.
+    """
+    return {t.strip().lower() for t in value.split(b",")} - _NOT_FIELD_NAMES
+
+
 def strip_response_hop_by_hop(headers: Sequence[tuple[bytes, bytes]], upgrading: bool) -> Headers:
     """Response direction of RFC 9110 §7.6.1 (Proxy-Authenticate included)."""
     named: set[bytes] = set()
     for n, v in headers:
         if n.lower() == b"connection":
-            named.update(t.strip().lower() for t in v.split(b","))
+            named |= connection_tokens(v)
     out: Headers = []
     for n, v in headers:
         ln = n.lower()

@@ -91,6 +91,11 @@ class HookRunner:
             await self._session.close()
             self._session = None
 
+    async def drain(self) -> None:
+        """Wait for every call in flight (a clean stop, or a test that counts calls)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -167,10 +172,14 @@ class HookRunner:
             if c.task is not None:
                 c.task.cancel()
 
-    def notify(self, hooks: tuple[Webhook, ...], body: Callable[[Webhook], Any]) -> None:
-        """Fire-and-forget hooks (post_rollout, rollback, event): logged, never awaited."""
-        for h in hooks:
-            self._spawn(self._notify(h, body(h)))
+    def notify(
+        self, hooks: tuple[Webhook, ...], body: Callable[[Webhook], Any]
+    ) -> list[asyncio.Task[Any]]:
+        """Fire-and-forget hooks (post_rollout, rollback, event): logged, never awaited.
+
+        Returns the calls, so the driver can record the change once they all finished.
+        """
+        return [self._spawn(self._notify(h, body(h))) for h in hooks]
 
     async def _notify(self, hook: Webhook, body: Any) -> None:
         ok, detail = await self.call(hook, body)

@@ -26,6 +26,7 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prom_mp
 
+from gateway.errors import ERR_CLIENT
 from gateway.rollout import STATES as ROLLOUT_STATES
 from gateway.tally import Tally
 
@@ -201,7 +202,7 @@ class Metrics:
         if t.odd:  # rare: engine errors (counted by kind), answers sent before one
             codes, seconds = dict(codes), list(seconds)
             for status, sec, error in t.odd:
-                if error is not None and error != "client_abort":
+                if error is not None and error != ERR_CLIENT:
                     self.upstream_error(service, release, error)
                 if status:
                     codes[status] = codes.get(status, 0) + 1

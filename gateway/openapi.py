@@ -279,6 +279,18 @@ SCHEMAS: dict[str, Any] = {
             },
             "weight": _PERCENT,
             "steps": {"type": "array", "items": _ref("RolloutStep")},
+            "driver": {
+                "type": "object",
+                "description": "several replicas (docs/operations.md): the replica that "
+                "drives this rollout (its lease's owner, null when none holds it) and the "
+                "requests the release served in the step across replicas, as they published "
+                "them (null outside a step)",
+                "properties": {
+                    "replica": {"type": ["string", "null"]},
+                    "served_in_step": {"type": ["integer", "null"], "minimum": 0},
+                    "min_requests": {"type": "integer", "minimum": 0},
+                },
+            },
         },
     },
     "AuditRecord": {

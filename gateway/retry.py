@@ -14,14 +14,16 @@ from __future__ import annotations
 
 from typing import Final
 
+from gateway.errors import ERR_CONNECT, ERR_RESET, ERR_TIMEOUT
+
 DEFAULT_RETRIES: Final = 2
 MAX_RETRIES: Final = 10
 BUDGET_RATIO: Final = 0.2  # retries in flight <= 20 % of requests in flight (Envoy default)
 BUDGET_MIN: Final = 3  # ... but always allow this many concurrent retries
 
 # Reasons a retry is counted under (gateway_upstream_retries_total{reason}): the
-# failure kind of the attempt that failed (gateway/engine/api.py's closed set).
-RETRY_REASONS: Final = frozenset({"connect", "reset", "timeout"})
+# failure kind of the attempt that failed (gateway/errors.py's closed set).
+RETRY_REASONS: Final = frozenset({ERR_CONNECT, ERR_RESET, ERR_TIMEOUT})
 
 
 class RetryBudget:

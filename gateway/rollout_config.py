@@ -29,6 +29,10 @@ DEADLINE_ACTIONS: Final = ("pause", "rollback")
 MAX_HOOKS: Final = 32
 MAX_RETRIES: Final = 10
 MAX_HOOK_TIMEOUT: Final = 300.0
+# The lease outlives a few driver ticks (1 s); a dead holder is replaced within it.
+MIN_LEASE_TTL: Final = 3.0
+MAX_LEASE_TTL: Final = 600.0
+MIN_PUBLISH: Final = 0.5  # seconds: bounds each replica's store writes while a step waits
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _KEYS: Final = (
     "min_first_pause",
@@ -37,6 +41,8 @@ _KEYS: Final = (
     "progress_deadline",
     "progress_deadline_action",
     "webhooks",
+    "lease_ttl",
+    "publish_interval",
 )
 _HOOK_KEYS: Final = ("name", "type", "url", "timeout", "retries")
 
@@ -60,6 +66,10 @@ class RolloutConfig:
     progress_deadline: float = 1800.0  # Pending or Paused longer than this: alert, then act
     progress_deadline_action: str = "pause"  # or "rollback"
     webhooks: tuple[Webhook, ...] = ()
+    # Several replicas (gateway/lease.py): how long the acting replica's lease lasts
+    # unrenewed, and how often each replica publishes what it served in a step.
+    lease_ttl: float = 10.0
+    publish_interval: float = 5.0
 
     def hooks(self, kind: str) -> tuple[Webhook, ...]:
         return tuple(h for h in self.webhooks if h.type == kind)
@@ -187,4 +197,18 @@ def parse_rollout(v: object, add: AddError) -> RolloutConfig:
                     continue
                 seen.add(hook.name)
                 hooks.append(hook)
-    return RolloutConfig(first, later, ct, deadline, str(action), tuple(hooks))
+    ttl = _duration(v, "lease_ttl", d.lease_ttl, add)
+    if not MIN_LEASE_TTL <= ttl <= MAX_LEASE_TTL:
+        add(
+            "rollout.lease_ttl",
+            f"must be a duration between {MIN_LEASE_TTL:g}s and {MAX_LEASE_TTL:g}s",
+        )
+        ttl = d.lease_ttl
+    every = _duration(v, "publish_interval", d.publish_interval, add)
+    if not MIN_PUBLISH <= every <= MAX_LEASE_TTL:
+        add(
+            "rollout.publish_interval",
+            f"must be a duration between {MIN_PUBLISH:g}s and {MAX_LEASE_TTL:g}s",
+        )
+        every = d.publish_interval
+    return RolloutConfig(first, later, ct, deadline, str(action), tuple(hooks), ttl, every)

@@ -9,6 +9,23 @@ analysis, hook answers) into `rollout.Facts`, lets the pure
 `transition` (CAS on the state store, so every worker and replica follows and
 one audit record names actor `rollout`). It runs in the one process that
 serves the admin API.
+
+One driver per service across replicas (docs/operations.md "Several
+replicas"): only the replica holding the service's lease (gateway/lease.py;
+the same lease the analysis runner evaluates under) advances, pauses or
+rolls back its rollout and calls its hooks; the others serve the weights
+they read from the store, count what their release served in the step and
+publish that count (at most every `rollout.publish_interval`, and only while
+the step still waits for traffic), so `min_requests` is the fleet's. Admin
+commands may reach any replica: they write the document and the holder acts
+on them. When the holder dies its lease runs out after `rollout.lease_ttl`
+and another replica carries on from the stored step. Guarantees: a step is
+never repeated (every move is a compare-and-set on the stored rollout); each
+notification hook (`event`, `post_rollout`, `rollback`) is called once per
+change, and at least once across a failover (the holder records what it
+announced once the calls finished; the next holder calls what is not
+recorded); gate hooks (`pre_rollout`, `step`, `confirm_*`) are asked again
+by a new holder for the step in force.
 """
 
 from __future__ import annotations
@@ -17,18 +34,23 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import os
+import socket
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
 from gateway import audit, periodic
+from gateway import lease as L
 from gateway import rollout as R
 from gateway.alerts import AlertSender, targets_for
 from gateway.errors import Conflict
 from gateway.hooks import STEP_FAILURE_LIMIT, HookRunner, payload
 from gateway.rollout_config import RolloutConfig
-from gateway.store import StateDoc
+from gateway.store import ServiceState, StateDoc
 
 log = logging.getLogger("gateway.rollout")
 
@@ -52,8 +74,46 @@ class ControlLike(Protocol):
 
     async def transition(self, service: str, fn: Callable[[R.Rollout], R.Rollout]) -> StateDoc: ...
 
+    async def record_analysis(
+        self, service: str, edit: Callable[[ServiceState, Any], ServiceState]
+    ) -> StateDoc: ...
+
 
 StepKey = tuple[str, str, int, int]
+RELEASE_TIMEOUT = 2.0  # seconds a stopping replica tries to hand its leases back
+# States a holder drives (the others only wait for an operator's `retry` or a new plan).
+DRIVEN = (R.PENDING, R.PROGRESSING, R.PAUSED, R.CIRCUIT_BREAK)
+
+
+class _NotHolder(Exception):
+    """Another replica holds the service's lease: nothing is written."""
+
+
+def owner_id() -> str:
+    """This replica's name in a lease: host, process and a random part (a restart is new)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+async def release_leases(control: ControlLike, owner: str, now: float) -> None:
+    """On a clean stop, hand back every lease `owner` holds (it runs out `now`), so another
+    replica takes over at its next tick instead of after the TTL. Best effort."""
+    for service, st in list(control.doc.services.items()):
+        held = L.read(st.extra)
+        if held is None or held.owner != owner or held.until <= now:
+            continue
+
+        def edit(st: ServiceState, _snap: Any) -> ServiceState:
+            cur = L.read(st.extra)
+            if cur is None or cur.owner != owner:
+                raise _NotHolder
+            return replace(st, extra=L.with_lease(st.extra, owner, now))
+
+        try:
+            await asyncio.wait_for(control.record_analysis(service, edit), RELEASE_TIMEOUT)
+        except (_NotHolder, Conflict):
+            pass
+        except Exception as e:  # a dead store: the lease runs out by itself
+            log.warning("could not hand back the lease of %s: %s", service, e)
 
 
 def default_analysis_gate(control: Any) -> AnalysisGate | None:
@@ -97,7 +157,9 @@ class RolloutDriver:
         hooks: HookRunner | None = None,
         alerts: AlertSender | None = None,
         interval: float = 1.0,
+        owner: str | None = None,
     ) -> None:
+        self.owner = owner or owner_id()  # this replica's name in the lease
         self.control = control
         self.clock = clock
         self.healthy = healthy
@@ -111,6 +173,11 @@ class RolloutDriver:
         self._seen: dict[str, tuple[str, str, int]] = {}  # service -> (release, state, step)
         self._epoch: dict[str, int] = {}  # bumped when a step begins (a new step, a retry)
         self._task: asyncio.Task[None] | None = None
+        # As holder: changes announced whose notification calls may still run, in order,
+        # and the last one whose calls all finished (stored as `announced`).
+        self._notes: dict[str, list[tuple[L.Seen, list[asyncio.Task[Any]]]]] = {}
+        self._done: dict[str, L.Seen | None] = {}
+        self._published: dict[str, float] = {}  # service -> when this replica last wrote
 
     def _step_key(self, service: str, r: R.Rollout) -> StepKey:
         """One step of one rollout as this driver saw it begin: hook answers and the
@@ -124,10 +191,6 @@ class RolloutDriver:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        for service in self.control.config.services:  # what is stored now is not news
-            r = self.control.rollout_of(service)
-            if r is not None:
-                self._seen[service] = (r.release, r.state, r.step)
         if self.alerts is not None:
             self.alerts.start()
         self._task = asyncio.create_task(self._run(), name="gateway-rollouts")
@@ -138,6 +201,7 @@ class RolloutDriver:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+            await self._release()
         await self.hooks.stop()
         if self.alerts is not None:
             await self.alerts.stop()
@@ -151,9 +215,18 @@ class RolloutDriver:
             log.info("rollout of %s: %s", service, r.to_json() if r else None)
 
     # ------------------------------------------------------------------ facts
-    def _served_in_step(self, service: str, r: R.Rollout) -> int:
-        count = self.served(service, r.release)
-        return count - self._base.setdefault(self._step_key(service, r), count)
+    def _own_in_step(self, key: StepKey) -> int:
+        count = self.served(key[0], key[1])
+        return count - self._base.setdefault(key, count)
+
+    def served_in_step(self, service: str, r: R.Rollout) -> int:
+        """The fleet's count: ours live, the other replicas' as they published it."""
+        key = self._step_key(service, r)
+        own = self._own_in_step(key)
+        st = self.control.doc.services.get(service)
+        if st is None:
+            return own
+        return L.fleet_served(L.driver(st.extra), key[1:], self.owner, own)
 
     def facts(self, service: str, r: R.Rollout, now: float) -> R.Facts:
         """Everything `rollout.drive` needs about the release, except the confirm hooks."""
@@ -182,7 +255,7 @@ class RolloutDriver:
         return R.Facts(
             healthy=self.healthy(service, r.release),
             min_endpoints=g.min_endpoints,
-            served=self._served_in_step(service, r),
+            served=self.served_in_step(service, r),
             min_requests=g.min_requests if g.enabled else 0,
             breaching=self.breaching(service, r.release),
             analysis=analysis,
@@ -240,6 +313,9 @@ class RolloutDriver:
 
         def fn(r: R.Rollout) -> R.Rollout:
             r = R.pending(r, now)
+            if not self.holds(service, now):
+                return r  # the holder's next tick pre-checks it
+            self._become_holder(service)
             self._announce(service, r, now)
             nxt, _ = self.decide(service, r, now)
             self._announce(service, nxt, now)
@@ -256,6 +332,9 @@ class RolloutDriver:
             if service not in self.control.config.services:
                 continue
             r = self.control.rollout_of(service)
+            if r is None or not await self._lead(service, r, now, live):
+                continue
+            r = self.control.rollout_of(service)  # as the lease write left it
             if r is None:
                 continue
             self._announce(service, r, now)
@@ -337,24 +416,222 @@ class RolloutDriver:
         ):  # a step begins: its served count and hook answers start afresh
             self._epoch[service] = self._epoch.get(service, 0) + 1
             if r.state in (R.PROGRESSING, R.PAUSED):
-                self._base[self._step_key(service, r)] = self.served(service, r.release)
+                # a replica that counted it as a follower keeps its count
+                self._base.setdefault(self._step_key(service, r), self.served(service, r.release))
+        calls: list[asyncio.Task[Any]] = []
+        self._notes.setdefault(service, []).append((seen, calls))
         if before is None and r.state in (R.PROMOTED, R.ROLLED_BACK):
             return  # an old rollout this process learns about: no news
         lim = self.limits
         body = self._body(service, r, now)
         event = f"{r.release}: {before[1] if before else '-'} -> {r.state} at step {r.step}"
-        self.hooks.notify(
+        calls += self.hooks.notify(
             lim.hooks("event"),
             lambda h: {**body(h), "metadata": {"hook": h.name, "eventMessage": event}},
         )
         was = before[1] if before is not None else None
         if r.state == R.PROMOTED and was != R.PROMOTED:
-            self.hooks.notify(lim.hooks("post_rollout"), body)
+            calls += self.hooks.notify(lim.hooks("post_rollout"), body)
         if r.state in (R.CIRCUIT_BREAK, R.ROLLED_BACK) and was not in (
             R.CIRCUIT_BREAK,
             R.ROLLED_BACK,
         ):
-            self.hooks.notify(lim.hooks("rollback"), body)
+            calls += self.hooks.notify(lim.hooks("rollback"), body)
+
+    # ------------------------------------------------------------------ one driver per service
+    def _ttl(self, service: str) -> float:
+        analysis = getattr(self.control.config, "analysis", None)
+        specs = getattr(analysis, "metrics_for", None)
+        intervals = tuple(float(m.interval) for m in specs(service)) if specs else ()
+        return L.ttl(self.limits.lease_ttl, intervals)
+
+    def _needed(self, service: str) -> int:
+        """Requests a step waits for: the guard's `min_requests` and every analysis metric's."""
+        svc = self.control.config.services[service]
+        analysis = getattr(self.control.config, "analysis", None)
+        specs = getattr(analysis, "metrics_for", None)
+        counts = [int(m.min_requests) for m in specs(service)] if specs else []
+        return max([svc.guard.min_requests if svc.guard.enabled else 0, *counts])
+
+    def status(self, service: str, now: float) -> dict[str, Any]:
+        """The `driver` block of the rollout status: which replica drives it, and the fleet's
+        requests in the step as the replicas published them (docs/operations.md)."""
+        st = self.control.doc.services.get(service)
+        held = L.read(st.extra) if st is not None else None
+        d = L.driver(st.extra) if st is not None else L.Driver()
+        r = self.control.rollout_of(service)
+        served: int | None = None
+        if r is not None and r.state in R.ACTIVE and d.step is not None:
+            if (d.step[0], d.step[1]) == (r.release, r.step):
+                served = sum(n for s, n in d.served.values() if s == d.step)
+        return {
+            "replica": held.owner if held is not None and held.until > now else None,
+            "served_in_step": served,
+            "min_requests": self._needed(service),
+        }
+
+    def holds(self, service: str, now: float) -> bool:
+        """No other replica holds the service's lease now (this one does, or nobody)."""
+        st = self.control.doc.services.get(service)
+        return st is None or not L.held_by_other(L.read(st.extra), self.owner, now)
+
+    def claim(self, service: str, now: float) -> Callable[[ServiceState], ServiceState]:
+        """For `POST .../rollout`: the lease, when free, goes to the replica that admitted
+        the plan, in the same write (gateway/control.py's `rollout(claim=...)`)."""
+
+        def fn(st: ServiceState) -> ServiceState:
+            if L.held_by_other(L.read(st.extra), self.owner, now):
+                return st
+            return self._bookkeeping(service, st, now)
+
+        return fn
+
+    def _become_holder(self, service: str) -> None:
+        """Start acting for a service from what the last holder recorded (a takeover)."""
+        if service in self._done:
+            return
+        st = self.control.doc.services.get(service)
+        d = L.driver(st.extra) if st is not None else L.Driver()
+        r = self.control.rollout_of(service)
+        self._seen.pop(service, None)
+        if d.announced is not None:
+            self._seen[service] = d.announced
+        self._done[service] = d.announced
+        self._notes[service] = []
+        epoch = d.step[2] if d.step is not None else 0
+        if (
+            r is not None
+            and d.step is not None
+            and (d.step[0], d.step[1]) == (r.release, r.step)
+            and r.state in R.ACTIVE
+            and (d.announced is None or (d.announced[0], d.announced[2]) != (r.release, r.step))
+        ):
+            # The last holder began this step and recorded it, but not its announcement:
+            # announcing it here begins the same step (same epoch, the fleet's count kept).
+            epoch -= 1
+        self._epoch[service] = epoch
+
+    def _step_down(self, service: str) -> None:
+        """Another replica acts for the service now: forget what this one announced."""
+        for d in (self._seen, self._epoch, self._done, self._notes):
+            d.pop(service, None)
+
+    def _finished(self, service: str) -> L.Seen | None:
+        """The last announced change whose notification calls all finished."""
+        notes = self._notes.get(service, [])
+        while notes and all(t.done() for t in notes[0][1]):
+            self._done[service] = notes.pop(0)[0]
+        return self._done.get(service)
+
+    def _bookkeeping(self, service: str, st: ServiceState, now: float) -> ServiceState:
+        """`st` with the lease ours for another TTL and the driver block brought up to date."""
+        d = L.driver(st.extra)
+        raw = st.extra.get("rollout")
+        r = R.Rollout.from_json(raw) if isinstance(raw, Mapping) else None
+        seen = self._seen.get(service)
+        step = d.step
+        served = d.served
+        if r is not None and r.state in R.ACTIVE:
+            if seen is not None and (seen[0], seen[2]) == (r.release, r.step):
+                key = self._step_key(service, r)
+                step = key[1:]
+                served = L.publish(
+                    replace(d, step=step), self.owner, step, self._own_in_step(key)
+                ).served
+        else:
+            served = {}
+        done = self._finished(service)
+        d = L.Driver(step, done if done is not None else d.announced, served)
+        extra = L.with_lease(st.extra, self.owner, now + self._ttl(service))
+        return replace(st, extra=L.with_driver(extra, d))
+
+    async def _lead(self, service: str, r: R.Rollout, now: float, live: set[StepKey]) -> bool:
+        """Whether this replica acts for `service` now: it holds the lease (taking or
+        renewing it when due), or it follows the holder (counting what it serves)."""
+        st = self.control.doc.services[service]
+        held = L.read(st.extra)
+        d = L.driver(st.extra)
+        if L.held_by_other(held, self.owner, now):
+            self._step_down(service)
+            await self._follow(service, r, d, now, live)
+            return False
+        current = (r.release, r.state, r.step)
+        if service not in self._done:
+            if r.state not in DRIVEN and d.announced == current:
+                return False  # over and fully announced: nobody needs to act
+            self._become_holder(service)
+        elif r.state not in DRIVEN and self._finished(service) == current == d.announced:
+            return True  # over and recorded: the lease runs out by itself
+        seen = self._seen.get(service)
+        key = self._step_key(service, r)
+        # the step in force is the one this replica announced (its epoch is known)
+        in_step = (
+            r.state in R.ACTIVE and seen is not None and (seen[0], seen[2]) == (r.release, r.step)
+        )
+        new_step = in_step and d.step != key[1:]
+        publish = in_step and L.publish_due(
+            d,
+            self.owner,
+            key[1:],
+            self._own_in_step(key),
+            self._needed(service),
+            self._published.get(service, -math.inf),
+            now,
+            self.limits.publish_interval,
+        )
+        if not (L.renewal_due(held, self.owner, now, self._ttl(service)) or new_step or publish):
+            return True
+
+        def edit(st: ServiceState, _snap: Any) -> ServiceState:
+            if L.held_by_other(L.read(st.extra), self.owner, now):
+                raise _NotHolder
+            return self._bookkeeping(service, st, now)
+
+        self._published[service] = now
+        try:
+            await self.control.record_analysis(service, edit)
+        except _NotHolder:
+            self._step_down(service)
+            return False
+        except Conflict:  # the store kept changing: the lease is tried again next tick
+            return held is not None and held.owner == self.owner
+        except Exception as e:  # a dead store: act only while the lease we hold lasts
+            log.warning("rollout of %s: could not write the lease: %s", service, e)
+            return held is not None and held.owner == self.owner and held.until > now
+        return True
+
+    async def _follow(
+        self, service: str, r: R.Rollout, d: L.Driver, now: float, live: set[StepKey]
+    ) -> None:
+        """Not the holder: count what this replica's release serves in the step the holder
+        recorded, and publish it while the step waits for traffic (bounded write rate)."""
+        step = d.step
+        if r.state not in R.ACTIVE or step is None or (step[0], step[1]) != (r.release, r.step):
+            return
+        key: StepKey = (service, *step)
+        live.add(key)
+        own = self._own_in_step(key)
+        last = self._published.get(service, -math.inf)
+        interval = self.limits.publish_interval
+        if not L.publish_due(d, self.owner, step, own, self._needed(service), last, now, interval):
+            return
+
+        def edit(st: ServiceState, _snap: Any) -> ServiceState:
+            cur = L.driver(st.extra)
+            if cur.step != step:
+                raise _NotHolder  # the step is over: nothing to publish
+            return replace(st, extra=L.with_driver(st.extra, L.publish(cur, self.owner, step, own)))
+
+        self._published[service] = now
+        try:
+            await self.control.record_analysis(service, edit)
+        except (_NotHolder, Conflict):
+            pass
+        except Exception as e:  # a dead store: the next publish tries again
+            log.warning("rollout of %s: could not publish the step's count: %s", service, e)
+
+    async def _release(self) -> None:
+        await release_leases(self.control, self.owner, self.clock())
 
 
 def _gate_live(key: object, live: set[StepKey]) -> bool:

@@ -24,6 +24,7 @@ PURE = (
     "errors",
     "guard",
     "headers",
+    "lease",
     "paths",
     "propagation",
     "ratelog",

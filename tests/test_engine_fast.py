@@ -6,6 +6,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import re
 import resource
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,7 +18,39 @@ from aiohttp import web
 
 from gateway.engine.api import Forward, RequestHead, Respond
 from gateway.engine.fast import FastEngine
-from gateway.engine.fast_wire import BODY_CHUNKED, BODY_CL, BODY_NONE, Reject, request_framing
+from gateway.engine.fast_client import (
+    C_CLOSED,
+    C_LINGER,
+    C_OPEN,
+    C_SHUT,
+    C_TUNNEL,
+    CLIENT_STATES,
+    ClientConn,
+    ClientContext,
+)
+from gateway.engine.fast_pool import Pool
+from gateway.engine.fast_upstream import (
+    U_BUSY,
+    U_CLOSED,
+    U_CONNECTING,
+    U_DONE,
+    U_IDLE,
+    U_TUNNEL,
+    UPSTREAM_STATES,
+)
+from gateway.engine.fast_wire import (
+    BODY_CHUNKED,
+    BODY_CL,
+    BODY_NONE,
+    EXCHANGE_STATES,
+    X_ANSWERED,
+    X_FINISHED,
+    X_HEAD_SENT,
+    X_WAITING,
+    Exchange,
+    Reject,
+    request_framing,
+)
 from tests.engine_helpers import MARK, Env, ProxyHandler, Script, read_request
 
 
@@ -1013,3 +1046,94 @@ def test_on_uvloop(scenario: Callable[[Env], Awaitable[None]]) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(run())
+
+
+# -- connection state, as the objects print it ---------------------------------
+
+
+async def _until(check: Callable[[], bool], what: str, limit: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    while not check():
+        assert loop.time() < end, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_connections_and_exchanges_print_their_lifecycle_state(env: Env) -> None:
+    """One state field per object, shown by its repr: open/busy/waiting, then idle, then closed."""
+    _, port, _, eng = await proxied_echo(env)
+    assert eng._pool is not None
+    c = await env.connect(port)
+    await c.send(b"GET /slow?s=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await _until(lambda: bool(eng._pool and eng._pool.conns), "an upstream connection")
+    (conn,) = eng._clients
+    (up,) = eng._pool.conns
+    await _until(lambda: up.state == U_BUSY, "the request to be sent upstream")
+    assert repr(conn).startswith("ClientConn(127.0.0.1, open, waiting for request, ")
+    assert "Exchange(GET /slow?s=1, waiting, request read, 0)" in repr(conn)
+    assert re.match(r"Upstream\(127\.0\.0\.1:\d+, busy, mode=0, exchange=Exchange\(", repr(up))
+    assert (await c.response()).status == 200
+    await _until(lambda: up.state == U_IDLE, "the upstream connection back in the pool")
+    assert repr(up).endswith(", idle, mode=1, exchange=None)")
+    assert "active=None, queued=0)" in repr(conn)
+    await c.close()
+    await _until(lambda: conn.state == C_CLOSED, "the client connection to close")
+    assert repr(conn).startswith("ClientConn(127.0.0.1, closed, ")
+
+
+@pytest.mark.parametrize(
+    ("names", "values"),
+    [
+        (CLIENT_STATES, (C_OPEN, C_TUNNEL, C_LINGER, C_SHUT, C_CLOSED)),
+        (UPSTREAM_STATES, (U_CONNECTING, U_IDLE, U_BUSY, U_DONE, U_TUNNEL, U_CLOSED)),
+        (EXCHANGE_STATES, (X_WAITING, X_HEAD_SENT, X_ANSWERED, X_FINISHED)),
+    ],
+    ids=["client", "upstream", "exchange"],
+)
+def test_every_state_value_has_one_name_in_order(
+    names: tuple[str, ...], values: tuple[int, ...]
+) -> None:
+    assert values == tuple(range(len(names)))  # ordered: `state >= X` reads as "at least X"
+    assert len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize(
+    ("head", "state", "req_done", "want"),
+    [
+        (
+            RequestHead(b"GET", b"/a?b=1", [], "10.0.0.1"),
+            X_WAITING,
+            False,
+            "GET /a?b=1, waiting, request reading, 0",
+        ),
+        (
+            RequestHead(b"POST", b"/u", [], "10.0.0.1"),
+            X_HEAD_SENT,
+            True,
+            "POST /u, head_sent, request read, 0",
+        ),
+        (None, X_FINISHED, True, "local, finished, request read, 0"),
+    ],
+    ids=["waiting", "head-sent", "local-finished"],
+)
+async def test_an_exchange_prints_its_request_and_state(
+    head: RequestHead | None, state: int, req_done: bool, want: str
+) -> None:
+    loop = asyncio.get_running_loop()
+    pool = Pool(loop, 1, 1.0)
+    ctx = ClientContext(
+        loop,
+        pool,
+        ProxyHandler(1),
+        scheme="http",
+        max_header_bytes=1024,
+        max_target_bytes=1024,
+        keepalive_timeout=1.0,
+        header_timeout=1.0,
+        body_timeout=1.0,
+        body_min_bytes=1.0,
+    )
+    ex = Exchange(ClientConn(ctx), head)
+    ex.state = state
+    ex.req_done = req_done
+    assert repr(ex) == f"Exchange({want})"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 
 from gateway import errors
@@ -44,3 +46,35 @@ def test_a_config_error_lists_every_problem_and_leads_with_the_first() -> None:
 )
 def test_upstream_status(kind: str, status: int) -> None:
     assert errors.upstream_status(kind) == status
+
+
+def test_the_upstream_error_kinds_are_one_closed_set_with_the_metric_label_strings() -> None:
+    """`gateway_upstream_errors_total{kind}` values are a contract: the same strings."""
+    kinds = set(get_args(errors.UpstreamErrorKind))
+    constants = {getattr(errors, n) for n in dir(errors) if n.startswith("ERR_")}
+    assert kinds == constants
+    assert kinds == {"connect", "reset", "timeout", "protocol", "client_abort", "limit", "tls"}
+
+
+@pytest.mark.parametrize("table", ["STATUS_BY_UPSTREAM_ERROR", "MESSAGE_BY_UPSTREAM_ERROR"])
+def test_every_kind_that_is_answered_has_a_status_and_a_message(table: str) -> None:
+    kinds = set(get_args(errors.UpstreamErrorKind))
+    assert set(getattr(errors, table)) == kinds - {errors.ERR_CLIENT}
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "message"),
+    [
+        ("connect", 502, "upstream refused or unreachable"),
+        ("reset", 502, "upstream closed the connection"),
+        ("timeout", 504, "upstream timed out"),
+        ("protocol", 502, "upstream sent an invalid response"),
+        ("limit", 503, "upstream connection limit"),
+        ("tls", 502, "upstream TLS error"),
+    ],
+    ids=lambda x: str(x),
+)
+def test_status_and_message_per_kind(
+    kind: errors.UpstreamErrorKind, status: int, message: str
+) -> None:
+    assert (errors.upstream_status(kind), errors.upstream_message(kind)) == (status, message)

@@ -41,7 +41,6 @@ def test_hop_by_hop_and_connection_named_fields_removed() -> None:
     names = _names(out)
     for hop in (*sorted(HOP), b"x-secret"):  # RFC 9110 §7.6.1 + the one Connection names
         assert hop not in names
-    assert s.upgrade is None  # Upgrade without Connection: upgrade is not an upgrade
     d = dict(out)
     assert d[b"Host"] == b"a.example" and d[b"Accept"] == b"*/*"
     assert d[b"X-Forwarded-For"] == b"10.0.0.9"
@@ -75,11 +74,6 @@ def test_existing_forwarded_for_and_via_are_appended_and_stage_replaced() -> Non
     assert out[b"X-Forwarded-For"] == b"1.1.1.1, 2.2.2.2"
     assert out[b"Via"] == b"1.0 edge, 1.1 gray-gateway"
     assert out[b"X-Release-Stage"] == b"stable"
-
-
-def test_upgrade_detected_only_with_connection_upgrade() -> None:
-    s = scan([(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")], b"x", b"y")
-    assert s.upgrade == b"websocket"
 
 
 def test_response_hop_by_hop_stripped() -> None:

@@ -41,7 +41,6 @@ TESTED_ELSEWHERE = {
     "discovery/__init__": "tests/test_discovery_consul.py (merging, selectors)",
     "discovery/pacing": "tests/test_discovery_consul.py (the watch's token bucket)",
     "engine/aio": "the end-to-end suites run on both engines (conftest's `engine` fixture)",
-    "engine/api": "the interface: tests/test_engine_fast.py and the end-to-end suites",
     "engine/fast_client": "tests/test_engine_fast.py, tests/test_request_edges.py",
     "engine/fast_upstream": "tests/test_engine_fast.py, tests/test_failover.py",
     "engine/fast_wire": "tests/test_engine_fast.py, tests/test_fuzz_engine.py",

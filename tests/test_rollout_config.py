@@ -38,6 +38,8 @@ def test_defaults_and_a_full_section() -> None:
                 "confirm_timeout": "10m",
                 "progress_deadline": "1h",
                 "progress_deadline_action": "rollback",
+                "lease_ttl": "30s",
+                "publish_interval": "1s",
                 "webhooks": [
                     HOOK,
                     {**HOOK, "name": "pre", "type": "pre_rollout", "timeout": "3s", "retries": 0},
@@ -48,6 +50,8 @@ def test_defaults_and_a_full_section() -> None:
     ).rollout
     assert (cfg.min_first_pause, cfg.min_pause, cfg.confirm_timeout) == (60.0, 120.0, 600.0)
     assert (cfg.progress_deadline, cfg.progress_deadline_action) == (3600.0, "rollback")
+    assert (cfg.lease_ttl, cfg.publish_interval) == (30.0, 1.0)
+    assert (RolloutConfig().lease_ttl, RolloutConfig().publish_interval) == (10.0, 5.0)
     assert cfg.webhooks == (
         Webhook("ok", "confirm_step", HOOK["url"], 10.0, 2),
         Webhook("pre", "pre_rollout", HOOK["url"], 3.0, 0),
@@ -66,6 +70,15 @@ BAD: list[tuple[str, Any, str]] = [
     ("deadline-list", {"progress_deadline": [1]}, "rollout.progress_deadline"),
     ("action-unknown", {"progress_deadline_action": "panic"}, "rollout.progress_deadline_action"),
     ("action-number", {"progress_deadline_action": 1}, "rollout.progress_deadline_action"),
+    ("lease-word", {"lease_ttl": "long"}, "rollout.lease_ttl"),
+    ("lease-short", {"lease_ttl": "2s"}, "rollout.lease_ttl"),
+    ("lease-zero", {"lease_ttl": 0}, "rollout.lease_ttl"),
+    ("lease-huge", {"lease_ttl": "1h"}, "rollout.lease_ttl"),
+    ("lease-bool", {"lease_ttl": True}, "rollout.lease_ttl"),
+    ("publish-zero", {"publish_interval": "0s"}, "rollout.publish_interval"),
+    ("publish-tiny", {"publish_interval": "100ms"}, "rollout.publish_interval"),
+    ("publish-huge", {"publish_interval": "1h"}, "rollout.publish_interval"),
+    ("publish-list", {"publish_interval": [5]}, "rollout.publish_interval"),
     ("hooks-not-list", {"webhooks": {"a": 1}}, "rollout.webhooks"),
     ("hook-not-mapping", {"webhooks": ["http://x"]}, "rollout.webhooks[0]"),
     ("hook-unknown-key", {"webhooks": [{**HOOK, "secret": 1}]}, "rollout.webhooks[0].secret"),
@@ -100,8 +113,10 @@ def test_bad_values_name_the_field(case: str, rollout: Any, field: str) -> None:
     [
         ({"min_first_pause": "soon"}, "rollout.min_first_pause"),
         ({"webhooks": [{**HOOK, "type": "nope"}]}, "rollout.webhooks[0].type"),
+        ({"lease_ttl": "1s"}, "rollout.lease_ttl"),
+        ({"publish_interval": "never"}, "rollout.publish_interval"),
     ],
-    ids=["duration", "hook-type"],
+    ids=["duration", "hook-type", "lease-ttl", "publish-interval"],
 )
 def test_gateway_check_exits_2_naming_the_field(tmp_path: Path, rollout: Any, field: str) -> None:
     f = tmp_path / "gateway.yaml"

@@ -475,7 +475,7 @@ async def test_confirm_step_hook_holds_each_step_paused_until_2xx(
 async def test_two_replicas_driving_one_rollout_move_it_once(
     upstreams: Any, gateway: Any, tmp_path: Any
 ) -> None:
-    """Two gateways on one state file (as replicas): both drivers decide, one write wins."""
+    """Two gateways on one state file (as replicas): one holds the lease and moves it once."""
     st, gr = await upstreams("stable"), await upstreams("gray")
     services = two_releases(st.url, gr.url, 100, 0)
     services["svc"]["guard"] = {"min_requests": 1}
@@ -496,6 +496,7 @@ async def test_two_replicas_driving_one_rollout_move_it_once(
         while g2.control.rollout_of("svc") is None:  # the file store's poll brings it
             assert time.monotonic() < end
             await asyncio.sleep(0.05)
+        r0 = g2.control.rollout_of("svc")
         # Each driver counts its own replica's requests from when it first saw the step.
         assert await g1.driver.advance(time.time()) == []
         assert await g2.driver.advance(time.time()) == []
@@ -503,7 +504,11 @@ async def test_two_replicas_driving_one_rollout_move_it_once(
         await _to_gray(s, g2, 1)
         later = time.time() + 61
         moved = await asyncio.gather(g1.driver.advance(later), g2.driver.advance(later))
-    assert ["svc"] in moved
+    assert sorted(moved) == [[], ["svc"]]
+    end = time.monotonic() + 30
+    while (g1.control.rollout_of("svc") or r0).step != 1:  # the file store's poll brings it
+        assert time.monotonic() < end
+        await asyncio.sleep(0.05)
     r = g1.control.rollout_of("svc")
     assert r is not None and (r.step, r.weight) == (1, 100)
     steps = [x for x in await g1.auditor.query("svc") if x["action"] == "rollout.step"]

@@ -17,6 +17,7 @@ from aiohttp import web
 from gateway import config as C
 from gateway.app import Gateway
 from gateway.demo import demo_upstream
+from gateway.tls import DirectSSLObject, client_context, server_context
 from tests.conftest import gateway_config
 from tests.engine_helpers import RawClient
 from tests.tls_helpers import PKI, cert_serial, make_pki, serial_of, serve_tls
@@ -475,3 +476,57 @@ async def test_a_gray_release_whose_certificate_fails_is_rolled_back_by_the_guar
             await asyncio.sleep(0.05)
         async with s.get(f"http://127.0.0.1:{gw.port}/", headers={"X-User-ID": "u1"}) as r:
             assert r.status == 200 and r.headers["X-Release-Stage"] == "stable"
+
+
+def _shake(client: ssl.SSLObject, server: ssl.SSLObject, wire: list[ssl.MemoryBIO]) -> None:
+    """Complete a handshake between two SSLObjects over memory BIOs (c_in, c_out, s_in, s_out)."""
+    c_in, c_out, s_in, s_out = wire
+    for _ in range(10):
+        done = 0
+        for obj in (client, server):
+            try:
+                obj.do_handshake()
+                done += 1
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if done == 2:
+            return
+    raise AssertionError("the handshake did not complete")
+
+
+def test_tls_objects_hand_the_transport_the_c_methods_and_carry_data_both_ways(pki: PKI) -> None:
+    """gateway.tls.DirectSSLObject: read/write/pending are OpenSSL's C methods, and they work
+    as the event loop's TLS transport calls them (read(n), read(n, buffer), write, pending)."""
+    wire = [ssl.MemoryBIO() for _ in range(4)]
+    c_in, c_out, s_in, s_out = wire
+    srv_ctx = server_context(str(pki.server.cert), str(pki.server.key), None)
+    cli_ctx = client_context(ca=str(pki.ca_pem))
+    server = srv_ctx.wrap_bio(s_in, s_out, server_side=True)
+    client = cli_ctx.wrap_bio(c_in, c_out, server_hostname="localhost")
+    for obj in (server, client):
+        assert isinstance(obj, DirectSSLObject)
+        raw = vars(obj)["_sslobj"]
+        assert (obj.read, obj.write, obj.pending) == (raw.read, raw.write, raw.pending)
+        assert type(obj.read).__name__ == "builtin_function_or_method"
+    _shake(client, server, wire)
+    assert server.version() == client.version() and server.selected_alpn_protocol() == "http/1.1"
+
+    assert client.write(b"GET / HTTP/1.1\r\n\r\n") == 18
+    s_in.write(c_out.read())
+    assert server.read(4) == b"GET "
+    assert server.pending() == 14
+    buf = bytearray(64)
+    assert server.read(64, buf) == 14 and bytes(buf[:14]) == b"/ HTTP/1.1\r\n\r\n"
+    assert server.pending() == 0
+    with pytest.raises(ssl.SSLWantReadError):
+        server.read(64)
+
+    body = b"x" * 20_000  # more than one TLS record
+    assert server.write(body) == len(body)
+    c_in.write(s_out.read())
+    got = b""
+    while len(got) < len(body):
+        got += client.read(65_536)
+    assert got == body

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import nginxconf, scenarios, servers, tlsbench
+from benchmarks import nginxconf, scenarios, servers, tlsbench, tlscount
 from benchmarks.procs import ProcessSet
 from benchmarks.servers import CpuLayout, Fleet
 from tests.programs import need
@@ -67,3 +67,65 @@ def test_nginx_and_the_gateway_serve_the_split_over_tls_with_one_certificate(
         a, b = _served(ref.port), _served(gw.port)
         assert a[0] == b[0] == 200 and a[1] == b[1] and len(a[1]) == 1024
         assert a[2] == b[2] != b""  # the same certificate on both
+        # ... and the same protocol and cipher suite for a client with wrk's defaults
+        # (OpenSSL's; here TLS 1.3 with TLS_AES_256_GCM_SHA384 on both).
+        got = tlsbench.negotiated(gw.port)
+        assert got == tlsbench.negotiated(ref.port) and got[0] == "TLSv1.3"
+
+
+ANNOTATE = """\
+--------------------------------------------------------------------------------
+Ir
+--------------------------------------------------------------------------------
+9,000,000 (100.0%)  PROGRAM TOTALS
+
+--------------------------------------------------------------------------------
+Ir                 file:function
+--------------------------------------------------------------------------------
+6,000,000 (66.67%)  /project/build/libuv-x86_64/src/unix/stream.c:uv__read [/x/loop.so]
+1,800,000 (20.00%)  ???:SSL_write_ex [/usr/lib/x86_64-linux-gnu/libssl.so.3]
+  900,000 (10.00%)  ???:SSL_read_ex [/usr/lib/x86_64-linux-gnu/libssl.so.3]
+  300,000 ( 3.33%)  ???:SSL_read_ex'2 [/usr/lib/x86_64-linux-gnu/libssl.so.3]
+"""
+
+
+def test_tlscount_reads_inclusive_counts_and_totals_from_callgrind_annotate() -> None:
+    got = tlscount.inclusive(ANNOTATE, ["uv__read", "SSL_read_ex", "SSL_write_ex", "SSL_read"])
+    assert got == {"uv__read": 6_000_000, "SSL_write_ex": 1_800_000, "SSL_read_ex": 900_000}
+    assert tlscount.totals(ANNOTATE) == 9_000_000
+    with pytest.raises(ValueError):
+        tlscount.totals("no totals here")
+
+
+@pytest.mark.parametrize(
+    ("plain", "tls", "want"),
+    [
+        (100.0, (130.0, 18.0), (30.0, 18.0, 12.0)),
+        (24.0, (45.0, 18.0), (21.0, 18.0, 3.0)),
+    ],
+    ids=["gateway-like", "nginx-like"],
+)
+def test_tlscount_splits_what_https_adds_into_openssl_and_glue(
+    plain: float, tls: tuple[float, float], want: tuple[float, float, float]
+) -> None:
+    s = tlscount.split({"data path": plain}, {"data path": tls[0], "openssl": tls[1]})
+    assert (s["tls added"], s["openssl"], s["tls glue"]) == want
+
+
+def test_tlscount_nginx_config_is_one_foreground_process_and_passes_nginx_t(
+    tmp_path: Path,
+) -> None:
+    nginx = need("nginx", "nginx -t checks the config tlscount runs under valgrind")
+    cert, key = tlsbench.certificates(tmp_path)
+    prefix = tmp_path / "vg"
+    conf = nginxconf.reference_conf(
+        prefix, 18095, {"stable": 18090, "gray": 18092}, servers.WEIGHTS, nofile=1024
+    )
+    conf = tlscount.valgrind_nginx_conf(tlsbench.nginx_tls_conf(conf, 18095, cert, key))
+    assert "master_process off;" in conf and "daemon off;" in conf
+    with pytest.raises(ValueError):
+        tlscount.valgrind_nginx_conf(conf)  # only once
+    nginxconf.prepare_prefix(prefix, conf)
+    argv = [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-t", "-q"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0, out.stderr

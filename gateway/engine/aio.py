@@ -34,8 +34,11 @@ from gateway.engine.api import (
     Limits,
     RequestHead,
     Respond,
+    UpstreamErrorKind,
+    body_min_bytes,
 )
 from gateway.engine.fast_wire import IDEMPOTENT, REPLAY_CAP
+from gateway.errors import upstream_status
 from gateway.headers import strip_response_hop_by_hop
 from gateway.tls import describe
 
@@ -55,7 +58,7 @@ async def progressing_body(
     body trickled a byte at a time is as stalled as a silent one.
     """
     loop = asyncio.get_running_loop()
-    need = max(1.0, min_rate * window)
+    need = body_min_bytes(min_rate, window)
     start = loop.time()
     n = 0
     while True:
@@ -84,6 +87,19 @@ class _Gate:
     def __init__(self) -> None:
         self.busy = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
+
+
+def _dial(fwd: Forward, target: str) -> tuple[URL, ssl.SSLContext | bool, str | None]:
+    """The URL, `ssl` and `server_hostname` arguments for an aiohttp request to `fwd`'s endpoint.
+
+    README "TLS": an https:// endpoint gets its client context (True: the default
+    verification) and SNI/checked name `server_name`, else the host.
+    """
+    tls = fwd.tls
+    if tls is None:
+        return URL(f"http://{fwd.host}:{fwd.port}{target}", encoded=True), True, None
+    url = URL(f"https://{fwd.host}:{fwd.port}{target}", encoded=True)
+    return url, tls.context or True, tls.server_name
 
 
 def _cimd(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
@@ -211,7 +227,7 @@ class AiohttpEngine:
                     if not gate.busy and not gate.waiters:
                         self._gates.pop(key, None)
                 if isinstance(e, TimeoutError):
-                    return self._fail(fwd, 503, ERR_LIMIT)
+                    return self._fail(fwd, ERR_LIMIT)
                 raise
         else:
             gate.busy += 1
@@ -275,9 +291,8 @@ class AiohttpEngine:
         try:
             async with asyncio.timeout_at(when):  # timeouts.total: every attempt included
                 while True:
-                    tls = fwd.tls
-                    scheme = "https" if tls is not None else "http"
-                    url = URL(f"{scheme}://{fwd.host}:{fwd.port}{target}", encoded=True)
+                    kind: UpstreamErrorKind
+                    url, ssl_arg, sni = _dial(fwd, target)  # again: failover moves `fwd`
                     data: bytes | AsyncIterator[bytes] | None = body
                     if body is None and has_body:
                         data = progressing_body(request.content, t.body, t.body_min_rate)
@@ -289,27 +304,27 @@ class AiohttpEngine:
                             data=data,
                             allow_redirects=False,
                             timeout=timeout,
-                            ssl=tls.context if tls is not None and tls.context else True,
-                            server_hostname=tls.server_name if tls is not None else None,
+                            ssl=ssl_arg,
+                            server_hostname=sni,
                         )
                         break
                     except aiohttp.ClientSSLError as e:
                         fwd.detail = describe(e.__cause__ or e)
                         reported = True
-                        return self._fail(fwd, 502, ERR_TLS)
+                        return self._fail(fwd, ERR_TLS)
                     except aiohttp.ClientConnectorError:
-                        kind, code, sent = ERR_CONNECT, 502, False
+                        kind, sent = ERR_CONNECT, False
                     except aiohttp.ConnectionTimeoutError:
-                        kind, code, sent = ERR_TIMEOUT, 504, False
+                        kind, sent = ERR_TIMEOUT, False
                     except aiohttp.ServerTimeoutError:
-                        kind, code, sent = ERR_TIMEOUT, 504, True
+                        kind, sent = ERR_TIMEOUT, True
                     except aiohttp.ClientResponseError:
-                        kind, code, sent = ERR_PROTOCOL, 502, True
+                        kind, sent = ERR_PROTOCOL, True
                     except aiohttp.ClientError as e:
                         if isinstance(e.__cause__, BodyStalled):
                             reported = True
                             return self._stalled(fwd)  # aiohttp already cut the upstream
-                        kind, code, sent = ERR_RESET, 502, True
+                        kind, sent = ERR_RESET, True
                     if (
                         kind == ERR_PROTOCOL
                         or (sent and not replayable)
@@ -317,7 +332,7 @@ class AiohttpEngine:
                         or not fwd.retry.again(fwd, kind)
                     ):
                         reported = True
-                        return self._fail(fwd, code, kind)
+                        return self._fail(fwd, kind)
                 try:
                     out_h = strip_response_hop_by_hop(up.raw_headers, False) + fwd.response_headers
                     resp = web.StreamResponse(
@@ -345,7 +360,7 @@ class AiohttpEngine:
                 raise
             reported = True
             if status == 0:
-                return self._fail(fwd, 504, ERR_TIMEOUT)
+                return self._fail(fwd, ERR_TIMEOUT)
             fwd.on_done(status, ERR_TIMEOUT)
             raise ConnectionResetError from None  # the head is out: cut the response
         except (ConnectionResetError, asyncio.CancelledError):
@@ -361,17 +376,15 @@ class AiohttpEngine:
         fwd.on_done(408, ERR_CLIENT)
         return resp
 
-    def _fail(self, fwd: Forward, status: int, kind: str) -> web.Response:
-        body = self.handler.error_body(status, kind, fwd)
+    def _fail(self, fwd: Forward, kind: UpstreamErrorKind) -> web.Response:
+        body = self.handler.error_body(upstream_status(kind), kind, fwd)
         fwd.on_done(body.status, kind)
         return self._respond(body)
 
     async def _websocket(self, request: web.BaseRequest, fwd: Forward) -> web.StreamResponse:
         assert self._session is not None
         target = request.raw_path if fwd.target is None else fwd.target.decode("latin-1")
-        tls = fwd.tls
-        scheme = "https" if tls is not None else "http"
-        url = URL(f"{scheme}://{fwd.host}:{fwd.port}{target}", encoded=True)
+        url, ssl_arg, sni = _dial(fwd, target)
         skip = {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "host"}
         headers = {k.decode(): v.decode() for k, v in fwd.headers if k.lower().decode() not in skip}
         protocols = [
@@ -385,16 +398,16 @@ class AiohttpEngine:
                 headers=headers,
                 protocols=protocols,
                 timeout=aiohttp.ClientWSTimeout(ws_close=fwd.read_timeout),
-                ssl=tls.context if tls is not None and tls.context else True,
-                server_hostname=tls.server_name if tls is not None else None,
+                ssl=ssl_arg,
+                server_hostname=sni,
             )
         except aiohttp.ClientSSLError as e:
             fwd.detail = describe(e.__cause__ or e)
-            return self._fail(fwd, 502, ERR_TLS)
+            return self._fail(fwd, ERR_TLS)
         except aiohttp.ClientConnectorError:
-            return self._fail(fwd, 502, ERR_CONNECT)
+            return self._fail(fwd, ERR_CONNECT)
         except aiohttp.ClientError:
-            return self._fail(fwd, 502, ERR_PROTOCOL)
+            return self._fail(fwd, ERR_PROTOCOL)
         ws = web.WebSocketResponse(protocols=protocols)
         for k, v in fwd.response_headers:
             ws.headers[k.decode()] = v.decode()

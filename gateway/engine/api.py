@@ -8,11 +8,47 @@ exchange is over. Nothing here imports asyncio or aiohttp.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
+from gateway.errors import (
+    ERR_CLIENT,
+    ERR_CONNECT,
+    ERR_LIMIT,
+    ERR_PROTOCOL,
+    ERR_RESET,
+    ERR_TIMEOUT,
+    ERR_TLS,
+    UpstreamErrorKind,
+)
+
 if TYPE_CHECKING:
+    import socket
+    import ssl
+
     from gateway.tls_config import UpstreamTLS
+
+# The error kinds (the closed type and its status table: gateway/errors.py) are
+# re-exported for the engine's callers.
+__all__ = [
+    "ERR_CLIENT",
+    "ERR_CONNECT",
+    "ERR_LIMIT",
+    "ERR_PROTOCOL",
+    "ERR_RESET",
+    "ERR_TIMEOUT",
+    "ERR_TLS",
+    "Engine",
+    "Forward",
+    "Handler",
+    "Headers",
+    "Limits",
+    "RequestHead",
+    "Respond",
+    "Retry",
+    "UpstreamErrorKind",
+    "body_min_bytes",
+]
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -61,14 +97,21 @@ class Respond:
         return f"Respond({self.status}, {self.body[:80]!r})"
 
 
-# Error kinds reported to Forward.on_done; a closed set (metric label values).
-ERR_CONNECT: Final = "connect"  # refused / unreachable -> 502
-ERR_RESET: Final = "reset"  # upstream closed or reset mid-exchange -> 502
-ERR_TIMEOUT: Final = "timeout"  # connect/read timeout -> 504
-ERR_PROTOCOL: Final = "protocol"  # upstream sent an unparsable response -> 502
-ERR_CLIENT: Final = "client_abort"  # client went away; nothing to answer
-ERR_LIMIT: Final = "limit"  # the endpoint stayed at upstream.max_connections -> 503
-ERR_TLS: Final = "tls"  # the upstream's TLS handshake failed (certificate...) -> 502
+# The defaults of upstream.max_connections and upstream.queue_timeout
+# (docs/configuration.md#upstream-connection-limits): a deliberate copy of
+# gateway/upstream_config.py's, which the engine may not import (tests/test_engine_api.py
+# checks that they agree).
+MAX_CONNECTIONS: Final = 1024
+QUEUE_TIMEOUT: Final = 1.0
+
+
+def body_min_bytes(min_rate: float, window: float) -> float:
+    """Bytes a request body must bring in each `window` s (timeouts.body_min_rate), at least one.
+
+    Both engines answer 408 below it (docs/configuration.md#timeouts): a trickle is as
+    stalled as silence.
+    """
+    return max(1.0, min_rate * window)
 
 
 class Limits:
@@ -82,7 +125,7 @@ class Limits:
 
     def __init__(
         self,
-        default: tuple[int, float] = (1024, 1.0),
+        default: tuple[int, float] = (MAX_CONNECTIONS, QUEUE_TIMEOUT),
         per_service: dict[str, tuple[int, float]] | None = None,
     ) -> None:
         self.default = default
@@ -99,7 +142,7 @@ class Limits:
 class Retry(Protocol):
     """Policy's side of failover: move a `Forward` to another endpoint after a failed attempt."""
 
-    def again(self, fwd: Forward, kind: str) -> bool:
+    def again(self, fwd: Forward, kind: UpstreamErrorKind) -> bool:
         """True when `fwd.host`/`fwd.port` now name another endpoint to try; False: answer."""
         ...
 
@@ -143,7 +186,7 @@ class Forward:
         read_timeout: float,
         # Called exactly once when the exchange ends: (status sent to client or 0,
         # error kind or None). Policy uses it for metrics, guard, balancer counts.
-        on_done: Callable[[int, str | None], None],
+        on_done: Callable[[int, UpstreamErrorKind | None], None],
         target: bytes | None = None,  # override request-target; None = as received
         # Seconds for the whole exchange, every attempt included (timeouts.total); 0 = none.
         total_timeout: float = 0.0,
@@ -177,4 +220,34 @@ class Handler(Protocol):
 
     def handle(self, head: RequestHead) -> Forward | Respond: ...
 
-    def error_body(self, status: int, kind: str, fwd: Forward) -> Respond: ...
+    def error_body(self, status: int, kind: UpstreamErrorKind, fwd: Forward) -> Respond: ...
+
+
+class Engine(Protocol):
+    """What the process (gateway/app.py) drives; both engines implement it.
+
+    `FastEngine` (engine/fast.py) and `AiohttpEngine` (engine/aio.py) are
+    checked against it by mypy where app.py's `make_engine` returns either.
+    """
+
+    @property
+    def upstream_limits(self) -> Limits:
+        """The connection caps per service; app.py calls `set` on a reload."""
+        ...
+
+    @property
+    def in_flight(self) -> int:
+        """Requests read and not yet fully answered (what a graceful stop waits for)."""
+        ...
+
+    def serve(self, sock: socket.socket) -> Awaitable[None]:
+        """Start serving on a bound, listening socket; done once accepting."""
+        ...
+
+    def set_tls(self, ctx: ssl.SSLContext) -> None:
+        """New listener certificate (reload): connections accepted from now on use `ctx`."""
+        ...
+
+    def shutdown(self, drain_timeout: float) -> Awaitable[None]:
+        """Stop accepting, let in-flight exchanges finish for up to `drain_timeout` s, close."""
+        ...

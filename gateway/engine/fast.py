@@ -15,14 +15,33 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from typing import cast
+from typing import Final, cast
 
-from gateway.engine.api import Handler, Limits
+from gateway.config import Timeouts
+from gateway.engine.api import Handler, Limits, body_min_bytes
 from gateway.engine.fast_accept import Acceptor
-from gateway.engine.fast_client import ClientConn
+from gateway.engine.fast_client import ClientConn, ClientContext
 from gateway.engine.fast_pool import Pool
 
 __all__ = ["FastEngine"]
+
+# A request head (request line and fields) above this gets 431 (RFC 6585 §5): llhttp sets
+# no limit of its own; 64 KiB is above what browsers send with large cookies.
+MAX_HEADER_BYTES: Final = 65536
+# A longer request-target gets 414: RFC 9112 §3 asks for request lines of at least 8000 octets.
+MAX_TARGET_BYTES: Final = 8192
+# Every timeout's default is the config's (docs/configuration.md#timeouts): one place.
+_DEFAULT: Final = Timeouts()
+
+# The listen backlog is the caller's: gateway/app.py's bind_socket (LISTEN_BACKLOG).
+# Idle keep-alive connections kept per upstream endpoint: above the client connections
+# one worker serves at once (the 1,000-connection benchmark, benchmarks/README.md), so a
+# busy endpoint's connections are reused rather than closed and reopened.
+POOL_PER_HOST: Final = 1024
+# At the end of a drain, connections whose last response is written get at least this
+# long to flush it before they are cut; after an abort, this long for the closes to land.
+LAST_FLUSH_SECONDS: Final = 0.05
+ABORTED_CLOSE_SECONDS: Final = 1.0
 
 
 class FastEngine:
@@ -37,14 +56,14 @@ class FastEngine:
         self,
         handler: Handler,
         *,
-        max_header_bytes: int = 65536,
-        max_target_bytes: int = 8192,
-        keepalive_timeout: float = 75.0,
-        header_timeout: float = 30.0,
-        body_timeout: float = 10.0,
-        body_min_rate: float = 240.0,
-        upstream_pool_per_host: int = 256,
-        upstream_idle_timeout: float = 60.0,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+        max_target_bytes: int = MAX_TARGET_BYTES,
+        keepalive_timeout: float = _DEFAULT.idle,
+        header_timeout: float = _DEFAULT.header,
+        body_timeout: float = _DEFAULT.body,
+        body_min_rate: float = _DEFAULT.body_min_rate,
+        upstream_pool_per_host: int = POOL_PER_HOST,
+        upstream_idle_timeout: float = _DEFAULT.upstream_idle,
         upstream_limits: Limits | None = None,
         tls: ssl.SSLContext | None = None,
     ) -> None:
@@ -59,35 +78,46 @@ class FastEngine:
         # A request body must bring this many bytes in every `body_timeout`
         # window (at least one), else 408: a trickle is as stalled as silence.
         self.body_timeout = body_timeout
-        self.body_min_bytes = max(1.0, body_min_rate * body_timeout)
+        self.body_min_bytes = body_min_bytes(body_min_rate, body_timeout)
         self.upstream_pool_per_host = upstream_pool_per_host
         self.upstream_idle_timeout = upstream_idle_timeout
         self.upstream_limits = upstream_limits if upstream_limits is not None else Limits()
-        self.closing = False
-        # How late the lazy per-connection timer may notice a shorter timeout;
-        # a body's window arms its own deadline (ClientConn.on_headers_complete).
-        self._tick = min(keepalive_timeout, header_timeout)
-        self._in_flight = 0
-        self._clients: set[ClientConn] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ctx: ClientContext | None = None  # made by serve: what connections share
         self._pool: Pool | None = None
         self._server: Acceptor | None = None
-        self._drained: asyncio.Event | None = None
-        self._gone: asyncio.Event | None = None
 
     @property
     def in_flight(self) -> int:
         """Requests read and not yet fully answered (what a graceful stop waits for)."""
-        return self._in_flight
+        return self._ctx.in_flight if self._ctx is not None else 0
+
+    @property
+    def _clients(self) -> set[ClientConn]:
+        """The open client connections (for tests and the drain)."""
+        return self._ctx.clients if self._ctx is not None else set()
 
     async def serve(self, sock: socket.socket) -> None:
-        """Start serving on a bound, listening socket; return once accepting."""
+        """Start serving on a bound, listening socket; return once accepting.
+
+        The socket listens already, with the caller's backlog (gateway/app.py's bind_socket).
+        """
         loop = asyncio.get_running_loop()
-        self._loop = loop
-        self._pool = Pool(
+        pool = Pool(
             loop, self.upstream_pool_per_host, self.upstream_idle_timeout, self.upstream_limits
         )
-        sock.listen(4096)  # a deep accept queue for connection bursts (capped by somaxconn)
+        self._pool = pool
+        self._ctx = ClientContext(
+            loop,
+            pool,
+            self.handler,
+            scheme=self.scheme,
+            max_header_bytes=self.max_header_bytes,
+            max_target_bytes=self.max_target_bytes,
+            keepalive_timeout=self.keepalive_timeout,
+            header_timeout=self.header_timeout,
+            body_timeout=self.body_timeout,
+            body_min_bytes=self.body_min_bytes,
+        )
         self._server = Acceptor(loop, sock, self._protocol)
         self._server.tls = self.tls
         self._server.tls_timeout = self.header_timeout
@@ -104,7 +134,8 @@ class FastEngine:
 
     def _protocol(self) -> asyncio.Protocol:
         # ClientConn is a protocol by duck typing (see its docstring).
-        return cast(asyncio.Protocol, ClientConn(self))
+        assert self._ctx is not None
+        return cast(asyncio.Protocol, ClientConn(self._ctx))
 
     async def shutdown(self, drain_timeout: float) -> None:
         """Stop accepting, drain in-flight exchanges, then abort the rest.
@@ -113,40 +144,48 @@ class FastEngine:
         closed, in-flight responses carry `Connection: close`, and nothing
         is cut before `drain_timeout` unless it is idle.
         """
-        self.closing = True
-        for c in self._clients:
-            c.close_soon = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_timeout
         if self._server is not None:
             self._server.close()
-        for c in list(self._clients):
-            c.close_if_idle()
-        if self._in_flight > 0:
-            self._drained = asyncio.Event()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await self._drained.wait()
-            except TimeoutError:
-                pass
-        if self._clients:
-            # Finished connections flush their last response; the rest are cut.
-            self._gone = asyncio.Event()
-            for c in list(self._clients):
-                c.shutdown_now()
-            for last_try in (False, True):
-                if not self._clients:
-                    break
-                try:
-                    async with asyncio.timeout_at(max(deadline, loop.time() + 0.05)):
-                        await self._gone.wait()
-                except TimeoutError:
-                    if last_try:
-                        break
-                    for c in list(self._clients):
-                        c.abort()
-                    deadline = loop.time() + 1.0
+        ctx = self._ctx
+        if ctx is not None:
+            await self._drain(ctx, loop, deadline)
         if self._pool is not None:
             await self._pool.close()
         if self._server is not None:
             await self._server.wait_closed()
+
+    @staticmethod
+    async def _drain(ctx: ClientContext, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        ctx.closing = True
+        clients = ctx.clients
+        for c in clients:
+            c.close_soon = True
+        for c in list(clients):
+            c.close_if_idle()
+        if ctx.in_flight > 0:
+            ctx.drained = asyncio.Event()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await ctx.drained.wait()
+            except TimeoutError:
+                pass
+        if not clients:
+            return
+        # Finished connections flush their last response; the rest are cut.
+        ctx.gone = asyncio.Event()
+        for c in list(clients):
+            c.shutdown_now()
+        for last_try in (False, True):
+            if not clients:
+                break
+            try:
+                async with asyncio.timeout_at(max(deadline, loop.time() + LAST_FLUSH_SECONDS)):
+                    await ctx.gone.wait()
+            except TimeoutError:
+                if last_try:
+                    break
+                for c in list(clients):
+                    c.abort()
+                deadline = loop.time() + ABORTED_CLOSE_SECONDS

@@ -19,7 +19,15 @@ from httptools import (
     HttpRequestParser,
 )
 
-from gateway.engine.api import ERR_CLIENT, ERR_PROTOCOL, RequestHead, Respond
+from gateway.engine.api import (
+    ERR_CLIENT,
+    ERR_PROTOCOL,
+    Handler,
+    RequestHead,
+    Respond,
+    UpstreamErrorKind,
+)
+from gateway.engine.fast_timers import Armed
 from gateway.engine.fast_wire import (
     BODY_CHUNKED,
     CHUNK_END,
@@ -34,28 +42,44 @@ from gateway.engine.fast_wire import (
     P_UPW,
     P_WAIT,
     REQ_SPECIAL_LENS,
+    X_ANSWERED,
+    X_FINISHED,
+    X_HEAD_SENT,
     Exchange,
     Reject,
     error_json,
     local_response,
     request_framing,
 )
+from gateway.errors import upstream_status
 
 if TYPE_CHECKING:
-    from gateway.engine.fast import FastEngine
+    from gateway.engine.fast_pool import Pool
     from gateway.engine.fast_upstream import Upstream
 
 log = logging.getLogger(__name__)
 
-# What the client connection waits for (drives its single lazy timer and says
-# which timeout applies: docs/configuration.md#timeouts).
+# A client connection's lifecycle (`ClientConn.state`), in order.
+C_OPEN: Final = 0  # reading requests and answering them
+C_TUNNEL: Final = 1  # upgraded (RFC 9110 §7.8): bytes relayed both ways, no timeout
+C_LINGER: Final = 2  # our FIN is sent after the last response; draining until the peer's
+C_SHUT: Final = 3  # transport closed or aborted by us; connection_lost follows
+C_CLOSED: Final = 4  # connection_lost: gone
+CLIENT_STATES: Final = ("open", "tunnel", "linger", "shut", "closed")
+
+# What an open connection's parser waits for (`ClientConn.waiting_for`): says
+# which timeout applies (docs/configuration.md#timeouts) to its one lazy timer.
 S_WAIT: Final = 0  # the start of the next request (`idle` if nothing is in flight)
 S_HEAD: Final = 1  # the rest of a request head (`header`)
 S_BODY: Final = 2  # the rest of a request body (`body` and `body_min_rate`)
-S_LINGER: Final = 3  # the peer's close after our final response
-S_TUNNEL: Final = 4  # nothing: an upgraded connection just relays
+WAITING_FOR: Final = ("request", "head", "body")
 
+# How long a closing connection reads and drops what the client still sends after
+# our FIN, so that its unread request bytes do not turn our close into a reset that
+# destroys the response in flight (RFC 9112 §9.6); then it is closed whatever comes.
 LINGER_SECONDS: Final = 2.0
+# An idle keep-alive connection drops its llhttp parser after this long (a new one
+# is made at the next byte): long enough that back-to-back requests keep theirs.
 PARSER_IDLE_SECONDS: Final = 1.0
 
 # What `ClientConn._headers` is between two heads: shared, never appended to
@@ -63,97 +87,164 @@ PARSER_IDLE_SECONDS: Final = 1.0
 _NO_HEADERS: Final[list[tuple[bytes, bytes]]] = []
 
 
-class ClientConn:
+class ClientContext:
+    """What client connections need from their engine, and what they report back to it.
+
+    Why not the engine itself: a connection reads these few settings and keeps
+    the engine's counts here (connections open, exchanges in flight); the
+    engine (engine/fast.py) reads the same object to drain on shutdown.
+    """
+
+    __slots__ = (
+        "loop",
+        "pool",
+        "handler",
+        "scheme",
+        "max_header_bytes",
+        "max_target_bytes",
+        "keepalive_timeout",
+        "header_timeout",
+        "body_timeout",
+        "body_min_bytes",
+        "recheck",
+        "closing",
+        "clients",
+        "in_flight",
+        "drained",
+        "gone",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pool: Pool,
+        handler: Handler,
+        *,
+        scheme: str,
+        max_header_bytes: int,
+        max_target_bytes: int,
+        keepalive_timeout: float,
+        header_timeout: float,
+        body_timeout: float,
+        body_min_bytes: float,
+    ) -> None:
+        self.loop = loop
+        self.pool = pool
+        self.handler = handler
+        self.scheme = scheme  # X-Forwarded-Proto
+        self.max_header_bytes = max_header_bytes
+        self.max_target_bytes = max_target_bytes
+        self.keepalive_timeout = keepalive_timeout
+        self.header_timeout = header_timeout
+        # A request body must bring `body_min_bytes` in every `body_timeout`
+        # window, else 408: a trickle is as stalled as silence.
+        self.body_timeout = body_timeout
+        self.body_min_bytes = body_min_bytes
+        # How late the lazy per-connection timer may notice a shorter timeout;
+        # a body's window arms its own deadline (ClientConn.on_headers_complete).
+        self.recheck = min(keepalive_timeout, header_timeout)
+        self.closing = False  # shutdown: no keep-alive from now on
+        self.clients: set[ClientConn] = set()
+        self.in_flight = 0  # exchanges read and not yet finished
+        self.drained: asyncio.Event | None = None  # set when in_flight reaches 0 (shutdown)
+        self.gone: asyncio.Event | None = None  # set when the last connection is lost
+
+    def finished_one(self) -> None:
+        """An exchange ended: one fewer in flight (a draining shutdown waits for none)."""
+        n = self.in_flight - 1
+        self.in_flight = n
+        if n == 0 and self.drained is not None:
+            self.drained.set()
+
+
+class ClientConn(Armed):
     """One client connection: parse requests in order, answer them in order.
 
-    An asyncio protocol by duck typing (asyncio.Protocol's methods, no base
-    class): a class without a Python base compiles to a native mypyc class
-    with C-struct attributes in the compiled build.
+    An asyncio protocol by duck typing (asyncio.Protocol's methods, no Python
+    base class): a class whose bases are native compiles to a native mypyc
+    class with C-struct attributes in the compiled build.
 
     Why a queue and paused reads: responses to pipelined requests must leave
     in request order (RFC 9112 §9.3.2), so a later request waits, parsed but
     not started, while reading stops until the one in progress is answered.
+
+    State: `state` is the lifecycle (C_OPEN ... C_CLOSED); while open,
+    `waiting_for` says which part of a request the parser waits for and so
+    which timeout applies; `pause` is the set of reasons reading is paused.
     """
 
     __slots__ = (
-        "engine",
+        "ctx",
         "loop",
         "handler",
         "pool",
         "parser",
         "transport",
         "client_ip",
-        "closed",
+        "state",
+        "waiting_for",
         "close_soon",
         "pause",
         "wpaused",
         "_url",
         "_headers",
-        "_hsize",
-        "_count",
+        "_counted",
+        "_counting",
         "_max_head",
         "_max_target",
-        "_cl",
-        "_te",
+        "_content_length",
+        "_transfer_coding",
         "_hosts",
-        "_upg",
+        "_upgrade",
         "_done_in_feed",
         "_head_bytes",
-        "_tstate",
-        "_t0",
-        "_bn",
-        "_tick",
-        "_tw",
+        "_period_start",
+        "_body_bytes",
         "_parsing",
         "_last_ex",
         "_active",
         "_queue",
         "_running",
-        "_linger",
-        "_eof",
-        "_upgraded",
-        "_tun",
-        "_tun_eof_c",
-        "_tun_eof_u",
+        "_peer_eof",
+        "_tunnel",
+        "_tunnel_eof_client",
+        "_tunnel_eof_upstream",
         "_begun",
     )
 
     transport: asyncio.Transport
 
-    def __init__(self, engine: FastEngine) -> None:
-        self.engine = engine
-        loop = engine._loop
-        pool = engine._pool
-        assert loop is not None and pool is not None
-        self.loop = loop
-        self.pool = pool
-        self.handler = engine.handler
+    def __init__(self, ctx: ClientContext) -> None:
+        super().__init__(ctx.pool.wheel)
+        self.ctx = ctx
+        self.loop = ctx.loop
+        self.pool = ctx.pool
+        self.handler = ctx.handler
         # Made at the first byte and dropped after PARSER_IDLE_SECONDS idle: an idle
         # keep-alive connection holds no llhttp parser (~0.85 KiB with its bound methods).
         self.parser: HttpRequestParser | None = None
         self._begun = False  # llhttp may hold bytes of a next message (see data_received)
         self.client_ip = ""
-        self.closed = False
-        self.close_soon = engine.closing  # no keep-alive: shutdown, upgrade or client EOF
-        self.pause = 0
-        self.wpaused = False
+        self.state = C_OPEN
+        self.waiting_for = S_WAIT
+        self.close_soon = ctx.closing  # no keep-alive: shutdown, upgrade or client EOF
+        self.pause = 0  # P_* bits (engine/fast_wire.py): why reading is paused; 0: reading
+        self.wpaused = False  # the transport's write buffer is above its high-water mark
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = _NO_HEADERS  # a fresh list per head (_begin)
-        self._hsize = 0
-        self._count = False  # count header bytes exactly (the head may exceed the limit)
-        self._max_head = engine.max_header_bytes
-        self._max_target = engine.max_target_bytes
-        self._cl: bytes | None = None
-        self._te: bytes | None = None
-        self._hosts = 0
-        self._upg: bytes | None = None
+        self._counted = 0  # header bytes counted field by field (when `_counting`)
+        self._counting = False  # count header bytes exactly (the head may exceed the limit)
+        self._max_head = ctx.max_header_bytes
+        self._max_target = ctx.max_target_bytes
+        # The framing fields of the head being read, as sent (request_framing checks them).
+        self._content_length: bytes | None = None
+        self._transfer_coding: bytes | None = None  # all Transfer-Encoding values, joined
+        self._hosts = 0  # how many Host fields
+        self._upgrade: bytes | None = None
         self._done_in_feed = 0
         self._head_bytes = 0
-        self._tstate = S_WAIT
-        self._t0 = 0.0  # when the current timeout's period began
-        self._bn = 0  # request body bytes read since _t0 (S_BODY)
-        self._tick = 0  # the wheel tick armed (engine/fast_timers.py); 0: none
-        self._tw = 0.0
+        self._period_start = 0.0  # when the current timeout's period began
+        self._body_bytes = 0  # request body bytes read since _period_start (S_BODY)
         self._parsing: Exchange | None = None
         self._last_ex: Exchange | None = None
         self._active: Exchange | None = None
@@ -162,12 +253,22 @@ class ClientConn:
         # than an empty deque on every idle keep-alive connection.
         self._queue: list[Exchange] = []
         self._running = False
-        self._linger = False
-        self._eof = False
-        self._upgraded = False
-        self._tun: Upstream | None = None
-        self._tun_eof_c = False
-        self._tun_eof_u = False
+        self._peer_eof = False  # the client half-closed
+        self._tunnel: Upstream | None = None  # the upstream of an upgraded connection
+        self._tunnel_eof_client = False
+        self._tunnel_eof_upstream = False
+
+    def __repr__(self) -> str:
+        return (
+            f"ClientConn({self.client_ip or '?'}, {CLIENT_STATES[self.state]}, "
+            f"waiting for {WAITING_FOR[self.waiting_for]}, pause={self.pause:#x}, "
+            f"active={self._active!r}, queued={len(self._queue)})"
+        )
+
+    @property
+    def closed(self) -> bool:
+        """The connection is gone (connection_lost)."""
+        return self.state == C_CLOSED
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -177,26 +278,24 @@ class ClientConn:
         if isinstance(peer, tuple) and peer:
             # Interned: a thousand connections from one address share one string.
             self.client_ip = sys.intern(str(peer[0]))
-        self.engine._clients.add(self)
-        self._t0 = self.loop.time()
-        self._arm(self._t0 + self.engine._tick)
+        self.ctx.clients.add(self)
+        self._period_start = self.loop.time()
+        self.arm(self._period_start + self.ctx.recheck)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self._tick:
-            self.pool.wheel.remove(self, self._tick)
-            self._tick = 0
-        eng = self.engine
-        eng._clients.discard(self)
-        tun = self._tun
-        self._tun = None
+        self.state = C_CLOSED
+        self.disarm()
+        ctx = self.ctx
+        ctx.clients.discard(self)
+        tun = self._tunnel
+        self._tunnel = None
         pending = list(self._queue)
         self._queue.clear()
         active = self._active
         if active is not None:
             pending.insert(0, active)
         for ex in pending:
-            if ex.finished:
+            if ex.state == X_FINISHED:
                 continue
             up = ex.up
             ex.up = None
@@ -209,19 +308,19 @@ class ClientConn:
             self._finish(ex, ERR_CLIENT)
         if tun is not None:
             tun.close()
-        if not eng._clients and eng._gone is not None:
-            eng._gone.set()
+        if not ctx.clients and ctx.gone is not None:
+            ctx.gone.set()
 
     def eof_received(self) -> bool | None:
-        tun = self._tun
+        tun = self._tunnel
         if tun is not None:
-            self._tun_eof_c = True
+            self._tunnel_eof_client = True
             if tun.transport is not None and tun.transport.can_write_eof():
                 tun.transport.write_eof()
-            return None if self._tun_eof_u else True
+            return None if self._tunnel_eof_upstream else True
         # Like nginx, a client EOF aborts whatever is in flight (reported as
         # client_abort): a half-closed client is indistinguishable from a gone one.
-        self._eof = True
+        self._peer_eof = True
         self.close_soon = True
         return None
 
@@ -238,23 +337,23 @@ class ClientConn:
             ex.up.client_paused(False)
 
     def data_received(self, data: bytes) -> None:
-        tun = self._tun
+        tun = self._tunnel
         if tun is not None:
             assert tun.transport is not None
             tun.transport.write(data)
             return
-        if self.pause & P_DEAD or self._linger:
+        if self.pause & P_DEAD or self.state >= C_LINGER:
             return  # refused or closing: drain and drop
-        st0 = self._tstate
+        st0 = self.waiting_for
         self._done_in_feed = 0
         # A head can only pass the limit in this chunk if the chunk is big enough;
         # only then are its fields counted one by one.
         hb = self._head_bytes if st0 == S_HEAD else 0
         if hb + len(data) > self._max_head:
-            self._count = True
-            self._hsize = hb
-        elif self._count:
-            self._count = False
+            self._counting = True
+            self._counted = hb
+        elif self._counting:
+            self._counting = False
         try:
             p = self.parser
             if p is None:
@@ -266,7 +365,6 @@ class ClientConn:
         except HttpParserUpgrade as e:
             ex = self._last_ex
             assert ex is not None
-            self._upgraded = True
             self.close_soon = True
             rest = data[e.args[0] :]
             if rest:
@@ -285,16 +383,16 @@ class ClientConn:
             return
         finally:
             self._last_ex = None  # only the upgrade branch needs it; an idle connection holds none
-        if self.closed or self._linger:
+        if self.state >= C_LINGER:
             return
-        if self._tstate == S_WAIT and not self._done_in_feed and self._idle():
+        if self.waiting_for == S_WAIT and not self._done_in_feed and self._idle():
             # The first bytes of a request line that llhttp has not reported yet:
             # the header timeout runs from here, not the idle one.
             self._begin()
-        if self._tstate == S_HEAD:
+        if self.waiting_for == S_HEAD:
             # llhttp has no header size limit: count raw bytes of an unfinished head.
             if self._done_in_feed:
-                self._head_bytes = self._hsize if self._count else len(data)
+                self._head_bytes = self._counted if self._counting else len(data)
             elif st0 == S_HEAD:
                 self._head_bytes += len(data)
             else:
@@ -305,26 +403,26 @@ class ClientConn:
         if self._queue:
             if self._active is None:
                 self._run_queue()
-            if self._queue and not self.closed:
+            if self._queue and self.state != C_CLOSED:
                 self._pause_(P_PIPE)
 
     # -- httptools callbacks ------------------------------------------------
 
     def _begin(self) -> None:
         self._url = b""
-        self._headers = []  # on_header appends only after this (state S_HEAD)
-        self._hsize = 0
-        self._cl = None
-        self._te = None
+        self._headers = []  # on_header appends only after this (waiting for S_HEAD)
+        self._counted = 0
+        self._content_length = None
+        self._transfer_coding = None
         self._hosts = 0
-        self._upg = None
-        self._tstate = S_HEAD
-        self._t0 = self.loop.time()
-        if not self._tick:
-            self._arm(self._t0 + self.engine._tick)
+        self._upgrade = None
+        self.waiting_for = S_HEAD
+        self._period_start = self.loop.time()
+        if not self.armed_tick:
+            self.arm(self._period_start + self.ctx.recheck)
 
     def on_url(self, url: bytes) -> None:
-        if self._tstate != S_HEAD:
+        if self.waiting_for != S_HEAD:
             self._begin()  # the request-target is the first callback of a message
         elif self._url:
             url = self._url + url
@@ -333,11 +431,11 @@ class ClientConn:
             raise Reject(414, "request-target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._count:
-            self._hsize += len(name) + len(value) + 4
-            if self._hsize > self._max_head:
+        if self._counting:
+            self._counted += len(name) + len(value) + 4  # ": " and CRLF
+            if self._counted > self._max_head:
                 raise Reject(431, "request header fields too large")
-        if self._tstate != S_HEAD:
+        if self.waiting_for != S_HEAD:
             return  # trailer fields are not forwarded (RFC 9112 §7.1.2)
         self._headers.append((name, value))
         if len(name) in REQ_SPECIAL_LENS:
@@ -345,54 +443,55 @@ class ClientConn:
             if lname == H_HOST:
                 self._hosts += 1
             elif lname == H_CONTENT_LENGTH:
-                if self._cl is not None:
+                if self._content_length is not None:
                     raise Reject(400, "duplicate Content-Length")
-                self._cl = value
+                self._content_length = value
             elif lname == H_TRANSFER_ENCODING:
-                self._te = value if self._te is None else self._te + b"," + value
+                te = self._transfer_coding
+                self._transfer_coding = value if te is None else te + b"," + value
             elif lname == H_UPGRADE:
-                self._upg = value
+                self._upgrade = value
 
     def on_headers_complete(self) -> None:
         p = self.parser
         assert p is not None
         version = p.get_http_version()
         method = p.get_method()
-        http11, body_kind, cl, upgrade = request_framing(
+        http11, body_kind, length, upgrade = request_framing(
             version,
             method,
             self._hosts,
-            self._cl,
-            self._te,
-            self._upg if p.should_upgrade() else None,
+            self._content_length,
+            self._transfer_coding,
+            self._upgrade if p.should_upgrade() else None,
         )
         headers = self._headers
         self._headers = _NO_HEADERS  # an idle connection holds no head, nor an empty list
         ex = Exchange(
             self,
-            RequestHead(method, self._url, headers, self.client_ip, version, self.engine.scheme),
+            RequestHead(method, self._url, headers, self.client_ip, version, self.ctx.scheme),
             http11,
             method == b"HEAD",
             p.should_keep_alive(),
             body_kind,
-            cl,
+            length,
             upgrade,
         )
         self._parsing = ex
         self._last_ex = ex
         self._queue.append(ex)
-        self.engine._in_flight += 1
-        self._tstate = S_BODY
+        self.ctx.in_flight += 1
+        self.waiting_for = S_BODY
         if body_kind:  # the body's progress window starts now (no clock read without one)
-            self._t0 = self.loop.time()
-            self._bn = 0
-            self._arm(self._t0 + self.engine.body_timeout)
+            self._period_start = self.loop.time()
+            self._body_bytes = 0
+            self.arm(self._period_start + self.ctx.body_timeout)
 
     def on_body(self, body: bytes) -> None:
         ex = self._parsing
         if ex is None:
             return
-        self._bn += len(body)
+        self._body_bytes += len(body)
         if ex.discard:
             return
         if ex.body_kind == BODY_CHUNKED:
@@ -412,7 +511,7 @@ class ClientConn:
     def on_message_complete(self) -> None:
         ex = self._parsing
         self._parsing = None
-        self._tstate = S_WAIT
+        self.waiting_for = S_WAIT
         self._done_in_feed += 1
         if ex is None:
             return
@@ -426,7 +525,7 @@ class ClientConn:
             up = ex.up
             if up is not None:
                 up.request_done()
-        if ex.resp_done:
+        if ex.state >= X_ANSWERED:
             self._finish(ex)
 
     # -- exchanges ----------------------------------------------------------
@@ -436,7 +535,7 @@ class ClientConn:
             return
         self._running = True
         try:
-            while self._active is None and self._queue and not self.closed and not self._linger:
+            while self._active is None and self._queue and self.state < C_LINGER:
                 ex = self._queue.pop(0)
                 self._active = ex
                 self._start(ex)
@@ -474,7 +573,7 @@ class ClientConn:
             log.exception("fast engine: forwarding failed")
             if ex.up is not None:
                 ex.up.abandon()
-            self.upstream_failed(ex, 502, ERR_PROTOCOL)
+            self.upstream_failed(ex, ERR_PROTOCOL)
             return
         if not ex.req_done:
             self._pause_(P_WAIT)
@@ -488,12 +587,13 @@ class ClientConn:
         )
         self.transport_write(local_response(r, keep=keep, http11=ex.http11, is_head=ex.is_head))
         ex.status = r.status
-        ex.head_sent = True
+        ex.state = X_HEAD_SENT
         self.response_complete(ex, keep)
 
     def response_complete(self, ex: Exchange, keep: bool) -> None:
         """The response to `ex` is fully written (called by the upstream side too)."""
-        ex.resp_done = True
+        if ex.state != X_FINISHED:  # the state only moves forward
+            ex.state = X_ANSWERED
         if not keep:
             ex.close_after = True
         if ex.req_done or ex.close_after:
@@ -503,18 +603,22 @@ class ClientConn:
             ex.buf = None
             self._unpause_(P_WAIT | P_UPW)
 
-    def upstream_failed(self, ex: Exchange, status: int, kind: str) -> None:
-        """The upstream exchange failed; answer via `error_body` or abort (README "Failover")."""
-        if ex.finished or self.closed:
+    def upstream_failed(self, ex: Exchange, kind: UpstreamErrorKind) -> None:
+        """The upstream exchange failed; answer via `error_body` or abort (README "Failover").
+
+        The status comes from the one table of gateway/errors.py.
+        """
+        if ex.state == X_FINISHED or self.state == C_CLOSED:
             return
         ex.up = None
         fwd = ex.fwd
         assert fwd is not None
-        if ex.head_sent:
+        if ex.state >= X_HEAD_SENT:
             ex.close_after = True
             self._shut(abort=True)
             self._finish(ex, kind)
             return
+        status = upstream_status(kind)
         try:
             r = self.handler.error_body(status, kind, fwd)
         except Exception:
@@ -526,20 +630,18 @@ class ClientConn:
         keep = ex.keep and ex.req_done and not ex.close_after and not self.close_soon
         self.transport_write(local_response(r, keep=keep, http11=ex.http11, is_head=ex.is_head))
         ex.status = r.status
-        ex.head_sent = True
-        ex.resp_done = True
+        ex.state = X_ANSWERED
         if not keep:
             ex.close_after = True
         self._finish(ex, kind)
 
-    def _finish(self, ex: Exchange, kind: str | None = None) -> None:
-        if ex.finished:
+    def _finish(self, ex: Exchange, kind: UpstreamErrorKind | None = None) -> None:
+        if ex.state == X_FINISHED:
             return
-        ex.finished = True
+        ex.state = X_FINISHED
         ex.discard = True
         ex.buf = None
-        eng = self.engine
-        eng._in_flight -= 1
+        self.ctx.finished_one()
         fwd = ex.fwd
         if fwd is not None:
             try:
@@ -548,9 +650,7 @@ class ClientConn:
                 log.exception("fast engine: on_done failed")
         if ex is self._active:
             self._active = None
-        if eng._in_flight == 0 and eng._drained is not None:
-            eng._drained.set()
-        if self.closed:
+        if self.state == C_CLOSED:
             return
         if ex.close_after:
             self._close()
@@ -563,15 +663,13 @@ class ClientConn:
             if self.close_soon:
                 self._close()
                 return
-            self._t0 = t0 = self.loop.time()
-            # Soon enough to drop the parser if nothing follows (_arm keeps an earlier one).
-            self._arm(
-                t0 + PARSER_IDLE_SECONDS if self.parser is not None else t0 + self.engine._tick
-            )
+            self._period_start = t0 = self.loop.time()
+            # Soon enough to drop the parser if nothing follows (arm keeps an earlier one).
+            self.arm(t0 + PARSER_IDLE_SECONDS if self.parser is not None else t0 + self.ctx.recheck)
 
     def _fail_input(self, status: int, message: str) -> None:
         """Refuse the request being read (RFC 9112 §11.2: never forward it) and close."""
-        if self.closed or self._linger:
+        if self.state >= C_LINGER:
             return
         self._pause_(P_DEAD)
         ex = self._parsing
@@ -582,15 +680,15 @@ class ClientConn:
                 return
             if ex in self._queue:
                 self._queue.remove(ex)
-                ex.finished = True
-                self.engine._in_flight -= 1
+                ex.state = X_FINISHED
+                self.ctx.finished_one()
         err = Exchange(self, None)
         err.local = error_json(status, message)
         err.close_after = True
         err.req_done = True
         err.keep = False
         self._queue.append(err)
-        self.engine._in_flight += 1
+        self.ctx.in_flight += 1
         self._run_queue()
 
     def _abort_input(self, ex: Exchange, status: int, message: str) -> None:
@@ -599,13 +697,13 @@ class ClientConn:
         if up is not None:
             up.abandon()
         ex.close_after = True
-        if not ex.head_sent:
+        if ex.state < X_HEAD_SENT:
             r = error_json(status, message)
             self.transport_write(local_response(r, keep=False, http11=ex.http11, is_head=False))
             ex.status = status
-            ex.head_sent = True
+            ex.state = X_HEAD_SENT
             self._finish(ex, ERR_CLIENT)
-        elif ex.resp_done:
+        elif ex.state >= X_ANSWERED:
             self._finish(ex)
         else:
             self._shut(abort=True)
@@ -614,7 +712,7 @@ class ClientConn:
     # -- helpers used by the upstream side ----------------------------------
 
     def transport_write(self, data: bytes) -> None:
-        if not self.closed and not self._linger:
+        if self.state < C_LINGER:
             self.transport.write(data)
 
     def pause_for_upstream(self) -> None:
@@ -625,21 +723,22 @@ class ClientConn:
 
     def start_tunnel(self, ex: Exchange, rest: bytes) -> None:
         """Relay raw bytes both ways after a 101 (RFC 9110 §7.8)."""
-        self._tun = ex.up
-        self._tstate = S_TUNNEL
+        self._tunnel = ex.up
+        self.state = C_TUNNEL
+        self.disarm()
         if rest:
             self.transport_write(rest)
         self._unpause_(P_UPG | P_WAIT)
 
     def tunnel_eof_from_upstream(self) -> None:
-        self._tun_eof_u = True
+        self._tunnel_eof_upstream = True
         if self.transport.can_write_eof():
             self.transport.write_eof()
-        if self._tun_eof_c:
+        if self._tunnel_eof_client:
             self._shut(abort=False)
 
     def tunnel_closed(self, ex: Exchange) -> None:
-        self._tun = None
+        self._tunnel = None
         ex.up = None
         self._shut(abort=False)
         self._finish(ex, None)
@@ -648,7 +747,7 @@ class ClientConn:
         self._unpause_(P_WAIT)
 
     def close_if_idle(self) -> None:
-        if self._idle() and self._tstate == S_WAIT:
+        if self.state == C_OPEN and self.waiting_for == S_WAIT and self._idle():
             self._shut(abort=False)
 
     def abort(self) -> None:
@@ -668,7 +767,7 @@ class ClientConn:
         return self._active is None and not self._queue
 
     def _pause_(self, bit: int) -> None:
-        if not self.pause and not self.closed:
+        if not self.pause and self.state != C_CLOSED:
             self.transport.pause_reading()
         self.pause |= bit
 
@@ -677,15 +776,16 @@ class ClientConn:
         if p & bit:
             p &= ~bit
             self.pause = p
-            if not p and not self.closed:
+            if not p and self.state != C_CLOSED:
                 self.transport.resume_reading()
-                self._t0 = self.loop.time()  # we stopped reading: the client was not late
-                self._bn = 0
+                self._period_start = self.loop.time()  # we stopped reading: the client was not late
+                self._body_bytes = 0
 
     def _shut(self, abort: bool) -> None:
-        if self.closed:
+        """Close the transport (again, to escalate from a close to an abort)."""
+        if self.state == C_CLOSED:
             return
-        self._linger = True
+        self.state = C_SHUT
         if abort:
             self.transport.abort()
         else:
@@ -693,74 +793,63 @@ class ClientConn:
 
     def _close(self) -> None:
         """Close after the last response, lingering to drain (RFC 9112 §9.6)."""
-        if self.closed or self._linger:
+        if self.state >= C_LINGER:
             return
-        self._linger = True
         tr = self.transport
-        if self._eof or not tr.can_write_eof():
+        if self._peer_eof or not tr.can_write_eof():
+            self.state = C_SHUT
             tr.close()
             return
+        self.state = C_LINGER
         tr.write_eof()
         if self.pause:
             self.pause = 0
             tr.resume_reading()
-        self._tstate = S_LINGER
-        self._t0 = self.loop.time()
-        self._arm(self._t0 + min(LINGER_SECONDS, self.engine._tick))
-
-    def _arm(self, when: float) -> None:
-        t = self._tick
-        wheel = self.pool.wheel
-        if t:
-            if self._tw <= when:
-                return
-            wheel.remove(self, t)
-        self._tw = when
-        self._tick = wheel.add(self, when)
+        self._period_start = self.loop.time()
+        self.arm(self._period_start + min(LINGER_SECONDS, self.ctx.recheck))
 
     def on_tick(self, tick: int) -> None:
-        if tick != self._tick:
+        if tick != self.armed_tick:
             return  # re-armed elsewhere meanwhile
-        self._tick = 0
-        if self.closed:
-            return
-        eng = self.engine
+        self.armed_tick = 0
+        state = self.state
+        if state != C_OPEN and state != C_LINGER:
+            return  # a tunnel has no timeout; a shut connection waits for connection_lost
+        ctx = self.ctx
         now = self.loop.time()
-        st = self._tstate
-        if st == S_LINGER:
-            deadline = self._t0 + LINGER_SECONDS
+        st = self.waiting_for
+        if state == C_LINGER:
+            deadline = self._period_start + LINGER_SECONDS
             if now >= deadline:
                 self._shut(abort=False)
                 return
-        elif st == S_TUNNEL:
-            return
         elif self.pause:
-            deadline = now + eng._tick  # we stopped reading: the client is not late
+            deadline = now + ctx.recheck  # we stopped reading: the client is not late
         elif st == S_WAIT:
             if not self._idle():
                 return  # waiting on the upstream; re-armed when the exchange ends
-            deadline = self._t0 + eng.keepalive_timeout
+            deadline = self._period_start + ctx.keepalive_timeout
             if now >= deadline:
                 self._shut(abort=False)
                 return
             if self.parser is not None and not self._begun:
-                drop = self._t0 + PARSER_IDLE_SECONDS
+                drop = self._period_start + PARSER_IDLE_SECONDS
                 if now >= drop:
                     self.parser = None  # between two messages: the next byte makes a new one
                 elif drop < deadline:
                     deadline = drop
         elif st == S_BODY:
-            deadline = self._t0 + eng.body_timeout
+            deadline = self._period_start + ctx.body_timeout
             if now >= deadline:
-                if self._bn < eng.body_min_bytes:
+                if self._body_bytes < ctx.body_min_bytes:
                     self._fail_input(408, "request body timeout")
                     return
-                self._t0 = now  # enough progress: the next window starts
-                self._bn = 0
-                deadline = now + eng.body_timeout
+                self._period_start = now  # enough progress: the next window starts
+                self._body_bytes = 0
+                deadline = now + ctx.body_timeout
         else:
-            deadline = self._t0 + eng.header_timeout
+            deadline = self._period_start + ctx.header_timeout
             if now >= deadline:
                 self._fail_input(408, "request header timeout")
                 return
-        self._arm(min(deadline, now + eng._tick))
+        self.arm(min(deadline, now + ctx.recheck))

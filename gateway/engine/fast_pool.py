@@ -14,16 +14,28 @@ import asyncio
 import logging
 from collections import deque
 from functools import partial
-from typing import cast
+from typing import Final, cast
 
-from gateway.engine.api import ERR_CONNECT, ERR_LIMIT, ERR_PROTOCOL, ERR_TIMEOUT, ERR_TLS, Limits
+from gateway.engine.api import (
+    ERR_CONNECT,
+    ERR_LIMIT,
+    ERR_PROTOCOL,
+    ERR_TIMEOUT,
+    ERR_TLS,
+    Limits,
+    UpstreamErrorKind,
+)
 from gateway.engine.fast_timers import Wheel
 from gateway.engine.fast_upstream import Key, Upstream
-from gateway.engine.fast_wire import Exchange
+from gateway.engine.fast_wire import X_FINISHED, Exchange
 from gateway.tls import describe, is_tls_error
 from gateway.tls_config import UpstreamTLS
 
 log = logging.getLogger(__name__)
+
+# On close, how long the aborted upstream connections get to report connection_lost
+# (each one's exchange is answered or counted there) before the engine stops anyway.
+CLOSE_WAIT_SECONDS: Final = 1.0
 
 
 class Waiter:
@@ -106,9 +118,7 @@ class Pool:
         idle[up] = None
         now = self.loop.time()
         up.idle_since = now
-        when = now + min(up.rt, self.idle_timeout)
-        if not up.tick or up.tw > when:  # a read timer may be set later than the idle end
-            up._arm(when)
+        up.arm(now + min(up.read_timeout, self.idle_timeout))  # (keeps an earlier deadline)
 
     def discard(self, up: Upstream) -> None:
         idle = self.idle_conns.get(up.key)
@@ -177,12 +187,12 @@ class Pool:
             if not q:
                 del self.waiting[key]
         ex = w.ex
-        if ex.finished or ex.client.closed:
+        if ex.state == X_FINISHED or ex.client.closed:
             return
         if ex.deadline and self.loop.time() >= ex.deadline:
-            ex.client.upstream_failed(ex, 504, ERR_TIMEOUT)
+            ex.client.upstream_failed(ex, ERR_TIMEOUT)
         else:
-            ex.client.upstream_failed(ex, 503, ERR_LIMIT)
+            ex.client.upstream_failed(ex, ERR_LIMIT)
 
     def _next(self, key: Key) -> Waiter | None:
         """The first waiter for `key` whose client still wants an answer, dequeued."""
@@ -193,7 +203,7 @@ class Pool:
                 w.timer.cancel()
                 w.timer = None
             ex = w.ex
-            if not ex.finished and not ex.client.closed:
+            if ex.state != X_FINISHED and not ex.client.closed:
                 if not q:
                     del self.waiting[key]
                 return w
@@ -227,12 +237,7 @@ class Pool:
         w = self._next(up.key)
         if w is None:
             return False
-        try:
-            up.attach(w.ex, True, w.replay)
-        except Exception:  # a bug must not leave the client hanging
-            log.exception("fast engine: attaching an upstream failed")
-            up.abandon()
-            w.ex.client.upstream_failed(w.ex, 502, ERR_PROTOCOL)
+        _attach(up, w.ex, True, w.replay)
         return True
 
     async def _connect(self, ex: Exchange, replay: list[bytes] | None) -> None:
@@ -269,32 +274,27 @@ class Pool:
             ex.client.abort()  # shutdown: its connection_lost reports client_abort
             raise
         except TimeoutError:
-            self._connect_failed(ex, 504, ERR_TIMEOUT, replay, final)
+            self._connect_failed(ex, ERR_TIMEOUT, replay, final)
             return
         except OSError as e:
             if is_tls_error(e):
                 # A certificate the context refuses is no network fault: answered, not retried.
                 fwd.detail = describe(e)
-                ex.client.upstream_failed(ex, 502, ERR_TLS)
+                ex.client.upstream_failed(ex, ERR_TLS)
             else:
-                self._connect_failed(ex, 502, ERR_CONNECT, replay, final)
+                self._connect_failed(ex, ERR_CONNECT, replay, final)
             return
         except Exception:  # e.g. a host name IDNA cannot encode: still an answer
             log.exception("fast engine: connecting to %s:%s failed", fwd.host, fwd.port)
-            ex.client.upstream_failed(ex, 502, ERR_CONNECT)
+            ex.client.upstream_failed(ex, ERR_CONNECT)
             return
-        if ex.finished or ex.client.closed:
+        if ex.state == X_FINISHED or ex.client.closed:
             if ex.upgrade is None and not up.closed:
                 self.release(up)
             else:
                 up.close()
             return
-        try:
-            up.attach(ex, False, replay)
-        except Exception:  # a bug must not leave the client hanging
-            log.exception("fast engine: attaching an upstream failed")
-            up.abandon()
-            ex.client.upstream_failed(ex, 502, ERR_PROTOCOL)
+        _attach(up, ex, False, replay)
 
     def resend(self, ex: Exchange, replay: list[bytes] | None) -> None:
         """Send `ex` to the endpoint failover chose: an idle connection there, else a new one.
@@ -309,22 +309,17 @@ class Pool:
         if up is None:
             self.connect(ex, replay)
             return
-        try:
-            up.attach(ex, True, replay)
-        except Exception:  # a bug must not leave the client hanging
-            log.exception("fast engine: attaching an upstream failed")
-            up.abandon()
-            ex.client.upstream_failed(ex, 502, ERR_PROTOCOL)
+        _attach(up, ex, True, replay)
 
     def _connect_failed(
-        self, ex: Exchange, status: int, kind: str, replay: list[bytes] | None, final: bool
+        self, ex: Exchange, kind: UpstreamErrorKind, replay: list[bytes] | None, final: bool
     ) -> None:
         """No byte reached the endpoint: any method may go to another one (README "Failover")."""
         fwd = ex.fwd
         assert fwd is not None
         if (
             not final
-            and not ex.finished
+            and ex.state != X_FINISHED
             and not ex.client.closed
             and ex.upgrade is None
             and fwd.retry is not None
@@ -332,7 +327,7 @@ class Pool:
         ):
             self.resend(ex, replay)
             return
-        ex.client.upstream_failed(ex, status, kind)
+        ex.client.upstream_failed(ex, kind)
 
     async def close(self) -> None:
         for q in self.waiting.values():
@@ -353,11 +348,21 @@ class Pool:
         if self.conns:
             self.all_closed = asyncio.Event()
             try:
-                async with asyncio.timeout(1.0):
+                async with asyncio.timeout(CLOSE_WAIT_SECONDS):
                     await self.all_closed.wait()
             except TimeoutError:
                 pass
         self.wheel.close()
+
+
+def _attach(up: Upstream, ex: Exchange, reused: bool, replay: list[bytes] | None) -> None:
+    """`up.attach`, and a 502 for the client should that fail (a bug must not leave it hanging)."""
+    try:
+        up.attach(ex, reused, replay)
+    except Exception:
+        log.exception("fast engine: attaching an upstream failed")
+        up.abandon()
+        ex.client.upstream_failed(ex, ERR_PROTOCOL)
 
 
 def _upstream(pool: Pool, key: Key, tls: UpstreamTLS | None) -> asyncio.Protocol:

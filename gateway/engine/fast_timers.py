@@ -99,3 +99,41 @@ class Wheel:
             self.handle = None
         self.buckets.clear()
         self.ticks.clear()
+
+
+class Armed:
+    """A connection with one lazily moved deadline on a `Wheel`: the base of both sides.
+
+    Why lazily: a deadline later than the one armed is not moved at all (the
+    connection re-checks which timeout applies in its `on_tick`, and re-arms);
+    only an earlier one moves it to an earlier bucket. Client and upstream
+    connections (engine/fast_client.py, engine/fast_upstream.py) arm the same way.
+    """
+
+    __slots__ = ("wheel", "armed_tick", "armed_for")
+
+    def __init__(self, wheel: Wheel) -> None:
+        self.wheel = wheel
+        self.armed_tick = 0  # the wheel tick armed; 0: none
+        self.armed_for = 0.0  # the loop time that tick was armed for
+
+    def arm(self, when: float) -> None:
+        """Have `on_tick` called after `when`, unless an earlier call is armed already."""
+        t = self.armed_tick
+        if t:
+            if self.armed_for <= when:
+                return
+            self.wheel.remove(self, t)
+        self.armed_for = when
+        self.armed_tick = self.wheel.add(self, when)
+
+    def disarm(self) -> None:
+        """No more calls (closed, or a tunnel: no timeout applies)."""
+        t = self.armed_tick
+        if t:
+            self.wheel.remove(self, t)
+            self.armed_tick = 0
+
+    def on_tick(self, tick: int) -> None:
+        """The armed tick has come (see `Timed.on_tick`); subclasses decide what is due."""
+        raise NotImplementedError

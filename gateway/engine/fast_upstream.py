@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Final, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from gateway.engine.api import ERR_PROTOCOL, ERR_RESET, ERR_TIMEOUT
+from gateway.engine.api import ERR_PROTOCOL, ERR_RESET, ERR_TIMEOUT, UpstreamErrorKind
+from gateway.engine.fast_timers import Armed
 from gateway.engine.fast_wire import (
     CHUNK_END,
     COLON,
@@ -32,13 +33,15 @@ from gateway.engine.fast_wire import (
     RESP_SPECIAL_LENS,
     STATUS_LINES,
     TE_CHUNKED,
+    X_HEAD_SENT,
     Exchange,
     Reject,
-    connection_tokens,
+    add_fields,
     request_head,
     status_line,
     strip_connection_tokens,
 )
+from gateway.headers import connection_tokens
 
 if TYPE_CHECKING:
     from gateway.engine.fast_pool import Pool
@@ -52,20 +55,33 @@ M_RAW: Final = 1  # as received: Content-Length, or close-delimited to HTTP/1.0
 M_CHUNK: Final = 2  # re-framed as chunked for an HTTP/1.1 client (RFC 9112 §7.1)
 M_EOF: Final = 3  # upstream body ends at close; relayed raw to an HTTP/1.0 client
 
-TE_NONE: Final = 0
-TE_IS_CHUNKED: Final = 1
-TE_OTHER: Final = 2
+# The response's Transfer-Encoding (`Upstream.te_kind`).
+TE_NONE: Final = 0  # none
+TE_IS_CHUNKED: Final = 1  # ends in chunked: the body ends by itself
+TE_OTHER: Final = 2  # another final coding: the body ends at close (RFC 9112 §6.3)
+
+# An upstream connection's lifecycle (`Upstream.state`), in order.
+U_CONNECTING: Final = 0  # created by create_connection; no transport yet
+U_IDLE: Final = 1  # open, no exchange: in the pool (or about to be)
+U_BUSY: Final = 2  # an exchange is attached: request sent, response being relayed
+U_DONE: Final = 3  # the whole response is read; `_complete` releases or closes it
+U_TUNNEL: Final = 4  # after a 101: bytes relayed both ways (RFC 9110 §7.8), no timeout
+U_CLOSED: Final = 5  # closed or aborted by us, or connection_lost
+UPSTREAM_STATES: Final = ("connecting", "idle", "busy", "done", "tunnel", "closed")
 
 Key = tuple[str, int]
 
 
-class Upstream:
+class Upstream(Armed):
     """One keep-alive connection to an upstream endpoint (a protocol by duck typing, as ClientConn).
 
     Why it relays the response itself: the head is rebuilt once without
     hop-by-hop fields (RFC 9110 §7.6.1) and the body re-framed for the client
     (RFC 9112 §6-7) straight from llhttp callbacks; the connection goes back to
     the pool only after a complete keep-alive response (RFC 9112 §9.3).
+
+    State: `state` is the lifecycle (U_CONNECTING ... U_CLOSED); the fields
+    below it describe the response being read while U_BUSY.
     """
 
     __slots__ = (
@@ -74,79 +90,84 @@ class Upstream:
         "key",
         "transport",
         "parser",
+        "state",
         "ex",
         "reused",
-        "got",
-        "rh",
-        "cl",
-        "te",
+        "answered",
+        "head_fields",
+        "has_length",
+        "te_kind",
         "eof_body",
-        "upg",
-        "ctok",
+        "upgrade",
+        "conn_tokens",
         "mode",
         "interim",
-        "done",
         "keep",
         "extra",
         "head_only",
         "rpaused",
         "wpaused",
-        "closed",
-        "last",
+        "last_active",
         "idle_since",
-        "rt",
-        "tick",
-        "tw",
-        "tunnel",
+        "read_timeout",
         "out",
         "tls",
     )
 
     def __init__(self, pool: Pool, key: Key, tls: UpstreamTLS | None = None) -> None:
+        super().__init__(pool.wheel)
         self.pool = pool
         self.loop = pool.loop
         self.key = key
         self.tls = tls  # what it was opened with: reused only for the same (README "TLS")
         self.transport: asyncio.Transport | None = None
         self.parser = HttpResponseParser(self)
+        self.state = U_CONNECTING
         self.ex: Exchange | None = None
-        self.reused = False
-        self.got = False
-        self.rh: list[bytes] = []  # the head so far, flat: name, ": ", value, CRLF, ...
-        self.cl = False
-        self.te = TE_NONE
-        self.eof_body = False
-        self.upg: bytes | None = None
-        self.ctok: set[bytes] | None = None
+        self.reused = False  # the exchange got it from the pool (it may have gone stale)
+        self.answered = False  # a byte of the response came back (no replay after that)
+        self.head_fields: list[bytes] = []  # the head so far, flat: name, ": ", value, CRLF, ...
+        self.has_length = False  # the response has a Content-Length
+        self.te_kind = TE_NONE
+        self.eof_body = False  # the response body ends at close
+        self.upgrade: bytes | None = None  # the response's Upgrade value
+        self.conn_tokens: set[bytes] | None = None  # fields its Connection header names
         self.mode = M_NONE
-        self.interim = False
-        self.done = False
-        self.keep = False
-        self.extra = False
-        self.head_only = False
-        self.rpaused = False
-        self.wpaused = False
-        self.closed = False
-        self.last = 0.0
+        self.interim = False  # reading a 1xx head (RFC 9110 §15.2)
+        self.keep = False  # the response allows reuse (llhttp's keep-alive verdict)
+        self.extra = False  # bytes after the response, or a second one: never reuse
+        self.head_only = False  # a response to HEAD: its parser cannot be reused
+        self.rpaused = False  # reading paused: the client's write buffer is full
+        self.wpaused = False  # our write buffer is above its high-water mark
+        self.last_active = 0.0  # loop time of the last progress (the read timeout runs from it)
         self.idle_since = 0.0
-        self.rt = pool.idle_timeout
-        self.tick = 0  # the wheel tick armed (engine/fast_timers.py); 0: none
-        self.tw = 0.0
-        self.tunnel = False
+        self.read_timeout = pool.idle_timeout  # the exchange's timeouts.read while busy
         self.out: list[bytes] = []  # bytes for the client, written once per read
+
+    def __repr__(self) -> str:
+        host, port = self.key
+        return (
+            f"Upstream({host}:{port}, {UPSTREAM_STATES[self.state]}, mode={self.mode}, "
+            f"exchange={self.ex!r})"
+        )
+
+    @property
+    def closed(self) -> bool:
+        """Closed or aborted by us, or lost: never used again."""
+        return self.state == U_CLOSED
 
     # -- asyncio.Protocol -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.state = U_IDLE
         self.pool.conns.add(self)
         self.pool.opened(self.key)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.tick:
-            self.pool.wheel.remove(self, self.tick)
-            self.tick = 0
+        was = self.state
+        self.state = U_CLOSED
+        self.disarm()
         pool = self.pool
         pool.conns.discard(self)
         if not pool.conns and pool.all_closed is not None:
@@ -156,26 +177,25 @@ class Upstream:
             pool.discard(self)
             pool.closed(self.key)
             return
-        self._lost(ex, exc)
+        self._lost(ex, exc, was == U_TUNNEL)
         pool.closed(self.key)  # after the exchange's own retry, which may want this endpoint
 
-    def _lost(self, ex: Exchange, exc: Exception | None) -> None:
-        if self.tunnel:
+    def _lost(self, ex: Exchange, exc: Exception | None, tunnel: bool) -> None:
+        if tunnel:
             self.ex = None
             ex.client.tunnel_closed(ex)
             return
-        if exc is None and self.eof_body and ex.head_sent and not self.interim:
+        if exc is None and self.eof_body and ex.state >= X_HEAD_SENT and not self.interim:
             # Close-delimited body (RFC 9112 §6.3 rule 8): EOF is its end.
-            self.done = True
             self.keep = False
             if self.mode == M_CHUNK:
                 ex.client.transport_write(CHUNK_END)
             self._complete()
             return
-        self._failed(502, ERR_RESET)
+        self._failed(ERR_RESET)
 
     def eof_received(self) -> bool | None:
-        if self.tunnel and self.ex is not None:
+        if self.state == U_TUNNEL and self.ex is not None:
             self.ex.client.tunnel_eof_from_upstream()
             return True
         return None
@@ -198,11 +218,11 @@ class Upstream:
             # Bytes on an idle connection: nothing may be pending, so it is unusable.
             self.abandon()
             return
-        if self.tunnel:
+        if self.state == U_TUNNEL:
             ex.client.transport_write(data)
             return
-        self.got = True
-        self.last = self.loop.time()
+        self.answered = True
+        self.last_active = self.loop.time()
         out = self.out
         try:
             self.parser.feed_data(data)
@@ -211,110 +231,104 @@ class Upstream:
                 self._flush(ex)
                 self._start_tunnel(ex, data[e.args[0] :])
             else:
-                self._failed(502, ERR_PROTOCOL)
+                self._failed(ERR_PROTOCOL)
             return
         except HttpParserError:
             if self.ex is ex:
                 self._flush(ex)
-                self._failed(502, ERR_PROTOCOL)
+                self._failed(ERR_PROTOCOL)
             return
         if out:
             # One write per read: head and body of a small response leave together.
             ex.client.transport_write(b"".join(out))
             out.clear()
-        if self.done and self.ex is ex:
+        if self.state == U_DONE and self.ex is ex:
             self._complete()
 
     # -- httptools callbacks ----------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) not in RESP_SPECIAL_LENS:
-            rh = self.rh  # four appends: cheaper than extending by a new tuple (compiled)
-            rh.append(name)
-            rh.append(COLON)
-            rh.append(value)
-            rh.append(CRLF)
-            return
-        lname = name.lower()
-        if lname in RESP_SPECIAL:
-            if lname == H_CONTENT_LENGTH:
-                self.cl = True
-                self.rh += (name, COLON, value, CRLF)
-            elif lname == H_CONNECTION:
-                if len(value) == 10 or len(value) == 5:  # "keep-alive" / "close": names nothing
-                    lvalue = value.lower()
-                    if lvalue == b"keep-alive" or lvalue == b"close":
-                        return
-                toks = connection_tokens(value)
-                if toks:
-                    self.ctok = toks if self.ctok is None else self.ctok | toks
-            elif lname == H_UPGRADE:
-                self.upg = value
-            elif lname == H_TRANSFER_ENCODING:
-                self.te = TE_IS_CHUNKED if value.lower().rstrip().endswith(b"chunked") else TE_OTHER
-            return
-        self.rh += (name, COLON, value, CRLF)
+        if len(name) in RESP_SPECIAL_LENS:
+            lname = name.lower()
+            if lname in RESP_SPECIAL:
+                if lname != H_CONTENT_LENGTH:
+                    self._hop_by_hop(lname, value)
+                    return
+                self.has_length = True  # kept: the relay frames the body as received
+        fields = self.head_fields  # four appends: cheaper than extending by a tuple (compiled)
+        fields.append(name)
+        fields.append(COLON)
+        fields.append(value)
+        fields.append(CRLF)
+
+    def _hop_by_hop(self, lname: bytes, value: bytes) -> None:
+        """A hop-by-hop response field (RFC 9110 §7.6.1): noted, not relayed."""
+        if lname == H_CONNECTION:
+            if len(value) == 10 or len(value) == 5:  # "keep-alive" / "close": names nothing
+                lvalue = value.lower()
+                if lvalue == b"keep-alive" or lvalue == b"close":
+                    return
+            toks = connection_tokens(value)
+            if toks:
+                self.conn_tokens = toks if self.conn_tokens is None else self.conn_tokens | toks
+        elif lname == H_UPGRADE:
+            self.upgrade = value
+        elif lname == H_TRANSFER_ENCODING:
+            chunked = value.lower().rstrip().endswith(b"chunked")
+            self.te_kind = TE_IS_CHUNKED if chunked else TE_OTHER
 
     def on_headers_complete(self) -> None:
         ex = self.ex
         assert ex is not None
-        if self.done:
+        if self.state == U_DONE:
             self.extra = True  # a second response to one request: never reuse
             return
         status = self.parser.get_status_code()
-        rh = self.rh
-        self.rh = []
-        if self.ctok is not None:
-            rh = strip_connection_tokens(rh, self.ctok)
-            self.ctok = None
+        parts = self.head_fields
+        self.head_fields = []
+        if self.conn_tokens is not None:
+            parts = strip_connection_tokens(parts, self.conn_tokens)
+            self.conn_tokens = None
         line = STATUS_LINES.get(status)
-        rh.insert(0, line if line is not None else status_line(status))
+        parts.insert(0, line if line is not None else status_line(status))
         client = ex.client
+        fwd = ex.fwd
+        assert fwd is not None
         if status < 200:
             if status == 101:
-                if ex.upgrade is None or self.upg is None:
+                if ex.upgrade is None or self.upgrade is None:
                     raise Reject(502, "101 without an upgrade")
                 ex.status = 101
-                ex.head_sent = True
-                parts = rh
-                parts += (CONN_UPGRADE, self.upg, CRLF)
-                assert ex.fwd is not None
-                for n, v in ex.fwd.response_headers:
-                    parts += (n, COLON, v, CRLF)
+                ex.state = X_HEAD_SENT
+                parts += (CONN_UPGRADE, self.upgrade, CRLF)
+                add_fields(parts, fwd.response_headers)
                 parts.append(CRLF)
                 self.out.append(b"".join(parts))
                 return
             # Interim response (RFC 9110 §15.2): relay to HTTP/1.1 clients only.
             self.interim = True
-            self.cl = False
-            self.te = TE_NONE
-            self.upg = None
+            self.has_length = False
+            self.te_kind = TE_NONE
+            self.upgrade = None
             if ex.http11:
-                rh.append(CRLF)
-                self.out.append(b"".join(rh))
+                parts.append(CRLF)
+                self.out.append(b"".join(parts))
             return
-        fwd = ex.fwd
-        assert fwd is not None
-        parts = rh
-        for n, v in fwd.response_headers:
-            parts.append(n)
-            parts.append(COLON)
-            parts.append(v)
-            parts.append(CRLF)
+        add_fields(parts, fwd.response_headers)
         close = ex.close_after or not ex.keep or not ex.req_done or client.close_soon
         if ex.is_head or status == 204 or status == 304:
             self.mode = M_NONE
             self.eof_body = False
             if ex.is_head:
                 # httptools cannot be told the response is to HEAD: end it here.
-                self.done = True
+                self.state = U_DONE
                 self.head_only = True
                 self.keep = self.parser.should_keep_alive()
-        elif self.cl and self.te == TE_NONE:
+        elif self.has_length and self.te_kind == TE_NONE:
             self.mode = M_RAW
         else:
             # Chunked ends by itself; anything else is close-delimited (RFC 9112 §6.3).
-            self.eof_body = self.te != TE_IS_CHUNKED
+            self.eof_body = self.te_kind != TE_IS_CHUNKED
             if ex.http11:
                 self.mode = M_CHUNK
                 parts.append(TE_CHUNKED)
@@ -328,11 +342,11 @@ class Upstream:
             parts.append(CONN_KEEP)
         parts.append(CRLF)
         ex.status = status
-        ex.head_sent = True
+        ex.state = X_HEAD_SENT
         self.out.append(b"".join(parts))
 
     def on_body(self, body: bytes) -> None:
-        if self.done:
+        if self.state == U_DONE:
             self.extra = True
             return
         mode = self.mode
@@ -347,11 +361,11 @@ class Upstream:
         if self.interim:
             self.interim = False
             return
-        if self.done:
+        if self.state == U_DONE:
             if not self.head_only:
                 self.extra = True
             return
-        self.done = True
+        self.state = U_DONE
         self.keep = self.parser.should_keep_alive()  # here: llhttp resets it once feed_data returns
         if self.mode == M_CHUNK:
             self.out.append(CHUNK_END)
@@ -364,21 +378,21 @@ class Upstream:
         assert fwd is not None and self.transport is not None
         self.ex = ex
         ex.up = self
+        self.state = U_BUSY
         self.reused = reused
-        self.got = False
-        if self.rh:
-            self.rh = []  # trailer fields of the previous response
-        self.ctok = None
-        self.cl = False
-        self.te = TE_NONE
+        self.answered = False
+        if self.head_fields:
+            self.head_fields = []  # trailer fields of the previous response
+        self.conn_tokens = None
+        self.has_length = False
+        self.te_kind = TE_NONE
         self.eof_body = False
-        self.upg = None
+        self.upgrade = None
         self.mode = M_NONE
         self.interim = False
-        self.done = False
         self.keep = False
         self.extra = False
-        self.rt = fwd.read_timeout
+        self.read_timeout = fwd.read_timeout
         data = b"".join(replay) if replay is not None else request_head(ex, fwd)
         buf = ex.buf
         if buf is not None and ex.upgrade is None:
@@ -409,11 +423,10 @@ class Upstream:
             client.pause_for_upstream()
         if ex.req_done:
             now = self.loop.time()
-            self.last = now
-            if not self.tick or self.tw > now + self.rt:
-                self._arm(now + self.rt)
+            self.last_active = now
+            self.arm(now + self.read_timeout)
         if ex.deadline:
-            self._arm(ex.deadline)
+            self.arm(ex.deadline)
 
     def send(self, ex: Exchange, data: bytes) -> None:
         assert self.transport is not None
@@ -430,12 +443,12 @@ class Upstream:
 
     def request_done(self) -> None:
         now = self.loop.time()
-        self.last = now
-        self._arm(now + self.rt)
+        self.last_active = now
+        self.arm(now + self.read_timeout)
 
     def client_paused(self, paused: bool) -> None:
         """Follow the client's write buffer: stop reading while it is full."""
-        if self.closed or self.transport is None:
+        if self.state == U_CLOSED or self.transport is None:
             return
         if paused:
             if not self.rpaused:
@@ -443,22 +456,21 @@ class Upstream:
                 self.transport.pause_reading()
         elif self.rpaused:
             self.rpaused = False
-            self.last = self.loop.time()
+            self.last_active = self.loop.time()
             self.transport.resume_reading()
 
     def abandon(self) -> None:
         """Drop the connection without relaying anything more (client gone, bad input)."""
         self.ex = None
-        self.tunnel = False
-        if not self.closed and self.transport is not None:
-            self.closed = True
+        if self.state != U_CLOSED and self.transport is not None:
+            self.state = U_CLOSED
             self.transport.abort()
         self.pool.discard(self)
 
     def close(self) -> None:
         self.ex = None
-        if not self.closed and self.transport is not None:
-            self.closed = True
+        if self.state != U_CLOSED and self.transport is not None:
+            self.state = U_CLOSED
             self.transport.close()
         self.pool.discard(self)
 
@@ -478,17 +490,18 @@ class Upstream:
             self.head_only = False
         if self.rpaused:
             self.rpaused = False
-            if not self.closed:
+            if self.state != U_CLOSED:
                 self.transport.resume_reading()
         reusable = (
             self.keep
             and not self.extra
             and ex.req_done
             and ex.upgrade is None
-            and not self.closed
+            and self.state != U_CLOSED
             and self.transport.get_write_buffer_size() == 0
         )
         if reusable:
+            self.state = U_IDLE
             self.pool.release(self)
         else:
             self.close()
@@ -496,14 +509,14 @@ class Upstream:
             ex.client.resume_for_upstream()
         ex.client.response_complete(ex, self.mode != M_EOF)
 
-    def _failed(self, status: int, kind: str, final: bool = False) -> None:
+    def _failed(self, kind: UpstreamErrorKind, final: bool = False) -> None:
         ex = self.ex
         if ex is None:
             return
         # Sent again only when no response byte came back and all that was sent
         # is kept (an idempotent request, RFC 9110 §9.2.2); `final`: the deadline.
         replay = None
-        if not self.got and not ex.head_sent and not final:
+        if not self.answered and ex.state < X_HEAD_SENT and not final:
             replay = ex.replay_parts()
         stale = replay is not None and kind == ERR_RESET and self.reused and not ex.retried
         if self.wpaused:
@@ -526,14 +539,12 @@ class Upstream:
                 ex.client.wait_upstream(ex)  # before: resend may attach at once and resume
                 self.pool.resend(ex, replay)
                 return
-        ex.client.upstream_failed(ex, status, kind)
+        ex.client.upstream_failed(ex, kind)
 
     def _start_tunnel(self, ex: Exchange, rest: bytes) -> None:
         assert self.transport is not None
-        self.tunnel = True
-        if self.tick:
-            self.pool.wheel.remove(self, self.tick)
-            self.tick = 0
+        self.state = U_TUNNEL
+        self.disarm()
         buf = ex.buf
         ex.buf = None
         if buf:
@@ -542,27 +553,17 @@ class Upstream:
 
     # -- timers -------------------------------------------------------------
 
-    def _arm(self, when: float) -> None:
-        t = self.tick
-        wheel = self.pool.wheel
-        if t:
-            if self.tw <= when:
-                return
-            wheel.remove(self, t)
-        self.tw = when
-        self.tick = wheel.add(self, when)
-
     def on_tick(self, tick: int) -> None:
-        if tick != self.tick:
+        if tick != self.armed_tick:
             return  # re-armed elsewhere meanwhile
-        self.tick = 0
-        if self.closed or self.tunnel:
-            return
+        self.armed_tick = 0
+        if self.state >= U_TUNNEL:
+            return  # a tunnel has no timeout; a closed connection none either
         now = self.loop.time()
         ex = self.ex
         if ex is not None and ex.deadline and now >= ex.deadline:
             # timeouts.total: the whole exchange is over, whatever is in progress.
-            self._failed(ex.status if ex.head_sent else 504, ERR_TIMEOUT, True)
+            self._failed(ERR_TIMEOUT, True)
             return
         if ex is None:
             deadline = self.idle_since + self.pool.idle_timeout
@@ -570,15 +571,12 @@ class Upstream:
                 self.close()
                 return
         elif ex.req_done and not self.rpaused:
-            deadline = self.last + self.rt
+            deadline = self.last_active + self.read_timeout
             if now >= deadline:
-                if ex.head_sent:
-                    self._failed(ex.status, ERR_TIMEOUT)
-                else:
-                    self._failed(504, ERR_TIMEOUT)
+                self._failed(ERR_TIMEOUT)
                 return
         else:
-            deadline = now + self.rt  # waiting on the client, not on us
+            deadline = now + self.read_timeout  # waiting on the client, not on us
         if ex is not None and ex.deadline and ex.deadline < deadline:
             deadline = ex.deadline
-        self._arm(min(deadline, now + self.rt))
+        self.arm(min(deadline, now + self.read_timeout))

@@ -1,6 +1,6 @@
 """Bytes, constants and the per-request record shared by the fast engine's two sides.
 
-Why a module of its own: the client side (`fast.py`) and the upstream side
+Why a module of its own: the client side (`fast_client.py`) and the upstream side
 (`fast_upstream.py`) both build HTTP/1.1 heads and share one exchange record;
 keeping the wire constants here precomputes them once at import, never per
 request.
@@ -12,7 +12,7 @@ import json
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
 
-from gateway.engine.api import Forward, RequestHead, Respond
+from gateway.engine.api import Forward, Headers, RequestHead, Respond
 from gateway.headers import HOP_BY_HOP
 
 if TYPE_CHECKING:
@@ -48,7 +48,17 @@ BODY_CHUNKED: Final = 2
 
 # RFC 9110 §9.2.2: only these may be retried automatically (RFC 9112 §9.3.1).
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+# Bytes of a request kept for a replay: a small request (any GET, a small PUT) is
+# kept whole; a larger one streams through and is not retried once sent (README "Failover").
 REPLAY_CAP: Final = 65536
+
+# The response side of an exchange (`Exchange.state`), in order; the request side
+# is `Exchange.req_done` (pipelining: either may end first).
+X_WAITING: Final = 0  # nothing written to the client yet
+X_HEAD_SENT: Final = 1  # the response head (or a whole local answer) is written
+X_ANSWERED: Final = 2  # the whole response is written
+X_FINISHED: Final = 3  # reported to `Forward.on_done`; nothing more happens to it
+EXCHANGE_STATES: Final = ("waiting", "head_sent", "answered", "finished")
 
 # Response fields handled specially by the relay: hop-by-hop ones (RFC 9110
 # §7.6.1) are dropped, Content-Length is kept but noted for framing.
@@ -60,7 +70,18 @@ RESP_SPECIAL: Final = HOP_BY_HOP | {H_CONTENT_LENGTH}
 RESP_SPECIAL_LENS: Final = frozenset(len(n) for n in RESP_SPECIAL)
 # Request fields the client side inspects (lengths first: a cheap pre-filter).
 H_HOST: Final = b"host"
-REQ_SPECIAL_LENS: Final = frozenset({len(H_HOST), len(H_UPGRADE), len(H_CONTENT_LENGTH), 17})
+REQ_SPECIAL_LENS: Final = frozenset(
+    {len(H_HOST), len(H_UPGRADE), len(H_CONTENT_LENGTH), len(H_TRANSFER_ENCODING)}
+)
+
+
+def add_fields(parts: list[bytes], fields: Headers) -> None:
+    """Append `name: value CRLF` per field to a head being built (joined once, written once)."""
+    for n, v in fields:
+        parts.append(n)  # four appends: cheaper than extending by a new tuple (compiled)
+        parts.append(COLON)
+        parts.append(v)
+        parts.append(CRLF)
 
 
 def status_line(code: int) -> bytes:
@@ -145,8 +166,7 @@ def local_response(r: Respond, *, keep: bool, http11: bool, is_head: bool) -> by
     """
     status = r.status
     parts = [status_line(status)]
-    for n, v in r.headers:
-        parts += (n, COLON, v, CRLF)
+    add_fields(parts, r.headers)
     body = r.body
     if status >= 200 and status != 204 and status != 304:
         parts.append(b"Content-Length: %d\r\n" % len(body))
@@ -177,19 +197,17 @@ class Exchange:
         "is_head",
         "keep",
         "body_kind",
-        "cl",
+        "content_length",
         "upgrade",
         "req_done",
-        "resp_done",
+        "state",
         "buf",
         "discard",
         "fwd",
         "local",
         "up",
         "status",
-        "head_sent",
         "close_after",
-        "finished",
         "replay_head",
         "replay",
         "replay_size",
@@ -205,7 +223,7 @@ class Exchange:
         is_head: bool = False,
         keep: bool = True,
         body_kind: int = BODY_NONE,
-        cl: int = 0,
+        content_length: int = 0,
         upgrade: bytes | None = None,
     ) -> None:
         self.client = client
@@ -214,19 +232,17 @@ class Exchange:
         self.is_head = is_head
         self.keep = keep
         self.body_kind = body_kind
-        self.cl = cl
+        self.content_length = content_length  # of the request body (BODY_CL)
         self.upgrade = upgrade
-        self.req_done = False
-        self.resp_done = False
+        self.req_done = False  # the whole request is read
+        self.state = X_WAITING
         self.buf: list[bytes] | None = None  # request bytes waiting for an upstream
         self.discard = False  # request body is read and dropped
         self.fwd: Forward | None = None
         self.local: Respond | None = None  # engine-made answer (400, 414, 431, ...)
         self.up: Upstream | None = None
         self.status = 0
-        self.head_sent = False
         self.close_after = False
-        self.finished = False
         # What was sent upstream, kept while it may be sent again (an idempotent
         # request of at most REPLAY_CAP bytes): the first write, then later body parts.
         self.replay_head: bytes | None = None
@@ -234,6 +250,12 @@ class Exchange:
         self.replay_size = 0
         self.retried = False  # a stale pooled connection was replaced once already
         self.deadline = 0.0  # loop time by which the whole exchange ends (timeouts.total); 0 = none
+
+    def __repr__(self) -> str:
+        h = self.head
+        what = f"{h.method.decode('latin-1')} {h.target.decode('latin-1')}" if h else "local"
+        req = "read" if self.req_done else "reading"
+        return f"Exchange({what}, {EXCHANGE_STATES[self.state]}, request {req}, {self.status})"
 
     def replay_parts(self) -> list[bytes] | None:
         """Everything sent upstream so far, when it may all be sent again; else None."""
@@ -250,14 +272,10 @@ def request_head(ex: Exchange, fwd: Forward) -> bytes:
     assert h is not None
     target = fwd.target
     parts = [h.method, SP, target if target is not None else h.target, HTTP11_TAIL]
-    for n, v in fwd.headers:
-        parts.append(n)  # four appends: cheaper than extending by a new tuple (compiled)
-        parts.append(COLON)
-        parts.append(v)
-        parts.append(CRLF)
+    add_fields(parts, fwd.headers)
     kind = ex.body_kind
     if kind == BODY_CL:
-        parts.append(b"Content-Length: %d\r\n\r\n" % ex.cl)
+        parts.append(b"Content-Length: %d\r\n\r\n" % ex.content_length)
     elif kind == BODY_CHUNKED:
         parts += (TE_CHUNKED, CRLF)
     elif ex.upgrade is not None:
@@ -275,8 +293,3 @@ def strip_connection_tokens(flat: list[bytes], tokens: set[bytes]) -> list[bytes
         if name not in tokens or name == H_CONTENT_LENGTH:
             out += flat[i : i + 4]
     return out
-
-
-def connection_tokens(value: bytes) -> set[bytes]:
-    """Field names a Connection header lists; close/keep-alive name no field."""
-    return {t.strip().lower() for t in value.split(b",")} - {b"", b"close", b"keep-alive"}
