@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -21,28 +23,83 @@ from aiohttp import web
 from gateway import config as C
 from gateway.app import Gateway
 from gateway.demo import demo_upstream, serve_app
+from tests import parallel
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 _HANDED_OUT: set[int] = set()
+# A directory shared by every process of one test run (the xdist workers, a nested pytest):
+# one file per port handed out, created with O_EXCL, so two processes never get the same one.
+PORT_CLAIMS_ENV = "GRAY_GATEWAY_TEST_PORT_CLAIMS"
 
 
 def free_port() -> int:
-    """A port nothing listens on now, and never one this test process handed out before.
+    """A port nothing listens on now, and never one this test run handed out before.
 
     The kernel may give the same ephemeral port to two binds in a row once the first
     socket is closed, so `port, admin = free_port(), free_port()` could collide (a
-    gateway refusing to start with its admin listener on the data port).
+    gateway refusing to start with its admin listener on the data port); with the suite
+    in parallel workers the same holds across processes, hence the shared claims.
     """
+    claims = os.environ.get(PORT_CLAIMS_ENV)
     for _ in range(1000):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
+        if port in _HANDED_OUT:
+            continue
+        _HANDED_OUT.add(port)
+        if claims is None or _claim(Path(claims), port):
             return port
     raise RuntimeError("no fresh free port after 1000 tries")
+
+
+def _claim(claims: Path, port: int) -> bool:
+    try:
+        os.close(os.open(claims / str(port), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The run's port claims: made by the first process, inherited by workers and children."""
+    if PORT_CLAIMS_ENV in os.environ:
+        return
+    claims = tempfile.mkdtemp(prefix="gray-gateway-ports-")
+    os.environ[PORT_CLAIMS_ENV] = claims
+
+    def cleanup() -> None:
+        os.environ.pop(PORT_CLAIMS_ENV, None)
+        shutil.rmtree(claims, ignore_errors=True)
+
+    config.add_cleanup(cleanup)
+
+
+# --------------------------------------------------------------------------- parallel workers
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns -n into workers
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """The whole suite runs in parallel workers (tests/parallel.py); chosen files in-process."""
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+        return
+    n = parallel.workers_for(
+        whole_suite=config.args_source is pytest.Config.ArgsSource.TESTPATHS,
+        numprocesses=config.option.numprocesses,
+        dist=config.option.dist,
+        usepdb=config.option.usepdb,
+    )
+    if n is not None:
+        config.option.numprocesses = n
+        config.option.dist = "loadfile"
+        config.option.loadscopereorder = False  # xdist would sort files by test count
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if hasattr(config, "workerinput"):  # in a worker: the order files are handed out in
+        items.sort(key=lambda item: parallel.file_rank(item.path.name))
 
 
 # The demo's upstream: names its release and echoes the headers it received.
@@ -154,8 +211,13 @@ def write_config(tmp: Path, doc: dict[str, Any]) -> Path:
     return p
 
 
+# Readiness deadline for a gateway process: generous, as another test worker may be compiling
+# on the other core (a `--workers 2` gateway took over 20 s to listen on a loaded 2-core box).
+READY_S = 60.0
+
+
 def wait_http(
-    url: str, deadline_s: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+    url: str, deadline_s: float = READY_S, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
     import urllib.request
 
@@ -180,7 +242,7 @@ def run_gateway_process(
     *,
     workers: int = 1,
     env: dict[str, str] | None = None,
-    ready_s: float = 20.0,
+    ready_s: float = READY_S,
 ) -> Iterator[GatewayProcess]:
     port, admin_port = free_port(), free_port()
     doc = dict(doc)
