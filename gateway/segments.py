@@ -284,11 +284,15 @@ class MethodCond(Condition):
 
 
 class UsersCond(Condition):
-    """The sticky key is in a set: O(1) per request however long the list."""
+    """The sticky key is among the keys: O(1) per request however long the list.
+
+    `keys` is a dict (values unused) so the cycle collector never walks it
+    (gateway/segments_config.py, `_read_users`).
+    """
 
     __slots__ = ("keys", "salt")
 
-    def __init__(self, keys: frozenset[str], salt: str | None) -> None:
+    def __init__(self, keys: dict[str, None], salt: str | None) -> None:
         self.keys = keys
         self.salt = salt  # None: raw keys; else the file holds salted_hash(salt, key)
 
