@@ -19,7 +19,7 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md MANIFEST.in ./
 COPY _build ./_build
 COPY gateway ./gateway
-RUN pip install "mypy==2.4.1" "setuptools>=68" wheel \
+RUN pip install "mypy==2.4.1" "setuptools>=68" wheel "mmh3>=4.0" "httptools>=0.6" "prometheus-client>=0.19" \
  && GATEWAY_COMPILE=1 pip wheel --no-build-isolation --no-deps -w /wheels .
 
 FROM ${RUN_IMAGE}

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -157,9 +158,16 @@ def test_mypy_is_pinned_to_the_version_the_type_checks_use() -> None:
     assert gb.MYPY.startswith("mypy==") and gb.MYPY.count(".") == 2
     try:
         from mypy.version import __version__
-    except ImportError:  # the test extra has no mypy; the dev extra (and CI's type check) has
+    except ImportError:  # a venv without the test extra
         return
     assert gb.MYPY == f"mypy=={__version__.split('+')[0]}"
+
+
+def test_the_typed_runtime_build_requirements_are_the_runtime_dependencies() -> None:
+    """The compiled build asks for the runtime packages whose types it compiles against,
+    with pyproject.toml's own specifiers (so the build never types against another range)."""
+    deps = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    assert gb.TYPED_RUNTIME and set(gb.TYPED_RUNTIME) <= deps, gb.TYPED_RUNTIME
 
 
 def test_setup_compiles_exactly_the_modules_compiled_checks() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -63,6 +64,16 @@ def test_the_builder_installs_the_pinned_mypy_the_backend_asks_for() -> None:
         r'^MYPY = "(mypy==[\d.]+)"', (ROOT / "_build" / "gateway_build.py").read_text(), re.M
     )
     assert pin is not None and f'"{pin.group(1)}"' in DOCKERFILE
+
+
+def test_the_builder_installs_the_typed_runtime_dependencies_the_backend_asks_for() -> None:
+    """Without them mypyc compiles calls into mmh3/httptools as untyped (slower) calls."""
+    found = re.search(
+        r"^TYPED_RUNTIME = (\(.*?\))$", (ROOT / "_build" / "gateway_build.py").read_text(), re.M
+    )
+    assert found is not None
+    for spec in ast.literal_eval(found.group(1)):
+        assert f'"{spec}"' in DOCKERFILE, spec
 
 
 @pytest.mark.timeout(600)
