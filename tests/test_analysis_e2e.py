@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from aiohttp import web
 
 from gateway.app import Gateway
 from tests.conftest import ROOT, gateway_config, start_app
+from tests.polling import until
 from tests.prometheus_helpers import PaymentsExporter, Prometheus
 
 pytestmark = pytest.mark.timeout(120)
@@ -36,20 +36,6 @@ QUIET_GUARD = {
 }
 # Short steps in tests: the default minimums are 5m and 15m (README "Rollouts").
 FAST_ROLLOUT = {"min_first_pause": "0s", "min_pause": "0s"}
-
-
-async def _until(cond: Callable[[], bool | Awaitable[bool]], within: float) -> float:
-    """Poll `cond` until true; the loop time it became true. AssertionError at the deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        got = cond()
-        if not isinstance(got, bool):
-            got = await got
-        if got:
-            return loop.time()
-        assert loop.time() < deadline, "condition not met before the deadline"
-        await asyncio.sleep(0.05)
 
 
 def _service(
@@ -136,7 +122,7 @@ class Setup:
         await self.prom.start()
         self.gw = await gateway(doc)
         # Rates need a few scrapes before the first evaluation can be conclusive.
-        await _until(self._has_rates, 60)
+        await until(self._has_rates, 60)
         return self.gw
 
     async def _has_rates(self) -> bool:
@@ -175,12 +161,12 @@ async def test_a_kpi_drop_of_2_percent_rolls_back_then_confirm_and_retry(
     )
     assert _gray_weight(gw) == 20
     # Healthy first: a counted success, nothing happens.
-    await _until(lambda: _run(gw).get("success_at") is not None, 30)
+    await until(lambda: _run(gw).get("success_at") is not None, 30)
     assert _state(gw) == "Progressing"
     loop = asyncio.get_running_loop()
     setup.exporter.ratio["gray"] = 0.97
     dropped = loop.time()
-    tripped = await _until(lambda: _gray_weight(gw) == 0, 20)
+    tripped = await until(lambda: _gray_weight(gw) == 0, 20)
     assert tripped - dropped <= 10, tripped - dropped
     assert _state(gw) == "CircuitBreak"
     run = _run(gw)
@@ -201,14 +187,14 @@ async def test_a_kpi_drop_of_2_percent_rolls_back_then_confirm_and_retry(
     await _admin(gw, "POST", "/services/svc/rollout/confirm")
     assert _state(gw) == "RolledBack"
     setup.exporter.ratio["gray"] = 0.99
-    await _until(setup.gray_ratio_back, 30)  # the rate window no longer holds the drop
+    await until(setup.gray_ratio_back, 30)  # the rate window no longer holds the drop
     await _admin(gw, "POST", "/services/svc/rollout/retry")
     assert _state(gw) == "Progressing" and _gray_weight(gw) == 20
     # The retry starts afresh: the failures before it are not counted again.
     ro = gw.control.rollout_of("svc")
     assert ro is not None
     retried = ro.step_started
-    await _until(lambda: (_run(gw).get("success_at") or 0) >= retried, 30)
+    await until(lambda: (_run(gw).get("success_at") or 0) >= retried, 30)
     assert _run(gw)["failed_in_row"] == 0
     assert _state(gw) == "Progressing" and _gray_weight(gw) == 20
 
@@ -237,7 +223,7 @@ async def test_a_small_kpi_drop_lets_the_rollout_advance(
 
     traffic = asyncio.create_task(trickle())
     try:
-        await _until(progressed, 60)
+        await until(progressed, 60)
     finally:
         traffic.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -262,16 +248,16 @@ async def test_prometheus_down_pauses_and_its_return_resumes_nothing_rolls_back(
         "/services/svc/rollout",
         {"release": "gray", "steps": [{"weight": 20, "pause": "1h"}]},
     )
-    await _until(lambda: _run(gw).get("success_at") is not None, 30)
+    await until(lambda: _run(gw).get("success_at") is not None, 30)
     assert setup.prom is not None
     await setup.prom.stop()
-    await _until(lambda: _state(gw) == "Paused", 30)
+    await until(lambda: _state(gw) == "Paused", 30)
     r = gw.control.rollout_of("svc")
     assert r is not None and r.paused_by == "analysis" and "inconclusive" in (r.reason or "")
     assert _run(gw)["inconclusive_in_row"] >= 2
     assert _gray_weight(gw) == 20  # a pause holds the weight
     await setup.prom.start()
-    await _until(lambda: _state(gw) == "Progressing", 60)
+    await until(lambda: _state(gw) == "Progressing", 60)
     assert _gray_weight(gw) == 20
     assert _run(gw)["result"] == "success"
     records = (await _admin(gw, "GET", "/audit?service=svc"))["records"]
@@ -311,8 +297,8 @@ async def test_an_observe_metric_only_alerts_and_initial_delay_does_not_count(
         "/services/svc/rollout",
         {"release": "gray", "steps": [{"weight": 20, "pause": "1h"}]},
     )
-    await _until(lambda: any(a.get("metric") == "observe-kpi" for a in got), 30)
-    await _until(lambda: len(_run(gw, "late-kpi").get("last", [])) >= 3, 30)
+    await until(lambda: any(a.get("metric") == "observe-kpi" for a in got), 30)
+    await until(lambda: len(_run(gw, "late-kpi").get("last", [])) >= 3, 30)
     # observe: failed and counted, alerted, changed nothing
     obs = _run(gw, "observe-kpi")
     assert obs["result"] == "failure" and obs["failed_in_row"] >= 1
@@ -389,7 +375,7 @@ async def test_the_gray_error_alert_fires_on_real_series(
                 for a in alerts
             )
 
-        await _until(firing, 60)
+        await until(firing, 60)
         groups = (await prom.api("rules"))["groups"]
         assert all(r["health"] == "ok" for g in groups for r in g["rules"]), groups
     finally:

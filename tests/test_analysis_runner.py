@@ -8,7 +8,7 @@ counts the queries it gets, so the test can see who evaluates.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -19,6 +19,7 @@ from gateway.analysis_runner import LEASE_MIN
 from gateway.app import Gateway
 from tests.conftest import gateway_config, run_gateway_process, start_app
 from tests.consul_double import ConsulDouble
+from tests.polling import until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,19 +62,6 @@ async def prom() -> AsyncIterator[FakePrometheus]:
     p.url = up.url
     yield p
     await up.runner.cleanup()
-
-
-async def _until(cond: Callable[[], bool | Awaitable[bool]], within: float) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        got = cond()
-        if not isinstance(got, bool):
-            got = await got
-        if got:
-            return
-        assert loop.time() < deadline, "condition not met before the deadline"
-        await asyncio.sleep(0.05)
 
 
 def _doc(prom: FakePrometheus, stable: str, gray: str, metric: dict[str, Any], **top: Any) -> Any:
@@ -124,10 +112,10 @@ async def test_no_evaluation_until_the_release_served_min_requests(
     gw = await gateway(_doc(prom, stable.url, gray.url, _metric(min_requests=20)))
     await _start_rollout(gw, [{"weight": 20, "pause": "1h"}])
     # Evaluations are due every second but skipped: no query, no result.
-    await _until(lambda: gw.control.analysis_of("svc") is not None, 20)
+    await until(lambda: gw.control.analysis_of("svc") is not None, 20)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    await _until(lambda: loop.time() - t0 >= 3, 10)  # three passes of the runner
+    await until(lambda: loop.time() - t0 >= 3, 10)  # three passes of the runner
     assert prom.queries == [] and _runs(gw).get("result") is None
     async with aiohttp.ClientSession() as s:
         for i in range(25):
@@ -137,7 +125,7 @@ async def test_no_evaluation_until_the_release_served_min_requests(
             ) as r:
                 assert r.status == 200
     gw.handler.flush()
-    await _until(lambda: _runs(gw).get("result") == "success", 20)
+    await until(lambda: _runs(gw).get("result") == "success", 20)
     assert prom.queries and all('release="gray"' in q for q in prom.queries)
 
 
@@ -152,11 +140,11 @@ async def test_a_step_waits_for_a_counted_success(
         url = f"http://127.0.0.1:{gw.port}/"
         async with s.get(url, headers={"X-Release-Stage": "gray"}) as resp:
             assert resp.status == 200
-    await _until(lambda: _runs(gw).get("inconclusive_in_row", 0) >= 3, 20)
+    await until(lambda: _runs(gw).get("inconclusive_in_row", 0) >= 3, 20)
     r = gw.control.rollout_of("svc")
     assert r is not None and r.step == 0 and r.state == "Progressing"  # pause long over
     prom.value = "0.99"
-    await _until(lambda: (gw.control.rollout_of("svc") or r).step == 1, 20)
+    await until(lambda: (gw.control.rollout_of("svc") or r).step == 1, 20)
     r1 = gw.control.rollout_of("svc")
     assert r1 is not None and r1.state == "Progressing"
     assert gw.holder.current.services["svc"].releases["gray"].raw_weight == 30
@@ -183,7 +171,7 @@ async def test_one_replica_evaluates_and_every_replica_shows_it(
             child = gw.metrics.analysis_runs.labels("svc", "gray", "kpi", "success")
             return float(child._value.get())
 
-        await _until(lambda: runs(g1) + runs(g2) >= 5, 30)
+        await until(lambda: runs(g1) + runs(g2) >= 5, 30)
         owner = (g1.control.analysis_of("svc") or {})["lease"]["owner"]
         first, second = (g1, g2) if owner == g1.analysis.owner else (g2, g1)  # type: ignore[union-attr]
         assert runs(second) == 0, "both replicas evaluated"
@@ -194,7 +182,7 @@ async def test_one_replica_evaluates_and_every_replica_shows_it(
         assert view["releases"]["gray"]["metrics"]["kpi"]["result"] == "success"
         # The evaluator goes away: the other takes over once the lease ran out.
         await first.stop(1.0)
-        await _until(lambda: runs(second) >= 1, LEASE_MIN + 30)
+        await until(lambda: runs(second) >= 1, LEASE_MIN + 30)
 
 
 async def test_the_master_evaluates_with_every_workers_requests_counted(
@@ -225,7 +213,7 @@ async def test_the_master_evaluates_with_every_workers_requests_counted(
             async def has_block() -> bool:
                 return bool((await view())["analysis"]["releases"])
 
-            await _until(has_block, 30)
+            await until(has_block, 30)
             assert prom.queries == []  # waiting for traffic
             for i in range(40):  # new connections: spread over both workers
                 async with aiohttp.ClientSession() as one:
@@ -238,7 +226,7 @@ async def test_the_master_evaluates_with_every_workers_requests_counted(
                 run = (await view())["analysis"]["releases"]["gray"]["metrics"]["kpi"]
                 return bool(run["result"] == "success")
 
-            await _until(evaluated, 30)
+            await until(evaluated, 30)
             async with s.get(f"{gp.admin}/metrics") as r:
                 text = await r.text()
             assert 'gateway_analysis_value{metric="kpi",release="gray",service="svc"} 0.99' in text
@@ -289,7 +277,7 @@ async def test_always_analyses_a_release_without_a_rollout(
         assert r is not None and r.state == "CircuitBreak"
     else:  # the failures go on; the alert came once, at the limit
         assert r is None
-        await _until(lambda: _runs(gw).get("failed_in_row", 0) >= 4, 30)
+        await until(lambda: _runs(gw).get("failed_in_row", 0) >= 4, 30)
         assert [a["alert"] for a in got] == [alert]
 
 
@@ -314,12 +302,12 @@ async def test_a_retry_starts_the_failure_count_afresh(
     def rolled_back() -> list[dict[str, Any]]:
         return [a for a in got if a["alert"] == "AnalysisRolledBack"]
 
-    await _until(lambda: len(rolled_back()) == 1, 30)
+    await until(lambda: len(rolled_back()) == 1, 30)
     assert rolled_back()[0]["failed_in_row"] == 2
     async with aiohttp.ClientSession() as s:
         url = f"http://127.0.0.1:{gw.admin_port}/admin/services/svc/rollout/retry"
         async with s.post(url) as r:
             assert r.status == 200
     # Two new failures trip it again; without the reset the first would have.
-    await _until(lambda: len(rolled_back()) == 2, 30)
+    await until(lambda: len(rolled_back()) == 2, 30)
     assert rolled_back()[1]["failed_in_row"] == 2

@@ -145,6 +145,8 @@ def test_mypy_is_a_build_requirement_only_when_compiling(
     requires = json.loads(done.stdout.strip().splitlines()[-1])
     assert (gb.MYPY in requires) is mypy, requires
     assert not any(r.startswith("mypy") and r != gb.MYPY for r in requires)
+    # mypyc types its calls into these only when they are in the build environment
+    assert all((r in requires) is mypy for r in gb.TYPED_RUNTIME), requires
 
 
 def test_editable_with_the_compile_flag_is_refused(tmp_path: Path) -> None:

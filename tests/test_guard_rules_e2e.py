@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -17,6 +16,7 @@ from aiohttp import web
 
 from gateway.app import Gateway
 from tests.conftest import gateway_config, start_app
+from tests.polling import until
 
 QUIET = {"latency_p95_ms": 1e9, "latency_p95_delta_ms": 1e9}  # only the rule under test
 
@@ -76,20 +76,6 @@ async def _traffic(
         await asyncio.gather(*(one(s, i) for i in range(workers)))
 
 
-async def _until(cond: Callable[[], bool | Awaitable[bool]], within: float) -> float:
-    """Poll `cond` until true; the loop time it became true. AssertionError at the deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        got = cond()
-        if not isinstance(got, bool):
-            got = await got
-        if got:
-            return loop.time()
-        assert loop.time() < deadline, "condition not met before the deadline"
-        await asyncio.sleep(0.02)
-
-
 def _gray_weight(gw: Gateway) -> float:
     return gw.holder.current.services["svc"].releases["gray"].raw_weight
 
@@ -133,15 +119,15 @@ async def test_a_burst_shorter_than_for_does_not_trip_a_lasting_breach_does(
         # 10 % errors for 3 s, then none: the breach never lasts 10 s.
         flaky.failing = True
         burst = loop.time()
-        await _until(lambda: loop.time() - burst >= 3, 10)
+        await until(lambda: loop.time() - burst >= 3, 10)
         flaky.failing = False
-        await _until(lambda: loop.time() - burst >= 14, 30)
+        await until(lambda: loop.time() - burst >= 14, 30)
         assert _gray_weight(gw) == 50
         assert gw.metrics.guard_trips.labels("svc", "gray", "error_rate")._value.get() == 0
         # 10 % errors that stay: trips 10-12 s after the breach began.
         flaky.failing = True
         began = loop.time()
-        tripped = await _until(lambda: _gray_weight(gw) == 0, 40)
+        tripped = await until(lambda: _gray_weight(gw) == 0, 40)
         assert 10.0 <= tripped - began <= 12.0, tripped - began
     finally:
         stop.set()
@@ -180,15 +166,15 @@ async def test_min_endpoints_rolls_back_when_endpoints_die(upstreams: Any, gatew
     stop = asyncio.Event()
     load = asyncio.create_task(_traffic(gw, stop))
     try:
-        await _until(lambda: gw.guardian.guard.stats("svc", "gray").requests > 20, 20)
+        await until(lambda: gw.guardian.guard.stats("svc", "gray").requests > 20, 20)
         assert _gray_weight(gw) == 50  # three healthy endpoints: nothing to do
         for g in grays[:2]:
             await g.runner.cleanup()
         stopped = asyncio.get_running_loop().time()
-        tripped = await _until(lambda: _gray_weight(gw) == 0, 20)
+        tripped = await until(lambda: _gray_weight(gw) == 0, 20)
         assert tripped - stopped <= 2 + 2, tripped - stopped  # `for` + 2 s
         await asyncio.wait_for(alerted.wait(), 20)
-        await _until(lambda: len(got) >= 2, 20)
+        await until(lambda: len(got) >= 2, 20)
     finally:
         stop.set()
         await load
@@ -245,13 +231,13 @@ async def test_p99_pause_rule_holds_the_rollout_and_lifts_itself(
 
     try:
         slow.delay = 0.3
-        await _until(lambda: state() == "Paused", 30)
+        await until(lambda: state() == "Paused", 30)
         r = gw.control.rollout_of("svc")
         assert r is not None and r.paused_by == "guard" and "latency_p99_ms" in (r.reason or "")
         assert (r.step, _gray_weight(gw)) == (0, 30)  # held at its step, weights unchanged
         slow.delay = 0.0
         back = asyncio.get_running_loop().time()
-        resumed = await _until(lambda: state() == "Progressing", 30)
+        resumed = await until(lambda: state() == "Progressing", 30)
         assert resumed - back >= 2.0  # latency had to stay back for `for`
     finally:
         stop.set()

@@ -11,7 +11,6 @@ metric's) is met by the replicas' traffic together.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
@@ -27,6 +26,7 @@ from gateway import lease
 from gateway.app import Gateway
 from tests.conftest import gateway_config, run_gateway_process, two_releases
 from tests.consul_double import ConsulDouble
+from tests.polling import until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,19 +51,6 @@ class Receiver:
 
     def at(self, path: str) -> list[dict[str, Any]]:
         return [b for b in self.got if b["path"] == path]
-
-
-async def _until(cond: Callable[[], bool | Awaitable[bool]], within: float) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        got = cond()
-        if not isinstance(got, bool):
-            got = await got
-        if got:
-            return
-        assert loop.time() < deadline, "condition not met before the deadline"
-        await asyncio.sleep(0.05)  # poll interval of the condition, not a synchronisation
 
 
 def _limits(url: str, *hooks: tuple[str, str], **more: Any) -> dict[str, Any]:
@@ -127,9 +114,9 @@ async def test_three_replicas_call_each_hook_once_per_event(upstreams: Any, gate
                 getattr(g.control.rollout_of("svc"), "state", None) == "Promoted" for g in gws
             )
 
-        await _until(promoted_everywhere, 90)
+        await until(promoted_everywhere, 90)
         # The holder records the promotion once its hook calls finished.
-        await _until(
+        await until(
             lambda: lease.driver(_state(gws[0]).extra).announced == ("gray", "Promoted", 2), 30
         )
         # More ticks on every replica change nothing: no hook is called again.
@@ -183,7 +170,7 @@ async def test_min_requests_counts_every_replicas_traffic(upstreams: Any, gatewa
                     _state(g) is not None and lease.driver(_state(g).extra).step for g in gws
                 )
 
-            await _until(step_seen, 30)
+            await until(step_seen, 30)
             step = lease.driver(_state(gws[0]).extra).step
             assert step is not None
             owners = {g.driver.owner for g in gws}
@@ -192,7 +179,7 @@ async def test_min_requests_counts_every_replicas_traffic(upstreams: Any, gatewa
                 d = lease.driver(_state(gws[0]).extra)
                 return {w for w, (s_, _) in d.served.items() if s_ == step} == owners
 
-            await _until(counting, 30)
+            await until(counting, 30)
 
             async def to_gray(g: Gateway, n: int) -> None:
                 for _ in range(n):
@@ -208,9 +195,9 @@ async def test_min_requests_counts_every_replicas_traffic(upstreams: Any, gatewa
             # 12 + 12: every replica published what it served, and the step still waits.
             await to_gray(gws[0], 12)
             await to_gray(gws[1], 12)
-            await _until(lambda: published() == 24, 30)
+            await until(lambda: published() == 24, 30)
             r0 = gws[0].control.rollout_of("svc")
-            await _until(
+            await until(
                 lambda: (gws[0].control.rollout_of("svc") or r0).reason == "waiting for traffic",
                 30,
             )
@@ -226,7 +213,7 @@ async def test_min_requests_counts_every_replicas_traffic(upstreams: Any, gatewa
             }
             # The third replica's 12 make 36 >= 30: no replica served 30 on its own.
             await to_gray(gws[2], 12)
-            await _until(lambda: (gws[1].control.rollout_of("svc") or r0).step == 1, 30)
+            await until(lambda: (gws[1].control.rollout_of("svc") or r0).step == 1, 30)
 
 
 def _stored(path: Path) -> dict[str, Any]:
@@ -273,7 +260,7 @@ async def test_a_killed_holder_is_replaced_and_the_rollout_carries_on(
                 why = str(ro.get("reason"))  # then "waiting:approve (HTTP 403)"
                 return ro.get("state") == "Paused" and why.startswith("waiting:approve")
 
-            await _until(held, 60)
+            await until(held, 60)
             records: list[dict[str, Any]] = []
 
             def audited(state: str, step: int, via: Any) -> Callable[[], Awaitable[bool]]:
@@ -289,7 +276,7 @@ async def test_a_killed_holder_is_replaced_and_the_rollout_carries_on(
 
                 return check
 
-            await _until(audited("Paused", 0, procs[0]), 30)  # recorded before the crash
+            await until(audited("Paused", 0, procs[0]), 30)  # recorded before the crash
             owner = lease.read(_stored(state)).owner  # type: ignore[union-attr]
             pid = int(owner.split(":")[1])
             victim = next(p for p in procs if p.proc.pid == pid)
@@ -302,11 +289,11 @@ async def test_a_killed_holder_is_replaced_and_the_rollout_carries_on(
                 got = lease.read(_stored(state))
                 return got is not None and got.owner != owner
 
-            await _until(taken_over, TTL + 30)
+            await until(taken_over, TTL + 30)
             took = time.monotonic() - killed_at
-            await _until(lambda: _stored(state).get("rollout", {}).get("state") == "Promoted", 60)
+            await until(lambda: _stored(state).get("rollout", {}).get("state") == "Promoted", 60)
             survivor = next(p for p in procs if p is not victim)
-            await _until(audited("Promoted", 2, survivor), 30)
+            await until(audited("Promoted", 2, survivor), 30)
     assert took < TTL + 30  # within the lease's expiry (and generous CI slack)
     steps = [
         (r["after"]["rollout"]["state"], r["after"]["rollout"]["step"])
@@ -353,9 +340,9 @@ async def test_a_clean_stop_hands_the_lease_to_another_replica(
             got = lease.read(_state(g).extra) if _state(g) is not None else None
             return got.owner if got is not None else None
 
-        await _until(lambda: owner(g2) == g1.driver.owner, 30)
+        await until(lambda: owner(g2) == g1.driver.owner, 30)
         await g1.stop(1.0)
-        await _until(lambda: owner(g2) == g2.driver.owner, 30)
+        await until(lambda: owner(g2) == g2.driver.owner, 30)
         got = lease.read(_state(g2).extra)
         assert got is not None and got.until > time.time()  # g2 holds it now
 
@@ -404,7 +391,7 @@ async def test_analysis_waits_for_the_fleets_traffic(upstreams: Any, gateway: An
                 d = lease.driver(_state(gws[0]).extra)
                 return {w for w, (s_, _) in d.served.items() if s_ == step} == owners
 
-            await _until(counting, 30)
+            await until(counting, 30)
             assert queries == []  # waiting for traffic: no evaluation yet
             for g in gws:  # 12 + 12: neither replica alone reaches 20
                 for _ in range(12):
@@ -412,11 +399,11 @@ async def test_analysis_waits_for_the_fleets_traffic(upstreams: Any, gateway: An
                         f"http://127.0.0.1:{g.port}/", headers={"X-Release-Stage": "gray"}
                     ) as r:
                         assert r.headers["X-Release-Stage"] == "gray"
-            await _until(lambda: bool(queries), 30)
+            await until(lambda: bool(queries), 30)
 
             def result() -> Any:
                 block = gws[1].control.analysis_of("svc") or {}
                 return block.get("releases", {}).get("gray", {}).get("metrics", {}).get("kpi", {})
 
-            await _until(lambda: result().get("result") == "success", 30)
+            await until(lambda: result().get("result") == "success", 30)
     assert all('release="gray"' in q for q in queries)
