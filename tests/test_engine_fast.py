@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import hashlib
 import json
 import re
@@ -378,12 +379,76 @@ async def test_an_idle_connection_drops_its_parser_and_parses_on(env: Env) -> No
         await asyncio.sleep(0.05)
     # The partial one armed no later than the clean one: its check has run too.
     assert conns[True].parser is not None
+    # Nor a request queue: the idle one's is the shared empty list, not a list of its own.
+    assert conns[False]._queue == [] and conns[False]._queue is not conns[True]._queue
     await partial.send(b"T /a HTTP/1.1\r\nHost: x\r\n\r\n")
     await clean.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
     for c in (partial, clean):
         r = await c.response()
         assert (r.status, r.body) == (200, b"local:/a")
         await c.close()
+
+
+async def test_idle_connections_share_no_queue_across_pipelining(env: Env) -> None:
+    """Idle connections share one empty request queue; pipelining on one never fills it."""
+    handler = ProxyHandler(1, local=[b"/a", b"/b"])
+    eng, port = await env.engine(handler)
+    idle = [await env.connect(port) for _ in range(2)]
+    for c in idle:
+        await c.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await c.response()).status == 200
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 30.0
+    while any(c.parser is not None for c in eng._clients):  # PARSER_IDLE_SECONDS
+        assert loop.time() < end, "an idle connection kept its parser"
+        await asyncio.sleep(0.05)
+    a, b = eng._clients
+    assert a._queue is b._queue and a._queue == []
+    shared = a._queue
+    # Pipelined (and a refusal queued behind them) on the first connection.
+    await idle[0].send(
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+    )
+    assert [(await idle[0].response()).status for _ in range(3)] == [200, 200, 400]
+    assert shared == [] and b._queue is shared
+    await idle[1].send(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    r = await idle[1].response()
+    assert (r.status, r.body) == (200, b"local:/b")
+
+
+async def test_a_closed_connection_is_freed_without_the_cycle_collector(env: Env) -> None:
+    """A closed client connection leaves no reference cycle (its parser holds its methods).
+
+    Why it matters: a connection that lived long reached the collector's oldest
+    generation, and with 1,000 connections coming and going the full collections
+    that freed them walked the whole heap several times a second.
+    """
+    handler = ProxyHandler(1, local=[b"/a"])
+    eng, port = await env.engine(handler)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds unreachable stays in gc.garbage
+    try:
+        c = await env.connect(port)
+        await c.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await c.response()).status == 200
+        (conn,) = eng._clients
+        assert conn.parser is not None  # the connection's parser is still there when it closes
+        del conn
+        await c.close()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 30.0
+        while eng._clients:
+            assert loop.time() < end, "the engine kept the closed connection"
+            await asyncio.sleep(0.02)
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage]
+        assert "ClientConn" not in left and "HttpRequestParser" not in left, left
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
 
 
 # -- refusals ---------------------------------------------------------------

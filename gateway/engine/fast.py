@@ -92,9 +92,9 @@ class FastEngine:
         return self._ctx.in_flight if self._ctx is not None else 0
 
     @property
-    def _clients(self) -> set[ClientConn]:
+    def _clients(self) -> dict[ClientConn, None]:
         """The open client connections (for tests and the drain)."""
-        return self._ctx.clients if self._ctx is not None else set()
+        return self._ctx.clients if self._ctx is not None else {}
 
     async def serve(self, sock: socket.socket) -> None:
         """Start serving on a bound, listening socket; return once accepting.

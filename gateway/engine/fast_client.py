@@ -85,6 +85,10 @@ PARSER_IDLE_SECONDS: Final = 1.0
 # What `ClientConn._headers` is between two heads: shared, never appended to
 # (on_header appends only in S_HEAD, and `_begin` makes a fresh list first).
 _NO_HEADERS: Final[list[tuple[bytes, bytes]]] = []
+# What `ClientConn._queue` is while the connection has no parser: shared, never
+# appended to (a request is queued only by a parser's callback, and the queue is
+# made with the parser; `_fail_input` makes its own). An idle connection holds none.
+_NO_QUEUE: Final[list[Exchange]] = []
 
 
 class ClientContext:
@@ -144,7 +148,8 @@ class ClientContext:
         # a body's window arms its own deadline (ClientConn.on_headers_complete).
         self.recheck = min(keepalive_timeout, header_timeout)
         self.closing = False  # shutdown: no keep-alive from now on
-        self.clients: set[ClientConn] = set()
+        # Open connections; a dict used as a set: ~half a set's table per entry.
+        self.clients: dict[ClientConn, None] = {}
         self.in_flight = 0  # exchanges read and not yet finished
         self.drained: asyncio.Event | None = None  # set when in_flight reaches 0 (shutdown)
         self.gone: asyncio.Event | None = None  # set when the last connection is lost
@@ -176,8 +181,6 @@ class ClientConn(Armed):
     __slots__ = (
         "ctx",
         "loop",
-        "handler",
-        "pool",
         "parser",
         "transport",
         "client_ip",
@@ -216,24 +219,21 @@ class ClientConn(Armed):
 
     def __init__(self, ctx: ClientContext) -> None:
         super().__init__(ctx.pool.wheel)
-        self.ctx = ctx
+        # Pointers and integers are assigned first and the one-byte flags last: a
+        # compiled ClientConn lays its fields out in this order, so the flags share a
+        # word instead of padding one each (benchmarks/README.md "Idle connections").
+        self.ctx = ctx  # the pool and the handler are read from here (fewer fields)
         self.loop = ctx.loop
-        self.pool = ctx.pool
-        self.handler = ctx.handler
         # Made at the first byte and dropped after PARSER_IDLE_SECONDS idle: an idle
         # keep-alive connection holds no llhttp parser (~0.85 KiB with its bound methods).
         self.parser: HttpRequestParser | None = None
-        self._begun = False  # llhttp may hold bytes of a next message (see data_received)
         self.client_ip = ""
         self.state = C_OPEN
         self.waiting_for = S_WAIT
-        self.close_soon = ctx.closing  # no keep-alive: shutdown, upgrade or client EOF
         self.pause = 0  # P_* bits (engine/fast_wire.py): why reading is paused; 0: reading
-        self.wpaused = False  # the transport's write buffer is above its high-water mark
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = _NO_HEADERS  # a fresh list per head (_begin)
         self._counted = 0  # header bytes counted field by field (when `_counting`)
-        self._counting = False  # count header bytes exactly (the head may exceed the limit)
         self._max_head = ctx.max_header_bytes
         self._max_target = ctx.max_target_bytes
         # The framing fields of the head being read, as sent (request_framing checks them).
@@ -248,13 +248,16 @@ class ClientConn(Armed):
         self._parsing: Exchange | None = None
         self._last_ex: Exchange | None = None
         self._active: Exchange | None = None
-        # Requests parsed and not started, in order. A list, not a deque: it holds
-        # one or two entries (pipelining is rare) and an empty list is ~10x smaller
-        # than an empty deque on every idle keep-alive connection.
-        self._queue: list[Exchange] = []
+        # Requests parsed and not started, in order: a list made with the parser and
+        # dropped with it (pipelining is rare: one or two entries), `_NO_QUEUE` between.
+        self._queue: list[Exchange] = _NO_QUEUE
+        self._tunnel: Upstream | None = None  # the upstream of an upgraded connection
+        self.close_soon = ctx.closing  # no keep-alive: shutdown, upgrade or client EOF
+        self.wpaused = False  # the transport's write buffer is above its high-water mark
+        self._counting = False  # count header bytes exactly (the head may exceed the limit)
+        self._begun = False  # llhttp may hold bytes of a next message (see data_received)
         self._running = False
         self._peer_eof = False  # the client half-closed
-        self._tunnel: Upstream | None = None  # the upstream of an upgraded connection
         self._tunnel_eof_client = False
         self._tunnel_eof_upstream = False
 
@@ -278,22 +281,26 @@ class ClientConn(Armed):
         if isinstance(peer, tuple) and peer:
             # Interned: a thousand connections from one address share one string.
             self.client_ip = sys.intern(str(peer[0]))
-        self.ctx.clients.add(self)
+        self.ctx.clients[self] = None
         self._period_start = self.loop.time()
         self.arm(self._period_start + self.ctx.recheck)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = C_CLOSED
         self.disarm()
+        # The parser holds bound methods of this connection: a cycle that, once the
+        # connection had lived long enough to reach the oldest generation, only a full
+        # collection would free. Dropped here, a closed connection is freed at once.
+        self.parser = None
         ctx = self.ctx
-        ctx.clients.discard(self)
+        ctx.clients.pop(self, None)
         tun = self._tunnel
         self._tunnel = None
-        pending = list(self._queue)
-        self._queue.clear()
+        pending = self._queue
+        self._queue = _NO_QUEUE
         active = self._active
         if active is not None:
-            pending.insert(0, active)
+            pending = [active, *pending]  # (never into the shared _NO_QUEUE)
         for ex in pending:
             if ex.state == X_FINISHED:
                 continue
@@ -358,6 +365,7 @@ class ClientConn(Armed):
             p = self.parser
             if p is None:
                 p = self.parser = HttpRequestParser(self)
+                self._queue = []  # (an idle connection holds neither)
             p.feed_data(data)
             # Bytes after a complete message that start no request line yet (a method's
             # first letters) raise no callback: a chunk ending in LF left none behind.
@@ -550,7 +558,7 @@ class ClientConn(Armed):
             return
         assert ex.head is not None
         try:
-            r = self.handler.handle(ex.head)
+            r = self.ctx.handler.handle(ex.head)
         except Exception:
             log.exception("fast engine: handler.handle failed")
             r = error_json(500, "internal error")
@@ -564,11 +572,11 @@ class ClientConn(Armed):
             ex.deadline = self.loop.time() + r.total_timeout
         try:
             if ex.upgrade is None:
-                up = self.pool.acquire(r.host, r.port, r.tls)
+                up = self.ctx.pool.acquire(r.host, r.port, r.tls)
                 if up is not None:
                     up.attach(ex, True)
                     return
-            self.pool.connect(ex)
+            self.ctx.pool.connect(ex)
         except Exception:  # a malformed Forward must still get an answer
             log.exception("fast engine: forwarding failed")
             if ex.up is not None:
@@ -620,7 +628,7 @@ class ClientConn(Armed):
             return
         status = upstream_status(kind)
         try:
-            r = self.handler.error_body(status, kind, fwd)
+            r = self.ctx.handler.error_body(status, kind, fwd)
         except Exception:
             log.exception("fast engine: handler.error_body failed")
             r = error_json(status, kind)
@@ -687,6 +695,8 @@ class ClientConn(Armed):
         err.close_after = True
         err.req_done = True
         err.keep = False
+        if self._queue is _NO_QUEUE:
+            self._queue = []
         self._queue.append(err)
         self.ctx.in_flight += 1
         self._run_queue()
@@ -836,6 +846,7 @@ class ClientConn(Armed):
                 drop = self._period_start + PARSER_IDLE_SECONDS
                 if now >= drop:
                     self.parser = None  # between two messages: the next byte makes a new one
+                    self._queue = _NO_QUEUE  # empty (idle): made again with the parser
                 elif drop < deadline:
                     deadline = drop
         elif st == S_BODY:
