@@ -105,16 +105,30 @@ async def _serve(cfg: Any, *, admin: bool, data: bool = True, adjust: Adjust | N
         from gateway.version import build_description
 
         log.info("serving: engine %s, %s", cfg.engine, build_description())
-    # What start-up made lives as long as the process: frozen, the cycle collector's
-    # full collections no longer walk it (Python docs, gc.freeze). At 1,000 client
-    # connections they ran several times a second, ~45 ms each (benchmarks/README.md
-    # "Idle connections").
-    gc.collect()
-    gc.freeze()
+    _settle_heap()
     await stop.wait()
     log.info("draining (up to %.1fs)", cfg.drain_timeout)
     await gw.stop()
     return 0
+
+
+# Tracked allocations (net of frees) between two young collections; CPython's default is 700.
+# Requests in flight are young objects that survive: with 1,000 client connections the
+# default collected (and promoted) them ~140 times a second (benchmarks/README.md "Idle
+# connections"). The request path makes no cycles, so waiting longer costs no memory.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def _settle_heap() -> None:
+    """Serving starts: freeze what start-up made and collect the young generation less often.
+
+    Why: the configuration, modules and metrics live as long as the process; frozen,
+    the cycle collector's full collections no longer walk them (Python docs, gc.freeze).
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
