@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -556,6 +557,24 @@ def test_the_gateway_interpreter_must_have_the_gateway_installed(tmp_path: Path)
 def test_group_cpu_reads_this_process() -> None:
     assert procs.group_cpu(os.getpgid(0)).total > 0
     assert procs.group_rss_kib(os.getpgid(0)) > 0
+
+
+def test_idle_memory_probe_counts_each_connection_it_holds() -> None:
+    """benchmarks/idlemem.py: a real engine, real idle connections, one ClientConn each."""
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "idlemem.py"), "--count", "40", "--settle", "0"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "connections held: 40, engine clients: 40" in done.stdout
+    assert re.search(r"B/conn held now, \d+ at the peak", done.stdout), done.stdout
+    conn = re.search(r"fast_client\.ClientConn +1\.00 +(\d+)", done.stdout)
+    assert conn is not None and int(conn.group(1)) > 0, done.stdout
 
 
 def test_policy_microbenchmark_runs_the_real_handler() -> None:
