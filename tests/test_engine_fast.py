@@ -53,6 +53,7 @@ from gateway.engine.fast_wire import (
     request_framing,
 )
 from tests.engine_helpers import MARK, Env, ProxyHandler, Script, read_request
+from tests.polling import until
 
 
 @pytest.fixture
@@ -397,11 +398,7 @@ async def test_idle_connections_share_no_queue_across_pipelining(env: Env) -> No
     for c in idle:
         await c.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await c.response()).status == 200
-    loop = asyncio.get_running_loop()
-    end = loop.time() + 30.0
-    while any(c.parser is not None for c in eng._clients):  # PARSER_IDLE_SECONDS
-        assert loop.time() < end, "an idle connection kept its parser"
-        await asyncio.sleep(0.05)
+    await until(lambda: all(c.parser is None for c in eng._clients), 30.0)  # PARSER_IDLE_SECONDS
     a, b = eng._clients
     assert a._queue is b._queue and a._queue == []
     shared = a._queue
@@ -437,11 +434,7 @@ async def test_a_closed_connection_is_freed_without_the_cycle_collector(env: Env
         assert conn.parser is not None  # the connection's parser is still there when it closes
         del conn
         await c.close()
-        loop = asyncio.get_running_loop()
-        end = loop.time() + 30.0
-        while eng._clients:
-            assert loop.time() < end, "the engine kept the closed connection"
-            await asyncio.sleep(0.02)
+        await until(lambda: not eng._clients, 30.0)
         gc.collect()
         left = [type(o).__name__ for o in gc.garbage]
         assert "ClientConn" not in left and "HttpRequestParser" not in left, left
