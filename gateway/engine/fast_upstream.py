@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from typing import TYPE_CHECKING, Final, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -72,28 +71,31 @@ Key = tuple[str, int]
 # as nginx answers "upstream sent too big header" (its proxy_buffer_size).
 MAX_RESPONSE_HEAD: Final = 65536
 
-# The response fields the relay looks at, found in one pass over the raw head: a
-# field line is CRLF, a token and a colon (llhttp has refused anything else, RFC
-# 9112 §5). `lastindex` tells which: 1 Content-Length (kept, noted for framing),
-# 2 Connection naming no field, 3 Connection naming fields, 4 Transfer-Encoding,
-# 5 Upgrade, 6 another hop-by-hop field (RFC 9110 §7.6.1); 2-6 are not relayed.
-F_LENGTH: Final = 1
-F_CONN_PLAIN: Final = 2
-F_CONN: Final = 3
-F_TE: Final = 4
-F_UPGRADE: Final = 5
-_OTHER_HOP: Final = sorted(HOP_BY_HOP - {H_CONNECTION, H_TRANSFER_ENCODING, H_UPGRADE})
-RESPONSE_FIELDS: Final = re.compile(
-    rb"\r\n(?:content-length:()"
-    rb"|connection:[ \t]*(?:close|keep-alive)[ \t]*(?=\r)()"
-    rb"|connection:[ \t]*([^\r]*)"
-    rb"|transfer-encoding:[ \t]*([^\r]*)"
-    rb"|upgrade:[ \t]*([^\r]*)"
-    rb"|(?:" + b"|".join(re.escape(n) for n in _OTHER_HOP) + rb"):[^\r]*())",
-    re.IGNORECASE,
-)
+# ASCII upper case to lower case, for `bytes.translate` (field names are
+# case-insensitive, RFC 9110 §5.1).
+LOWER: Final = bytes(range(65)) + bytes(range(97, 123)) + bytes(range(91, 256))
+
+
+def _by_first_byte(names: list[bytes]) -> tuple[tuple[tuple[int, bytes, bytes], ...], ...]:
+    """Per lower-cased first byte: (length, lower-cased name, usual spelling) of each name."""
+    table: list[list[tuple[int, bytes, bytes]]] = [[] for _ in range(256)]
+    for name in names:
+        usual = (
+            name.upper() if len(name) == 2 else b"-".join(w.capitalize() for w in name.split(b"-"))
+        )
+        table[name[0]].append((len(name), name, usual))
+    return tuple(tuple(t) for t in table)
+
+
+# The response fields the relay looks at: Content-Length (kept, noted for framing)
+# and the hop-by-hop ones (RFC 9110 §7.6.1, not relayed). A field line is a token,
+# a colon and the value (llhttp refused anything else, RFC 9112 §5.1), so a name is
+# found from the line's first byte and a colon right after it: no pass per name.
+NOTED: Final = _by_first_byte(sorted(HOP_BY_HOP | {H_CONTENT_LENGTH}))
 HEAD_END: Final = b"\r\n\r\n"
 HTTP11_SP: Final = b"HTTP/1.1 "
+KEEP_ALIVE: Final = b"keep-alive"
+CLOSE: Final = b"close"
 EMPTY: Final = b""
 
 
@@ -330,41 +332,65 @@ class Upstream(Armed):
         pos = self.head_pos
         while buf[pos] == 13 or buf[pos] == 10:
             pos += 1  # empty lines before a message are skipped (RFC 9112 §2.2), as llhttp does
-        end = buf.find(HEAD_END, pos) + 2
+        end = (buf.find(HEAD_END, pos) if pos else buf.find(HEAD_END)) + 2
         if end < 2:
             raise Reject(502, "response head not found")  # llhttp accepted only CRLF lines
         if end - pos > MAX_RESPONSE_HEAD:
             raise Reject(502, "response head too large")
         self.head_pos = end + 2  # a final head may follow a 1xx in the same read
-        if buf.startswith(HTTP11_SP, pos) and buf[pos + 12] == 32:
+        lines = buf[pos:end].split(CRLF)  # the status line, the field lines, b""
+        first = lines[0]
+        off = pos + len(first) + 2  # where the field line looked at starts in `buf`
+        if first.startswith(HTTP11_SP) and len(first) > 12 and first[12] == 32:
             parts: list[bytes] = []
-            last = pos
+            last = pos  # where the run of lines relayed as sent starts
         else:
-            parts = [status_line(status)[:-2]]
-            last = buf.find(CRLF, pos)
-        for m in RESPONSE_FIELDS.finditer(buf, last, end):
-            k = m.lastindex
-            if k == F_LENGTH:
-                self.has_length = True  # kept: the relay frames the body as received
-                continue
-            start = m.start()
-            if start > last:
-                parts.append(buf[last:start])
-            last = m.end()
-            if k == F_CONN:
-                toks = connection_tokens(m.group(k))
-                if toks:
-                    self.conn_tokens = toks if self.conn_tokens is None else self.conn_tokens | toks
-            elif k == F_TE:
-                chunked = m.group(k).lower().rstrip().endswith(b"chunked")
-                self.te_kind = TE_IS_CHUNKED if chunked else TE_OTHER
-            elif k == F_UPGRADE:
-                self.upgrade = m.group(k)
-        parts.append(buf[last:end])
+            parts = [status_line(status)]
+            last = off
+        for k in range(1, len(lines) - 1):
+            line = lines[k]
+            n = len(line)
+            for size, name, usual in NOTED[line[0] | 32]:
+                if n > size and line[size] == 58:  # b":"
+                    got = line[:size]
+                    if got == usual or got == name or got.translate(LOWER) == name:
+                        if name == H_CONTENT_LENGTH:
+                            self.has_length = True  # kept: the relay frames the body as received
+                        else:
+                            if off > last:
+                                parts.append(buf[last:off])
+                            last = off + n + 2
+                            self._hop_by_hop(name, line, size + 1)
+                        break
+            off += n + 2
+        if end > last:
+            parts.append(buf[last:end])
         if self.conn_tokens is not None:
             parts = [strip_named_fields(b"".join(parts), self.conn_tokens)]
             self.conn_tokens = None
         return parts
+
+    def _hop_by_hop(self, name: bytes, line: bytes, start: int) -> None:
+        """A hop-by-hop response field (RFC 9110 §7.6.1): noted, not relayed."""
+        n = len(line)
+        while start < n and (line[start] == 32 or line[start] == 9):
+            start += 1  # OWS before the value (RFC 9110 §5.5)
+        value = line[start:]
+        if name == H_CONNECTION:
+            if value == KEEP_ALIVE or value == CLOSE:
+                return  # options that name no field
+            if len(value) == 10 or len(value) == 5:
+                lvalue = value.translate(LOWER)
+                if lvalue == KEEP_ALIVE or lvalue == CLOSE:
+                    return
+            toks = connection_tokens(value)
+            if toks:
+                self.conn_tokens = toks if self.conn_tokens is None else self.conn_tokens | toks
+        elif name == H_UPGRADE:
+            self.upgrade = value
+        elif name == H_TRANSFER_ENCODING:
+            chunked = value.translate(LOWER).rstrip().endswith(b"chunked")
+            self.te_kind = TE_IS_CHUNKED if chunked else TE_OTHER
 
     def on_headers_complete(self) -> None:
         ex = self.ex
