@@ -92,6 +92,7 @@ def _by_first_byte(names: list[bytes]) -> tuple[tuple[tuple[int, bytes, bytes], 
 # a colon and the value (llhttp refused anything else, RFC 9112 §5.1), so a name is
 # found from the line's first byte and a colon right after it: no pass per name.
 NOTED: Final = _by_first_byte(sorted(HOP_BY_HOP | {H_CONTENT_LENGTH}))
+NOTED_FIRST: Final = bytes(1 if NOTED[b | 32] else 0 for b in range(256))  # a cheap pre-test
 HEAD_END: Final = b"\r\n\r\n"
 HTTP11_SP: Final = b"HTTP/1.1 "
 KEEP_ALIVE: Final = b"keep-alive"
@@ -256,7 +257,6 @@ class Upstream(Armed):
             ex.client.transport_write(data)
             return
         self.answered = True
-        self.last_active = self.loop.time()
         out = self.out
         in_head = ex.state == X_WAITING  # the (final) head is not relayed yet
         if in_head:
@@ -287,8 +287,11 @@ class Upstream(Armed):
             # One write per read: head and body of a small response leave together.
             ex.client.transport_write(b"".join(out))
             out.clear()
-        if self.state == U_DONE and self.ex is ex:
-            self._complete()
+        if self.state == U_DONE:
+            if self.ex is ex:
+                self._complete()
+        else:
+            self.last_active = self.loop.time()  # progress: the read timeout runs from here
 
     # -- httptools callbacks ----------------------------------------------
 
@@ -350,6 +353,9 @@ class Upstream(Armed):
         for k in range(1, len(lines) - 1):
             line = lines[k]
             n = len(line)
+            if not NOTED_FIRST[line[0]]:
+                off += n + 2
+                continue
             for size, name, usual in NOTED[line[0] | 32]:
                 if n > size and line[size] == 58:  # b":"
                     got = line[:size]
