@@ -259,3 +259,29 @@ async def test_a_response_head_over_the_limit_is_502(env: Env, upstream: bytes) 
     r = await c.response()
     assert (r.status, json.loads(r.body)) == (502, {"error": "protocol"})
     assert await handler.wait_done(1) == [(502, "protocol")]
+
+
+async def test_a_shorter_head_whose_body_looks_like_the_last_heads_end(env: Env) -> None:
+    """The last head's length is only a guess: here the second head is shorter and its
+    body has CRLF CRLF exactly where the first head ended."""
+    first = b"HTTP/1.1 200 OK\r\nX-Long-Field: abcdefghijklmnop\r\nContent-Length: 2\r\n\r\n"
+    short = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+    filler = len(first) - len(short % 10) - 4  # the body's CRLF CRLF ends where `first` did
+    body = b"x" * filler + b"\r\n\r\n" + b"Connection: close\r\n"
+    second = short % len(body)
+    assert len(second) + filler + 4 == len(first)
+    responses = [first + b"ok", second + body]
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        for response in responses:
+            await read_one(r)
+            w.write(response)
+            await w.drain()
+        await r.read()
+
+    up, handler, c, _ = await relay(env, script)
+    await c.send(GET)
+    assert await exact(c) == first[:-2] + OURS + b"\r\nok"
+    await c.send(GET)
+    assert await exact(c) == second[:-2] + OURS + b"\r\n" + body
+    assert up.connections == 1

@@ -125,6 +125,7 @@ class Upstream(Armed):
         "head_buf",
         "head_pos",
         "head_acc",
+        "head_size",
         "has_length",
         "te_kind",
         "eof_body",
@@ -162,6 +163,7 @@ class Upstream(Armed):
         self.head_buf = EMPTY
         self.head_pos = 0
         self.head_acc: bytearray | None = None
+        self.head_size = 0  # the length of the last head read, CRLF CRLF included
         self.has_length = False  # the response has a Content-Length
         self.te_kind = TE_NONE
         self.eof_body = False  # the response body ends at close
@@ -335,13 +337,8 @@ class Upstream(Armed):
         pos = self.head_pos
         while buf[pos] == 13 or buf[pos] == 10:
             pos += 1  # empty lines before a message are skipped (RFC 9112 §2.2), as llhttp does
-        end = (buf.find(HEAD_END, pos) if pos else buf.find(HEAD_END)) + 2
-        if end < 2:
-            raise Reject(502, "response head not found")  # llhttp accepted only CRLF lines
-        if end - pos > MAX_RESPONSE_HEAD:
-            raise Reject(502, "response head too large")
-        self.head_pos = end + 2  # a final head may follow a 1xx in the same read
-        lines = buf[pos:end].split(CRLF)  # the status line, the field lines, b""
+        lines = self._head_lines(buf, pos)  # the status line, the field lines, b""
+        end = self.head_pos - 2
         first = lines[0]
         off = pos + len(first) + 2  # where the field line looked at starts in `buf`
         if first.startswith(HTTP11_SP) and len(first) > 12 and first[12] == 32:
@@ -375,6 +372,32 @@ class Upstream(Armed):
             parts = [strip_named_fields(b"".join(parts), self.conn_tokens)]
             self.conn_tokens = None
         return parts
+
+    def _head_lines(self, buf: bytes, pos: int) -> list[bytes]:
+        """The lines of the head at `pos` (its CRLF CRLF ends it: RFC 9112 §2.1); sets `head_pos`.
+
+        Why a guess first: an upstream's heads are mostly the same length (a
+        date field has a fixed width), so the last length is tried before a
+        search; the guess holds if no empty line comes before its end.
+        """
+        size = self.head_size
+        if size and buf[pos + size - 4 : pos + size] == HEAD_END:
+            end = pos + size - 2
+            lines = buf[pos:end].split(CRLF)
+            for k in range(1, len(lines) - 1):
+                if not lines[k]:
+                    break  # the head ends earlier
+            else:
+                self.head_pos = end + 2
+                return lines
+        end = (buf.find(HEAD_END, pos) if pos else buf.find(HEAD_END)) + 2
+        if end < 2:
+            raise Reject(502, "response head not found")  # llhttp accepted only CRLF lines
+        if end - pos > MAX_RESPONSE_HEAD:
+            raise Reject(502, "response head too large")
+        self.head_size = end + 2 - pos
+        self.head_pos = end + 2  # a final head may follow a 1xx in the same read
+        return buf[pos:end].split(CRLF)
 
     def _hop_by_hop(self, name: bytes, line: bytes, start: int) -> None:
         """A hop-by-hop response field (RFC 9110 §7.6.1): noted, not relayed."""
