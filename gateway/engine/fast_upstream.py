@@ -385,7 +385,7 @@ class Upstream(Armed):
             end = pos + size - 2
             lines = buf[pos:end].split(CRLF)
             for k in range(1, len(lines) - 1):
-                if not lines[k]:
+                if len(lines[k]) == 0:
                     break  # the head ends earlier
             else:
                 self.head_pos = end + 2
