@@ -103,10 +103,11 @@ EMPTY: Final = b""
 class Upstream(Armed):
     """One keep-alive connection to an upstream endpoint (a protocol by duck typing, as ClientConn).
 
-    Why it relays the response itself: the head is rebuilt once without
-    hop-by-hop fields (RFC 9110 §7.6.1) and the body re-framed for the client
-    (RFC 9112 §6-7) straight from llhttp callbacks; the connection goes back to
-    the pool only after a complete keep-alive response (RFC 9112 §9.3).
+    Why it relays the response itself: the head llhttp validated is relayed from
+    the bytes read, its field lines as sent less the hop-by-hop ones (RFC 9110
+    §7.6.1; no Python call per field), and the body re-framed for the client
+    (RFC 9112 §6-7) from llhttp's callbacks; the connection goes back to the
+    pool only after a complete keep-alive response (RFC 9112 §9.3).
 
     State: `state` is the lifecycle (U_CONNECTING ... U_CLOSED); the fields
     below it describe the response being read while U_BUSY.
