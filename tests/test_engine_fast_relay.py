@@ -159,6 +159,22 @@ async def _read_by_gateway(up_fd: int, gw_fd: int, limit: float = 30.0) -> None:
         await asyncio.sleep(0)
 
 
+def _gateway_fd(engines: list[FastEngine]) -> int:
+    """The socket of the engine's one upstream connection (the test's upstream is its peer)."""
+    pool = engines[0]._pool
+    assert pool is not None
+    (gw,) = pool.conns
+    assert gw.transport is not None
+    return int(gw.transport.get_extra_info("socket").fileno())
+
+
+async def _one_read(w: asyncio.StreamWriter, data: bytes, gw_fd: int) -> None:
+    """Write `data` and wait until the gateway has read it: one read on its side."""
+    w.write(data)
+    await w.drain()
+    await _read_by_gateway(w.get_extra_info("socket").fileno(), gw_fd)
+
+
 INTERIM = b"HTTP/1.1 100 Continue\r\nX-Interim: 1\r\nConnection: keep-alive\r\n\r\n"
 SPLIT_RESPONSE = INTERIM + (
     b"HTTP/1.1 200 OK\r\nServer: up\r\nX-Hop: gone\r\nConnection: X-Hop, keep-alive\r\n"
@@ -180,16 +196,9 @@ async def test_a_response_read_one_byte_at_a_time_is_relayed_as_from_one_read(en
         w.write(SPLIT_RESPONSE)  # the whole response in one write
         await w.drain()
         await read_one(r)
-        pool = engines[0]._pool
-        assert pool is not None
-        (gw,) = pool.conns
-        assert gw.transport is not None
-        gw_fd = gw.transport.get_extra_info("socket").fileno()
-        up_fd = w.get_extra_info("socket").fileno()
+        gw_fd = _gateway_fd(engines)
         for i in range(len(SPLIT_RESPONSE)):  # then one byte per read of the gateway
-            w.write(SPLIT_RESPONSE[i : i + 1])
-            await w.drain()
-            await _read_by_gateway(up_fd, gw_fd)
+            await _one_read(w, SPLIT_RESPONSE[i : i + 1], gw_fd)
         await r.read()
 
     up, handler, c, eng = await relay(env, script)
@@ -207,17 +216,9 @@ async def test_a_head_split_at_every_byte_is_relayed_whole(env: Env) -> None:
     engines: list[FastEngine] = []
 
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-        up_fd = w.get_extra_info("socket").fileno()
         for k in range(1, len(SPLIT_RESPONSE)):
             await read_one(r)
-            pool = engines[0]._pool
-            assert pool is not None
-            (gw,) = pool.conns
-            assert gw.transport is not None
-            gw_fd = gw.transport.get_extra_info("socket").fileno()
-            w.write(SPLIT_RESPONSE[:k])
-            await w.drain()
-            await _read_by_gateway(up_fd, gw_fd)
+            await _one_read(w, SPLIT_RESPONSE[:k], _gateway_fd(engines))
             w.write(SPLIT_RESPONSE[k:])
             await w.drain()
         await r.read()
