@@ -21,6 +21,7 @@ from gateway.errors import (
     ERR_TLS,
     UpstreamErrorKind,
 )
+from gateway.headers import parse_field_lines
 
 if TYPE_CHECKING:
     import socket
@@ -61,7 +62,7 @@ Headers = list[tuple[bytes, bytes]]
 class RequestHead:
     """A parsed, framing-validated request head as the client sent it."""
 
-    __slots__ = ("method", "target", "headers", "client_ip", "http_version", "scheme")
+    __slots__ = ("method", "target", "headers", "client_ip", "http_version", "scheme", "fields")
 
     def __init__(
         self,
@@ -71,6 +72,10 @@ class RequestHead:
         client_ip: str,
         http_version: str = "1.1",
         scheme: str = "http",
+        # The same fields as the client's own CRLF-terminated field lines, when the
+        # engine has them whole (policy forwards them as one block if it keeps
+        # every field unchanged); None: policy renders `headers`.
+        fields: bytes | None = None,
     ) -> None:
         self.method = method
         self.target = target
@@ -78,6 +83,7 @@ class RequestHead:
         self.client_ip = client_ip
         self.http_version = http_version
         self.scheme = scheme
+        self.fields = fields
 
     def __repr__(self) -> str:
         return f"RequestHead({self.method!r}, {self.target!r}, {self.client_ip!r})"
@@ -155,12 +161,18 @@ class Forward:
     X-Forwarded-*, Via, X-Release-Stage, traceparent... added). The engine adds
     only framing (Content-Length / Transfer-Encoding: chunked), Host is kept as
     given in `headers`, and Connection/Upgrade for an upgrade.
+
+    Policy may give the same fields already rendered as field lines (`fields`,
+    with `headers` None): the engine writes them as they are, and `headers`
+    parses them on first read (the aiohttp engine, tests). Setting `headers`
+    replaces both.
     """
 
     __slots__ = (
         "host",
         "port",
-        "headers",
+        "_headers",
+        "fields",
         "response_headers",
         "service",
         "release",
@@ -178,7 +190,7 @@ class Forward:
         self,
         host: str,
         port: int,
-        headers: Headers,
+        headers: Headers | None,
         response_headers: Headers,  # appended to the client response (X-Release-Stage, ...)
         service: str,
         release: str,
@@ -194,10 +206,13 @@ class Forward:
         retry: Retry | None = None,
         # https:// endpoint: the client context and SNI (README "TLS"); None = plain HTTP.
         tls: UpstreamTLS | None = None,
+        # `headers` as CRLF-terminated field lines (when `headers` is None).
+        fields: bytes | None = None,
     ) -> None:
         self.host = host
         self.port = port
-        self.headers = headers
+        self._headers = headers
+        self.fields = fields
         self.response_headers = response_headers
         self.service = service
         self.release = release
@@ -210,6 +225,18 @@ class Forward:
         self.tls = tls
         # What the engine learnt about a failure, for the error body (the TLS error).
         self.detail: str | None = None
+
+    @property
+    def headers(self) -> Headers:
+        h = self._headers
+        if h is None:
+            h = self._headers = parse_field_lines(self.fields or b"")
+        return h
+
+    @headers.setter
+    def headers(self, value: Headers) -> None:
+        self._headers = value
+        self.fields = None
 
     def __repr__(self) -> str:
         return f"Forward({self.host!r}, {self.port}, {self.service!r}, {self.release!r})"

@@ -48,6 +48,7 @@ from gateway.engine.fast_wire import (
     Exchange,
     Reject,
     error_json,
+    head_at_start,
     local_response,
     request_framing,
 )
@@ -210,6 +211,7 @@ class ClientConn(Armed):
         "_tunnel_eof_client",
         "_tunnel_eof_upstream",
         "_begun",
+        "_chunk",
     )
 
     transport: asyncio.Transport
@@ -224,6 +226,8 @@ class ClientConn(Armed):
         # keep-alive connection holds no llhttp parser (~0.85 KiB with its bound methods).
         self.parser: HttpRequestParser | None = None
         self._begun = False  # llhttp may hold bytes of a next message (see data_received)
+        # The bytes being fed while they began with no message in progress (else None).
+        self._chunk: bytes | None = None
         self.client_ip = ""
         self.state = C_OPEN
         self.waiting_for = S_WAIT
@@ -358,6 +362,8 @@ class ClientConn(Armed):
             p = self.parser
             if p is None:
                 p = self.parser = HttpRequestParser(self)
+            # Between messages with nothing held by llhttp, a head starts in this read.
+            self._chunk = data if st0 == S_WAIT and not self._begun else None
             p.feed_data(data)
             # Bytes after a complete message that start no request line yet (a method's
             # first letters) raise no callback: a chunk ending in LF left none behind.
@@ -383,6 +389,7 @@ class ClientConn(Armed):
             return
         finally:
             self._last_ex = None  # only the upgrade branch needs it; an idle connection holds none
+            self._chunk = None
         if self.state >= C_LINGER:
             return
         if self.waiting_for == S_WAIT and not self._done_in_feed and self._idle():
@@ -455,8 +462,17 @@ class ClientConn(Armed):
     def on_headers_complete(self) -> None:
         p = self.parser
         assert p is not None
-        version = p.get_http_version()
+        headers = self._headers
         method = p.get_method()
+        chunk = self._chunk
+        version = ""
+        fields: bytes | None = None
+        if chunk is not None and not self._done_in_feed:
+            # The first message of a read that began between messages: its head is
+            # at the start of `chunk` (fast_wire.head_at_start).
+            version, fields = head_at_start(chunk, method, self._url, headers)
+        if not version:
+            version = p.get_http_version()
         http11, body_kind, length, upgrade = request_framing(
             version,
             method,
@@ -465,11 +481,12 @@ class ClientConn(Armed):
             self._transfer_coding,
             self._upgrade if p.should_upgrade() else None,
         )
-        headers = self._headers
         self._headers = _NO_HEADERS  # an idle connection holds no head, nor an empty list
         ex = Exchange(
             self,
-            RequestHead(method, self._url, headers, self.client_ip, version, self.ctx.scheme),
+            RequestHead(
+                method, self._url, headers, self.client_ip, version, self.ctx.scheme, fields
+            ),
             http11,
             method == b"HEAD",
             p.should_keep_alive(),

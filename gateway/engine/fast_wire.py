@@ -152,6 +152,67 @@ def request_framing(
     return http11, body_kind, length, upgrade
 
 
+def head_at_start(
+    data: bytes, method: bytes, target: bytes, fields: Headers
+) -> tuple[str, bytes | None]:
+    """(HTTP version, field lines) of a request head llhttp parsed from the start of `data`.
+
+    Why: reading the version from the request line spares httptools'
+    `get_http_version()` (a str formatted per call), and the field lines as
+    received let policy forward the client's fields as one block. Only for a
+    head that began at the start of this read (the caller knows that), and
+    only in the plain form every client sends: `method SP target SP
+    HTTP/1.x CRLF` (RFC 9112 §3), then one `name: value CRLF` line per field
+    llhttp reported (RFC 9112 §5), then CRLF. Every byte between the parsed
+    parts is checked, so the block holds exactly the parsed fields; anything
+    else (leading CRLFs, extra spaces, OWS other than one SP, another version)
+    gives ("", None) or (version, None): then the parser is asked, and policy
+    renders the fields from the list. Byte indexing and lengths only: a
+    bytes method call costs more in the compiled build than the whole check.
+    """
+    m = len(method)
+    p = m + 1 + len(target)  # where SP HTTP/1.x CRLF must be
+    n = len(data)
+    if (
+        n < p + 11
+        or not data.startswith(method)
+        or data[m] != 32
+        or data[m + 1] == 32
+        or data[p] != 32
+        or data[p + 1] != 72  # H
+        or data[p + 2] != 84  # T
+        or data[p + 3] != 84  # T
+        or data[p + 4] != 80  # P
+        or data[p + 5] != 47  # /
+        or data[p + 6] != 49  # 1
+        or data[p + 7] != 46  # .
+        or data[p + 9] != 13
+        or data[p + 10] != 10
+    ):
+        return "", None
+    minor = data[p + 8]
+    if minor == 49:
+        version = "1.1"
+    elif minor == 48:
+        version = "1.0"
+    else:
+        return "", None
+    # llhttp keeps no CR in a value and strips the OWS before it, so each check
+    # below fails at the first line that is not exactly `name: value CRLF`.
+    start = pos = p + 11
+    for name, value in fields:
+        pos += len(name)
+        if pos + 1 >= n or data[pos] != 58 or data[pos + 1] != 32:  # ": "
+            return version, None
+        pos += 2 + len(value)
+        if pos + 1 >= n or data[pos] != 13 or data[pos + 1] != 10:
+            return version, None
+        pos += 2
+    if pos + 1 >= n or data[pos] != 13 or data[pos + 1] != 10:
+        return version, None
+    return version, data[start:pos]
+
+
 def error_json(status: int, message: str) -> Respond:
     """The engine's own error answer: a small JSON body, like policy's (README "On every hop")."""
     body = json.dumps({"error": message}).encode()
@@ -272,7 +333,11 @@ def request_head(ex: Exchange, fwd: Forward) -> bytes:
     assert h is not None
     target = fwd.target
     parts = [h.method, SP, target if target is not None else h.target, HTTP11_TAIL]
-    add_fields(parts, fwd.headers)
+    fields = fwd.fields
+    if fields is not None:
+        parts.append(fields)  # policy's fields, rendered once (engine.api.Forward)
+    else:
+        add_fields(parts, fwd.headers)
     kind = ex.body_kind
     if kind == BODY_CL:
         parts.append(b"Content-Length: %d\r\n\r\n" % ex.content_length)
