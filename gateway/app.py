@@ -44,6 +44,13 @@ log = logging.getLogger("gateway")
 # enough that a burst of new connections waits for the next accept batch instead of
 # being refused while the loop is busy.
 LISTEN_BACKLOG: Final = 4096
+# How long finished exchanges wait in their tallies before metrics and the guard get
+# them (ProxyHandler.flush). Every reader that needs them current flushes first (the
+# /metrics scrape, the guard's tick, the rollout's served count, shutdown), so the
+# delay is never seen; at c50 a flush per loop turn (~17 requests) cost ~2.5k
+# instructions per request in prometheus_client's interpreted code, one per 50 ms
+# costs a few dozen (benchmarks/RESULTS.md).
+ACCOUNTING_INTERVAL: Final = 0.05
 
 
 def bind_socket(
@@ -191,7 +198,7 @@ class Gateway:
             tracer=self.telemetry.tracer,
             sampler=self.telemetry.sampler,
             observers=[self.guardian.guard],
-            defer=lambda fn: asyncio.get_running_loop().call_soon(fn),
+            defer=lambda fn: asyncio.get_running_loop().call_later(ACCOUNTING_INTERVAL, fn),
         )
         self.guardian.flush = self.handler.flush
         # Rollout driver (README "Rollouts"): in the admin process only, it moves rollouts

@@ -175,9 +175,9 @@ class Guard:
         self._window(service, release).record(self.clock(), seconds, is_failure(status, error))
 
     def record_tally(self, t: Tally) -> None:
-        """One release's exchanges since the last flush (the data path flushes per loop turn)."""
+        """One release's exchanges since the last flush (every 50 ms, and before each tick)."""
         w = self._window(t.service, t.release)
-        now = self.clock()  # one read per tally: it is one loop iteration old at most
+        now = self.clock()  # one read per tally: it is 50 ms old at most (app.py)
         if t.seconds:
             w.record_many(now, t.seconds, t.failed)
         for status, seconds, error in t.odd:
