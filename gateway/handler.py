@@ -296,16 +296,14 @@ class ProxyHandler:
             up.append(b"\r\nbaggage: " + bg.encode("latin-1") + b"\r\n" if bg else b"\r\n")
         else:
             up.append(rv.lines.baggage_end)
-        resp_h: Headers = [rv.stage_h, (b"X-Request-ID", rid_b)]
+        # To the client: the stage field and X-Request-ID, rendered as field lines.
+        resp = rv.lines.stage_rid + rid_b + b"\r\n"
         if dec.reason == REASON_FALLBACK:
-            resp_h.append((b"X-Release-Fallback", dec.chosen.encode()))
+            resp += b"X-Release-Fallback: " + dec.chosen.encode() + b"\r\n"
         if dec.set_cookie is not None:
-            resp_h.append(
-                (
-                    b"Set-Cookie",
-                    f"{snap.user_cookie}={dec.set_cookie}; Path=/; Max-Age="
-                    f"{snap.routing.sticky_cookie_max_age}; HttpOnly; SameSite=Lax".encode(),
-                )
+            resp += (
+                f"Set-Cookie: {snap.user_cookie}={dec.set_cookie}; Path=/; Max-Age="
+                f"{snap.routing.sticky_cookie_max_age}; HttpOnly; SameSite=Lax\r\n".encode()
             )
 
         start = now
@@ -349,7 +347,8 @@ class ProxyHandler:
             port=slot.port,
             headers=None,
             fields=b"".join(up),
-            response_headers=resp_h,
+            response_headers=None,
+            response_fields=resp,
             service=service,
             release=release,
             connect_timeout=sv.connect_timeout,

@@ -251,7 +251,7 @@ def field_line(f: Field) -> bytes:
 
 
 class ReleaseLines:
-    """A release's fixed upstream field lines, rendered once per snapshot (gateway/state.py).
+    """A release's fixed field lines, rendered once per snapshot (gateway/state.py).
 
     Why the pieces straddle fields: the fields go upstream in their usual order
     (the stage field between Via and X-Request-ID, the release's baggage last),
@@ -262,7 +262,8 @@ class ReleaseLines:
     __slots__ = ("stage_rid", "via_stage_rid", "baggage_end")
 
     def __init__(self, stage: Field, baggage: Field) -> None:
-        # The stage line and X-Request-ID's name (after a client's Via, made per request).
+        # The stage line and X-Request-ID's name: to the client, and upstream after a
+        # client's Via (made per request).
         self.stage_rid = field_line(stage) + _XRID
         # Our Via (the client sent none), the stage line, X-Request-ID's name.
         self.via_stage_rid = _VIA_LINE + self.stage_rid

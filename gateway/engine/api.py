@@ -165,7 +165,7 @@ class Forward:
     Policy may give the same fields already rendered as field lines (`fields`,
     with `headers` None): the engine writes them as they are, and `headers`
     parses them on first read (the aiohttp engine, tests). Setting `headers`
-    replaces both.
+    replaces both. `response_fields` is the same for `response_headers`.
     """
 
     __slots__ = (
@@ -173,7 +173,8 @@ class Forward:
         "port",
         "_headers",
         "fields",
-        "response_headers",
+        "_response_headers",
+        "response_fields",
         "service",
         "release",
         "connect_timeout",
@@ -191,7 +192,8 @@ class Forward:
         host: str,
         port: int,
         headers: Headers | None,
-        response_headers: Headers,  # appended to the client response (X-Release-Stage, ...)
+        # Appended to the client response (X-Release-Stage, ...); None: `response_fields`.
+        response_headers: Headers | None,
         service: str,
         release: str,
         connect_timeout: float,
@@ -208,12 +210,15 @@ class Forward:
         tls: UpstreamTLS | None = None,
         # `headers` as CRLF-terminated field lines (when `headers` is None).
         fields: bytes | None = None,
+        # `response_headers` as CRLF-terminated field lines (when that is None).
+        response_fields: bytes | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self._headers = headers
         self.fields = fields
-        self.response_headers = response_headers
+        self._response_headers = response_headers
+        self.response_fields = response_fields
         self.service = service
         self.release = release
         self.connect_timeout = connect_timeout
@@ -237,6 +242,18 @@ class Forward:
     def headers(self, value: Headers) -> None:
         self._headers = value
         self.fields = None
+
+    @property
+    def response_headers(self) -> Headers:
+        h = self._response_headers
+        if h is None:
+            h = self._response_headers = parse_field_lines(self.response_fields or b"")
+        return h
+
+    @response_headers.setter
+    def response_headers(self, value: Headers) -> None:
+        self._response_headers = value
+        self.response_fields = None
 
     def __repr__(self) -> str:
         return f"Forward({self.host!r}, {self.port}, {self.service!r}, {self.release!r})"

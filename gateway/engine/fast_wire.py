@@ -84,6 +84,15 @@ def add_fields(parts: list[bytes], fields: Headers) -> None:
         parts.append(CRLF)
 
 
+def add_response_fields(parts: list[bytes], fwd: Forward) -> None:
+    """Append policy's fields for the client response (X-Release-Stage, X-Request-ID, ...)."""
+    rendered = fwd.response_fields
+    if rendered is not None:
+        parts.append(rendered)  # rendered once by policy (engine.api.Forward)
+    else:
+        add_fields(parts, fwd.response_headers)
+
+
 def status_line(code: int) -> bytes:
     """The status line for `code`; an unknown code gets an empty reason (RFC 9112 §4)."""
     line = STATUS_LINES.get(code)
