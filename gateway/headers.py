@@ -154,7 +154,8 @@ def scan(headers: Headers, stage_l: bytes, user_l: bytes, tag_l: bytes = b"") ->
     ts: list[str] | None = None
     bg: list[str] | None = None
     for name, value in headers:
-        n = name.lower()
+        # Every request has Host, as spelt here: known lower-cased without a call.
+        n = b"host" if name == b"Host" else name.lower()
         if n == b"host":
             s.host = _latin(value)
             s.host_b = value

@@ -36,12 +36,15 @@ from gateway.engine.fast_wire import (
     H_HOST,
     H_TRANSFER_ENCODING,
     H_UPGRADE,
+    LEN_CONTENT_LENGTH,
+    LEN_HOST,
+    LEN_TRANSFER_ENCODING,
+    LEN_UPGRADE,
     P_DEAD,
     P_PIPE,
     P_UPG,
     P_UPW,
     P_WAIT,
-    REQ_SPECIAL_LENS,
     X_ANSWERED,
     X_FINISHED,
     X_HEAD_SENT,
@@ -445,8 +448,15 @@ class ClientConn(Armed):
         if self.waiting_for != S_HEAD:
             return  # trailer fields are not forwarded (RFC 9112 §7.1.2)
         self._headers.append((name, value))
-        if len(name) in REQ_SPECIAL_LENS:
-            lname = name.lower()
+        n = len(name)
+        if (
+            n == LEN_HOST
+            or n == LEN_UPGRADE
+            or n == LEN_CONTENT_LENGTH
+            or n == LEN_TRANSFER_ENCODING
+        ):
+            # The usual spelling of Host without bytes.lower() (a method call, compiled).
+            lname = H_HOST if name == b"Host" else name.lower()
             if lname == H_HOST:
                 self._hosts += 1
             elif lname == H_CONTENT_LENGTH:
@@ -473,13 +483,11 @@ class ClientConn(Armed):
             version, fields = head_at_start(chunk, method, self._url, headers)
         if not version:
             version = p.get_http_version()
+        upgrade = self._upgrade
+        if upgrade is not None and not p.should_upgrade():  # asked only with an Upgrade field
+            upgrade = None
         http11, body_kind, length, upgrade = request_framing(
-            version,
-            method,
-            self._hosts,
-            self._content_length,
-            self._transfer_coding,
-            self._upgrade if p.should_upgrade() else None,
+            version, method, self._hosts, self._content_length, self._transfer_coding, upgrade
         )
         self._headers = _NO_HEADERS  # an idle connection holds no head, nor an empty list
         ex = Exchange(

@@ -68,11 +68,13 @@ H_UPGRADE: Final = b"upgrade"
 H_TRANSFER_ENCODING: Final = b"transfer-encoding"
 RESP_SPECIAL: Final = HOP_BY_HOP | {H_CONTENT_LENGTH}
 RESP_SPECIAL_LENS: Final = frozenset(len(n) for n in RESP_SPECIAL)
-# Request fields the client side inspects (lengths first: a cheap pre-filter).
+# Request fields the client side inspects (lengths first: a cheap pre-filter, as
+# literals so that the compiled build compares machine ints, no set lookup).
 H_HOST: Final = b"host"
-REQ_SPECIAL_LENS: Final = frozenset(
-    {len(H_HOST), len(H_UPGRADE), len(H_CONTENT_LENGTH), len(H_TRANSFER_ENCODING)}
-)
+LEN_HOST: Final = 4
+LEN_UPGRADE: Final = 7
+LEN_CONTENT_LENGTH: Final = 14
+LEN_TRANSFER_ENCODING: Final = 17
 
 
 def add_fields(parts: list[bytes], fields: Headers) -> None:
