@@ -343,8 +343,12 @@ def request_head(ex: Exchange, fwd: Forward) -> bytes:
     h = ex.head
     assert h is not None
     target = fwd.target
-    parts = [h.method, SP, target if target is not None else h.target, HTTP11_TAIL]
     fields = fwd.fields
+    if fields is not None and ex.body_kind == BODY_NONE and ex.upgrade is None:
+        # The common case in one join of a fixed tuple (no list grown part by part).
+        t = target if target is not None else h.target
+        return b"".join((h.method, SP, t, HTTP11_TAIL, fields, CRLF))
+    parts = [h.method, SP, target if target is not None else h.target, HTTP11_TAIL]
     if fields is not None:
         parts.append(fields)  # policy's fields, rendered once (engine.api.Forward)
     else:
