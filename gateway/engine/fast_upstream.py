@@ -17,7 +17,6 @@ from gateway.engine.api import ERR_PROTOCOL, ERR_RESET, ERR_TIMEOUT, UpstreamErr
 from gateway.engine.fast_timers import Armed
 from gateway.engine.fast_wire import (
     CHUNK_END,
-    COLON,
     CONN_CLOSE,
     CONN_KEEP,
     CONN_UPGRADE,
@@ -29,19 +28,16 @@ from gateway.engine.fast_wire import (
     IDEMPOTENT,
     P_WAIT,
     REPLAY_CAP,
-    RESP_SPECIAL,
-    RESP_SPECIAL_LENS,
-    STATUS_LINES,
     TE_CHUNKED,
     X_HEAD_SENT,
+    X_WAITING,
     Exchange,
     Reject,
     add_response_fields,
     request_head,
     status_line,
-    strip_connection_tokens,
 )
-from gateway.headers import connection_tokens
+from gateway.headers import HOP_BY_HOP, connection_tokens
 
 if TYPE_CHECKING:
     from gateway.engine.fast_pool import Pool
@@ -71,14 +67,47 @@ UPSTREAM_STATES: Final = ("connecting", "idle", "busy", "done", "tunnel", "close
 
 Key = tuple[str, int]
 
+# The longest response head read (status line and fields); a longer one is a 502,
+# as nginx answers "upstream sent too big header" (its proxy_buffer_size).
+MAX_RESPONSE_HEAD: Final = 65536
+
+# ASCII upper case to lower case, for `bytes.translate` (field names are
+# case-insensitive, RFC 9110 §5.1).
+LOWER: Final = bytes(range(65)) + bytes(range(97, 123)) + bytes(range(91, 256))
+
+
+def _by_first_byte(names: list[bytes]) -> tuple[tuple[tuple[int, bytes, bytes], ...], ...]:
+    """Per lower-cased first byte: (length, lower-cased name, usual spelling) of each name."""
+    table: list[list[tuple[int, bytes, bytes]]] = [[] for _ in range(256)]
+    for name in names:
+        usual = (
+            name.upper() if len(name) == 2 else b"-".join(w.capitalize() for w in name.split(b"-"))
+        )
+        table[name[0]].append((len(name), name, usual))
+    return tuple(tuple(t) for t in table)
+
+
+# The response fields the relay looks at: Content-Length (kept, noted for framing)
+# and the hop-by-hop ones (RFC 9110 §7.6.1, not relayed). A field line is a token,
+# a colon and the value (llhttp refused anything else, RFC 9112 §5.1), so a name is
+# found from the line's first byte and a colon right after it: no pass per name.
+NOTED: Final = _by_first_byte(sorted(HOP_BY_HOP | {H_CONTENT_LENGTH}))
+NOTED_FIRST: Final = bytes(1 if NOTED[b | 32] else 0 for b in range(256))  # a cheap pre-test
+HEAD_END: Final = b"\r\n\r\n"
+HTTP11_SP: Final = b"HTTP/1.1 "
+KEEP_ALIVE: Final = b"keep-alive"
+CLOSE: Final = b"close"
+EMPTY: Final = b""
+
 
 class Upstream(Armed):
     """One keep-alive connection to an upstream endpoint (a protocol by duck typing, as ClientConn).
 
-    Why it relays the response itself: the head is rebuilt once without
-    hop-by-hop fields (RFC 9110 §7.6.1) and the body re-framed for the client
-    (RFC 9112 §6-7) straight from llhttp callbacks; the connection goes back to
-    the pool only after a complete keep-alive response (RFC 9112 §9.3).
+    Why it relays the response itself: the head llhttp validated is relayed from
+    the bytes read, its field lines as sent less the hop-by-hop ones (RFC 9110
+    §7.6.1; no Python call per field), and the body re-framed for the client
+    (RFC 9112 §6-7) from llhttp's callbacks; the connection goes back to the
+    pool only after a complete keep-alive response (RFC 9112 §9.3).
 
     State: `state` is the lifecycle (U_CONNECTING ... U_CLOSED); the fields
     below it describe the response being read while U_BUSY.
@@ -94,7 +123,10 @@ class Upstream(Armed):
         "ex",
         "reused",
         "answered",
-        "head_fields",
+        "head_buf",
+        "head_pos",
+        "head_acc",
+        "head_size",
         "has_length",
         "te_kind",
         "eof_body",
@@ -126,7 +158,13 @@ class Upstream(Armed):
         self.ex: Exchange | None = None
         self.reused = False  # the exchange got it from the pool (it may have gone stale)
         self.answered = False  # a byte of the response came back (no replay after that)
-        self.head_fields: list[bytes] = []  # the head so far, flat: name, ": ", value, CRLF, ...
+        # The response head is relayed from the bytes read (llhttp validates it):
+        # `head_buf[head_pos:]` is where the next head starts during a read, and
+        # `head_acc` keeps a head split over reads until it is complete.
+        self.head_buf = EMPTY
+        self.head_pos = 0
+        self.head_acc: bytearray | None = None
+        self.head_size = 0  # the length of the last head read, CRLF CRLF included
         self.has_length = False  # the response has a Content-Length
         self.te_kind = TE_NONE
         self.eof_body = False  # the response body ends at close
@@ -222,11 +260,18 @@ class Upstream(Armed):
             ex.client.transport_write(data)
             return
         self.answered = True
-        self.last_active = self.loop.time()
         out = self.out
+        in_head = ex.state == X_WAITING  # the (final) head is not relayed yet
+        if in_head:
+            acc = self.head_acc
+            if acc is None:
+                self.head_buf = data  # the usual case: the whole head in this read
+            else:
+                acc += data
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as e:
+            self.head_buf = EMPTY
             if self.mode == M_NONE and ex.status == 101 and self.ex is ex:
                 self._flush(ex)
                 self._start_tunnel(ex, data[e.args[0] :])
@@ -234,47 +279,147 @@ class Upstream(Armed):
                 self._failed(ERR_PROTOCOL)
             return
         except HttpParserError:
+            self.head_buf = EMPTY
             if self.ex is ex:
                 self._flush(ex)
                 self._failed(ERR_PROTOCOL)
+            return
+        if in_head and not self._head_rest(ex):
             return
         if out:
             # One write per read: head and body of a small response leave together.
             ex.client.transport_write(b"".join(out))
             out.clear()
-        if self.state == U_DONE and self.ex is ex:
-            self._complete()
+        if self.state == U_DONE:
+            if self.ex is ex:
+                self._complete()
+        else:
+            self.last_active = self.loop.time()  # progress: the read timeout runs from here
 
     # -- httptools callbacks ----------------------------------------------
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) in RESP_SPECIAL_LENS:
-            lname = name.lower()
-            if lname in RESP_SPECIAL:
-                if lname != H_CONTENT_LENGTH:
-                    self._hop_by_hop(lname, value)
-                    return
-                self.has_length = True  # kept: the relay frames the body as received
-        fields = self.head_fields  # four appends: cheaper than extending by a tuple (compiled)
-        fields.append(name)
-        fields.append(COLON)
-        fields.append(value)
-        fields.append(CRLF)
+    def _head_rest(self, ex: Exchange) -> bool:
+        """After a read that began in a head: keep what is left of an unfinished head.
 
-    def _hop_by_hop(self, lname: bytes, value: bytes) -> None:
+        False when the head is over the limit (the exchange has failed).
+        """
+        buf = self.head_buf
+        self.head_buf = EMPTY
+        pos = self.head_pos
+        self.head_pos = 0
+        acc = self.head_acc
+        if ex.state != X_WAITING or self.ex is not ex:
+            self.head_acc = None
+            return True
+        if acc is None:
+            if pos >= len(buf):
+                return True  # every head in it is complete (a 1xx that ended the read)
+            acc = self.head_acc = bytearray(buf[pos:] if pos else buf)
+        if len(acc) > MAX_RESPONSE_HEAD:
+            self.head_acc = None
+            self._failed(ERR_PROTOCOL)
+            return False
+        return True
+
+    def _head_parts(self, status: int) -> list[bytes]:
+        """The relayed head so far, from the raw bytes of the one llhttp just parsed.
+
+        Why raw: each end-to-end field line is kept as sent, so a head of any
+        size is a few slices of the read (RFC 9110 §7.6.1: the hop-by-hop ones
+        are cut out), and the status line is ours only when the upstream's is
+        not HTTP/1.1 (RFC 9110 §6.2: a proxy sends its own version). The parts
+        end with the CRLF of the last field line; the caller adds fields.
+        """
+        acc = self.head_acc
+        if acc is not None:
+            self.head_acc = None
+            self.head_buf = bytes(acc)  # a head split over reads, joined once
+        buf = self.head_buf
+        pos = self.head_pos
+        while buf[pos] == 13 or buf[pos] == 10:
+            pos += 1  # empty lines before a message are skipped (RFC 9112 §2.2), as llhttp does
+        lines = self._head_lines(buf, pos)  # the status line, the field lines, b""
+        end = self.head_pos - 2
+        first = lines[0]
+        off = pos + len(first) + 2  # where the field line looked at starts in `buf`
+        if first.startswith(HTTP11_SP) and len(first) > 12 and first[12] == 32:
+            parts: list[bytes] = []
+            last = pos  # where the run of lines relayed as sent starts
+        else:
+            parts = [status_line(status)]
+            last = off
+        for k in range(1, len(lines) - 1):
+            line = lines[k]
+            n = len(line)
+            if not NOTED_FIRST[line[0]]:
+                off += n + 2
+                continue
+            for size, name, usual in NOTED[line[0] | 32]:
+                if n > size and line[size] == 58:  # b":"
+                    got = line[:size]
+                    if got == usual or got == name or got.translate(LOWER) == name:
+                        if name == H_CONTENT_LENGTH:
+                            self.has_length = True  # kept: the relay frames the body as received
+                        else:
+                            if off > last:
+                                parts.append(buf[last:off])
+                            last = off + n + 2
+                            self._hop_by_hop(name, line, size + 1)
+                        break
+            off += n + 2
+        if end > last:
+            parts.append(buf[last:end])
+        if self.conn_tokens is not None:
+            parts = [strip_named_fields(b"".join(parts), self.conn_tokens)]
+            self.conn_tokens = None
+        return parts
+
+    def _head_lines(self, buf: bytes, pos: int) -> list[bytes]:
+        """The lines of the head at `pos` (its CRLF CRLF ends it: RFC 9112 §2.1); sets `head_pos`.
+
+        Why a guess first: an upstream's heads are mostly the same length (a
+        date field has a fixed width), so the last length is tried before a
+        search; the guess holds if no empty line comes before its end.
+        """
+        size = self.head_size
+        if size and buf[pos + size - 4 : pos + size] == HEAD_END:
+            end = pos + size - 2
+            lines = buf[pos:end].split(CRLF)
+            for k in range(1, len(lines) - 1):
+                if len(lines[k]) == 0:
+                    break  # the head ends earlier
+            else:
+                self.head_pos = end + 2
+                return lines
+        end = (buf.find(HEAD_END, pos) if pos else buf.find(HEAD_END)) + 2
+        if end < 2:
+            raise Reject(502, "response head not found")  # llhttp accepted only CRLF lines
+        if end - pos > MAX_RESPONSE_HEAD:
+            raise Reject(502, "response head too large")
+        self.head_size = end + 2 - pos
+        self.head_pos = end + 2  # a final head may follow a 1xx in the same read
+        return buf[pos:end].split(CRLF)
+
+    def _hop_by_hop(self, name: bytes, line: bytes, start: int) -> None:
         """A hop-by-hop response field (RFC 9110 §7.6.1): noted, not relayed."""
-        if lname == H_CONNECTION:
-            if len(value) == 10 or len(value) == 5:  # "keep-alive" / "close": names nothing
-                lvalue = value.lower()
-                if lvalue == b"keep-alive" or lvalue == b"close":
+        n = len(line)
+        while start < n and (line[start] == 32 or line[start] == 9):
+            start += 1  # OWS before the value (RFC 9110 §5.5)
+        value = line[start:]
+        if name == H_CONNECTION:
+            if value == KEEP_ALIVE or value == CLOSE:
+                return  # options that name no field
+            if len(value) == 10 or len(value) == 5:
+                lvalue = value.translate(LOWER)
+                if lvalue == KEEP_ALIVE or lvalue == CLOSE:
                     return
             toks = connection_tokens(value)
             if toks:
                 self.conn_tokens = toks if self.conn_tokens is None else self.conn_tokens | toks
-        elif lname == H_UPGRADE:
+        elif name == H_UPGRADE:
             self.upgrade = value
-        elif lname == H_TRANSFER_ENCODING:
-            chunked = value.lower().rstrip().endswith(b"chunked")
+        elif name == H_TRANSFER_ENCODING:
+            chunked = value.translate(LOWER).rstrip().endswith(b"chunked")
             self.te_kind = TE_IS_CHUNKED if chunked else TE_OTHER
 
     def on_headers_complete(self) -> None:
@@ -284,13 +429,7 @@ class Upstream(Armed):
             self.extra = True  # a second response to one request: never reuse
             return
         status = self.parser.get_status_code()
-        parts = self.head_fields
-        self.head_fields = []
-        if self.conn_tokens is not None:
-            parts = strip_connection_tokens(parts, self.conn_tokens)
-            self.conn_tokens = None
-        line = STATUS_LINES.get(status)
-        parts.insert(0, line if line is not None else status_line(status))
+        parts = self._head_parts(status)
         client = ex.client
         fwd = ex.fwd
         assert fwd is not None
@@ -303,7 +442,7 @@ class Upstream(Armed):
                 parts += (CONN_UPGRADE, self.upgrade, CRLF)
                 add_response_fields(parts, fwd)
                 parts.append(CRLF)
-                self.out.append(b"".join(parts))
+                self.out += parts
                 return
             # Interim response (RFC 9110 §15.2): relay to HTTP/1.1 clients only.
             self.interim = True
@@ -312,7 +451,7 @@ class Upstream(Armed):
             self.upgrade = None
             if ex.http11:
                 parts.append(CRLF)
-                self.out.append(b"".join(parts))
+                self.out += parts
             return
         add_response_fields(parts, fwd)
         close = ex.close_after or not ex.keep or not ex.req_done or client.close_soon
@@ -343,7 +482,7 @@ class Upstream(Armed):
         parts.append(CRLF)
         ex.status = status
         ex.state = X_HEAD_SENT
-        self.out.append(b"".join(parts))
+        self.out += parts  # joined with the body bytes of this read: one write
 
     def on_body(self, body: bytes) -> None:
         if self.state == U_DONE:
@@ -381,8 +520,6 @@ class Upstream(Armed):
         self.state = U_BUSY
         self.reused = reused
         self.answered = False
-        if self.head_fields:
-            self.head_fields = []  # trailer fields of the previous response
         self.conn_tokens = None
         self.has_length = False
         self.te_kind = TE_NONE
@@ -580,3 +717,20 @@ class Upstream(Armed):
         if ex is not None and ex.deadline and ex.deadline < deadline:
             deadline = ex.deadline
         self.arm(min(deadline, now + self.read_timeout))
+
+
+def strip_named_fields(head: bytes, names: set[bytes]) -> bytes:
+    """The head (status line and field lines, each ending in CRLF) without the fields `names`.
+
+    Why: a field the upstream's Connection header names is hop-by-hop (RFC 9110
+    §7.6.1); Content-Length stays, the relay frames the body by it. Rare: a
+    line at a time.
+    """
+    lines = head.split(CRLF)
+    kept = [lines[0]]
+    for line in lines[1:-1]:
+        name = line.partition(b":")[0].lower()
+        if name not in names or name == H_CONTENT_LENGTH:
+            kept.append(line)
+    kept.append(EMPTY)
+    return CRLF.join(kept)

@@ -13,7 +13,6 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
 
 from gateway.engine.api import Forward, Headers, RequestHead, Respond
-from gateway.headers import HOP_BY_HOP
 
 if TYPE_CHECKING:
     from gateway.engine.fast_client import ClientConn
@@ -60,14 +59,12 @@ X_ANSWERED: Final = 2  # the whole response is written
 X_FINISHED: Final = 3  # reported to `Forward.on_done`; nothing more happens to it
 EXCHANGE_STATES: Final = ("waiting", "head_sent", "answered", "finished")
 
-# Response fields handled specially by the relay: hop-by-hop ones (RFC 9110
-# §7.6.1) are dropped, Content-Length is kept but noted for framing.
+# Fields handled specially: the relay drops hop-by-hop ones (RFC 9110 §7.6.1)
+# and notes Content-Length for framing (fast_upstream.RESPONSE_FIELDS).
 H_CONTENT_LENGTH: Final = b"content-length"
 H_CONNECTION: Final = b"connection"
 H_UPGRADE: Final = b"upgrade"
 H_TRANSFER_ENCODING: Final = b"transfer-encoding"
-RESP_SPECIAL: Final = HOP_BY_HOP | {H_CONTENT_LENGTH}
-RESP_SPECIAL_LENS: Final = frozenset(len(n) for n in RESP_SPECIAL)
 # Request fields the client side inspects (lengths first: a cheap pre-filter, as
 # literals so that the compiled build compares machine ints, no set lookup).
 H_HOST: Final = b"host"
@@ -363,13 +360,3 @@ def request_head(ex: Exchange, fwd: Forward) -> bytes:
     else:
         parts.append(CRLF)
     return b"".join(parts)
-
-
-def strip_connection_tokens(flat: list[bytes], tokens: set[bytes]) -> list[bytes]:
-    """Drop the fields a Connection header names (RFC 9110 §7.6.1) from a flat head."""
-    out: list[bytes] = []
-    for i in range(0, len(flat), 4):
-        name = flat[i].lower()
-        if name not in tokens or name == H_CONTENT_LENGTH:
-            out += flat[i : i + 4]
-    return out
