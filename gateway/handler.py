@@ -134,9 +134,10 @@ class ProxyHandler:
         self.wall = wall  # wall-clock time for segments' time windows (gateway/segments.py)
         # Accounting (metrics, guard windows) is batched: `on_done` adds to its
         # release's tally (gateway/tally.py), and
-        # `flush` runs once per event-loop iteration via `defer` (loop.call_soon),
-        # so ~50 finished requests cost a few counter updates instead of ~150
-        # locked ones. Without `defer` every exchange is flushed at once.
+        # `flush` runs later via `defer` (every 50 ms in the gateway, app.py
+        # ACCOUNTING_INTERVAL), so a thousand finished requests cost a few counter
+        # updates instead of thousands of locked ones. Without `defer` every
+        # exchange is flushed at once.
         self.defer = defer
         self._tallies: dict[str, dict[str, Tally]] = {}  # service -> release -> tally
         self._dirty: list[Tally] = []  # tallies with exchanges since the last flush
