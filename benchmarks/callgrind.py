@@ -72,7 +72,7 @@ PARTS = (
     "ProxyHandler___handle",
     "fast_wire___request_head",
     "headers___scan",
-    "headers___upstream_headers",
+    "headers___upstream_fields",
     "ClientConn___on_headers_complete",
     "Upstream___on_headers_complete",
     "Upstream___attach",

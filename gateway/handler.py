@@ -27,7 +27,7 @@ from gateway.errors import (
     upstream_message,
     upstream_status,
 )
-from gateway.headers import scan, set_authority, upstream_headers
+from gateway.headers import scan, set_authority, upstream_fields
 from gateway.metrics import Metrics
 from gateway.paths import BadTarget, origin_target
 from gateway.ratelog import RateLimiter
@@ -42,6 +42,7 @@ log = logging.getLogger("gateway.access")
 errlog = logging.getLogger("gateway.handler")
 _JSON: Final = [(b"Content-Type", b"application/json")]
 _PROBE: Final = float("inf")
+_TRACEPARENT: Final = b"\r\ntraceparent: "  # ends the X-Request-ID line
 # Baggage members an untrusted client may not set (README "Segments").
 _STEERING_MEMBERS: Final = (propagation.LANE_KEY, propagation.GRAY_TAG_KEY)
 
@@ -133,9 +134,10 @@ class ProxyHandler:
         self.wall = wall  # wall-clock time for segments' time windows (gateway/segments.py)
         # Accounting (metrics, guard windows) is batched: `on_done` adds to its
         # release's tally (gateway/tally.py), and
-        # `flush` runs once per event-loop iteration via `defer` (loop.call_soon),
-        # so ~50 finished requests cost a few counter updates instead of ~150
-        # locked ones. Without `defer` every exchange is flushed at once.
+        # `flush` runs later via `defer` (every 50 ms in the gateway, app.py
+        # ACCOUNTING_INTERVAL), so a thousand finished requests cost a few counter
+        # updates instead of thousands of locked ones. Without `defer` every
+        # exchange is flushed at once.
         self.defer = defer
         self._tallies: dict[str, dict[str, Tally]] = {}  # service -> release -> tally
         self._dirty: list[Tally] = []  # tallies with exchanges since the last flush
@@ -271,15 +273,20 @@ class ProxyHandler:
         else:
             user_shown = None
 
-        up = upstream_headers(
-            s, client_ip=head.client_ip, proto=head.scheme, stage=rv.stage_h, request_id=rid_b
-        )
-        # The trace fields last, as upstream_headers' `trace` would put them.
-        up.append((b"traceparent", tp))
+        # The client's own field lines go on as one block when policy kept every one
+        # of them unchanged (no field dropped, renamed or rewritten: headers.Scanned).
+        raw = head.fields if s.kept is head.headers else None
+        up = upstream_fields(
+            s, raw, client_ip=head.client_ip, proto=head.scheme, lines=rv.lines,
+            request_id=rid_b,
+        )  # fmt: skip
+        # The trace fields last.
+        up.append(_TRACEPARENT)
+        up.append(tp)
         if s.tracestate and incoming is not None:
             ts = propagation.parse_tracestate(s.tracestate)
             if ts:
-                up.append((b"tracestate", ts.encode("latin-1")))
+                up.append(b"\r\ntracestate: " + ts.encode("latin-1"))
         if s.baggage:
             extra = rv.extra_baggage
             if dec.lane is not None:  # the lane goes on, whichever release served it
@@ -287,20 +294,17 @@ class ProxyHandler:
             bg = propagation.build_baggage(
                 s.baggage, extra, _STEERING_MEMBERS if dec.strip_baggage else ()
             )
-            if bg:
-                up.append((b"baggage", bg.encode("latin-1")))
+            up.append(b"\r\nbaggage: " + bg.encode("latin-1") + b"\r\n" if bg else b"\r\n")
         else:
-            up.append(rv.baggage_h)
-        resp_h: Headers = [rv.stage_h, (b"X-Request-ID", rid_b)]
+            up.append(rv.lines.baggage_end)
+        # To the client: the stage field and X-Request-ID, rendered as field lines.
+        resp = rv.lines.stage_rid + rid_b + b"\r\n"
         if dec.reason == REASON_FALLBACK:
-            resp_h.append((b"X-Release-Fallback", dec.chosen.encode()))
+            resp += b"X-Release-Fallback: " + dec.chosen.encode() + b"\r\n"
         if dec.set_cookie is not None:
-            resp_h.append(
-                (
-                    b"Set-Cookie",
-                    f"{snap.user_cookie}={dec.set_cookie}; Path=/; Max-Age="
-                    f"{snap.routing.sticky_cookie_max_age}; HttpOnly; SameSite=Lax".encode(),
-                )
+            resp += (
+                f"Set-Cookie: {snap.user_cookie}={dec.set_cookie}; Path=/; Max-Age="
+                f"{snap.routing.sticky_cookie_max_age}; HttpOnly; SameSite=Lax\r\n".encode()
             )
 
         start = now
@@ -342,8 +346,10 @@ class ProxyHandler:
         return Forward(
             host=slot.host,
             port=slot.port,
-            headers=up,
-            response_headers=resp_h,
+            headers=None,
+            fields=b"".join(up),
+            response_headers=None,
+            response_fields=resp,
             service=service,
             release=release,
             connect_timeout=sv.connect_timeout,

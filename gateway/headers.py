@@ -56,8 +56,16 @@ _REWRITTEN: Final = frozenset(
     }
 )
 VIA_TOKEN: Final = b"1.1 gray-gateway"
-_VIA: Final = Field(b"Via", VIA_TOKEN)
-_XFP_HTTP: Final = Field(b"X-Forwarded-Proto", b"http")
+# Pieces of the fields the gateway adds (upstream_fields), names and separators
+# run together: fewer, larger parts to join per request.
+_XFF: Final = b"X-Forwarded-For: "
+_XFH: Final = b"\r\nX-Forwarded-Host: "
+_XFP_HTTP_LINE: Final = b"\r\nX-Forwarded-Proto: http"
+_XFP_HTTP_XFH: Final = _XFP_HTTP_LINE + _XFH
+_VIA_NAME: Final = b"\r\nVia: "
+_VIA_APPENDED: Final = b", " + VIA_TOKEN + b"\r\n"
+_VIA_LINE: Final = _VIA_NAME + VIA_TOKEN + b"\r\n"
+_XRID: Final = b"X-Request-ID: "
 # Connection options that name no field (RFC 9110 §7.6.1): not among connection_tokens.
 _NOT_FIELD_NAMES: Final = frozenset({b"", b"close", b"keep-alive"})
 # A client's X-Request-ID is kept only when it is 1-200 visible ASCII bytes
@@ -92,6 +100,9 @@ class Scanned:
     )
 
     def __init__(self, kept: Headers) -> None:
+        # What goes upstream of the client's fields. While every field goes on as
+        # received, this is the request's own list, shared: whoever changes what
+        # goes upstream makes a new list (so `kept is headers` says "unchanged").
         self.kept = kept
         self.host: str | None = None
         self.host_b: bytes | None = None  # as received, for X-Forwarded-Host
@@ -124,16 +135,17 @@ def _latin(v: bytes) -> str:
     return v.decode("latin-1")
 
 
-def scan(
-    headers: Sequence[tuple[bytes, bytes]], stage_l: bytes, user_l: bytes, tag_l: bytes = b""
-) -> Scanned:
+def scan(headers: Headers, stage_l: bytes, user_l: bytes, tag_l: bytes = b"") -> Scanned:
     """Split a request head into end-to-end headers and the values policy needs.
 
     `stage_l` / `user_l` / `tag_l` are the lower-cased configured override, sticky
-    and colouring-tag header names.
+    and colouring-tag header names. When every field goes on as it came,
+    `kept` is `headers` itself, not a copy.
     """
-    kept: Headers = []
-    s = Scanned(kept)
+    s = Scanned(headers)
+    # A new list only from the first field that is dropped or renamed on.
+    kept: Headers | None = None
+    i = 0
     conn: set[bytes] | None = None
     cookies: list[str] | None = None
     xff: list[bytes] | None = None
@@ -142,23 +154,33 @@ def scan(
     ts: list[str] | None = None
     bg: list[str] | None = None
     for name, value in headers:
-        n = name.lower()
+        # Every request has Host, as spelt here: known lower-cased without a call.
+        n = b"host" if name == b"Host" else name.lower()
         if n == b"host":
             s.host = _latin(value)
             s.host_b = value
-            kept.append((b"Host", value))
+            if name != b"Host":
+                kept = headers[:i] if kept is None else kept
+                kept.append((b"Host", value))
+            elif kept is not None:
+                kept.append((name, value))
         elif n == b"cookie":
             cookies = _add(cookies, _latin(value))
-            kept.append((name, value))
+            if kept is not None:
+                kept.append((name, value))
         elif n == stage_l:
             s.stage = _latin(value).strip()
+            kept = headers[:i] if kept is None else kept
         elif n == user_l:
             s.user = _latin(value).strip() or None
-            kept.append((name, value))
+            if kept is not None:
+                kept.append((name, value))
         elif n == tag_l:
             s.tag = _latin(value).strip() or None
-            kept.append((name, value))
+            if kept is not None:
+                kept.append((name, value))
         elif n in _REWRITTEN:
+            kept = headers[:i] if kept is None else kept
             if n == b"traceparent":
                 tp = _add(tp, _latin(value))
             elif n == b"tracestate":
@@ -179,11 +201,15 @@ def scan(
                 via = _add(via, value)
             # x-forwarded-proto/-host are replaced by ours
         elif n in HOP_BY_HOP or n in _FRAMING:
+            kept = headers[:i] if kept is None else kept
             if n == b"connection":  # the engine handles upgrades (Connection: upgrade)
                 toks = connection_tokens(value)
                 conn = toks if conn is None else conn | toks
-        else:
+        elif kept is not None:
             kept.append((name, value))
+        i += 1
+    if kept is not None:
+        s.kept = kept
     if tp is not None:
         s.traceparent = tp
     if ts is not None:
@@ -193,7 +219,7 @@ def scan(
     if conn:
         conn.discard(b"upgrade")
         if conn:
-            s.kept = [(k, v) for k, v in kept if k.lower() not in conn]
+            s.kept = [(k, v) for k, v in s.kept if k.lower() not in conn]
     if cookies is not None:
         s.cookie = "; ".join(cookies)
     if xff is not None:
@@ -220,6 +246,103 @@ def set_authority(s: Scanned, authority: bytes) -> None:
     s.kept = kept
 
 
+def field_line(f: Field) -> bytes:
+    """`name: value` CRLF (RFC 9112 §5), for fields rendered once per snapshot."""
+    return f.name + b": " + f.value + b"\r\n"
+
+
+class ReleaseLines:
+    """A release's fixed field lines, rendered once per snapshot (gateway/state.py).
+
+    Why the pieces straddle fields: the fields go upstream in their usual order
+    (the stage field between Via and X-Request-ID, the release's baggage last),
+    and each piece runs from one per-request value to the next, so a request
+    joins a few large parts instead of four small ones per field.
+    """
+
+    __slots__ = ("stage_rid", "via_stage_rid", "baggage_end")
+
+    def __init__(self, stage: Field, baggage: Field) -> None:
+        # The stage line and X-Request-ID's name: to the client, and upstream after a
+        # client's Via (made per request).
+        self.stage_rid = field_line(stage) + _XRID
+        # Our Via (the client sent none), the stage line, X-Request-ID's name.
+        self.via_stage_rid = _VIA_LINE + self.stage_rid
+        # Ends the traceparent line; the release's baggage (the client sent none).
+        self.baggage_end = b"\r\n" + field_line(baggage)
+
+
+def add_field_lines(parts: list[bytes], fields: Sequence[tuple[bytes, bytes]]) -> None:
+    """Append `name: value CRLF` per field to parts of a head (joined once, written once)."""
+    for n, v in fields:
+        parts.append(n)  # four appends: cheaper than extending by a new tuple (compiled)
+        parts.append(b": ")
+        parts.append(v)
+        parts.append(b"\r\n")
+
+
+def parse_field_lines(block: bytes) -> Headers:
+    """The (name, value) list of CRLF-terminated field lines: the inverse of rendering them.
+
+    Why: the data path renders upstream fields once as bytes; whoever wants them
+    as a list (the aiohttp engine, tests) parses them back. Leading OWS is not
+    part of a value (RFC 9112 §5.1); llhttp keeps trailing OWS, and so does this.
+    """
+    out: Headers = []
+    for line in block.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b":")
+            out.append((name, value.lstrip(b" \t")))
+    return out
+
+
+def upstream_fields(
+    s: Scanned,
+    client_fields: bytes | None,
+    *,
+    client_ip: str,
+    proto: str,
+    lines: ReleaseLines,
+    request_id: bytes,
+) -> list[bytes]:
+    """The end-to-end field lines sent to the upstream (README "On every hop"), as parts to join.
+
+    The client's kept fields first: `client_fields` when they are the client's
+    own lines unchanged (the engine's raw block), else rendered from `s.kept`.
+    Then X-Forwarded-For/-Proto/-Host, Via, the release's stage field and
+    X-Request-ID, whose line the caller ends: it appends the trace fields (the
+    last part starting with CRLF and ending with one) and joins once.
+    """
+    if client_fields is not None:
+        parts = [client_fields]
+    else:
+        parts = []
+        add_field_lines(parts, s.kept)
+    parts.append(_XFF)
+    if s.forwarded_for:
+        parts.append(s.forwarded_for)
+        parts.append(b", ")
+    parts.append(client_ip.encode("latin-1"))
+    host = s.host_b
+    if proto == "http":
+        parts.append(_XFP_HTTP_XFH if host is not None else _XFP_HTTP_LINE)
+    else:
+        parts.append(b"\r\nX-Forwarded-Proto: " + proto.encode())
+        if host is not None:
+            parts.append(_XFH)
+    if host is not None:
+        parts.append(host)
+    if s.via:
+        parts.append(_VIA_NAME)
+        parts.append(s.via)
+        parts.append(_VIA_APPENDED)
+        parts.append(lines.stage_rid)
+    else:
+        parts.append(lines.via_stage_rid)
+    parts.append(request_id)
+    return parts
+
+
 def upstream_headers(
     s: Scanned,
     *,
@@ -228,21 +351,13 @@ def upstream_headers(
     stage: Field,
     request_id: bytes,
 ) -> Headers:
-    """The end-to-end header list sent to the upstream (README "On every hop").
-
-    Extends and returns `s.kept` (a scan serves one request). `stage` is the
-    (configured stage header, release) field, built once per snapshot.
-    """
-    out = s.kept
-    ip = client_ip.encode("latin-1")
-    out.append((b"X-Forwarded-For", s.forwarded_for + b", " + ip if s.forwarded_for else ip))
-    out.append(_XFP_HTTP if proto == "http" else (b"X-Forwarded-Proto", proto.encode()))
-    if s.host_b is not None:
-        out.append((b"X-Forwarded-Host", s.host_b))
-    out.append((b"Via", s.via + b", " + VIA_TOKEN) if s.via else _VIA)
-    out.append(stage)
-    out.append((b"X-Request-ID", request_id))
-    return out
+    """`upstream_fields` of `s.kept`, without the trace fields, as a (name, value) list."""
+    lines = ReleaseLines(stage, Field(b"baggage", b""))
+    parts = upstream_fields(
+        s, None, client_ip=client_ip, proto=proto, lines=lines, request_id=request_id
+    )
+    parts.append(b"\r\n")
+    return parse_field_lines(b"".join(parts))
 
 
 def has_control_chars(value: bytes) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.balancer import Pool, SlotRegistry
 from gateway.config import Config, Endpoint, GuardConfig, RoutingConfig, ServiceConfig
-from gateway.headers import Field
+from gateway.headers import Field, ReleaseLines
 from gateway.propagation import GRAY_TAG_KEY, build_baggage, gray_tag
 from gateway.routing import ServiceMatcher, TrustPolicy, WeightTable
 from gateway.segments import SegmentSet
@@ -39,6 +39,7 @@ class ReleaseView:
     extra_baggage: tuple[tuple[str, str], ...]  # release.stage + the extras, in order
     stage_h: Field  # (configured stage header, name): to the upstream and client
     baggage_h: Field  # the whole baggage field when the client sent none
+    lines: ReleaseLines  # stage_h and baggage_h rendered for the upstream head
     gray_tag: str | None = None  # the release's `tag:` as `k=v;k2=v2` (span attribute)
     tls: UpstreamTLS | None = None  # for its https:// endpoints (gateway/tls_config.py)
 
@@ -187,6 +188,8 @@ def build_snapshot(
             extra = (("release.stage", r.name), *r.baggage)
             if gt is not None:
                 extra = (*extra, (GRAY_TAG_KEY, gt))
+            stage_h = Field(stage_name_b, r.name.encode())
+            baggage_h = Field(b"baggage", (build_baggage((), extra) or "").encode("latin-1"))
             releases[r.name] = ReleaseView(
                 name=r.name,
                 raw_weight=weights[s.name][r.name],
@@ -195,8 +198,9 @@ def build_snapshot(
                 pool=pool,
                 baggage=r.baggage,
                 extra_baggage=extra,
-                stage_h=Field(stage_name_b, r.name.encode()),
-                baggage_h=Field(b"baggage", (build_baggage((), extra) or "").encode("latin-1")),
+                stage_h=stage_h,
+                baggage_h=baggage_h,
+                lines=ReleaseLines(stage_h, baggage_h),
                 gray_tag=gt,
                 tls=r.upstream_tls,
             )

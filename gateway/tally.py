@@ -1,6 +1,6 @@
 """Finished exchanges of one (service, release), gathered between two accounting flushes.
 
-Why: metrics and guard windows are updated once per event-loop iteration, not per request
+Why: metrics and guard windows are updated every 50 ms (gateway/app.py), not per request
 (a labelled prometheus_client counter update costs ~0.25-1 µs and takes a lock). The data path adds
 each finished exchange to its release's tally — a counter bump and a list append, no tuple or
 key built per request — and the flush hands whole tallies to `Metrics` and `Guard`.

@@ -48,6 +48,7 @@ SUITES = [
     "test_split_e2e.py",
     "test_guard.py",
     "test_headers.py",
+    "test_request_head.py",
     "test_propagation.py",
     "test_routing.py",
     "test_balancer.py",

@@ -21,6 +21,7 @@ from gateway.errors import (
     ERR_TLS,
     UpstreamErrorKind,
 )
+from gateway.headers import parse_field_lines
 
 if TYPE_CHECKING:
     import socket
@@ -61,7 +62,7 @@ Headers = list[tuple[bytes, bytes]]
 class RequestHead:
     """A parsed, framing-validated request head as the client sent it."""
 
-    __slots__ = ("method", "target", "headers", "client_ip", "http_version", "scheme")
+    __slots__ = ("method", "target", "headers", "client_ip", "http_version", "scheme", "fields")
 
     def __init__(
         self,
@@ -71,6 +72,10 @@ class RequestHead:
         client_ip: str,
         http_version: str = "1.1",
         scheme: str = "http",
+        # The same fields as the client's own CRLF-terminated field lines, when the
+        # engine has them whole (policy forwards them as one block if it keeps
+        # every field unchanged); None: policy renders `headers`.
+        fields: bytes | None = None,
     ) -> None:
         self.method = method
         self.target = target
@@ -78,6 +83,7 @@ class RequestHead:
         self.client_ip = client_ip
         self.http_version = http_version
         self.scheme = scheme
+        self.fields = fields
 
     def __repr__(self) -> str:
         return f"RequestHead({self.method!r}, {self.target!r}, {self.client_ip!r})"
@@ -155,13 +161,20 @@ class Forward:
     X-Forwarded-*, Via, X-Release-Stage, traceparent... added). The engine adds
     only framing (Content-Length / Transfer-Encoding: chunked), Host is kept as
     given in `headers`, and Connection/Upgrade for an upgrade.
+
+    Policy may give the same fields already rendered as field lines (`fields`,
+    with `headers` None): the engine writes them as they are, and `headers`
+    parses them on first read (the aiohttp engine, tests). Setting `headers`
+    replaces both. `response_fields` is the same for `response_headers`.
     """
 
     __slots__ = (
         "host",
         "port",
-        "headers",
-        "response_headers",
+        "_headers",
+        "fields",
+        "_response_headers",
+        "response_fields",
         "service",
         "release",
         "connect_timeout",
@@ -178,8 +191,9 @@ class Forward:
         self,
         host: str,
         port: int,
-        headers: Headers,
-        response_headers: Headers,  # appended to the client response (X-Release-Stage, ...)
+        headers: Headers | None,
+        # Appended to the client response (X-Release-Stage, ...); None: `response_fields`.
+        response_headers: Headers | None,
         service: str,
         release: str,
         connect_timeout: float,
@@ -194,11 +208,17 @@ class Forward:
         retry: Retry | None = None,
         # https:// endpoint: the client context and SNI (README "TLS"); None = plain HTTP.
         tls: UpstreamTLS | None = None,
+        # `headers` as CRLF-terminated field lines (when `headers` is None).
+        fields: bytes | None = None,
+        # `response_headers` as CRLF-terminated field lines (when that is None).
+        response_fields: bytes | None = None,
     ) -> None:
         self.host = host
         self.port = port
-        self.headers = headers
-        self.response_headers = response_headers
+        self._headers = headers
+        self.fields = fields
+        self._response_headers = response_headers
+        self.response_fields = response_fields
         self.service = service
         self.release = release
         self.connect_timeout = connect_timeout
@@ -210,6 +230,30 @@ class Forward:
         self.tls = tls
         # What the engine learnt about a failure, for the error body (the TLS error).
         self.detail: str | None = None
+
+    @property
+    def headers(self) -> Headers:
+        h = self._headers
+        if h is None:
+            h = self._headers = parse_field_lines(self.fields or b"")
+        return h
+
+    @headers.setter
+    def headers(self, value: Headers) -> None:
+        self._headers = value
+        self.fields = None
+
+    @property
+    def response_headers(self) -> Headers:
+        h = self._response_headers
+        if h is None:
+            h = self._response_headers = parse_field_lines(self.response_fields or b"")
+        return h
+
+    @response_headers.setter
+    def response_headers(self, value: Headers) -> None:
+        self._response_headers = value
+        self.response_fields = None
 
     def __repr__(self) -> str:
         return f"Forward({self.host!r}, {self.port}, {self.service!r}, {self.release!r})"

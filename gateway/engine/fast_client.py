@@ -36,18 +36,22 @@ from gateway.engine.fast_wire import (
     H_HOST,
     H_TRANSFER_ENCODING,
     H_UPGRADE,
+    LEN_CONTENT_LENGTH,
+    LEN_HOST,
+    LEN_TRANSFER_ENCODING,
+    LEN_UPGRADE,
     P_DEAD,
     P_PIPE,
     P_UPG,
     P_UPW,
     P_WAIT,
-    REQ_SPECIAL_LENS,
     X_ANSWERED,
     X_FINISHED,
     X_HEAD_SENT,
     Exchange,
     Reject,
     error_json,
+    head_at_start,
     local_response,
     request_framing,
 )
@@ -213,6 +217,7 @@ class ClientConn(Armed):
         "_tunnel_eof_client",
         "_tunnel_eof_upstream",
         "_begun",
+        "_chunk",
     )
 
     transport: asyncio.Transport
@@ -227,6 +232,8 @@ class ClientConn(Armed):
         # Made at the first byte and dropped after PARSER_IDLE_SECONDS idle: an idle
         # keep-alive connection holds no llhttp parser (~0.85 KiB with its bound methods).
         self.parser: HttpRequestParser | None = None
+        # The bytes being fed while they began with no message in progress (else None).
+        self._chunk: bytes | None = None
         self.client_ip = ""
         self.state = C_OPEN
         self.waiting_for = S_WAIT
@@ -366,6 +373,8 @@ class ClientConn(Armed):
             if p is None:
                 p = self.parser = HttpRequestParser(self)
                 self._queue = []  # (an idle connection holds neither)
+            # Between messages with nothing held by llhttp, a head starts in this read.
+            self._chunk = data if st0 == S_WAIT and not self._begun else None
             p.feed_data(data)
             # Bytes after a complete message that start no request line yet (a method's
             # first letters) raise no callback: a chunk ending in LF left none behind.
@@ -391,6 +400,7 @@ class ClientConn(Armed):
             return
         finally:
             self._last_ex = None  # only the upgrade branch needs it; an idle connection holds none
+            self._chunk = None
         if self.state >= C_LINGER:
             return
         if self.waiting_for == S_WAIT and not self._done_in_feed and self._idle():
@@ -446,8 +456,15 @@ class ClientConn(Armed):
         if self.waiting_for != S_HEAD:
             return  # trailer fields are not forwarded (RFC 9112 §7.1.2)
         self._headers.append((name, value))
-        if len(name) in REQ_SPECIAL_LENS:
-            lname = name.lower()
+        n = len(name)
+        if (
+            n == LEN_HOST
+            or n == LEN_UPGRADE
+            or n == LEN_CONTENT_LENGTH
+            or n == LEN_TRANSFER_ENCODING
+        ):
+            # The usual spelling of Host without bytes.lower() (a method call, compiled).
+            lname = H_HOST if name == b"Host" else name.lower()
             if lname == H_HOST:
                 self._hosts += 1
             elif lname == H_CONTENT_LENGTH:
@@ -463,21 +480,29 @@ class ClientConn(Armed):
     def on_headers_complete(self) -> None:
         p = self.parser
         assert p is not None
-        version = p.get_http_version()
-        method = p.get_method()
-        http11, body_kind, length, upgrade = request_framing(
-            version,
-            method,
-            self._hosts,
-            self._content_length,
-            self._transfer_coding,
-            self._upgrade if p.should_upgrade() else None,
-        )
         headers = self._headers
+        method = p.get_method()
+        chunk = self._chunk
+        version = ""
+        fields: bytes | None = None
+        if chunk is not None and not self._done_in_feed:
+            # The first message of a read that began between messages: its head is
+            # at the start of `chunk` (fast_wire.head_at_start).
+            version, fields = head_at_start(chunk, method, self._url, headers)
+        if not version:
+            version = p.get_http_version()
+        upgrade = self._upgrade
+        if upgrade is not None and not p.should_upgrade():  # asked only with an Upgrade field
+            upgrade = None
+        http11, body_kind, length, upgrade = request_framing(
+            version, method, self._hosts, self._content_length, self._transfer_coding, upgrade
+        )
         self._headers = _NO_HEADERS  # an idle connection holds no head, nor an empty list
         ex = Exchange(
             self,
-            RequestHead(method, self._url, headers, self.client_ip, version, self.ctx.scheme),
+            RequestHead(
+                method, self._url, headers, self.client_ip, version, self.ctx.scheme, fields
+            ),
             http11,
             method == b"HEAD",
             p.should_keep_alive(),

@@ -33,7 +33,7 @@ from gateway.engine.fast_wire import (
     X_WAITING,
     Exchange,
     Reject,
-    add_fields,
+    add_response_fields,
     request_head,
     status_line,
 )
@@ -440,7 +440,7 @@ class Upstream(Armed):
                 ex.status = 101
                 ex.state = X_HEAD_SENT
                 parts += (CONN_UPGRADE, self.upgrade, CRLF)
-                add_fields(parts, fwd.response_headers)
+                add_response_fields(parts, fwd)
                 parts.append(CRLF)
                 self.out += parts
                 return
@@ -453,7 +453,7 @@ class Upstream(Armed):
                 parts.append(CRLF)
                 self.out += parts
             return
-        add_fields(parts, fwd.response_headers)
+        add_response_fields(parts, fwd)
         close = ex.close_after or not ex.keep or not ex.req_done or client.close_soon
         if ex.is_head or status == 204 or status == 304:
             self.mode = M_NONE

@@ -65,11 +65,13 @@ H_CONTENT_LENGTH: Final = b"content-length"
 H_CONNECTION: Final = b"connection"
 H_UPGRADE: Final = b"upgrade"
 H_TRANSFER_ENCODING: Final = b"transfer-encoding"
-# Request fields the client side inspects (lengths first: a cheap pre-filter).
+# Request fields the client side inspects (lengths first: a cheap pre-filter, as
+# literals so that the compiled build compares machine ints, no set lookup).
 H_HOST: Final = b"host"
-REQ_SPECIAL_LENS: Final = frozenset(
-    {len(H_HOST), len(H_UPGRADE), len(H_CONTENT_LENGTH), len(H_TRANSFER_ENCODING)}
-)
+LEN_HOST: Final = 4
+LEN_UPGRADE: Final = 7
+LEN_CONTENT_LENGTH: Final = 14
+LEN_TRANSFER_ENCODING: Final = 17
 
 
 def add_fields(parts: list[bytes], fields: Headers) -> None:
@@ -79,6 +81,15 @@ def add_fields(parts: list[bytes], fields: Headers) -> None:
         parts.append(COLON)
         parts.append(v)
         parts.append(CRLF)
+
+
+def add_response_fields(parts: list[bytes], fwd: Forward) -> None:
+    """Append policy's fields for the client response (X-Release-Stage, X-Request-ID, ...)."""
+    rendered = fwd.response_fields
+    if rendered is not None:
+        parts.append(rendered)  # rendered once by policy (engine.api.Forward)
+    else:
+        add_fields(parts, fwd.response_headers)
 
 
 def status_line(code: int) -> bytes:
@@ -147,6 +158,67 @@ def request_framing(
             raise Reject(400, "upgrade request with a body")
         body_kind = BODY_NONE
     return http11, body_kind, length, upgrade
+
+
+def head_at_start(
+    data: bytes, method: bytes, target: bytes, fields: Headers
+) -> tuple[str, bytes | None]:
+    """(HTTP version, field lines) of a request head llhttp parsed from the start of `data`.
+
+    Why: reading the version from the request line spares httptools'
+    `get_http_version()` (a str formatted per call), and the field lines as
+    received let policy forward the client's fields as one block. Only for a
+    head that began at the start of this read (the caller knows that), and
+    only in the plain form every client sends: `method SP target SP
+    HTTP/1.x CRLF` (RFC 9112 §3), then one `name: value CRLF` line per field
+    llhttp reported (RFC 9112 §5), then CRLF. Every byte between the parsed
+    parts is checked, so the block holds exactly the parsed fields; anything
+    else (leading CRLFs, extra spaces, OWS other than one SP, another version)
+    gives ("", None) or (version, None): then the parser is asked, and policy
+    renders the fields from the list. Byte indexing and lengths only: a
+    bytes method call costs more in the compiled build than the whole check.
+    """
+    m = len(method)
+    p = m + 1 + len(target)  # where SP HTTP/1.x CRLF must be
+    n = len(data)
+    if (
+        n < p + 11
+        or not data.startswith(method)
+        or data[m] != 32
+        or data[m + 1] == 32
+        or data[p] != 32
+        or data[p + 1] != 72  # H
+        or data[p + 2] != 84  # T
+        or data[p + 3] != 84  # T
+        or data[p + 4] != 80  # P
+        or data[p + 5] != 47  # /
+        or data[p + 6] != 49  # 1
+        or data[p + 7] != 46  # .
+        or data[p + 9] != 13
+        or data[p + 10] != 10
+    ):
+        return "", None
+    minor = data[p + 8]
+    if minor == 49:
+        version = "1.1"
+    elif minor == 48:
+        version = "1.0"
+    else:
+        return "", None
+    # llhttp keeps no CR in a value and strips the OWS before it, so each check
+    # below fails at the first line that is not exactly `name: value CRLF`.
+    start = pos = p + 11
+    for name, value in fields:
+        pos += len(name)
+        if pos + 1 >= n or data[pos] != 58 or data[pos + 1] != 32:  # ": "
+            return version, None
+        pos += 2 + len(value)
+        if pos + 1 >= n or data[pos] != 13 or data[pos + 1] != 10:
+            return version, None
+        pos += 2
+    if pos + 1 >= n or data[pos] != 13 or data[pos + 1] != 10:
+        return version, None
+    return version, data[start:pos]
 
 
 def error_json(status: int, message: str) -> Respond:
@@ -268,8 +340,16 @@ def request_head(ex: Exchange, fwd: Forward) -> bytes:
     h = ex.head
     assert h is not None
     target = fwd.target
+    fields = fwd.fields
+    if fields is not None and ex.body_kind == BODY_NONE and ex.upgrade is None:
+        # The common case in one join of a fixed tuple (no list grown part by part).
+        t = target if target is not None else h.target
+        return b"".join((h.method, SP, t, HTTP11_TAIL, fields, CRLF))
     parts = [h.method, SP, target if target is not None else h.target, HTTP11_TAIL]
-    add_fields(parts, fwd.headers)
+    if fields is not None:
+        parts.append(fields)  # policy's fields, rendered once (engine.api.Forward)
+    else:
+        add_fields(parts, fwd.headers)
     kind = ex.body_kind
     if kind == BODY_CL:
         parts.append(b"Content-Length: %d\r\n\r\n" % ex.content_length)
