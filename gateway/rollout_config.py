@@ -108,6 +108,17 @@ def _duration(m: Mapping[str, object], key: str, default: float, add: AddError) 
     return d
 
 
+def _bounded(
+    m: Mapping[str, object], key: str, default: float, lo: float, hi: float, add: AddError
+) -> float:
+    """`_duration` within [lo, hi] seconds; outside it the field is refused and `default` used."""
+    d = _duration(m, key, default, add)
+    if not lo <= d <= hi:
+        add(f"rollout.{key}", f"must be a duration between {lo:g}s and {hi:g}s")
+        return default
+    return d
+
+
 def _http_url(url: object) -> bool:
     if not isinstance(url, str):
         return False
@@ -197,18 +208,6 @@ def parse_rollout(v: object, add: AddError) -> RolloutConfig:
                     continue
                 seen.add(hook.name)
                 hooks.append(hook)
-    ttl = _duration(v, "lease_ttl", d.lease_ttl, add)
-    if not MIN_LEASE_TTL <= ttl <= MAX_LEASE_TTL:
-        add(
-            "rollout.lease_ttl",
-            f"must be a duration between {MIN_LEASE_TTL:g}s and {MAX_LEASE_TTL:g}s",
-        )
-        ttl = d.lease_ttl
-    every = _duration(v, "publish_interval", d.publish_interval, add)
-    if not MIN_PUBLISH <= every <= MAX_LEASE_TTL:
-        add(
-            "rollout.publish_interval",
-            f"must be a duration between {MIN_PUBLISH:g}s and {MAX_LEASE_TTL:g}s",
-        )
-        every = d.publish_interval
+    ttl = _bounded(v, "lease_ttl", d.lease_ttl, MIN_LEASE_TTL, MAX_LEASE_TTL, add)
+    every = _bounded(v, "publish_interval", d.publish_interval, MIN_PUBLISH, MAX_LEASE_TTL, add)
     return RolloutConfig(first, later, ct, deadline, str(action), tuple(hooks), ttl, every)

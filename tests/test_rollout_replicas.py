@@ -31,6 +31,15 @@ from tests.polling import until
 pytestmark = pytest.mark.timeout(120)
 
 TTL = 3.0  # rollout.lease_ttl in these tests (the shortest allowed)
+# A rollout of three steps, two of them paused 1 s: hooks fire on each of its events.
+THREE_STEPS = {
+    "release": "gray",
+    "steps": [
+        {"weight": 20, "pause": "1s"},
+        {"weight": 50, "pause": "1s"},
+        {"weight": 100, "pause": 0},
+    ],
+}
 
 
 class Receiver:
@@ -93,14 +102,7 @@ async def test_three_replicas_call_each_hook_once_per_event(upstreams: Any, gate
         ("log", "event"),
         ("done", "post_rollout"),
     )
-    plan = {
-        "release": "gray",
-        "steps": [
-            {"weight": 20, "pause": "1s"},
-            {"weight": 50, "pause": "1s"},
-            {"weight": 100, "pause": 0},
-        ],
-    }
+    plan = THREE_STEPS
     async with ConsulDouble(jitter=False) as consul:
         doc = _consul_doc(services, consul, rollout)
         gws = [await gateway(doc) for _ in range(3)]
@@ -238,14 +240,7 @@ async def test_a_killed_holder_is_replaced_and_the_rollout_carries_on(
         rollout=_limits(up.url, ("approve", "confirm_step"), ("log", "event")),
         state={"store": "file", "path": str(state)},
     )
-    plan = {
-        "release": "gray",
-        "steps": [
-            {"weight": 20, "pause": "1s"},
-            {"weight": 50, "pause": "1s"},
-            {"weight": 100, "pause": 0},
-        ],
-    }
+    plan = THREE_STEPS
     with contextlib.ExitStack() as stack:
         procs = []
         for i in range(3):

@@ -71,10 +71,6 @@ Key = tuple[str, int]
 # as nginx answers "upstream sent too big header" (its proxy_buffer_size).
 MAX_RESPONSE_HEAD: Final = 65536
 
-# ASCII upper case to lower case, for `bytes.translate` (field names are
-# case-insensitive, RFC 9110 §5.1).
-LOWER: Final = bytes(range(65)) + bytes(range(97, 123)) + bytes(range(91, 256))
-
 
 def _by_first_byte(names: list[bytes]) -> tuple[tuple[tuple[int, bytes, bytes], ...], ...]:
     """Per lower-cased first byte: (length, lower-cased name, usual spelling) of each name."""
@@ -357,7 +353,7 @@ class Upstream(Armed):
             for size, name, usual in NOTED[line[0] | 32]:
                 if n > size and line[size] == 58:  # b":"
                     got = line[:size]
-                    if got == usual or got == name or got.translate(LOWER) == name:
+                    if got == usual or got == name or got.lower() == name:
                         if name == H_CONTENT_LENGTH:
                             self.has_length = True  # kept: the relay frames the body as received
                         else:
@@ -410,7 +406,7 @@ class Upstream(Armed):
             if value == KEEP_ALIVE or value == CLOSE:
                 return  # options that name no field
             if len(value) == 10 or len(value) == 5:
-                lvalue = value.translate(LOWER)
+                lvalue = value.lower()
                 if lvalue == KEEP_ALIVE or lvalue == CLOSE:
                     return
             toks = connection_tokens(value)
@@ -419,7 +415,7 @@ class Upstream(Armed):
         elif name == H_UPGRADE:
             self.upgrade = value
         elif name == H_TRANSFER_ENCODING:
-            chunked = value.translate(LOWER).rstrip().endswith(b"chunked")
+            chunked = value.lower().rstrip().endswith(b"chunked")
             self.te_kind = TE_IS_CHUNKED if chunked else TE_OTHER
 
     def on_headers_complete(self) -> None:
