@@ -343,23 +343,6 @@ def upstream_fields(
     return parts
 
 
-def upstream_headers(
-    s: Scanned,
-    *,
-    client_ip: str,
-    proto: str,
-    stage: Field,
-    request_id: bytes,
-) -> Headers:
-    """`upstream_fields` of `s.kept`, without the trace fields, as a (name, value) list."""
-    lines = ReleaseLines(stage, Field(b"baggage", b""))
-    parts = upstream_fields(
-        s, None, client_ip=client_ip, proto=proto, lines=lines, request_id=request_id
-    )
-    parts.append(b"\r\n")
-    return parse_field_lines(b"".join(parts))
-
-
 def has_control_chars(value: bytes) -> bool:
     """RFC 9110 §5.5: field values must not carry CTLs other than HTAB."""
     return any((c < 0x20 and c != 0x09) or c == 0x7F for c in value)

@@ -6,12 +6,28 @@ import pytest
 
 from gateway.headers import (
     Field,
+    Headers,
+    ReleaseLines,
+    Scanned,
     has_control_chars,
+    parse_field_lines,
     scan,
     strip_response_hop_by_hop,
-    upstream_headers,
+    upstream_fields,
 )
 from tests.engine_helpers import HOP
+
+
+def upstream_headers(
+    s: Scanned, *, client_ip: str, proto: str, stage: Field, request_id: bytes
+) -> Headers:
+    """What `upstream_fields` sends for `s.kept` (no trace fields), as (name, value) pairs."""
+    lines = ReleaseLines(stage, Field(b"baggage", b""))
+    parts = upstream_fields(
+        s, None, client_ip=client_ip, proto=proto, lines=lines, request_id=request_id
+    )
+    parts.append(b"\r\n")
+    return parse_field_lines(b"".join(parts))
 
 
 def _names(h: list[tuple[bytes, bytes]]) -> list[bytes]:

@@ -13,6 +13,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
 
 from gateway.engine.api import Forward, Headers, RequestHead, Respond
+from gateway.headers import add_field_lines
 
 if TYPE_CHECKING:
     from gateway.engine.fast_client import ClientConn
@@ -24,7 +25,6 @@ STATUS_LINES: Final[dict[int, bytes]] = {
 }
 
 CRLF: Final = b"\r\n"
-COLON: Final = b": "
 CHUNK_END: Final = b"0\r\n\r\n"
 TE_CHUNKED: Final = b"Transfer-Encoding: chunked\r\n"
 CONN_CLOSE: Final = b"Connection: close\r\n"
@@ -74,22 +74,13 @@ LEN_CONTENT_LENGTH: Final = 14
 LEN_TRANSFER_ENCODING: Final = 17
 
 
-def add_fields(parts: list[bytes], fields: Headers) -> None:
-    """Append `name: value CRLF` per field to a head being built (joined once, written once)."""
-    for n, v in fields:
-        parts.append(n)  # four appends: cheaper than extending by a new tuple (compiled)
-        parts.append(COLON)
-        parts.append(v)
-        parts.append(CRLF)
-
-
 def add_response_fields(parts: list[bytes], fwd: Forward) -> None:
     """Append policy's fields for the client response (X-Release-Stage, X-Request-ID, ...)."""
     rendered = fwd.response_fields
     if rendered is not None:
         parts.append(rendered)  # rendered once by policy (engine.api.Forward)
     else:
-        add_fields(parts, fwd.response_headers)
+        add_field_lines(parts, fwd.response_headers)
 
 
 def status_line(code: int) -> bytes:
@@ -235,7 +226,7 @@ def local_response(r: Respond, *, keep: bool, http11: bool, is_head: bool) -> by
     """
     status = r.status
     parts = [status_line(status)]
-    add_fields(parts, r.headers)
+    add_field_lines(parts, r.headers)
     body = r.body
     if status >= 200 and status != 204 and status != 304:
         parts.append(b"Content-Length: %d\r\n" % len(body))
@@ -349,7 +340,7 @@ def request_head(ex: Exchange, fwd: Forward) -> bytes:
     if fields is not None:
         parts.append(fields)  # policy's fields, rendered once (engine.api.Forward)
     else:
-        add_fields(parts, fwd.headers)
+        add_field_lines(parts, fwd.headers)
     kind = ex.body_kind
     if kind == BODY_CL:
         parts.append(b"Content-Length: %d\r\n\r\n" % ex.content_length)
