@@ -395,3 +395,22 @@ def test_a_failing_observer_never_stops_the_accounting(caplog: pytest.LogCapture
         if s.name == "http_requests_total" and s.labels["release"] == "gray"
     )
     assert total == 6  # metrics ran before the observer failed, both times
+
+
+async def test_a_scrape_counts_the_requests_answered_before_it_at_once(
+    upstreams: Any, gateway: Any
+) -> None:
+    """The accounting waits up to 50 ms (app.py ACCOUNTING_INTERVAL); a scrape flushes it first.
+
+    One scrape right after the answers, no polling: every request answered before
+    it is counted, although the deferred flush has not run yet.
+    """
+    st = await upstreams("stable")
+    gw = await gateway(gateway_config(two_releases(st.url, st.url), engine="fast"))
+    assert gw.port is not None
+    async with aiohttp.ClientSession() as s:
+        for i in range(3):
+            async with s.get(f"http://127.0.0.1:{gw.port}/", headers={"X-User-ID": f"u{i}"}) as r:
+                assert r.status == 200
+        text, _ = await scrape(s, gw)
+    assert sum(select(parse(text), "http_requests_total").values()) == 3
