@@ -136,7 +136,8 @@ class Gateway:
         self.control = ControlPlane(config, self.holder, rng=self.rng)
         # Audit trail beside the state store: every stored change, with who made it.
         self.auditor = audit.Auditor(audit.open_audit(config.state, config.consul))
-        self.control.on_change = self.auditor.on_change
+        self.control.journal = self.auditor
+        self.auditor.pending = lambda: self.control.doc.audit
         if admin:  # workers reload too, on the master's signal: audit the reload once
             self.control.reload_listeners.append(self._audit_reload)
         # Consul discovery (README "Consul discovery"): complete endpoint maps go to
@@ -316,6 +317,8 @@ class Gateway:
     async def start(self, sock: socket.socket | None = None) -> None:
         # Store first: a corrupt state file or an unsafe admin listener refuses to start.
         await self.control.start(admin=self.with_admin, data=self.with_data)
+        if self.with_admin:  # a copy to the trail a crash cut short (gateway/audit.py)
+            await self.auditor.copy(self.control.doc.audit)
         if self.discovery is not None:
             await self.discovery.start()
         if self.with_data:

@@ -7,12 +7,21 @@ multiply that cost and, on Consul, crowd the 512 KB value limit
 (https://developer.hashicorp.com/consul/docs/dynamic-app-config/kv). So the
 file store keeps `<state path>.audit.jsonl` (one JSON record a line, appended
 under flock) and the Consul store the key `<kv_prefix>/audit` (a JSON list,
-CAS-written like the state). A record is written right after the change it
-describes is stored and carries the state version that change produced.
+CAS-written like the state).
+
+Why a crash cannot lose a record: the record of a change is written IN the
+state document that makes the change (its `audit` list), so the change and
+its record are one atomic write (file rename) or one CAS (Consul), and a
+write that fails stores neither. Right after, the record is copied to the
+trail; a copy cut short by a crash is made by the next change of any process
+before its own write replaces the document (records are appended only when
+absent, so a copy made twice is kept once), and by the next start. Reads
+show the trail plus the stored document's records the trail lacks.
 
 Who acts comes from `acting(...)`: the admin API sets the token's name, the
 guard `guard`, the rollout driver `rollout`, a reload `reload`; the control
-plane calls `Auditor.on_change` after every stored change.
+plane calls `Auditor.prepare` before and `Auditor.committed` after every
+audited change.
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -37,11 +47,17 @@ import aiohttp
 
 from gateway.config import ConsulConfig, StateConfig
 from gateway.errors import Unavailable
-from gateway.store.doc import ServiceState
+from gateway.store.doc import ServiceState, StateDoc
 
 log = logging.getLogger("gateway.audit")
 
 KEEP = 1000
+# Records a state document carries while the trail cannot take them (e.g. the audit key
+# refused for a while); past this many the oldest is dropped, logged as an error.
+PENDING_MAX: Final = 100
+# How much of the file trail's end is searched for a record before appending it: copies
+# are made right after the write, so a record already there is among the last ones.
+_TAIL_BYTES: Final = 128 * 1024
 # Leave room under Consul's 512 KB value limit for the JSON list's own bytes.
 _CONSUL_MAX_BYTES = 480 * 1024
 
@@ -127,8 +143,21 @@ def diff(
     return ({k: b[k] for k in keys if k in b}, {k: a[k] for k in keys if k in a})
 
 
+def key(record: Mapping[str, Any]) -> str:
+    """A record's identity: its canonical JSON (a copy read back compares equal)."""
+    return json.dumps(record, separators=(",", ":"), sort_keys=True)
+
+
+def _line(record: Mapping[str, Any]) -> bytes:
+    return (key(record) + "\n").encode()
+
+
 class AuditStore(Protocol):
     async def append(self, record: dict[str, Any]) -> None: ...
+
+    async def append_new(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Append, in order, those of `records` the trail does not hold yet."""
+        ...
 
     async def read(self) -> list[dict[str, Any]]: ...
 
@@ -144,6 +173,11 @@ class MemoryAudit:
 
     async def append(self, record: dict[str, Any]) -> None:
         self.records = [*self.records, record][-self.keep :]
+
+    async def append_new(self, records: Sequence[Mapping[str, Any]]) -> None:
+        have = {key(r) for r in self.records}
+        new = [dict(r) for r in records if key(r) not in have]
+        self.records = [*self.records, *new][-self.keep :]
 
     async def read(self) -> list[dict[str, Any]]:
         return list(self.records)
@@ -179,35 +213,54 @@ class FileAudit:
         return f"FileAudit({str(self.path)!r})"
 
     async def append(self, record: dict[str, Any]) -> None:
-        await asyncio.to_thread(self._append, record)
+        await asyncio.to_thread(self._append, [record], False)
 
-    def _append(self, record: dict[str, Any]) -> None:
+    async def append_new(self, records: Sequence[Mapping[str, Any]]) -> None:
+        await asyncio.to_thread(self._append, records, True)
+
+    def _append(self, records: Sequence[Mapping[str, Any]], only_new: bool) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n").encode()
         with open(self.lock_path, "a+b") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
                 size = self.path.stat().st_size
             except FileNotFoundError:
                 size = 0
+            # Only the last byte matters to a plain append (see below).
+            tail = self._tail(size, _TAIL_BYTES if only_new else 1)
+            if only_new:
+                start = 0 if size <= len(tail) else tail.find(b"\n") + 1  # skip a cut line
+                have = {key(r) for r in _parse_lines(tail[start:])}
+                records = [r for r in records if key(r) not in have]
+                if not records:
+                    return
+            lines = b"".join(_line(r) for r in records)
             # Trim only now and then (readers take the last KEEP anyway): appends stay cheap.
             if size > self.max_bytes:
-                kept = _parse_lines(self.path.read_bytes())[-(self.keep - 1) :]
-                body = b"".join(
-                    (json.dumps(r, separators=(",", ":"), sort_keys=True) + "\n").encode()
-                    for r in kept
-                )
+                kept = [*_parse_lines(self.path.read_bytes()), *records][-self.keep :]
                 fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".")
                 with os.fdopen(fd, "wb") as f:
-                    f.write(body + line)
+                    f.write(b"".join(_line(r) for r in kept))
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, self.path)
             else:
+                # A line torn by a power cut has no newline: end it, or the first record
+                # appended would join it and be unreadable.
+                torn = b"\n" if tail and not tail.endswith(b"\n") else b""
                 with open(self.path, "ab") as f:
-                    f.write(line)
+                    f.write(torn + lines)
                     f.flush()
                     os.fsync(f.fileno())
+
+    def _tail(self, size: int, n: int) -> bytes:
+        """The trail's last `n` bytes (all of it when smaller)."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(max(0, size - n))
+                return f.read(n)
+        except FileNotFoundError:
+            return b""
 
     async def read(self) -> list[dict[str, Any]]:
         def _read() -> list[dict[str, Any]]:
@@ -269,9 +322,21 @@ class ConsulAudit:
         return [r for r in recs if isinstance(r, dict)], int(entry["ModifyIndex"])
 
     async def append(self, record: dict[str, Any]) -> None:
+        await self._put([record], only_new=False)
+
+    async def append_new(self, records: Sequence[Mapping[str, Any]]) -> None:
+        await self._put(records, only_new=True)
+
+    async def _put(self, records: Sequence[Mapping[str, Any]], *, only_new: bool) -> None:
         for _ in range(self.retries):
             recs, modify = await self._get()
-            recs = [*recs, record][-KEEP:]
+            new = list(records)
+            if only_new:
+                have = {key(r) for r in recs}
+                new = [r for r in new if key(r) not in have]
+                if not new:
+                    return
+            recs = [*recs, *(dict(r) for r in new)][-KEEP:]
             body = json.dumps(recs, separators=(",", ":"), sort_keys=True).encode()
             while len(body) > _CONSUL_MAX_BYTES and len(recs) > 1:
                 recs = recs[len(recs) // 10 or 1 :]
@@ -308,13 +373,21 @@ def open_audit(state: StateConfig, consul: ConsulConfig) -> AuditStore:
 
 
 class Auditor:
-    """Builds records, logs each as one JSON line and appends it to the audit store."""
+    """Builds records, logs each as one JSON line and appends it to the audit store.
+
+    A change's record travels in the state document that makes the change
+    (`prepare`), then is copied to the trail (`committed`); see the module docstring.
+    """
 
     def __init__(self, store: AuditStore, wall: Callable[[], float] = time.time) -> None:
         self.store = store
         self.wall = wall
+        # The records of the state document in force (the app points it at the control
+        # plane's): reads show those the trail lacks, e.g. after a crash cut a copy short.
+        self.pending: Callable[[], Sequence[Mapping[str, Any]]] = tuple
+        self._copied: deque[str] = deque(maxlen=64)  # keys this process put in the trail
 
-    async def record(
+    def build(
         self,
         *,
         action: str,
@@ -327,7 +400,7 @@ class Auditor:
         reason: str | None = None,
     ) -> dict[str, Any]:
         ctx = current()
-        rec = {
+        return {
             "time": iso(self.wall()),
             "actor": actor or (ctx.actor if ctx else "unknown"),
             "source": source or (ctx.source if ctx else "internal"),
@@ -338,35 +411,73 @@ class Auditor:
             "reason": reason if reason is not None else (ctx.reason if ctx else None),
             "state_version": state_version,
         }
+
+    async def record(self, **fields: Any) -> dict[str, Any]:
+        """A record of something that is not a state write (a reload): logged and appended."""
+        rec = self.build(**fields)
         log.info(json.dumps({"audit": rec}, separators=(",", ":"), sort_keys=True))
         try:
             await self.store.append(rec)
-        except Exception:  # the change itself is stored; a lost record must not undo it
-            log.exception("audit: could not append the record for %s", action)
+        except Exception:  # the reload is done; a lost record must not undo it
+            log.exception("audit: could not append the record for %s", rec["action"])
         return rec
 
-    async def on_change(
+    async def prepare(
         self,
         service: str,
         before: ServiceState | None,
         after: ServiceState | None,
-        state_version: int,
-    ) -> None:
-        """The control plane's hook, called after each stored change."""
+        cur: StateDoc,
+    ) -> tuple[Mapping[str, Any], ...]:
+        """The records the next document carries: `cur`'s the trail lacks, then this change's.
+
+        Why copy `cur`'s first: the next document replaces them, and a copy cut
+        short (its writer was killed) must be in the trail before that.
+        """
         ctx = current()
         b, a = diff(before, after)
-        await self.record(
+        rec = self.build(
             action=ctx.action if ctx else "change",
             service=service,
             before=b,
             after=a,
-            state_version=state_version,
+            state_version=cur.version + 1,
         )
+        left = await self.copy(cur.audit)
+        if len(left) >= PENDING_MAX:
+            log.error(
+                "audit: the trail took no record for %d changes; dropping the oldest: %s",
+                len(left),
+                key(left[0]),
+            )
+            left = left[-(PENDING_MAX - 1) :]
+        return (*left, rec)
+
+    async def committed(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """The document carrying `records` is stored: log this change's, copy them all."""
+        if records:
+            log.info(json.dumps({"audit": records[-1]}, separators=(",", ":"), sort_keys=True))
+        await self.copy(records)
+
+    async def copy(self, records: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any], ...]:
+        """Put `records` in the trail unless there already; those it could not take."""
+        todo = tuple(r for r in records if key(r) not in self._copied)
+        if not todo:
+            return ()
+        try:
+            await self.store.append_new(todo)
+        except Exception:  # the change itself is stored, record included: it stays there
+            log.exception("audit: could not copy %d record(s) to the trail", len(todo))
+            return todo
+        self._copied.extend(key(r) for r in todo)
+        return ()
 
     async def query(
         self, service: str | None = None, since: float | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
         recs = await self.store.read()
+        have = {key(r) for r in recs}
+        recs = [*recs, *(dict(r) for r in self.pending() if key(r) not in have)][-KEEP:]
         if service is not None:
             recs = [r for r in recs if r.get("service") == service]
         if since is not None:

@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from gateway import changes, live_segments, statedoc
 from gateway import config as config_mod
@@ -46,6 +46,18 @@ _ACTIONS: dict[str, Callable[[rollout_mod.Rollout, float], rollout_mod.Rollout]]
 }
 # Called after every stored change: (service, before, after, state version) — the audit.
 ChangeHook = Callable[[str, ServiceState | None, ServiceState | None, int], Awaitable[None]]
+
+
+class Journal(Protocol):
+    """Who writes the audit record into the document making the change (gateway/audit.py)."""
+
+    async def prepare(
+        self, service: str, before: ServiceState | None, after: ServiceState | None, cur: StateDoc
+    ) -> tuple[Mapping[str, Any], ...]: ...
+
+    async def committed(self, records: tuple[Mapping[str, Any], ...]) -> None: ...
+
+
 # Changing these needs new sockets, processes or a new store: a reload warns and keeps them.
 _RESTART_ONLY = ("listen", "admin", "workers", "engine", "state", "consul")
 
@@ -152,6 +164,7 @@ class ControlPlane:
         self._warned: set[str] = set()
         self._discovered: EndpointMap | None = None
         self.on_change: ChangeHook | None = None
+        self.journal: Journal | None = None  # the audit: its record is stored with the change
         # Applied to every config this process loads, e.g. `gateway run --port`'s override.
         self.adjust: Callable[[Config], Config] = _unchanged
         # Stored `PUT …/segments` lists, parsed once per change (gateway/live_segments.py).
@@ -285,6 +298,9 @@ class ControlPlane:
                 before = cur.services.get(service) or ServiceState(
                     weights=self.holder.current.weights.get(service, {})
                 )
+                if self.journal is not None and not quiet:  # the record is in the same write
+                    records = await self.journal.prepare(service, before, new_state, cur)
+                    new_doc = replace(new_doc, audit=records)
                 try:
                     stored = await store.write(new_doc, cur.version)
                 except Conflict:
@@ -299,6 +315,8 @@ class ControlPlane:
                         self._apply(latest)
                     continue
                 self._apply(stored)
+                if self.journal is not None and not quiet:
+                    await self.journal.committed(stored.audit)
                 if self.on_change is not None and not quiet:
                     await self.on_change(
                         service, before, stored.services.get(service), stored.version

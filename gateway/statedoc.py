@@ -112,6 +112,9 @@ class StateDoc:
 
     version: int = 0
     services: Mapping[str, ServiceState] = field(default_factory=dict)
+    # Audit records written with this document and maybe not yet in the audit trail
+    # (gateway/audit.py): the change and its record are one write, whatever the store.
+    audit: tuple[Mapping[str, Any], ...] = ()
 
     def with_service(self, name: str, state: ServiceState) -> StateDoc:
         return replace(self, services={**self.services, name: state})
@@ -120,11 +123,14 @@ class StateDoc:
         return replace(self, services={k: v for k, v in self.services.items() if k != name})
 
     def body(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "format": FORMAT,
             "version": self.version,
             "services": {k: v.to_json() for k, v in sorted(self.services.items())},
         }
+        if self.audit:
+            out["audit"] = [dict(r) for r in self.audit]
+        return out
 
     def weights(self) -> dict[str, dict[str, float]]:
         return {k: dict(v.weights) for k, v in self.services.items() if v.weights}
@@ -214,7 +220,12 @@ def from_body(raw: object) -> StateDoc:
     services = raw.get("services")
     if not isinstance(services, dict):
         raise InvalidDoc("services", "must be an object")
-    return StateDoc(version, {name: _service(name, sv) for name, sv in services.items()})
+    audit = raw.get("audit", [])
+    if not isinstance(audit, list) or not all(isinstance(r, dict) for r in audit):
+        raise InvalidDoc("audit", "must be a list of objects")
+    return StateDoc(
+        version, {name: _service(name, sv) for name, sv in services.items()}, tuple(audit)
+    )
 
 
 def _no_constants(name: str) -> Any:
