@@ -1,0 +1,318 @@
+"""What a crash leaves of the audit trail (README.md "Audit", docs/admin-api.md).
+
+The record of a change is written in the state document that makes the change:
+one atomic file write, one Consul CAS. Here: the stores write it that way and a
+failed write keeps neither (store layer); a record of a lost race, of a refused
+change or of a copy the trail did not take is never lost nor kept twice (control
+plane, real stores); and gateway processes killed with SIGKILL while changes
+pour in restart with a record for every change in force (file store and Consul).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import audit
+from gateway import config as config_mod
+from gateway.audit import Auditor, FileAudit
+from gateway.config import ConsulConfig
+from gateway.control import ControlPlane
+from gateway.errors import Conflict
+from gateway.state import SnapshotHolder, build_snapshot
+from gateway.store import ServiceState, StateDoc, decode
+from gateway.store.consul import ConsulStore
+from gateway.store.file import FileStore
+from tests.conftest import gateway_config, run_gateway_process, two_releases
+from tests.consul_double import ConsulDouble
+from tests.loadclient import ThreadedUpstreams
+
+
+def _rec(version: int, actor: str = "deployer", gray: float = 10.0) -> dict[str, Any]:
+    return {
+        "time": "2026-01-01T00:00:00.000Z",
+        "actor": actor,
+        "source": "admin",
+        "action": "weights.set",
+        "service": "svc",
+        "before": {"weights": {"stable": 100, "gray": 0}},
+        "after": {"weights": {"stable": 100, "gray": gray}},
+        "reason": None,
+        "state_version": version,
+    }
+
+
+def _doc(gray: float, *records: dict[str, Any]) -> StateDoc:
+    return StateDoc(0, {"svc": ServiceState(weights={"stable": 100.0, "gray": gray})}, records)
+
+
+@pytest.fixture
+async def consul() -> AsyncIterator[ConsulDouble]:
+    async with ConsulDouble(jitter=False) as d:
+        yield d
+
+
+# --------------------------------------------------------------------------- store layer
+
+
+async def test_file_store_writes_the_change_and_its_record_in_one_rename(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    store = FileStore(path)
+    stored = await store.write(_doc(10.0, _rec(1)), 0)
+    on_disk = decode(path.read_bytes())  # checksummed together: one document, one rename
+    assert on_disk == stored and on_disk.audit == (_rec(1),)
+    assert _names(tmp_path) == ["state.json", "state.json.lock"]  # no trail written beside
+    before = path.read_bytes()
+    with pytest.raises(Conflict):  # a write that fails stores neither the change nor its record
+        await store.write(_doc(20.0, _rec(1, "loser", 20.0)), 0)
+    assert path.read_bytes() == before
+    assert FileStore(path).load().audit == (_rec(1),)  # what the next start reads
+
+
+async def test_consul_store_writes_the_change_and_its_record_in_one_cas(
+    consul: ConsulDouble,
+) -> None:
+    cfg = ConsulConfig(address=consul.address, kv_prefix="gw/one")
+    a, b = ConsulStore(cfg), ConsulStore(cfg)
+    await a.open()
+    await b.open()  # b has not heard of what a writes next: a replica a CAS behind
+    try:
+        start = len(consul.requests)
+        await a.write(_doc(10.0, _rec(1)), 0)
+        puts = [r for r in consul.requests[start:] if r.method == "PUT"]
+        assert [(r.path, "cas" in r.query) for r in puts] == [("/v1/kv/gw/one/state", True)]
+        value = consul.kv["gw/one/state"].value
+        assert value is not None and decode(value).audit == (_rec(1),)
+        with pytest.raises(Conflict):  # b's CAS fails: neither its change nor its record
+            await b.write(_doc(20.0, _rec(1, "loser", 20.0)), 0)
+        assert consul.kv["gw/one/state"].value == value
+        assert "gw/one/audit" not in consul.kv
+    finally:
+        await a.close()
+        await b.close()
+
+
+# --------------------------------------------------------------------------- control plane
+
+RAW: dict[str, Any] = {
+    "services": two_releases("http://127.0.0.1:9001", "http://127.0.0.1:9011", 100, 0),
+}
+
+
+@contextlib.asynccontextmanager
+async def _plane(state: Path, trail: Path) -> AsyncIterator[tuple[ControlPlane, Auditor]]:
+    """One process's control plane and auditor on shared files; it hears others only on write."""
+    cfg = config_mod.build(RAW, env={})
+    cp = ControlPlane(
+        cfg, SnapshotHolder(build_snapshot(cfg)), store=FileStore(state, poll_interval=3600)
+    )
+    auditor = Auditor(FileAudit(trail))
+    cp.journal = auditor
+    auditor.pending = lambda: cp.doc.audit
+    await cp.start(admin=True)
+    try:
+        yield cp, auditor
+    finally:
+        await cp.stop()
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _trail(path: Path) -> list[tuple[str, int]]:
+    return [(r["actor"], r["state_version"]) for r in _records(path)]
+
+
+def _names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+async def test_a_lost_race_or_a_refused_change_leaves_no_record(tmp_path: Path) -> None:
+    state, trail = tmp_path / "state.json", tmp_path / "state.json.audit.jsonl"
+    async with _plane(state, trail) as (a, _), _plane(state, trail) as (b, _):
+        with audit.acting("b", "admin", "weights.set"):
+            await b.set_weights("svc", {"gray": 5}, None)
+        with audit.acting("a", "admin", "weights.set"), pytest.raises(Conflict):
+            await a.set_weights("svc", {"gray": 7}, 0)  # If-Match 0: stale, refused
+        # Without If-Match, a's first try (built on version 0) loses the CAS and is redone
+        # on version 1: only the change that was stored has a record.
+        with audit.acting("a", "admin", "weights.set"):
+            assert (await a.set_weights("svc", {"gray": 9}, None)).version == 2
+    assert _trail(trail) == [("b", 1), ("a", 2)]
+    assert [r["after"]["weights"]["gray"] for r in FileStore(state).load().audit] == [9]
+
+
+async def test_a_record_the_trail_did_not_take_is_read_from_the_state_and_copied_later(
+    tmp_path: Path,
+) -> None:
+    state, trail = tmp_path / "state.json", tmp_path / "audit.jsonl"
+    blocked = tmp_path / "audit.jsonl.lock"
+    blocked.mkdir()  # the trail's lock cannot be opened: appends fail, reads work
+    async with _plane(state, trail) as (cp, auditor):
+        with audit.acting("first", "admin", "weights.set"):
+            await cp.set_weights("svc", {"gray": 5}, None)  # accepted; the copy fails
+        assert not trail.exists()
+        assert [(r["actor"], r["state_version"]) for r in await auditor.query()] == [("first", 1)]
+        blocked.rmdir()  # the trail takes writes again
+        with audit.acting("second", "admin", "weights.set"):
+            await cp.set_weights("svc", {"gray": 6}, None)
+        assert _trail(trail) == [("first", 1), ("second", 2)]
+        assert [(r["actor"], r["state_version"]) for r in await auditor.query()] == [
+            ("first", 1),
+            ("second", 2),
+        ]
+
+
+async def test_a_start_copies_the_record_a_killed_writer_left_in_the_state(
+    tmp_path: Path, upstreams: Any, gateway: Any
+) -> None:
+    st, gr = await upstreams("stable"), await upstreams("gray")
+    state = tmp_path / "state.json"
+    # What a writer killed between its state write and its copy to the trail leaves.
+    await FileStore(state).write(_doc(10.0, _rec(1)), 0)
+    doc = gateway_config(
+        two_releases(st.url, gr.url, 100, 0), state={"store": "file", "path": str(state)}
+    )
+    await gateway(doc)
+    assert _records(Path(f"{state}.audit.jsonl")) == [_rec(1)]
+
+
+# --------------------------------------------------------------------------- SIGKILL
+
+WRITE = "d3ploy-s3cret"
+ROUNDS = 3
+
+
+def _call(base: str, method: str, path: str, body: object = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        base + path,
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {WRITE}"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, json.loads(e.read())
+
+
+def _until(cond: Callable[[], bool], within: float = 60.0) -> None:
+    end = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < end, "condition not met before the deadline"
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def _threaded_consul() -> Iterator[ConsulDouble]:
+    """The Consul double on its own loop thread, for gateway processes to reach."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box: dict[str, ConsulDouble] = {}
+    done = asyncio.Event()
+
+    async def serve() -> None:
+        async with ConsulDouble(jitter=False) as d:
+            box["d"] = d
+            ready.set()
+            await done.wait()
+
+    t = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    t.start()
+    assert ready.wait(30)
+    try:
+        yield box["d"]
+    finally:
+        loop.call_soon_threadsafe(done.set)
+        t.join(30)
+        loop.close()
+
+
+def _hammer(admin: str, stop: threading.Event, accepted: list[int], seed: int) -> None:
+    """PUT weights until stopped or the gateway is gone; the versions answered 200."""
+    rng = random.Random(seed)
+    while not stop.is_set():
+        try:
+            status, body = _call(
+                admin, "PUT", "/admin/services/svc/weights", {"gray": rng.randint(1, 60)}
+            )
+        except OSError:  # killed under us
+            return
+        if status == 200:
+            accepted.append(int(body["state_version"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["file", "consul"], ids=["file", "consul"])
+def test_sigkill_while_changes_pour_in_never_leaves_a_change_without_its_record(
+    tmp_path: Path, store: str
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"deployer {WRITE} write\n")
+    rng = random.Random()
+    with ThreadedUpstreams(["stable", "gray"]) as up, contextlib.ExitStack() as stack:
+        doc = gateway_config(
+            two_releases(up.url("stable"), up.url("gray"), 100, 0),
+            admin={"tokens_file": str(tokens)},
+            state={"store": "file", "path": str(tmp_path / "state.json")},
+        )
+        if store == "consul":
+            consul = stack.enter_context(_threaded_consul())
+            doc["state"] = {"store": "consul"}
+            doc["consul"] = {"address": consul.address, "kv_prefix": "gw/crash"}
+        accepted: list[int] = []
+        for n in range(ROUNDS):
+            run = tmp_path / f"run{n}"
+            run.mkdir()
+            with run_gateway_process(run, doc) as gp:
+                stop = threading.Event()
+                threads = [
+                    threading.Thread(target=_hammer, args=(gp.admin, stop, accepted, i))
+                    for i in range(2)
+                ]
+                for t in threads:
+                    t.start()
+                # A random moment: after some changes, with the next ones in flight.
+                goal = len(accepted) + rng.randint(5, 40)
+                _until(lambda g=goal: len(accepted) >= g or gp.proc.poll() is not None)
+                gp.proc.kill()  # SIGKILL: no cleanup, no flush
+                gp.proc.wait(30)
+                stop.set()
+                for t in threads:
+                    t.join(60)
+        (tmp_path / "last").mkdir()
+        with run_gateway_process(tmp_path / "last", doc) as gp:
+            status, svc = _call(gp.admin, "GET", "/admin/services/svc")
+            assert status == 200
+            in_force = int(svc["state_version"])
+            status, got = _call(gp.admin, "GET", "/admin/audit?limit=1000")
+            assert status == 200
+            if store == "file":
+                trail = _records(Path(f"{tmp_path / 'state.json'}.audit.jsonl"))
+            else:
+                value = consul.kv["gw/crash/audit"].value or b"[]"
+                trail = json.loads(value)
+    recs = got["records"]
+    assert accepted and max(accepted) <= in_force
+    # Every change in force has its record, exactly once, and no record names a change
+    # that was never stored: one record per version 1..in_force, in order.
+    assert [r["state_version"] for r in recs] == list(range(1, in_force + 1))
+    assert all(r["actor"] == "deployer" and r["action"] == "weights.set" for r in recs)
+    assert recs[-1]["after"]["weights"]["gray"] == svc["weights"]["gray"]
+    # The restart copied what the state carried: the trail itself is complete too.
+    assert trail == recs
