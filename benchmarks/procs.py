@@ -104,12 +104,40 @@ def raise_nofile(want: int = 65536) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+# A directory shared by every process of one test run (the xdist workers, the benchmarks
+# they start, a nested pytest): one file per port handed out, created with O_EXCL, so two
+# processes never get the same one (tests/conftest.py makes it; unset outside a test run).
+PORT_CLAIMS_ENV = "GRAY_GATEWAY_TEST_PORT_CLAIMS"
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A free TCP port on 127.0.0.1 that neither this process nor the test run handed out.
+
+    Why not just bind port 0 and close: the kernel may give the same port to the next
+    bind once the first socket is closed, so ``port, admin = free_port(), free_port()``
+    could collide, and so could two test workers; each port is remembered here and, in a
+    test run, claimed in the run's shared directory.
+    """
+    claims = os.environ.get(PORT_CLAIMS_ENV)
+    for _ in range(1000):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port in _HANDED_OUT:
+            continue
+        _HANDED_OUT.add(port)
+        if claims is None or _claim(Path(claims), port):
+            return port
+    raise RuntimeError("no fresh free port after 1000 tries")
+
+
+def _claim(claims: Path, port: int) -> bool:
+    try:
+        os.close(os.open(claims / str(port), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def pinned(argv: Sequence[str], cpus: str | None) -> list[str]:

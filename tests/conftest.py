@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,47 +19,14 @@ import pytest
 import yaml
 from aiohttp import web
 
+# free_port: the run's port claims, one implementation for the tests and the benchmarks.
+from benchmarks.procs import PORT_CLAIMS_ENV, free_port
 from gateway import config as C
 from gateway.app import Gateway
 from gateway.demo import demo_upstream, serve_app
 from tests import parallel
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-_HANDED_OUT: set[int] = set()
-# A directory shared by every process of one test run (the xdist workers, a nested pytest):
-# one file per port handed out, created with O_EXCL, so two processes never get the same one.
-PORT_CLAIMS_ENV = "GRAY_GATEWAY_TEST_PORT_CLAIMS"
-
-
-def free_port() -> int:
-    """A port nothing listens on now, and never one this test run handed out before.
-
-    The kernel may give the same ephemeral port to two binds in a row once the first
-    socket is closed, so `port, admin = free_port(), free_port()` could collide (a
-    gateway refusing to start with its admin listener on the data port); with the suite
-    in parallel workers the same holds across processes, hence the shared claims.
-    """
-    claims = os.environ.get(PORT_CLAIMS_ENV)
-    for _ in range(1000):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port in _HANDED_OUT:
-            continue
-        _HANDED_OUT.add(port)
-        if claims is None or _claim(Path(claims), port):
-            return port
-    raise RuntimeError("no fresh free port after 1000 tries")
-
-
-def _claim(claims: Path, port: int) -> bool:
-    try:
-        os.close(os.open(claims / str(port), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return False
-    return True
 
 
 def pytest_configure(config: pytest.Config) -> None:
