@@ -103,6 +103,41 @@ async def test_consul_store_writes_the_change_and_its_record_in_one_cas(
         await b.close()
 
 
+@pytest.mark.parametrize("kind", ["memory", "file", "consul"], ids=["memory", "file", "consul"])
+async def test_a_record_copied_twice_is_kept_once(
+    kind: str, tmp_path: Path, consul: ConsulDouble
+) -> None:
+    trail: audit.AuditStore = audit.MemoryAudit()
+    if kind == "file":
+        trail = FileAudit(tmp_path / "a.jsonl")
+    elif kind == "consul":
+        trail = audit.ConsulAudit(ConsulConfig(address=consul.address, kv_prefix="t"))
+    try:
+        await trail.append_new([_rec(1), _rec(2)])
+        await trail.append_new([_rec(2), _rec(3)])  # 2 again: copied by two processes
+        await trail.append(_rec(3, "reload"))  # not a copy: always appended
+        await trail.append_new([_rec(3)])
+        got = [(r["actor"], r["state_version"]) for r in await trail.read()]
+    finally:
+        await trail.close()
+    assert got == [("deployer", 1), ("deployer", 2), ("deployer", 3), ("reload", 3)]
+
+
+def _torn(path: Path) -> None:
+    path.write_bytes(audit.key(_rec(1)).encode() + b"\n" + b'{"time": "2026-01-')
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["append", "append_new"])
+async def test_a_line_torn_by_a_power_cut_does_not_swallow_the_next_record(
+    tmp_path: Path, copy: bool
+) -> None:
+    path = tmp_path / "a.jsonl"
+    _torn(path)
+    trail = FileAudit(path)
+    await (trail.append_new([_rec(2)]) if copy else trail.append(_rec(2)))
+    assert [r["state_version"] for r in await trail.read()] == [1, 2]
+
+
 # --------------------------------------------------------------------------- control plane
 
 RAW: dict[str, Any] = {
@@ -289,7 +324,11 @@ def test_sigkill_while_changes_pour_in_never_leaves_a_change_without_its_record(
                     t.start()
                 # A random moment: after some changes, with the next ones in flight.
                 goal = len(accepted) + rng.randint(5, 40)
-                _until(lambda g=goal: len(accepted) >= g or gp.proc.poll() is not None)
+
+                def reached(g: int = goal, p: Any = gp.proc) -> bool:
+                    return len(accepted) >= g or p.poll() is not None
+
+                _until(reached)
                 gp.proc.kill()  # SIGKILL: no cleanup, no flush
                 gp.proc.wait(30)
                 stop.set()
