@@ -16,7 +16,10 @@ write that fails stores neither. Right after, the record is copied to the
 trail; a copy cut short by a crash is made by the next change of any process
 before its own write replaces the document (records are appended only when
 absent, so a copy made twice is kept once), and by the next start. Reads
-show the trail plus the stored document's records the trail lacks.
+show the trail plus the stored document's records the trail lacks. A large
+record (a segments list) travels cut to its fields' sizes (`carried`), so the
+document stays well under Consul's value limit; the trail gets it whole unless
+a crash cut the copy short.
 
 Who acts comes from `acting(...)`: the admin API sets the token's name, the
 guard `guard`, the rollout driver `rollout`, a reload `reload`; the control
@@ -55,6 +58,10 @@ KEEP = 1000
 # Records a state document carries while the trail cannot take them (e.g. the audit key
 # refused for a while); past this many the oldest is dropped, logged as an error.
 PENDING_MAX: Final = 100
+# A record larger than this travels in the state document with `before`/`after` cut to
+# the changed fields' names and sizes (the trail gets it whole unless a crash intervenes):
+# a large segments list must not push the document past Consul's 512 KB value limit.
+CARRY_MAX_BYTES: Final = 16 * 1024
 # How much of the file trail's end is searched for a record before appending it: copies
 # are made right after the write, so a record already there is among the last ones.
 _TAIL_BYTES: Final = 128 * 1024
@@ -143,13 +150,33 @@ def diff(
     return ({k: b[k] for k in keys if k in b}, {k: a[k] for k in keys if k in a})
 
 
-def key(record: Mapping[str, Any]) -> str:
-    """A record's identity: its canonical JSON (a copy read back compares equal)."""
+def _canonical(record: Mapping[str, Any]) -> str:
     return json.dumps(record, separators=(",", ":"), sort_keys=True)
 
 
+def key(record: Mapping[str, Any]) -> str:
+    """A record's identity: all but `before`/`after`, which a document may carry cut."""
+    return _canonical({k: v for k, v in record.items() if k not in ("before", "after")})
+
+
+def carried(record: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The record as a state document carries it: whole, or cut when large (CARRY_MAX_BYTES)."""
+    if len(_canonical(record)) <= CARRY_MAX_BYTES:
+        return record
+
+    def cut(fields: object) -> object:
+        if not isinstance(fields, Mapping):
+            return fields
+        return {
+            k: {"omitted_bytes": len(json.dumps(v, separators=(",", ":"), sort_keys=True))}
+            for k, v in fields.items()
+        }
+
+    return {**record, "before": cut(record.get("before")), "after": cut(record.get("after"))}
+
+
 def _line(record: Mapping[str, Any]) -> bytes:
-    return (key(record) + "\n").encode()
+    return (_canonical(record) + "\n").encode()
 
 
 class AuditStore(Protocol):
@@ -386,6 +413,9 @@ class Auditor:
         # plane's): reads show those the trail lacks, e.g. after a crash cut a copy short.
         self.pending: Callable[[], Sequence[Mapping[str, Any]]] = tuple
         self._copied: deque[str] = deque(maxlen=64)  # keys this process put in the trail
+        # The last record prepared, whole (the document may carry it cut); the control
+        # plane's lock makes prepare, write and committed one sequence per process.
+        self._whole: dict[str, Mapping[str, Any]] = {}
 
     def build(
         self,
@@ -451,13 +481,15 @@ class Auditor:
                 key(left[0]),
             )
             left = left[-(PENDING_MAX - 1) :]
-        return (*left, rec)
+        self._whole = {key(rec): rec}
+        return (*left, carried(rec))
 
     async def committed(self, records: Sequence[Mapping[str, Any]]) -> None:
         """The document carrying `records` is stored: log this change's, copy them all."""
-        if records:
-            log.info(json.dumps({"audit": records[-1]}, separators=(",", ":"), sort_keys=True))
-        await self.copy(records)
+        whole = [self._whole.get(key(r), r) for r in records]
+        if whole:
+            log.info(json.dumps({"audit": whole[-1]}, separators=(",", ":"), sort_keys=True))
+        await self.copy(whole)
 
     async def copy(self, records: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any], ...]:
         """Put `records` in the trail unless there already; those it could not take."""

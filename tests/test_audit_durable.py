@@ -224,6 +224,31 @@ async def test_a_start_copies_the_record_a_killed_writer_left_in_the_state(
     assert _records(Path(f"{state}.audit.jsonl")) == [_rec(1)]
 
 
+async def test_a_large_record_travels_cut_in_the_state_and_reaches_the_trail_whole(
+    tmp_path: Path,
+) -> None:
+    trail = FileAudit(tmp_path / "a.jsonl")
+    auditor = Auditor(trail, wall=lambda: 0.0)
+    users = [f"user-{i}" for i in range(5000)]  # e.g. a segments list: ~60 KB of JSON
+    after = ServiceState(extra={"segments": users})
+    with audit.acting("deployer", "admin", "segments.set"):
+        records = await auditor.prepare("svc", ServiceState(), after, StateDoc(3))
+    (rec,) = records
+    size = len(json.dumps(users, separators=(",", ":")))
+    assert rec["after"] == {"segments": {"omitted_bytes": size}} and rec["state_version"] == 4
+    assert len(json.dumps(rec)) < audit.CARRY_MAX_BYTES  # the document stays small
+    await auditor.committed(records)
+    (whole,) = await trail.read()
+    assert whole["after"] == {"segments": users} and audit.key(whole) == audit.key(rec)
+    # Another process copying what the document carried adds nothing: the same record.
+    await Auditor(FileAudit(tmp_path / "a.jsonl")).copy(records)
+    assert await trail.read() == [whole]
+    # Had the writer been killed before its copy, the trail would get the cut record.
+    elsewhere = FileAudit(tmp_path / "b.jsonl")
+    await Auditor(elsewhere).copy(records)
+    assert await elsewhere.read() == [rec]
+
+
 # --------------------------------------------------------------------------- SIGKILL
 
 WRITE = "d3ploy-s3cret"
