@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway import audit
@@ -247,6 +248,29 @@ async def test_a_large_record_travels_cut_in_the_state_and_reaches_the_trail_who
     elsewhere = FileAudit(tmp_path / "b.jsonl")
     await Auditor(elsewhere).copy(records)
     assert await elsewhere.read() == [rec]
+
+
+async def test_the_admin_api_shows_a_change_whose_copy_the_trail_refused(
+    tmp_path: Path, upstreams: Any, gateway: Any
+) -> None:
+    st, gr = await upstreams("stable"), await upstreams("gray")
+    state = tmp_path / "state.json"
+    blocked = tmp_path / "state.json.audit.jsonl.lock"
+    blocked.mkdir()  # the trail's lock cannot be opened: every copy fails
+    doc = gateway_config(
+        two_releases(st.url, gr.url, 100, 0), state={"store": "file", "path": str(state)}
+    )
+    gw = await gateway(doc)
+    admin = f"http://127.0.0.1:{gw.admin_port}/admin"
+    async with aiohttp.ClientSession() as s:
+        for gray in (5, 6):
+            async with s.put(f"{admin}/services/svc/weights", json={"gray": gray}) as r:
+                assert r.status == 200, await r.text()
+        async with s.get(f"{admin}/audit") as r:
+            got = (await r.json())["records"]
+    assert [(r["state_version"], r["after"]["weights"]["gray"]) for r in got] == [(1, 5), (2, 6)]
+    assert [r["state_version"] for r in FileStore(state).load().audit] == [1, 2]
+    assert "state.json.audit.jsonl" not in _names(tmp_path)
 
 
 # --------------------------------------------------------------------------- SIGKILL
