@@ -306,8 +306,9 @@ class FileAudit:
 # guard, each admin write) appends to the same key, so a burst of changes loses races;
 # each attempt re-reads and re-appends; the record is logged whether or not one succeeds.
 _CONSUL_CAS_ATTEMPTS: Final = 20
-# One Consul KV call. The change is stored before the append and the answer waits for
-# it: a hung Consul fails the append after this long (logged), and never undoes the change.
+# One Consul KV call. The change (its record inside) is stored before the copy and the
+# answer waits for it: a hung Consul fails the copy after this long (logged), and never
+# undoes the change; the next change tries the copy again before its own write.
 _CONSUL_TIMEOUT_S: Final = 10.0
 
 

@@ -44,7 +44,7 @@ _ACTIONS: dict[str, Callable[[rollout_mod.Rollout, float], rollout_mod.Rollout]]
     "confirm": rollout_mod.confirm,
     "retry": rollout_mod.retry,
 }
-# Called after every stored change: (service, before, after, state version) — the audit.
+# Called after every stored audited change: (service, before, after, state version).
 ChangeHook = Callable[[str, ServiceState | None, ServiceState | None, int], Awaitable[None]]
 
 
