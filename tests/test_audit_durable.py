@@ -4,8 +4,9 @@ The record of a change is written in the state document that makes the change:
 one atomic file write, one Consul CAS. Here: the stores write it that way and a
 failed write keeps neither (store layer); a record of a lost race, of a refused
 change or of a copy the trail did not take is never lost nor kept twice (control
-plane, real stores); and gateway processes killed with SIGKILL while changes
-pour in restart with a record for every change in force (file store and Consul).
+plane, real stores); and a gateway process killed with SIGKILL while changes
+pour in leaves a record for every change in force, copied by its restart or by
+the next change of a replica that lives on (file store and Consul).
 """
 
 from __future__ import annotations
@@ -341,60 +342,54 @@ def _hammer(admin: str, stop: threading.Event, accepted: list[int], seed: int) -
             accepted.append(int(body["state_version"]))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("store", ["file", "consul"], ids=["file", "consul"])
-def test_sigkill_while_changes_pour_in_never_leaves_a_change_without_its_record(
-    tmp_path: Path, store: str
-) -> None:
+@contextlib.contextmanager
+def _stores(tmp_path: Path, store: str) -> Iterator[tuple[dict[str, Any], Callable[[], Any]]]:
+    """A gateway config on `store` and a reader of its trail as stored (file line or KV key)."""
     tokens = tmp_path / "tokens"
     tokens.write_text(f"deployer {WRITE} write\n")
-    rng = random.Random()
     with ThreadedUpstreams(["stable", "gray"]) as up, contextlib.ExitStack() as stack:
         doc = gateway_config(
             two_releases(up.url("stable"), up.url("gray"), 100, 0),
             admin={"tokens_file": str(tokens)},
             state={"store": "file", "path": str(tmp_path / "state.json")},
         )
+        trail: Callable[[], Any] = lambda: _records(tmp_path / "state.json.audit.jsonl")  # noqa: E731
         if store == "consul":
             consul = stack.enter_context(_threaded_consul())
             doc["state"] = {"store": "consul"}
             doc["consul"] = {"address": consul.address, "kv_prefix": "gw/crash"}
-        accepted: list[int] = []
-        for n in range(ROUNDS):
-            run = tmp_path / f"run{n}"
-            run.mkdir()
-            with run_gateway_process(run, doc) as gp:
-                stop = threading.Event()
-                threads = [
-                    threading.Thread(target=_hammer, args=(gp.admin, stop, accepted, i))
-                    for i in range(2)
-                ]
-                for t in threads:
-                    t.start()
-                # A random moment: after some changes, with the next ones in flight.
-                goal = len(accepted) + rng.randint(5, 40)
+            trail = lambda: json.loads(consul.kv["gw/crash/audit"].value or b"[]")  # noqa: E731
+        yield doc, trail
 
-                def reached(g: int = goal, p: Any = gp.proc) -> bool:
-                    return len(accepted) >= g or p.poll() is not None
 
-                _until(reached)
-                gp.proc.kill()  # SIGKILL: no cleanup, no flush
-                gp.proc.wait(30)
-                stop.set()
-                for t in threads:
-                    t.join(60)
-        (tmp_path / "last").mkdir()
-        with run_gateway_process(tmp_path / "last", doc) as gp:
-            status, svc = _call(gp.admin, "GET", "/admin/services/svc")
-            assert status == 200
-            in_force = int(svc["state_version"])
-            status, got = _call(gp.admin, "GET", "/admin/audit?limit=1000")
-            assert status == 200
-            if store == "file":
-                trail = _records(Path(f"{tmp_path / 'state.json'}.audit.jsonl"))
-            else:
-                value = consul.kv["gw/crash/audit"].value or b"[]"
-                trail = json.loads(value)
+def _kill_at_random(
+    victim: Any, admins: list[str], accepted: list[int], rng: random.Random
+) -> None:
+    """Hammer every admin with changes; SIGKILL `victim` after a random number of them."""
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=_hammer, args=(admin, stop, accepted, rng.random()))
+        for admin in admins
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    # A random moment: after some changes, with the next ones in flight.
+    goal = len(accepted) + rng.randint(5, 40)
+    _until(lambda: len(accepted) >= goal or victim.proc.poll() is not None)
+    victim.proc.kill()  # SIGKILL: no cleanup, no flush
+    victim.proc.wait(30)
+    stop.set()
+    for t in threads:
+        t.join(60)
+
+
+def _check(admin: str, accepted: list[int], trail: list[dict[str, Any]]) -> None:
+    status, svc = _call(admin, "GET", "/admin/services/svc")
+    assert status == 200
+    in_force = int(svc["state_version"])
+    status, got = _call(admin, "GET", "/admin/audit?limit=1000")
+    assert status == 200
     recs = got["records"]
     assert accepted and max(accepted) <= in_force
     # Every change in force has its record, exactly once, and no record names a change
@@ -402,5 +397,44 @@ def test_sigkill_while_changes_pour_in_never_leaves_a_change_without_its_record(
     assert [r["state_version"] for r in recs] == list(range(1, in_force + 1))
     assert all(r["actor"] == "deployer" and r["action"] == "weights.set" for r in recs)
     assert recs[-1]["after"]["weights"]["gray"] == svc["weights"]["gray"]
-    # The restart copied what the state carried: the trail itself is complete too.
-    assert trail == recs
+    assert trail == recs  # the trail as stored is complete too: nothing left to copy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["file", "consul"], ids=["file", "consul"])
+def test_sigkill_while_changes_pour_in_never_leaves_a_change_without_its_record(
+    tmp_path: Path, store: str
+) -> None:
+    rng = random.Random()
+    accepted: list[int] = []
+    with _stores(tmp_path, store) as (doc, trail):
+        for n in range(ROUNDS):
+            (tmp_path / f"run{n}").mkdir()
+            with run_gateway_process(tmp_path / f"run{n}", doc) as gp:
+                _kill_at_random(gp, [gp.admin], accepted, rng)
+        (tmp_path / "last").mkdir()
+        with run_gateway_process(tmp_path / "last", doc) as gp:  # the start copies what is due
+            _check(gp.admin, accepted, trail())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["file", "consul"], ids=["file", "consul"])
+def test_a_replica_killed_mid_change_has_its_record_copied_by_the_next_change_elsewhere(
+    tmp_path: Path, store: str
+) -> None:
+    rng = random.Random()
+    accepted: list[int] = []
+    with _stores(tmp_path, store) as (doc, trail):
+        (tmp_path / "survivor").mkdir()
+        with run_gateway_process(tmp_path / "survivor", doc) as survivor:
+            for n in range(ROUNDS):
+                (tmp_path / f"victim{n}").mkdir()
+                with run_gateway_process(tmp_path / f"victim{n}", doc) as victim:
+                    _kill_at_random(victim, [survivor.admin, victim.admin], accepted, rng)
+                # The survivor's next change copies what the victim's document carried.
+                status, body = _call(
+                    survivor.admin, "PUT", "/admin/services/svc/weights", {"gray": 61 + n}
+                )
+                assert status == 200, body
+                accepted.append(int(body["state_version"]))
+            _check(survivor.admin, accepted, trail())
