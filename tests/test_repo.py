@@ -34,7 +34,7 @@ PKG = ROOT / "gateway"
 TESTED_ELSEWHERE = {
     "alerts": "tests/test_alerts_e2e.py: bodies as Slack, DingTalk, WeCom receive them",
     "app": "the whole process: tests/test_proxy_e2e.py, tests/test_process.py",
-    "audit": "tests/test_audit_e2e.py, tests/test_audit_process.py",
+    "audit": "tests/test_audit_e2e.py, tests/test_audit_process.py, tests/test_audit_durable.py",
     "cli_admin": "tests/test_strategy.py drives the admin CLI against a real gateway",
     "config_syntax": "tests/test_config.py and tests/test_config_check.py, field by field",
     "demo": "tests/test_readme_examples.py and tests/test_process.py run `gateway demo`",
