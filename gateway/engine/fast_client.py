@@ -58,6 +58,7 @@ from gateway.engine.fast_wire import (
 from gateway.errors import upstream_status
 
 if TYPE_CHECKING:
+    from gateway.engine.fast_park import ParkingLot
     from gateway.engine.fast_pool import Pool
     from gateway.engine.fast_upstream import Upstream
 
@@ -115,6 +116,8 @@ class ClientContext:
         "body_timeout",
         "body_min_bytes",
         "recheck",
+        "park_after",
+        "lot",
         "closing",
         "clients",
         "in_flight",
@@ -151,6 +154,10 @@ class ClientContext:
         # How late the lazy per-connection timer may notice a shorter timeout;
         # a body's window arms its own deadline (ClientConn.on_headers_complete).
         self.recheck = min(keepalive_timeout, header_timeout)
+        # An idle connection is parked outside uvloop after this long (engine/fast_park.py);
+        # 0, or no lot (HTTPS): never.
+        self.park_after = 0.0
+        self.lot: ParkingLot | None = None
         self.closing = False  # shutdown: no keep-alive from now on
         # Open connections; a dict used as a set: ~half a set's table per entry.
         self.clients: dict[ClientConn, None] = {}
@@ -843,6 +850,23 @@ class ClientConn(Armed):
         self._period_start = self.loop.time()
         self.arm(self._period_start + min(LINGER_SECONDS, self.ctx.recheck))
 
+    def _park(self, deadline: float) -> bool:
+        """Idle (nothing in flight, buffered or paused): hand the socket to the lot."""
+        lot = self.ctx.lot
+        tr = self.transport
+        if lot is None or tr.get_write_buffer_size():
+            return False
+        sock = tr.get_extra_info("socket")
+        if sock is None or not lot.park(sock.fileno(), deadline):
+            return False
+        # The lot holds a duplicate descriptor; closing the transport closes uvloop's.
+        self.ctx.clients.pop(self, None)
+        self.parser = None
+        self._queue = _NO_QUEUE
+        self.state = C_SHUT
+        tr.abort()
+        return True
+
     def on_tick(self, tick: int) -> None:
         if tick != self.armed_tick:
             return  # re-armed elsewhere meanwhile
@@ -867,6 +891,14 @@ class ClientConn(Armed):
             if now >= deadline:
                 self._shut(abort=False)
                 return
+            park = ctx.park_after
+            if park and ctx.lot is not None and not self._begun and not self.close_soon:
+                at = self._period_start + park
+                if now >= at:
+                    if self._park(deadline):
+                        return
+                elif at < deadline:
+                    deadline = at
             if self.parser is not None and not self._begun:
                 drop = self._period_start + PARSER_IDLE_SECONDS
                 if now >= drop:
