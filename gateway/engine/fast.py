@@ -132,8 +132,7 @@ class FastEngine:
         self._server.tls = self.tls
         self._server.tls_timeout = self.header_timeout
         if self.tls is None and self.park_after > 0:
-            self._ctx.park_after = self.park_after
-            self._ctx.lot = ParkingLot(loop, self._server.adopt, sock.family)
+            self._ctx.park_idle(ParkingLot(loop, self._server.adopt, sock.family), self.park_after)
         self._server.start()
 
     def set_tls(self, ctx: ssl.SSLContext) -> None:

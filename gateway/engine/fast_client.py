@@ -118,6 +118,7 @@ class ClientContext:
         "recheck",
         "park_after",
         "lot",
+        "idle_check",
         "closing",
         "clients",
         "in_flight",
@@ -158,12 +159,20 @@ class ClientContext:
         # 0, or no lot (HTTPS): never.
         self.park_after = 0.0
         self.lot: ParkingLot | None = None
+        # When an idle connection's timer first looks at it after its last response.
+        self.idle_check = PARSER_IDLE_SECONDS
         self.closing = False  # shutdown: no keep-alive from now on
         # Open connections; a dict used as a set: ~half a set's table per entry.
         self.clients: dict[ClientConn, None] = {}
         self.in_flight = 0  # exchanges read and not yet finished
         self.drained: asyncio.Event | None = None  # set when in_flight reaches 0 (shutdown)
         self.gone: asyncio.Event | None = None  # set when the last connection is lost
+
+    def park_idle(self, lot: ParkingLot, after: float) -> None:
+        """Park connections idle for `after` seconds in `lot` (engine/fast_park.py)."""
+        self.lot = lot
+        self.park_after = after
+        self.idle_check = min(PARSER_IDLE_SECONDS, after)
 
     def finished_one(self) -> None:
         """An exchange ended: one fewer in flight (a draining shutdown waits for none)."""
@@ -704,8 +713,8 @@ class ClientConn(Armed):
                 self._close()
                 return
             self._period_start = t0 = self.loop.time()
-            # Soon enough to drop the parser if nothing follows (arm keeps an earlier one).
-            self.arm(t0 + PARSER_IDLE_SECONDS if self.parser is not None else t0 + self.ctx.recheck)
+            # Soon enough to drop the parser or park if nothing follows (arm keeps an earlier one).
+            self.arm(t0 + self.ctx.idle_check if self.parser is not None else t0 + self.ctx.recheck)
 
     def _fail_input(self, status: int, message: str) -> None:
         """Refuse the request being read (RFC 9112 §11.2: never forward it) and close."""
