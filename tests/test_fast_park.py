@@ -11,12 +11,15 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
+from gateway.app import Gateway
 from gateway.engine.fast import FastEngine
 from gateway.engine.fast_park import ParkingLot
+from tests.conftest import Upstream, gateway_config
 from tests.engine_helpers import Env, ProxyHandler, RawClient
 from tests.polling import until
 
@@ -143,6 +146,34 @@ async def test_many_connections_parked_and_reused_then_nothing_left(env: Env) ->
         await c.close()
     await until(lambda: eng.parked == 0 and _fds() <= baseline, 60.0)
     assert not eng._clients
+
+
+@pytest.mark.parametrize(("idle_park", "parked"), [("50ms", 1), (0, 0)], ids=["on", "off"])
+async def test_timeouts_idle_park_reaches_the_gateway(
+    gateway: Callable[..., Awaitable[Gateway]],
+    upstreams: Callable[..., Awaitable[Upstream]],
+    idle_park: object,
+    parked: int,
+) -> None:
+    up = await upstreams()
+    services: dict[str, Any] = {
+        "svc": {"releases": {"stable": {"weight": 1, "upstreams": [up.url]}}}
+    }
+    gw = await gateway(gateway_config(services, timeouts={"idle_park": idle_park}))
+    eng = gw.engine
+    assert isinstance(eng, FastEngine) and gw.port is not None
+    c = await RawClient.connect(gw.port)
+    try:
+        for _ in range(2):
+            await c.send(b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n")
+            assert (await c.response()).status == 200
+            # Parked (or, off, its parser dropped at the tick that would have parked it).
+            await until(
+                lambda: eng.parked == 1 or all(k.parser is None for k in eng._clients), 30.0
+            )
+            assert (eng.parked, len(eng._clients)) == (parked, 1 - parked)
+    finally:
+        await c.close()
 
 
 async def test_a_failing_adoption_is_logged_and_the_lot_goes_on(
