@@ -7,7 +7,8 @@ upstreams get within reach of nginx (benchmarks/RESULTS.md). Policy stays behind
 Layout: `fast_client` (client connections), `fast_upstream` (upstream
 connections and the response relay), `fast_pool` (keep-alive pool, connects),
 `fast_wire` (wire constants and the per-request record), `fast_accept`
-(accepting client connections in batches).
+(accepting client connections in batches), `fast_park` (idle connections parked
+outside uvloop until their next byte).
 """
 
 from __future__ import annotations
