@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,9 +20,11 @@ import pytest
 from gateway.app import Gateway
 from gateway.engine.fast import FastEngine
 from gateway.engine.fast_park import ParkingLot
+from gateway.tls import server_context
 from tests.conftest import Upstream, gateway_config
 from tests.engine_helpers import Env, ProxyHandler, RawClient
 from tests.polling import until
+from tests.tls_helpers import make_pki
 
 PARK = 0.1  # seconds idle before a connection is parked, in these tests
 GET_A = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -132,6 +135,21 @@ async def test_parking_off_keeps_idle_connections_as_transports(env: Env) -> Non
     await _answered(c, GET_B)
 
 
+async def test_https_connections_are_never_parked(env: Env, tmp_path: Path) -> None:
+    """Their TLS session lives in the transport: the engine makes no lot at all."""
+    pki = make_pki(tmp_path / "pki")
+    tls = server_context(str(pki.server.cert), str(pki.server.key), None)
+    eng, port = await env.engine(ProxyHandler(1, local=[b"/a"]), tls=tls, park_after=PARK)  # type: ignore[arg-type]
+    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=pki.client_ctx())
+    c = RawClient(r, w)
+    env.clients.append(c)
+    await _answered(c)
+    (conn,) = eng._clients
+    await until(lambda: conn.parser is None, 30.0)  # the tick that would have parked it
+    assert eng.parked == 0 and list(eng._clients) == [conn]
+    await _answered(c, GET_A)
+
+
 async def test_many_connections_parked_and_reused_then_nothing_left(env: Env) -> None:
     eng, port = await _engine(env)
     baseline = _fds()
@@ -209,3 +227,39 @@ async def test_a_failing_adoption_is_logged_and_the_lot_goes_on(
             s.close()
         for _, theirs in pairs:
             theirs.close()
+
+
+async def test_the_lot_returns_freed_memory_after_enough_parkings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After TRIM_AFTER parkings, one malloc_trim (glibc's, on this box) TRIM_DELAY later."""
+    from gateway.engine import fast_park
+
+    monkeypatch.setattr(fast_park, "TRIM_AFTER", 3)
+    monkeypatch.setattr(fast_park, "TRIM_DELAY", 0.01)
+    loop = asyncio.get_running_loop()
+    lot = ParkingLot(loop, lambda sock: sock.close(), socket.AF_UNIX)
+    assert lot.trim is not None  # glibc: the gateway's Linux targets have it
+    trims: list[int] = []
+    libc_trim = lot.trim
+
+    def trim(pad: int) -> int:
+        trims.append(pad)
+        return libc_trim(pad)
+
+    lot.trim = trim
+    pairs = [socket.socketpair() for _ in range(4)]
+    try:
+        for ours, _ in pairs[:2]:
+            assert lot.park(ours.fileno(), loop.time() + 60.0)
+        assert lot.trim_handle is None  # not enough parkings yet
+        assert lot.park(pairs[2][0].fileno(), loop.time() + 60.0)
+        await until(lambda: trims == [0], 30.0)
+        assert lot.untrimmed == 0 and lot.trim_handle is None
+        assert lot.park(pairs[3][0].fileno(), loop.time() + 60.0)
+        assert lot.trim_handle is None and lot.untrimmed == 1  # counting again
+    finally:
+        lot.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
