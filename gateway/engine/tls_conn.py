@@ -71,6 +71,7 @@ class TLSConn:
         "_send",
         "_recv",
         "_timer",
+        "_peer_eof",
     )
 
     def __init__(
@@ -104,6 +105,7 @@ class TLSConn:
         self._send: Callable[[bytes], object] = _drop  # the TCP transport's write
         self._recv: Callable[[bytes], object] = _drop  # the application's data_received
         self._timer: asyncio.TimerHandle | None = None
+        self._peer_eof = False  # the client's FIN came and the application kept the connection
 
     def __repr__(self) -> str:
         state = ("handshake", "open", "closing", "closed")[self.state]
@@ -130,8 +132,11 @@ class TLSConn:
 
     def eof_received(self) -> bool | None:
         if self.state == T_OPEN:
-            # A FIN without close_notify: the client is gone, as over plain TCP.
-            return self.app.eof_received()  # type: ignore[no-any-return]
+            # A FIN without close_notify: the client is gone, as over plain TCP
+            # (a tunnel may keep the connection to send what the upstream still says).
+            keep: bool | None = self.app.eof_received()
+            self._peer_eof = bool(keep)
+            return keep
         if self.state == T_HANDSHAKE:
             log.debug("fast engine: TLS handshake with a client failed: EOF")
             self._ended()
@@ -345,6 +350,9 @@ class TLSConn:
             self.sslobj.unwrap()
         except ssl.SSLWantReadError:
             self._flush()
+            if self._peer_eof:
+                self._end()  # the client has finished sending: nothing to wait for
+                return
             raw = self.raw
             if raw is not None and raw.can_write_eof() and not raw.is_closing():
                 raw.write_eof()  # a no-op after the first
