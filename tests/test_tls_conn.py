@@ -15,17 +15,19 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from gateway.engine.fast_accept import Acceptor
-from gateway.engine.tls_conn import READ_SIZE, TLSConn
+from gateway.engine.tls_conn import READ_SIZE, T_CLOSED, TLSConn
 from gateway.tls import server_context
 from tests.tls_helpers import PKI, make_pki
 
 DEADLINE = 30.0  # generous: the box is shared
+BIG = bytes(range(256)) * (128 * 1024)  # 32 MiB: more than the kernel's socket buffers hold
 
 
 class Echo(asyncio.Protocol):
@@ -53,6 +55,9 @@ class Echo(asyncio.Protocol):
             self.transport.close()
         elif data.endswith(b"Q"):
             self.transport.write(bytes(self.data))
+            self.transport.close()
+        elif data.endswith(b"B"):
+            self.transport.write(BIG)
             self.transport.close()
         elif data.endswith(b"!"):
             self.transport.write(bytes(self.data))
@@ -343,3 +348,23 @@ async def test_a_client_fin_without_close_notify_is_its_eof_and_the_answer_still
     async with asyncio.timeout(DEADLINE):
         await record[0].lost.wait()
     assert record[0].events == ["made", "eof", "lost"]
+
+
+async def test_a_large_response_to_a_client_that_reads_late_is_sent_whole_after_the_close_wait(
+    served: tuple[Acceptor, int, list[Echo]], pki: PKI
+) -> None:
+    """The close's wait for the client's close_notify ends in a close, not an abort: what
+    the client has not read yet (most of 32 MiB) still reaches it, then close_notify."""
+    _, port, record = served
+    go = threading.Event()
+
+    def talk() -> bytes:
+        with client(pki, port) as c:
+            c.sendall(b"B")
+            assert go.wait(DEADLINE)  # not reading until the close wait is over
+            return read_until_close_notify(c)
+
+    reader = asyncio.ensure_future(asyncio.to_thread(talk))
+    await wait_for(lambda: record and record[0].transport.state == T_CLOSED, "the close wait")
+    go.set()
+    assert await reader == BIG

@@ -15,8 +15,9 @@ protocols, ALPN and client-certificate checks are OpenSSL's, untouched.
 
 Closing sends close_notify (RFC 8446 §6.1) and half-closes TCP, then reads
 and drops what the client still sends until its close_notify or FIN, at most
-`CLOSE_SECONDS`: a close that left unread bytes behind would become a reset
-that can destroy the response in flight (RFC 9112 §9.6).
+`CLOSE_SECONDS` (then the transport is closed once its buffer is sent): a close
+that left unread bytes behind would become a reset that can destroy the
+response in flight (RFC 9112 §9.6).
 """
 
 from __future__ import annotations
@@ -381,9 +382,11 @@ class TLSConn:
             self.abort()
 
     def _close_expired(self) -> None:
+        # Closed, not aborted: what is still in the write buffer (a large response
+        # to a slow client) is sent first, as a plain connection's linger ends.
         self._timer = None
         if self.state == T_CLOSING:
-            self.abort()
+            self._end()
 
     def _cancel_timer(self) -> None:
         t = self._timer
