@@ -23,6 +23,11 @@ from typing import IO
 from benchmarks.procs import Proc, raise_nofile
 
 REQUEST = "GET /1k HTTP/1.1\r\nHost: bench\r\nX-User-ID: idle-{i}\r\n\r\n"
+# RSS is read this long after the last connection got its answer, for every server:
+# the connections are then idle as keep-alive connections mostly are (the gateway
+# parks a connection idle for `timeouts.idle_park`, 1 s by default, outside its event
+# loop; nginx and HAProxy keep nothing per connection that depends on how long it idled).
+IDLE_S = 3.0
 
 
 async def _one(i: int, port: int, sem: asyncio.Semaphore) -> asyncio.StreamWriter | None:
@@ -96,7 +101,7 @@ def measure_idle(
         if not line.startswith("READY"):
             raise RuntimeError(f"idle client did not get ready: {line!r} (see idle-client.log)")
         _, ok, failed, open_s = line.split()
-        time.sleep(0.5)  # let the server's allocator settle after the last response
+        time.sleep(IDLE_S)  # every connection idle this long (and the allocator settled)
         after = server.rss_kib()
         client.stdin.write(b"close\n")
         client.stdin.flush()

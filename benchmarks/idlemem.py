@@ -50,7 +50,7 @@ def _census() -> tuple[Counter[str], Counter[str]]:
     return count, size
 
 
-async def _measure(count: int, settle: float, trace: bool) -> None:
+async def _measure(count: int, settle: float, trace: bool, park_after: float) -> None:
     import uvloop  # noqa: F401  (the loop is installed by main)
 
     from gateway.engine.api import Respond
@@ -64,7 +64,7 @@ async def _measure(count: int, settle: float, trace: bool) -> None:
         def error_body(self, status: int, kind: object, fwd: object) -> Respond:
             return Respond(status, b"")
 
-    engine = FastEngine(Local())  # type: ignore[arg-type]
+    engine = FastEngine(Local(), park_after=park_after)  # type: ignore[arg-type]
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -92,9 +92,10 @@ async def _measure(count: int, settle: float, trace: bool) -> None:
     t1, peak = tracemalloc.get_traced_memory() if trace else (0, 0)
     snap = tracemalloc.take_snapshot() if trace else None
     c1, s1 = _census()
-    n = len(engine._clients)
+    n = opened
     print(f"build: {'compiled' if compiled() else 'pure'}; connections held: {opened}, "
-          f"engine clients: {n}; measured {settle:.1f} s after the last one opened")  # fmt: skip
+          f"as transports: {len(engine._clients)}, parked: {engine.parked}; "
+          f"measured {settle:.1f} s after the last one opened")  # fmt: skip
     print(f"RSS        {(rss1 - rss0) * 1024 / n:8.0f} B/conn")
     if trace:
         print(f"tracemalloc{(t1 - t0) / n:8.0f} B/conn held now, {(peak - t0) / n:.0f} at the peak")
@@ -123,7 +124,10 @@ async def _one_request(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=10000)
-    parser.add_argument("--settle", type=float, default=2.0, help="seconds after READY")
+    parser.add_argument("--settle", type=float, default=3.0, help="seconds after READY")
+    parser.add_argument(
+        "--park-after", type=float, default=1.0, help="timeouts.idle_park (0: never park)"
+    )
     parser.add_argument("--no-trace", action="store_true", help="RSS only, no tracemalloc")
     args = parser.parse_args()
     sys.path.append(str(REPO))  # after site-packages: the installed gateway is measured
@@ -133,7 +137,7 @@ def main() -> None:
     import uvloop
 
     started = time.monotonic()
-    uvloop.run(_measure(args.count, args.settle, not args.no_trace))
+    uvloop.run(_measure(args.count, args.settle, not args.no_trace, args.park_after))
     print(f"({time.monotonic() - started:.1f} s)")
 
 

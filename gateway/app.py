@@ -98,6 +98,7 @@ def make_engine(config: Config, handler: ProxyHandler) -> Engine:
                 body_min_rate=t.body_min_rate,
                 upstream_idle_timeout=t.upstream_idle,
                 tls=tls,
+                park_after=t.idle_park,
             )
     return AiohttpEngine(
         handler,

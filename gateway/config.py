@@ -91,11 +91,12 @@ class Timeouts:
     body: float = 10.0  # window over which a request body must make progress -> 408
     body_min_rate: float = 240.0  # bytes/s the body must average over each `body` window
     idle: float = 75.0  # an idle keep-alive client connection is closed
+    idle_park: float = 1.0  # idle this long, it is parked outside uvloop (fast engine); 0: never
     upstream_idle: float = 60.0  # an idle pooled upstream connection is closed
 
 
 # Keys of `timeouts:` that only make sense per client connection (top level only).
-_CLIENT_TIMEOUTS = ("header", "body", "body_min_rate", "idle", "upstream_idle")
+_CLIENT_TIMEOUTS = ("header", "body", "body_min_rate", "idle", "idle_park", "upstream_idle")
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,6 +507,7 @@ def _timeouts(
             body=base.body,
             body_min_rate=base.body_min_rate,
             idle=base.idle,
+            idle_park=base.idle_park,
             upstream_idle=base.upstream_idle,
         )
     return Timeouts(
@@ -516,6 +518,7 @@ def _timeouts(
         body=dur("body", base.body),
         body_min_rate=_number(m, "body_min_rate", base.body_min_rate, path, errs),
         idle=dur("idle", base.idle),
+        idle_park=_duration(m, "idle_park", base.idle_park, path, errs),  # 0: never park
         upstream_idle=dur("upstream_idle", base.upstream_idle),
     )
 

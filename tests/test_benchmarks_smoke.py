@@ -559,11 +559,15 @@ def test_group_cpu_reads_this_process() -> None:
     assert procs.group_rss_kib(os.getpgid(0)) > 0
 
 
+IDLEMEM_ARGS = ("--count", "40", "--settle", "0", "--park-after", "0")
+
+
 def test_idle_memory_probe_counts_each_connection_it_holds() -> None:
     """benchmarks/idlemem.py: a real engine, real idle connections, one ClientConn each."""
     repo = Path(__file__).resolve().parent.parent
     done = subprocess.run(
-        [sys.executable, str(repo / "benchmarks" / "idlemem.py"), "--count", "40", "--settle", "0"],
+        # Parking off: each idle connection stays a transport with its ClientConn.
+        [sys.executable, str(repo / "benchmarks" / "idlemem.py"), *IDLEMEM_ARGS],
         cwd=repo,
         capture_output=True,
         text=True,
@@ -571,7 +575,7 @@ def test_idle_memory_probe_counts_each_connection_it_holds() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert "connections held: 40, engine clients: 40" in done.stdout
+    assert "connections held: 40, as transports: 40, parked: 0" in done.stdout
     assert re.search(r"B/conn held now, \d+ at the peak", done.stdout), done.stdout
     conn = re.search(r"fast_client\.ClientConn +1\.00 +(\d+)", done.stdout)
     assert conn is not None and int(conn.group(1)) > 0, done.stdout

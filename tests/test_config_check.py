@@ -47,6 +47,12 @@ class Case(NamedTuple):
 
 CASES = [
     Case(
+        "idle-park-negative",
+        doc(top="timeouts: {idle_park: -1s}\n"),
+        "timeouts.idle_park",
+        "must be a duration",
+    ),
+    Case(
         "host-collision-case-insensitive",
         doc(
             svc("a", f"match: {{hosts: [x.local]}}\n{ONE}"),
@@ -595,6 +601,7 @@ PROCESS_CASES = [
     for c in CASES
     if c.id
     in {
+        "idle-park-negative",
         "host-collision-case-insensitive",
         "duplicate-release-key",
         "unknown-key-in-upstream-object",

@@ -364,7 +364,7 @@ async def test_an_idle_connection_drops_its_parser_and_parses_on(env: Env) -> No
     One that has the first bytes of its next request keeps its parser: those bytes count.
     """
     handler = ProxyHandler(1, local=[b"/a"])
-    eng, port = await env.engine(handler)
+    eng, port = await env.engine(handler, park_after=0)  # not parked: it drops the parser itself
     partial = await env.connect(port)
     await partial.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGE")  # then the next one's start
     assert (await partial.response()).status == 200
@@ -393,7 +393,7 @@ async def test_an_idle_connection_drops_its_parser_and_parses_on(env: Env) -> No
 async def test_idle_connections_share_no_queue_across_pipelining(env: Env) -> None:
     """Idle connections share one empty request queue; pipelining on one never fills it."""
     handler = ProxyHandler(1, local=[b"/a", b"/b"])
-    eng, port = await env.engine(handler)
+    eng, port = await env.engine(handler, park_after=0)  # the idle ones stay ClientConns
     idle = [await env.connect(port) for _ in range(2)]
     for c in idle:
         await c.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -32,11 +32,12 @@ def _svc(**extra: Any) -> dict[str, Any]:
 def test_defaults() -> None:
     t = C.build({"services": _svc()}, env={}).timeouts
     assert (t.connect, t.read, t.total) == (2.0, 30.0, None)
-    assert (t.header, t.body, t.body_min_rate, t.idle, t.upstream_idle) == (
+    assert (t.header, t.body, t.body_min_rate, t.idle, t.idle_park, t.upstream_idle) == (
         30.0,
         10.0,
         240.0,
         75.0,
+        1.0,
         60.0,
     )
 
@@ -50,6 +51,7 @@ def test_top_level_and_per_service() -> None:
                 "header": "3s",
                 "body": "2s",
                 "idle": "4s",
+                "idle_park": 0,
                 "body_min_rate": 0,
                 "upstream_idle": "9s",
                 "total": "20s",
@@ -67,6 +69,7 @@ def test_top_level_and_per_service() -> None:
         9.0,
         20.0,
     )
+    assert t.idle_park == 0.0  # parking off
     st = cfg.services["s"].timeouts
     assert (st.connect, st.read, st.total) == (1.0, 5.0, 20.0)  # inherits, overrides read
 
@@ -78,11 +81,14 @@ BAD = [
     ({"timeouts": {"body": "0ms"}}, "timeouts.body", "positive"),
     ({"timeouts": {"idle": -1}}, "timeouts.idle", "duration"),
     ({"timeouts": {"upstream_idle": 0}}, "timeouts.upstream_idle", "positive"),
+    ({"timeouts": {"idle_park": -1}}, "timeouts.idle_park", "duration"),
+    ({"timeouts": {"idle_park": "soon"}}, "timeouts.idle_park", "duration"),
     ({"timeouts": {"total": 0}}, "timeouts.total", "positive"),
     ({"timeouts": {"body_min_rate": -1}}, "timeouts.body_min_rate", ">= 0"),
     ({"timeouts": {"bodyy": "1s"}}, "timeouts.bodyy", "unknown"),
     ({"services": _svc(timeouts={"read": 0})}, "services.s.timeouts.read", "positive"),
     ({"services": _svc(timeouts={"idle": "5s"})}, "services.s.timeouts.idle", "top-level"),
+    ({"services": _svc(timeouts={"idle_park": 0})}, "services.s.timeouts.idle_park", "top-level"),
 ]
 
 
@@ -96,11 +102,14 @@ BAD = [
         "body-0ms",
         "idle-negative",
         "upstream-idle-0",
+        "idle-park-negative",
+        "idle-park-not-a-duration",
         "total-0",
         "rate-negative",
         "unknown-key",
         "service-read-0",
         "service-idle",
+        "service-idle-park",
     ],
 )
 def test_bad_timeouts_refused_naming_the_field(doc: dict[str, Any], field: str, words: str) -> None:

@@ -7,7 +7,8 @@ upstreams get within reach of nginx (benchmarks/RESULTS.md). Policy stays behind
 Layout: `fast_client` (client connections), `fast_upstream` (upstream
 connections and the response relay), `fast_pool` (keep-alive pool, connects),
 `fast_wire` (wire constants and the per-request record), `fast_accept`
-(accepting client connections in batches).
+(accepting client connections in batches), `fast_park` (idle connections parked
+outside uvloop until their next byte).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from gateway.config import Timeouts
 from gateway.engine.api import Handler, Limits, body_min_bytes
 from gateway.engine.fast_accept import Acceptor
 from gateway.engine.fast_client import ClientConn, ClientContext
+from gateway.engine.fast_park import ParkingLot
 from gateway.engine.fast_pool import Pool
 
 __all__ = ["FastEngine"]
@@ -66,6 +68,7 @@ class FastEngine:
         upstream_idle_timeout: float = _DEFAULT.upstream_idle,
         upstream_limits: Limits | None = None,
         tls: ssl.SSLContext | None = None,
+        park_after: float = _DEFAULT.idle_park,
     ) -> None:
         self.handler = handler
         # HTTPS listener (README "TLS"): the context new connections get; set_tls swaps it.
@@ -74,6 +77,8 @@ class FastEngine:
         self.max_header_bytes = max_header_bytes
         self.max_target_bytes = max_target_bytes
         self.keepalive_timeout = keepalive_timeout
+        # Idle this long, a plain-HTTP connection is parked outside uvloop (engine/fast_park.py).
+        self.park_after = park_after
         self.header_timeout = header_timeout
         # A request body must bring this many bytes in every `body_timeout`
         # window (at least one), else 408: a trickle is as stalled as silence.
@@ -90,6 +95,12 @@ class FastEngine:
     def in_flight(self) -> int:
         """Requests read and not yet fully answered (what a graceful stop waits for)."""
         return self._ctx.in_flight if self._ctx is not None else 0
+
+    @property
+    def parked(self) -> int:
+        """Idle connections parked outside uvloop (engine/fast_park.py)."""
+        lot = self._ctx.lot if self._ctx is not None else None
+        return len(lot) if lot is not None else 0
 
     @property
     def _clients(self) -> dict[ClientConn, None]:
@@ -121,6 +132,8 @@ class FastEngine:
         self._server = Acceptor(loop, sock, self._protocol)
         self._server.tls = self.tls
         self._server.tls_timeout = self.header_timeout
+        if self.tls is None and self.park_after > 0:
+            self._ctx.park_idle(ParkingLot(loop, self._server.adopt, sock.family), self.park_after)
         self._server.start()
 
     def set_tls(self, ctx: ssl.SSLContext) -> None:
@@ -159,6 +172,8 @@ class FastEngine:
     @staticmethod
     async def _drain(ctx: ClientContext, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         ctx.closing = True
+        if ctx.lot is not None:
+            ctx.lot.close()  # parked connections are idle: closed at once
         clients = ctx.clients
         for c in clients:
             c.close_soon = True

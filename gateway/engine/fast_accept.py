@@ -110,6 +110,13 @@ class Acceptor:
             except OSError:  # reset before it was set up: nothing to serve
                 conn.close()
 
+    def adopt(self, conn: socket.socket) -> None:
+        """Serve a parked idle connection that became readable (engine/fast_park.py).
+
+        Only plain-HTTP connections are parked, so only the plain branch serves these.
+        """
+        self._adopt(conn)
+
     def _adopt(self, conn: socket.socket) -> None:
         conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -58,6 +58,7 @@ from gateway.engine.fast_wire import (
 from gateway.errors import upstream_status
 
 if TYPE_CHECKING:
+    from gateway.engine.fast_park import ParkingLot
     from gateway.engine.fast_pool import Pool
     from gateway.engine.fast_upstream import Upstream
 
@@ -115,6 +116,9 @@ class ClientContext:
         "body_timeout",
         "body_min_bytes",
         "recheck",
+        "park_after",
+        "lot",
+        "idle_check",
         "closing",
         "clients",
         "in_flight",
@@ -151,12 +155,24 @@ class ClientContext:
         # How late the lazy per-connection timer may notice a shorter timeout;
         # a body's window arms its own deadline (ClientConn.on_headers_complete).
         self.recheck = min(keepalive_timeout, header_timeout)
+        # An idle connection is parked outside uvloop after this long (engine/fast_park.py);
+        # 0, or no lot (HTTPS): never.
+        self.park_after = 0.0
+        self.lot: ParkingLot | None = None
+        # When an idle connection's timer first looks at it after its last response.
+        self.idle_check = PARSER_IDLE_SECONDS
         self.closing = False  # shutdown: no keep-alive from now on
         # Open connections; a dict used as a set: ~half a set's table per entry.
         self.clients: dict[ClientConn, None] = {}
         self.in_flight = 0  # exchanges read and not yet finished
         self.drained: asyncio.Event | None = None  # set when in_flight reaches 0 (shutdown)
         self.gone: asyncio.Event | None = None  # set when the last connection is lost
+
+    def park_idle(self, lot: ParkingLot, after: float) -> None:
+        """Park connections idle for `after` seconds in `lot` (engine/fast_park.py)."""
+        self.lot = lot
+        self.park_after = after
+        self.idle_check = min(PARSER_IDLE_SECONDS, after)
 
     def finished_one(self) -> None:
         """An exchange ended: one fewer in flight (a draining shutdown waits for none)."""
@@ -697,8 +713,8 @@ class ClientConn(Armed):
                 self._close()
                 return
             self._period_start = t0 = self.loop.time()
-            # Soon enough to drop the parser if nothing follows (arm keeps an earlier one).
-            self.arm(t0 + PARSER_IDLE_SECONDS if self.parser is not None else t0 + self.ctx.recheck)
+            # Soon enough to drop the parser or park if nothing follows (arm keeps an earlier one).
+            self.arm(t0 + self.ctx.idle_check if self.parser is not None else t0 + self.ctx.recheck)
 
     def _fail_input(self, status: int, message: str) -> None:
         """Refuse the request being read (RFC 9112 §11.2: never forward it) and close."""
@@ -843,6 +859,23 @@ class ClientConn(Armed):
         self._period_start = self.loop.time()
         self.arm(self._period_start + min(LINGER_SECONDS, self.ctx.recheck))
 
+    def _park(self, deadline: float) -> bool:
+        """Idle (nothing in flight, buffered or paused): hand the socket to the lot."""
+        lot = self.ctx.lot
+        tr = self.transport
+        if lot is None or tr.get_write_buffer_size():
+            return False
+        sock = tr.get_extra_info("socket")
+        if sock is None or not lot.park(sock.fileno(), deadline):
+            return False
+        # The lot holds a duplicate descriptor; closing the transport closes uvloop's.
+        self.ctx.clients.pop(self, None)
+        self.parser = None
+        self._queue = _NO_QUEUE
+        self.state = C_SHUT
+        tr.abort()
+        return True
+
     def on_tick(self, tick: int) -> None:
         if tick != self.armed_tick:
             return  # re-armed elsewhere meanwhile
@@ -867,6 +900,14 @@ class ClientConn(Armed):
             if now >= deadline:
                 self._shut(abort=False)
                 return
+            park = ctx.park_after
+            if park and ctx.lot is not None and not self._begun and not self.close_soon:
+                at = self._period_start + park
+                if now >= at:
+                    if self._park(deadline):
+                        return
+                elif at < deadline:
+                    deadline = at
             if self.parser is not None and not self._begun:
                 drop = self._period_start + PARSER_IDLE_SECONDS
                 if now >= drop:
