@@ -32,6 +32,7 @@ COMPILED = [
     "gateway/engine/fast_timers.py",
     "gateway/engine/fast_upstream.py",
     "gateway/engine/fast_wire.py",
+    "gateway/engine/tls_conn.py",
     "gateway/balancer.py",
     "gateway/decide.py",
     "gateway/guard.py",

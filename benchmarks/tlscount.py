@@ -14,12 +14,12 @@ random ``X-User-ID`` each, dumps, and prints per request:
   engine and the policy for every socket event, not timers, which valgrind's
   slowness inflates); for nginx the same as total;
 - ``openssl``: ``SSL_read``/``SSL_write`` (nginx) or ``SSL_read_ex``/``SSL_write_ex``
-  (CPython's ``_ssl``, under uvloop's TLS transport): the record layer and the
+  (CPython's ``_ssl``, under the engine's TLS layer): the record layer and the
   cipher, work both forwarders must do;
 - ``tls glue``: the data path's growth from plain to HTTPS minus ``openssl``:
   what the forwarder's own TLS plumbing costs (nginx's ``ngx_ssl_recv``/
-  ``ngx_ssl_send_chain``; for the gateway uvloop's ``SSLProtocol``, its memory
-  BIOs and CPython's ``_ssl`` wrappers).
+  ``ngx_ssl_send_chain``; for the gateway gateway/engine/tls_conn.py, its
+  memory BIOs and CPython's ``_ssl`` wrappers).
 
     python -m benchmarks.tlscount --python /path/to/venv/bin/python --requests 3000
 

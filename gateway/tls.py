@@ -69,12 +69,13 @@ def _load_ca(ctx: ssl.SSLContext, ca: str, field: str) -> None:
 class DirectSSLObject(ssl.SSLObject):
     """An `ssl.SSLObject` whose `read`, `write` and `pending` are the C methods themselves.
 
-    Why: the event loop's TLS transport (uvloop's, or asyncio's) calls these
-    for every TLS record in each direction, and the stdlib's versions are
-    Python functions that only forward to the C object: an interpreter frame
-    per call, three per proxied request. Bound on the instance, the C methods
-    serve those calls directly (measured with callgrind: about 1,300 fewer
-    instructions per request on the HTTPS listener, benchmarks/README.md "TLS").
+    Why: the engine's TLS layer (gateway/engine/tls_conn.py, the listener) and
+    the event loop's TLS transport (upstreams) call these for every TLS record,
+    and the stdlib's versions are Python functions that only forward to the C
+    object: an interpreter frame per call, three per proxied request. Bound on
+    the instance, the C methods serve those calls directly (measured with
+    callgrind: about 1,300 fewer instructions per request on the HTTPS
+    listener, benchmarks/README.md "TLS").
     The transports call them as `read(n)`, `read(n, buffer)`, `write(data)`
     and `pending()`, which the C methods take as they are; only `read()` with
     no length (the stdlib's default of 1024) would not, and no transport does.

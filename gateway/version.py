@@ -49,6 +49,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "gateway.engine.fast_timers",
     "gateway.engine.fast_upstream",
     "gateway.engine.fast_wire",
+    "gateway.engine.tls_conn",
     "gateway.balancer",
     "gateway.decide",
     "gateway.guard",

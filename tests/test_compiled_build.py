@@ -52,6 +52,8 @@ SUITES = [
     "test_propagation.py",
     "test_routing.py",
     "test_balancer.py",
+    "test_tls_conn.py",
+    "test_tls_edges.py",
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import ssl
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import nginxconf, scenarios, servers, tlsbench, tlscount
+from benchmarks import nginxconf, scenarios, servers, tlsbench, tlscount, tlsidle
 from benchmarks.procs import ProcessSet
 from benchmarks.servers import CpuLayout, Fleet
 from tests.programs import need
@@ -71,6 +72,25 @@ def test_nginx_and_the_gateway_serve_the_split_over_tls_with_one_certificate(
         # (OpenSSL's; here TLS 1.3 with TLS_AES_256_GCM_SHA384 on both).
         got = tlsbench.negotiated(gw.port)
         assert got == tlsbench.negotiated(ref.port) and got[0] == "TLSv1.3"
+
+
+def test_tlsidle_holds_answered_https_connections_and_reads_the_gateways_rss(
+    tmp_path: Path,
+) -> None:
+    with ProcessSet(tmp_path) as procs:
+        fleet = Fleet(procs, tmp_path, {}, CpuLayout(), builtin_upstream=True)
+        gw = tlsbench.gateway(fleet)
+
+        async def hold() -> list[bool]:
+            held = await tlsidle.open_idle(gw.port, 5)  # each answered with its 1 KiB
+            try:
+                return [w.is_closing() for w in held]
+            finally:
+                await tlsidle.close_all(held)
+
+        assert asyncio.run(hold()) == [False] * 5  # still open once answered
+        before, after = asyncio.run(tlsidle.measure(gw.port, gw.proc.popen.pid, 5, settle=0))
+        assert before > 1000 and after > 1000  # KiB: a Python process's resident set at least
 
 
 ANNOTATE = """\

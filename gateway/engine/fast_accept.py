@@ -18,7 +18,9 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
+
+from gateway.engine.tls_conn import TLSConn
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class Acceptor:
         # current at accept time, so a reload's new certificate serves new connections.
         self.tls: ssl.SSLContext | None = None
         self.tls_timeout = 30.0  # the handshake, as a request head's header_timeout
+        self._handshaking: dict[TLSConn, None] = {}  # cut when the acceptor closes
 
     def start(self) -> None:
         """Begin accepting (the socket is already bound and listening)."""
@@ -68,6 +71,8 @@ class Acceptor:
         self.closed = True
         self._stop()
         self.sock.close()
+        for conn in list(self._handshaking):
+            conn.abort()
 
     async def wait_closed(self) -> None:
         """Wait until the connections accepted before `close` have their transports."""
@@ -118,12 +123,20 @@ class Acceptor:
         if self.tls is None:
             coro = self.loop.connect_accepted_socket(self.protocol_factory, conn)
         else:
-            coro = self.loop.connect_accepted_socket(
-                self.protocol_factory, conn, ssl=self.tls, ssl_handshake_timeout=self.tls_timeout
+            # TLS done by the engine itself on the plain transport (engine/tls_conn.py).
+            tls = TLSConn(
+                self.loop, self.tls, self.protocol_factory, self.tls_timeout, self._handshake
             )
+            coro = self.loop.connect_accepted_socket(lambda: cast(asyncio.Protocol, tls), conn)
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._adopted)
+
+    def _handshake(self, conn: TLSConn, started: bool) -> None:
+        if started:
+            self._handshaking[conn] = None
+        else:
+            self._handshaking.pop(conn, None)
 
     def _adopted(self, task: asyncio.Task[object]) -> None:
         self._tasks.discard(task)
