@@ -135,6 +135,25 @@ async def wait_for(cond: object, what: str) -> None:
         await asyncio.sleep(0.01)
 
 
+async def handshake_by_hand(
+    pki: PKI, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """A client whose TLS runs over memory BIOs, handshake done: the test frames TCP itself."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = pki.client_ctx().wrap_bio(inc, out, server_hostname="127.0.0.1")
+    async with asyncio.timeout(DEADLINE):
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                w.write(out.read())
+                inc.write(await r.read(65536))
+        w.write(out.read())
+    return r, w, obj, inc, out
+
+
 async def test_close_sends_close_notify_after_the_last_bytes(
     served: tuple[Acceptor, int, list[Echo]], pki: PKI
 ) -> None:
@@ -182,19 +201,8 @@ async def test_records_split_across_tcp_segments_and_joined_in_one_are_both_read
 ) -> None:
     """Drive the client's TLS by hand to control TCP framing: byte by byte, then all at once."""
     _, port, record = served
-    ctx = pki.client_ctx()
-    r, w = await asyncio.open_connection("127.0.0.1", port)
-    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(inc, out, server_hostname="127.0.0.1")
+    r, w, obj, inc, out = await handshake_by_hand(pki, port)
     async with asyncio.timeout(DEADLINE):
-        while True:
-            try:
-                obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                w.write(out.read())
-                inc.write(await r.read(65536))
-        w.write(out.read())
         obj.write(b"one ")
         trickle = out.read()
         for i in range(len(trickle)):  # a record one byte per TCP write
@@ -314,19 +322,9 @@ async def test_a_client_fin_without_close_notify_is_its_eof_and_the_answer_still
     """A FIN (no close_notify) reaches the application as EOF; an application that keeps
     the connection (a tunnel) can still answer, and its close sends close_notify."""
     _, port, record = served
-    ctx = pki.client_ctx()
-    r, w = await asyncio.open_connection("127.0.0.1", port)
-    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(inc, out, server_hostname="127.0.0.1")
+    r, w, obj, inc, out = await handshake_by_hand(pki, port)
     got = b""
     async with asyncio.timeout(DEADLINE):
-        while True:
-            try:
-                obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                w.write(out.read())
-                inc.write(await r.read(65536))
         obj.write(b"half")
         w.write(out.read())
         await wait_for(lambda: record and record[0].got.is_set(), "the bytes to arrive")
