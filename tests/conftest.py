@@ -25,6 +25,7 @@ from gateway import config as C
 from gateway.app import Gateway
 from gateway.demo import demo_upstream, serve_app
 from tests import parallel
+from tests.engine_helpers import Env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -255,6 +256,14 @@ async def gather_limited(coros: list[Awaitable[Any]], limit: int = 64) -> list[A
             return await c
 
     return await asyncio.gather(*(one(c) for c in coros))
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    """The fast engine's test bench (tests/engine_helpers.py), closed after the test."""
+    e = Env()
+    yield e
+    await e.aclose()
 
 
 @pytest.fixture(params=["fast", "aiohttp"])

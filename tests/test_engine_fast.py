@@ -56,13 +56,6 @@ from tests.engine_helpers import MARK, Env, ProxyHandler, Script, read_request
 from tests.polling import until
 
 
-@pytest.fixture
-async def env() -> AsyncIterator[Env]:
-    e = Env()
-    yield e
-    await e.aclose()
-
-
 def echo_app(seen: list[object] | None = None) -> web.Application:
     async def echo(request: web.Request) -> web.Response:
         body = await request.read()

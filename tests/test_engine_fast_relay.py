@@ -13,7 +13,6 @@ import fcntl
 import json
 import struct
 import termios
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -24,13 +23,6 @@ from tests.engine_helpers import read_request as read_one
 
 OURS = MARK[0] + b": " + MARK[1] + b"\r\n"  # the policy's field, appended after the upstream's
 GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
-
-
-@pytest.fixture
-async def env() -> AsyncIterator[Env]:
-    e = Env()
-    yield e
-    await e.aclose()
 
 
 def answering(response: bytes) -> Script:

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,6 @@ from tests.tls_helpers import make_pki
 PARK = 0.1  # seconds idle before a connection is parked, in these tests
 GET_A = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
 GET_B = b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
-
-
-@pytest.fixture
-async def env() -> AsyncIterator[Env]:
-    e = Env()
-    yield e
-    await e.aclose()
 
 
 def _fds() -> int:

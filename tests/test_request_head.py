@@ -11,7 +11,7 @@ fields the upstream receives must be the same.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import httptools
 import pytest
@@ -164,13 +164,6 @@ READS_IDS = [
     "http-2.0",
     "http-0.9",
 ]
-
-
-@pytest.fixture
-async def env() -> AsyncIterator[Env]:
-    e = Env()
-    yield e
-    await e.aclose()
 
 
 async def _send_in_reads(eng: FastEngine, c: RawClient, reads: list[bytes]) -> None:

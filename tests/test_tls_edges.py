@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,13 +22,6 @@ from tests.tls_helpers import PKI, make_pki
 @pytest.fixture
 def pki(tmp_path: Path) -> PKI:
     return make_pki(tmp_path / "pki")
-
-
-@pytest.fixture
-async def env() -> AsyncIterator[Env]:
-    e = Env()
-    yield e
-    await e.aclose()
 
 
 async def tls_echo(
