@@ -258,7 +258,7 @@ class ProxyHandler:
         pool = rv.pool
 
         incoming = propagation.parse_traceparent(s.traceparent) if s.traceparent else None
-        sampled = self.sampler(incoming) if self.sampler is not None else False
+        sampled = self.sampler.sample(incoming) if self.sampler is not None else False
         # Ids and the traceparent as bytes: they go into header fields as they are.
         span_id = self.ids.span_id_b()
         trace_id, tp = propagation.outgoing_traceparent_b(incoming, span_id, sampled, self.ids)

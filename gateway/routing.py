@@ -15,9 +15,9 @@ from __future__ import annotations
 import ipaddress
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 import mmh3
 
@@ -29,6 +29,9 @@ _TWO64: Final = float(2**64)
 # machines): its first 8 are `hash64`'s first value. One bytes object per call instead of
 # hash64's tuple of two integers (built from a format string), and a C static here.
 _HASH_BYTES: Final = mmh3.hash_bytes
+# The same function, taking the seed as the int object WeightTable keeps: compiled, a seed
+# read as `int` is unboxed and then boxed again (a new int object) for every call.
+_HASH_BYTES_SEEDED: Final = cast("Callable[[str, object], bytes]", mmh3.hash_bytes)
 
 REASON_HEADER: Final = "header"
 REASON_COOKIE: Final = "cookie"
@@ -86,7 +89,7 @@ class WeightTable:
     names: tuple[str, ...]  # every release, config order
     raw: Mapping[str, float]
     shares: Mapping[str, float]  # normalized, sum to 1
-    _live: tuple[tuple[str, int, float], ...]  # (name, seed, 1/weight) for weight > 0
+    _live: tuple[tuple[str, object, float], ...]  # (name, seed: int, 1/weight) for weight > 0
     _cum: tuple[float, ...]  # cumulative shares for random picks
 
     @classmethod
@@ -126,7 +129,7 @@ class WeightTable:
         best_score = -math.inf
         # hrw_score per live release, inline: this runs once per request per live release.
         for name, seed, inv in self._live:
-            d = _HASH_BYTES(key, seed)
+            d = _HASH_BYTES_SEEDED(key, seed)
             lo: i64 = d[0] | (d[1] << 8) | (d[2] << 16) | (d[3] << 24)
             hi: i64 = d[4] | (d[5] << 8) | (d[6] << 16) | (d[7] << 24)
             s = _halves_score(hi, lo, inv)

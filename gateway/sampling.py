@@ -3,8 +3,9 @@
 Why a class in its own module: `gateway/telemetry.py` imports the OpenTelemetry SDK and
 runs as Python source, so a decision function defined there is an interpreted call on
 every request; this module is compiled with the per-request ones (setup.py), and the
-handler calls `Sampler.__call__` as a C function. The rules are the OpenTelemetry SDK
-samplers' of the same names (OpenTelemetry specification, "Built-in samplers";
+handler calls `RequestSampler.sample` as a C function (a method of a typed attribute:
+calling the object itself would go through Python's generic call protocol). The rules are
+the OpenTelemetry SDK samplers' of the same names (OpenTelemetry specification, "Built-in samplers";
 `OTEL_TRACES_SAMPLER` in its environment variable specification); telemetry.py
 computes the ratio bound with the SDK's own function. Pure: no I/O, randomness passed in.
 """
@@ -42,7 +43,7 @@ class RequestSampler:
     its own 64 random bits from `rng` (the `random` module's when None).
     """
 
-    __slots__ = ("kind", "bound", "_rng")
+    __slots__ = ("kind", "bound", "_rng", "_parent", "_fixed")
 
     def __init__(self, kind: str, bound: int, rng: random.Random | None = None) -> None:
         if kind not in KINDS:
@@ -50,22 +51,33 @@ class RequestSampler:
         self.kind = kind
         self.bound = bound
         self._rng = rng
+        # The kind's rules, read once here rather than as string tests per request.
+        self._parent = kind.startswith("parentbased_")
+        self._fixed = (  # 1: always sample, 0: never, -1: by the trace-id ratio
+            1
+            if kind in (ALWAYS_ON, PARENT_ALWAYS_ON)
+            else 0
+            if kind in (ALWAYS_OFF, PARENT_ALWAYS_OFF)
+            else -1
+        )
 
     def _draw(self) -> bool:
         r = self._rng
         return (random.getrandbits(64) if r is None else r.getrandbits(64)) < self.bound
 
-    def __call__(self, incoming: TraceParent | None) -> bool:
-        kind = self.kind
-        if incoming is not None and kind.startswith("parentbased_"):
+    def sample(self, incoming: TraceParent | None) -> bool:
+        """The decision; the handler calls this method (a native call when compiled)."""
+        if incoming is not None and self._parent:
             return incoming.flags & FLAG_SAMPLED != 0  # the caller's decision stands
-        if kind == PARENT_ALWAYS_OFF or kind == ALWAYS_OFF:
-            return False
-        if kind == PARENT_ALWAYS_ON or kind == ALWAYS_ON:
-            return True
+        fixed = self._fixed
+        if fixed >= 0:
+            return fixed == 1
         if incoming is None:  # traceidratio, or parentbased_traceidratio at a root
             return self._draw()
         return int(incoming.trace_id[16:], 16) < self.bound
+
+    def __call__(self, incoming: TraceParent | None) -> bool:
+        return self.sample(incoming)
 
     def __repr__(self) -> str:
         return f"RequestSampler({self.kind!r})"
