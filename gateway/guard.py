@@ -21,6 +21,9 @@ from gateway.tally import Tally
 _BOUNDS: Final[tuple[float, ...]] = tuple(0.0005 * (1.1**i) for i in range(131))
 _NB: Final = len(_BOUNDS) + 1
 _LOG_STEP: Final = math.log(1.1)
+# The first and last bound as native floats (compiled, a read of a tuple item is a boxed float).
+_FIRST: Final = _BOUNDS[0]
+_LAST: Final = _BOUNDS[-1]
 # The window of a service `configure` has not named (yet): the config's default
 # `guard.window` (docs/configuration.md), so a record before the first configure is kept.
 DEFAULT_WINDOW_S: Final = 300.0
@@ -114,11 +117,11 @@ def _bucket(x: float) -> int:
     exact whatever the rounding of the estimate.
     """
     last = _NB - 2
-    if not x > _BOUNDS[0]:  # at or below the first bound, or NaN: bisect_left gives 0 too
+    if not x > _FIRST:  # at or below the first bound, or NaN: bisect_left gives 0 too
         return 0
-    if x > _BOUNDS[last]:
+    if x > _LAST:
         return last + 1
-    i = int(math.log(x / _BOUNDS[0]) / _LOG_STEP)
+    i = int(math.log(x / _FIRST) / _LOG_STEP)
     if i > last:
         i = last
     while i > 0 and _BOUNDS[i - 1] >= x:

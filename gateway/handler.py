@@ -228,9 +228,9 @@ class ProxyHandler:
         s = scan(head.headers, snap.stage_l, snap.user_l, snap.tag_l)
         if authority is not None:
             set_authority(s, authority)
-        elif s.host is None and head.http_version != "1.0":
+        elif s.host_b is None and head.http_version != "1.0":
             return respond_json(400, {"error": "missing Host header"})
-        svc_name = snap.matcher.match(s.host, path)
+        svc_name = snap.matcher.match_field(s.host_b, path)
         if svc_name is None:
             return respond_json(404, {"error": "no service matches this host and path"})
         sv = snap.services[svc_name]

@@ -382,7 +382,7 @@ class ServiceMatcher:
     README "How routing decides".
     """
 
-    __slots__ = ("_exact", "_wild", "_any", "_cache")
+    __slots__ = ("_exact", "_wild", "_any", "_cache", "_by_host")
 
     def __init__(self, services: Iterable[tuple[str, Sequence[str], str]]) -> None:
         exact: dict[str, list[tuple[str, str]]] = {}
@@ -408,6 +408,13 @@ class ServiceMatcher:
         )
         self._any = order(anyhost)
         self._cache: dict[str, str] = {}
+        self._by_host = bool(exact or wild)  # does any service name hosts?
+
+    def match_field(self, host: bytes | None, path: str) -> str | None:
+        """`match` for the Host field as received: decoded only when a service names hosts."""
+        if host is None or not self._by_host:
+            return self.match(None, path)
+        return self.match(host.decode("latin-1"), path)
 
     def match(self, host: str | None, path: str) -> str | None:
         if (self._exact or self._wild) and host:

@@ -276,6 +276,19 @@ MATCHER = ServiceMatcher(
 )
 def test_service_match(host: str | None, path: str, want: str) -> None:
     assert MATCHER.match(host, path) == want
+    # The data path's form: the Host field's bytes as received.
+    assert MATCHER.match_field(None if host is None else host.encode(), path) == want
+
+
+@pytest.mark.parametrize(
+    ("host", "path", "want"),
+    [(b"a.example", "/api/x", "prefixed"), (None, "/", "root"), (b"b.example", "/", "root")],
+    ids=["any-host-prefix", "no-host", "host-not-named"],
+)
+def test_service_match_without_host_names(host: bytes | None, path: str, want: str) -> None:
+    m = ServiceMatcher([("root", [], "/"), ("prefixed", [], "/api")])
+    assert m.match_field(host, path) == want
+    assert m.match(None if host is None else host.decode(), path) == want
 
 
 def test_no_service_matches() -> None:
