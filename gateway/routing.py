@@ -382,7 +382,7 @@ class ServiceMatcher:
     README "How routing decides".
     """
 
-    __slots__ = ("_exact", "_wild", "_any", "_cache", "_by_host")
+    __slots__ = ("_exact", "_wild", "_any", "_any_root", "_cache", "_by_host")
 
     def __init__(self, services: Iterable[tuple[str, Sequence[str], str]]) -> None:
         exact: dict[str, list[tuple[str, str]]] = {}
@@ -406,7 +406,12 @@ class ServiceMatcher:
         self._wild = tuple(
             sorted(((s, order(v)) for s, v in wild.items()), key=lambda e: -len(e[0]))
         )
-        self._any = order(anyhost)
+        anyhost_ordered = order(anyhost)
+        # The any-host service at "/", the last one tried, apart: `_prefix_ok(path, "/")`
+        # is `path.startswith("/")`, so no loop step and call for it per request.
+        root = anyhost_ordered[-1] if anyhost_ordered and anyhost_ordered[-1][0] == "/" else None
+        self._any = anyhost_ordered[:-1] if root is not None else anyhost_ordered
+        self._any_root = root[1] if root is not None else None
         self._cache: dict[str, str] = {}
         self._by_host = bool(exact or wild)  # does any service name hosts?
 
@@ -440,6 +445,8 @@ class ServiceMatcher:
         for prefix, name in self._any:
             if _prefix_ok(path, prefix):
                 return name
+        if self._any_root is not None and path.startswith("/"):
+            return self._any_root
         return None
 
 

@@ -282,13 +282,27 @@ def test_service_match(host: str | None, path: str, want: str) -> None:
 
 @pytest.mark.parametrize(
     ("host", "path", "want"),
-    [(b"a.example", "/api/x", "prefixed"), (None, "/", "root"), (b"b.example", "/", "root")],
-    ids=["any-host-prefix", "no-host", "host-not-named"],
+    [
+        (b"a.example", "/api/x", "prefixed"),
+        (None, "/", "root"),
+        (b"b.example", "/", "root"),
+        (None, "*", None),  # OPTIONS *: not a path under "/"
+    ],
+    ids=["any-host-prefix", "no-host", "host-not-named", "asterisk-form"],
 )
-def test_service_match_without_host_names(host: bytes | None, path: str, want: str) -> None:
+def test_service_match_without_host_names(host: bytes | None, path: str, want: str | None) -> None:
     m = ServiceMatcher([("root", [], "/"), ("prefixed", [], "/api")])
     assert m.match_field(host, path) == want
     assert m.match(None if host is None else host.decode(), path) == want
+
+
+def test_two_services_at_the_root_the_first_in_config_order_wins() -> None:
+    m = ServiceMatcher([("first", [], "/"), ("second", [], "/"), ("api", [], "/api")])
+    assert (m.match(None, "/x"), m.match(None, "/api/1"), m.match(None, "*")) == (
+        "first",
+        "api",
+        None,
+    )
 
 
 def test_no_service_matches() -> None:
