@@ -323,11 +323,11 @@ def upstream_fields(
     last part starting with CRLF and ending with one) and joins once.
     """
     if client_fields is not None:
-        parts = [client_fields]
+        parts = [client_fields, _XFF]
     else:
         parts = []
         add_field_lines(parts, s.kept)
-    parts.append(_XFF)
+        parts.append(_XFF)
     if s.forwarded_for:
         parts.append(s.forwarded_for)
         parts.append(b", ")

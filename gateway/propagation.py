@@ -202,6 +202,19 @@ class IdMint:
             if tid != _ZERO_TRACE_ID_B:
                 return tid
 
+    def span_and_trace_b(self) -> tuple[bytes, bytes]:
+        """`(span_id_b(), trace_id_b())`, the same ids, in one step when the draw holds both."""
+        pos = self._pos
+        end = pos + 48
+        buf = self._buf
+        if end <= len(buf):
+            sid = buf[pos : pos + 16]
+            tid = buf[pos + 16 : end]
+            if sid != _ZERO_SPAN_ID_B and tid != _ZERO_TRACE_ID_B:
+                self._pos = end
+                return sid, tid
+        return self.span_id_b(), self.trace_id_b()
+
     def span_id(self) -> str:
         return self.span_id_b().decode("ascii")
 
@@ -230,11 +243,18 @@ def outgoing_traceparent(
 
 
 def outgoing_traceparent_b(
-    incoming: TraceParent | None, span_id: bytes, sampled: bool, mint: IdMint
+    incoming: TraceParent | None,
+    span_id: bytes,
+    sampled: bool,
+    mint: IdMint,
+    new_trace_id: bytes = b"",
 ) -> tuple[bytes, bytes]:
-    """`outgoing_traceparent` in bytes, for the data path: (trace_id, header value)."""
+    """`outgoing_traceparent` in bytes, for the data path: (trace_id, header value).
+
+    `new_trace_id`: the id for a new trace, if the caller minted it already.
+    """
     if incoming is None:
-        trace_id = mint.trace_id_b()
+        trace_id = new_trace_id or mint.trace_id_b()
         flags = FLAG_RANDOM
     else:
         trace_id = incoming.trace_id.encode("latin-1")

@@ -218,6 +218,16 @@ def test_id_mint_is_deterministic_refills_and_never_zero() -> None:
     assert re.fullmatch(r"[0-9a-f]{32}", trace_id) and header == f"00-{trace_id}-{SPAN}-02"
 
 
+@pytest.mark.parametrize("chunk", [8, 24, 40, 64, 4096], ids=lambda c: f"chunk-{c}")
+def test_span_and_trace_in_one_step_are_the_ids_minted_one_by_one(chunk: int) -> None:
+    # Refills that split the pair (chunks not a multiple of 24 bytes) and a first draw
+    # of zeros included: the pair is always what span_id_b() then trace_id_b() give.
+    for rng_a, rng_b in ((random.Random(9), random.Random(9)), (ZeroFirst(), ZeroFirst())):
+        a, b = IdMint(rng_a, chunk=chunk), IdMint(rng_b, chunk=chunk)
+        for _ in range(40):
+            assert a.span_and_trace_b() == (b.span_id_b(), b.trace_id_b())
+
+
 # --- tracestate -------------------------------------------------------------------------------
 
 
