@@ -159,7 +159,9 @@ async def test_many_connections_parked_and_reused_then_nothing_left(env: Env) ->
     assert not eng._clients
 
 
-@pytest.mark.parametrize(("idle_park", "parked"), [("50ms", 1), (0, 0)], ids=["on", "off"])
+@pytest.mark.parametrize(
+    ("idle_park", "parked"), [("50ms", 1), (0, 0), (None, 1)], ids=["on", "off", "default"]
+)
 async def test_timeouts_idle_park_reaches_the_gateway(
     gateway: Callable[..., Awaitable[Gateway]],
     upstreams: Callable[..., Awaitable[Upstream]],
@@ -170,7 +172,8 @@ async def test_timeouts_idle_park_reaches_the_gateway(
     services: dict[str, Any] = {
         "svc": {"releases": {"stable": {"weight": 1, "upstreams": [up.url]}}}
     }
-    gw = await gateway(gateway_config(services, timeouts={"idle_park": idle_park}))
+    timeouts = {} if idle_park is None else {"idle_park": idle_park}  # None: the default
+    gw = await gateway(gateway_config(services, timeouts=timeouts))
     eng = gw.engine
     assert isinstance(eng, FastEngine) and gw.port is not None
     c = await RawClient.connect(gw.port)
