@@ -98,12 +98,13 @@ async def test_a_connection_waiting_on_its_upstream_is_never_parked(env: Env) ->
     waiting = await env.connect(port)
     await waiting.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
     await asyncio.wait_for(asked.wait(), 30.0)
+    (conn,) = eng._clients
     # The clock: a connection answered after the slow request was sent parks once it has
     # idled past the threshold, so by then the slow one has waited longer than that too.
     clock = await env.connect(port)
     await _answered(clock)
     await until(lambda: eng.parked == 1, 30.0)
-    assert len(eng._clients) == 1  # `waiting`, still a transport
+    assert list(eng._clients) == [conn]  # `waiting`'s, still a transport
     release.set()
     r = await waiting.response()
     assert (r.status, r.body) == (200, b"slow")
