@@ -53,6 +53,7 @@ from gateway.engine.fast_wire import (
     error_json,
     head_at_start,
     local_response,
+    method_at_start,
     request_framing,
 )
 from gateway.errors import upstream_status
@@ -423,6 +424,8 @@ class ClientConn(Armed):
             # The first bytes of a request line that llhttp has not reported yet:
             # the header timeout runs from here, not the idle one.
             self._begin()
+        if self.waiting_for != S_WAIT and self._period_start < 0.0:
+            self._period_start = self.loop.time()  # a head began in this read (_begin)
         if self.waiting_for == S_HEAD:
             # llhttp has no header size limit: count raw bytes of an unfinished head.
             if self._done_in_feed:
@@ -451,9 +454,12 @@ class ClientConn(Armed):
         self._hosts = 0
         self._upgrade = None
         self.waiting_for = S_HEAD
-        self._period_start = self.loop.time()
+        # The header timeout's start: read from the loop's clock after the feed, and
+        # only if the head is still unfinished then (data_received); the clock is
+        # the same all through one callback, so the start is the same.
+        self._period_start = -1.0
         if not self.armed_tick:
-            self.arm(self._period_start + self.ctx.recheck)
+            self.arm(self.loop.time() + self.ctx.recheck)
 
     def on_url(self, url: bytes) -> None:
         if self.waiting_for != S_HEAD:
@@ -497,14 +503,19 @@ class ClientConn(Armed):
         p = self.parser
         assert p is not None
         headers = self._headers
-        method = p.get_method()
         chunk = self._chunk
         version = ""
         fields: bytes | None = None
+        method: bytes | None = None
         if chunk is not None and not self._done_in_feed:
             # The first message of a read that began between messages: its head is
             # at the start of `chunk` (fast_wire.head_at_start).
+            method = method_at_start(chunk)
+            if method is None:
+                method = p.get_method()
             version, fields = head_at_start(chunk, method, self._url, headers)
+        if method is None:
+            method = p.get_method()
         if not version:
             version = p.get_http_version()
         upgrade = self._upgrade

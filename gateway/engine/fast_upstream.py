@@ -113,6 +113,7 @@ class Upstream(Armed):
         "pool",
         "loop",
         "key",
+        "idle_set",
         "transport",
         "parser",
         "state",
@@ -147,6 +148,7 @@ class Upstream(Armed):
         self.pool = pool
         self.loop = pool.loop
         self.key = key
+        self.idle_set = pool.idle_set(key)  # where `Pool.release` puts it (no lookup by key)
         self.tls = tls  # what it was opened with: reused only for the same (README "TLS")
         self.transport: asyncio.Transport | None = None
         self.parser = HttpResponseParser(self)
@@ -224,7 +226,7 @@ class Upstream(Armed):
             self.keep = False
             if self.mode == M_CHUNK:
                 ex.client.transport_write(CHUNK_END)
-            self._complete()
+            self._complete(self.loop.time())
             return
         self._failed(ERR_RESET)
 
@@ -286,11 +288,11 @@ class Upstream(Armed):
             # One write per read: head and body of a small response leave together.
             ex.client.transport_write(b"".join(out))
             out.clear()
-        if self.state == U_DONE:
-            if self.ex is ex:
-                self._complete()
-        else:
-            self.last_active = self.loop.time()  # progress: the read timeout runs from here
+        # Progress: the read timeout runs from here; a reused connection's idle time too
+        # (one clock read per read: the loop's clock is the same all through this callback).
+        now = self.last_active = self.loop.time()
+        if self.state == U_DONE and self.ex is ex:
+            self._complete(now)
 
     # -- httptools callbacks ----------------------------------------------
 
@@ -317,15 +319,19 @@ class Upstream(Armed):
             return False
         return True
 
-    def _head_parts(self, status: int) -> list[bytes]:
-        """The relayed head so far, from the raw bytes of the one llhttp just parsed.
+    def _head_parts(self, parts: list[bytes]) -> int:
+        """Append the relayed head so far to `parts`, from the raw bytes of the one llhttp
+        just parsed; returns its status code.
 
         Why raw: each end-to-end field line is kept as sent, so a head of any
         size is a few slices of the read (RFC 9110 §7.6.1: the hop-by-hop ones
         are cut out), and the status line is ours only when the upstream's is
         not HTTP/1.1 (RFC 9110 §6.2: a proxy sends its own version). The parts
-        end with the CRLF of the last field line; the caller adds fields.
+        end with the CRLF of the last field line; the caller adds fields. The
+        status of an `HTTP/1.1 NNN ` line is read from its three digits (llhttp
+        checked them), sparing httptools' `get_status_code()` (a Python call).
         """
+        first_part = len(parts)
         acc = self.head_acc
         if acc is not None:
             self.head_acc = None
@@ -338,11 +344,14 @@ class Upstream(Armed):
         end = self.head_pos - 2
         first = lines[0]
         off = pos + len(first) + 2  # where the field line looked at starts in `buf`
+        status = -1
         if first.startswith(HTTP11_SP) and len(first) > 12 and first[12] == 32:
-            parts: list[bytes] = []
+            status = status_digits(first)
+        if status >= 0:
             last = pos  # where the run of lines relayed as sent starts
         else:
-            parts = [status_line(status)]
+            status = self.parser.get_status_code()
+            parts.append(status_line(status))
             last = off
         for k in range(1, len(lines) - 1):
             line = lines[k]
@@ -352,8 +361,12 @@ class Upstream(Armed):
                 continue
             for size, name, usual in NOTED[line[0] | 32]:
                 if n > size and line[size] == 58:  # b":"
-                    got = line[:size]
-                    if got == usual or got == name or got.lower() == name:
+                    # (startswith: no slice made for the usual spellings)
+                    if (
+                        line.startswith(usual)
+                        or line.startswith(name)
+                        or line[:size].lower() == name
+                    ):
                         if name == H_CONTENT_LENGTH:
                             self.has_length = True  # kept: the relay frames the body as received
                         else:
@@ -366,9 +379,11 @@ class Upstream(Armed):
         if end > last:
             parts.append(buf[last:end])
         if self.conn_tokens is not None:
-            parts = [strip_named_fields(b"".join(parts), self.conn_tokens)]
+            parts[first_part:] = [
+                strip_named_fields(b"".join(parts[first_part:]), self.conn_tokens)
+            ]
             self.conn_tokens = None
-        return parts
+        return status
 
     def _head_lines(self, buf: bytes, pos: int) -> list[bytes]:
         """The lines of the head at `pos` (its CRLF CRLF ends it: RFC 9112 §2.1); sets `head_pos`.
@@ -424,8 +439,10 @@ class Upstream(Armed):
         if self.state == U_DONE:
             self.extra = True  # a second response to one request: never reuse
             return
-        status = self.parser.get_status_code()
-        parts = self._head_parts(status)
+        # The head goes straight into `out`, after what this read relayed before it (a 1xx).
+        parts = self.out
+        first_part = len(parts)
+        status = self._head_parts(parts)
         client = ex.client
         fwd = ex.fwd
         assert fwd is not None
@@ -438,7 +455,6 @@ class Upstream(Armed):
                 parts += (CONN_UPGRADE, self.upgrade, CRLF)
                 add_response_fields(parts, fwd)
                 parts.append(CRLF)
-                self.out += parts
                 return
             # Interim response (RFC 9110 §15.2): relay to HTTP/1.1 clients only.
             self.interim = True
@@ -447,7 +463,8 @@ class Upstream(Armed):
             self.upgrade = None
             if ex.http11:
                 parts.append(CRLF)
-                self.out += parts
+            else:
+                del parts[first_part:]
             return
         add_response_fields(parts, fwd)
         close = ex.close_after or not ex.keep or not ex.req_done or client.close_soon
@@ -477,8 +494,7 @@ class Upstream(Armed):
             parts.append(CONN_KEEP)
         parts.append(CRLF)
         ex.status = status
-        ex.state = X_HEAD_SENT
-        self.out += parts  # joined with the body bytes of this read: one write
+        ex.state = X_HEAD_SENT  # `out` is joined with the body bytes of this read: one write
 
     def on_body(self, body: bytes) -> None:
         if self.state == U_DONE:
@@ -613,7 +629,8 @@ class Upstream(Armed):
             ex.client.transport_write(b"".join(out))
             out.clear()
 
-    def _complete(self) -> None:
+    def _complete(self, now: float) -> None:
+        """The response is relayed: back to the pool (idle from `now`, loop time) or closed."""
         ex = self.ex
         assert ex is not None and self.transport is not None
         self.ex = None
@@ -635,7 +652,7 @@ class Upstream(Armed):
         )
         if reusable:
             self.state = U_IDLE
-            self.pool.release(self)
+            self.pool.release(self, now)
         else:
             self.close()
         if self.wpaused:
@@ -713,6 +730,16 @@ class Upstream(Armed):
         if ex is not None and ex.deadline and ex.deadline < deadline:
             deadline = ex.deadline
         self.arm(min(deadline, now + self.read_timeout))
+
+
+def status_digits(line: bytes) -> int:
+    """The status code of a status line `HTTP/1.1 NNN ...` (RFC 9112 §4); -1 if NNN is no number."""
+    d0 = line[9] - 48
+    d1 = line[10] - 48
+    d2 = line[11] - 48
+    if 0 <= d0 <= 9 and 0 <= d1 <= 9 and 0 <= d2 <= 9:
+        return d0 * 100 + d1 * 10 + d2
+    return -1
 
 
 def strip_named_fields(head: bytes, names: set[bytes]) -> bytes:

@@ -212,6 +212,28 @@ def head_at_start(
     return version, data[start:pos]
 
 
+# The usual methods as constants (RFC 9110 §9.3): a head that starts a read with one
+# of these takes the constant (its hash cached: IDEMPOTENT is a set lookup), not a
+# fresh bytes object from httptools' get_method() (a Python method call).
+USUAL_METHODS: Final = (b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH")
+_USUAL_STARTS: Final = tuple((m + SP, m) for m in USUAL_METHODS)
+
+
+def method_at_start(data: bytes) -> bytes | None:
+    """The method of the request line llhttp parsed from the start of `data`, if a usual one.
+
+    Only for a head that began at the start of this read (the caller knows
+    that): llhttp accepted `method SP` there (RFC 9112 §3), so the bytes up
+    to the first space are the method.
+    """
+    if data.startswith(b"GET "):  # (the usual one, before the loop)
+        return USUAL_METHODS[0]
+    for start, method in _USUAL_STARTS:
+        if data.startswith(start):
+            return method
+    return None
+
+
 def error_json(status: int, message: str) -> Respond:
     """The engine's own error answer: a small JSON body, like policy's (README "On every hop")."""
     body = json.dumps({"error": message}).encode()
