@@ -455,8 +455,8 @@ class ClientConn(Armed):
         self._upgrade = None
         self.waiting_for = S_HEAD
         # The header timeout's start: read from the loop's clock after the feed, and
-        # only if the head is still unfinished then (data_received); the clock is
-        # the same all through one callback, so the start is the same.
+        # only if the head is still unfinished then (data_received): later than here
+        # by the rest of one feed (microseconds, on a millisecond clock).
         self._period_start = -1.0
         if not self.armed_tick:
             self.arm(self.loop.time() + self.ctx.recheck)
@@ -596,7 +596,8 @@ class ClientConn(Armed):
         self._running = True
         try:
             while self._active is None and self._queue and self.state < C_LINGER:
-                ex = self._queue.pop(0)
+                q = self._queue
+                ex = q.pop() if len(q) == 1 else q.pop(0)  # (popping the last moves nothing)
                 self._active = ex
                 self._start(ex)
         finally:
@@ -650,14 +651,17 @@ class ClientConn(Armed):
         ex.state = X_HEAD_SENT
         self.response_complete(ex, keep)
 
-    def response_complete(self, ex: Exchange, keep: bool) -> None:
-        """The response to `ex` is fully written (called by the upstream side too)."""
+    def response_complete(self, ex: Exchange, keep: bool, now: float = -1.0) -> None:
+        """The response to `ex` is fully written (called by the upstream side too).
+
+        `now`: the loop time if the caller read it in this callback (-1: not read).
+        """
         if ex.state != X_FINISHED:  # the state only moves forward
             ex.state = X_ANSWERED
         if not keep:
             ex.close_after = True
         if ex.req_done or ex.close_after:
-            self._finish(ex)
+            self._finish(ex, None, now)
         else:
             ex.discard = True  # read the rest of the request body and drop it
             ex.buf = None
@@ -695,7 +699,9 @@ class ClientConn(Armed):
             ex.close_after = True
         self._finish(ex, kind)
 
-    def _finish(self, ex: Exchange, kind: UpstreamErrorKind | None = None) -> None:
+    def _finish(
+        self, ex: Exchange, kind: UpstreamErrorKind | None = None, now: float = -1.0
+    ) -> None:
         if ex.state == X_FINISHED:
             return
         ex.state = X_FINISHED
@@ -723,7 +729,8 @@ class ClientConn(Armed):
             if self.close_soon:
                 self._close()
                 return
-            self._period_start = t0 = self.loop.time()
+            # (a caller's read in this callback serves: microseconds apart, a millisecond clock)
+            self._period_start = t0 = now if now >= 0.0 else self.loop.time()
             # Soon enough to drop the parser or park if nothing follows (arm keeps an earlier one).
             self.arm(t0 + self.ctx.idle_check if self.parser is not None else t0 + self.ctx.recheck)
 
