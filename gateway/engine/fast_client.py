@@ -525,6 +525,9 @@ class ClientConn(Armed):
             version, method, self._hosts, self._content_length, self._transfer_coding, upgrade
         )
         self._headers = _NO_HEADERS  # an idle connection holds no head, nor an empty list
+        # A request with neither body nor upgrade ends in this same feed, before anything
+        # reads `keep`: on_message_complete asks llhttp then (one Python call, not two).
+        keep = p.should_keep_alive() if body_kind or upgrade is not None else True
         ex = Exchange(
             self,
             RequestHead(
@@ -532,7 +535,7 @@ class ClientConn(Armed):
             ),
             http11,
             method == b"HEAD",
-            p.should_keep_alive(),
+            keep,
             body_kind,
             length,
             upgrade,

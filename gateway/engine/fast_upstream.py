@@ -395,9 +395,17 @@ class Upstream(Armed):
         date field has a fixed width), so the last length is tried before a
         search; the guess holds if no empty line comes before its end.
         """
-        size = self.head_size
-        if size and buf[pos + size - 4 : pos + size] == HEAD_END:
-            end = pos + size - 2
+        size: i64 = self.head_size
+        e: i64 = pos + size  # where the guessed head ends (byte tests: no slice made)
+        if (
+            size
+            and e <= len(buf)
+            and buf[e - 4] == 13
+            and buf[e - 3] == 10
+            and buf[e - 2] == 13
+            and buf[e - 1] == 10
+        ):
+            end = e - 2
             lines = buf[pos:end].split(CRLF)
             for k in range(1, len(lines) - 1):
                 if len(lines[k]) == 0:
