@@ -93,7 +93,8 @@ PARSER_IDLE_SECONDS: Final = 1.0
 _NO_HEADERS: Final[list[tuple[bytes, bytes]]] = []
 # What `ClientConn._queue` is while the connection has no parser: shared, never
 # appended to (a request is queued only by a parser's callback, and the queue is
-# made with the parser; `_fail_input` makes its own). An idle connection holds none.
+# made at the parser's first head; `_fail_input` makes its own). An idle connection
+# holds none.
 _NO_QUEUE: Final[list[Exchange]] = []
 
 
@@ -272,8 +273,9 @@ class ClientConn(Armed):
         self._parsing: Exchange | None = None
         self._last_ex: Exchange | None = None
         self._active: Exchange | None = None
-        # Requests parsed and not started, in order: a list made with the parser and
-        # dropped with it (pipelining is rare: one or two entries), `_NO_QUEUE` between.
+        # Requests parsed and not started, in order: a list made at the parser's first
+        # head and dropped with the parser (pipelining is rare: one or two entries),
+        # `_NO_QUEUE` between.
         self._queue: list[Exchange] = _NO_QUEUE
         self._tunnel: Upstream | None = None  # the upstream of an upgraded connection
         self.close_soon = ctx.closing  # no keep-alive: shutdown, upgrade or client EOF
@@ -388,8 +390,7 @@ class ClientConn(Armed):
         try:
             p = self.parser
             if p is None:
-                p = self.parser = HttpRequestParser(self)
-                self._queue = []  # (an idle connection holds neither)
+                p = self.parser = HttpRequestParser(self)  # (an idle connection holds none)
             # Between messages with nothing held by llhttp, a head starts in this read.
             self._chunk = data if st0 == S_WAIT and not self._begun else None
             p.feed_data(data)
@@ -542,7 +543,13 @@ class ClientConn(Armed):
         )
         self._parsing = ex
         self._last_ex = ex
-        self._queue.append(ex)
+        if self._queue is _NO_QUEUE:
+            # Made with one slot, which it keeps when popped empty: CPython frees the
+            # slots of a list that grew from [] once it is emptied, so an append and
+            # a pop on `[]` would allocate and free them for every request.
+            self._queue = [ex]
+        else:
+            self._queue.append(ex)
         self.ctx.in_flight += 1
         self.waiting_for = S_BODY
         if body_kind:  # the body's progress window starts now (no clock read without one)
