@@ -359,6 +359,11 @@ class Upstream(Armed):
         for k in range(1, len(lines) - 1):
             line = lines[k]
             n: i64 = len(line)
+            if n == 0:  # the guessed end was past the head's (_head_lines): it ends here
+                end = off
+                self.head_pos = off + 2
+                self.head_size = off + 2 - pos
+                break
             if not NOTED_FIRST[line[0]]:
                 off += n + 2
                 continue
@@ -393,7 +398,8 @@ class Upstream(Armed):
 
         Why a guess first: an upstream's heads are mostly the same length (a
         date field has a fixed width), so the last length is tried before a
-        search; the guess holds if no empty line comes before its end.
+        search; if an empty line comes before its end, the head ended there, and
+        `_head_parts`, which reads the lines in order, stops at it.
         """
         size: i64 = self.head_size
         e: i64 = pos + size  # where the guessed head ends (byte tests: no slice made)
@@ -405,14 +411,8 @@ class Upstream(Armed):
             and buf[e - 2] == 13
             and buf[e - 1] == 10
         ):
-            end = e - 2
-            lines = buf[pos:end].split(CRLF)
-            for k in range(1, len(lines) - 1):
-                if len(lines[k]) == 0:
-                    break  # the head ends earlier
-            else:
-                self.head_pos = end + 2
-                return lines
+            self.head_pos = e
+            return buf[pos : e - 2].split(CRLF)  # (_head_parts stops at an empty line)
         end = (buf.find(HEAD_END, pos) if pos else buf.find(HEAD_END)) + 2
         if end < 2:
             raise Reject(502, "response head not found")  # llhttp accepted only CRLF lines
