@@ -120,15 +120,17 @@ def test_tlscount_reads_inclusive_counts_and_totals_from_callgrind_annotate() ->
 @pytest.mark.parametrize(
     ("plain", "tls", "want"),
     [
-        (100.0, (130.0, 18.0), (30.0, 18.0, 12.0)),
-        (24.0, (45.0, 18.0), (21.0, 18.0, 3.0)),
+        (100.0, (130.0, 18.0, 0.0), (30.0, 18.0, 12.0)),
+        (24.0, (45.0, 18.0, 0.0), (21.0, 18.0, 3.0)),
+        (100.0, (137.0, 18.0, 7.0), (37.0, 18.0, 12.0)),
     ],
-    ids=["gateway-like", "nginx-like"],
+    ids=["gateway-like", "nginx-like", "handshakes-in-the-window-are-no-glue"],
 )
 def test_tlscount_splits_what_https_adds_into_openssl_and_glue(
-    plain: float, tls: tuple[float, float], want: tuple[float, float, float]
+    plain: float, tls: tuple[float, float, float], want: tuple[float, float, float]
 ) -> None:
-    s = tlscount.split({"data path": plain}, {"data path": tls[0], "openssl": tls[1]})
+    row = {"data path": tls[0], "openssl": tls[1], "handshake": tls[2]}
+    s = tlscount.split({"data path": plain}, row)
     assert (s["tls added"], s["openssl"], s["tls glue"]) == want
 
 
