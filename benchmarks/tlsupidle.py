@@ -43,6 +43,8 @@ async def _burst(port: int, n: int) -> list[asyncio.StreamWriter]:
     async def one(i: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(b"GET /1k HTTP/1.1\r\nHost: x\r\nX-User-ID: %d\r\n\r\n" % i)
         head = await r.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200 "):
+            raise RuntimeError(f"the gateway answered {head[:40]!r}")
         i = head.lower().find(b"content-length:")
         await r.readexactly(int(head[i + 15 : head.index(b"\r\n", i)]))
 
@@ -69,16 +71,52 @@ async def _upstream_conns(ports: dict[str, int], tls: bool) -> int:
     return total
 
 
-async def _measure(port: int, pid: int, ups: dict[str, int], tls: bool, n: int) -> tuple[int, int]:
+async def _measure(
+    port: int, pid: int, ups: dict[str, int], tls: bool, n: int, settle: float, warm_n: int
+) -> tuple[int, int]:
     """(VmRSS growth in KiB, pooled upstream connections) over a burst of `n`."""
-    warm = await _burst(port, WARM)
-    await asyncio.sleep(SETTLE_SECONDS)  # a measurement's wait: idle state settles
+    warm = await _burst(port, warm_n)
+    await asyncio.sleep(settle)  # a measurement's wait: the idle state settles
     before, pooled_before = vm_rss_kib(pid), await _upstream_conns(ups, tls)
     held = await _burst(port, n)
-    await asyncio.sleep(SETTLE_SECONDS)
+    await asyncio.sleep(settle)
     after, pooled = vm_rss_kib(pid), await _upstream_conns(ups, tls)
     await close_all(warm + held)
     return after - before, pooled - pooled_before
+
+
+def measure_mode(
+    procs: ProcessSet,
+    tmp: Path,
+    python: str,
+    tls: bool,
+    conns: int,
+    settle: float = SETTLE_SECONDS,
+    warm: int = WARM,
+) -> tuple[int, int]:
+    """One mode's upstream pair and gateway: (VmRSS growth in KiB, pooled connections)."""
+    ups = _start_upstreams(procs, tlsbench.certificates(tmp) if tls else None)
+    port = free_port()
+    work = tmp / ("https" if tls else "http")
+    work.mkdir()
+    doc = yaml.safe_load(
+        gateway_config(
+            port=port, admin_port=free_port(), state_path=work / "state.json", upstreams=ups
+        )
+    )
+    for svc in doc["services"].values():
+        if tls:
+            svc["upstream_tls"] = {"verify": False}
+            for rel in svc["releases"].values():
+                rel["upstreams"] = [u.replace("http://", "https://") for u in rel["upstreams"]]
+    (work / "gateway.yaml").write_text(yaml.safe_dump(doc))
+    argv = [python, "-m", "gateway", "run", "-c", str(work / "gateway.yaml")]
+    proc = procs.start(f"gateway-{work.name}", argv, env=gateway_env("prop"), cwd=work)
+    try:
+        _ready(port, False, proc)
+        return asyncio.run(_measure(port, proc.popen.pid, ups, tls, conns, settle, warm))
+    finally:
+        procs.stop(proc)
 
 
 def main() -> None:
@@ -91,33 +129,12 @@ def main() -> None:
     per: dict[bool, float] = {}
     with ProcessSet(tmp) as procs:
         for tls in (False, True):
-            ups = _start_upstreams(procs, tlsbench.certificates(tmp) if tls else None)
-            port = free_port()
-            work = tmp / ("https" if tls else "http")
-            work.mkdir()
-            doc = yaml.safe_load(
-                gateway_config(
-                    port=port, admin_port=free_port(), state_path=work / "state.json", upstreams=ups
-                )
-            )
-            for svc in doc["services"].values():
-                if tls:
-                    svc["upstream_tls"] = {"verify": False}
-                    for rel in svc["releases"].values():
-                        rel["upstreams"] = [
-                            u.replace("http://", "https://") for u in rel["upstreams"]
-                        ]
-            (work / "gateway.yaml").write_text(yaml.safe_dump(doc))
-            argv = [args.python, "-m", "gateway", "run", "-c", str(work / "gateway.yaml")]
-            proc = procs.start(f"gateway-{work.name}", argv, env=gateway_env("prop"), cwd=work)
-            _ready(port, False, proc)
-            grew, pooled = asyncio.run(_measure(port, proc.popen.pid, ups, tls, args.conns))
+            grew, pooled = measure_mode(procs, tmp, args.python, tls, args.conns)
             per[tls] = grew / max(pooled, 1)
             print(
-                f"{work.name:5s} upstreams: VmRSS +{grew} KiB over {args.conns} clients and "
-                f"{pooled} pooled upstream connections: {per[tls]:.1f} KiB per pair"
+                f"{'https' if tls else 'http':5s} upstreams: VmRSS +{grew} KiB over {args.conns} "
+                f"clients and {pooled} pooled upstream connections: {per[tls]:.1f} KiB per pair"
             )
-            procs.stop(proc)
     print(
         f"TLS costs a pooled upstream connection {per[True] - per[False]:.1f} KiB ({args.python})"
     )

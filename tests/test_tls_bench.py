@@ -6,11 +6,12 @@ import asyncio
 import http.client
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks import nginxconf, scenarios, servers, tlsbench, tlscount, tlsidle
+from benchmarks import nginxconf, scenarios, servers, tlsbench, tlscount, tlsidle, tlsupidle
 from benchmarks.procs import ProcessSet
 from benchmarks.servers import CpuLayout, Fleet
 from tests.programs import need
@@ -91,6 +92,19 @@ def test_tlsidle_holds_answered_https_connections_and_reads_the_gateways_rss(
         assert asyncio.run(hold()) == [False] * 5  # still open once answered
         before, after = asyncio.run(tlsidle.measure(gw.port, gw.proc.popen.pid, 5, settle=0))
         assert before > 1000 and after > 1000  # KiB: a Python process's resident set at least
+
+
+def test_tlsupidle_pools_https_upstream_connections_and_counts_them_at_the_upstreams(
+    tmp_path: Path,
+) -> None:
+    with ProcessSet(tmp_path) as procs:
+        grew, pooled = tlsupidle.measure_mode(
+            procs, tmp_path, sys.executable, True, 5, settle=0, warm=1
+        )
+    # Every request was answered 200 over HTTPS to the upstreams (measure_mode raises
+    # otherwise); the upstreams' status pages were read before and after the burst.
+    assert 0 <= pooled <= 5
+    assert isinstance(grew, int)
 
 
 ANNOTATE = """\
