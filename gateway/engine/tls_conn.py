@@ -142,7 +142,7 @@ class TLSConn:
         st = self.state
         self._feed(data)
         if st == T_OPEN:
-            self._deliver()
+            self._deliver(len(data))
         elif st == T_HANDSHAKE:
             self._handshake()
         elif st == T_CLOSING:
@@ -308,11 +308,18 @@ class TLSConn:
             self.waiter = None
             if not w.done():
                 w.set_result(app)
-        if self.state == T_OPEN and (self.incoming.pending or self._pending()):
-            self._deliver()  # the first request came with the client's Finished
+        left = self.incoming.pending
+        if self.state == T_OPEN and (left or self._pending()):
+            self._deliver(left)  # the first request came with the client's Finished
 
-    def _deliver(self) -> None:
-        """Decrypt what the incoming BIO holds; the application gets it in one call."""
+    def _deliver(self, size: int) -> None:
+        """Decrypt what the incoming BIO holds; the application gets it in one call.
+
+        `size` is the first read's length: the ciphertext just fed, which is
+        what the BIO holds unless part of a record was left in it (a hint only:
+        a read that fills it asks OpenSSL for the rest, so no plaintext is left
+        behind; it saves asking the BIO, a Python-level attribute read).
+        """
         incoming = self.incoming
         read = self._read
         data = b""
@@ -322,7 +329,6 @@ class TLSConn:
         # shorter): a small request is read into a small object, not a large
         # allocation shrunk to fit. Only a read that filled what it asked for can
         # have left plaintext inside OpenSSL (SSL_pending, which drops the GIL).
-        size = incoming.pending
         try:
             while True:
                 if size > READ_SIZE:
