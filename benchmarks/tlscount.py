@@ -47,6 +47,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -146,6 +147,14 @@ async def _load(
         w.close()
 
 
+def https_upstreams(doc: dict[str, Any]) -> None:
+    """Point a gateway config's releases at the HTTPS upstream pair (certificate not checked)."""
+    for svc in doc["services"].values():
+        svc["upstream_tls"] = {"verify": False}
+        for rel in svc["releases"].values():
+            rel["upstreams"] = [u.replace("http://", "https://") for u in rel["upstreams"]]
+
+
 def _start_upstreams(procs: ProcessSet, tls: tuple[Path, Path] | None = None) -> dict[str, int]:
     ups = {"stable": free_port(), "gray": free_port()}
     for name, p in ups.items():
@@ -205,10 +214,7 @@ def measure(
         if tls:
             doc["tls"] = {"cert": str(cert), "key": str(key)}
         if upstream_tls:
-            for svc in doc["services"].values():
-                svc["upstream_tls"] = {"verify": False}
-                for rel in svc["releases"].values():
-                    rel["upstreams"] = [u.replace("http://", "https://") for u in rel["upstreams"]]
+            https_upstreams(doc)
         (workdir / "gateway.yaml").write_text(yaml.safe_dump(doc))
         argv = [*vg, python, "-m", "gateway", "run", "-c", str(workdir / "gateway.yaml")]
         env = gateway_env("prop", pythonpath=pythonpath)

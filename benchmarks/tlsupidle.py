@@ -32,7 +32,7 @@ import yaml
 from benchmarks import tlsbench
 from benchmarks.procs import ProcessSet, free_port, raise_nofile
 from benchmarks.servers import gateway_config, gateway_env
-from benchmarks.tlscount import _ready, _start_upstreams
+from benchmarks.tlscount import _ready, _start_upstreams, https_upstreams
 from benchmarks.tlsidle import SETTLE_SECONDS, WARM, close_all, vm_rss_kib
 
 
@@ -106,11 +106,8 @@ def measure_mode(
     )
     # A burst of TLS handshakes on a loaded box can outlast the default connect timeout.
     doc["timeouts"] = {"connect": "60s"}
-    for svc in doc["services"].values():
-        if tls:
-            svc["upstream_tls"] = {"verify": False}
-            for rel in svc["releases"].values():
-                rel["upstreams"] = [u.replace("http://", "https://") for u in rel["upstreams"]]
+    if tls:
+        https_upstreams(doc)
     (work / "gateway.yaml").write_text(yaml.safe_dump(doc))
     argv = [python, "-m", "gateway", "run", "-c", str(work / "gateway.yaml")]
     proc = procs.start(f"gateway-{work.name}", argv, env=gateway_env("prop"), cwd=work)
