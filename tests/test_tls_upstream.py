@@ -272,3 +272,28 @@ def read_to_end(c: socket.socket) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def test_an_upstream_closing_during_the_handshake_is_a_connection_error(pki: PKI) -> None:
+    """Not a certificate problem: an OSError that is no TLS error, so the pool retries it."""
+    closer = socket.create_server(("127.0.0.1", 0))
+
+    def close_one() -> None:
+        c, _ = closer.accept()
+        c.close()  # a FIN (or a reset) in answer to the ClientHello
+
+    try:
+        accepting = asyncio.create_task(asyncio.to_thread(close_one))
+        with pytest.raises(ConnectionError):
+            await open_client(
+                asyncio.get_running_loop(),
+                asyncio.Protocol,
+                "127.0.0.1",
+                int(closer.getsockname()[1]),
+                client_context(ca=str(pki.ca_pem)),
+                "127.0.0.1",
+                DEADLINE,
+            )
+        await accepting
+    finally:
+        closer.close()
