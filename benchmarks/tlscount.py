@@ -16,10 +16,13 @@ random ``X-User-ID`` each, dumps, and prints per request:
 - ``openssl``: ``SSL_read``/``SSL_write`` (nginx) or ``SSL_read_ex``/``SSL_write_ex``
   (CPython's ``_ssl``, under the engine's TLS layer): the record layer and the
   cipher, work both forwarders must do;
-- ``tls glue``: the data path's growth from plain to HTTPS minus ``openssl``:
-  what the forwarder's own TLS plumbing costs (nginx's ``ngx_ssl_recv``/
-  ``ngx_ssl_send_chain``; for the gateway gateway/engine/tls_conn.py, its
-  memory BIOs and CPython's ``_ssl`` wrappers).
+- ``handshake``: ``SSL_do_handshake`` inside the counted window (none on the
+  client side, whose connections are open before; upstream connections the
+  pool opens when its idle ones are busy);
+- ``tls glue``: the data path's growth from plain to HTTPS minus ``openssl``
+  and ``handshake``: what the forwarder's own TLS plumbing costs (nginx's
+  ``ngx_ssl_recv``/``ngx_ssl_send_chain``; for the gateway
+  gateway/engine/tls_conn.py, its memory BIOs and CPython's ``_ssl`` wrappers).
 
     python -m benchmarks.tlscount --python /path/to/venv/bin/python --requests 3000
 
