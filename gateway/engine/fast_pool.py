@@ -28,6 +28,7 @@ from gateway.engine.api import (
 from gateway.engine.fast_timers import Wheel
 from gateway.engine.fast_upstream import Key, Upstream
 from gateway.engine.fast_wire import X_FINISHED, Exchange
+from gateway.engine.tls_conn import open_client
 from gateway.tls import describe, is_tls_error
 from gateway.tls_config import UpstreamTLS
 
@@ -278,12 +279,15 @@ class Pool:
                             partial(_upstream, self, key, None), fwd.host, fwd.port
                         )
                     else:  # README "TLS": SNI and the checked name are server_name or the host
-                        _, proto = await self.loop.create_connection(
+                        assert tls.context is not None
+                        proto = await open_client(
+                            self.loop,
                             partial(_upstream, self, key, tls),
                             fwd.host,
                             fwd.port,
-                            ssl=tls.context,
-                            server_hostname=tls.server_name or fwd.host,
+                            tls.context,
+                            tls.server_name or fwd.host,
+                            limit,
                         )
                     up = cast(Upstream, proto)
             finally:
