@@ -25,7 +25,7 @@ from benchmarks.procs import Proc, raise_nofile
 REQUEST = "GET /1k HTTP/1.1\r\nHost: bench\r\nX-User-ID: idle-{i}\r\n\r\n"
 # RSS is read this long after the last connection got its answer, for every server:
 # the connections are then idle as keep-alive connections mostly are (the gateway
-# parks a connection idle for `timeouts.idle_park`, 1 s by default, outside its event
+# parks a connection idle for `timeouts.idle_park`, 0.5 s by default, outside its event
 # loop; nginx and HAProxy keep nothing per connection that depends on how long it idled).
 IDLE_S = 3.0
 

@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=10000)
     parser.add_argument("--settle", type=float, default=3.0, help="seconds after READY")
     parser.add_argument(
-        "--park-after", type=float, default=1.0, help="timeouts.idle_park (0: never park)"
+        "--park-after", type=float, default=0.5, help="timeouts.idle_park (0: never park)"
     )
     parser.add_argument("--no-trace", action="store_true", help="RSS only, no tracemalloc")
     args = parser.parse_args()

@@ -16,12 +16,20 @@ random ``X-User-ID`` each, dumps, and prints per request:
 - ``openssl``: ``SSL_read``/``SSL_write`` (nginx) or ``SSL_read_ex``/``SSL_write_ex``
   (CPython's ``_ssl``, under the engine's TLS layer): the record layer and the
   cipher, work both forwarders must do;
-- ``tls glue``: the data path's growth from plain to HTTPS minus ``openssl``:
-  what the forwarder's own TLS plumbing costs (nginx's ``ngx_ssl_recv``/
-  ``ngx_ssl_send_chain``; for the gateway gateway/engine/tls_conn.py, its
-  memory BIOs and CPython's ``_ssl`` wrappers).
+- ``handshake``: ``SSL_do_handshake`` inside the counted window (none on the
+  client side, whose connections are open before; upstream connections the
+  pool opens when its idle ones are busy);
+- ``tls glue``: the data path's growth from plain to HTTPS minus ``openssl``
+  and ``handshake``: what the forwarder's own TLS plumbing costs (nginx's
+  ``ngx_ssl_recv``/``ngx_ssl_send_chain``; for the gateway
+  gateway/engine/tls_conn.py, its memory BIOs and CPython's ``_ssl`` wrappers).
 
     python -m benchmarks.tlscount --python /path/to/venv/bin/python --requests 3000
+
+``--upstream-tls`` measures the other side instead: the gateway alone, over
+plain HTTP from the client, to the upstream pair over plain HTTP and over
+HTTPS (the same upstreams with the scenario's certificate, ``verify: false``,
+handshakes not counted); "https adds" is then what TLS to upstreams costs.
 
 Only 127.0.0.1; every process runs in its own process group (benchmarks/procs.py) and is
 stopped on exit.
@@ -42,6 +50,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -52,6 +61,9 @@ from benchmarks.servers import WEIGHTS, gateway_config, gateway_env
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = (("gateway", False), ("gateway", True), ("nginx", False), ("nginx", True))
 OPENSSL = ("SSL_read", "SSL_write", "SSL_read_ex", "SSL_write_ex")
+# Handshakes inside the counted window (a connection the pool opens when its idle
+# ones are busy): neither per-request work nor glue, so taken out of the glue.
+HANDSHAKE = "SSL_do_handshake"
 DATA_PATH = {"gateway": "uv__read"}
 
 
@@ -90,9 +102,15 @@ def valgrind_nginx_conf(conf: str) -> str:
 
 
 def split(plain: dict[str, float], tls: dict[str, float]) -> dict[str, float]:
-    """The HTTPS row's share of the data path: openssl, and the rest of the growth (glue)."""
+    """The HTTPS row's share of the data path: openssl, handshakes, the rest (the glue)."""
     grew = tls["data path"] - plain["data path"]
-    return {"tls added": grew, "openssl": tls["openssl"], "tls glue": grew - tls["openssl"]}
+    shake = tls.get("handshake", 0.0)
+    return {
+        "tls added": grew,
+        "openssl": tls["openssl"],
+        "handshake": shake,
+        "tls glue": grew - tls["openssl"] - shake,
+    }
 
 
 async def _load(
@@ -132,11 +150,21 @@ async def _load(
         w.close()
 
 
-def _start_upstreams(procs: ProcessSet) -> dict[str, int]:
+def https_upstreams(doc: dict[str, Any]) -> None:
+    """Point a gateway config's releases at the HTTPS upstream pair (certificate not checked)."""
+    for svc in doc["services"].values():
+        svc["upstream_tls"] = {"verify": False}
+        for rel in svc["releases"].values():
+            rel["upstreams"] = [u.replace("http://", "https://") for u in rel["upstreams"]]
+
+
+def _start_upstreams(procs: ProcessSet, tls: tuple[Path, Path] | None = None) -> dict[str, int]:
     ups = {"stable": free_port(), "gray": free_port()}
     for name, p in ups.items():
         argv = [sys.executable, "-m", "benchmarks.upstream", "--port", str(p)]
-        procs.start(f"upstream-{name}", argv, cwd=REPO)
+        if tls is not None:
+            argv += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
+        procs.start(f"upstream-{name}{'-tls' if tls else ''}", argv, cwd=REPO)
     return ups
 
 
@@ -168,6 +196,7 @@ def measure(
     pythonpath: Path | None,
     requests: int,
     conns: int,
+    upstream_tls: bool = False,
 ) -> dict[str, float]:
     """Ir per request of one target: total, data path, openssl."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -187,6 +216,8 @@ def measure(
             svc["guard"] = {"latency_p95_ms": 10**7, "latency_p95_delta_ms": 10**7}
         if tls:
             doc["tls"] = {"cert": str(cert), "key": str(key)}
+        if upstream_tls:
+            https_upstreams(doc)
         (workdir / "gateway.yaml").write_text(yaml.safe_dump(doc))
         argv = [*vg, python, "-m", "gateway", "run", "-c", str(workdir / "gateway.yaml")]
         env = gateway_env("prop", pythonpath=pythonpath)
@@ -214,12 +245,13 @@ def measure(
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     data = DATA_PATH.get(target)
-    inc = inclusive(ann, [*OPENSSL, *([data] if data else [])])
+    inc = inclusive(ann, [*OPENSSL, HANDSHAKE, *([data] if data else [])])
     total = totals(ann) / requests
     return {
         "total": total,
         "data path": inc.get(data, 0) / requests if data else total,
         "openssl": sum(inc.get(n, 0) for n in OPENSSL) / requests,
+        "handshake": inc.get(HANDSHAKE, 0) / requests,
     }
 
 
@@ -233,8 +265,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--conns", type=int, default=50)
     parser.add_argument("--keep", action="store_true", help="keep the work dir (callgrind files)")
+    parser.add_argument(
+        "--upstream-tls", action="store_true", help="the gateway to plain vs HTTPS upstreams"
+    )
     args = parser.parse_args()
-    for tool in ("valgrind", "callgrind_control", "callgrind_annotate", "nginx"):
+    for tool in ("valgrind", "callgrind_control", "callgrind_annotate", "nginx")[
+        : 3 if args.upstream_tls else 4
+    ]:
         if shutil.which(tool) is None and not (
             tool == "nginx" and Path("/usr/sbin/nginx").exists()
         ):
@@ -248,12 +285,16 @@ def main() -> None:
         else:
             made = build.prepare(args.build, tmp, log=print, python=args.python)
         ups = _start_upstreams(procs)
-        for target, tls in TARGETS:
+        # --upstream-tls: the "https" row is the gateway to HTTPS upstreams, its client plain.
+        tls_ups = _start_upstreams(procs, tlsbench.certificates(tmp)) if args.upstream_tls else {}
+        for target, tls in TARGETS[:2] if args.upstream_tls else TARGETS:
             name = f"{target}-{'https' if tls else 'http'}"
             print(f"== {name} under callgrind ...", flush=True)
+            up_tls = tls and args.upstream_tls
             rows[(target, tls)] = measure(
-                target, tls, ups, tmp / name, procs, python=args.python, pythonpath=made.pythonpath,
-                requests=args.requests, conns=args.conns,
+                target, tls and not up_tls, tls_ups if up_tls else ups, tmp / name, procs,
+                python=args.python, pythonpath=made.pythonpath, requests=args.requests,
+                conns=args.conns, upstream_tls=up_tls,
             )  # fmt: skip
     finally:
         procs.close()
@@ -265,10 +306,13 @@ def main() -> None:
     for (target, tls), r in rows.items():
         name = f"{target} {'https' if tls else 'http'}"
         print(f"{name:16s} {r['total']:9.0f} {r['data path']:10.0f} {r['openssl']:9.0f}")
-    print(f"\n{'https adds':16s} {'total':>9s} {'openssl':>9s} {'tls glue':>9s}")
-    for target in ("gateway", "nginx"):
+    print(f"\n{'https adds':16s} {'total':>9s} {'openssl':>9s} {'handshake':>9s} {'tls glue':>9s}")
+    for target in ("gateway",) if args.upstream_tls else ("gateway", "nginx"):
         s = split(rows[(target, False)], rows[(target, True)])
-        print(f"{target:16s} {s['tls added']:9.0f} {s['openssl']:9.0f} {s['tls glue']:9.0f}")
+        print(
+            f"{target:16s} {s['tls added']:9.0f} {s['openssl']:9.0f} {s['handshake']:9.0f} "
+            f"{s['tls glue']:9.0f}"
+        )
     if args.keep:
         print(f"callgrind files: {tmp}")
 

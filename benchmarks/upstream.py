@@ -5,6 +5,7 @@ with fixed keep-alive responses and ``/__status`` in nginx's stub_status
 format, so the harness counts requests per release the same way either way.
 
     python -m benchmarks.upstream --port 9001
+    python -m benchmarks.upstream --port 9001 --tls-cert cert.pem --tls-key key.pem  # HTTPS
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import ssl
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import cast
@@ -118,11 +120,11 @@ class FixedResponder(asyncio.Protocol):
             self.transport.write(b"".join(out))
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, ctx: ssl.SSLContext | None = None) -> None:
     loop = asyncio.get_running_loop()
     stats = Stats()
     server = await loop.create_server(
-        lambda: FixedResponder(stats), "127.0.0.1", port, backlog=4096, reuse_address=True
+        lambda: FixedResponder(stats), "127.0.0.1", port, backlog=4096, reuse_address=True, ssl=ctx
     )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
@@ -134,14 +136,20 @@ async def serve(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
+    parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
     args = parser.parse_args()
+    ctx = None
+    if args.tls_cert:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(args.port))
+        asyncio.run(serve(args.port, ctx))
     else:
         with contextlib.suppress(KeyboardInterrupt):
-            uvloop.run(serve(args.port))
+            uvloop.run(serve(args.port, ctx))
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ class Timeouts:
     body: float = 10.0  # window over which a request body must make progress -> 408
     body_min_rate: float = 240.0  # bytes/s the body must average over each `body` window
     idle: float = 75.0  # an idle keep-alive client connection is closed
-    idle_park: float = 1.0  # idle this long, it is parked outside uvloop (fast engine); 0: never
+    idle_park: float = 0.5  # idle this long, it is parked outside uvloop (fast engine); 0: never
     upstream_idle: float = 60.0  # an idle pooled upstream connection is closed
 
 

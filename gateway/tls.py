@@ -69,8 +69,9 @@ def _load_ca(ctx: ssl.SSLContext, ca: str, field: str) -> None:
 class DirectSSLObject(ssl.SSLObject):
     """An `ssl.SSLObject` whose `read`, `write` and `pending` are the C methods themselves.
 
-    Why: the engine's TLS layer (gateway/engine/tls_conn.py, the listener) and
-    the event loop's TLS transport (upstreams) call these for every TLS record,
+    Why: the engine's TLS layer (gateway/engine/tls_conn.py: the listener and
+    the pool's upstream connections) and the event loop's TLS transport (active
+    health checks, Consul) call these for every TLS record,
     and the stdlib's versions are Python functions that only forward to the C
     object: an interpreter frame per call, three per proxied request. Bound on
     the instance, the C methods serve those calls directly (measured with

@@ -203,6 +203,18 @@ async def test_a_response_read_one_byte_at_a_time_is_relayed_as_from_one_read(en
     assert up.connections == 1
 
 
+async def test_an_http10_client_gets_the_final_response_without_the_interim_one(
+    env: Env,
+) -> None:
+    """The 1xx and the final head in one read: only the final one reaches an HTTP/1.0
+    client (RFC 9110 §15.2), the 1xx's bytes taken back out of what the read relays."""
+    up, handler, c, _ = await relay(env, answering(SPLIT_RESPONSE))
+    await c.send(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+    assert await exact(c) == SPLIT_WANT.replace(OURS + b"\r\n", OURS + b"Connection: close\r\n\r\n")
+    assert await handler.wait_done(1) == [(200, None)]
+    assert c.buf == b""
+
+
 async def test_a_head_split_at_every_byte_is_relayed_whole(env: Env) -> None:
     """Two reads per response, the split moving one byte on each time (head and body)."""
     engines: list[FastEngine] = []

@@ -81,6 +81,36 @@ async def test_a_request_split_across_the_parking_moment(env: Env) -> None:
     assert (await early.response()).body == b"local:/a"
 
 
+async def test_a_connection_waiting_on_its_upstream_is_never_parked(env: Env) -> None:
+    """An answer slower than the threshold: its client's connection stays a transport."""
+    asked, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        asked.set()
+        await release.wait()
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+        await w.drain()
+        await r.read()  # until the engine closes its pooled connection
+
+    up = await env.raw_upstream(slow)
+    eng, port = await env.engine(ProxyHandler(up.port, local=[b"/a"]), park_after=PARK)
+    waiting = await env.connect(port)
+    await waiting.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(asked.wait(), 30.0)
+    (conn,) = eng._clients
+    # The clock: a connection answered after the slow request was sent parks once it has
+    # idled past the threshold, so by then the slow one has waited longer than that too.
+    clock = await env.connect(port)
+    await _answered(clock)
+    await until(lambda: eng.parked == 1, 30.0)
+    assert list(eng._clients) == [conn]  # `waiting`'s, still a transport
+    release.set()
+    r = await waiting.response()
+    assert (r.status, r.body) == (200, b"slow")
+    await until(lambda: _parked(eng, 2), 30.0)  # idle after its answer: parked in turn
+
+
 @pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
 async def test_a_client_that_closes_while_parked_leaves_nothing(env: Env, reset: bool) -> None:
     eng, port = await _engine(env)
@@ -159,7 +189,9 @@ async def test_many_connections_parked_and_reused_then_nothing_left(env: Env) ->
     assert not eng._clients
 
 
-@pytest.mark.parametrize(("idle_park", "parked"), [("50ms", 1), (0, 0)], ids=["on", "off"])
+@pytest.mark.parametrize(
+    ("idle_park", "parked"), [("50ms", 1), (0, 0), (None, 1)], ids=["on", "off", "default"]
+)
 async def test_timeouts_idle_park_reaches_the_gateway(
     gateway: Callable[..., Awaitable[Gateway]],
     upstreams: Callable[..., Awaitable[Upstream]],
@@ -170,7 +202,8 @@ async def test_timeouts_idle_park_reaches_the_gateway(
     services: dict[str, Any] = {
         "svc": {"releases": {"stable": {"weight": 1, "upstreams": [up.url]}}}
     }
-    gw = await gateway(gateway_config(services, timeouts={"idle_park": idle_park}))
+    timeouts = {} if idle_park is None else {"idle_park": idle_park}  # None: the default
+    gw = await gateway(gateway_config(services, timeouts=timeouts))
     eng = gw.engine
     assert isinstance(eng, FastEngine) and gw.port is not None
     c = await RawClient.connect(gw.port)

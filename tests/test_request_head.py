@@ -20,7 +20,7 @@ from gateway.app import Gateway
 from gateway.engine.api import RequestHead
 from gateway.engine.fast import FastEngine
 from gateway.engine.fast_client import S_HEAD
-from gateway.engine.fast_wire import head_at_start
+from gateway.engine.fast_wire import head_at_start, method_at_start
 from gateway.headers import parse_field_lines
 from tests.conftest import gateway_config
 from tests.engine_helpers import Env, ProxyHandler, RawClient, parse_head
@@ -127,6 +127,29 @@ def test_head_at_start_reads_only_the_plain_form(
         assert got_version == parsed_version  # never a different answer than the parser's
     if got_block is not None:
         assert parse_field_lines(got_block) == fields  # exactly the parsed fields
+
+
+# (bytes of a read, the method constant taken from them, or None: the parser is asked)
+METHODS = [
+    (PLAIN, b"GET"),
+    (b"POST /u HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"POST"),
+    (b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n", b"HEAD"),
+    (b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"PUT"),
+    (b"PATCH / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"PATCH"),
+    (b"DELETE / HTTP/1.1\r\nHost: x\r\n\r\n", b"DELETE"),
+    (b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", b"OPTIONS"),
+    (b"PROPFIND / HTTP/1.1\r\nHost: x\r\n\r\n", None),
+    (b"\r\n" + PLAIN, None),
+]
+METHOD_IDS = ["get", "post", "head", "put", "patch", "delete", "options", "other", "leading-crlf"]
+
+
+@pytest.mark.parametrize(("data", "want"), METHODS, ids=METHOD_IDS)
+def test_method_at_start_is_the_parsers_method_or_none(data: bytes, want: bytes | None) -> None:
+    method, _, _, _ = first_head(data)
+    got = method_at_start(data)
+    assert got == want
+    assert got is None or got == method  # never a different answer than the parser's
 
 
 # -- the engine: which heads are read from the bytes, and the same versions either way ---------

@@ -6,11 +6,12 @@ import asyncio
 import http.client
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks import nginxconf, scenarios, servers, tlsbench, tlscount, tlsidle
+from benchmarks import nginxconf, scenarios, servers, tlsbench, tlscount, tlsidle, tlsupidle
 from benchmarks.procs import ProcessSet
 from benchmarks.servers import CpuLayout, Fleet
 from tests.programs import need
@@ -93,6 +94,19 @@ def test_tlsidle_holds_answered_https_connections_and_reads_the_gateways_rss(
         assert before > 1000 and after > 1000  # KiB: a Python process's resident set at least
 
 
+def test_tlsupidle_pools_https_upstream_connections_and_counts_them_at_the_upstreams(
+    tmp_path: Path,
+) -> None:
+    with ProcessSet(tmp_path) as procs:
+        grew, pooled = tlsupidle.measure_mode(
+            procs, tmp_path, sys.executable, True, 5, settle=0, warm=1
+        )
+    # Every request was answered 200 over HTTPS to the upstreams (measure_mode raises
+    # otherwise); the upstreams' status pages were read before and after the burst.
+    assert 0 <= pooled <= 5
+    assert isinstance(grew, int)
+
+
 ANNOTATE = """\
 --------------------------------------------------------------------------------
 Ir
@@ -120,15 +134,17 @@ def test_tlscount_reads_inclusive_counts_and_totals_from_callgrind_annotate() ->
 @pytest.mark.parametrize(
     ("plain", "tls", "want"),
     [
-        (100.0, (130.0, 18.0), (30.0, 18.0, 12.0)),
-        (24.0, (45.0, 18.0), (21.0, 18.0, 3.0)),
+        (100.0, (130.0, 18.0, 0.0), (30.0, 18.0, 12.0)),
+        (24.0, (45.0, 18.0, 0.0), (21.0, 18.0, 3.0)),
+        (100.0, (137.0, 18.0, 7.0), (37.0, 18.0, 12.0)),
     ],
-    ids=["gateway-like", "nginx-like"],
+    ids=["gateway-like", "nginx-like", "handshakes-in-the-window-are-no-glue"],
 )
 def test_tlscount_splits_what_https_adds_into_openssl_and_glue(
-    plain: float, tls: tuple[float, float], want: tuple[float, float, float]
+    plain: float, tls: tuple[float, float, float], want: tuple[float, float, float]
 ) -> None:
-    s = tlscount.split({"data path": plain}, {"data path": tls[0], "openssl": tls[1]})
+    row = {"data path": tls[0], "openssl": tls[1], "handshake": tls[2]}
+    s = tlscount.split({"data path": plain}, row)
     assert (s["tls added"], s["openssl"], s["tls glue"]) == want
 
 

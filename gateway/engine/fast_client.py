@@ -53,6 +53,7 @@ from gateway.engine.fast_wire import (
     error_json,
     head_at_start,
     local_response,
+    method_at_start,
     request_framing,
 )
 from gateway.errors import upstream_status
@@ -92,7 +93,8 @@ PARSER_IDLE_SECONDS: Final = 1.0
 _NO_HEADERS: Final[list[tuple[bytes, bytes]]] = []
 # What `ClientConn._queue` is while the connection has no parser: shared, never
 # appended to (a request is queued only by a parser's callback, and the queue is
-# made with the parser; `_fail_input` makes its own). An idle connection holds none.
+# made at the parser's first head; `_fail_input` makes its own). An idle connection
+# holds none.
 _NO_QUEUE: Final[list[Exchange]] = []
 
 
@@ -271,8 +273,9 @@ class ClientConn(Armed):
         self._parsing: Exchange | None = None
         self._last_ex: Exchange | None = None
         self._active: Exchange | None = None
-        # Requests parsed and not started, in order: a list made with the parser and
-        # dropped with it (pipelining is rare: one or two entries), `_NO_QUEUE` between.
+        # Requests parsed and not started, in order: a list made at the parser's first
+        # head and dropped with the parser (pipelining is rare: one or two entries),
+        # `_NO_QUEUE` between.
         self._queue: list[Exchange] = _NO_QUEUE
         self._tunnel: Upstream | None = None  # the upstream of an upgraded connection
         self.close_soon = ctx.closing  # no keep-alive: shutdown, upgrade or client EOF
@@ -387,8 +390,7 @@ class ClientConn(Armed):
         try:
             p = self.parser
             if p is None:
-                p = self.parser = HttpRequestParser(self)
-                self._queue = []  # (an idle connection holds neither)
+                p = self.parser = HttpRequestParser(self)  # (an idle connection holds none)
             # Between messages with nothing held by llhttp, a head starts in this read.
             self._chunk = data if st0 == S_WAIT and not self._begun else None
             p.feed_data(data)
@@ -423,6 +425,8 @@ class ClientConn(Armed):
             # The first bytes of a request line that llhttp has not reported yet:
             # the header timeout runs from here, not the idle one.
             self._begin()
+        if self.waiting_for != S_WAIT and self._period_start < 0.0:
+            self._period_start = self.loop.time()  # a head began in this read (_begin)
         if self.waiting_for == S_HEAD:
             # llhttp has no header size limit: count raw bytes of an unfinished head.
             if self._done_in_feed:
@@ -451,9 +455,12 @@ class ClientConn(Armed):
         self._hosts = 0
         self._upgrade = None
         self.waiting_for = S_HEAD
-        self._period_start = self.loop.time()
+        # The header timeout's start: read from the loop's clock after the feed, and
+        # only if the head is still unfinished then (data_received): later than here
+        # by the rest of one feed (microseconds, on a millisecond clock).
+        self._period_start = -1.0
         if not self.armed_tick:
-            self.arm(self._period_start + self.ctx.recheck)
+            self.arm(self.loop.time() + self.ctx.recheck)
 
     def on_url(self, url: bytes) -> None:
         if self.waiting_for != S_HEAD:
@@ -497,14 +504,19 @@ class ClientConn(Armed):
         p = self.parser
         assert p is not None
         headers = self._headers
-        method = p.get_method()
         chunk = self._chunk
         version = ""
         fields: bytes | None = None
+        method: bytes | None = None
         if chunk is not None and not self._done_in_feed:
             # The first message of a read that began between messages: its head is
             # at the start of `chunk` (fast_wire.head_at_start).
+            method = method_at_start(chunk)
+            if method is None:
+                method = p.get_method()
             version, fields = head_at_start(chunk, method, self._url, headers)
+        if method is None:
+            method = p.get_method()
         if not version:
             version = p.get_http_version()
         upgrade = self._upgrade
@@ -514,6 +526,9 @@ class ClientConn(Armed):
             version, method, self._hosts, self._content_length, self._transfer_coding, upgrade
         )
         self._headers = _NO_HEADERS  # an idle connection holds no head, nor an empty list
+        # A request with neither body nor upgrade ends in this same feed, before anything
+        # reads `keep`: on_message_complete asks llhttp then (one Python call, not two).
+        keep = p.should_keep_alive() if body_kind or upgrade is not None else True
         ex = Exchange(
             self,
             RequestHead(
@@ -521,14 +536,20 @@ class ClientConn(Armed):
             ),
             http11,
             method == b"HEAD",
-            p.should_keep_alive(),
+            keep,
             body_kind,
             length,
             upgrade,
         )
         self._parsing = ex
         self._last_ex = ex
-        self._queue.append(ex)
+        if self._queue is _NO_QUEUE:
+            # Made with one slot, which it keeps when popped empty: CPython frees the
+            # slots of a list that grew from [] once it is emptied, so an append and
+            # a pop on `[]` would allocate and free them for every request.
+            self._queue = [ex]
+        else:
+            self._queue.append(ex)
         self.ctx.in_flight += 1
         self.waiting_for = S_BODY
         if body_kind:  # the body's progress window starts now (no clock read without one)
@@ -585,7 +606,8 @@ class ClientConn(Armed):
         self._running = True
         try:
             while self._active is None and self._queue and self.state < C_LINGER:
-                ex = self._queue.pop(0)
+                q = self._queue
+                ex = q.pop() if len(q) == 1 else q.pop(0)  # (popping the last moves nothing)
                 self._active = ex
                 self._start(ex)
         finally:
@@ -639,14 +661,17 @@ class ClientConn(Armed):
         ex.state = X_HEAD_SENT
         self.response_complete(ex, keep)
 
-    def response_complete(self, ex: Exchange, keep: bool) -> None:
-        """The response to `ex` is fully written (called by the upstream side too)."""
+    def response_complete(self, ex: Exchange, keep: bool, now: float = -1.0) -> None:
+        """The response to `ex` is fully written (called by the upstream side too).
+
+        `now`: the loop time if the caller read it in this callback (-1: not read).
+        """
         if ex.state != X_FINISHED:  # the state only moves forward
             ex.state = X_ANSWERED
         if not keep:
             ex.close_after = True
         if ex.req_done or ex.close_after:
-            self._finish(ex)
+            self._finish(ex, None, now)
         else:
             ex.discard = True  # read the rest of the request body and drop it
             ex.buf = None
@@ -684,7 +709,9 @@ class ClientConn(Armed):
             ex.close_after = True
         self._finish(ex, kind)
 
-    def _finish(self, ex: Exchange, kind: UpstreamErrorKind | None = None) -> None:
+    def _finish(
+        self, ex: Exchange, kind: UpstreamErrorKind | None = None, now: float = -1.0
+    ) -> None:
         if ex.state == X_FINISHED:
             return
         ex.state = X_FINISHED
@@ -712,7 +739,8 @@ class ClientConn(Armed):
             if self.close_soon:
                 self._close()
                 return
-            self._period_start = t0 = self.loop.time()
+            # (a caller's read in this callback serves: microseconds apart, a millisecond clock)
+            self._period_start = t0 = now if now >= 0.0 else self.loop.time()
             # Soon enough to drop the parser or park if nothing follows (arm keeps an earlier one).
             self.arm(t0 + self.ctx.idle_check if self.parser is not None else t0 + self.ctx.recheck)
 

@@ -28,6 +28,7 @@ from gateway.engine.api import (
 from gateway.engine.fast_timers import Wheel
 from gateway.engine.fast_upstream import Key, Upstream
 from gateway.engine.fast_wire import X_FINISHED, Exchange
+from gateway.engine.tls_conn import open_client
 from gateway.tls import describe, is_tls_error
 from gateway.tls_config import UpstreamTLS
 
@@ -63,6 +64,7 @@ class Pool:
         "per_host",
         "idle_timeout",
         "idle_conns",
+        "idle_by_host",
         "conns",
         "tasks",
         "all_closed",
@@ -83,6 +85,7 @@ class Pool:
         self.per_host = per_host
         self.idle_timeout = idle_timeout
         self.idle_conns: dict[Key, dict[Upstream, None]] = {}
+        self.idle_by_host: dict[str, dict[int, dict[Upstream, None]]] = {}  # the same sets
         self.conns: set[Upstream] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.all_closed: asyncio.Event | None = None
@@ -95,8 +98,24 @@ class Pool:
         # Every timeout of this engine's connections, client and upstream, on one loop timer.
         self.wheel = Wheel(loop)
 
+    def idle_set(self, key: Key) -> dict[Upstream, None]:
+        """The idle set of `key`, made on first use; each connection keeps its own (`release`)."""
+        idle = self.idle_conns.get(key)
+        if idle is None:
+            idle = self.idle_conns[key] = {}
+            host, port = key
+            by_port = self.idle_by_host.get(host)
+            if by_port is None:
+                by_port = self.idle_by_host[host] = {}
+            by_port[port] = idle
+        return idle
+
     def acquire(self, host: str, port: int, tls: UpstreamTLS | None = None) -> Upstream | None:
-        idle = self.idle_conns.get((host, port))
+        # By host, then port: no (host, port) tuple made and hashed per request.
+        by_port = self.idle_by_host.get(host)
+        if by_port is None:
+            return None
+        idle = by_port.get(port)
         while idle:
             up = idle.popitem()[0]
             if up.tls is not tls:  # opened plain, or with another TLS config (a reload)
@@ -106,22 +125,22 @@ class Pool:
                 return up
         return None
 
-    def release(self, up: Upstream) -> None:
+    def release(self, up: Upstream, now: float = -1.0) -> None:
+        """`up` is idle from loop time `now` (the caller's clock read; -1: read it here)."""
         if self.waiting and self._hand_over(up):
             return
-        idle = self.idle_conns.get(up.key)
-        if idle is None:
-            idle = self.idle_conns[up.key] = {}
+        idle = up.idle_set
         if len(idle) >= self.per_host:
             up.close()
             return
         idle[up] = None
-        now = self.loop.time()
+        if now < 0.0:
+            now = self.loop.time()
         up.idle_since = now
         up.arm(now + min(up.read_timeout, self.idle_timeout))  # (keeps an earlier deadline)
 
     def discard(self, up: Upstream) -> None:
-        idle = self.idle_conns.get(up.key)
+        idle = up.idle_set
         if idle:
             idle.pop(up, None)
 
@@ -260,12 +279,15 @@ class Pool:
                             partial(_upstream, self, key, None), fwd.host, fwd.port
                         )
                     else:  # README "TLS": SNI and the checked name are server_name or the host
-                        _, proto = await self.loop.create_connection(
+                        assert tls.context is not None
+                        proto = await open_client(
+                            self.loop,
                             partial(_upstream, self, key, tls),
                             fwd.host,
                             fwd.port,
-                            ssl=tls.context,
-                            server_hostname=tls.server_name or fwd.host,
+                            tls.context,
+                            tls.server_name or fwd.host,
+                            limit,
                         )
                     up = cast(Upstream, proto)
             finally:
@@ -343,6 +365,7 @@ class Pool:
             for up in list(idle):
                 up.close()
         self.idle_conns.clear()
+        self.idle_by_host.clear()
         for up in list(self.conns):
             up.abandon()
         if self.conns:

@@ -40,6 +40,8 @@ from gateway.engine.fast_wire import (
 from gateway.headers import HOP_BY_HOP, connection_tokens
 
 if TYPE_CHECKING:
+    from mypy_extensions import i64  # a plain int at run time; an unboxed int64 when compiled
+
     from gateway.engine.fast_pool import Pool
     from gateway.tls_config import UpstreamTLS
 
@@ -113,6 +115,7 @@ class Upstream(Armed):
         "pool",
         "loop",
         "key",
+        "idle_set",
         "transport",
         "parser",
         "state",
@@ -147,6 +150,7 @@ class Upstream(Armed):
         self.pool = pool
         self.loop = pool.loop
         self.key = key
+        self.idle_set = pool.idle_set(key)  # where `Pool.release` puts it (no lookup by key)
         self.tls = tls  # what it was opened with: reused only for the same (README "TLS")
         self.transport: asyncio.Transport | None = None
         self.parser = HttpResponseParser(self)
@@ -224,7 +228,7 @@ class Upstream(Armed):
             self.keep = False
             if self.mode == M_CHUNK:
                 ex.client.transport_write(CHUNK_END)
-            self._complete()
+            self._complete(self.loop.time())
             return
         self._failed(ERR_RESET)
 
@@ -286,11 +290,11 @@ class Upstream(Armed):
             # One write per read: head and body of a small response leave together.
             ex.client.transport_write(b"".join(out))
             out.clear()
-        if self.state == U_DONE:
-            if self.ex is ex:
-                self._complete()
-        else:
-            self.last_active = self.loop.time()  # progress: the read timeout runs from here
+        # Progress: the read timeout runs from here; a reused connection's idle time too
+        # (one clock read per read, microseconds apart from a second one on a millisecond clock).
+        now = self.last_active = self.loop.time()
+        if self.state == U_DONE and self.ex is ex:
+            self._complete(now)
 
     # -- httptools callbacks ----------------------------------------------
 
@@ -317,43 +321,60 @@ class Upstream(Armed):
             return False
         return True
 
-    def _head_parts(self, status: int) -> list[bytes]:
-        """The relayed head so far, from the raw bytes of the one llhttp just parsed.
+    def _head_parts(self, parts: list[bytes]) -> int:
+        """Append the relayed head so far to `parts`, from the raw bytes of the one llhttp
+        just parsed; returns its status code.
 
         Why raw: each end-to-end field line is kept as sent, so a head of any
         size is a few slices of the read (RFC 9110 §7.6.1: the hop-by-hop ones
         are cut out), and the status line is ours only when the upstream's is
         not HTTP/1.1 (RFC 9110 §6.2: a proxy sends its own version). The parts
-        end with the CRLF of the last field line; the caller adds fields.
+        end with the CRLF of the last field line; the caller adds fields. The
+        status of an `HTTP/1.1 NNN ` line is read from its three digits (llhttp
+        checked them), sparing httptools' `get_status_code()` (a Python call).
         """
+        first_part = len(parts)
         acc = self.head_acc
         if acc is not None:
             self.head_acc = None
             self.head_buf = bytes(acc)  # a head split over reads, joined once
         buf = self.head_buf
-        pos = self.head_pos
+        # Offsets as i64: machine arithmetic when compiled (no tagged-int calls per `+`).
+        pos: i64 = self.head_pos
         while buf[pos] == 13 or buf[pos] == 10:
             pos += 1  # empty lines before a message are skipped (RFC 9112 §2.2), as llhttp does
         lines = self._head_lines(buf, pos)  # the status line, the field lines, b""
-        end = self.head_pos - 2
+        end: i64 = self.head_pos - 2
         first = lines[0]
-        off = pos + len(first) + 2  # where the field line looked at starts in `buf`
+        off: i64 = pos + len(first) + 2  # where the field line looked at starts in `buf`
+        last: i64 = off
+        status = -1
         if first.startswith(HTTP11_SP) and len(first) > 12 and first[12] == 32:
-            parts: list[bytes] = []
+            status = status_digits(first)
+        if status >= 0:
             last = pos  # where the run of lines relayed as sent starts
         else:
-            parts = [status_line(status)]
-            last = off
+            status = self.parser.get_status_code()
+            parts.append(status_line(status))
         for k in range(1, len(lines) - 1):
             line = lines[k]
-            n = len(line)
+            n: i64 = len(line)
+            if n == 0:  # the guessed end was past the head's (_head_lines): it ends here
+                end = off
+                self.head_pos = off + 2
+                self.head_size = off + 2 - pos
+                break
             if not NOTED_FIRST[line[0]]:
                 off += n + 2
                 continue
             for size, name, usual in NOTED[line[0] | 32]:
                 if n > size and line[size] == 58:  # b":"
-                    got = line[:size]
-                    if got == usual or got == name or got.lower() == name:
+                    # (startswith: no slice made for the usual spellings)
+                    if (
+                        line.startswith(usual)
+                        or line.startswith(name)
+                        or line[:size].lower() == name
+                    ):
                         if name == H_CONTENT_LENGTH:
                             self.has_length = True  # kept: the relay frames the body as received
                         else:
@@ -366,27 +387,32 @@ class Upstream(Armed):
         if end > last:
             parts.append(buf[last:end])
         if self.conn_tokens is not None:
-            parts = [strip_named_fields(b"".join(parts), self.conn_tokens)]
+            parts[first_part:] = [
+                strip_named_fields(b"".join(parts[first_part:]), self.conn_tokens)
+            ]
             self.conn_tokens = None
-        return parts
+        return status
 
     def _head_lines(self, buf: bytes, pos: int) -> list[bytes]:
         """The lines of the head at `pos` (its CRLF CRLF ends it: RFC 9112 §2.1); sets `head_pos`.
 
         Why a guess first: an upstream's heads are mostly the same length (a
         date field has a fixed width), so the last length is tried before a
-        search; the guess holds if no empty line comes before its end.
+        search; if an empty line comes before its end, the head ended there, and
+        `_head_parts`, which reads the lines in order, stops at it.
         """
-        size = self.head_size
-        if size and buf[pos + size - 4 : pos + size] == HEAD_END:
-            end = pos + size - 2
-            lines = buf[pos:end].split(CRLF)
-            for k in range(1, len(lines) - 1):
-                if len(lines[k]) == 0:
-                    break  # the head ends earlier
-            else:
-                self.head_pos = end + 2
-                return lines
+        size: i64 = self.head_size
+        e: i64 = pos + size  # where the guessed head ends (byte tests: no slice made)
+        if (
+            size
+            and e <= len(buf)
+            and buf[e - 4] == 13
+            and buf[e - 3] == 10
+            and buf[e - 2] == 13
+            and buf[e - 1] == 10
+        ):
+            self.head_pos = e
+            return buf[pos : e - 2].split(CRLF)  # (_head_parts stops at an empty line)
         end = (buf.find(HEAD_END, pos) if pos else buf.find(HEAD_END)) + 2
         if end < 2:
             raise Reject(502, "response head not found")  # llhttp accepted only CRLF lines
@@ -424,8 +450,10 @@ class Upstream(Armed):
         if self.state == U_DONE:
             self.extra = True  # a second response to one request: never reuse
             return
-        status = self.parser.get_status_code()
-        parts = self._head_parts(status)
+        # The head goes straight into `out`, after what this read relayed before it (a 1xx).
+        parts = self.out
+        first_part = len(parts)
+        status = self._head_parts(parts)
         client = ex.client
         fwd = ex.fwd
         assert fwd is not None
@@ -438,7 +466,6 @@ class Upstream(Armed):
                 parts += (CONN_UPGRADE, self.upgrade, CRLF)
                 add_response_fields(parts, fwd)
                 parts.append(CRLF)
-                self.out += parts
                 return
             # Interim response (RFC 9110 §15.2): relay to HTTP/1.1 clients only.
             self.interim = True
@@ -447,7 +474,8 @@ class Upstream(Armed):
             self.upgrade = None
             if ex.http11:
                 parts.append(CRLF)
-                self.out += parts
+            else:
+                del parts[first_part:]
             return
         add_response_fields(parts, fwd)
         close = ex.close_after or not ex.keep or not ex.req_done or client.close_soon
@@ -477,8 +505,7 @@ class Upstream(Armed):
             parts.append(CONN_KEEP)
         parts.append(CRLF)
         ex.status = status
-        ex.state = X_HEAD_SENT
-        self.out += parts  # joined with the body bytes of this read: one write
+        ex.state = X_HEAD_SENT  # `out` is joined with the body bytes of this read: one write
 
     def on_body(self, body: bytes) -> None:
         if self.state == U_DONE:
@@ -613,7 +640,8 @@ class Upstream(Armed):
             ex.client.transport_write(b"".join(out))
             out.clear()
 
-    def _complete(self) -> None:
+    def _complete(self, now: float) -> None:
+        """The response is relayed: back to the pool (idle from `now`, loop time) or closed."""
         ex = self.ex
         assert ex is not None and self.transport is not None
         self.ex = None
@@ -635,12 +663,12 @@ class Upstream(Armed):
         )
         if reusable:
             self.state = U_IDLE
-            self.pool.release(self)
+            self.pool.release(self, now)
         else:
             self.close()
         if self.wpaused:
             ex.client.resume_for_upstream()
-        ex.client.response_complete(ex, self.mode != M_EOF)
+        ex.client.response_complete(ex, self.mode != M_EOF, now)
 
     def _failed(self, kind: UpstreamErrorKind, final: bool = False) -> None:
         ex = self.ex
@@ -713,6 +741,16 @@ class Upstream(Armed):
         if ex is not None and ex.deadline and ex.deadline < deadline:
             deadline = ex.deadline
         self.arm(min(deadline, now + self.read_timeout))
+
+
+def status_digits(line: bytes) -> int:
+    """The status code of a status line `HTTP/1.1 NNN ...` (RFC 9112 §4); -1 if NNN is no number."""
+    d0 = line[9] - 48
+    d1 = line[10] - 48
+    d2 = line[11] - 48
+    if 0 <= d0 <= 9 and 0 <= d1 <= 9 and 0 <= d2 <= 9:
+        return d0 * 100 + d1 * 10 + d2
+    return -1
 
 
 def strip_named_fields(head: bytes, names: set[bytes]) -> bytes:

@@ -16,6 +16,8 @@ from gateway.engine.api import Forward, Headers, RequestHead, Respond
 from gateway.headers import add_field_lines
 
 if TYPE_CHECKING:
+    from mypy_extensions import i64  # a plain int at run time; an unboxed int64 when compiled
+
     from gateway.engine.fast_client import ClientConn
     from gateway.engine.fast_upstream import Upstream
 
@@ -169,9 +171,10 @@ def head_at_start(
     renders the fields from the list. Byte indexing and lengths only: a
     bytes method call costs more in the compiled build than the whole check.
     """
-    m = len(method)
-    p = m + 1 + len(target)  # where SP HTTP/1.x CRLF must be
-    n = len(data)
+    # Offsets as i64: machine arithmetic when compiled (no tagged-int calls per `+`).
+    m: i64 = len(method)
+    p: i64 = m + 1 + len(target)  # where SP HTTP/1.x CRLF must be
+    n: i64 = len(data)
     if (
         n < p + 11
         or not data.startswith(method)
@@ -198,7 +201,8 @@ def head_at_start(
         return "", None
     # llhttp keeps no CR in a value and strips the OWS before it, so each check
     # below fails at the first line that is not exactly `name: value CRLF`.
-    start = pos = p + 11
+    start: i64 = p + 11
+    pos: i64 = start
     for name, value in fields:
         pos += len(name)
         if pos + 1 >= n or data[pos] != 58 or data[pos + 1] != 32:  # ": "
@@ -210,6 +214,28 @@ def head_at_start(
     if pos + 1 >= n or data[pos] != 13 or data[pos + 1] != 10:
         return version, None
     return version, data[start:pos]
+
+
+# The usual methods as constants (RFC 9110 §9.3): a head that starts a read with one
+# of these takes the constant (its hash cached: IDEMPOTENT is a set lookup), not a
+# fresh bytes object from httptools' get_method() (a Python method call).
+USUAL_METHODS: Final = (b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH")
+_USUAL_STARTS: Final = tuple((m + SP, m) for m in USUAL_METHODS)
+
+
+def method_at_start(data: bytes) -> bytes | None:
+    """The method of the request line llhttp parsed from the start of `data`, if a usual one.
+
+    Only for a head that began at the start of this read (the caller knows
+    that): llhttp accepted `method SP` there (RFC 9112 §3), so the bytes up
+    to the first space are the method.
+    """
+    if data.startswith(b"GET "):  # (the usual one, before the loop)
+        return USUAL_METHODS[0]
+    for start, method in _USUAL_STARTS:
+        if data.startswith(start):
+            return method
+    return None
 
 
 def error_json(status: int, message: str) -> Respond:
@@ -333,9 +359,10 @@ def request_head(ex: Exchange, fwd: Forward) -> bytes:
     target = fwd.target
     fields = fwd.fields
     if fields is not None and ex.body_kind == BODY_NONE and ex.upgrade is None:
-        # The common case in one join of a fixed tuple (no list grown part by part).
+        # The common case as one formatting of bytes: compiled, one allocation and a
+        # copy of each part (no tuple, no join over buffers, no list grown part by part).
         t = target if target is not None else h.target
-        return b"".join((h.method, SP, t, HTTP11_TAIL, fields, CRLF))
+        return b"%b %b HTTP/1.1\r\n%b\r\n" % (h.method, t, fields)
     parts = [h.method, SP, target if target is not None else h.target, HTTP11_TAIL]
     if fields is not None:
         parts.append(fields)  # policy's fields, rendered once (engine.api.Forward)

@@ -1,4 +1,4 @@
-"""TLS for the fast engine's client connections, done over the plain TCP transport.
+"""TLS for the fast engine's connections, done over the plain TCP transport.
 
 Why not the event loop's TLS transport (`connect_accepted_socket(ssl=...)`):
 uvloop's `SSLProtocol` buffers every write in a backlog, checks flow control
@@ -12,6 +12,12 @@ transport: bytes read go into the incoming memory BIO and come out decrypted
 in one `data_received`; a response is encrypted with one `SSLObject.write`
 and leaves with one transport write. Same session as before: the context's
 protocols, ALPN and client-certificate checks are OpenSSL's, untouched.
+
+The same layer speaks TLS to `https://` upstreams (`open_client`,
+`server_side=False`): SNI and the checked name are `server_hostname`, the
+context carries the CA, the verify choice and the client certificate for
+mTLS (gateway/tls.py `client_context`); the pool's connection sees this
+object as its transport once the handshake is done, as a client's does.
 
 Closing sends close_notify (RFC 8446 §6.1) and half-closes TCP, then reads
 and drops what the client still sends until its close_notify or FIN, at most
@@ -73,6 +79,7 @@ class TLSConn:
         "_recv",
         "_timer",
         "_peer_eof",
+        "waiter",
     )
 
     def __init__(
@@ -82,6 +89,9 @@ class TLSConn:
         app_factory: Callable[[], asyncio.Protocol],
         handshake_timeout: float,
         on_open: Callable[[TLSConn, bool], None] | None = None,
+        server_side: bool = True,
+        server_hostname: str | None = None,
+        waiter: asyncio.Future[asyncio.Protocol] | None = None,
     ) -> None:
         self.loop = loop
         self.context = context
@@ -95,7 +105,12 @@ class TLSConn:
         self.app: Any = None  # the application's protocol, after the handshake
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.sslobj = context.wrap_bio(
+            self.incoming, self.outgoing, server_side=server_side, server_hostname=server_hostname
+        )
+        # The client side (an upstream): told the application when the handshake is
+        # done, or why it failed; the server side has none.
+        self.waiter = waiter
         # Bound once: the C methods themselves with gateway.tls.DirectSSLObject.
         self._read: Callable[[int], bytes] = self.sslobj.read
         self._write: Callable[[bytes], int] = self.sslobj.write
@@ -120,12 +135,14 @@ class TLSConn:
         self._timer = self.loop.call_later(self.handshake_timeout, self._handshake_expired)
         if self.on_open is not None:
             self.on_open(self, True)
+        if self.waiter is not None:
+            self._handshake()  # the client speaks first: the ClientHello goes out now
 
     def data_received(self, data: bytes) -> None:
         st = self.state
         self._feed(data)
         if st == T_OPEN:
-            self._deliver()
+            self._deliver(len(data))
         elif st == T_HANDSHAKE:
             self._handshake()
         elif st == T_CLOSING:
@@ -139,14 +156,17 @@ class TLSConn:
             self._peer_eof = bool(keep)
             return keep
         if self.state == T_HANDSHAKE:
-            log.debug("fast engine: TLS handshake with a client failed: EOF")
+            log.debug("fast engine: TLS handshake with a %s failed: EOF", self._peer())
             self._ended()
+            self._refused(ConnectionResetError("the peer closed during the TLS handshake"))
         return None  # the TCP transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = T_CLOSED
         self._cancel_timer()
         self._ended()
+        if self.waiter is not None:
+            self._refused(exc or ConnectionResetError("connection lost during the TLS handshake"))
         # The bound methods would keep a cycle (application -> us -> its method):
         # dropped, a closed connection is freed at once, not by a full collection.
         self._recv = self._send = _drop
@@ -264,12 +284,14 @@ class TLSConn:
             return
         except (ssl.SSLError, OSError, ValueError) as exc:
             # No certificate for client_ca, plain HTTP to the HTTPS port, a scanner:
-            # the client's problem. Our alert goes out, then the connection closes.
-            log.debug("fast engine: TLS handshake with a client failed: %s", exc)
+            # the client's problem. An upstream's certificate the context refuses:
+            # the waiter's (a 502 naming it). Our alert goes out, then the connection closes.
+            log.debug("fast engine: TLS handshake with a %s failed: %s", self._peer(), exc)
             self._flush()
             self.state = T_CLOSED
             self._cancel_timer()
             self._ended()
+            self._refused(exc)
             raw = self.raw
             if raw is not None:
                 raw.close()
@@ -281,11 +303,23 @@ class TLSConn:
         app = self.app = self.app_factory()
         self._recv = app.data_received
         app.connection_made(self)  # type: ignore[arg-type]
-        if self.state == T_OPEN and (self.incoming.pending or self._pending()):
-            self._deliver()  # the first request came with the client's Finished
+        w = self.waiter
+        if w is not None:
+            self.waiter = None
+            if not w.done():
+                w.set_result(app)
+        left = self.incoming.pending
+        if self.state == T_OPEN and (left or self._pending()):
+            self._deliver(left)  # the first request came with the client's Finished
 
-    def _deliver(self) -> None:
-        """Decrypt what the incoming BIO holds; the application gets it in one call."""
+    def _deliver(self, size: int) -> None:
+        """Decrypt what the incoming BIO holds; the application gets it in one call.
+
+        `size` is the first read's length: the ciphertext just fed, which is
+        what the BIO holds unless part of a record was left in it (a hint only:
+        a read that fills it asks OpenSSL for the rest, so no plaintext is left
+        behind; it saves asking the BIO, a Python-level attribute read).
+        """
         incoming = self.incoming
         read = self._read
         data = b""
@@ -295,7 +329,6 @@ class TLSConn:
         # shorter): a small request is read into a small object, not a large
         # allocation shrunk to fit. Only a read that filled what it asked for can
         # have left plaintext inside OpenSSL (SSL_pending, which drops the GIL).
-        size = incoming.pending
         try:
             while True:
                 if size > READ_SIZE:
@@ -378,7 +411,8 @@ class TLSConn:
     def _handshake_expired(self) -> None:
         self._timer = None
         if self.state == T_HANDSHAKE:
-            log.debug("fast engine: TLS handshake with a client timed out")
+            log.debug("fast engine: TLS handshake with a %s timed out", self._peer())
+            self._refused(TimeoutError())
             self.abort()
 
     def _close_expired(self) -> None:
@@ -394,12 +428,60 @@ class TLSConn:
             self._timer = None
             t.cancel()
 
+    def _peer(self) -> str:
+        return "client" if self.waiter is None else "upstream"
+
+    def _refused(self, exc: BaseException) -> None:
+        """The handshake failed: the client side's waiter raises why (the server side has none)."""
+        w = self.waiter
+        if w is not None:
+            self.waiter = None
+            if not w.done():
+                w.set_exception(exc)
+
     def _ended(self) -> None:
         """The handshake is over, done or failed: the acceptor forgets it."""
         cb = self.on_open
         if cb is not None:
             self.on_open = None
             cb(self, False)
+
+
+async def open_client(
+    loop: asyncio.AbstractEventLoop,
+    app_factory: Callable[[], asyncio.Protocol],
+    host: str,
+    port: int,
+    context: ssl.SSLContext,
+    server_hostname: str,
+    handshake_timeout: float,
+) -> asyncio.Protocol:
+    """Connect to an `https://` upstream over the engine's TLS layer; the application once shaken.
+
+    Raises what the handshake raised (an `ssl.SSLCertVerificationError` for a
+    refused certificate), `TimeoutError` past `handshake_timeout`, or the
+    connect's `OSError`; a cancelled wait aborts the connection.
+    """
+    waiter: asyncio.Future[asyncio.Protocol] = loop.create_future()
+
+    def made() -> asyncio.Protocol:
+        conn = TLSConn(
+            loop,
+            context,
+            app_factory,
+            handshake_timeout,
+            server_side=False,
+            server_hostname=server_hostname,
+            waiter=waiter,
+        )
+        return cast(asyncio.Protocol, conn)  # a protocol by duck typing, as for the acceptor
+
+    raw, _ = await loop.create_connection(made, host, port)
+    try:
+        return await waiter
+    except asyncio.CancelledError:
+        raw.abort()  # the connect timeout or a shutdown, while shaking hands
+        raise  # (a failed handshake has closed the connection itself, its alert sent)
 
 
 def _drop(data: bytes) -> None:
