@@ -64,6 +64,32 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
         config.option.loadscopereorder = False  # xdist would sort files by test count
 
 
+# Lines a test leaves for the end of the run (tests/test_container.py's wall time). A worker's
+# output is not shown, so a worker hands them to the controller in xdist's `workeroutput`,
+# which the controller prints in the terminal summary.
+_SUMMARY_LINES = pytest.StashKey[list[str]]()
+
+
+def summary_line(config: pytest.Config, line: str) -> None:
+    """Print `line` in the run's terminal summary, from the controller or a worker."""
+    out = getattr(config, "workeroutput", None)
+    if out is not None:
+        out.setdefault("summary_lines", []).append(line)
+    else:
+        config.stash.setdefault(_SUMMARY_LINES, []).append(line)
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: a worker has finished
+def pytest_testnodedown(node: Any, error: object) -> None:
+    lines = getattr(node, "workeroutput", {}).get("summary_lines", [])
+    node.config.stash.setdefault(_SUMMARY_LINES, []).extend(lines)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    for line in config.stash.get(_SUMMARY_LINES, []):
+        terminalreporter.write_line(line)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if hasattr(config, "workerinput"):  # in a worker: the order files are handed out in
         items.sort(key=lambda item: parallel.file_rank(item.path.name))

@@ -37,6 +37,7 @@ import pytest
 import yaml
 from aiohttp import web
 
+from tests.conftest import summary_line
 from tests.programs import in_ci, need
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -328,8 +329,6 @@ def running(
         _unavailable("podman's bridge network and debootstrap need root here")
     podman = Podman(exe)
     tmp = tmp_path_factory.mktemp("container")
-    report = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
     started = time.monotonic()
     upstreams: Upstreams | None = None
     try:
@@ -392,12 +391,8 @@ def running(
         if upstreams is not None:
             upstreams.stop()
         total = time.monotonic() - started
-        if report is not None:
-            parts = ", ".join(f"{k} {v:.1f}s" for k, v in podman.timings.items())
-            line = f"tests/test_container.py: wall time {total:.1f}s ({parts})"
-            with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-                report.write_line("")
-                report.write_line(line)
+        parts = ", ".join(f"{k} {v:.1f}s" for k, v in podman.timings.items())
+        summary_line(request.config, f"tests/test_container.py: wall time {total:.1f}s ({parts})")
 
 
 def _bridge_gateway(podman: Podman) -> str:
