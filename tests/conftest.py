@@ -26,6 +26,7 @@ from gateway.app import Gateway
 from gateway.demo import demo_upstream, serve_app
 from tests import parallel
 from tests.engine_helpers import Env
+from tests.tls_helpers import PKI, make_pki
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +63,21 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
         config.option.numprocesses = n
         config.option.dist = "loadfile"
         config.option.loadscopereorder = False  # xdist would sort files by test count
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> PKI:
+    """A test CA and the certificates signed by it (tests/tls_helpers.py), made for each test."""
+    return make_pki(tmp_path / "pki")
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[list[Gateway]]:
+    """The in-process gateways a test starts (it appends them), stopped after the test."""
+    gws: list[Gateway] = []
+    yield gws
+    for gw in gws:
+        await gw.stop(1.0)
 
 
 # Lines a test leaves for the end of the run (tests/test_container.py's wall time). A worker's

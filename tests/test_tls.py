@@ -24,11 +24,6 @@ from tests.tls_helpers import PKI, cert_serial, make_pki, serial_of, serve_tls
 
 
 @pytest.fixture
-def pki(tmp_path: Path) -> PKI:
-    return make_pki(tmp_path / "pki")
-
-
-@pytest.fixture
 async def tls_upstreams() -> AsyncIterator[Any]:
     """Factory: `await tls_upstreams(ctx, release)` -> port of an HTTPS echo upstream."""
     runners: list[web.AppRunner] = []
@@ -41,14 +36,6 @@ async def tls_upstreams() -> AsyncIterator[Any]:
     yield make
     for r in runners:
         await r.cleanup()
-
-
-@pytest.fixture
-async def started() -> AsyncIterator[list[Gateway]]:
-    gws: list[Gateway] = []
-    yield gws
-    for gw in gws:
-        await gw.stop(1.0)
 
 
 def one_release(url: str, **svc: Any) -> dict[str, Any]:

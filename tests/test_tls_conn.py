@@ -17,14 +17,13 @@ import socket
 import ssl
 import threading
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from gateway.engine.fast_accept import Acceptor
 from gateway.engine.tls_conn import READ_SIZE, T_CLOSED, TLSConn
 from gateway.tls import server_context
-from tests.tls_helpers import PKI, make_pki
+from tests.tls_helpers import PKI
 
 DEADLINE = 30.0  # generous: the box is shared
 BIG = bytes(range(256)) * (128 * 1024)  # 32 MiB: more than the kernel's socket buffers hold
@@ -75,11 +74,6 @@ class Echo(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.events.append("lost")
         self.lost.set()
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> PKI:
-    return make_pki(tmp_path / "pki")
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +20,6 @@ from gateway.store.consul import ConsulStore
 from tests.conftest import gateway_config, two_releases
 from tests.consul_double import ConsulDouble
 from tests.tls_helpers import PKI, make_pki, serve_tls
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> PKI:
-    return make_pki(tmp_path / "pki")
-
-
-@pytest.fixture
-async def started() -> AsyncIterator[list[Gateway]]:
-    gws: list[Gateway] = []
-    yield gws
-    for gw in gws:
-        await gw.stop(1.0)
 
 
 async def tls_consul(ctx: ssl.SSLContext) -> ConsulDouble:

@@ -9,19 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-from pathlib import Path
 
 import pytest
 
 from gateway.tls import server_context
 from tests.engine_helpers import Env, ProxyHandler, RawClient
 from tests.test_engine_fast import BAD_IDS, BAD_REQUESTS, LIMIT_CASES, echo_app
-from tests.tls_helpers import PKI, make_pki
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> PKI:
-    return make_pki(tmp_path / "pki")
+from tests.tls_helpers import PKI
 
 
 async def tls_echo(

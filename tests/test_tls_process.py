@@ -25,12 +25,7 @@ from gateway import config as C
 from gateway.errors import ConfigError
 from tests.conftest import free_port
 from tests.engine_helpers import RawClient
-from tests.tls_helpers import PKI, cert_serial, make_pki, serial_of
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> PKI:
-    return make_pki(tmp_path / "pki")
+from tests.tls_helpers import PKI, cert_serial, serial_of
 
 
 def base_doc(pki: PKI, **top: Any) -> dict[str, Any]:

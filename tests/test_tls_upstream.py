@@ -21,7 +21,6 @@ import os
 import socket
 import ssl
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +36,6 @@ from tests.conftest import gateway_config
 from tests.tls_helpers import PKI, make_pki, serve_tls
 
 DEADLINE = 30.0  # generous: the box is shared
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> PKI:
-    return make_pki(tmp_path / "pki")
-
-
-@pytest.fixture
-async def gateways() -> AsyncIterator[list[Gateway]]:
-    gws: list[Gateway] = []
-    yield gws
-    for gw in gws:
-        await gw.stop(1.0)
 
 
 async def start(gws: list[Gateway], url: str, pki: PKI, **svc: Any) -> int:
@@ -138,7 +124,7 @@ async def get(port: int, path: str = "/x") -> tuple[int, bytes]:
 
 
 async def test_one_pooled_tls_connection_carries_many_requests(
-    pki: PKI, gateways: list[Gateway]
+    pki: PKI, started: list[Gateway]
 ) -> None:
     peers: list[object] = []
 
@@ -150,7 +136,7 @@ async def test_one_pooled_tls_connection_carries_many_requests(
     app.router.add_get("/{tail:.*}", echo)
     runner, up = await serve_tls(app, pki.server_ctx())
     try:
-        port = await start(gateways, f"https://127.0.0.1:{up}", pki)
+        port = await start(started, f"https://127.0.0.1:{up}", pki)
         async with aiohttp.ClientSession() as s:
             for i in range(1, 101):
                 async with s.get(f"http://127.0.0.1:{port}/x") as r:
@@ -163,11 +149,11 @@ async def test_one_pooled_tls_connection_carries_many_requests(
 
 @pytest.mark.parametrize("ending", ["close_notify", "fin"], ids=["close-notify", "bare-fin"])
 async def test_an_upstream_ending_a_kept_connection_costs_the_next_request_only_a_new_one(
-    pki: PKI, gateways: list[Gateway], ending: str
+    pki: PKI, started: list[Gateway], ending: str
 ) -> None:
     up = ScriptedUpstream(pki.server_ctx(), ending)
     try:
-        port = await start(gateways, f"https://127.0.0.1:{up.port}", pki)
+        port = await start(started, f"https://127.0.0.1:{up.port}", pki)
         for n in (1, 2, 3):
             status, body = await get(port)
             assert status == 200 and json.loads(body) == {"release": "stable"}
@@ -179,7 +165,7 @@ async def test_an_upstream_ending_a_kept_connection_costs_the_next_request_only_
 
 
 async def test_a_response_of_many_tls_records_arrives_whole(
-    pki: PKI, gateways: list[Gateway]
+    pki: PKI, started: list[Gateway]
 ) -> None:
     blob = os.urandom(3 * 1024 * 1024 + 17)  # ~190 records of 16 KiB, the last one short
 
@@ -190,7 +176,7 @@ async def test_a_response_of_many_tls_records_arrives_whole(
     app.router.add_get("/{tail:.*}", big)
     runner, up = await serve_tls(app, pki.server_ctx())
     try:
-        port = await start(gateways, f"https://127.0.0.1:{up}", pki)
+        port = await start(started, f"https://127.0.0.1:{up}", pki)
         for _ in range(2):  # the second over the pooled connection
             status, body = await get(port)
             assert status == 200
@@ -201,7 +187,7 @@ async def test_a_response_of_many_tls_records_arrives_whole(
 
 
 async def test_a_refused_certificate_raises_its_error_and_the_gateway_answers_502(
-    pki: PKI, gateways: list[Gateway], tmp_path: Path
+    pki: PKI, started: list[Gateway], tmp_path: Path
 ) -> None:
     other = make_pki(tmp_path / "other", "other")
     runner, up = await serve_tls(web.Application(), other.server_ctx())
@@ -217,7 +203,7 @@ async def test_a_refused_certificate_raises_its_error_and_the_gateway_answers_50
                 "127.0.0.1",
                 DEADLINE,
             )
-        port = await start(gateways, f"https://127.0.0.1:{up}", pki)
+        port = await start(started, f"https://127.0.0.1:{up}", pki)
         status, body = await get(port)
         assert status == 502
         err = json.loads(body)
@@ -228,7 +214,7 @@ async def test_a_refused_certificate_raises_its_error_and_the_gateway_answers_50
 
 
 async def test_a_handshake_that_never_finishes_is_bounded_by_the_connect_timeout(
-    pki: PKI, gateways: list[Gateway]
+    pki: PKI, started: list[Gateway]
 ) -> None:
     silent = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does), never answers
     held: list[socket.socket] = []
@@ -247,7 +233,7 @@ async def test_a_handshake_that_never_finishes_is_bounded_by_the_connect_timeout
             )
         held.append(silent.accept()[0])
         url = f"https://127.0.0.1:{addr[1]}"
-        port = await start(gateways, url, pki, timeouts={"connect": "300ms"}, retries=0)
+        port = await start(started, url, pki, timeouts={"connect": "300ms"}, retries=0)
         status, body = await get(port)
         assert status == 504, body
         assert json.loads(body)["kind"] == "timeout"
