@@ -63,7 +63,6 @@ class Pool:
         "loop",
         "per_host",
         "idle_timeout",
-        "idle_conns",
         "idle_by_host",
         "conns",
         "tasks",
@@ -84,8 +83,8 @@ class Pool:
         self.loop = loop
         self.per_host = per_host
         self.idle_timeout = idle_timeout
-        self.idle_conns: dict[Key, dict[Upstream, None]] = {}
-        self.idle_by_host: dict[str, dict[int, dict[Upstream, None]]] = {}  # the same sets
+        # Idle connections by host, then port (no (host, port) tuple per request: acquire).
+        self.idle_by_host: dict[str, dict[int, dict[Upstream, None]]] = {}
         self.conns: set[Upstream] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.all_closed: asyncio.Event | None = None
@@ -100,18 +99,16 @@ class Pool:
 
     def idle_set(self, key: Key) -> dict[Upstream, None]:
         """The idle set of `key`, made on first use; each connection keeps its own (`release`)."""
-        idle = self.idle_conns.get(key)
+        host, port = key
+        by_port = self.idle_by_host.get(host)
+        if by_port is None:
+            by_port = self.idle_by_host[host] = {}
+        idle = by_port.get(port)
         if idle is None:
-            idle = self.idle_conns[key] = {}
-            host, port = key
-            by_port = self.idle_by_host.get(host)
-            if by_port is None:
-                by_port = self.idle_by_host[host] = {}
-            by_port[port] = idle
+            idle = by_port[port] = {}
         return idle
 
     def acquire(self, host: str, port: int, tls: UpstreamTLS | None = None) -> Upstream | None:
-        # By host, then port: no (host, port) tuple made and hashed per request.
         by_port = self.idle_by_host.get(host)
         if by_port is None:
             return None
@@ -361,10 +358,10 @@ class Pool:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for idle in self.idle_conns.values():
-            for up in list(idle):
-                up.close()
-        self.idle_conns.clear()
+        for by_port in self.idle_by_host.values():
+            for idle in by_port.values():
+                for up in list(idle):
+                    up.close()
         self.idle_by_host.clear()
         for up in list(self.conns):
             up.abandon()
