@@ -106,18 +106,16 @@ class Acceptor:
                 self.loop.call_later(PAUSE_SECONDS, self.start)
                 return
             try:
-                self._adopt(conn)
+                self.adopt(conn)
             except OSError:  # reset before it was set up: nothing to serve
                 conn.close()
 
     def adopt(self, conn: socket.socket) -> None:
-        """Serve a parked idle connection that became readable (engine/fast_park.py).
+        """Serve an accepted socket, or a parked idle one that became readable.
 
-        Only plain-HTTP connections are parked, so only the plain branch serves these.
+        Only plain-HTTP connections are parked (engine/fast_park.py), so those take
+        the plain branch.
         """
-        self._adopt(conn)
-
-    def _adopt(self, conn: socket.socket) -> None:
         conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls is None:
