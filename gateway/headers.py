@@ -120,16 +120,6 @@ class Scanned:
         self.tracestate: Sequence[str] = ()
         self.baggage: Sequence[str] = ()
 
-    @property
-    def host(self) -> str | None:
-        """The Host field's value as text, decoded when asked for.
-
-        Why not in `scan`: the data path needs it only when a service names hosts
-        (routing.ServiceMatcher.match_field), and a decode per request costs ~0.2k instructions.
-        """
-        b = self.host_b
-        return None if b is None else b.decode("latin-1")
-
 
 _T = TypeVar("_T")
 
