@@ -106,7 +106,15 @@ class AlertSender:
                 for i in range(self.concurrency)
             ]
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop the workers; alerts queued or in flight first get up to `grace` seconds."""
+        if grace > 0 and self._tasks:
+            try:
+                await asyncio.wait_for(self._queue.join(), grace)
+            except TimeoutError:
+                log.warning(
+                    "stopping before every alert was sent (%d still queued)", self._queue.qsize()
+                )
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

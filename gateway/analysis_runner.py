@@ -140,7 +140,8 @@ class AnalysisRunner:
         self.alerts.start()
         self._task = asyncio.create_task(self._loop(), name="gateway-analysis")
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop evaluating and hand the leases back; alerts not yet sent get up to `grace` s."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -149,7 +150,7 @@ class AnalysisRunner:
             await release_leases(self.control, self.owner, self.clock())
         if self._client is not None:
             await self._client.close()
-        await self.alerts.stop()
+        await self.alerts.stop(grace)
 
     async def _loop(self) -> None:
         await periodic.every(lambda: self.tick, self.run_once, "analysis evaluation")

@@ -51,6 +51,10 @@ LISTEN_BACKLOG: Final = 4096
 # instructions per request in prometheus_client's interpreted code, one per 50 ms
 # costs a few dozen (benchmarks/RESULTS.md).
 ACCOUNTING_INTERVAL: Final = 0.05
+# On a clean stop, hook notifications and alerts still in flight may take the drain's
+# time left, and at least this much: within the 5 s the master gives a worker past
+# `drain_timeout` before it kills it (docs/operations.md "Drain").
+STOP_GRACE_MIN_S: Final = 2.0
 
 
 def bind_socket(
@@ -369,21 +373,29 @@ class Gateway:
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         d = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        loop = asyncio.get_running_loop()
+        until = loop.time() + d
+
+        def left() -> float:
+            """The drain's time still left; hook calls and alerts in flight get at least
+            STOP_GRACE_MIN_S even after a drain that took it all (docs/operations.md "Drain")."""
+            return max(STOP_GRACE_MIN_S, until - loop.time())
+
         self.begin_drain()
         if self.with_data:
             await self.health.stop()
-            await self.guardian.stop()
-            await self.engine.shutdown(d)
+            # the guard stops judging at once; its alerts go out while requests finish
+            await asyncio.gather(self.guardian.stop(left()), self.engine.shutdown(d))
             self.handler.flush()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
             self.admin_runner = None
         if self.with_admin:
-            await self.driver.stop()
+            await self.driver.stop(left())
         if self.discovery is not None:
             await self.discovery.stop()
         if self.analysis is not None:
-            await self.analysis.stop()
+            await self.analysis.stop(left())
         await self.control.stop()
         for task in list(self._background):
             await task

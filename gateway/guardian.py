@@ -141,13 +141,14 @@ class Guardian:
         self.alerts.start()
         self._task = asyncio.create_task(self._loop(), name="gateway-guard")
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop evaluating; alerts not yet sent get up to `grace` seconds."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self.alerts.stop()
+        await self.alerts.stop(grace)
 
     async def _loop(self) -> None:
         await periodic.every(lambda: self.interval, self.check, "guard evaluation")

@@ -79,8 +79,15 @@ class HookRunner:
         self._session: aiohttp.ClientSession | None = None
         self._calls: dict[tuple[str, object], _Call] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._notices: set[asyncio.Task[Any]] = set()  # the `notify` calls among them
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Cancel every call; notifications in flight first get up to `grace` seconds to end
+        (a clean stop loses none that can be delivered in time)."""
+        if grace > 0 and self._notices:
+            _, late = await asyncio.wait(list(self._notices), timeout=grace)
+            if late:
+                log.warning("stopping with %d hook notification(s) unfinished", len(late))
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
@@ -179,7 +186,11 @@ class HookRunner:
 
         Returns the calls, so the driver can record the change once they all finished.
         """
-        return [self._spawn(self._notify(h, body(h))) for h in hooks]
+        calls = [self._spawn(self._notify(h, body(h))) for h in hooks]
+        for t in calls:
+            self._notices.add(t)
+            t.add_done_callback(self._notices.discard)
+        return calls
 
     async def _notify(self, hook: Webhook, body: Any) -> None:
         ok, detail = await self.call(hook, body)

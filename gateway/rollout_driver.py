@@ -195,16 +195,22 @@ class RolloutDriver:
             self.alerts.start()
         self._task = asyncio.create_task(self._run(), name="gateway-rollouts")
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop driving; hook notifications and alerts in flight get up to `grace` seconds
+        (docs/operations.md "Drain"), then the leases are handed back."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace
+        running = self._task is not None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self.hooks.stop(grace)
+        if running:
             await self._release()
-        await self.hooks.stop()
         if self.alerts is not None:
-            await self.alerts.stop()
+            await self.alerts.stop(max(0.0, until - loop.time()))
 
     async def _run(self) -> None:
         await periodic.every(lambda: self.interval, self._step, "rollout step")

@@ -220,3 +220,41 @@ async def test_a_promoted_release_is_alerted_once_and_left_alone(
     assert alert["alert"] == "PromotedReleaseBreach" and alert["reason"] == "error_rate"
     assert alert["action"]["kind"] == "alert"
     assert gw.metrics.guard_trips.labels("svc", "gray", "error_rate")._value.get() == 0
+
+
+async def test_a_clean_stop_lets_an_alert_under_way_be_delivered() -> None:
+    rx = Receiver()
+    hook = await start_app(rx.app())
+    sender = AlertSender(
+        lambda: aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)), attempts=1
+    )
+    sender.start()
+    try:
+        sender.send([AlertTarget(f"{hook.url}/hang", "json")], {"alert": "X", "service": "s"})
+        await asyncio.wait_for(rx.hanging.wait(), 10)  # the alert is under way
+        asyncio.get_running_loop().call_later(0.3, rx.release.set)
+        await sender.stop(grace=10)
+    finally:
+        await hook.runner.cleanup()
+    assert (sender.delivered, sender.failed) == (1, 0)
+    assert rx.got["hang"][0]["alert"] == "X"
+
+
+async def test_a_stop_waits_no_longer_than_its_grace_for_a_hanging_receiver() -> None:
+    rx = Receiver()
+    hook = await start_app(rx.app())
+    sender = AlertSender(
+        lambda: aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)), attempts=1
+    )
+    sender.start()
+    loop = asyncio.get_running_loop()
+    try:
+        sender.send([AlertTarget(f"{hook.url}/hang", "json")], {"alert": "X"})
+        await asyncio.wait_for(rx.hanging.wait(), 10)
+        began = loop.time()
+        await sender.stop(grace=0.3)
+        took = loop.time() - began
+    finally:
+        rx.release.set()
+        await hook.runner.cleanup()
+    assert 0.3 <= took < 10 and sender.delivered == 0
