@@ -42,7 +42,6 @@ log = logging.getLogger("gateway.access")
 errlog = logging.getLogger("gateway.handler")
 _JSON: Final = [(b"Content-Type", b"application/json")]
 _PROBE: Final = float("inf")
-_TRACEPARENT: Final = b"\r\ntraceparent: "  # ends the X-Request-ID line
 # Baggage members an untrusted client may not set (README "Segments").
 _STEERING_MEMBERS: Final = (propagation.LANE_KEY, propagation.GRAY_TAG_KEY)
 
@@ -282,20 +281,12 @@ class ProxyHandler:
         else:
             user_shown = None
 
-        # The client's own field lines go on as one block when policy kept every one
-        # of them unchanged (no field dropped, renamed or rewritten: headers.Scanned).
-        raw = head.fields if s.kept is head.headers else None
-        up = upstream_fields(
-            s, raw, client_ip=head.client_ip, proto=head.scheme, lines=rv.lines,
-            request_id=rid_b,
-        )  # fmt: skip
-        # The trace fields last.
-        up.append(_TRACEPARENT)
-        up.append(tp)
+        # The trace fields after traceparent's value, from the CRLF that ends its line.
+        ts_line = b""
         if s.tracestate and incoming is not None:
             ts = propagation.parse_tracestate(s.tracestate)
             if ts:
-                up.append(b"\r\ntracestate: " + ts.encode("latin-1"))
+                ts_line = b"\r\ntracestate: " + ts.encode("latin-1")
         if s.baggage:
             extra = rv.extra_baggage
             if dec.lane is not None:  # the lane goes on, whichever release served it
@@ -303,11 +294,18 @@ class ProxyHandler:
             bg = propagation.build_baggage(
                 s.baggage, extra, _STEERING_MEMBERS if dec.strip_baggage else ()
             )
-            up.append(b"\r\nbaggage: " + bg.encode("latin-1") + b"\r\n" if bg else b"\r\n")
+            bg_end = b"\r\nbaggage: " + bg.encode("latin-1") + b"\r\n" if bg else b"\r\n"
         else:
-            up.append(rv.lines.baggage_end)
+            bg_end = rv.lines.baggage_end
+        # The client's own field lines go on as one block when policy kept every one
+        # of them unchanged (no field dropped, renamed or rewritten: headers.Scanned).
+        raw = head.fields if s.kept is head.headers else None
+        fields = upstream_fields(
+            s, raw, client_ip=head.client_ip, proto=head.scheme, lines=rv.lines,
+            request_id=rid_b, traceparent=tp, trace_tail=ts_line + bg_end if ts_line else bg_end,
+        )  # fmt: skip
         # To the client: the stage field and X-Request-ID, rendered as field lines.
-        resp = rv.lines.stage_rid + rid_b + b"\r\n"
+        resp = b"%b%b\r\n" % (rv.lines.stage_rid, rid_b)
         if dec.reason == REASON_FALLBACK:
             resp += b"X-Release-Fallback: " + dec.chosen.encode() + b"\r\n"
         if dec.set_cookie is not None:
@@ -359,7 +357,7 @@ class ProxyHandler:
             host=slot.host,
             port=slot.port,
             headers=None,
-            fields=b"".join(up),
+            fields=fields,
             response_headers=None,
             response_fields=resp,
             service=service,

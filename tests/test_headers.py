@@ -21,13 +21,13 @@ from tests.engine_helpers import HOP
 def upstream_headers(
     s: Scanned, *, client_ip: str, proto: str, stage: Field, request_id: bytes
 ) -> Headers:
-    """What `upstream_fields` sends for `s.kept` (no trace fields), as (name, value) pairs."""
+    """What `upstream_fields` sends for `s.kept` (a stand-in traceparent), as (name, value) pairs."""
     lines = ReleaseLines(stage, Field(b"baggage", b""))
-    parts = upstream_fields(
-        s, None, client_ip=client_ip, proto=proto, lines=lines, request_id=request_id
-    )
-    parts.append(b"\r\n")
-    return parse_field_lines(b"".join(parts))
+    block = upstream_fields(
+        s, None, client_ip=client_ip, proto=proto, lines=lines, request_id=request_id,
+        traceparent=b"tp", trace_tail=b"\r\n",
+    )  # fmt: skip
+    return parse_field_lines(block)
 
 
 def _names(h: list[tuple[bytes, bytes]]) -> list[bytes]:
@@ -125,3 +125,73 @@ def test_response_hop_by_hop_stripped() -> None:
 )
 def test_control_chars(value: bytes, bad: bool) -> None:
     assert has_control_chars(value) is bad
+
+
+_LINES = ReleaseLines(Field(b"X-Release-Stage", b"gray"), Field(b"baggage", b"release.stage=gray"))
+_TAIL = b"X-Release-Stage: gray\r\nX-Request-ID: rid\r\ntraceparent: 00-t-s-02\r\n"
+
+
+@pytest.mark.parametrize(
+    ("fields", "raw", "proto", "trace_tail", "block"),
+    [
+        (
+            [(b"Host", b"a.example"), (b"Accept", b"*/*")],
+            b"Host: a.example\r\nAccept: */*\r\n",
+            "http",
+            b"\r\n",
+            b"Host: a.example\r\nAccept: */*\r\nX-Forwarded-For: 10.0.0.9\r\n"
+            b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: a.example\r\n"
+            b"Via: 1.1 gray-gateway\r\n" + _TAIL,
+        ),
+        (
+            [(b"Host", b"a.example"), (b"Accept", b"*/*")],
+            None,
+            "https",
+            b"\r\ntracestate: k=v\r\nbaggage: release.stage=gray\r\n",
+            b"Host: a.example\r\nAccept: */*\r\nX-Forwarded-For: 10.0.0.9\r\n"
+            b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: a.example\r\n"
+            b"Via: 1.1 gray-gateway\r\n" + _TAIL[:-2] + b"\r\ntracestate: k=v\r\n"
+            b"baggage: release.stage=gray\r\n",
+        ),
+        (
+            [(b"Accept", b"*/*")],
+            b"Accept: */*\r\n",
+            "http",
+            b"\r\n",
+            b"Accept: */*\r\nX-Forwarded-For: 10.0.0.9\r\nX-Forwarded-Proto: http\r\n"
+            b"Via: 1.1 gray-gateway\r\n" + _TAIL,
+        ),
+        (
+            [(b"Accept", b"*/*")],
+            None,
+            "https",
+            b"\r\n",
+            b"Accept: */*\r\nX-Forwarded-For: 10.0.0.9\r\nX-Forwarded-Proto: https\r\n"
+            b"Via: 1.1 gray-gateway\r\n" + _TAIL,
+        ),
+        (
+            [(b"Host", b"a"), (b"X-Forwarded-For", b"1.1.1.1"), (b"Via", b"1.0 edge")],
+            None,
+            "http",
+            b"\r\n",
+            b"Host: a\r\nX-Forwarded-For: 1.1.1.1, 10.0.0.9\r\nX-Forwarded-Proto: http\r\n"
+            b"X-Forwarded-Host: a\r\nVia: 1.0 edge, 1.1 gray-gateway\r\n" + _TAIL,
+        ),
+    ],
+    ids=[
+        "raw-block-http-host",
+        "rendered-https-host-tracestate-baggage",
+        "raw-block-http-no-host",
+        "rendered-https-no-host",
+        "forwarded-for-and-via-appended",
+    ],
+)
+def test_upstream_fields_block(
+    fields: Headers, raw: bytes | None, proto: str, trace_tail: bytes, block: bytes
+) -> None:
+    s = scan(fields, b"x-release-stage", b"x-user-id")
+    got = upstream_fields(
+        s, raw, client_ip="10.0.0.9", proto=proto, lines=_LINES, request_id=b"rid",
+        traceparent=b"00-t-s-02", trace_tail=trace_tail,
+    )  # fmt: skip
+    assert got == block
