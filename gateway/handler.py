@@ -267,9 +267,7 @@ class ProxyHandler:
             span_id, new_tid = self.ids.span_and_trace_b()
         else:
             span_id, new_tid = self.ids.span_id_b(), b""
-        trace_id, tp = propagation.outgoing_traceparent_b(
-            incoming, span_id, sampled, self.ids, new_tid
-        )
+        trace_id, flags = propagation.outgoing_trace(incoming, sampled, self.ids, new_tid)
         if s.request_id:
             rid_b = s.request_id.encode("latin-1")
         elif incoming is None:
@@ -302,7 +300,8 @@ class ProxyHandler:
         raw = head.fields if s.kept is head.headers else None
         fields = upstream_fields(
             s, raw, client_ip=head.client_ip, proto=head.scheme, lines=rv.lines,
-            request_id=rid_b, traceparent=tp, trace_tail=ts_line + bg_end if ts_line else bg_end,
+            request_id=rid_b, trace=(trace_id, span_id, flags),
+            trace_tail=ts_line + bg_end if ts_line else bg_end,
         )  # fmt: skip
         # To the client: the stage field and X-Request-ID, rendered as field lines.
         resp = b"%b%b\r\n" % (rv.lines.stage_rid, rid_b)

@@ -302,7 +302,7 @@ def upstream_fields(
     proto: str,
     lines: ReleaseLines,
     request_id: bytes,
-    traceparent: bytes,
+    trace: tuple[bytes, bytes, bytes],
     trace_tail: bytes,
 ) -> bytes:
     """The end-to-end field lines sent to the upstream (README "On every hop"), CRLF-terminated.
@@ -310,8 +310,10 @@ def upstream_fields(
     The client's kept fields first: `client_fields` when they are the client's
     own lines unchanged (the engine's raw block), else rendered from `s.kept`.
     Then X-Forwarded-For/-Proto/-Host, Via, the release's stage field,
-    X-Request-ID and `traceparent`; `trace_tail` follows the traceparent value
-    (the CRLF ending its line, then tracestate and baggage lines, if any).
+    X-Request-ID and `traceparent` from `trace` (trace-id, span-id, flags: W3C Trace
+    Context 2 §3.2.2, version 00, propagation.outgoing_trace); `trace_tail` follows
+    the traceparent value (the CRLF ending its line, then tracestate and baggage
+    lines, if any).
     """
     if client_fields is None:
         parts: list[bytes] = []
@@ -327,8 +329,9 @@ def upstream_fields(
         via = _VIA_NAME + s.via + _VIA_APPENDED + lines.stage_rid
     else:
         via = lines.via_stage_rid
+    trace_id, span_id, flags = trace
     # One formatting: compiled, one allocation and a copy per part (no list, no join).
-    return b"%bX-Forwarded-For: %b%b%b%b%b%b\r\ntraceparent: %b%b" % (
+    return b"%bX-Forwarded-For: %b%b%b%b%b%b\r\ntraceparent: 00-%b-%b-%b%b" % (
         client_fields,
         s.forwarded_for + b", " if s.forwarded_for else b"",
         ip,
@@ -336,7 +339,9 @@ def upstream_fields(
         host if host is not None else b"",
         via,
         request_id,
-        traceparent,
+        trace_id,
+        span_id,
+        flags,
         trace_tail,
     )
 

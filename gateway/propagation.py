@@ -249,9 +249,22 @@ def outgoing_traceparent_b(
     mint: IdMint,
     new_trace_id: bytes = b"",
 ) -> tuple[bytes, bytes]:
-    """`outgoing_traceparent` in bytes, for the data path: (trace_id, header value).
+    """`outgoing_traceparent` in bytes: (trace_id, header value).
 
     `new_trace_id`: the id for a new trace, if the caller minted it already.
+    """
+    trace_id, flags = outgoing_trace(incoming, sampled, mint, new_trace_id)
+    return trace_id, b"00-%b-%b-%b" % (trace_id, span_id, flags)
+
+
+def outgoing_trace(
+    incoming: TraceParent | None, sampled: bool, mint: IdMint, new_trace_id: bytes = b""
+) -> tuple[bytes, bytes]:
+    """The upstream `traceparent`'s trace-id and trace-flags (two hex digits), as bytes.
+
+    The rules of `outgoing_traceparent`; the data path writes the version-00 field
+    `00-<trace-id>-<span-id>-<flags>` with the other fields it adds
+    (headers.upstream_fields), so it is formatted once, with them.
     """
     if incoming is None:
         trace_id = new_trace_id or mint.trace_id_b()
@@ -261,7 +274,7 @@ def outgoing_traceparent_b(
         flags = incoming.flags & FLAG_RANDOM
     if sampled:
         flags |= FLAG_SAMPLED
-    return trace_id, b"00-%s-%s-%s" % (trace_id, span_id, _FLAGS_HEX_B[flags])
+    return trace_id, _FLAGS_HEX_B[flags]
 
 
 def _encode_extra(key: str, value: str) -> str:

@@ -59,9 +59,16 @@ def release_seed(salt: str, release: str) -> int:
 def hrw_score(key: str, seed: int, inv_weight: float) -> float:
     """ln(u)/w for one release; u in (0, 1) from the key's 64-bit mmh3 hash."""
     d = _HASH_BYTES(key, seed)
-    lo: i64 = d[0] | (d[1] << 8) | (d[2] << 16) | (d[3] << 24)
-    hi: i64 = d[4] | (d[5] << 8) | (d[6] << 16) | (d[7] << 24)
-    return _halves_score(hi, lo, inv_weight)
+    return _halves_score(_le32(d[4], d[5], d[6], d[7]), _le32(d[0], d[1], d[2], d[3]), inv_weight)
+
+
+def _le32(b0: i64, b1: i64, b2: i64, b3: i64) -> i64:
+    """Four bytes, least significant first, as an unsigned 32-bit value.
+
+    Why `i64` parameters: compiled, each byte is unboxed once at the call and the
+    shifts and ors are machine arithmetic (on `int`, each is a tagged-integer call).
+    """
+    return b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
 
 
 def _score(h: i64, inv_weight: float) -> float:
@@ -130,9 +137,7 @@ class WeightTable:
         # hrw_score per live release, inline: this runs once per request per live release.
         for name, seed, inv in self._live:
             d = _HASH_BYTES_SEEDED(key, seed)
-            lo: i64 = d[0] | (d[1] << 8) | (d[2] << 16) | (d[3] << 24)
-            hi: i64 = d[4] | (d[5] << 8) | (d[6] << 16) | (d[7] << 24)
-            s = _halves_score(hi, lo, inv)
+            s = _halves_score(_le32(d[4], d[5], d[6], d[7]), _le32(d[0], d[1], d[2], d[3]), inv)
             if s > best_score:
                 best_score = s
                 best = name

@@ -21,11 +21,11 @@ from tests.engine_helpers import HOP
 def upstream_headers(
     s: Scanned, *, client_ip: str, proto: str, stage: Field, request_id: bytes
 ) -> Headers:
-    """What `upstream_fields` sends for `s.kept` (a stand-in traceparent), as (name, value) pairs."""
+    """What `upstream_fields` sends for `s.kept` (a stand-in traceparent), as (name, value)."""
     lines = ReleaseLines(stage, Field(b"baggage", b""))
     block = upstream_fields(
         s, None, client_ip=client_ip, proto=proto, lines=lines, request_id=request_id,
-        traceparent=b"tp", trace_tail=b"\r\n",
+        trace=(b"t", b"s", b"01"), trace_tail=b"\r\n",
     )  # fmt: skip
     return parse_field_lines(block)
 
@@ -192,6 +192,6 @@ def test_upstream_fields_block(
     s = scan(fields, b"x-release-stage", b"x-user-id")
     got = upstream_fields(
         s, raw, client_ip="10.0.0.9", proto=proto, lines=_LINES, request_id=b"rid",
-        traceparent=b"00-t-s-02", trace_tail=trace_tail,
+        trace=(b"t", b"s", b"02"), trace_tail=trace_tail,
     )  # fmt: skip
     assert got == block
