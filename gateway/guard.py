@@ -30,19 +30,38 @@ DEFAULT_WINDOW_S: Final = 300.0
 
 
 class _Bucket:
-    __slots__ = ("second", "requests", "failures", "hist")
+    """One second of a release's exchanges.
+
+    `lo`/`hi`: the histogram slots in use lie in `hist[lo:hi]` (empty when lo >= hi). A
+    proxy's latencies fill a few of the 132 slots, and `ReleaseWindow.stats` sums every
+    bucket of the window on each guard check: it reads only those.
+    """
+
+    __slots__ = ("second", "requests", "failures", "hist", "lo", "hi")
 
     def __init__(self) -> None:
         self.second = -1
         self.requests = 0
         self.failures = 0
         self.hist = [0] * _NB
+        self.lo = _NB
+        self.hi = 0
 
     def reset(self, second: int) -> None:
         self.second = second
         self.requests = 0
         self.failures = 0
         self.hist = [0] * _NB
+        self.lo = _NB
+        self.hi = 0
+
+    def add(self, i: int) -> None:
+        """One exchange in latency slot `i`."""
+        self.hist[i] += 1
+        if i < self.lo:
+            self.lo = i
+        if i >= self.hi:
+            self.hi = i + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +93,7 @@ class ReleaseWindow:
         b.requests += 1
         if failed:
             b.failures += 1
-        b.hist[_bucket(seconds)] += 1
+        b.add(_bucket(seconds))
 
     def record_many(self, now: float, seconds: list[float], failures: int) -> None:
         """`record` for many exchanges that ended in the same second."""
@@ -84,9 +103,8 @@ class ReleaseWindow:
             b.reset(sec)
         b.requests += len(seconds)
         b.failures += failures
-        hist = b.hist
         for x in seconds:
-            hist[_bucket(x)] += 1
+            b.add(_bucket(x))
 
     def stats(self, now: float, span: int = 0) -> WindowStats:
         """Totals of the last `span` seconds (0 or more than the window: the whole window).
@@ -94,19 +112,29 @@ class ReleaseWindow:
         A rule with a shorter window than the guard's reads the same buckets,
         so extra rules add nothing to the per-request cost.
         """
-        lo = int(now) - (span if 0 < span < self.window else self.window)
+        since = int(now) - (span if 0 < span < self.window else self.window)
         req = fail = 0
         hist = [0] * _NB
+        lo = _NB  # the slots any bucket uses: hist[lo:hi]
+        hi = 0
         for b in self._buckets:
-            if b.second > lo and b.requests:
+            if b.second > since and b.requests:
                 req += b.requests
                 fail += b.failures
-                for i, c in enumerate(b.hist):
+                h = b.hist
+                for i in range(b.lo, b.hi):
+                    c = h[i]
                     if c:
                         hist[i] += c
+                if b.lo < lo:
+                    lo = b.lo
+                if b.hi > hi:
+                    hi = b.hi
         if not req:
             return WindowStats(req, fail, None, None)
-        return WindowStats(req, fail, _quantile_ms(hist, req, 0.95), _quantile_ms(hist, req, 0.99))
+        return WindowStats(
+            req, fail, _quantile_ms(hist, lo, hi, req, 0.95), _quantile_ms(hist, lo, hi, req, 0.99)
+        )
 
 
 def _bucket(x: float) -> int:
@@ -131,11 +159,12 @@ def _bucket(x: float) -> int:
     return i
 
 
-def _quantile_ms(hist: list[int], total: int, q: float) -> float:
+def _quantile_ms(hist: list[int], lo: int, hi: int, total: int, q: float) -> float:
+    """The q-quantile's bucket bound in ms; every count of `hist` lies in `hist[lo:hi]`."""
     rank = math.ceil(q * total)
     acc = 0
-    for i, c in enumerate(hist):
-        acc += c
+    for i in range(lo, hi):
+        acc += hist[i]
         if acc >= rank:
             return (_BOUNDS[i] if i < len(_BOUNDS) else _BOUNDS[-1]) * 1000.0
     return _BOUNDS[-1] * 1000.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import math
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -163,3 +164,55 @@ def test_bucket_is_bisect_left_over_the_bounds() -> None:
     xs += [rng.uniform(0.0, 200.0) for _ in range(5_000)]
     for x in xs:
         assert _bucket(x) == bisect.bisect_left(_BOUNDS, x), x
+
+
+def _stats_of_every_slot(
+    records: list[tuple[float, float, bool]], now: float, span: int
+) -> WindowStats:
+    """What `stats` must answer: every record in the span, each latency slot by bisect_left."""
+    since = int(now) - span
+    kept = [(x, failed) for t, x, failed in records if int(t) > since]
+    if not kept:
+        return WindowStats(0, 0, None, None)
+    hist = [0] * (len(_BOUNDS) + 1)
+    for x, _ in kept:
+        hist[bisect.bisect_left(_BOUNDS, x)] += 1
+
+    def quantile_ms(q: float) -> float:
+        acc, rank = 0, math.ceil(q * len(kept))
+        for i, c in enumerate(hist):
+            acc += c
+            if acc >= rank:
+                return _BOUNDS[min(i, len(_BOUNDS) - 1)] * 1000.0
+        raise AssertionError("rank beyond the total")
+
+    failures = sum(failed for _, failed in kept)
+    return WindowStats(len(kept), failures, quantile_ms(0.95), quantile_ms(0.99))
+
+
+@pytest.mark.parametrize(
+    ("latency", "seconds", "span"),
+    [
+        (lambda r: r.expovariate(1000.0), 30, 0),
+        (lambda r: r.choice([0.0001, 0.002, 0.002, 90.0]), 30, 0),
+        (lambda r: r.uniform(0.0, 200.0), 30, 0),
+        (lambda r: r.expovariate(1000.0), 30, 7),
+        (lambda r: r.choice([0.0, math.inf, 0.05]), 5, 0),
+    ],
+    ids=["proxy-latencies", "far-apart-slots", "every-slot", "shorter-span", "edges"],
+)
+def test_stats_read_only_the_used_slots_and_answer_as_every_slot(
+    latency: Callable[[random.Random], float], seconds: int, span: int
+) -> None:
+    # Buckets reused after the window wrapped, and slots used in some seconds only:
+    # the totals and quantiles are those of a sum over every slot.
+    rng = random.Random(11)
+    w = ReleaseWindow(20)
+    records = []
+    for s in range(seconds):
+        for _ in range(rng.randrange(0, 40)):
+            t, x, failed = 1000 + s + rng.random(), latency(rng), rng.random() < 0.1
+            w.record(t, x, failed)
+            records.append((t, x, failed))
+    now = 1000 + seconds - 1
+    assert w.stats(now, span) == _stats_of_every_slot(records, now, span or 20)
