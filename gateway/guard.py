@@ -103,8 +103,18 @@ class ReleaseWindow:
             b.reset(sec)
         b.requests += len(seconds)
         b.failures += failures
-        for x in seconds:
-            b.add(_bucket(x))
+        hist = b.hist
+        lo = b.lo
+        hi = b.hi
+        for x in seconds:  # `b.add` per exchange, with the slot range kept in locals
+            i = _bucket(x)
+            hist[i] += 1
+            if i < lo:
+                lo = i
+            if i >= hi:
+                hi = i + 1
+        b.lo = lo
+        b.hi = hi
 
     def stats(self, now: float, span: int = 0) -> WindowStats:
         """Totals of the last `span` seconds (0 or more than the window: the whole window).
