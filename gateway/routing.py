@@ -450,7 +450,9 @@ class ServiceMatcher:
         for prefix, name in self._any:
             if _prefix_ok(path, prefix):
                 return name
-        if self._any_root is not None and path.startswith("/"):
+        # `path[:1] == "/"` is `path.startswith("/")`; compiled, a one-character slice is
+        # a cached string and a compare, where `startswith` goes through the generic tail match.
+        if self._any_root is not None and path[:1] == "/":
             return self._any_root
         return None
 

@@ -287,8 +287,9 @@ def test_service_match(host: str | None, path: str, want: str) -> None:
         (None, "/", "root"),
         (b"b.example", "/", "root"),
         (None, "*", None),  # OPTIONS *: not a path under "/"
+        (None, "", None),
     ],
-    ids=["any-host-prefix", "no-host", "host-not-named", "asterisk-form"],
+    ids=["any-host-prefix", "no-host", "host-not-named", "asterisk-form", "empty-path"],
 )
 def test_service_match_without_host_names(host: bytes | None, path: str, want: str | None) -> None:
     m = ServiceMatcher([("root", [], "/"), ("prefixed", [], "/api")])
