@@ -155,10 +155,11 @@ def scan(headers: Headers, stage_l: bytes, user_l: bytes, tag_l: bytes = b"") ->
     bg: list[str] | None = None
     for name, value in headers:
         # Every request has Host, as spelt here: known lower-cased without a call.
-        n = b"host" if name == b"Host" else name.translate(ASCII_LOWER)
+        spelt_host = name == b"Host"
+        n = b"host" if spelt_host else name.translate(ASCII_LOWER)
         if n == b"host":
             s.host_b = value
-            if name != b"Host":
+            if not spelt_host:
                 kept = headers[:i] if kept is None else kept
                 kept.append((b"Host", value))
             elif kept is not None:

@@ -195,3 +195,23 @@ def test_upstream_fields_block(
         trace=(b"t", b"s", b"02"), trace_tail=trace_tail,
     )  # fmt: skip
     assert got == block
+
+
+@pytest.mark.parametrize(
+    ("fields", "kept"),
+    [
+        ([(b"Host", b"a"), (b"Accept", b"*/*")], None),
+        ([(b"host", b"a"), (b"Accept", b"*/*")], [(b"Host", b"a"), (b"Accept", b"*/*")]),
+        ([(b"Accept", b"*/*"), (b"HOST", b"a")], [(b"Accept", b"*/*"), (b"Host", b"a")]),
+    ],
+    ids=["as-spelt-kept-unchanged", "lower-case-renamed", "upper-case-after-another"],
+)
+def test_scan_takes_host_in_any_case_and_sends_it_as_host(
+    fields: Headers, kept: Headers | None
+) -> None:
+    s = scan(fields, b"x-release-stage", b"x-user-id")
+    assert s.host_b == b"a"
+    if kept is None:
+        assert s.kept is fields  # nothing renamed: the request's own list goes on
+    else:
+        assert s.kept == kept
