@@ -105,6 +105,23 @@ HEAD_CASES: list[tuple[bytes, bytes]] = [
         b"\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + OURS + b"\r\nok",
     ),
+    (  # hop-by-hop names in odd cases, with no OWS or a tab before the value
+        b"HTTP/1.1 200 OK\r\ncOnNeCtIoN:keep-alive\r\nX-A:\t1\t\r\nKEEP-alive:\ttimeout=5\r\n"
+        b"tE:trailers\r\nCONTENT-LENGTH:2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX-A:\t1\t\r\nCONTENT-LENGTH:2\r\n" + OURS + b"\r\nok",
+    ),
+    (  # lines of odd and even lengths, shortest ones included, a hop-by-hop one between
+        b"HTTP/1.1 200 OK\r\nA:\r\nB:1\r\nC:12\r\nTe:x\r\nD:123\r\nContent-Length: 0\r\nE:\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nA:\r\nB:1\r\nC:12\r\nD:123\r\nContent-Length: 0\r\nE:\r\n"
+        + OURS
+        + b"\r\n",
+    ),
+    (  # colons and hop-by-hop names inside values are values
+        b"HTTP/1.1 200 OK\r\nX-A: connection: close\r\nX-B: a:b:c\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: connection: close\r\nX-B: a:b:c\r\nContent-Length: 0\r\n"
+        + OURS
+        + b"\r\n",
+    ),
 ]
 HEAD_IDS = [
     "nginx-fields",
@@ -116,6 +133,9 @@ HEAD_IDS = [
     "connection-named",
     "chunked",
     "leading-empty-lines",
+    "odd-case-and-ows",
+    "odd-and-even-lengths",
+    "names-in-values",
 ]
 
 
@@ -259,6 +279,26 @@ async def test_interim_final_head_body_and_more_in_one_read(env: Env) -> None:
     ids=["unfinished", "finished"],
 )
 async def test_a_response_head_over_the_limit_is_502(env: Env, upstream: bytes) -> None:
+    up, handler, c, _ = await relay(env, answering(upstream))
+    await c.send(GET)
+    r = await c.response()
+    assert (r.status, json.loads(r.body)) == (502, {"error": "protocol"})
+    assert await handler.wait_done(1) == [(502, "protocol")]
+
+
+@pytest.mark.parametrize(
+    "upstream",
+    [
+        b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nConnection: x-a,\r\n\tx-b\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: 1\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: 1\rConnection: close\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
+    ],
+    ids=["obs-fold", "folded-connection", "bare-lf", "bare-cr", "lf-only"],
+)
+async def test_a_head_with_other_line_ends_is_never_relayed(env: Env, upstream: bytes) -> None:
+    """llhttp refuses these (RFC 9112 §2.2, §5.2): the client gets a 502, none of their bytes."""
     up, handler, c, _ = await relay(env, answering(upstream))
     await c.send(GET)
     r = await c.response()

@@ -128,7 +128,9 @@ def name_at(buf: bytes, start: i64, name: bytes) -> bool:
     k: i64 = 0
     size: i64 = len(name)
     while k < size:
-        if buf[start + k] | 32 != name[k]:
+        b: i64 = buf[start + k]
+        c: i64 = name[k]
+        if b | 32 != c:
             return False
         k += 1
     return True
@@ -144,12 +146,14 @@ def status_at(buf: bytes, start: i64, end: i64) -> int:
         return -1
     k: i64 = 0
     while k < 9:
-        if buf[start + k] != HTTP11_SP[k]:
+        b: i64 = buf[start + k]
+        c: i64 = HTTP11_SP[k]
+        if b != c:
             return -1
         k += 1
-    d0 = buf[start + 9] - 48
-    d1 = buf[start + 10] - 48
-    d2 = buf[start + 11] - 48
+    d0: i64 = buf[start + 9] - 48
+    d1: i64 = buf[start + 10] - 48
+    d2: i64 = buf[start + 11] - 48
     if 0 <= d0 <= 9 and 0 <= d1 <= 9 and 0 <= d2 <= 9:
         return d0 * 100 + d1 * 10 + d2
     return -1
@@ -173,6 +177,9 @@ class Upstream(Armed):
         "loop",
         "key",
         "idle_set",
+        "idle_prev",
+        "idle_next",
+        "pooled",
         "transport",
         "parser",
         "state",
@@ -207,6 +214,9 @@ class Upstream(Armed):
         self.loop = pool.loop
         self.key = key
         self.idle_set = pool.idle_set(key)  # where `Pool.release` puts it (no lookup by key)
+        # Its neighbours in `idle_set` while in it (`pooled`): fast_pool.IdleList.
+        self.idle_prev: Upstream | None = None
+        self.idle_next: Upstream | None = None
         self.tls = tls  # what it was opened with: reused only for the same (README "TLS")
         self.transport: asyncio.Transport | None = None
         self.parser = HttpResponseParser(self)
@@ -230,6 +240,7 @@ class Upstream(Armed):
         self.keep = False  # the response allows reuse (llhttp's keep-alive verdict)
         self.extra = False  # bytes after the response, or a second one: never reuse
         self.head_only = False  # a response to HEAD: its parser cannot be reused
+        self.pooled = False  # in `idle_set`
         self.rpaused = False  # reading paused: the client's write buffer is full
         self.wpaused = False  # our write buffer is above its high-water mark
         self.last_active = 0.0  # loop time of the last progress (the read timeout runs from it)
@@ -411,7 +422,7 @@ class Upstream(Armed):
         off: i64 = eol + 2  # where the field line looked at starts
         while off < n and buf[off] != 13:  # a line that starts with CR is the head's end
             eol = line_end(buf, off)
-            c = buf[off]
+            c: i64 = buf[off]
             if NOTED_FIRST[c]:
                 for size, name in NOTED[c | 32]:
                     colon: i64 = off + size
