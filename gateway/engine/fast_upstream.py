@@ -120,10 +120,12 @@ def line_end(buf: bytes, start: i64) -> i64:
 
 
 def name_at(buf: bytes, start: i64, name: bytes) -> bool:
-    """The field name at `start` is `name` (lower-case), in any case (RFC 9110 §5.1).
+    """The bytes at `start` are `name` (lower-case letters and `-`), in any case (RFC 9110 §5.1).
 
-    OR-ing 32 lower-cases a letter and maps no other token character onto a
-    letter or `-` (RFC 9110 §5.6.2), so it compares names of tokens exactly.
+    OR-ing 32 lower-cases a letter and maps onto a lower-case letter or `-`
+    only that letter's two cases, or CR for `-` (no field line holds a CR:
+    llhttp refused it), so it compares names, and values such as `close`,
+    exactly.
     """
     k: i64 = 0
     size: i64 = len(name)
@@ -450,26 +452,24 @@ class Upstream(Armed):
             self.conn_tokens = None
         return status
 
-    def _hop_by_hop(self, name: bytes, buf: bytes, start: int, end: int) -> None:
+    def _hop_by_hop(self, name: bytes, buf: bytes, start: i64, end: i64) -> None:
         """A hop-by-hop response field (RFC 9110 §7.6.1) whose value is `buf[start:end]`:
         noted, not relayed."""
         while start < end and (buf[start] == 32 or buf[start] == 9):
             start += 1  # OWS before the value (RFC 9110 §5.5)
-        value = buf[start:end]
         if name == H_CONNECTION:
-            if value == KEEP_ALIVE or value == CLOSE:
-                return  # options that name no field
-            if len(value) == 10 or len(value) == 5:
-                lvalue = value.lower()
-                if lvalue == KEEP_ALIVE or lvalue == CLOSE:
-                    return
-            toks = connection_tokens(value)
+            size = end - start
+            if (size == 10 and name_at(buf, start, KEEP_ALIVE)) or (
+                size == 5 and name_at(buf, start, CLOSE)
+            ):
+                return  # options that name no field, in any case (compared in place: no slice)
+            toks = connection_tokens(buf[start:end])
             if toks:
                 self.conn_tokens = toks if self.conn_tokens is None else self.conn_tokens | toks
         elif name == H_UPGRADE:
-            self.upgrade = value
+            self.upgrade = buf[start:end]
         elif name == H_TRANSFER_ENCODING:
-            chunked = value.lower().rstrip().endswith(b"chunked")
+            chunked = buf[start:end].lower().rstrip().endswith(b"chunked")
             self.te_kind = TE_IS_CHUNKED if chunked else TE_OTHER
 
     def on_headers_complete(self) -> None:
