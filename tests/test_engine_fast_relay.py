@@ -17,7 +17,8 @@ import termios
 import pytest
 
 from gateway.engine.fast import FastEngine
-from gateway.engine.fast_upstream import MAX_RESPONSE_HEAD
+from gateway.engine.fast_upstream import MAX_RESPONSE_HEAD, line_end
+from gateway.engine.fast_wire import Reject
 from tests.engine_helpers import MARK, Env, ProxyHandler, RawClient, RawUpstream, Script
 from tests.engine_helpers import read_request as read_one
 
@@ -150,6 +151,50 @@ async def test_the_head_is_relayed_from_the_upstreams_bytes(
     assert up.connections == 1
     done = await handler.wait_done(2)
     assert done[0] == done[1] and done[0][1] is None
+
+
+# (bytes, where a line starts, where its CRLF starts): the CRLF at either parity, after
+# short and long runs of bytes, a tab before it; -1: no CRLF ends it (a 502).
+LINE_END_CASES: list[tuple[bytes, int, int]] = [
+    (b"A:1\r\n", 0, 3),
+    (b"AB:1\r\n", 0, 4),
+    (b"A:\r\n", 0, 2),
+    (b"X-Long: abcdefghijklmnopqrstuvwxyz\r\nNext: 1\r\n", 0, 34),
+    (b"X-Long: abcdefghijklmnopqrstuvwxy\r\nNext: 1\r\n", 0, 33),
+    (b"X-Tab:\ta\t\r\n", 0, 9),
+    (b"HTTP/1.1 200 OK\r\nA:12\r\n\r\n", 17, 21),
+    (b"HTTP/1.1 200 OK\r\nAB:1\r\n\r\n", 17, 21),
+    (b"A:1", 0, -1),
+    (b"A:12\r", 0, -1),
+    (b"A:1\nB:2\r\n", 0, -1),
+    (b"A:1\rB:2\r\n", 0, -1),
+]
+LINE_END_IDS = [
+    "cr-at-odd",
+    "cr-at-even",
+    "empty-value",
+    "long-even",
+    "long-odd",
+    "tabs",
+    "later-line-even",
+    "later-line-odd",
+    "unterminated",
+    "cr-at-the-end",
+    "bare-lf",
+    "bare-cr",
+]
+
+
+@pytest.mark.parametrize(("data", "start", "want"), LINE_END_CASES, ids=LINE_END_IDS)
+def test_line_end_finds_the_crlf_whichever_byte_the_walk_lands_on(
+    data: bytes, start: int, want: int
+) -> None:
+    if want < 0:
+        with pytest.raises(Reject):
+            line_end(data, start)
+    else:
+        assert line_end(data, start) == want
+        assert data[want : want + 2] == b"\r\n" and b"\r" not in data[start:want]
 
 
 def _queued(fd: int, request: int) -> int:
