@@ -67,9 +67,6 @@ class IdleList:
         self.first: Upstream | None = None
         self.count = 0
 
-    def __len__(self) -> int:
-        return self.count
-
     def push(self, up: Upstream) -> None:
         if up.pooled:  # (released twice: moved to the front, never linked twice)
             self.unlink(up)
