@@ -172,13 +172,15 @@ def parse(
     off_at: int | None = None
     off_runnable = False
     woken_at: int | None = None
-    first = last = 0
+    first: int | None = None
+    last = 0
     for line in lines:
         m = _LINE.match(line)
         if m is None:
             continue
         ts = int(m["s"]) * 1_000_000_000 + int(m["ns"])
-        first = first or ts
+        if first is None:
+            first = ts
         last = ts
         event, rest, tid = m["event"], m["rest"], int(m["tid"])
         if event == "sched:sched_switch":
@@ -234,13 +236,14 @@ def parse(
             if ex is None:
                 continue
             nr, ret = int(ex[1]), int(ex[2])
+            if tid == forwarder and nr in calls.waits:  # the window may open inside a wait
+                it_start, it_events, it_off = ts, max(ret, 0), 0
+                continue
             enter = last_enter.get(tid)
             if enter is None or enter[0] != nr:
                 continue
             if tid == forwarder:
-                if nr in calls.waits:
-                    it_start, it_events, it_off = ts, max(ret, 0), 0
-                elif nr in calls.reads and ret > 0:
+                if nr in calls.reads and ret > 0:
                     for req in inside.get(enter[1], ()):
                         if not req.read:
                             req.read = ts
@@ -252,7 +255,7 @@ def parse(
     for core, (since, kind) in running.items():
         cores[core].append((since, last, kind))
     trace.cores = dict(cores)
-    trace.window_ns = last - first
+    trace.window_ns = last - (first or 0)
     return trace
 
 
