@@ -15,7 +15,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -44,8 +44,6 @@ _ACTIONS: dict[str, Callable[[rollout_mod.Rollout, float], rollout_mod.Rollout]]
     "confirm": rollout_mod.confirm,
     "retry": rollout_mod.retry,
 }
-# Called after every stored audited change: (service, before, after, state version).
-ChangeHook = Callable[[str, ServiceState | None, ServiceState | None, int], Awaitable[None]]
 
 
 class Journal(Protocol):
@@ -163,7 +161,6 @@ class ControlPlane:
         self._watcher: asyncio.Task[None] | None = None
         self._warned: set[str] = set()
         self._discovered: EndpointMap | None = None
-        self.on_change: ChangeHook | None = None
         self.journal: Journal | None = None  # the audit: its record is stored with the change
         # Applied to every config this process loads, e.g. `gateway run --port`'s override.
         self.adjust: Callable[[Config], Config] = _unchanged
@@ -317,10 +314,6 @@ class ControlPlane:
                 self._apply(stored)
                 if self.journal is not None and not quiet:
                     await self.journal.committed(stored.audit)
-                if self.on_change is not None and not quiet:
-                    await self.on_change(
-                        service, before, stored.services.get(service), stored.version
-                    )
                 return stored
         raise Conflict("the state kept changing under this request; retry", "If-Match")
 
