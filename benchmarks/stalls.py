@@ -42,6 +42,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -746,9 +747,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps([round(r, 2) for r in canary(args.canary_cpu, args.duration)]))
         return 0
     calls()
+    if shutil.which("perf") is None:
+        parser.error("needs perf (Debian: linux-perf) with tracepoint access")
     if args.fifo:
         # Inherited by every child: the servers, wrk and perf.
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(FIFO_PRIORITY))
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(FIFO_PRIORITY))
+        except PermissionError:
+            parser.error("--fifo needs root (or CAP_SYS_NICE)")
     raise_nofile()
     tools = ensure_tools(["wrk", "nginx"], install=False)
     wrk = tools["wrk"]

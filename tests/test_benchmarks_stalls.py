@@ -25,6 +25,7 @@ from benchmarks.stalls import (
     parse,
     phases,
     queue_latencies,
+    summarize,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,3 +224,40 @@ def test_the_canary_reports_each_chunk_against_the_best() -> None:
     assert len(ratios) > 20
     assert min(ratios) > 0
     assert sorted(ratios)[len(ratios) // 100] == pytest.approx(1.0, abs=0.01)
+
+
+def paced_trace(stall_at_us: int | None) -> list[str]:
+    """200 requests 1 ms apart on one connection, each answered in 100 µs by a forwarder on
+    core 1 that reads and answers in one iteration (about 10 µs per event); with
+    `stall_at_us`, the core runs the forwarder's iteration there 50x slower."""
+    lines = [switch(0, 0, 0, "S", WRK), switch(1, 0, 0, "S", GW)]
+    busy_until = 0
+    for i in range(200):
+        t = 1000 * i + 10
+        lines += [enter(WRK, t, X86.writes[0], CLIENT_FD), exit_(WRK, t + 1, X86.writes[0], 65)]
+        start = max(t + 5, busy_until)
+        cost = 500 if stall_at_us is not None and start <= stall_at_us < start + 1000 else 10
+        lines += [
+            exit_(GW, start, 281, 4, cpu=1),
+            enter(GW, start + 1, X86.reads[0], GW_FD, cpu=1),
+            exit_(GW, start + 2, X86.reads[0], 65, cpu=1),
+            enter(GW, start + 4 * cost, X86.writes[0], GW_FD, cpu=1),
+            exit_(GW, start + 4 * cost + 1, X86.writes[0], 1298, cpu=1),
+            enter(GW, start + 4 * cost + 2, 281, cpu=1),
+        ]
+        busy_until = start + 4 * cost + 3
+        done = max(t + 100, busy_until + 5)
+        lines += [enter(WRK, done - 1, X86.reads[0], CLIENT_FD)]
+        lines += [exit_(WRK, done, X86.reads[0], 1298)]
+    return sorted(lines, key=lambda ln: float(ln.split()[2].rstrip(":")))
+
+
+def test_a_stall_makes_one_episode_of_slow_requests_and_slow_iterations() -> None:
+    calm = summarize(parse(paced_trace(None), GW, {WRK}, {UP}, X86, {CLIENT_FD: GW_FD}))
+    assert (calm.slow_iterations, calm.per_event_p50_us) == (0, 10.5)  # 42 µs, 4 events
+    assert calm.p99_us == 100.0
+
+    stalled = summarize(parse(paced_trace(100_000), GW, {WRK}, {UP}, X86, {CLIENT_FD: GW_FD}))
+    assert stalled.slow_iterations == 1  # the one iteration at 50x
+    assert stalled.slow_episodes == 1  # the two slowest requests overlap the stall
+    assert stalled.slow_phases["inside"] > 1000 > stalled.all_phases["inside"]  # 2 ms of work
