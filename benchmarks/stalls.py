@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,7 +166,9 @@ def parse(
     cores: dict[int, list[tuple[int, int, str]]] = defaultdict(list)
     last_enter: dict[int, tuple[int, int]] = {}  # tid -> (nr, first argument)
     open_: dict[int, Request] = {}  # client fd -> its unanswered request
-    inside: dict[int, deque[Request]] = defaultdict(deque)  # forwarder fd -> not yet answered
+    # forwarder fd -> the connection's latest request: wrk keeps one request in flight per
+    # connection, so a new one replaces a request the forwarder's calls were never matched to
+    inside: dict[int, Request] = {}
     it_start: int | None = None
     it_events = 0
     it_off = 0
@@ -223,15 +225,13 @@ def parse(
                     trace.iterations.append(Iteration(it_start, ts, it_events, it_off))
                     it_start = None
                 elif nr in calls.writes:
-                    for req in inside.get(fd, ()):
-                        if req.read:
-                            req.answered = ts
-                            inside[fd].remove(req)
-                            break
+                    req = inside.get(fd)
+                    if req is not None and req.read and not req.answered:
+                        req.answered = ts
             elif tid in client and nr in calls.writes and fd not in open_:
                 open_[fd] = Request(ts)
                 if fd in links:
-                    inside[links[fd]].append(open_[fd])
+                    inside[links[fd]] = open_[fd]
         elif event == "raw_syscalls:sys_exit":
             ex = _EXIT.match(rest)
             if ex is None:
@@ -244,14 +244,14 @@ def parse(
             if enter is None or enter[0] != nr:
                 continue
             if tid == forwarder:
-                if nr in calls.reads and ret > 0:
-                    for req in inside.get(enter[1], ()):
-                        if not req.read:
-                            req.read = ts
-                            break
+                req = inside.get(enter[1])
+                if nr in calls.reads and ret > 0 and req is not None and not req.read:
+                    req.read = ts
             elif tid in client and nr in calls.reads and ret > 0 and enter[1] in open_:
                 req = open_.pop(enter[1])
                 req.done = ts
+                if not req.sent <= req.read <= req.answered <= ts:
+                    req.read = req.answered = 0  # out of order across cores: legs unknown
                 trace.requests.append(req)
     for core, (since, kind) in running.items():
         cores[core].append((since, last, kind))

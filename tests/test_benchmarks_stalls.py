@@ -261,3 +261,23 @@ def test_a_stall_makes_one_episode_of_slow_requests_and_slow_iterations() -> Non
     assert stalled.slow_iterations == 1  # the one iteration at 50x
     assert stalled.slow_episodes == 1  # the two slowest requests overlap the stall
     assert stalled.slow_phases["inside"] > 1000 > stalled.all_phases["inside"]  # 2 ms of work
+
+
+def test_a_read_stamped_before_its_write_does_not_shift_the_next_request() -> None:
+    def one(sent: int, read: int) -> list[str]:
+        return [
+            enter(WRK, sent, X86.writes[0], CLIENT_FD),
+            enter(GW, read - 1, X86.reads[0], GW_FD, cpu=1),
+            exit_(GW, read, X86.reads[0], 65, cpu=1),
+            enter(GW, sent + 40, X86.writes[0], GW_FD, cpu=1),
+            enter(WRK, sent + 49, X86.reads[0], CLIENT_FD),
+            exit_(WRK, sent + 50, X86.reads[0], 1298),
+        ]
+
+    # The first read is stamped 1 µs before the write it answers (the two cores' clocks).
+    lines = sorted(one(10, 9) + one(1000, 1010), key=lambda ln: float(ln.split()[2][:-1]))
+    trace = parse(lines, GW, {WRK}, {UP}, X86, {CLIENT_FD: GW_FD})
+    assert trace.requests == [
+        Request(sent=10_000, done=60_000),  # legs unknown
+        Request(sent=1_000_000, read=1_010_000, answered=1_040_000, done=1_050_000),
+    ]
