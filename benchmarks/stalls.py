@@ -443,7 +443,7 @@ def describe(label: str, wrk: load.LoadResult, s: Summary) -> str:
             f"{s.slow_iterations} iterations over {SLOW_FACTOR:g}x that",
             f"  waits for a core: wake-up p99 {s.wake_p99_us:.0f} µs; preempted "
             f"{s.preempted} times, p99 {s.preempt_p99_us:.0f} µs",
-            f"  slowest 1 %: {s.slow_requests} requests in {s.slow_episodes} episodes "
+            f"  slowest 1 %: {s.slow_requests} requests in {s.slow_episodes} episode(s) "
             f"(largest {s.biggest_episode}); mean µs {legs(s.slow_phases)}",
             f"  all requests: median µs {legs(s.all_phases)}",
             f"  cores during the slowest 1 %: {kinds(s.slow_occupancy)}",
