@@ -17,7 +17,8 @@ import termios
 import pytest
 
 from gateway.engine.fast import FastEngine
-from gateway.engine.fast_upstream import MAX_RESPONSE_HEAD
+from gateway.engine.fast_upstream import MAX_RESPONSE_HEAD, line_end
+from gateway.engine.fast_wire import Reject
 from tests.engine_helpers import MARK, Env, ProxyHandler, RawClient, RawUpstream, Script
 from tests.engine_helpers import read_request as read_one
 
@@ -105,6 +106,23 @@ HEAD_CASES: list[tuple[bytes, bytes]] = [
         b"\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + OURS + b"\r\nok",
     ),
+    (  # hop-by-hop names in odd cases, with no OWS or a tab before the value
+        b"HTTP/1.1 200 OK\r\ncOnNeCtIoN:keep-alive\r\nX-A:\t1\t\r\nKEEP-alive:\ttimeout=5\r\n"
+        b"tE:trailers\r\nCONTENT-LENGTH:2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX-A:\t1\t\r\nCONTENT-LENGTH:2\r\n" + OURS + b"\r\nok",
+    ),
+    (  # lines of odd and even lengths, shortest ones included, a hop-by-hop one between
+        b"HTTP/1.1 200 OK\r\nA:\r\nB:1\r\nC:12\r\nTe:x\r\nD:123\r\nContent-Length: 0\r\nE:\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nA:\r\nB:1\r\nC:12\r\nD:123\r\nContent-Length: 0\r\nE:\r\n"
+        + OURS
+        + b"\r\n",
+    ),
+    (  # colons and hop-by-hop names inside values are values
+        b"HTTP/1.1 200 OK\r\nX-A: connection: close\r\nX-B: a:b:c\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: connection: close\r\nX-B: a:b:c\r\nContent-Length: 0\r\n"
+        + OURS
+        + b"\r\n",
+    ),
 ]
 HEAD_IDS = [
     "nginx-fields",
@@ -116,6 +134,9 @@ HEAD_IDS = [
     "connection-named",
     "chunked",
     "leading-empty-lines",
+    "odd-case-and-ows",
+    "odd-and-even-lengths",
+    "names-in-values",
 ]
 
 
@@ -130,6 +151,50 @@ async def test_the_head_is_relayed_from_the_upstreams_bytes(
     assert up.connections == 1
     done = await handler.wait_done(2)
     assert done[0] == done[1] and done[0][1] is None
+
+
+# (bytes, where a line starts, where its CRLF starts): the CRLF at either parity, after
+# short and long runs of bytes, a tab before it; -1: no CRLF ends it (a 502).
+LINE_END_CASES: list[tuple[bytes, int, int]] = [
+    (b"A:1\r\n", 0, 3),
+    (b"AB:1\r\n", 0, 4),
+    (b"A:\r\n", 0, 2),
+    (b"X-Long: abcdefghijklmnopqrstuvwxyz\r\nNext: 1\r\n", 0, 34),
+    (b"X-Long: abcdefghijklmnopqrstuvwxy\r\nNext: 1\r\n", 0, 33),
+    (b"X-Tab:\ta\t\r\n", 0, 9),
+    (b"HTTP/1.1 200 OK\r\nA:12\r\n\r\n", 17, 21),
+    (b"HTTP/1.1 200 OK\r\nAB:1\r\n\r\n", 17, 21),
+    (b"A:1", 0, -1),
+    (b"A:12\r", 0, -1),
+    (b"A:1\nB:2\r\n", 0, -1),
+    (b"A:1\rB:2\r\n", 0, -1),
+]
+LINE_END_IDS = [
+    "cr-at-odd",
+    "cr-at-even",
+    "empty-value",
+    "long-even",
+    "long-odd",
+    "tabs",
+    "later-line-even",
+    "later-line-odd",
+    "unterminated",
+    "cr-at-the-end",
+    "bare-lf",
+    "bare-cr",
+]
+
+
+@pytest.mark.parametrize(("data", "start", "want"), LINE_END_CASES, ids=LINE_END_IDS)
+def test_line_end_finds_the_crlf_whichever_byte_the_walk_lands_on(
+    data: bytes, start: int, want: int
+) -> None:
+    if want < 0:
+        with pytest.raises(Reject):
+            line_end(data, start)
+    else:
+        assert line_end(data, start) == want
+        assert data[want : want + 2] == b"\r\n" and b"\r" not in data[start:want]
 
 
 def _queued(fd: int, request: int) -> int:
@@ -259,6 +324,26 @@ async def test_interim_final_head_body_and_more_in_one_read(env: Env) -> None:
     ids=["unfinished", "finished"],
 )
 async def test_a_response_head_over_the_limit_is_502(env: Env, upstream: bytes) -> None:
+    up, handler, c, _ = await relay(env, answering(upstream))
+    await c.send(GET)
+    r = await c.response()
+    assert (r.status, json.loads(r.body)) == (502, {"error": "protocol"})
+    assert await handler.wait_done(1) == [(502, "protocol")]
+
+
+@pytest.mark.parametrize(
+    "upstream",
+    [
+        b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nConnection: x-a,\r\n\tx-b\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: 1\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: 1\rConnection: close\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
+    ],
+    ids=["obs-fold", "folded-connection", "bare-lf", "bare-cr", "lf-only"],
+)
+async def test_a_head_with_other_line_ends_is_never_relayed(env: Env, upstream: bytes) -> None:
+    """llhttp refuses these (RFC 9112 §2.2, §5.2): the client gets a 502, none of their bytes."""
     up, handler, c, _ = await relay(env, answering(upstream))
     await c.send(GET)
     r = await c.response()

@@ -61,6 +61,12 @@ async def test_discard_of_what_is_not_idle_changes_nothing(pool: Pool) -> None:
     assert _drain(pool) == [ups[1]]
 
 
+async def test_a_connection_released_twice_is_pooled_once(pool: Pool) -> None:
+    ups = _idle(pool, 3)
+    pool.release(ups[0])  # again: moved to the front, not linked a second time
+    assert _drain(pool) == [ups[0], ups[2], ups[1]]
+
+
 async def test_discard_keys_are_separate(pool: Pool) -> None:
     a, b = _idle(pool, 1, KEY)[0], _idle(pool, 1, OTHER)[0]
     b.close()

@@ -57,6 +57,7 @@ from gateway.engine.fast_wire import (
     request_framing,
 )
 from gateway.errors import upstream_status
+from gateway.headers import ASCII_LOWER
 
 if TYPE_CHECKING:
     from gateway.engine.fast_park import ParkingLot
@@ -486,8 +487,9 @@ class ClientConn(Armed):
             or n == LEN_CONTENT_LENGTH
             or n == LEN_TRANSFER_ENCODING
         ):
-            # The usual spelling of Host without bytes.lower() (a method call, compiled).
-            lname = H_HOST if name == b"Host" else name.lower()
+            # The usual spelling of Host as it is; others lower-cased by a table (a C
+            # call when compiled; bytes.lower() is a Python method call).
+            lname = H_HOST if name == b"Host" else name.translate(ASCII_LOWER)
             if lname == H_HOST:
                 self._hosts += 1
             elif lname == H_CONTENT_LENGTH:

@@ -51,12 +51,71 @@ class Waiter:
         self.timer: asyncio.TimerHandle | None = None
 
 
+class IdleList:
+    """One endpoint's idle connections, the most recently released first.
+
+    Why linked through the connections themselves (`Upstream.idle_prev` and
+    `idle_next`, as nginx's `ngx_queue_t`): `release` pushes, `acquire` pops the
+    most recent (LIFO) and `discard` (every close of a pooled connection)
+    unlinks one anywhere, each in O(1) with a few attribute writes; an ordered
+    dict needed a hashed entry per release and a tuple per `popitem`.
+    """
+
+    __slots__ = ("first", "count")
+
+    def __init__(self) -> None:
+        self.first: Upstream | None = None
+        self.count = 0
+
+    def push(self, up: Upstream) -> None:
+        if up.pooled:  # (released twice: moved to the front, never linked twice)
+            self.unlink(up)
+        first = self.first
+        up.idle_next = first
+        up.idle_prev = None
+        if first is not None:
+            first.idle_prev = up
+        self.first = up
+        up.pooled = True
+        self.count += 1
+
+    def pop(self) -> Upstream | None:
+        """The most recently pushed connection, unlinked; None when empty."""
+        up = self.first
+        if up is not None:
+            self.unlink(up)
+        return up
+
+    def unlink(self, up: Upstream) -> None:
+        """Take `up` out (it is in this list: `up.pooled`)."""
+        prev = up.idle_prev
+        nxt = up.idle_next
+        if prev is None:
+            self.first = nxt
+        else:
+            prev.idle_next = nxt
+        if nxt is not None:
+            nxt.idle_prev = prev
+        up.idle_prev = up.idle_next = None
+        up.pooled = False
+        self.count -= 1
+
+    def conns(self) -> list[Upstream]:
+        """The connections in it, the most recent first."""
+        out = []
+        up = self.first
+        while up is not None:
+            out.append(up)
+            up = up.idle_next
+        return out
+
+
 class Pool:
     """Idle keep-alive connections per (host, port), most recently used first.
 
-    Each key's idle set is an insertion-ordered dict used as an ordered set: `release`
-    appends, `acquire` pops the most recent (LIFO, `dict.popitem`), and `discard` (every
-    close of a pooled connection) removes one in O(1) instead of scanning a list.
+    Each key's idle connections are an `IdleList`: `release` pushes, `acquire`
+    pops the most recent (LIFO), and `discard` (every close of a pooled
+    connection) unlinks one in O(1) instead of scanning a list.
     """
 
     __slots__ = (
@@ -84,7 +143,7 @@ class Pool:
         self.per_host = per_host
         self.idle_timeout = idle_timeout
         # Idle connections by host, then port (no (host, port) tuple per request: acquire).
-        self.idle_by_host: dict[str, dict[int, dict[Upstream, None]]] = {}
+        self.idle_by_host: dict[str, dict[int, IdleList]] = {}
         self.conns: set[Upstream] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.all_closed: asyncio.Event | None = None
@@ -97,15 +156,15 @@ class Pool:
         # Every timeout of this engine's connections, client and upstream, on one loop timer.
         self.wheel = Wheel(loop)
 
-    def idle_set(self, key: Key) -> dict[Upstream, None]:
-        """The idle set of `key`, made on first use; each connection keeps its own (`release`)."""
+    def idle_set(self, key: Key) -> IdleList:
+        """The idle list of `key`, made on first use; each connection keeps its own (`release`)."""
         host, port = key
         by_port = self.idle_by_host.get(host)
         if by_port is None:
             by_port = self.idle_by_host[host] = {}
         idle = by_port.get(port)
         if idle is None:
-            idle = by_port[port] = {}
+            idle = by_port[port] = IdleList()
         return idle
 
     def acquire(self, host: str, port: int, tls: UpstreamTLS | None = None) -> Upstream | None:
@@ -113,8 +172,9 @@ class Pool:
         if by_port is None:
             return None
         idle = by_port.get(port)
-        while idle:
-            up = idle.popitem()[0]
+        if idle is None:
+            return None
+        while (up := idle.pop()) is not None:
             if up.tls is not tls:  # opened plain, or with another TLS config (a reload)
                 up.close()
                 continue
@@ -127,19 +187,18 @@ class Pool:
         if self.waiting and self._hand_over(up):
             return
         idle = up.idle_set
-        if len(idle) >= self.per_host:
+        if idle.count >= self.per_host:
             up.close()
             return
-        idle[up] = None
+        idle.push(up)
         if now < 0.0:
             now = self.loop.time()
         up.idle_since = now
         up.arm(now + min(up.read_timeout, self.idle_timeout))  # (keeps an earlier deadline)
 
     def discard(self, up: Upstream) -> None:
-        idle = up.idle_set
-        if idle:
-            idle.pop(up, None)
+        if up.pooled:
+            up.idle_set.unlink(up)
 
     def connect(self, ex: Exchange, replay: list[bytes] | None = None) -> None:
         """Open a fresh connection for `ex` (RFC 9112 §9.3: new connection when none idle).
@@ -360,7 +419,7 @@ class Pool:
         await asyncio.gather(*tasks, return_exceptions=True)
         for by_port in self.idle_by_host.values():
             for idle in by_port.values():
-                for up in list(idle):
+                for up in idle.conns():
                     up.close()
         self.idle_by_host.clear()
         for up in list(self.conns):

@@ -74,14 +74,11 @@ Key = tuple[str, int]
 MAX_RESPONSE_HEAD: Final = 65536
 
 
-def _by_first_byte(names: list[bytes]) -> tuple[tuple[tuple[int, bytes, bytes], ...], ...]:
-    """Per lower-cased first byte: (length, lower-cased name, usual spelling) of each name."""
-    table: list[list[tuple[int, bytes, bytes]]] = [[] for _ in range(256)]
+def _by_first_byte(names: list[bytes]) -> tuple[tuple[tuple[int, bytes], ...], ...]:
+    """Per lower-cased first byte: (length, lower-cased name) of each name that begins with it."""
+    table: list[list[tuple[int, bytes]]] = [[] for _ in range(256)]
     for name in names:
-        usual = (
-            name.upper() if len(name) == 2 else b"-".join(w.capitalize() for w in name.split(b"-"))
-        )
-        table[name[0]].append((len(name), name, usual))
+        table[name[0]].append((len(name), name))
     return tuple(tuple(t) for t in table)
 
 
@@ -91,11 +88,77 @@ def _by_first_byte(names: list[bytes]) -> tuple[tuple[tuple[int, bytes, bytes], 
 # found from the line's first byte and a colon right after it: no pass per name.
 NOTED: Final = _by_first_byte(sorted(HOP_BY_HOP | {H_CONTENT_LENGTH}))
 NOTED_FIRST: Final = bytes(1 if NOTED[b | 32] else 0 for b in range(256))  # a cheap pre-test
-HEAD_END: Final = b"\r\n\r\n"
 HTTP11_SP: Final = b"HTTP/1.1 "
 KEEP_ALIVE: Final = b"keep-alive"
 CLOSE: Final = b"close"
 EMPTY: Final = b""
+
+
+def line_end(buf: bytes, start: i64) -> i64:
+    """Where the CRLF ending the line at `start` begins; `Reject` if `buf` ends first.
+
+    Why every second byte: llhttp accepted the head, so a CR or LF in it is
+    part of a CRLF ending a line (RFC 9112 §2.2: no bare CR or LF; it refuses
+    obs-fold too), and of two adjacent bytes one is looked at. The line has at
+    least one byte before its CRLF (the caller tests for the empty line).
+    """
+    n: i64 = len(buf)
+    i: i64 = start + 1
+    while i < n:
+        b: i64 = buf[i]  # (an i64: machine compares, no tagged int)
+        if b <= 13:  # one test for most bytes: CR, LF, or HTAB in a value
+            if b == 10:
+                if buf[i - 1] == 13:
+                    return i - 1
+                break
+            if b == 13:
+                if i + 1 < n and buf[i + 1] == 10:
+                    return i
+                break
+        i += 2
+    raise Reject(502, "response head not found")  # (or a bare CR or LF: llhttp refuses those)
+
+
+def name_at(buf: bytes, start: i64, name: bytes) -> bool:
+    """The bytes at `start` are `name` (lower-case letters and `-`), in any case (RFC 9110 §5.1).
+
+    OR-ing 32 lower-cases a letter and maps onto a lower-case letter or `-`
+    only that letter's two cases, or CR for `-` (no field line holds a CR:
+    llhttp refused it), so it compares names, and values such as `close`,
+    exactly.
+    """
+    k: i64 = 0
+    size: i64 = len(name)
+    while k < size:
+        b: i64 = buf[start + k]
+        c: i64 = name[k]
+        if b | 32 != c:
+            return False
+        k += 1
+    return True
+
+
+def status_at(buf: bytes, start: i64, end: i64) -> int:
+    """The status code of the line `buf[start:end]` if it is `HTTP/1.1 NNN SP ...`, else -1.
+
+    Why: the upstream's own status line is relayed when it is HTTP/1.1 with a
+    reason (possibly empty) after the code (RFC 9112 §4); else ours is written.
+    """
+    if end - start <= 12 or buf[start + 12] != 32:
+        return -1
+    k: i64 = 0
+    while k < 9:
+        b: i64 = buf[start + k]
+        c: i64 = HTTP11_SP[k]
+        if b != c:
+            return -1
+        k += 1
+    d0: i64 = buf[start + 9] - 48
+    d1: i64 = buf[start + 10] - 48
+    d2: i64 = buf[start + 11] - 48
+    if 0 <= d0 <= 9 and 0 <= d1 <= 9 and 0 <= d2 <= 9:
+        return d0 * 100 + d1 * 10 + d2
+    return -1
 
 
 class Upstream(Armed):
@@ -116,6 +179,9 @@ class Upstream(Armed):
         "loop",
         "key",
         "idle_set",
+        "idle_prev",
+        "idle_next",
+        "pooled",
         "transport",
         "parser",
         "state",
@@ -125,7 +191,6 @@ class Upstream(Armed):
         "head_buf",
         "head_pos",
         "head_acc",
-        "head_size",
         "has_length",
         "te_kind",
         "eof_body",
@@ -151,6 +216,9 @@ class Upstream(Armed):
         self.loop = pool.loop
         self.key = key
         self.idle_set = pool.idle_set(key)  # where `Pool.release` puts it (no lookup by key)
+        # Its neighbours in `idle_set` while in it (`pooled`): fast_pool.IdleList.
+        self.idle_prev: Upstream | None = None
+        self.idle_next: Upstream | None = None
         self.tls = tls  # what it was opened with: reused only for the same (README "TLS")
         self.transport: asyncio.Transport | None = None
         self.parser = HttpResponseParser(self)
@@ -164,7 +232,6 @@ class Upstream(Armed):
         self.head_buf = EMPTY
         self.head_pos = 0
         self.head_acc: bytearray | None = None
-        self.head_size = 0  # the length of the last head read, CRLF CRLF included
         self.has_length = False  # the response has a Content-Length
         self.te_kind = TE_NONE
         self.eof_body = False  # the response body ends at close
@@ -175,6 +242,7 @@ class Upstream(Armed):
         self.keep = False  # the response allows reuse (llhttp's keep-alive verdict)
         self.extra = False  # bytes after the response, or a second one: never reuse
         self.head_only = False  # a response to HEAD: its parser cannot be reused
+        self.pooled = False  # in `idle_set`
         self.rpaused = False  # reading paused: the client's write buffer is full
         self.wpaused = False  # our write buffer is above its high-water mark
         self.last_active = 0.0  # loop time of the last progress (the read timeout runs from it)
@@ -332,6 +400,8 @@ class Upstream(Armed):
         end with the CRLF of the last field line; the caller adds fields. The
         status of an `HTTP/1.1 NNN ` line is read from its three digits (llhttp
         checked them), sparing httptools' `get_status_code()` (a Python call).
+        The lines are walked by offsets in the read (`line_end`): no bytes
+        object per line, only the slices relayed.
         """
         first_part = len(parts)
         acc = self.head_acc
@@ -341,51 +411,40 @@ class Upstream(Armed):
         buf = self.head_buf
         # Offsets as i64: machine arithmetic when compiled (no tagged-int calls per `+`).
         pos: i64 = self.head_pos
-        while buf[pos] == 13 or buf[pos] == 10:
+        n: i64 = len(buf)
+        while pos < n and (buf[pos] == 13 or buf[pos] == 10):
             pos += 1  # empty lines before a message are skipped (RFC 9112 §2.2), as llhttp does
-        lines = self._head_lines(buf, pos)  # the status line, the field lines, b""
-        end: i64 = self.head_pos - 2
-        first = lines[0]
-        off: i64 = pos + len(first) + 2  # where the field line looked at starts in `buf`
-        last: i64 = off
-        status = -1
-        if first.startswith(HTTP11_SP) and len(first) > 12 and first[12] == 32:
-            status = status_digits(first)
-        if status >= 0:
-            last = pos  # where the run of lines relayed as sent starts
-        else:
+        eol = line_end(buf, pos)
+        status = status_at(buf, pos, eol)
+        last: i64 = pos  # where the run of lines relayed as sent starts
+        if status < 0:
             status = self.parser.get_status_code()
             parts.append(status_line(status))
-        for k in range(1, len(lines) - 1):
-            line = lines[k]
-            n: i64 = len(line)
-            if n == 0:  # the guessed end was past the head's (_head_lines): it ends here
-                end = off
-                self.head_pos = off + 2
-                self.head_size = off + 2 - pos
-                break
-            if not NOTED_FIRST[line[0]]:
-                off += n + 2
-                continue
-            for size, name, usual in NOTED[line[0] | 32]:
-                if n > size and line[size] == 58:  # b":"
-                    # (startswith: no slice made for the usual spellings)
-                    if (
-                        line.startswith(usual)
-                        or line.startswith(name)
-                        or line[:size].lower() == name
-                    ):
+            last = eol + 2
+        off: i64 = eol + 2  # where the field line looked at starts
+        while off < n and buf[off] != 13:  # a line that starts with CR is the head's end
+            eol = line_end(buf, off)
+            c: i64 = buf[off]
+            if NOTED_FIRST[c]:
+                for size, name in NOTED[c | 32]:
+                    colon: i64 = off + size
+                    if colon < eol and buf[colon] == 58 and name_at(buf, off, name):  # b":"
                         if name == H_CONTENT_LENGTH:
                             self.has_length = True  # kept: the relay frames the body as received
                         else:
                             if off > last:
                                 parts.append(buf[last:off])
-                            last = off + n + 2
-                            self._hop_by_hop(name, line, size + 1)
+                            last = eol + 2
+                            self._hop_by_hop(name, buf, colon + 1, eol)
                         break
-            off += n + 2
-        if end > last:
-            parts.append(buf[last:end])
+            off = eol + 2
+        if off >= n:
+            raise Reject(502, "response head not found")  # llhttp accepted only CRLF lines
+        if off - pos > MAX_RESPONSE_HEAD:
+            raise Reject(502, "response head too large")
+        if off > last:
+            parts.append(buf[last:off])
+        self.head_pos = off + 2  # a final head may follow a 1xx in the same read
         if self.conn_tokens is not None:
             parts[first_part:] = [
                 strip_named_fields(b"".join(parts[first_part:]), self.conn_tokens)
@@ -393,55 +452,24 @@ class Upstream(Armed):
             self.conn_tokens = None
         return status
 
-    def _head_lines(self, buf: bytes, pos: int) -> list[bytes]:
-        """The lines of the head at `pos` (its CRLF CRLF ends it: RFC 9112 §2.1); sets `head_pos`.
-
-        Why a guess first: an upstream's heads are mostly the same length (a
-        date field has a fixed width), so the last length is tried before a
-        search; if an empty line comes before its end, the head ended there, and
-        `_head_parts`, which reads the lines in order, stops at it.
-        """
-        size: i64 = self.head_size
-        e: i64 = pos + size  # where the guessed head ends (byte tests: no slice made)
-        if (
-            size
-            and e <= len(buf)
-            and buf[e - 4] == 13
-            and buf[e - 3] == 10
-            and buf[e - 2] == 13
-            and buf[e - 1] == 10
-        ):
-            self.head_pos = e
-            return buf[pos : e - 2].split(CRLF)  # (_head_parts stops at an empty line)
-        end = (buf.find(HEAD_END, pos) if pos else buf.find(HEAD_END)) + 2
-        if end < 2:
-            raise Reject(502, "response head not found")  # llhttp accepted only CRLF lines
-        if end - pos > MAX_RESPONSE_HEAD:
-            raise Reject(502, "response head too large")
-        self.head_size = end + 2 - pos
-        self.head_pos = end + 2  # a final head may follow a 1xx in the same read
-        return buf[pos:end].split(CRLF)
-
-    def _hop_by_hop(self, name: bytes, line: bytes, start: int) -> None:
-        """A hop-by-hop response field (RFC 9110 §7.6.1): noted, not relayed."""
-        n = len(line)
-        while start < n and (line[start] == 32 or line[start] == 9):
+    def _hop_by_hop(self, name: bytes, buf: bytes, start: i64, end: i64) -> None:
+        """A hop-by-hop response field (RFC 9110 §7.6.1) whose value is `buf[start:end]`:
+        noted, not relayed."""
+        while start < end and (buf[start] == 32 or buf[start] == 9):
             start += 1  # OWS before the value (RFC 9110 §5.5)
-        value = line[start:]
         if name == H_CONNECTION:
-            if value == KEEP_ALIVE or value == CLOSE:
-                return  # options that name no field
-            if len(value) == 10 or len(value) == 5:
-                lvalue = value.lower()
-                if lvalue == KEEP_ALIVE or lvalue == CLOSE:
-                    return
-            toks = connection_tokens(value)
+            size = end - start
+            if (size == 10 and name_at(buf, start, KEEP_ALIVE)) or (
+                size == 5 and name_at(buf, start, CLOSE)
+            ):
+                return  # options that name no field, in any case (compared in place: no slice)
+            toks = connection_tokens(buf[start:end])
             if toks:
                 self.conn_tokens = toks if self.conn_tokens is None else self.conn_tokens | toks
         elif name == H_UPGRADE:
-            self.upgrade = value
+            self.upgrade = buf[start:end]
         elif name == H_TRANSFER_ENCODING:
-            chunked = value.lower().rstrip().endswith(b"chunked")
+            chunked = buf[start:end].lower().rstrip().endswith(b"chunked")
             self.te_kind = TE_IS_CHUNKED if chunked else TE_OTHER
 
     def on_headers_complete(self) -> None:
@@ -741,16 +769,6 @@ class Upstream(Armed):
         if ex is not None and ex.deadline and ex.deadline < deadline:
             deadline = ex.deadline
         self.arm(min(deadline, now + self.read_timeout))
-
-
-def status_digits(line: bytes) -> int:
-    """The status code of a status line `HTTP/1.1 NNN ...` (RFC 9112 §4); -1 if NNN is no number."""
-    d0 = line[9] - 48
-    d1 = line[10] - 48
-    d2 = line[11] - 48
-    if 0 <= d0 <= 9 and 0 <= d1 <= 9 and 0 <= d2 <= 9:
-        return d0 * 100 + d1 * 10 + d2
-    return -1
 
 
 def strip_named_fields(head: bytes, names: set[bytes]) -> bytes:
