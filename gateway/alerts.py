@@ -113,7 +113,9 @@ class AlertSender:
                 await asyncio.wait_for(self._queue.join(), grace)
             except TimeoutError:
                 log.warning(
-                    "stopping before every alert was sent (%d still queued)", self._queue.qsize()
+                    "stopping before every alert was sent: %d still queued, the ones under way"
+                    " cut off",
+                    self._queue.qsize(),
                 )
         for t in self._tasks:
             t.cancel()

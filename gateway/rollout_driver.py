@@ -196,8 +196,9 @@ class RolloutDriver:
         self._task = asyncio.create_task(self._run(), name="gateway-rollouts")
 
     async def stop(self, grace: float = 0.0) -> None:
-        """Stop driving; hook notifications and alerts in flight get up to `grace` seconds
-        (docs/operations.md "Drain"), then the leases are handed back."""
+        """Stop driving: hook notifications in flight get up to `grace` seconds, then the
+        leases are handed back, then alerts get what is left of `grace` (docs/operations.md
+        "Drain")."""
         loop = asyncio.get_running_loop()
         until = loop.time() + grace
         running = self._task is not None
