@@ -61,6 +61,8 @@ VIA_TOKEN: Final = b"1.1 gray-gateway"
 _XFH: Final = b"\r\nX-Forwarded-Host: "
 _XFP_HTTP_LINE: Final = b"\r\nX-Forwarded-Proto: http"
 _XFP_HTTP_XFH: Final = _XFP_HTTP_LINE + _XFH
+_XFP_HTTPS_LINE: Final = b"\r\nX-Forwarded-Proto: https"
+_XFP_HTTPS_XFH: Final = _XFP_HTTPS_LINE + _XFH
 _VIA_NAME: Final = b"\r\nVia: "
 _VIA_APPENDED: Final = b", " + VIA_TOKEN + b"\r\n"
 _VIA_LINE: Final = _VIA_NAME + VIA_TOKEN + b"\r\n"
@@ -324,6 +326,8 @@ def upstream_fields(
     host = s.host_b
     if proto == "http":
         xfp = _XFP_HTTP_XFH if host is not None else _XFP_HTTP_LINE
+    elif proto == "https":
+        xfp = _XFP_HTTPS_XFH if host is not None else _XFP_HTTPS_LINE
     else:
         xfp = b"\r\nX-Forwarded-Proto: " + proto.encode() + (_XFH if host is not None else b"")
     if s.via:

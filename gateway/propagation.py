@@ -238,23 +238,9 @@ def outgoing_traceparent(
     """
     if mint is None:
         mint = IdMint(rng, chunk=16)
-    trace_id, header = outgoing_traceparent_b(incoming, span_id.encode("latin-1"), sampled, mint)
-    return trace_id.decode("latin-1"), header.decode("latin-1")
-
-
-def outgoing_traceparent_b(
-    incoming: TraceParent | None,
-    span_id: bytes,
-    sampled: bool,
-    mint: IdMint,
-    new_trace_id: bytes = b"",
-) -> tuple[bytes, bytes]:
-    """`outgoing_traceparent` in bytes: (trace_id, header value).
-
-    `new_trace_id`: the id for a new trace, if the caller minted it already.
-    """
-    trace_id, flags = outgoing_trace(incoming, sampled, mint, new_trace_id)
-    return trace_id, b"00-%b-%b-%b" % (trace_id, span_id, flags)
+    trace_id_b, flags = outgoing_trace(incoming, sampled, mint)
+    trace_id = trace_id_b.decode("latin-1")
+    return trace_id, f"00-{trace_id}-{span_id}-{flags.decode('latin-1')}"
 
 
 def outgoing_trace(

@@ -427,7 +427,7 @@ class ServiceMatcher:
         return self.match(host.decode("latin-1"), path)
 
     def match(self, host: str | None, path: str) -> str | None:
-        if (self._exact or self._wild) and host:
+        if self._by_host and host:
             cache = self._cache
             h = cache.get(host)
             if h is None:

@@ -35,7 +35,7 @@ KINDS: Final = (
 
 
 class RequestSampler:
-    """`sampler(incoming traceparent or None) -> bool`: sample this request or not.
+    """`sampler.sample(incoming traceparent or None) -> bool`: sample this request or not.
 
     Ratio sampling compares the trace-id's low 64 bits with `bound` (the SDK's
     `TraceIdRatioBased.get_bound_for_rate`), so every OTel hop with the same ratio keeps
@@ -75,9 +75,6 @@ class RequestSampler:
         if incoming is None:  # traceidratio, or parentbased_traceidratio at a root
             return self._draw()
         return int(incoming.trace_id[16:], 16) < self.bound
-
-    def __call__(self, incoming: TraceParent | None) -> bool:
-        return self.sample(incoming)
 
     def __repr__(self) -> str:
         return f"RequestSampler({self.kind!r})"

@@ -222,16 +222,22 @@ async def test_a_promoted_release_is_alerted_once_and_left_alone(
     assert gw.metrics.guard_trips.labels("svc", "gray", "error_rate")._value.get() == 0
 
 
+async def _hanging_alert(rx: Receiver, url: str, total: float) -> AlertSender:
+    """A sender (one attempt) whose alert is under way at `rx`'s `/hang` (served at `url`)."""
+    sender = AlertSender(
+        lambda: aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=total)), attempts=1
+    )
+    sender.start()
+    sender.send([AlertTarget(f"{url}/hang", "json")], {"alert": "X", "service": "s"})
+    await asyncio.wait_for(rx.hanging.wait(), 10)
+    return sender
+
+
 async def test_a_clean_stop_lets_an_alert_under_way_be_delivered() -> None:
     rx = Receiver()
     hook = await start_app(rx.app())
-    sender = AlertSender(
-        lambda: aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)), attempts=1
-    )
-    sender.start()
     try:
-        sender.send([AlertTarget(f"{hook.url}/hang", "json")], {"alert": "X", "service": "s"})
-        await asyncio.wait_for(rx.hanging.wait(), 10)  # the alert is under way
+        sender = await _hanging_alert(rx, hook.url, total=5)
         asyncio.get_running_loop().call_later(0.3, rx.release.set)
         await sender.stop(grace=10)
     finally:
@@ -243,14 +249,9 @@ async def test_a_clean_stop_lets_an_alert_under_way_be_delivered() -> None:
 async def test_a_stop_waits_no_longer_than_its_grace_for_a_hanging_receiver() -> None:
     rx = Receiver()
     hook = await start_app(rx.app())
-    sender = AlertSender(
-        lambda: aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)), attempts=1
-    )
-    sender.start()
     loop = asyncio.get_running_loop()
     try:
-        sender.send([AlertTarget(f"{hook.url}/hang", "json")], {"alert": "X"})
-        await asyncio.wait_for(rx.hanging.wait(), 10)
+        sender = await _hanging_alert(rx, hook.url, total=60)
         began = loop.time()
         await sender.stop(grace=0.3)
         took = loop.time() - began

@@ -237,9 +237,9 @@ def test_no_provider_and_no_tracer_when_nothing_is_exported(env: dict[str, str])
 
 def test_disabled_sdk_keeps_the_callers_sampling_decision() -> None:
     t = Telemetry.from_env({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_SAMPLER": "always_on"})
-    assert t.sampler(TraceParent(0, TID, PID, 0x01)) is True
-    assert t.sampler(TraceParent(0, TID, PID, 0x00)) is False
-    assert t.sampler(None) is False
+    assert t.sampler.sample(TraceParent(0, TID, PID, 0x01)) is True
+    assert t.sampler.sample(TraceParent(0, TID, PID, 0x00)) is False
+    assert t.sampler.sample(None) is False
 
 
 def test_exporters_are_batched_and_shut_down() -> None:
@@ -272,7 +272,7 @@ def test_decision_equals_sdk_sampler_for_incoming_traces(kind: str, ratio: float
         tid = f"{rng.getrandbits(128):032x}"
         tp = TraceParent(0, tid, PID, rng.choice((0, 1, 2, 3)))
         want = sdk.should_sample(_parent_context(tp), int(tid, 16), "GET").decision
-        assert decide(tp) is (want is Decision.RECORD_AND_SAMPLE), (kind, tp)
+        assert decide.sample(tp) is (want is Decision.RECORD_AND_SAMPLE), (kind, tp)
 
 
 @pytest.mark.parametrize(
@@ -289,7 +289,7 @@ def test_decision_equals_sdk_sampler_for_incoming_traces(kind: str, ratio: float
 )
 def test_root_decision_share(kind: str, ratio: float, low: float, high: float) -> None:
     decide = decision_function(kind, ratio, random.Random(11))
-    share = sum(decide(None) for _ in range(10_000)) / 10_000
+    share = sum(decide.sample(None) for _ in range(10_000)) / 10_000
     assert low <= share <= high
 
 
@@ -515,7 +515,7 @@ async def test_gateway_builds_telemetry_from_the_environment(
     assert gw.telemetry.config.environment == "dev"
     assert gw.handler.tracer is None
     assert gw.handler.sampler is gw.telemetry.sampler
-    assert gw.handler.sampler is not None and gw.handler.sampler(None) is False
+    assert gw.handler.sampler is not None and gw.handler.sampler.sample(None) is False
     await gw.stop(0)
 
 
