@@ -31,6 +31,7 @@ COMPILED = [
     "gateway/engine/fast_pool.py",
     "gateway/engine/fast_timers.py",
     "gateway/engine/fast_upstream.py",
+    "gateway/engine/fast_reply.py",
     "gateway/engine/fast_wire.py",
     "gateway/engine/tls_conn.py",
     "gateway/balancer.py",

@@ -48,6 +48,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "gateway.engine.fast_pool",
     "gateway.engine.fast_timers",
     "gateway.engine.fast_upstream",
+    "gateway.engine.fast_reply",
     "gateway.engine.fast_wire",
     "gateway.engine.tls_conn",
     "gateway.balancer",

@@ -14,6 +14,13 @@ from typing import TYPE_CHECKING, Final, cast
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from gateway.engine.api import ERR_PROTOCOL, ERR_RESET, ERR_TIMEOUT, UpstreamErrorKind
+from gateway.engine.fast_reply import (
+    field_line_end,
+    length_value,
+    plain_final,
+    skip_ows,
+    status_line_end,
+)
 from gateway.engine.fast_timers import Armed
 from gateway.engine.fast_wire import (
     CHUNK_END,
@@ -91,6 +98,7 @@ NOTED_FIRST: Final = bytes(1 if NOTED[b | 32] else 0 for b in range(256))  # a c
 HTTP11_SP: Final = b"HTTP/1.1 "
 KEEP_ALIVE: Final = b"keep-alive"
 CLOSE: Final = b"close"
+H_PROXY_CONNECTION: Final = b"proxy-connection"  # llhttp reads it as Connection
 EMPTY: Final = b""
 
 
@@ -199,6 +207,8 @@ class Upstream(Armed):
         "mode",
         "interim",
         "keep",
+        "body_len",
+        "conn_close",
         "extra",
         "head_only",
         "rpaused",
@@ -240,6 +250,8 @@ class Upstream(Armed):
         self.mode = M_NONE
         self.interim = False  # reading a 1xx head (RFC 9110 §15.2)
         self.keep = False  # the response allows reuse (llhttp's keep-alive verdict)
+        self.body_len = -1  # the fast path's Content-Length (`_whole_reply`); -1: none yet
+        self.conn_close = False  # the fast path saw `Connection: close`
         self.extra = False  # bytes after the response, or a second one: never reuse
         self.head_only = False  # a response to HEAD: its parser cannot be reused
         self.pooled = False  # in `idle_set`
@@ -327,8 +339,25 @@ class Upstream(Armed):
         if self.state == U_TUNNEL:
             ex.client.transport_write(data)
             return
-        self.answered = True
         out = self.out
+        # The first read of a response, when it is one plain response whole, is walked
+        # and relayed without llhttp (`_whole_reply`); anything else goes to llhttp.
+        if self.answered or not self._whole_reply(ex, data):
+            self.answered = True
+            if not self._feed(ex, data):
+                return
+        if out:
+            # One write per read: head and body of a small response leave together.
+            ex.client.transport_write(b"".join(out))
+            out.clear()
+        # Progress: the read timeout runs from here; a reused connection's idle time too
+        # (one clock read per read, microseconds apart from a second one on a millisecond clock).
+        now = self.last_active = self.loop.time()
+        if self.state == U_DONE and self.ex is ex:
+            self._complete(now)
+
+    def _feed(self, ex: Exchange, data: bytes) -> bool:
+        """Feed a read to llhttp; False when the exchange failed or became a tunnel."""
         in_head = ex.state == X_WAITING  # the (final) head is not relayed yet
         if in_head:
             acc = self.head_acc
@@ -345,24 +374,56 @@ class Upstream(Armed):
                 self._start_tunnel(ex, data[e.args[0] :])
             else:
                 self._failed(ERR_PROTOCOL)
-            return
+            return False
         except HttpParserError:
             self.head_buf = EMPTY
             if self.ex is ex:
                 self._flush(ex)
                 self._failed(ERR_PROTOCOL)
-            return
-        if in_head and not self._head_rest(ex):
-            return
-        if out:
-            # One write per read: head and body of a small response leave together.
-            ex.client.transport_write(b"".join(out))
-            out.clear()
-        # Progress: the read timeout runs from here; a reused connection's idle time too
-        # (one clock read per read, microseconds apart from a second one on a millisecond clock).
-        now = self.last_active = self.loop.time()
-        if self.state == U_DONE and self.ex is ex:
-            self._complete(now)
+            return False
+        return not in_head or self._head_rest(ex)
+
+    def _whole_reply(self, ex: Exchange, data: bytes) -> bool:
+        """Relay `data` as the response when it is exactly one plain response; else False.
+
+        Why: llhttp's callbacks into Python cost more per response than walking
+        its head here (benchmarks/README.md "The response fast path"). Only the
+        first read of a response comes here (llhttp then holds no byte of it,
+        and is left at the start of a message), and only a response this
+        strict walk accepts in full is taken: an `HTTP/1.1` final status that
+        has a body (`fast_reply.plain_final`), plain field lines
+        (`fast_reply.field_line_end`), exactly one Content-Length of digits, no
+        Transfer-Encoding, Upgrade or Proxy-Connection, a Connection of only
+        `keep-alive` or `close`, and exactly that many body bytes after the
+        head, nothing more (RFC 9112 §6.3, §9.3). On any doubt it declines
+        with nothing changed, and llhttp reads the same bytes from the first.
+        The relayed head and the finish are the llhttp path's own code
+        (`_relay_fields`, `_final_head`, `_finished`), so both relay the same.
+        """
+        if ex.is_head or ex.upgrade is not None or ex.state != X_WAITING:
+            return False
+        eol = status_line_end(data)
+        if eol < 0:
+            return False
+        status = status_at(data, 0, eol)
+        if not plain_final(status):
+            return False
+        parts = self.out
+        first_part = len(parts)
+        self.body_len = -1
+        self.conn_close = False
+        end = self._relay_fields(parts, data, 0, eol + 2, True)
+        body = end + 2
+        if end < 0 or end > MAX_RESPONSE_HEAD or len(data) - body != self.body_len:
+            del parts[first_part:]
+            self.has_length = False
+            return False
+        self.answered = True
+        self._final_head(ex, parts, status)
+        if body < len(data):
+            parts.append(data[body:])  # as llhttp's on_body would hand it
+        self._finished(not self.conn_close)  # llhttp's verdict for HTTP/1.1 with a length
+        return True
 
     # -- httptools callbacks ----------------------------------------------
 
@@ -400,8 +461,6 @@ class Upstream(Armed):
         end with the CRLF of the last field line; the caller adds fields. The
         status of an `HTTP/1.1 NNN ` line is read from its three digits (llhttp
         checked them), sparing httptools' `get_status_code()` (a Python call).
-        The lines are walked by offsets in the read (`line_end`): no bytes
-        object per line, only the slices relayed.
         """
         first_part = len(parts)
         acc = self.head_acc
@@ -421,14 +480,48 @@ class Upstream(Armed):
             status = self.parser.get_status_code()
             parts.append(status_line(status))
             last = eol + 2
-        off: i64 = eol + 2  # where the field line looked at starts
+        off = self._relay_fields(parts, buf, last, eol + 2, False)
+        if off - pos > MAX_RESPONSE_HEAD:
+            del parts[first_part:]  # none of it is relayed (a 1xx before it is)
+            raise Reject(502, "response head too large")
+        self.head_pos = off + 2  # a final head may follow a 1xx in the same read
+        if self.conn_tokens is not None:
+            parts[first_part:] = [
+                strip_named_fields(b"".join(parts[first_part:]), self.conn_tokens)
+            ]
+            self.conn_tokens = None
+        return status
+
+    def _relay_fields(
+        self, parts: list[bytes], buf: bytes, last: i64, off: i64, strict: bool
+    ) -> i64:
+        """Append the field lines from `off` to the head's end, less the hop-by-hop ones, to
+        `parts` (from `last`: the lines before them are relayed as sent too); returns where
+        the empty line ending the head starts.
+
+        Not `strict` (llhttp accepted the head): the lines are walked by offsets
+        in the read (`line_end`), no bytes object per line, only the slices
+        relayed; a line is looked at only when its first byte can begin a noted
+        name and a colon follows that name. `strict` (no parser has seen it,
+        `_whole_reply`): each line is checked byte by byte
+        (`fast_reply.field_line_end`) and each noted field by `_plain_field`;
+        -1, with `parts` to be cut back, when the head is not the plain form.
+        """
+        n: i64 = len(buf)
         while off < n and buf[off] != 13:  # a line that starts with CR is the head's end
-            eol = line_end(buf, off)
+            if strict:
+                eol = field_line_end(buf, off)
+                if eol < 0:
+                    return -1
+            else:
+                eol = line_end(buf, off)
             c: i64 = buf[off]
             if NOTED_FIRST[c]:
                 for size, name in NOTED[c | 32]:
                     colon: i64 = off + size
                     if colon < eol and buf[colon] == 58 and name_at(buf, off, name):  # b":"
+                        if strict and not self._plain_field(name, buf, colon + 1, eol):
+                            return -1
                         if name == H_CONTENT_LENGTH:
                             self.has_length = True  # kept: the relay frames the body as received
                         else:
@@ -438,19 +531,35 @@ class Upstream(Armed):
                             self._hop_by_hop(name, buf, colon + 1, eol)
                         break
             off = eol + 2
-        if off >= n:
+        if off + 1 >= n or (strict and buf[off + 1] != 10):
+            if strict:
+                return -1
             raise Reject(502, "response head not found")  # llhttp accepted only CRLF lines
-        if off - pos > MAX_RESPONSE_HEAD:
-            raise Reject(502, "response head too large")
         if off > last:
             parts.append(buf[last:off])
-        self.head_pos = off + 2  # a final head may follow a 1xx in the same read
-        if self.conn_tokens is not None:
-            parts[first_part:] = [
-                strip_named_fields(b"".join(parts[first_part:]), self.conn_tokens)
-            ]
-            self.conn_tokens = None
-        return status
+        return off
+
+    def _plain_field(self, name: bytes, buf: bytes, start: i64, end: i64) -> bool:
+        """A noted field the fast path takes (`_whole_reply`), its value `buf[start:end]`.
+
+        Content-Length once and digits only (noted in `body_len`); Connection
+        only `keep-alive` or `close` in any case (noted in `conn_close`: llhttp's
+        keep-alive verdict); no framing or upgrade field, nor Proxy-Connection
+        (llhttp reads it as Connection). Any other hop-by-hop field is only cut.
+        """
+        start = skip_ows(buf, start, end)
+        if name == H_CONTENT_LENGTH:
+            if self.body_len >= 0:
+                return False  # a second one: llhttp refuses or compares them
+            self.body_len = length_value(buf, start, end)
+            return self.body_len >= 0
+        if name == H_CONNECTION:
+            size = end - start
+            if size == 5 and name_at(buf, start, CLOSE):
+                self.conn_close = True
+                return True
+            return size == 10 and name_at(buf, start, KEEP_ALIVE)
+        return name != H_TRANSFER_ENCODING and name != H_UPGRADE and name != H_PROXY_CONNECTION
 
     def _hop_by_hop(self, name: bytes, buf: bytes, start: i64, end: i64) -> None:
         """A hop-by-hop response field (RFC 9110 §7.6.1) whose value is `buf[start:end]`:
@@ -482,7 +591,6 @@ class Upstream(Armed):
         parts = self.out
         first_part = len(parts)
         status = self._head_parts(parts)
-        client = ex.client
         fwd = ex.fwd
         assert fwd is not None
         if status < 200:
@@ -505,6 +613,18 @@ class Upstream(Armed):
             else:
                 del parts[first_part:]
             return
+        self._final_head(ex, parts, status)
+
+    def _final_head(self, ex: Exchange, parts: list[bytes], status: int) -> None:
+        """After the relayed head in `parts`: policy's fields, our framing, the end of the head.
+
+        Shared by llhttp's `on_headers_complete` and the fast path
+        (`_whole_reply`): how the body is relayed (RFC 9112 §6-7) and whether
+        the client's connection stays open.
+        """
+        client = ex.client
+        fwd = ex.fwd
+        assert fwd is not None
         add_response_fields(parts, fwd)
         close = ex.close_after or not ex.keep or not ex.req_done or client.close_soon
         if ex.is_head or status == 204 or status == 304:
@@ -555,8 +675,12 @@ class Upstream(Armed):
             if not self.head_only:
                 self.extra = True
             return
+        self._finished(self.parser.should_keep_alive())  # here: llhttp resets it after feed_data
+
+    def _finished(self, keep: bool) -> None:
+        """The whole response is read; `keep`: it allows reuse (RFC 9112 §9.3)."""
         self.state = U_DONE
-        self.keep = self.parser.should_keep_alive()  # here: llhttp resets it once feed_data returns
+        self.keep = keep
         if self.mode == M_CHUNK:
             self.out.append(CHUNK_END)
 
