@@ -370,3 +370,59 @@ async def test_a_shorter_head_whose_body_looks_like_the_last_heads_end(env: Env)
     await c.send(GET)
     assert await exact(c) == second[:-2] + OURS + b"\r\n" + body
     assert up.connections == 1
+
+
+# Plain responses the upstream fast path takes whole (engine/fast_reply.py), one that
+# closes, and one it leaves to llhttp: each relayed the same from one read or from two.
+WHOLE_CASES = [
+    HEAD_CASES[0][0],
+    b"HTTP/1.1 404 Not Found\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-A: 1\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nX-A: 1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+]
+
+
+def _peer_fd(engines: list[FastEngine], w: asyncio.StreamWriter) -> int:
+    """The socket of the engine's upstream connection whose peer is the upstream's `w`."""
+    pool = engines[0]._pool
+    assert pool is not None
+    peer = w.get_extra_info("peername")
+    for up in pool.conns:
+        if up.transport is not None:
+            sock = up.transport.get_extra_info("socket")
+            if sock.getsockname() == peer:
+                return int(sock.fileno())
+    raise AssertionError("no upstream connection of the engine is this one's peer")
+
+
+@pytest.mark.parametrize("response", WHOLE_CASES, ids=["nginx", "empty-body", "close", "chunked"])
+async def test_a_response_whole_in_one_read_is_relayed_as_from_two_reads(
+    env: Env, response: bytes
+) -> None:
+    """Whole in one read (the fast path when plain), then split after the status line,
+    then before its last byte (llhttp): the same bytes reach the client, and the
+    upstream connection is reused exactly when the response allows it (RFC 9112 §9.3)."""
+    engines: list[FastEngine] = []
+    splits = [len(response), response.index(b"\r\n") + 2, len(response) - 1]
+    sent: list[int] = []
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            await read_one(r)
+            k = splits[len(sent)]
+            sent.append(k)
+            if k < len(response):  # the first part, read by the gateway before the rest
+                await _one_read(w, response[:k], _peer_fd(engines, w))
+            w.write(response[k:] if k < len(response) else response)
+            await w.drain()
+
+    up, handler, c, eng = await relay(env, script)
+    engines.append(eng)
+    got = []
+    for _ in splits:
+        await c.send(GET)
+        got.append(await exact(c))
+    assert got[0] == got[1] == got[2]
+    assert await handler.wait_done(3) == [(int(response[9:12]), None)] * 3
+    closes = b"Connection: close" in response
+    assert up.connections == (3 if closes else 1)

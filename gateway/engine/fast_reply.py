@@ -40,10 +40,11 @@ def field_line_end(buf: bytes, start: i64) -> i64:
     i: i64 = start
     while i < n:
         b: i64 = buf[i]
-        if b == 58:  # b":"
-            break
-        if not (97 <= (b | 32) <= 122 or b == 45) and not TCHAR[b]:  # letters and `-` first
-            return -1
+        if not (97 <= (b | 32) <= 122 or b == 45):  # letters and `-`: one test for most
+            if b == 58:  # b":"
+                break
+            if not TCHAR[b]:
+                return -1
         i += 1
     if i == start or i >= n:
         return -1

@@ -528,7 +528,8 @@ class Upstream(Armed):
                             if off > last:
                                 parts.append(buf[last:off])
                             last = eol + 2
-                            self._hop_by_hop(name, buf, colon + 1, eol)
+                            if not strict:  # (`_plain_field` let through none to note)
+                                self._hop_by_hop(name, buf, colon + 1, eol)
                         break
             off = eol + 2
         if off + 1 >= n or (strict and buf[off + 1] != 10):
