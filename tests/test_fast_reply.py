@@ -26,6 +26,7 @@ from gateway.engine.fast_reply import (
     length_value,
     plain_final,
     skip_ows,
+    status_digits,
     status_line_end,
 )
 from gateway.engine.fast_upstream import U_BUSY, U_DONE, Upstream
@@ -142,6 +143,8 @@ STATUS_LINE_IDS = [
 @pytest.mark.parametrize(("line", "want"), STATUS_LINES, ids=STATUS_LINE_IDS)
 def test_a_status_line_is_taken_only_in_its_plain_form(line: bytes, want: int) -> None:
     assert status_line_end(line) == want
+    if want >= 0:
+        assert status_digits(line) == int(line[9:12])
 
 
 @pytest.mark.parametrize(

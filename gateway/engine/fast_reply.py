@@ -102,6 +102,15 @@ def status_line_end(buf: bytes) -> i64:
     return -1
 
 
+def status_digits(buf: bytes) -> int:
+    """The status code of the plain status line at the start of `buf` (`status_line_end`
+    checked its three digits)."""
+    d0: i64 = buf[9] - 48
+    d1: i64 = buf[10] - 48
+    d2: i64 = buf[11] - 48
+    return d0 * 100 + d1 * 10 + d2
+
+
 def plain_final(status: int) -> bool:
     """A final status whose response has a body framed by its Content-Length.
 

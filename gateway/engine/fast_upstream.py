@@ -19,6 +19,7 @@ from gateway.engine.fast_reply import (
     length_value,
     plain_final,
     skip_ows,
+    status_digits,
     status_line_end,
 )
 from gateway.engine.fast_timers import Armed
@@ -405,7 +406,7 @@ class Upstream(Armed):
         eol = status_line_end(data)
         if eol < 0:
             return False
-        status = status_at(data, 0, eol)
+        status = status_digits(data)
         if not plain_final(status):
             return False
         parts = self.out
