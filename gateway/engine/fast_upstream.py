@@ -413,16 +413,14 @@ class Upstream(Armed):
         first_part = len(parts)
         self.body_len = -1
         self.conn_close = False
-        end = self._relay_fields(parts, data, 0, eol + 2, True)
-        body = end + 2
-        if end < 0 or end > MAX_RESPONSE_HEAD or len(data) - body != self.body_len:
+        end = self._relay_fields(parts, data, 0, eol + 2, True)  # (the empty line's offset)
+        if end < 0 or end > MAX_RESPONSE_HEAD or len(data) - end - 2 != self.body_len:
             del parts[first_part:]
             self.has_length = False
             return False
         self.answered = True
         self._final_head(ex, parts, status)
-        if body < len(data):
-            parts.append(data[body:])  # as llhttp's on_body would hand it
+        parts.append(data[end:])  # the head's last CRLF and the body, as llhttp would relay it
         self._finished(not self.conn_close)  # llhttp's verdict for HTTP/1.1 with a length
         return True
 
@@ -616,9 +614,11 @@ class Upstream(Armed):
                 del parts[first_part:]
             return
         self._final_head(ex, parts, status)
+        parts.append(CRLF)
 
     def _final_head(self, ex: Exchange, parts: list[bytes], status: int) -> None:
-        """After the relayed head in `parts`: policy's fields, our framing, the end of the head.
+        """After the relayed head in `parts`: policy's fields and our framing; the caller
+        ends the head (its CRLF).
 
         Shared by llhttp's `on_headers_complete` and the fast path
         (`_whole_reply`): how the body is relayed (RFC 9112 §6-7) and whether
@@ -653,7 +653,6 @@ class Upstream(Armed):
             ex.close_after = True
         elif not ex.http11:
             parts.append(CONN_KEEP)
-        parts.append(CRLF)
         ex.status = status
         ex.state = X_HEAD_SENT  # `out` is joined with the body bytes of this read: one write
 
