@@ -251,18 +251,18 @@ class Relay:
         up.state = U_BUSY
         return up, ex
 
-    def fast(self, data: bytes) -> tuple[Upstream, Exchange] | None:
-        up, ex = self.busy()
+    def fast(self, data: bytes, http11: bool = True) -> tuple[Upstream, Exchange] | None:
+        up, ex = self.busy(http11=http11)
         if not up._whole_reply(ex, data):
             assert up.out == [] and not up.has_length and up.state == U_BUSY
             assert ex.state == 0 and ex.status == 0 and up.head_pos == 0
             return None
         return up, ex
 
-    def llhttp(self, data: bytes) -> tuple[Upstream, Exchange] | None:
+    def llhttp(self, data: bytes, http11: bool = True) -> tuple[Upstream, Exchange] | None:
         """The llhttp path's callbacks for the read (`Upstream._feed` without its failure
         handling, which needs a client transport)."""
-        up, ex = self.busy()
+        up, ex = self.busy(http11=http11)
         up.head_buf = data
         try:
             up.parser.feed_data(data)
@@ -284,9 +284,10 @@ def relay() -> Iterator[Relay]:
         loop.close()
 
 
-def check_agrees(relay: Relay, data: bytes) -> bool:
-    """Whether the fast path took `data`; when it did, that it agrees with llhttp in full."""
-    taken = relay.fast(data)
+def check_agrees(relay: Relay, data: bytes, http11: bool = True) -> bool:
+    """Whether the fast path took `data`; when it did, that it agrees with llhttp in full
+    (for a client of `http11`)."""
+    taken = relay.fast(data, http11)
     if taken is None:
         return False
     up, ex = taken
@@ -303,9 +304,11 @@ def check_agrees(relay: Relay, data: bytes) -> bool:
     got = [tuple(x.strip(b" \t") for x in line.split(b":", 1)) for line in lines]
     want = [(n, v.strip(b" \t")) for n, v in parsed.fields if n.lower() not in HOP_BY_HOP]
     want.append(tuple(OURS.rstrip(b"\r\n").split(b": ")))  # type: ignore[arg-type]
+    if not http11:
+        want.append((b"Connection", b"keep-alive"))
     assert got == want
     # And the llhttp path of the relay gives the same bytes and the same state.
-    other = relay.llhttp(data)
+    other = relay.llhttp(data, http11)
     assert other is not None
     up2, ex2 = other
     assert b"".join(up2.out) == relayed
@@ -355,6 +358,7 @@ RESPONSES: list[tuple[bytes, bool]] = [
     (b"HTTP/1.1 100 Continue\r\n\r\n" + response(OK, [], b"ok"), False),
     (response(b"HTTP/1.1 204 No Content\r\n", [], b""), False),
     (response(b"HTTP/1.1 304 Not Modified\r\n", [], b""), False),
+    (response(b"HTTP/1.1 204 No Content\r\n", [], b"ok"), False),
     (response(b"HTTP/1.0 200 OK\r\n", [], b"ok"), False),
     (response(b"HTTP/1.1 200\r\n", [], b"ok"), False),
     (b"\r\n" + response(OK, [], b"ok"), False),
@@ -392,6 +396,7 @@ RESPONSE_IDS = [
     "interim-first",
     "204",
     "304",
+    "204-with-a-body",
     "http10",
     "no-reason",
     "leading-crlf",
@@ -487,6 +492,7 @@ def test_mutated_responses_are_declined_or_read_as_llhttp_reads_them(
     relay: Relay, data: bytes
 ) -> None:
     check_agrees(relay, data)
+    check_agrees(relay, data, http11=False)
 
 
 @given(data=st.binary(max_size=64))
