@@ -507,14 +507,16 @@ class Upstream(Armed):
         -1, with `parts` to be cut back, when the head is not the plain form.
         """
         n: i64 = len(buf)
-        while off < n and buf[off] != 13:  # a line that starts with CR is the head's end
+        while off < n:
+            c: i64 = buf[off]
+            if c == 13:
+                break  # a line that starts with CR is the head's end
             if strict:
                 eol = field_line_end(buf, off)
                 if eol < 0:
                     return -1
             else:
                 eol = line_end(buf, off)
-            c: i64 = buf[off]
             if NOTED_FIRST[c]:
                 for size, name in NOTED[c | 32]:
                     colon: i64 = off + size
