@@ -128,7 +128,8 @@ class ProxyHandler:
         self.draining = False  # set at SIGTERM: /healthz answers 503 (load balancers stop sending)
         self.access_log = access_log
         self.rng = rng or random.Random()
-        self.ids = propagation.IdMint(self.rng)
+        # Ids from OpenSSL's CSPRNG unless a (seeded) rng is given: propagation.IdMint.
+        self.ids = propagation.IdMint(rng)
         self.clock = clock
         self.wall = wall  # wall-clock time for segments' time windows (gateway/segments.py)
         # Accounting (metrics, guard windows) is batched: `on_done` adds to its
