@@ -65,10 +65,11 @@ def decide(
     lane_release: str | None = None
     lane: str | None = None
     strip_baggage = False
-    if s.baggage:
+    baggage = s.baggage
+    if baggage is not None:
         lane_trusted = True
         steering = False
-        for line in s.baggage:
+        for line in baggage:
             if propagation.LANE_KEY in line or propagation.GRAY_TAG_KEY in line:
                 steering = True
                 break
@@ -76,7 +77,7 @@ def decide(
             lane_trusted = snap.lanes_trust.trusted(client)
             strip_baggage = not lane_trusted
         if steering and lane_trusted and snap.routing.lanes:
-            lane = propagation.lane_of(s.baggage)
+            lane = propagation.lane_of(baggage)
             if lane is not None and lane != sv.baseline:
                 lane_release = sv.lanes.get(lane)
             else:

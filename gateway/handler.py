@@ -261,7 +261,8 @@ class ProxyHandler:
         slot.outstanding += 1
         pool = rv.pool
 
-        incoming = propagation.parse_traceparent(s.traceparent) if s.traceparent else None
+        tp = s.traceparent
+        incoming = propagation.parse_traceparent(tp) if tp is not None else None
         sampled = self.sampler.sample(incoming) if self.sampler is not None else False
         # Ids and the traceparent as bytes: they go into header fields as they are.
         if incoming is None:  # a new trace: its id and our span's in one step
@@ -281,28 +282,29 @@ class ProxyHandler:
             user_shown = None
 
         # The trace fields after traceparent's value, from the CRLF that ends its line.
-        ts_line = b""
-        if s.tracestate and incoming is not None:
-            ts = propagation.parse_tracestate(s.tracestate)
-            if ts:
-                ts_line = b"\r\ntracestate: " + ts.encode("latin-1")
-        if s.baggage:
+        baggage = s.baggage
+        if baggage is not None:
             extra = rv.extra_baggage
             if dec.lane is not None:  # the lane goes on, whichever release served it
                 extra = ((propagation.LANE_KEY, dec.lane), *extra[1:])
             bg = propagation.build_baggage(
-                s.baggage, extra, _STEERING_MEMBERS if dec.strip_baggage else ()
+                baggage, extra, _STEERING_MEMBERS if dec.strip_baggage else ()
             )
-            bg_end = b"\r\nbaggage: " + bg.encode("latin-1") + b"\r\n" if bg else b"\r\n"
+            trace_tail = b"\r\nbaggage: " + bg.encode("latin-1") + b"\r\n" if bg else b"\r\n"
         else:
-            bg_end = rv.lines.baggage_end
+            trace_tail = rv.lines.baggage_end
+        tracestate = s.tracestate
+        if tracestate is not None and incoming is not None:
+            ts = propagation.parse_tracestate(tracestate)
+            if ts:
+                trace_tail = b"\r\ntracestate: " + ts.encode("latin-1") + trace_tail
         # The client's own field lines go on as one block when policy kept every one
         # of them unchanged (no field dropped, renamed or rewritten: headers.Scanned).
         raw = head.fields if s.kept is head.headers else None
         fields = upstream_fields(
             s, raw, client_ip=head.client_ip, proto=head.scheme, lines=rv.lines,
             request_id=rid_b, trace=(trace_id, span_id, flags),
-            trace_tail=ts_line + bg_end if ts_line else bg_end,
+            trace_tail=trace_tail,
         )  # fmt: skip
         # To the client: the stage field and X-Request-ID, rendered as field lines.
         resp = b"%b%b\r\n" % (rv.lines.stage_rid, rid_b)

@@ -116,10 +116,11 @@ class Scanned:
         self.request_id_replaced = False  # the client's was refused (valid_request_id)
         self.forwarded_for: bytes | None = None
         self.via: bytes | None = None
-        # Shared empty defaults: most requests carry none of these (no per-request lists).
-        self.traceparent: Sequence[str] = ()
-        self.tracestate: Sequence[str] = ()
-        self.baggage: Sequence[str] = ()
+        # The values of each field, None when absent (most requests carry none of these):
+        # compiled, `is None` is a pointer compare, where the truth of a Sequence is a call.
+        self.traceparent: list[str] | None = None
+        self.tracestate: list[str] | None = None
+        self.baggage: list[str] | None = None
 
 
 _T = TypeVar("_T")
@@ -212,12 +213,9 @@ def scan(headers: Headers, stage_l: bytes, user_l: bytes, tag_l: bytes = b"") ->
         i += 1
     if kept is not None:
         s.kept = kept
-    if tp is not None:
-        s.traceparent = tp
-    if ts is not None:
-        s.tracestate = ts
-    if bg is not None:
-        s.baggage = bg
+    s.traceparent = tp
+    s.tracestate = ts
+    s.baggage = bg
     if conn:
         conn.discard(b"upgrade")
         if conn:
