@@ -27,7 +27,7 @@ from gateway.errors import (
     upstream_message,
     upstream_status,
 )
-from gateway.headers import scan, set_authority, upstream_fields
+from gateway.headers import Scanned, scan, set_authority, upstream_fields
 from gateway.metrics import Metrics
 from gateway.paths import BadTarget, origin_target
 from gateway.ratelog import RateLimiter
@@ -147,6 +147,11 @@ class ProxyHandler:
         self._dirty: list[Tally] = []  # tallies with exchanges since the last flush
         self._budgets: dict[tuple[str, str], RetryBudget] = {}  # (service, release) -> budget
         self._errlines = RateLimiter()  # one log line per 502/503/504, a few per second
+        # What `scan` found, filled again by every request: `handle` runs to its end before
+        # the next one starts, and nothing it returns holds the Scanned.
+        self._scanned = Scanned([])
+        self._peer = ""  # the last client address, and as the bytes X-Forwarded-For carries
+        self._peer_b = b""
 
     def budget(self, service: str, release: str) -> RetryBudget:
         """The retry budget of (service, release); made on its first retry."""
@@ -229,7 +234,7 @@ class ProxyHandler:
             path = path_b.decode("latin-1")
         if path == "/healthz" or path == "/readyz":
             return self._health(path)
-        s = scan(head.headers, snap.stage_l, snap.user_l, snap.tag_l)
+        s = scan(head.headers, snap.stage_l, snap.user_l, snap.tag_l, self._scanned)
         if authority is not None:
             set_authority(s, authority)
         elif s.host_b is None and head.http_version != "1.0":
@@ -301,8 +306,12 @@ class ProxyHandler:
         # The client's own field lines go on as one block when policy kept every one
         # of them unchanged (no field dropped, renamed or rewritten: headers.Scanned).
         raw = head.fields if s.kept is head.headers else None
+        peer = head.client_ip
+        if peer is not self._peer:  # the engine interns addresses: one compare while one repeats
+            self._peer = peer
+            self._peer_b = peer.encode("latin-1")
         fields = upstream_fields(
-            s, raw, client_ip=head.client_ip, proto=head.scheme, lines=rv.lines,
+            s, raw, client_ip=self._peer_b, proto=head.scheme, lines=rv.lines,
             request_id=rid_b, trace=(trace_id, span_id, flags),
             trace_tail=trace_tail,
         )  # fmt: skip

@@ -24,7 +24,7 @@ def upstream_headers(
     """What `upstream_fields` sends for `s.kept` (a stand-in traceparent), as (name, value)."""
     lines = ReleaseLines(stage, Field(b"baggage", b""))
     block = upstream_fields(
-        s, None, client_ip=client_ip, proto=proto, lines=lines, request_id=request_id,
+        s, None, client_ip=client_ip.encode(), proto=proto, lines=lines, request_id=request_id,
         trace=(b"t", b"s", b"01"), trace_tail=b"\r\n",
     )  # fmt: skip
     return parse_field_lines(block)
@@ -191,7 +191,7 @@ def test_upstream_fields_block(
 ) -> None:
     s = scan(fields, b"x-release-stage", b"x-user-id")
     got = upstream_fields(
-        s, raw, client_ip="10.0.0.9", proto=proto, lines=_LINES, request_id=b"rid",
+        s, raw, client_ip=b"10.0.0.9", proto=proto, lines=_LINES, request_id=b"rid",
         trace=(b"t", b"s", b"02"), trace_tail=trace_tail,
     )  # fmt: skip
     assert got == block
@@ -215,3 +215,39 @@ def test_scan_takes_host_in_any_case_and_sends_it_as_host(
         assert s.kept is fields  # nothing renamed: the request's own list goes on
     else:
         assert s.kept == kept
+
+
+_HEADS = {
+    "every-field": [
+        (b"Host", b"a"),
+        (b"Cookie", b"u=1"),
+        (b"X-Release-Stage", b" gray "),
+        (b"X-User-ID", b"u7"),
+        (b"X-Tag", b"t"),
+        (b"X-Request-ID", b"r-1"),
+        (b"X-Forwarded-For", b"1.1.1.1"),
+        (b"Via", b"1.0 lb"),
+        (b"traceparent", b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-01"),
+        (b"tracestate", b"k=v"),
+        (b"baggage", b"a=b"),
+        (b"Connection", b"x-hop"),
+        (b"X-Hop", b"1"),
+    ],
+    "refused-request-id": [(b"host", b"b"), (b"X-Request-ID", b"two words")],
+    "plain": [(b"Host", b"c"), (b"Accept", b"*/*")],
+    "none": [],
+}
+
+
+def _found(s: Scanned) -> dict[str, object]:
+    return {name: getattr(s, name) for name in Scanned.__slots__}
+
+
+@pytest.mark.parametrize("before", list(_HEADS), ids=list(_HEADS))
+@pytest.mark.parametrize("head", list(_HEADS), ids=list(_HEADS))
+def test_scan_into_a_used_scanned_finds_what_a_new_one_does(before: str, head: str) -> None:
+    """The handler fills one Scanned per request: nothing of the request before stays."""
+    used = scan(_HEADS[before], b"x-release-stage", b"x-user-id", b"x-tag")
+    again = scan(_HEADS[head], b"x-release-stage", b"x-user-id", b"x-tag", into=used)
+    assert again is used
+    assert _found(again) == _found(scan(_HEADS[head], b"x-release-stage", b"x-user-id", b"x-tag"))
