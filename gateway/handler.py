@@ -217,9 +217,8 @@ class ProxyHandler:
         # Checked as str: the compiled build has C calls for str `find`/`in`, while a
         # bytes `find` (or a bytes needle `in` bytes) is a Python method call.
         path = target.decode("latin-1")
-        q = path.find("?")
-        if q >= 0:
-            path = path[:q]
+        if "?" in path:  # `in` first: compiled, cheaper than a `find` in the common case, no query
+            path = path[: path.find("?")]
         authority: bytes | None = None
         fwd_target: bytes | None = None
         if target[:1] != b"/" or "%" in path or ("." in path and "/." in path) or "//" in path:
