@@ -39,12 +39,13 @@ def decide(
     now: float,
     wall: Callable[[], float],
     rng: random.Random,
+    into: Decision | None = None,
 ) -> Decision | None:
     """The release for one request (None: nothing can serve), with what the handler must strip.
 
     `s` is the scan of `headers`; `peer` the TCP peer's address; `now` the
     handler's clock (passive-health ejections), `wall` the wall clock (segment
-    time windows).
+    time windows); `into` a Decision to fill afresh (routing.choose_release).
     """
     stage_cookie = user_cookie = None
     if s.cookie is not None:
@@ -104,6 +105,7 @@ def decide(
         lane_unserved=lane if lane_release is None else None,
         lane_reject=sv.lane_reject,
         tripped=sv.tripped,
+        into=into,
     )
     if dec is None:
         return None

@@ -32,7 +32,7 @@ from gateway.metrics import Metrics
 from gateway.paths import BadTarget, origin_target
 from gateway.ratelog import RateLimiter
 from gateway.retry import RetryBudget, may_retry
-from gateway.routing import REASON_FALLBACK, REASON_REJECT
+from gateway.routing import REASON_FALLBACK, REASON_REJECT, Decision
 from gateway.sampling import RequestSampler
 from gateway.state import SnapshotHolder
 from gateway.tally import Tally
@@ -147,9 +147,10 @@ class ProxyHandler:
         self._dirty: list[Tally] = []  # tallies with exchanges since the last flush
         self._budgets: dict[tuple[str, str], RetryBudget] = {}  # (service, release) -> budget
         self._errlines = RateLimiter()  # one log line per 502/503/504, a few per second
-        # What `scan` found, filled again by every request: `handle` runs to its end before
-        # the next one starts, and nothing it returns holds the Scanned.
+        # What `scan` found and what `decide` chose, filled again by every request: `handle`
+        # runs to its end before the next one starts, and nothing it returns holds either.
         self._scanned = Scanned([])
+        self._decision = Decision("", "", None, "")
         self._peer = ""  # the last client address, and as the bytes X-Forwarded-For carries
         self._peer_b = b""
 
@@ -245,7 +246,7 @@ class ProxyHandler:
         now = self.clock()
         dec = decide(
             snap, sv, s, head.headers, path, target, head.method, head.client_ip, now, self.wall,
-            self.rng,
+            self.rng, self._decision,
         )  # fmt: skip
         if dec is None:
             self.log_error(503, svc_name, "", "", "unavailable", s.request_id or "")

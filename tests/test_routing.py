@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from gateway import routing
 from gateway.routing import (
+    Decision,
     ServiceMatcher,
     TrustPolicy,
     WeightTable,
@@ -184,6 +185,45 @@ def test_choose_release_order(kw: dict[str, object], want: object) -> None:
         assert got is None
     else:
         assert got == want
+
+
+_CHOICES = {
+    "header": {"stage_header": "gray"},
+    "hash": {"user_key": "k"},
+    "fallback": {"stage_header": "gray", "available": frozenset({"stable"})},
+    "minted": {"mint_uid": True},
+    "lane-rejected": {"lane_unserved": "blue", "lane_reject": True},
+}
+
+
+@pytest.mark.parametrize("before", list(_CHOICES), ids=list(_CHOICES))
+@pytest.mark.parametrize("now", list(_CHOICES), ids=list(_CHOICES))
+def test_choose_release_into_a_used_decision_is_a_new_ones(before: str, now: str) -> None:
+    """The handler passes one Decision for every request: it ends up as a new one would be."""
+
+    def choose(kw: dict[str, object], into: Decision | None = None) -> Decision | None:
+        args: dict[str, object] = {
+            "baseline": "stable",
+            "available": BOTH,
+            "stage_header": None,
+            "stage_cookie": None,
+            "user_key": None,
+            "trusted": True,
+            "rng": random.Random(3),
+            "into": into,
+            **kw,
+        }
+        return choose_release(TABLE, **args)  # type: ignore[arg-type]
+
+    used = choose(_CHOICES[before])
+    assert used is not None
+    used.client, used.trusted, used.lane = "10.0.0.1", True, "blue"  # as decide sets them
+    used.strip_tag = used.strip_baggage = True
+    again, fresh = choose(_CHOICES[now], into=used), choose(_CHOICES[now])
+    assert again is used and fresh is not None
+    assert [getattr(again, f) for f in Decision.__slots__] == [
+        getattr(fresh, f) for f in Decision.__slots__
+    ]
 
 
 def test_no_key_random_and_sticky_cookie_minting() -> None:
