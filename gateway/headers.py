@@ -82,8 +82,9 @@ ASCII_LOWER: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghij
 class Scanned:
     """What one pass over the request head found.
 
-    A plain slotted class, not a dataclass: built once per request, and a
-    dataclass __init__ stays interpreted in the compiled build.
+    A plain slotted class, not a dataclass: a dataclass __init__ stays interpreted
+    in the compiled build. `refill` makes it what a new one is: the handler fills one
+    per request (scan's `into`).
     """
 
     __slots__ = (
@@ -101,26 +102,47 @@ class Scanned:
         "tracestate",
         "baggage",
     )
+    # What goes upstream of the client's fields. While every field goes on as
+    # received, this is the request's own list, shared: whoever changes what
+    # goes upstream makes a new list (so `kept is headers` says "unchanged").
+    kept: Headers
+    host_b: bytes | None  # as received: X-Forwarded-Host, the service match
+    cookie: str | None
+    stage: str | None
+    tag: str | None  # the colouring tag header (routing.tag_header), kept
+    user: str | None
+    request_id: str | None
+    request_id_replaced: bool  # the client's was refused (valid_request_id)
+    forwarded_for: bytes | None
+    via: bytes | None
+    # The values of each field, None when absent (most requests carry none of these):
+    # compiled, `is None` is a pointer compare, where the truth of a Sequence is a call.
+    traceparent: list[str] | None
+    tracestate: list[str] | None
+    baggage: list[str] | None
 
     def __init__(self, kept: Headers) -> None:
-        # What goes upstream of the client's fields. While every field goes on as
-        # received, this is the request's own list, shared: whoever changes what
-        # goes upstream makes a new list (so `kept is headers` says "unchanged").
+        self.refill(kept)
+
+    def refill(self, kept: Headers) -> None:
+        """Every field as a new Scanned has it.
+
+        Why a method and not `__init__` again: compiled, `__init__` stores into fields it
+        takes to be empty, so running it twice would never free the first values.
+        """
         self.kept = kept
-        self.host_b: bytes | None = None  # as received: X-Forwarded-Host, the service match
-        self.cookie: str | None = None
-        self.stage: str | None = None
-        self.tag: str | None = None  # the colouring tag header (routing.tag_header), kept
-        self.user: str | None = None
-        self.request_id: str | None = None
-        self.request_id_replaced = False  # the client's was refused (valid_request_id)
-        self.forwarded_for: bytes | None = None
-        self.via: bytes | None = None
-        # The values of each field, None when absent (most requests carry none of these):
-        # compiled, `is None` is a pointer compare, where the truth of a Sequence is a call.
-        self.traceparent: list[str] | None = None
-        self.tracestate: list[str] | None = None
-        self.baggage: list[str] | None = None
+        self.host_b = None
+        self.cookie = None
+        self.stage = None
+        self.tag = None
+        self.user = None
+        self.request_id = None
+        self.request_id_replaced = False
+        self.forwarded_for = None
+        self.via = None
+        self.traceparent = None
+        self.tracestate = None
+        self.baggage = None
 
 
 _T = TypeVar("_T")
@@ -157,7 +179,7 @@ def scan(
         s = Scanned(headers)
     else:
         s = into
-        Scanned.__init__(s, headers)  # every field as a new one has it
+        s.refill(headers)
     # A new list only from the first field that is dropped or renamed on.
     kept: Headers | None = None
     i = 0

@@ -220,8 +220,9 @@ class SegmentRoute:
 class Decision:
     """Which release serves a request, and why (the answer `explain` gives).
 
-    A plain slotted class: built once per request; a dataclass __init__ (frozen
-    or not) costs ~0.3 µs more and stays interpreted in the compiled build.
+    A plain slotted class: a dataclass __init__ (frozen or not) costs ~0.3 µs more
+    and stays interpreted in the compiled build. The handler fills one per request
+    (choose_release's `into`, `refill`).
     """
 
     __slots__ = (
@@ -238,27 +239,51 @@ class Decision:
         "strip_baggage",
     )
 
+    release: str  # the release that serves the request
+    reason: str  # header | cookie | hash | random | fallback
+    key: str | None  # the sticky key used, if any
+    chosen: str  # the release picked before any fallback
+    set_cookie: str | None  # a fresh sticky uid to hand to the client
+    segment: str | None  # the user segment that chose `chosen`, if one did
+    # Set by gateway/decide.py, which reads the request:
+    client: str  # the client address (routing.trusted_proxies)
+    trusted: bool  # stage header, cookie and tag header honoured
+    lane: str | None  # the lane to keep in the baggage passed on
+    strip_tag: bool  # remove the tag header before forwarding (untrusted)
+    strip_baggage: bool  # remove an incoming gray.tag member (untrusted)
+
     def __init__(
         self,
-        release: str,  # the release that serves the request
-        reason: str,  # header | cookie | hash | random | fallback
-        key: str | None,  # the sticky key used, if any
-        chosen: str,  # the release picked before any fallback
-        set_cookie: str | None = None,  # a fresh sticky uid to hand to the client
-        segment: str | None = None,  # the user segment that chose `chosen`, if one did
+        release: str,
+        reason: str,
+        key: str | None,
+        chosen: str,
+        set_cookie: str | None = None,
+        segment: str | None = None,
     ) -> None:
+        self.refill(release, reason, key, chosen, set_cookie, segment)
+
+    def refill(
+        self,
+        release: str,
+        reason: str,
+        key: str | None,
+        chosen: str,
+        set_cookie: str | None,
+        segment: str | None,
+    ) -> None:
+        """Every field as `Decision(...)` gives it (headers.Scanned.refill says why a method)."""
         self.release = release
         self.reason = reason
         self.key = key
         self.chosen = chosen
         self.set_cookie = set_cookie
         self.segment = segment
-        # Set by gateway/decide.py, which reads the request:
-        self.client = ""  # the client address (routing.trusted_proxies)
-        self.trusted = False  # stage header, cookie and tag header honoured
-        self.lane: str | None = None  # the lane to keep in the baggage passed on
-        self.strip_tag = False  # remove the tag header before forwarding (untrusted)
-        self.strip_baggage = False  # remove an incoming gray.tag member (untrusted)
+        self.client = ""
+        self.trusted = False
+        self.lane = None
+        self.strip_tag = False
+        self.strip_baggage = False
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Decision):
@@ -300,7 +325,7 @@ def _decision(
     """
     if into is None:
         return Decision(release, reason, key, chosen, set_cookie, segment)
-    Decision.__init__(into, release, reason, key, chosen, set_cookie, segment)
+    into.refill(release, reason, key, chosen, set_cookie, segment)
     return into
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from gateway.headers import (
@@ -251,3 +253,15 @@ def test_scan_into_a_used_scanned_finds_what_a_new_one_does(before: str, head: s
     again = scan(_HEADS[head], b"x-release-stage", b"x-user-id", b"x-tag", into=used)
     assert again is used
     assert _found(again) == _found(scan(_HEADS[head], b"x-release-stage", b"x-user-id", b"x-tag"))
+
+
+def test_scan_into_a_used_scanned_lets_the_request_before_go() -> None:
+    """Compiled, too (tests/test_compiled_build.py runs this file): nothing of it is kept."""
+    before: Headers = [(b"Host", b"a"), (b"X-User-ID", b"u1")]
+    refs = sys.getrefcount(before)
+    s = scan(before, b"x-release-stage", b"x-user-id")
+    held = sys.getrefcount(before)  # counted apart: pytest's assert holds what it shows
+    assert held == refs + 1
+    scan([(b"Host", b"b")], b"x-release-stage", b"x-user-id", into=s)
+    after = sys.getrefcount(before)
+    assert after == refs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import random
+import sys
 
 import mmh3
 import pytest
@@ -224,6 +225,26 @@ def test_choose_release_into_a_used_decision_is_a_new_ones(before: str, now: str
     assert [getattr(again, f) for f in Decision.__slots__] == [
         getattr(fresh, f) for f in Decision.__slots__
     ]
+
+
+def test_choose_release_into_a_used_decision_lets_the_one_before_go() -> None:
+    """Compiled, too (tests/test_compiled_build.py runs this file): nothing of it is kept."""
+    key = "".join(["us", "er-7"])  # an object of its own, counted
+    refs = sys.getrefcount(key)
+    args: dict[str, object] = {
+        "baseline": "stable",
+        "available": BOTH,
+        "stage_header": None,
+        "stage_cookie": None,
+        "trusted": True,
+        "rng": random.Random(3),
+    }
+    d = choose_release(TABLE, user_key=key, **args)  # type: ignore[arg-type]
+    held = sys.getrefcount(key)  # counted apart: pytest's assert holds what it shows
+    assert d is not None and held == refs + 1
+    again = choose_release(TABLE, user_key="k", into=d, **args)  # type: ignore[arg-type]
+    after = sys.getrefcount(key)
+    assert again is d and after == refs
 
 
 def test_no_key_random_and_sticky_cookie_minting() -> None:
