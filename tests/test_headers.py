@@ -241,22 +241,8 @@ _HEADS = {
 }
 
 
-# Scanned's fields (a compiled class has no __slots__ to read them from).
-_SCANNED = (
-    "kept",
-    "host_b",
-    "cookie",
-    "stage",
-    "tag",
-    "user",
-    "request_id",
-    "request_id_replaced",
-    "forwarded_for",
-    "via",
-    "traceparent",
-    "tracestate",
-    "baggage",
-)
+# Scanned's fields: a compiled class lists them in __mypyc_attrs__ (it has no __slots__).
+_SCANNED: tuple[str, ...] = getattr(Scanned, "__mypyc_attrs__", None) or Scanned.__slots__
 
 
 def _found(s: Scanned) -> dict[str, object]:

@@ -138,7 +138,8 @@ TABLE = WeightTable.build("svc", {"stable": 95, "gray": 5, "canary": 0})
 BOTH = frozenset({"stable", "gray", "canary"})
 
 
-def _choose(**kw: object) -> tuple[str, str] | None:
+def _args(**kw: object) -> dict[str, object]:
+    """choose_release's arguments for a trusted client with nothing to go by, and `kw`."""
     args: dict[str, object] = {
         "baseline": "stable",
         "available": BOTH,
@@ -149,7 +150,11 @@ def _choose(**kw: object) -> tuple[str, str] | None:
         "rng": random.Random(3),
     }
     args.update(kw)
-    d = choose_release(TABLE, **args)  # type: ignore[arg-type]
+    return args
+
+
+def _choose(**kw: object) -> tuple[str, str] | None:
+    d = choose_release(TABLE, **_args(**kw))  # type: ignore[arg-type]
     return None if d is None else (d.release, d.reason)
 
 
@@ -203,18 +208,7 @@ def test_choose_release_into_a_used_decision_is_a_new_ones(before: str, now: str
     """The handler passes one Decision for every request: it ends up as a new one would be."""
 
     def choose(kw: dict[str, object], into: Decision | None = None) -> Decision | None:
-        args: dict[str, object] = {
-            "baseline": "stable",
-            "available": BOTH,
-            "stage_header": None,
-            "stage_cookie": None,
-            "user_key": None,
-            "trusted": True,
-            "rng": random.Random(3),
-            "into": into,
-            **kw,
-        }
-        return choose_release(TABLE, **args)  # type: ignore[arg-type]
+        return choose_release(TABLE, **_args(into=into, **kw))  # type: ignore[arg-type]
 
     used = choose(_CHOICES[before])
     assert used is not None
@@ -222,8 +216,8 @@ def test_choose_release_into_a_used_decision_is_a_new_ones(before: str, now: str
     used.strip_tag = used.strip_baggage = True
     again, fresh = choose(_CHOICES[now], into=used), choose(_CHOICES[now])
     assert again is used and fresh is not None
-    fields = ("release", "reason", "key", "chosen", "set_cookie", "segment", "client", "trusted")
-    fields += ("lane", "strip_tag", "strip_baggage")  # all (compiled: no __slots__ to read)
+    # Every field: a compiled class lists them in __mypyc_attrs__ (it has no __slots__).
+    fields: tuple[str, ...] = getattr(Decision, "__mypyc_attrs__", None) or Decision.__slots__
     assert [getattr(again, f) for f in fields] == [getattr(fresh, f) for f in fields]
 
 
@@ -231,18 +225,10 @@ def test_choose_release_into_a_used_decision_lets_the_one_before_go() -> None:
     """Compiled, too (tests/test_compiled_build.py runs this file): nothing of it is kept."""
     key = "".join(["us", "er-7"])  # an object of its own, counted
     refs = sys.getrefcount(key)
-    args: dict[str, object] = {
-        "baseline": "stable",
-        "available": BOTH,
-        "stage_header": None,
-        "stage_cookie": None,
-        "trusted": True,
-        "rng": random.Random(3),
-    }
-    d = choose_release(TABLE, user_key=key, **args)  # type: ignore[arg-type]
+    d = choose_release(TABLE, **_args(user_key=key))  # type: ignore[arg-type]
     held = sys.getrefcount(key)  # counted apart: pytest's assert holds what it shows
     assert d is not None and held == refs + 1
-    again = choose_release(TABLE, user_key="k", into=d, **args)  # type: ignore[arg-type]
+    again = choose_release(TABLE, **_args(user_key="k", into=d))  # type: ignore[arg-type]
     after = sys.getrefcount(key)
     assert again is d and after == refs
 
