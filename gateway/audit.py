@@ -50,6 +50,7 @@ import aiohttp
 
 from gateway.config import ConsulConfig, StateConfig
 from gateway.errors import Unavailable
+from gateway.statedoc import CHANGED
 from gateway.store.doc import ServiceState, StateDoc
 
 log = logging.getLogger("gateway.audit")
@@ -141,10 +142,14 @@ def record_time(rec: Mapping[str, Any]) -> float:
 def diff(
     before: ServiceState | None, after: ServiceState | None
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """Only the fields that changed, before and after (whole documents would drown the change)."""
+    """Only the fields that changed, before and after (whole documents would drown the change).
+
+    The service's change mark (statedoc.CHANGED) is left out: it is the record's
+    own `state_version`.
+    """
     b = before.to_json() if before is not None else {}
     a = after.to_json() if after is not None else {}
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    keys = sorted(k for k in set(a) | set(b) if k != CHANGED and a.get(k) != b.get(k))
     if not keys:
         return ({}, {})
     return ({k: b[k] for k in keys if k in b}, {k: a[k] for k in keys if k in a})

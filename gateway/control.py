@@ -275,12 +275,16 @@ class ControlPlane:
         async with self._lock:
             for _ in range(_RETRIES):
                 cur = self.doc
-                if if_match is not None and if_match != cur.version:
-                    raise Conflict(
-                        f"stale If-Match: state version is {cur.version}, not {if_match}",
-                        "If-Match",
-                    )
+                if if_match is not None:
+                    stale = statedoc.stale_if_match(cur, service, if_match)
+                    if stale is not None:
+                        raise Conflict(stale, "If-Match")
                 new_state = edit(cur.services.get(service, ServiceState()), self.holder.current)
+                if new_state is not None and not quiet:
+                    # The version this write makes: what If-Match is checked against.
+                    new_state = replace(
+                        new_state, extra={**new_state.extra, statedoc.CHANGED: cur.version + 1}
+                    )
                 new_doc = (
                     cur.without_service(service)
                     if new_state is None
@@ -300,9 +304,7 @@ class ControlPlane:
                     new_doc = replace(new_doc, audit=records)
                 try:
                     stored = await store.write(new_doc, cur.version)
-                except Conflict:
-                    if if_match is not None:
-                        raise
+                except Conflict:  # another writer: catch up; If-Match is checked again
                     try:
                         latest = store.load()
                     except StateError as e:  # unreadable now: the next try replaces it

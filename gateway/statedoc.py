@@ -182,11 +182,46 @@ def _service(name: str, sv: object) -> ServiceState:
         raise InvalidDoc(f"{path}.baseline", "must be a release name")
     if "segments" in extra:
         _segments_shape(f"{path}.segments", extra["segments"])
+    if CHANGED in extra:
+        changed = extra[CHANGED]
+        if (
+            not isinstance(changed, int)
+            or isinstance(changed, bool)
+            or not 0 <= changed <= MAX_VERSION
+        ):
+            raise InvalidDoc(f"{path}.{CHANGED}", f"must be an integer between 0 and {MAX_VERSION}")
     return ServiceState(
         {r: float(w) for r, w in weights.items()},
         {g: (v if GUARD_FIELDS[g][0] else float(v)) for g, v in guard.items()},
         extra,
     )
+
+
+# The state version of a service's last audited change (`ServiceState.extra`).
+CHANGED = "changed"
+
+
+def stale_if_match(doc: StateDoc, service: str, if_match: int) -> str | None:
+    """Why a write to `service` conditional on state version `if_match` is stale, or None.
+
+    Why per service: the version counts every write of the document, the
+    gateway's bookkeeping included (rollout leases, analysis results, served
+    counts, written every few seconds while a rollout runs) and other services'
+    changes. A condition taken from `GET /admin/services/{service}` is stale
+    only when that service's audited state (weights, thresholds, segments,
+    baseline, rollout moves) changed after it, as an ETag names one resource
+    (RFC 9110 §8.8.3, §13.1.1). A service whose last change predates the
+    marker is held to the exact version, as before.
+    """
+    if if_match > doc.version:
+        return f"stale If-Match: state version is {doc.version}, not {if_match}"
+    st = doc.services.get(service)
+    changed = st.extra.get(CHANGED) if st is not None else None
+    if not isinstance(changed, int):
+        changed = doc.version
+    if if_match < changed:
+        return f"stale If-Match: {service!r} changed at state version {changed}, after {if_match}"
+    return None
 
 
 def _segments_shape(path: str, raw: object) -> None:

@@ -7,6 +7,7 @@ OpenAPI document the gateway serves.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -372,6 +373,48 @@ async def test_if_match_stale_is_409_and_changes_nothing(admin: Admin) -> None:
     assert admin.gw.holder.current is snap and admin.state.read_bytes() == disk
     _, doc, _ = await admin.call("GET", "/admin/services/user-api")
     assert doc["weights"]["gray"] == 9
+
+
+async def test_if_match_survives_the_rollout_bookkeeping_but_not_a_change(
+    tmp_path: Path, fixed_upstreams: dict[str, str]
+) -> None:
+    """While a rollout runs, its driver renews the lease every half `lease_ttl` (a write
+    of the state); a version read before that still makes a conditional move, and a
+    version read before the service itself changed does not."""
+    doc = admin_doc(
+        tmp_path,
+        fixed_upstreams["stable"],
+        fixed_upstreams["gray"],
+        rollout={"min_first_pause": "1s", "min_pause": "1s", "lease_ttl": "3s"},
+    )
+    gw = Gateway(C.build(doc, env={TOKEN_ENV: TOKEN}))
+    await gw.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            admin = Admin(gw, s, tmp_path / "state" / "gateway-state.json")
+            plan = {"release": "gray", "steps": [{"weight": 20, "pause": "1h"}, {"weight": 100}]}
+            status, _, _ = await admin.call("POST", "/admin/services/user-api/rollout", json=plan)
+            assert status == 200
+            _, body, headers = await admin.call("GET", "/admin/services/user-api")
+            etag, seen = headers["ETag"], body["state_version"]
+            deadline = asyncio.get_running_loop().time() + 30
+            while await admin.version() == seen:  # the next lease renewal: ~1.5 s
+                assert asyncio.get_running_loop().time() < deadline, "no lease renewal"
+                await asyncio.sleep(0.1)
+            status, body, _ = await admin.call(
+                "POST", "/admin/services/user-api/pause", headers={"If-Match": etag}
+            )
+            assert status == 200, body
+            assert body["rollout"]["state"] == "Paused"
+            status, body, _ = await admin.call(
+                "POST", "/admin/services/user-api/resume", headers={"If-Match": etag}
+            )
+            assert (status, body["field"]) == (409, "If-Match")
+            assert "changed at state version" in body["error"]
+            _, body, _ = await admin.call("GET", "/admin/services/user-api")
+            assert body["rollout"]["state"] == "Paused"
+    finally:
+        await gw.stop(1.0)
 
 
 async def test_seed_platform_payload_sets_5_95_and_guard_thresholds(admin: Admin) -> None:

@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 
-from gateway import changes
+from gateway import changes, statedoc
 from gateway import config as config_mod
 from gateway.config import ServiceConfig
 from gateway.errors import BadRequest
+from gateway.statedoc import ServiceState, StateDoc
 
 
 def _svc(**releases: float) -> ServiceConfig:
@@ -185,3 +186,40 @@ def test_parse_json_refuses_naming_the_body(data: bytes) -> None:
 
 def test_parse_json_accepts_an_object() -> None:
     assert changes.parse_json(b'{"gray": 5}') == {"gray": 5}
+
+
+def _doc(version: int, **changed: int | None) -> StateDoc:
+    """A document at `version` whose services were last changed at the given versions."""
+    return StateDoc(
+        version,
+        {
+            name: ServiceState({"stable": 1.0}, {}, {} if v is None else {statedoc.CHANGED: v})
+            for name, v in changed.items()
+        },
+    )
+
+
+# (document, service, If-Match, stale?)
+IF_MATCH = [
+    ("current", _doc(7, api=7), "api", 7, False),
+    ("bookkeeping-since", _doc(9, api=7), "api", 7, False),
+    ("between-change-and-now", _doc(9, api=7), "api", 8, False),
+    ("service-changed-since", _doc(9, api=8), "api", 7, True),
+    ("future", _doc(9, api=7), "api", 10, True),
+    ("other-service-changed", _doc(9, api=4, web=9), "api", 5, False),
+    ("no-mark-is-exact", _doc(9, api=None), "api", 8, True),
+    ("no-mark-current", _doc(9, api=None), "api", 9, False),
+    ("no-state-is-exact", _doc(9, web=9), "api", 8, True),
+]
+
+
+@pytest.mark.parametrize(
+    ("doc", "service", "if_match", "stale"),
+    [c[1:] for c in IF_MATCH],
+    ids=[c[0] for c in IF_MATCH],
+)
+def test_if_match_is_stale_only_when_the_service_changed(
+    doc: StateDoc, service: str, if_match: int, stale: bool
+) -> None:
+    reason = statedoc.stale_if_match(doc, service, if_match)
+    assert (reason is not None) == stale

@@ -95,7 +95,9 @@ async def test_clear_goes_back_to_the_config(plane: ControlPlane) -> None:
     await cp.set_weights("user-api", {"gray": 50}, None)
     await cp.clear("user-api", None)
     assert _weights(cp) == {"stable": 95, "gray": 5}
-    assert "user-api" not in cp.store.load().services  # nothing stored for it any more
+    # Nothing stored for it any more but the version of this change (If-Match's mark).
+    st = cp.store.load().services["user-api"]
+    assert (st.weights, st.guard, st.extra) == ({}, {}, {"changed": 2})
 
 
 async def test_the_platform_payload_is_percent(plane: ControlPlane) -> None:

@@ -129,6 +129,10 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("version-10**400", _with(lambda b: b.update(version=10**400)), "version"),
     ("service-a-list", _with(lambda b: b["services"].update(svc=[1])), "services.svc"),
+    ("changed-a-string", _with(lambda b: _svc(b).update(changed="2")), "services.svc.changed"),
+    ("changed-negative", _with(lambda b: _svc(b).update(changed=-1)), "services.svc.changed"),
+    ("changed-a-bool", _with(lambda b: _svc(b).update(changed=True)), "services.svc.changed"),
+    ("changed-10**400", _with(lambda b: _svc(b).update(changed=10**400)), "services.svc.changed"),
 ]
 BAD_IDS = [c[0] for c in BAD_VALUES]
 
