@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import httptools
 import pytest
+from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +28,7 @@ from gateway.engine.api import RequestHead
 from gateway.engine.fast import FastEngine
 from gateway.engine.fast_client import S_HEAD, ClientConn
 from gateway.engine.fast_head import read_head
-from gateway.engine.fast_wire import BODY_NONE, head_at_start, request_framing
+from gateway.engine.fast_wire import BODY_NONE, P_DEAD, head_at_start, request_framing
 from gateway.headers import parse_field_lines
 from tests.conftest import gateway_config
 from tests.engine_helpers import Env, ProxyHandler, RawClient, read_request
@@ -394,6 +395,37 @@ async def test_the_engine_builds_the_same_head_from_one_read_or_two(env: Env, da
     # The field block as received: the llhttp path has it only for a head that began and
     # ended in one read (fast_wire.head_at_start; agrees_with_llhttp checks it is this one).
     assert a.fields is not None and parse_field_lines(a.fields) == a.headers and b.fields is None
+
+
+async def test_after_a_close_llhttp_refuses_the_next_head_as_before(env: Env) -> None:
+    """A head after `Connection: close` is llhttp's to refuse, even one the fast path reads.
+
+    llhttp refuses any byte after a message it closes after; the fast path
+    leaves such bytes to it, so the connection ends the same way either way.
+    """
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="slow")
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    handler = ProxyHandler(await env.aiohttp_server(app))
+    eng, port = await env.engine(handler)
+    c = await env.connect(port)
+    await c.send(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await asyncio.wait_for(handler.got_head.wait(), 30)
+    conn = _conn(eng)
+    nxt = b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert fast(nxt) is not None  # a head the fast path reads between other requests
+    await c.send(nxt)
+    await until(lambda: bool(conn.pause & P_DEAD), 30)  # refused by llhttp
+    release.set()
+    r = await c.response(limit=30)
+    assert (r.status, r.body, r.get(b"connection")) == (200, b"slow", b"close")
+    assert await c.closed_by_peer(30)
+    assert [h.target for h in handler.heads] == [b"/slow"]
 
 
 # -- through the gateway: fast path and llhttp mixed on one connection ------------------------

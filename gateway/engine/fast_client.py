@@ -458,6 +458,10 @@ class ClientConn(Armed):
         """
         if len(data) > self._max_head:
             return False
+        q = self._queue
+        last = q[-1] if q else self._active
+        if last is not None and not last.keep:
+            return False  # llhttp read a message it closes after: it refuses what follows
         head = read_head(data, self._max_target, self.client_ip, self.ctx.scheme)
         if head is None:
             return False
