@@ -1,8 +1,10 @@
 """Client side of the fast engine: one protocol object per client connection.
 
-Why here: requests are parsed by llhttp, validated against the framing rules
-of RFC 9112 §6 and §11 (smuggling defences), queued in order for pipelining
-and answered in order; this module owns that state machine and nothing else.
+Why here: requests are parsed by llhttp (the common whole head in one read by
+engine/fast_head.py, into the same exchange), validated against the framing
+rules of RFC 9112 §6 and §11 (smuggling defences), queued in order for
+pipelining and answered in order; this module owns that state machine and
+nothing else.
 """
 
 from __future__ import annotations
