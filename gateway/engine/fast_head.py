@@ -16,8 +16,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 from gateway.engine.api import Headers, RequestHead
-from gateway.engine.fast_upstream import name_at
-from gateway.engine.fast_wire import method_at_start
+from gateway.engine.fast_upstream import KEEP_ALIVE, name_at
+from gateway.engine.fast_wire import (
+    H_CONNECTION,
+    H_CONTENT_LENGTH,
+    H_HOST,
+    H_TRANSFER_ENCODING,
+    H_UPGRADE,
+    method_at_start,
+)
 
 if TYPE_CHECKING:
     from mypy_extensions import i64  # a plain int at run time; an unboxed int64 when compiled
@@ -27,23 +34,18 @@ _DIGITS_ALPHA: Final = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrs
 TCHAR: Final = bytes(1 if b in b"!#$%&'*+-.^_`|~" + _DIGITS_ALPHA else 0 for b in range(256))
 # RFC 9112 §3.2.1 origin-form after its first "/": RFC 3986 §3.3 pchar (unreserved,
 # sub-delims, ":" and "@"; "%" of pct-encoded, its hex digits not checked, as llhttp
-# does not), "/" and the query's "?" (no "#": a fragment is never sent, RFC 9110 §7.1).
+# does not), "/" and the query's "?" (no "#": origin-form has no fragment).
 TARGET_CHAR: Final = bytes(
     1 if b in b"-._~%!$&'()*+,;=:@/?" + _DIGITS_ALPHA else 0 for b in range(256)
 )
 _HTTP_1_: Final = b" HTTP/1."
 
-# Names llhttp treats specially (its SPECIAL_HEADERS: framing and keep-alive), and
-# two more the engine leaves to llhttp's path (Expect) or counts (Host). Any of them
-# but Host and a lone `Connection: keep-alive` means the head is not read here.
-H_HOST: Final = b"host"
+# Names llhttp treats specially (SPECIAL_HEADERS in its src/llhttp/constants.ts:
+# Connection, Proxy-Connection, Content-Length, Transfer-Encoding, Upgrade), and two
+# more the engine leaves to llhttp's path (Expect) or counts (Host). Any of them but
+# Host and a lone `Connection: keep-alive` means the head is not read here.
 H_EXPECT: Final = b"expect"
-H_UPGRADE: Final = b"upgrade"
-H_CONNECTION: Final = b"connection"
-H_CONTENT_LENGTH: Final = b"content-length"
 H_PROXY_CONNECTION: Final = b"proxy-connection"
-H_TRANSFER_ENCODING: Final = b"transfer-encoding"
-KEEP_ALIVE: Final = b"keep-alive"
 
 
 def read_head(data: bytes, max_target: int, client_ip: str, scheme: str) -> RequestHead | None:
