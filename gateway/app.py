@@ -200,7 +200,7 @@ class Gateway:
             version=self.version,
             ready=self.is_ready,
             access_log=config.access_log,
-            rng=self.rng,
+            rng=rng,  # None: the handler's trace ids come from OpenSSL (propagation.IdMint)
             tracer=self.telemetry.tracer,
             sampler=self.telemetry.sampler,
             observers=[self.guardian.guard],

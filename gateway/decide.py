@@ -39,12 +39,13 @@ def decide(
     now: float,
     wall: Callable[[], float],
     rng: random.Random,
+    into: Decision | None = None,
 ) -> Decision | None:
     """The release for one request (None: nothing can serve), with what the handler must strip.
 
     `s` is the scan of `headers`; `peer` the TCP peer's address; `now` the
     handler's clock (passive-health ejections), `wall` the wall clock (segment
-    time windows).
+    time windows); `into` a Decision to fill afresh (routing.choose_release).
     """
     stage_cookie = user_cookie = None
     if s.cookie is not None:
@@ -65,10 +66,11 @@ def decide(
     lane_release: str | None = None
     lane: str | None = None
     strip_baggage = False
-    if s.baggage:
+    baggage = s.baggage
+    if baggage is not None:
         lane_trusted = True
         steering = False
-        for line in s.baggage:
+        for line in baggage:
             if propagation.LANE_KEY in line or propagation.GRAY_TAG_KEY in line:
                 steering = True
                 break
@@ -76,7 +78,7 @@ def decide(
             lane_trusted = snap.lanes_trust.trusted(client)
             strip_baggage = not lane_trusted
         if steering and lane_trusted and snap.routing.lanes:
-            lane = propagation.lane_of(s.baggage)
+            lane = propagation.lane_of(baggage)
             if lane is not None and lane != sv.baseline:
                 lane_release = sv.lanes.get(lane)
             else:
@@ -103,6 +105,7 @@ def decide(
         lane_unserved=lane if lane_release is None else None,
         lane_reject=sv.lane_reject,
         tripped=sv.tripped,
+        into=into,
     )
     if dec is None:
         return None

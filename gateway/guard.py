@@ -108,7 +108,7 @@ class ReleaseWindow:
         hi = b.hi
         for x in seconds:  # `b.add` per exchange, with the slot range kept in locals
             i = _bucket(x)
-            hist[i] += 1
+            hist[i] = hist[i] + 1  # compiled, `hist[i] += 1` is a generic in-place add
             if i < lo:
                 lo = i
             if i >= hi:

@@ -27,12 +27,12 @@ from gateway.errors import (
     upstream_message,
     upstream_status,
 )
-from gateway.headers import scan, set_authority, upstream_fields
+from gateway.headers import Scanned, scan, set_authority, upstream_fields
 from gateway.metrics import Metrics
 from gateway.paths import BadTarget, origin_target
 from gateway.ratelog import RateLimiter
 from gateway.retry import RetryBudget, may_retry
-from gateway.routing import REASON_FALLBACK, REASON_REJECT
+from gateway.routing import REASON_FALLBACK, REASON_REJECT, Decision
 from gateway.sampling import RequestSampler
 from gateway.state import SnapshotHolder
 from gateway.tally import Tally
@@ -128,7 +128,8 @@ class ProxyHandler:
         self.draining = False  # set at SIGTERM: /healthz answers 503 (load balancers stop sending)
         self.access_log = access_log
         self.rng = rng or random.Random()
-        self.ids = propagation.IdMint(self.rng)
+        # Ids from OpenSSL's CSPRNG unless a (seeded) rng is given: propagation.IdMint.
+        self.ids = propagation.IdMint(rng)
         self.clock = clock
         self.wall = wall  # wall-clock time for segments' time windows (gateway/segments.py)
         # Accounting (metrics, guard windows) is batched: `on_done` adds to its
@@ -146,6 +147,12 @@ class ProxyHandler:
         self._dirty: list[Tally] = []  # tallies with exchanges since the last flush
         self._budgets: dict[tuple[str, str], RetryBudget] = {}  # (service, release) -> budget
         self._errlines = RateLimiter()  # one log line per 502/503/504, a few per second
+        # What `scan` found and what `decide` chose, filled again by every request: `handle`
+        # runs to its end before the next one starts, and nothing it returns holds either.
+        self._scanned = Scanned([])
+        self._decision = Decision("", "", None, "")
+        self._peer = ""  # the last client address, and as the bytes X-Forwarded-For carries
+        self._peer_b = b""
 
     def budget(self, service: str, release: str) -> RetryBudget:
         """The retry budget of (service, release); made on its first retry."""
@@ -211,9 +218,8 @@ class ProxyHandler:
         # Checked as str: the compiled build has C calls for str `find`/`in`, while a
         # bytes `find` (or a bytes needle `in` bytes) is a Python method call.
         path = target.decode("latin-1")
-        q = path.find("?")
-        if q >= 0:
-            path = path[:q]
+        if "?" in path:  # `in` first: compiled, cheaper than a `find` in the common case, no query
+            path = path[: path.find("?")]
         authority: bytes | None = None
         fwd_target: bytes | None = None
         if target[:1] != b"/" or "%" in path or ("." in path and "/." in path) or "//" in path:
@@ -228,7 +234,7 @@ class ProxyHandler:
             path = path_b.decode("latin-1")
         if path == "/healthz" or path == "/readyz":
             return self._health(path)
-        s = scan(head.headers, snap.stage_l, snap.user_l, snap.tag_l)
+        s = scan(head.headers, snap.stage_l, snap.user_l, snap.tag_l, self._scanned)
         if authority is not None:
             set_authority(s, authority)
         elif s.host_b is None and head.http_version != "1.0":
@@ -240,7 +246,7 @@ class ProxyHandler:
         now = self.clock()
         dec = decide(
             snap, sv, s, head.headers, path, target, head.method, head.client_ip, now, self.wall,
-            self.rng,
+            self.rng, self._decision,
         )  # fmt: skip
         if dec is None:
             self.log_error(503, svc_name, "", "", "unavailable", s.request_id or "")
@@ -260,7 +266,8 @@ class ProxyHandler:
         slot.outstanding += 1
         pool = rv.pool
 
-        incoming = propagation.parse_traceparent(s.traceparent) if s.traceparent else None
+        tp = s.traceparent
+        incoming = propagation.parse_traceparent(tp) if tp is not None else None
         sampled = self.sampler.sample(incoming) if self.sampler is not None else False
         # Ids and the traceparent as bytes: they go into header fields as they are.
         if incoming is None:  # a new trace: its id and our span's in one step
@@ -280,28 +287,33 @@ class ProxyHandler:
             user_shown = None
 
         # The trace fields after traceparent's value, from the CRLF that ends its line.
-        ts_line = b""
-        if s.tracestate and incoming is not None:
-            ts = propagation.parse_tracestate(s.tracestate)
-            if ts:
-                ts_line = b"\r\ntracestate: " + ts.encode("latin-1")
-        if s.baggage:
+        baggage = s.baggage
+        if baggage is not None:
             extra = rv.extra_baggage
             if dec.lane is not None:  # the lane goes on, whichever release served it
                 extra = ((propagation.LANE_KEY, dec.lane), *extra[1:])
             bg = propagation.build_baggage(
-                s.baggage, extra, _STEERING_MEMBERS if dec.strip_baggage else ()
+                baggage, extra, _STEERING_MEMBERS if dec.strip_baggage else ()
             )
-            bg_end = b"\r\nbaggage: " + bg.encode("latin-1") + b"\r\n" if bg else b"\r\n"
+            trace_tail = b"\r\nbaggage: " + bg.encode("latin-1") + b"\r\n" if bg else b"\r\n"
         else:
-            bg_end = rv.lines.baggage_end
+            trace_tail = rv.lines.baggage_end
+        tracestate = s.tracestate
+        if tracestate is not None and incoming is not None:
+            ts = propagation.parse_tracestate(tracestate)
+            if ts:
+                trace_tail = b"\r\ntracestate: " + ts.encode("latin-1") + trace_tail
         # The client's own field lines go on as one block when policy kept every one
         # of them unchanged (no field dropped, renamed or rewritten: headers.Scanned).
         raw = head.fields if s.kept is head.headers else None
+        peer = head.client_ip
+        if peer is not self._peer:  # the engine interns addresses: one compare while one repeats
+            self._peer = peer
+            self._peer_b = peer.encode("latin-1")
         fields = upstream_fields(
-            s, raw, client_ip=head.client_ip, proto=head.scheme, lines=rv.lines,
+            s, raw, client_ip=self._peer_b, proto=head.scheme, lines=rv.lines,
             request_id=rid_b, trace=(trace_id, span_id, flags),
-            trace_tail=ts_line + bg_end if ts_line else bg_end,
+            trace_tail=trace_tail,
         )  # fmt: skip
         # To the client: the stage field and X-Request-ID, rendered as field lines.
         resp = b"%b%b\r\n" % (rv.lines.stage_rid, rid_b)

@@ -82,8 +82,9 @@ ASCII_LOWER: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghij
 class Scanned:
     """What one pass over the request head found.
 
-    A plain slotted class, not a dataclass: built once per request, and a
-    dataclass __init__ stays interpreted in the compiled build.
+    A plain slotted class, not a dataclass: a dataclass __init__ stays interpreted
+    in the compiled build. `refill` makes it what a new one is: the handler fills one
+    per request (scan's `into`).
     """
 
     __slots__ = (
@@ -101,25 +102,47 @@ class Scanned:
         "tracestate",
         "baggage",
     )
+    # What goes upstream of the client's fields. While every field goes on as
+    # received, this is the request's own list, shared: whoever changes what
+    # goes upstream makes a new list (so `kept is headers` says "unchanged").
+    kept: Headers
+    host_b: bytes | None  # as received: X-Forwarded-Host, the service match
+    cookie: str | None
+    stage: str | None
+    tag: str | None  # the colouring tag header (routing.tag_header), kept
+    user: str | None
+    request_id: str | None
+    request_id_replaced: bool  # the client's was refused (valid_request_id)
+    forwarded_for: bytes | None
+    via: bytes | None
+    # The values of each field, None when absent (most requests carry none of these):
+    # compiled, `is None` is a pointer compare, where the truth of a Sequence is a call.
+    traceparent: list[str] | None
+    tracestate: list[str] | None
+    baggage: list[str] | None
 
     def __init__(self, kept: Headers) -> None:
-        # What goes upstream of the client's fields. While every field goes on as
-        # received, this is the request's own list, shared: whoever changes what
-        # goes upstream makes a new list (so `kept is headers` says "unchanged").
+        self.refill(kept)
+
+    def refill(self, kept: Headers) -> None:
+        """Every field as a new Scanned has it.
+
+        Why a method and not `__init__` again: compiled, `__init__` stores into fields it
+        takes to be empty, so running it twice would never free the first values.
+        """
         self.kept = kept
-        self.host_b: bytes | None = None  # as received: X-Forwarded-Host, the service match
-        self.cookie: str | None = None
-        self.stage: str | None = None
-        self.tag: str | None = None  # the colouring tag header (routing.tag_header), kept
-        self.user: str | None = None
-        self.request_id: str | None = None
-        self.request_id_replaced = False  # the client's was refused (valid_request_id)
-        self.forwarded_for: bytes | None = None
-        self.via: bytes | None = None
-        # Shared empty defaults: most requests carry none of these (no per-request lists).
-        self.traceparent: Sequence[str] = ()
-        self.tracestate: Sequence[str] = ()
-        self.baggage: Sequence[str] = ()
+        self.host_b = None
+        self.cookie = None
+        self.stage = None
+        self.tag = None
+        self.user = None
+        self.request_id = None
+        self.request_id_replaced = False
+        self.forwarded_for = None
+        self.via = None
+        self.traceparent = None
+        self.tracestate = None
+        self.baggage = None
 
 
 _T = TypeVar("_T")
@@ -137,14 +160,26 @@ def _latin(v: bytes) -> str:
     return v.decode("latin-1")
 
 
-def scan(headers: Headers, stage_l: bytes, user_l: bytes, tag_l: bytes = b"") -> Scanned:
+def scan(
+    headers: Headers,
+    stage_l: bytes,
+    user_l: bytes,
+    tag_l: bytes = b"",
+    into: Scanned | None = None,
+) -> Scanned:
     """Split a request head into end-to-end headers and the values policy needs.
 
     `stage_l` / `user_l` / `tag_l` are the lower-cased configured override, sticky
     and colouring-tag header names. When every field goes on as it came,
-    `kept` is `headers` itself, not a copy.
+    `kept` is `headers` itself, not a copy. `into`: a Scanned to fill afresh instead
+    of making one (the handler's own, read only while it handles one request: no
+    allocation and free of a 13-field object per request).
     """
-    s = Scanned(headers)
+    if into is None:
+        s = Scanned(headers)
+    else:
+        s = into
+        s.refill(headers)
     # A new list only from the first field that is dropped or renamed on.
     kept: Headers | None = None
     i = 0
@@ -212,12 +247,9 @@ def scan(headers: Headers, stage_l: bytes, user_l: bytes, tag_l: bytes = b"") ->
         i += 1
     if kept is not None:
         s.kept = kept
-    if tp is not None:
-        s.traceparent = tp
-    if ts is not None:
-        s.tracestate = ts
-    if bg is not None:
-        s.baggage = bg
+    s.traceparent = tp
+    s.tracestate = ts
+    s.baggage = bg
     if conn:
         conn.discard(b"upgrade")
         if conn:
@@ -301,7 +333,7 @@ def upstream_fields(
     s: Scanned,
     client_fields: bytes | None,
     *,
-    client_ip: str,
+    client_ip: bytes,
     proto: str,
     lines: ReleaseLines,
     request_id: bytes,
@@ -316,13 +348,12 @@ def upstream_fields(
     X-Request-ID and `traceparent` from `trace` (trace-id, span-id, flags: W3C Trace
     Context 2 §3.2.2, version 00, propagation.outgoing_trace); `trace_tail` follows
     the traceparent value (the CRLF ending its line, then tracestate and baggage
-    lines, if any).
+    lines, if any). `client_ip`: the peer's address, latin-1 encoded.
     """
     if client_fields is None:
         parts: list[bytes] = []
         add_field_lines(parts, s.kept)
         client_fields = b"".join(parts)
-    ip = client_ip.encode("latin-1")
     host = s.host_b
     if proto == "http":
         xfp = _XFP_HTTP_XFH if host is not None else _XFP_HTTP_LINE
@@ -339,7 +370,7 @@ def upstream_fields(
     return b"%bX-Forwarded-For: %b%b%b%b%b%b\r\ntraceparent: 00-%b-%b-%b%b" % (
         client_fields,
         s.forwarded_for + b", " if s.forwarded_for else b"",
-        ip,
+        client_ip,
         xfp,
         host if host is not None else b"",
         via,

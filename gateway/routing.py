@@ -220,8 +220,9 @@ class SegmentRoute:
 class Decision:
     """Which release serves a request, and why (the answer `explain` gives).
 
-    A plain slotted class: built once per request; a dataclass __init__ (frozen
-    or not) costs ~0.3 µs more and stays interpreted in the compiled build.
+    A plain slotted class: a dataclass __init__ (frozen or not) costs ~0.3 µs more
+    and stays interpreted in the compiled build. The handler fills one per request
+    (choose_release's `into`, `refill`).
     """
 
     __slots__ = (
@@ -238,27 +239,51 @@ class Decision:
         "strip_baggage",
     )
 
+    release: str  # the release that serves the request
+    reason: str  # header | cookie | hash | random | fallback
+    key: str | None  # the sticky key used, if any
+    chosen: str  # the release picked before any fallback
+    set_cookie: str | None  # a fresh sticky uid to hand to the client
+    segment: str | None  # the user segment that chose `chosen`, if one did
+    # Set by gateway/decide.py, which reads the request:
+    client: str  # the client address (routing.trusted_proxies)
+    trusted: bool  # stage header, cookie and tag header honoured
+    lane: str | None  # the lane to keep in the baggage passed on
+    strip_tag: bool  # remove the tag header before forwarding (untrusted)
+    strip_baggage: bool  # remove an incoming gray.tag member (untrusted)
+
     def __init__(
         self,
-        release: str,  # the release that serves the request
-        reason: str,  # header | cookie | hash | random | fallback
-        key: str | None,  # the sticky key used, if any
-        chosen: str,  # the release picked before any fallback
-        set_cookie: str | None = None,  # a fresh sticky uid to hand to the client
-        segment: str | None = None,  # the user segment that chose `chosen`, if one did
+        release: str,
+        reason: str,
+        key: str | None,
+        chosen: str,
+        set_cookie: str | None = None,
+        segment: str | None = None,
     ) -> None:
+        self.refill(release, reason, key, chosen, set_cookie, segment)
+
+    def refill(
+        self,
+        release: str,
+        reason: str,
+        key: str | None,
+        chosen: str,
+        set_cookie: str | None,
+        segment: str | None,
+    ) -> None:
+        """Every field as `Decision(...)` gives it (headers.Scanned.refill says why a method)."""
         self.release = release
         self.reason = reason
         self.key = key
         self.chosen = chosen
         self.set_cookie = set_cookie
         self.segment = segment
-        # Set by gateway/decide.py, which reads the request:
-        self.client = ""  # the client address (routing.trusted_proxies)
-        self.trusted = False  # stage header, cookie and tag header honoured
-        self.lane: str | None = None  # the lane to keep in the baggage passed on
-        self.strip_tag = False  # remove the tag header before forwarding (untrusted)
-        self.strip_baggage = False  # remove an incoming gray.tag member (untrusted)
+        self.client = ""
+        self.trusted = False
+        self.lane = None
+        self.strip_tag = False
+        self.strip_baggage = False
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Decision):
@@ -283,6 +308,27 @@ class Decision:
         return f"Decision({self.release!r}, {self.reason!r}, {self.key!r}, {self.chosen!r})"
 
 
+def _decision(
+    into: Decision | None,
+    release: str,
+    reason: str,
+    key: str | None,
+    chosen: str,
+    set_cookie: str | None = None,
+    segment: str | None = None,
+) -> Decision:
+    """`Decision(...)`, or `into` given exactly the fields a new one would have.
+
+    Why: the handler decides one request at a time and keeps no Decision past it, so
+    it passes the same one for every request (ProxyHandler): no 11-field object made
+    and freed per request.
+    """
+    if into is None:
+        return Decision(release, reason, key, chosen, set_cookie, segment)
+    into.refill(release, reason, key, chosen, set_cookie, segment)
+    return into
+
+
 def choose_release(
     table: WeightTable,
     *,
@@ -301,6 +347,7 @@ def choose_release(
     lane_unserved: str | None = None,
     lane_reject: bool = False,
     tripped: frozenset[str] = frozenset(),
+    into: Decision | None = None,
 ) -> Decision | None:
     """In order: trusted header, trusted cookie, tag, lane, user segment, sticky key, random.
 
@@ -314,6 +361,7 @@ def choose_release(
     the answer is REASON_REJECT (a 503). A release in `tripped` (its rollout is in
     CircuitBreak or RolledBack) is reached only by the stage header and cookie:
     a tag, lane or segment naming it is served by the baseline as a fallback.
+    `into`: a Decision to fill afresh instead of making one (`_decision`).
     """
     release: str | None = None
     reason = REASON_HASH
@@ -330,9 +378,9 @@ def choose_release(
         release, reason = lane, REASON_LANE
     elif lane_unserved is not None:
         if lane_reject:
-            return Decision("", REASON_REJECT, key, lane_unserved)
+            return _decision(into, "", REASON_REJECT, key, lane_unserved)
         if baseline in available:
-            return Decision(baseline, REASON_FALLBACK, key, lane_unserved)
+            return _decision(into, baseline, REASON_FALLBACK, key, lane_unserved)
         return None
     elif segment is not None:
         seg_name, reason = segment.name, REASON_SEGMENT
@@ -363,12 +411,12 @@ def choose_release(
         and (reason == REASON_TAG or reason == REASON_LANE or reason == REASON_SEGMENT)
     ):
         if baseline in available:
-            return Decision(baseline, REASON_FALLBACK, key, release, new_uid, seg_name)
+            return _decision(into, baseline, REASON_FALLBACK, key, release, new_uid, seg_name)
         return None
     if release in available:
-        return Decision(release, reason, key, release, new_uid, seg_name)
+        return _decision(into, release, reason, key, release, new_uid, seg_name)
     if baseline in available:
-        return Decision(baseline, REASON_FALLBACK, key, release, new_uid, seg_name)
+        return _decision(into, baseline, REASON_FALLBACK, key, release, new_uid, seg_name)
     return None
 
 

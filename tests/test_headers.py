@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from gateway.headers import (
@@ -24,7 +26,7 @@ def upstream_headers(
     """What `upstream_fields` sends for `s.kept` (a stand-in traceparent), as (name, value)."""
     lines = ReleaseLines(stage, Field(b"baggage", b""))
     block = upstream_fields(
-        s, None, client_ip=client_ip, proto=proto, lines=lines, request_id=request_id,
+        s, None, client_ip=client_ip.encode(), proto=proto, lines=lines, request_id=request_id,
         trace=(b"t", b"s", b"01"), trace_tail=b"\r\n",
     )  # fmt: skip
     return parse_field_lines(block)
@@ -191,7 +193,7 @@ def test_upstream_fields_block(
 ) -> None:
     s = scan(fields, b"x-release-stage", b"x-user-id")
     got = upstream_fields(
-        s, raw, client_ip="10.0.0.9", proto=proto, lines=_LINES, request_id=b"rid",
+        s, raw, client_ip=b"10.0.0.9", proto=proto, lines=_LINES, request_id=b"rid",
         trace=(b"t", b"s", b"02"), trace_tail=trace_tail,
     )  # fmt: skip
     assert got == block
@@ -215,3 +217,55 @@ def test_scan_takes_host_in_any_case_and_sends_it_as_host(
         assert s.kept is fields  # nothing renamed: the request's own list goes on
     else:
         assert s.kept == kept
+
+
+_HEADS = {
+    "every-field": [
+        (b"Host", b"a"),
+        (b"Cookie", b"u=1"),
+        (b"X-Release-Stage", b" gray "),
+        (b"X-User-ID", b"u7"),
+        (b"X-Tag", b"t"),
+        (b"X-Request-ID", b"r-1"),
+        (b"X-Forwarded-For", b"1.1.1.1"),
+        (b"Via", b"1.0 lb"),
+        (b"traceparent", b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-01"),
+        (b"tracestate", b"k=v"),
+        (b"baggage", b"a=b"),
+        (b"Connection", b"x-hop"),
+        (b"X-Hop", b"1"),
+    ],
+    "refused-request-id": [(b"host", b"b"), (b"X-Request-ID", b"two words")],
+    "plain": [(b"Host", b"c"), (b"Accept", b"*/*")],
+    "none": [],
+}
+
+
+# Scanned's fields: a compiled class lists them in __mypyc_attrs__ (it has no __slots__).
+_SCANNED: tuple[str, ...] = getattr(Scanned, "__mypyc_attrs__", None) or Scanned.__slots__
+
+
+def _found(s: Scanned) -> dict[str, object]:
+    return {name: getattr(s, name) for name in _SCANNED}
+
+
+@pytest.mark.parametrize("before", list(_HEADS), ids=list(_HEADS))
+@pytest.mark.parametrize("head", list(_HEADS), ids=list(_HEADS))
+def test_scan_into_a_used_scanned_finds_what_a_new_one_does(before: str, head: str) -> None:
+    """The handler fills one Scanned per request: nothing of the request before stays."""
+    used = scan(_HEADS[before], b"x-release-stage", b"x-user-id", b"x-tag")
+    again = scan(_HEADS[head], b"x-release-stage", b"x-user-id", b"x-tag", into=used)
+    assert again is used
+    assert _found(again) == _found(scan(_HEADS[head], b"x-release-stage", b"x-user-id", b"x-tag"))
+
+
+def test_scan_into_a_used_scanned_lets_the_request_before_go() -> None:
+    """Compiled, too (tests/test_compiled_build.py runs this file): nothing of it is kept."""
+    before: Headers = [(b"Host", b"a"), (b"X-User-ID", b"u1")]
+    refs = sys.getrefcount(before)
+    s = scan(before, b"x-release-stage", b"x-user-id")
+    held = sys.getrefcount(before)  # counted apart: pytest's assert holds what it shows
+    assert held == refs + 1
+    scan([(b"Host", b"b")], b"x-release-stage", b"x-user-id", into=s)
+    after = sys.getrefcount(before)
+    assert after == refs

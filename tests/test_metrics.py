@@ -8,6 +8,8 @@ text.
 
 from __future__ import annotations
 
+import bisect
+import math
 import re
 import shutil
 import subprocess
@@ -354,6 +356,55 @@ def test_batched_accounting_equals_one_by_one() -> None:
         }
 
     assert series(one) == series(batch) == series(tallied)
+
+
+_ON_AND_AROUND = [
+    (f"{name}-{i}", v)
+    for i, b in enumerate(BUCKETS)
+    for name, v in (
+        ("below", math.nextafter(b, 0.0)),
+        ("on", b),
+        ("above", math.nextafter(b, math.inf)),
+    )
+]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [v for _, v in _ON_AND_AROUND] + [0.0, -0.0, -1.0, 1e-9, 31.0, 1e300, math.inf, math.nan],
+    ids=[n for n, _ in _ON_AND_AROUND] + ["0", "-0", "neg", "tiny", "31s", "huge", "inf", "nan"],
+)
+def test_bucket_index_is_observes_bucket(value: float) -> None:
+    """The compare tree puts every value where Histogram.observe (bisect_left) does."""
+    from gateway.metrics import _UPPER_BOUNDS, bucket_index
+
+    assert bucket_index(value) == bisect.bisect_left(_UPPER_BOUNDS, value)
+
+
+def test_batched_histogram_on_the_bounds_equals_observe() -> None:
+    """Values on, just below and just above every bound: the batch counts what observe does."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from gateway.metrics import _observe_many
+
+    values = [v for _, v in _ON_AND_AROUND] + [0.0, 0.0002, 12.0, 31.0, math.inf]
+    one, batch = (
+        Histogram("d", "d", buckets=BUCKETS, registry=CollectorRegistry()) for _ in range(2)
+    )
+    for v in values:
+        one.observe(v)
+    _observe_many(batch, values)
+
+    def counts(h: Histogram) -> list[tuple[str, float]]:
+        return [
+            (s.labels.get("le", s.name), s.value)
+            for m in h.collect()
+            for s in m.samples
+            if s.name.endswith(("_bucket", "_count"))
+        ]
+
+    assert counts(one) == counts(batch)
+    assert counts(batch)[0][1] == 4  # just below and on the first bound, 0.0 and 0.0002
 
 
 def test_a_failing_observer_never_stops_the_accounting(caplog: pytest.LogCaptureFixture) -> None:

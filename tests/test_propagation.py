@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import random
 import re
 from urllib.parse import unquote
@@ -216,6 +217,30 @@ def test_id_mint_is_deterministic_refills_and_never_zero() -> None:
     assert IdMint(ZeroFirst(), chunk=8).span_id() != "0" * 16
     trace_id, header = outgoing_traceparent(None, SPAN, sampled=False, mint=IdMint())
     assert re.fullmatch(r"[0-9a-f]{32}", trace_id) and header == f"00-{trace_id}-{SPAN}-02"
+
+
+def test_ids_without_rng_are_random_and_never_repeat_in_a_forked_child() -> None:
+    # Without an rng the mint draws from OpenSSL's generator, which is used here before
+    # the fork: a worker forked from a process that minted ids must still mint its own.
+    parent = IdMint(chunk=64)
+    ids = [parent.trace_id_b() for _ in range(8)]  # several draws
+    assert all(re.fullmatch(rb"[0-9a-f]{32}", i) for i in ids) and len(set(ids)) == 8
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh mint, as a worker makes after the fork
+        try:
+            mint = IdMint(chunk=64)
+            os.write(w, b"".join(mint.trace_id_b() for _ in range(8)))
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        got = f.read()
+    os.waitpid(pid, 0)
+    theirs = {got[i : i + 32] for i in range(0, len(got), 32)}
+    after = IdMint(chunk=64)
+    ours = {after.trace_id_b() for _ in range(8)}
+    assert len(theirs) == 8 and not theirs & ours and not theirs & set(ids)
 
 
 @pytest.mark.parametrize("chunk", [8, 24, 40, 64, 4096], ids=lambda c: f"chunk-{c}")

@@ -44,7 +44,6 @@ TESTED_ELSEWHERE = {
     "engine/fast_client": "tests/test_engine_fast.py, tests/test_request_edges.py",
     "engine/fast_upstream": "tests/test_engine_fast.py, tests/test_failover.py",
     "engine/fast_wire": "tests/test_engine_fast.py, tests/test_fuzz_engine.py",
-    "handler": "tests/test_proxy_e2e.py, tests/test_request_edges.py (being split: issue 13)",
     "hooks": "tests/test_rollout.py, tests/test_rollout_gates_e2e.py (hooks against real servers)",
     "sampling": "tests/test_telemetry.py: every sampler against the SDK's, root shares",
     "rollout_driver": "tests/test_rollout_gates_e2e.py (the driver in a real gateway)",

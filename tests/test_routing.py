@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import random
+import sys
 
 import mmh3
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from gateway import routing
 from gateway.routing import (
+    Decision,
     ServiceMatcher,
     TrustPolicy,
     WeightTable,
@@ -136,7 +138,8 @@ TABLE = WeightTable.build("svc", {"stable": 95, "gray": 5, "canary": 0})
 BOTH = frozenset({"stable", "gray", "canary"})
 
 
-def _choose(**kw: object) -> tuple[str, str] | None:
+def _args(**kw: object) -> dict[str, object]:
+    """choose_release's arguments for a trusted client with nothing to go by, and `kw`."""
     args: dict[str, object] = {
         "baseline": "stable",
         "available": BOTH,
@@ -147,7 +150,11 @@ def _choose(**kw: object) -> tuple[str, str] | None:
         "rng": random.Random(3),
     }
     args.update(kw)
-    d = choose_release(TABLE, **args)  # type: ignore[arg-type]
+    return args
+
+
+def _choose(**kw: object) -> tuple[str, str] | None:
+    d = choose_release(TABLE, **_args(**kw))  # type: ignore[arg-type]
     return None if d is None else (d.release, d.reason)
 
 
@@ -184,6 +191,46 @@ def test_choose_release_order(kw: dict[str, object], want: object) -> None:
         assert got is None
     else:
         assert got == want
+
+
+_CHOICES = {
+    "header": {"stage_header": "gray"},
+    "hash": {"user_key": "k"},
+    "fallback": {"stage_header": "gray", "available": frozenset({"stable"})},
+    "minted": {"mint_uid": True},
+    "lane-rejected": {"lane_unserved": "blue", "lane_reject": True},
+}
+
+
+@pytest.mark.parametrize("before", list(_CHOICES), ids=list(_CHOICES))
+@pytest.mark.parametrize("now", list(_CHOICES), ids=list(_CHOICES))
+def test_choose_release_into_a_used_decision_is_a_new_ones(before: str, now: str) -> None:
+    """The handler passes one Decision for every request: it ends up as a new one would be."""
+
+    def choose(kw: dict[str, object], into: Decision | None = None) -> Decision | None:
+        return choose_release(TABLE, **_args(into=into, **kw))  # type: ignore[arg-type]
+
+    used = choose(_CHOICES[before])
+    assert used is not None
+    used.client, used.trusted, used.lane = "10.0.0.1", True, "blue"  # as decide sets them
+    used.strip_tag = used.strip_baggage = True
+    again, fresh = choose(_CHOICES[now], into=used), choose(_CHOICES[now])
+    assert again is used and fresh is not None
+    # Every field: a compiled class lists them in __mypyc_attrs__ (it has no __slots__).
+    fields: tuple[str, ...] = getattr(Decision, "__mypyc_attrs__", None) or Decision.__slots__
+    assert [getattr(again, f) for f in fields] == [getattr(fresh, f) for f in fields]
+
+
+def test_choose_release_into_a_used_decision_lets_the_one_before_go() -> None:
+    """Compiled, too (tests/test_compiled_build.py runs this file): nothing of it is kept."""
+    key = "".join(["us", "er-7"])  # an object of its own, counted
+    refs = sys.getrefcount(key)
+    d = choose_release(TABLE, **_args(user_key=key))  # type: ignore[arg-type]
+    held = sys.getrefcount(key)  # counted apart: pytest's assert holds what it shows
+    assert d is not None and held == refs + 1
+    again = choose_release(TABLE, **_args(user_key="k", into=d))  # type: ignore[arg-type]
+    after = sys.getrefcount(key)
+    assert again is d and after == refs
 
 
 def test_no_key_random_and_sticky_cookie_minting() -> None:
