@@ -28,6 +28,7 @@ COMPILED = [
     "gateway/engine/api.py",
     "gateway/engine/fast.py",
     "gateway/engine/fast_client.py",
+    "gateway/engine/fast_head.py",
     "gateway/engine/fast_pool.py",
     "gateway/engine/fast_timers.py",
     "gateway/engine/fast_upstream.py",

@@ -74,6 +74,7 @@ PARTS = (
     "headers___scan",
     "headers___upstream_fields",
     "ClientConn___on_headers_complete",
+    "fast_head___read_head",  # the request head read without llhttp (the usual case)
     "Upstream___on_headers_complete",
     "Upstream___attach",
     "Upstream____complete",

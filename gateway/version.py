@@ -45,6 +45,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "gateway.engine.api",
     "gateway.engine.fast",
     "gateway.engine.fast_client",
+    "gateway.engine.fast_head",
     "gateway.engine.fast_pool",
     "gateway.engine.fast_timers",
     "gateway.engine.fast_upstream",

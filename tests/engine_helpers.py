@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.engine.api import Forward, Handler, RequestHead, Respond
 from gateway.engine.fast import FastEngine
+from gateway.engine.fast_client import _NO_QUEUE, ClientConn
 
 HOP = frozenset(
     {
@@ -373,3 +374,12 @@ class Env:
             await up.stop()
         for srv in self.servers:
             await srv.close()
+
+
+def idle_checked(conn: ClientConn) -> bool:
+    """The idle check after the last response has run: no llhttp parser, no queue of its own.
+
+    Why not the parser alone: a connection whose heads were all read by
+    engine/fast_head.py never made one.
+    """
+    return conn.parser is None and conn._queue is _NO_QUEUE

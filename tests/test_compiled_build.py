@@ -49,6 +49,7 @@ SUITES = [
     "test_guard.py",
     "test_headers.py",
     "test_request_head.py",
+    "test_fast_head.py",
     "test_propagation.py",
     "test_routing.py",
     "test_balancer.py",

@@ -22,7 +22,7 @@ from gateway.engine.fast import FastEngine
 from gateway.engine.fast_park import ParkingLot
 from gateway.tls import server_context
 from tests.conftest import Upstream, gateway_config
-from tests.engine_helpers import Env, ProxyHandler, RawClient
+from tests.engine_helpers import Env, ProxyHandler, RawClient, idle_checked
 from tests.polling import until
 from tests.tls_helpers import make_pki
 
@@ -151,9 +151,9 @@ async def test_parking_off_keeps_idle_connections_as_transports(env: Env) -> Non
     eng, port = await _engine(env, park_after=0)
     c = await env.connect(port)
     await _answered(c)
-    # The parser is dropped at the tick that would have parked it (PARSER_IDLE_SECONDS).
+    # The parser and queue are dropped at the tick that would have parked it (PARSER_IDLE_SECONDS).
     (conn,) = eng._clients
-    await until(lambda: conn.parser is None, 30.0)
+    await until(lambda: idle_checked(conn), 30.0)
     assert eng.parked == 0 and list(eng._clients) == [conn]
     await _answered(c, GET_B)
 
@@ -168,7 +168,7 @@ async def test_https_connections_are_never_parked(env: Env, tmp_path: Path) -> N
     env.clients.append(c)
     await _answered(c)
     (conn,) = eng._clients
-    await until(lambda: conn.parser is None, 30.0)  # the tick that would have parked it
+    await until(lambda: idle_checked(conn), 30.0)  # the tick that would have parked it
     assert eng.parked == 0 and list(eng._clients) == [conn]
     await _answered(c, GET_A)
 
@@ -211,10 +211,8 @@ async def test_timeouts_idle_park_reaches_the_gateway(
         for _ in range(2):
             await c.send(b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n")
             assert (await c.response()).status == 200
-            # Parked (or, off, its parser dropped at the tick that would have parked it).
-            await until(
-                lambda: eng.parked == 1 or all(k.parser is None for k in eng._clients), 30.0
-            )
+            # Parked (or, off, its parser and queue dropped at the tick that would have parked it).
+            await until(lambda: eng.parked == 1 or all(idle_checked(k) for k in eng._clients), 30.0)
             assert (eng.parked, len(eng._clients)) == (parked, 1 - parked)
     finally:
         await c.close()

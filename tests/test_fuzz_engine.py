@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from tests.conftest import gateway_config, two_releases
 
 VALID = b"GET /p HTTP/1.1\r\nHost: t\r\nX-User-ID: u1\r\nContent-Length: 3\r\n\r\nabc"
+# A head engine/fast_head.py reads without llhttp: mutated, it is read there or left to llhttp.
+PLAIN = b"GET /p HTTP/1.1\r\nHost: t\r\nX-User-ID: u1\r\nConnection: keep-alive\r\n\r\n"
 
 _mutations = st.one_of(
     st.binary(min_size=1, max_size=300),
@@ -20,6 +22,11 @@ _mutations = st.one_of(
         st.binary(min_size=1, max_size=12),
     ),
     st.builds(lambda i: VALID[:i] + VALID[i + 1 :], st.integers(0, len(VALID) - 1)),
+    st.builds(
+        lambda i, b: PLAIN[:i] + b + PLAIN[i:],
+        st.integers(0, len(PLAIN)),
+        st.binary(min_size=1, max_size=12),
+    ),
     st.builds(
         lambda n, v: b"GET / HTTP/1.1\r\nHost: t\r\n" + n + b": " + v + b"\r\n\r\n",
         st.binary(min_size=0, max_size=20),

@@ -1,8 +1,10 @@
 """Client side of the fast engine: one protocol object per client connection.
 
-Why here: requests are parsed by llhttp, validated against the framing rules
-of RFC 9112 §6 and §11 (smuggling defences), queued in order for pipelining
-and answered in order; this module owns that state machine and nothing else.
+Why here: requests are parsed by llhttp (the common whole head in one read by
+engine/fast_head.py, into the same exchange), validated against the framing
+rules of RFC 9112 §6 and §11 (smuggling defences), queued in order for
+pipelining and answered in order; this module owns that state machine and
+nothing else.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from gateway.engine.api import (
     Respond,
     UpstreamErrorKind,
 )
+from gateway.engine.fast_head import read_head
 from gateway.engine.fast_timers import Armed
 from gateway.engine.fast_wire import (
     BODY_CHUNKED,
@@ -92,10 +95,9 @@ PARSER_IDLE_SECONDS: Final = 1.0
 # What `ClientConn._headers` is between two heads: shared, never appended to
 # (on_header appends only in S_HEAD, and `_begin` makes a fresh list first).
 _NO_HEADERS: Final[list[tuple[bytes, bytes]]] = []
-# What `ClientConn._queue` is while the connection has no parser: shared, never
-# appended to (a request is queued only by a parser's callback, and the queue is
-# made at the parser's first head; `_fail_input` makes its own). An idle connection
-# holds none.
+# What `ClientConn._queue` is between heads on an idle connection: shared, never
+# appended to (a request is queued only by `_head_read`, which makes the queue at the
+# first head; `_fail_input` makes its own). An idle connection holds none.
 _NO_QUEUE: Final[list[Exchange]] = []
 
 
@@ -274,8 +276,8 @@ class ClientConn(Armed):
         self._parsing: Exchange | None = None
         self._last_ex: Exchange | None = None
         self._active: Exchange | None = None
-        # Requests parsed and not started, in order: a list made at the parser's first
-        # head and dropped with the parser (pipelining is rare: one or two entries),
+        # Requests parsed and not started, in order: a list made at the first head and
+        # dropped when the connection idles (pipelining is rare: one or two entries),
         # `_NO_QUEUE` between.
         self._queue: list[Exchange] = _NO_QUEUE
         self._tunnel: Upstream | None = None  # the upstream of an upgraded connection
@@ -389,15 +391,18 @@ class ClientConn(Armed):
         elif self._counting:
             self._counting = False
         try:
-            p = self.parser
-            if p is None:
-                p = self.parser = HttpRequestParser(self)  # (an idle connection holds none)
-            # Between messages with nothing held by llhttp, a head starts in this read.
-            self._chunk = data if st0 == S_WAIT and not self._begun else None
-            p.feed_data(data)
-            # Bytes after a complete message that start no request line yet (a method's
-            # first letters) raise no callback: a chunk ending in LF left none behind.
-            self._begun = data[-1] != 10
+            # Between messages with nothing held by llhttp, a head starts in this read;
+            # the common whole head is read without llhttp (engine/fast_head.py).
+            between = st0 == S_WAIT and not self._begun
+            if not between or not self._read_plain_head(data):
+                p = self.parser
+                if p is None:
+                    p = self.parser = HttpRequestParser(self)  # (an idle connection holds none)
+                self._chunk = data if between else None
+                p.feed_data(data)
+                # Bytes after a complete message that start no request line yet (a method's
+                # first letters) raise no callback: a chunk ending in LF left none behind.
+                self._begun = data[-1] != 10
         except HttpParserUpgrade as e:
             ex = self._last_ex
             assert ex is not None
@@ -445,6 +450,35 @@ class ClientConn(Armed):
             if self._queue and self.state != C_CLOSED:
                 self._pause_(P_PIPE)
 
+    def _read_plain_head(self, data: bytes) -> bool:
+        """Read `data` as one whole request head of the plain form, if it is one (fast_head).
+
+        Only between messages with nothing held by llhttp (the caller knows that).
+        The same exchange and the same state as llhttp's callbacks would give;
+        False: nothing was changed, and llhttp reads `data` (a longer head gets
+        its 431 and a longer target its 414 there).
+        """
+        if len(data) > self._max_head:
+            return False
+        q = self._queue
+        last = q[-1] if q else self._active
+        if last is not None and not last.keep:
+            return False  # llhttp read a message it closes after: it refuses what follows
+        head = read_head(data, self._max_target, self.client_ip, self.ctx.scheme)
+        if head is None:
+            return False
+        try:
+            # One Host, no body, no upgrade (read_head): the framing rules still decide.
+            http11, body_kind, length, upgrade = request_framing(
+                head.http_version, head.method, 1, None, None, None
+            )
+        except Reject:
+            return False
+        self._head_begun()
+        ex = self._head_read(head, http11, body_kind, length, upgrade, True)
+        self._message_read(ex, True)  # (read_head takes only heads llhttp keeps alive after)
+        return True
+
     # -- httptools callbacks ------------------------------------------------
 
     def _begin(self) -> None:
@@ -455,6 +489,10 @@ class ClientConn(Armed):
         self._transfer_coding = None
         self._hosts = 0
         self._upgrade = None
+        self._head_begun()
+
+    def _head_begun(self) -> None:
+        """A request head began in this read: the header timeout applies (both readers)."""
         self.waiting_for = S_HEAD
         # The header timeout's start: read from the loop's clock after the feed, and
         # only if the head is still unfinished then (data_received): later than here
@@ -531,20 +569,23 @@ class ClientConn(Armed):
         # A request with neither body nor upgrade ends in this same feed, before anything
         # reads `keep`: on_message_complete asks llhttp then (one Python call, not two).
         keep = p.should_keep_alive() if body_kind or upgrade is not None else True
-        ex = Exchange(
-            self,
-            RequestHead(
-                method, self._url, headers, self.client_ip, version, self.ctx.scheme, fields
-            ),
-            http11,
-            method == b"HEAD",
-            keep,
-            body_kind,
-            length,
-            upgrade,
+        head = RequestHead(
+            method, self._url, headers, self.client_ip, version, self.ctx.scheme, fields
         )
+        self._last_ex = self._head_read(head, http11, body_kind, length, upgrade, keep)
+
+    def _head_read(
+        self,
+        head: RequestHead,
+        http11: bool,
+        body_kind: int,
+        length: int,
+        upgrade: bytes | None,
+        keep: bool,
+    ) -> Exchange:
+        """A whole, framing-checked request head is read (by either reader): queue it."""
+        ex = Exchange(self, head, http11, head.method == b"HEAD", keep, body_kind, length, upgrade)
         self._parsing = ex
-        self._last_ex = ex
         if self._queue is _NO_QUEUE:
             # Made with one slot, which it keeps when popped empty: CPython frees the
             # slots of a list that grew from [] once it is emptied, so an append and
@@ -558,6 +599,7 @@ class ClientConn(Armed):
             self._period_start = self.loop.time()
             self._body_bytes = 0
             self.arm(self._period_start + self.ctx.body_timeout)
+        return ex
 
     def on_body(self, body: bytes) -> None:
         ex = self._parsing
@@ -582,14 +624,21 @@ class ClientConn(Armed):
 
     def on_message_complete(self) -> None:
         ex = self._parsing
+        keep = False
+        if ex is not None:
+            p = self.parser
+            assert p is not None
+            keep = p.should_keep_alive()  # here: llhttp resets it once feed_data returns
+        self._message_read(ex, keep)
+
+    def _message_read(self, ex: Exchange | None, keep: bool) -> None:
+        """The whole request `ex` is read (by either reader); None: a message not queued."""
         self._parsing = None
         self.waiting_for = S_WAIT
         self._done_in_feed += 1
         if ex is None:
             return
-        p = self.parser
-        assert p is not None
-        ex.keep = p.should_keep_alive()  # here: llhttp resets it once feed_data returns
+        ex.keep = keep
         ex.req_done = True
         if not ex.discard:
             if ex.body_kind == BODY_CHUNKED:
@@ -743,8 +792,9 @@ class ClientConn(Armed):
                 return
             # (a caller's read in this callback serves: microseconds apart, a millisecond clock)
             self._period_start = t0 = now if now >= 0.0 else self.loop.time()
-            # Soon enough to drop the parser or park if nothing follows (arm keeps an earlier one).
-            self.arm(t0 + self.ctx.idle_check if self.parser is not None else t0 + self.ctx.recheck)
+            # Soon enough to drop the parser and queue, or park, if nothing follows (arm
+            # keeps an earlier one).
+            self.arm(t0 + self.ctx.idle_check)
 
     def _fail_input(self, status: int, message: str) -> None:
         """Refuse the request being read (RFC 9112 §11.2: never forward it) and close."""
@@ -938,11 +988,11 @@ class ClientConn(Armed):
                         return
                 elif at < deadline:
                     deadline = at
-            if self.parser is not None and not self._begun:
+            if (self.parser is not None or self._queue is not _NO_QUEUE) and not self._begun:
                 drop = self._period_start + PARSER_IDLE_SECONDS
                 if now >= drop:
                     self.parser = None  # between two messages: the next byte makes a new one
-                    self._queue = _NO_QUEUE  # empty (idle): made again with the parser
+                    self._queue = _NO_QUEUE  # empty (idle): made again at the next head
                 elif drop < deadline:
                     deadline = drop
         elif st == S_BODY:
