@@ -85,7 +85,9 @@ def admin_tokens(cfg: AdminConfig) -> tuple[AdminToken, ...]:
 
 def match_token(tokens: tuple[AdminToken, ...], cred: str) -> AdminToken | None:
     """Compare against every token in constant time, so timing tells nothing (RFC 6750 §5.3)."""
-    got = cred.encode()
+    # aiohttp decodes header bytes as UTF-8 with surrogateescape: this gives back the
+    # bytes the client sent (any bytes, "\xff" too) instead of raising on them.
+    got = cred.encode("utf-8", "surrogateescape")
     found: AdminToken | None = None
     for t in tokens:
         if hmac.compare_digest(got, t.token.encode()) and found is None:
@@ -551,7 +553,8 @@ async def get_audit(request: web.Request) -> web.Response:
     limit = 100
     if "limit" in q:
         s = q["limit"]
-        if not s.isdigit() or not 1 <= int(s) <= audit.KEEP:
+        # ASCII digits only (str.isdigit also takes "²") and few of them, so int() never fails.
+        if not (s.isascii() and s.isdigit() and len(s) <= 4) or not 1 <= int(s) <= audit.KEEP:
             raise BadRequest(f"must be an integer between 1 and {audit.KEEP}", "limit")
         limit = int(s)
     records = await gw.auditor.query(service, since, limit)

@@ -37,6 +37,7 @@ import datetime as dt
 import fcntl
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -115,12 +116,14 @@ def parse_time(value: str, now: float) -> float | None:
     if not v:
         return None
     try:
-        return float(v)
+        epoch = float(v)
     except ValueError:
         pass
+    else:
+        return epoch if math.isfinite(epoch) else None  # "nan", "inf", 400 digits
     d = parse_duration(v)
     if d is not None:
-        return now - d
+        return now - d if math.isfinite(d) else None
     try:
         t = dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
     except ValueError:

@@ -23,14 +23,48 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose names are unique (RFC 8259 §4: with repeats, receivers disagree)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate name {k!r}: which one counts is ambiguous; send it once")
+        out[k] = v
+    return out
+
+
+# Deepest admin body accepted: a valid one is under 10 levels (a segment's
+# `{"not": ...}` value inside its match); Python's json takes ~1,000, and a body
+# near that parses but cannot be encoded again where the gateway stores it.
+MAX_JSON_DEPTH = 64
+
+
+def _too_deep(doc: object) -> bool:
+    """Whether `doc` nests arrays and objects deeper than MAX_JSON_DEPTH (no recursion)."""
+    todo: list[tuple[object, int]] = [(doc, 1)]
+    while todo:
+        node, depth = todo.pop()
+        items = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        if items and depth >= MAX_JSON_DEPTH:
+            return True
+        todo.extend((v, depth + 1) for v in items if isinstance(v, dict | list))
+    return False
+
+
 def parse_json(data: bytes) -> object:
-    """Strict JSON (no NaN/Infinity); malformed input names field `body`."""
+    """Strict JSON (no NaN/Infinity, no repeated names); malformed input names field `body`."""
     try:
-        return json.loads(data.decode("utf-8"), parse_constant=_no_constants)
+        doc: object = json.loads(
+            data.decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=_unique_keys
+        )
     except (UnicodeDecodeError, ValueError) as e:  # includes ints beyond Python's digit limit
         raise BadRequest(f"malformed JSON: {e}", "body") from None
     except RecursionError:
-        raise BadRequest("malformed JSON: nested too deeply", "body") from None
+        doc = None
+    else:
+        if not _too_deep(doc):
+            return doc
+    raise BadRequest(f"malformed JSON: nested more than {MAX_JSON_DEPTH} levels deep", "body")
 
 
 def weights_change(

@@ -247,6 +247,50 @@ def path_prefix_problem(prefix: str) -> str | None:
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
+# Nodes that aliases may add to a document beyond the ones it spells out (YAML 1.2
+# §3.2.2.2: an alias stands for its anchored node, whole). Real configs reuse a block
+# a few hundred times at most; nested aliases ("billion laughs") multiply instead:
+# nine levels of ten make 10**9 values, and every check or error message that
+# walks them takes minutes and gigabytes (go-yaml refuses "excessive aliasing" too).
+MAX_ALIAS_NODES = 100_000
+
+
+def _check_aliases(root: yaml.Node) -> None:
+    """Refuse a document whose aliases expand too far, or refer to a node they are inside."""
+    sizes: dict[int, int] = {}  # node id -> its size with aliases expanded (each node once)
+
+    def size(node: yaml.Node, inside: set[int]) -> int:
+        key = id(node)
+        known = sizes.get(key)
+        if known is not None:
+            return known
+        if key in inside:
+            raise yaml.MarkedYAMLError(
+                problem="an alias refers to a node that contains it (a recursive document)",
+                problem_mark=node.start_mark,
+            )
+        inside.add(key)
+        n = 1
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [c for pair in node.value for c in pair]
+        for child in children:
+            n += size(child, inside)
+        inside.discard(key)
+        sizes[key] = n
+        return n
+
+    total = size(root, set())
+    if total - len(sizes) > MAX_ALIAS_NODES:
+        raise yaml.MarkedYAMLError(
+            problem=f"aliases expand the document by more than {MAX_ALIAS_NODES:,} values; "
+            "write the repeated parts out instead of nesting aliases",
+            problem_mark=root.start_mark,
+        )
+
+
 class StrictLoader(yaml.SafeLoader):
     """A SafeLoader that records every duplicate mapping key with its path and lines.
 
@@ -259,6 +303,7 @@ class StrictLoader(yaml.SafeLoader):
         self.duplicates: list[tuple[str, str]] = []
 
     def construct_document(self, node: yaml.Node) -> object:
+        _check_aliases(node)
         self._find_duplicates(node, "", set())
         return super().construct_document(node)
 
