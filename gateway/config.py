@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gateway import files
 from gateway.analysis_config import AnalysisConfig, parse_analysis
 from gateway.config_syntax import (
     consul_address,
@@ -653,7 +654,7 @@ def read_tokens_file(path: str, errs: _Errors) -> tuple[AdminToken, ...]:
     """`name token [read|write]` per line; `#` comments and blank lines are skipped."""
     f = "admin.tokens_file"
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = files.read_text(path)
     except (OSError, UnicodeDecodeError) as e:
         errs.add(f, f"cannot read {path!r}: {getattr(e, 'strerror', None) or e}")
         return ()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from gateway import files
 from gateway.routing import SegmentRoute, WeightTable
 from gateway.segments import (
     DAYS,
@@ -201,7 +202,7 @@ def _read_users(
     if not p.is_absolute():
         p = base_dir / p
     try:
-        text = p.read_text(encoding="utf-8")
+        text = files.read_text(p)
     except (OSError, UnicodeDecodeError) as e:
         add(f"{path}.file", f"cannot read {str(p)!r}: {getattr(e, 'strerror', None) or e}")
         return None
