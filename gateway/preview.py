@@ -152,12 +152,25 @@ def sample_key(i: int) -> str:
     return f"user-{i}"
 
 
+Moves = Counter[tuple[str | None, str | None]]
+
+
+def count_moves(old: WeightTable, new: WeightTable, start: int, stop: int, into: Moves) -> None:
+    """Hash synthetic keys `start` to `stop` with both tables; count (old, new) pairs."""
+    for i in range(start, stop):
+        k = sample_key(i)
+        into[(old.pick_hash(k), new.pick_hash(k))] += 1
+
+
 def preview(old: WeightTable, new: WeightTable, sample: int = DEFAULT_SAMPLE) -> Preview:
     """Hash `sample` synthetic keys with both tables and count who moves where."""
-    moves: Counter[tuple[str | None, str | None]] = Counter()
-    for i in range(sample):
-        k = sample_key(i)
-        moves[(old.pick_hash(k), new.pick_hash(k))] += 1
+    moves: Moves = Counter()
+    count_moves(old, new, 0, sample, moves)
+    return summarize(old, new, moves, sample)
+
+
+def summarize(old: WeightTable, new: WeightTable, moves: Moves, sample: int) -> Preview:
+    """The preview of `sample` keys whose moves `count_moves` counted."""
     before: Counter[str] = Counter()
     after: Counter[str] = Counter()
     moved = 0
