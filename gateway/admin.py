@@ -651,5 +651,8 @@ def build_admin_app(gw: Gateway) -> web.Application:
     app[GATEWAY_KEY] = gw
     app[PREVIEW_LOCK] = asyncio.Lock()
     for method, path, handler in ROUTES:
-        app.router.add_route(method, path, handler)
+        if method == "GET":  # and HEAD: every server MUST support both (RFC 9110 §9.1)
+            app.router.add_get(path, handler)
+        else:
+            app.router.add_route(method, path, handler)
     return app

@@ -262,3 +262,22 @@ async def test_concurrent_previews_queue_agree_with_the_hash_and_requests_go_on(
                 assert r.status == 200
         for got in await asyncio.gather(*previews):
             assert {k: got[k] for k in want} == want
+
+
+# --------------------------------------------------------------------------- HEAD
+
+
+@pytest.mark.parametrize(
+    "path", ["/healthz", "/readyz", "/metrics", "/admin/services", "/admin/services/svc"]
+)
+async def test_head_is_answered_like_get_on_the_admin_listener(
+    upstreams: Any, gateway: Any, path: str
+) -> None:
+    """RFC 9110 §9.1: GET and HEAD; the admin listener answered HEAD with 405 (a probe's HEAD)."""
+    _, admin = await _admin(upstreams, gateway)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        async with s.get(admin + path) as g:
+            want = g.status
+        async with s.head(admin + path) as r:
+            assert r.status == want == 200
+            assert await r.read() == b""
