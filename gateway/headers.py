@@ -63,6 +63,9 @@ _XFP_HTTP_LINE: Final = b"\r\nX-Forwarded-Proto: http"
 _XFP_HTTP_XFH: Final = _XFP_HTTP_LINE + _XFH
 _XFP_HTTPS_LINE: Final = b"\r\nX-Forwarded-Proto: https"
 _XFP_HTTPS_XFH: Final = _XFP_HTTPS_LINE + _XFH
+# An HTTP/1.0 request may come without Host; HTTP/1.1 to the upstream must carry one,
+# empty when the target has no authority (RFC 9112 §3.2).
+_NO_HOST: Final = b"\r\nHost: "
 _VIA_NAME: Final = b"\r\nVia: "
 _VIA_APPENDED: Final = b", " + VIA_TOKEN + b"\r\n"
 _VIA_LINE: Final = _VIA_NAME + VIA_TOKEN + b"\r\n"
@@ -356,11 +359,11 @@ def upstream_fields(
         client_fields = b"".join(parts)
     host = s.host_b
     if proto == "http":
-        xfp = _XFP_HTTP_XFH if host is not None else _XFP_HTTP_LINE
+        xfp = _XFP_HTTP_XFH if host is not None else _XFP_HTTP_LINE + _NO_HOST
     elif proto == "https":
-        xfp = _XFP_HTTPS_XFH if host is not None else _XFP_HTTPS_LINE
+        xfp = _XFP_HTTPS_XFH if host is not None else _XFP_HTTPS_LINE + _NO_HOST
     else:
-        xfp = b"\r\nX-Forwarded-Proto: " + proto.encode() + (_XFH if host is not None else b"")
+        xfp = b"\r\nX-Forwarded-Proto: " + proto.encode() + (_XFH if host is not None else _NO_HOST)
     if s.via:
         via = _VIA_NAME + s.via + _VIA_APPENDED + lines.stage_rid
     else:

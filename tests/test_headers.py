@@ -161,7 +161,7 @@ _TAIL = b"X-Release-Stage: gray\r\nX-Request-ID: rid\r\ntraceparent: 00-t-s-02\r
             "http",
             b"\r\n",
             b"Accept: */*\r\nX-Forwarded-For: 10.0.0.9\r\nX-Forwarded-Proto: http\r\n"
-            b"Via: 1.1 gray-gateway\r\n" + _TAIL,
+            b"Host: \r\nVia: 1.1 gray-gateway\r\n" + _TAIL,  # RFC 9112 §3.2: empty Host
         ),
         (
             [(b"Accept", b"*/*")],
@@ -169,7 +169,7 @@ _TAIL = b"X-Release-Stage: gray\r\nX-Request-ID: rid\r\ntraceparent: 00-t-s-02\r
             "https",
             b"\r\n",
             b"Accept: */*\r\nX-Forwarded-For: 10.0.0.9\r\nX-Forwarded-Proto: https\r\n"
-            b"Via: 1.1 gray-gateway\r\n" + _TAIL,
+            b"Host: \r\nVia: 1.1 gray-gateway\r\n" + _TAIL,  # RFC 9112 §3.2: empty Host
         ),
         (
             [(b"Host", b"a"), (b"X-Forwarded-For", b"1.1.1.1"), (b"Via", b"1.0 edge")],

@@ -281,3 +281,28 @@ async def test_head_is_answered_like_get_on_the_admin_listener(
         async with s.head(admin + path) as r:
             assert r.status == want == 200
             assert await r.read() == b""
+
+
+# --------------------------------------------------------------------------- HTTP/1.0 without Host
+
+
+async def test_an_http10_request_without_host_reaches_the_upstream_with_a_host(
+    upstreams: Any, gateway: Any, engine: str
+) -> None:
+    """RFC 9112 §3.2: HTTP/1.1 to the upstream carries Host (empty when there is no authority).
+
+    HTTP/1.0 needs no Host; the gateway forwarded it as HTTP/1.1 without one and an
+    aiohttp upstream answered 400 "Missing 'Host' header".
+    """
+    st, gr = await upstreams("stable"), await upstreams("gray")
+    gw = await gateway(gateway_config(two_releases(st.url, gr.url, 100, 0), engine=engine))
+    c = await RawClient.connect(gw.port)
+    try:
+        await c.send(b"GET /h10 HTTP/1.0\r\nX-User-ID: u1\r\n\r\n")
+        r = await c.response(limit=30)
+    finally:
+        await c.close()
+    assert r.status == 200, r.body[:300]
+    body = json.loads(r.body)
+    assert body["release"] == "stable" and "Host" in body["headers"]
+    assert "X-Forwarded-Host" not in body["headers"]
