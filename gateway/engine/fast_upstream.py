@@ -82,11 +82,11 @@ Key = tuple[str, int]
 MAX_RESPONSE_HEAD: Final = 65536
 
 
-def _by_first_byte(names: list[bytes]) -> tuple[tuple[tuple[int, bytes], ...], ...]:
-    """Per lower-cased first byte: (length, lower-cased name) of each name that begins with it."""
-    table: list[list[tuple[int, bytes]]] = [[] for _ in range(256)]
+def _by_first_byte(names: list[bytes]) -> tuple[tuple[bytes, ...], ...]:
+    """Per lower-cased first byte: the lower-cased names that begin with it."""
+    table: list[list[bytes]] = [[] for _ in range(256)]
     for name in names:
-        table[name[0]].append((len(name), name))
+        table[name[0]].append(name)
     return tuple(tuple(t) for t in table)
 
 
@@ -542,8 +542,8 @@ class Upstream(Armed):
             else:
                 eol = line_end(buf, off)
             if NOTED_FIRST[c]:
-                for size, name in NOTED[c | 32]:
-                    colon: i64 = off + size
+                for name in NOTED[c | 32]:
+                    colon: i64 = off + len(name)  # (a tuple of names only: no pair to unpack)
                     if colon < eol and buf[colon] == 58 and name_at(buf, off, name):  # b":"
                         if strict and not self._plain_field(name, buf, colon + 1, eol):
                             return -1
