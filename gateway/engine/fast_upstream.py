@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -186,13 +187,14 @@ class Upstream(Armed):
 
     __slots__ = (
         "pool",
-        "loop",
+        "clock",
         "key",
         "idle_set",
         "idle_prev",
         "idle_next",
         "pooled",
         "transport",
+        "buffered",
         "parser",
         "state",
         "ex",
@@ -227,7 +229,9 @@ class Upstream(Armed):
     def __init__(self, pool: Pool, key: Key, tls: UpstreamTLS | None = None) -> None:
         super().__init__(pool.wheel)
         self.pool = pool
-        self.loop = pool.loop
+        # The loop's clock, bound once: calling a kept bound method skips the method
+        # lookup that `loop.time()` makes on every read.
+        self.clock: Callable[[], float] = pool.loop.time
         self.key = key
         self.idle_set = pool.idle_set(key)  # where `Pool.release` puts it (no lookup by key)
         # Its neighbours in `idle_set` while in it (`pooled`): fast_pool.IdleList.
@@ -235,6 +239,8 @@ class Upstream(Armed):
         self.idle_next: Upstream | None = None
         self.tls = tls  # what it was opened with: reused only for the same (README "TLS")
         self.transport: asyncio.Transport | None = None
+        # `transport.get_write_buffer_size`, bound at connection_made (as `clock`).
+        self.buffered: Callable[[], int] = _nothing_buffered
         self.parser = HttpResponseParser(self)
         self.state = U_CONNECTING
         self.ex: Exchange | None = None
@@ -285,6 +291,7 @@ class Upstream(Armed):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.buffered = self.transport.get_write_buffer_size
         self.state = U_IDLE
         self.pool.conns.add(self)
         self.pool.opened(self.key)
@@ -315,7 +322,7 @@ class Upstream(Armed):
             self.keep = False
             if self.mode == M_CHUNK:
                 ex.client.transport_write(CHUNK_END)
-            self._complete(self.loop.time())
+            self._complete(self.clock())
             return
         self._failed(ERR_RESET)
 
@@ -362,7 +369,7 @@ class Upstream(Armed):
                 out.clear()
         # Progress: the read timeout runs from here; a reused connection's idle time too
         # (one clock read per read, microseconds apart from a second one on a millisecond clock).
-        now = self.last_active = self.loop.time()
+        now = self.last_active = self.clock()
         if self.state == U_DONE and self.ex is ex:
             self._complete(now)
 
@@ -763,7 +770,7 @@ class Upstream(Armed):
         if self.wpaused:
             client.pause_for_upstream()
         if ex.req_done:
-            now = self.loop.time()
+            now = self.clock()
             self.last_active = now
             self.arm(now + self.read_timeout)
         if ex.deadline:
@@ -783,7 +790,7 @@ class Upstream(Armed):
                 ex.replay.append(data)
 
     def request_done(self) -> None:
-        now = self.loop.time()
+        now = self.clock()
         self.last_active = now
         self.arm(now + self.read_timeout)
 
@@ -797,7 +804,7 @@ class Upstream(Armed):
                 self.transport.pause_reading()
         elif self.rpaused:
             self.rpaused = False
-            self.last_active = self.loop.time()
+            self.last_active = self.clock()
             self.transport.resume_reading()
 
     def abandon(self) -> None:
@@ -840,7 +847,7 @@ class Upstream(Armed):
             and ex.req_done
             and ex.upgrade is None
             and self.state != U_CLOSED
-            and self.transport.get_write_buffer_size() == 0
+            and self.buffered() == 0
         )
         if reusable:
             self.state = U_IDLE
@@ -901,7 +908,7 @@ class Upstream(Armed):
         self.armed_tick = 0
         if self.state >= U_TUNNEL:
             return  # a tunnel has no timeout; a closed connection none either
-        now = self.loop.time()
+        now = self.clock()
         ex = self.ex
         if ex is not None and ex.deadline and now >= ex.deadline:
             # timeouts.total: the whole exchange is over, whatever is in progress.
@@ -922,6 +929,11 @@ class Upstream(Armed):
         if ex is not None and ex.deadline and ex.deadline < deadline:
             deadline = ex.deadline
         self.arm(min(deadline, now + self.read_timeout))
+
+
+def _nothing_buffered() -> int:
+    """`Upstream.buffered` before the connection is made."""
+    return 0
 
 
 def strip_named_fields(head: bytes, names: set[bytes]) -> bytes:
