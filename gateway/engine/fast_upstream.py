@@ -435,11 +435,11 @@ class Upstream(Armed):
         if end < 0 or end > MAX_RESPONSE_HEAD or len(data) - end - 2 != self.body_len:
             self.has_length = False
             return None
+        fwd = ex.fwd
+        assert fwd is not None
         self.answered = True
         ours = self._final_head(ex, status)
         self._finished(not self.conn_close)  # llhttp's verdict for HTTP/1.1 with a length
-        fwd = ex.fwd
-        assert fwd is not None
         cut_from = self.cut_from
         cut_to = self.cut_to
         if not cut_to:
