@@ -561,7 +561,7 @@ class Upstream(Armed):
                                 parts.append(buf[last:off])
                             last = eol + 2
                             self._hop_by_hop(name, buf, colon + 1, eol)
-                        else:  # (`_plain_field` let through none to note)
+                        else:  # the fast path (`_plain_field` let through none to note)
                             if off > last:  # lines kept before this one
                                 if self.cut_to:
                                     return -1  # a second run of hop-by-hop lines
