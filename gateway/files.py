@@ -4,7 +4,8 @@ Why not `Path.read_text`: a path may name a FIFO (opening it waits for a
 writer, holding a worker thread or the event loop for good), a device such as
 `/dev/zero` (reading never ends and memory grows until the process dies) or a
 file far larger than any real list. Those are refused with an OSError whose
-`strerror` says why, as a missing file is (docs/configuration.md, users files).
+`strerror` says why, as a missing file is (docs/configuration.md: users,
+tokens and TLS files).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ def read_text(path: str | os.PathLike[str], limit: int = MAX_FILE_BYTES) -> str:
 
     Raises OSError (with `strerror`) or UnicodeDecodeError, as `Path.read_text` does.
     """
+    return read_bytes(path, limit).decode("utf-8")
+
+
+def read_bytes(path: str | os.PathLike[str], limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; OSError (with `strerror`) if not."""
     # O_NONBLOCK: opening a FIFO does not wait for a writer (it changes nothing for
     # a regular file), so the fstat below gets to refuse it.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -34,4 +40,4 @@ def read_text(path: str | os.PathLike[str], limit: int = MAX_FILE_BYTES) -> str:
         data = f.read(limit + 1)  # the size fstat gave may have grown since
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"larger than {limit:,} bytes", str(path))
-    return data.decode("utf-8")
+    return data

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
+
+from gateway import files
 
 ALPN = ["http/1.1"]
 
@@ -32,7 +33,7 @@ class TLSFileError(ValueError):
 
 def _read(path: str, field: str) -> str:
     try:
-        return Path(path).read_text(encoding="ascii", errors="replace")
+        return files.read_bytes(path).decode("ascii", errors="replace")
     except OSError as e:
         raise TLSFileError(field, f"cannot read {path}: {e.strerror or e}") from None
 

@@ -115,10 +115,21 @@ async def test_users_files_that_are_fifos_get_400s_and_admin_writes_keep_working
     assert gw.holder.current.services["svc"].table.raw["gray"] == 7.0
 
 
-def test_gateway_check_refuses_a_fifo_tokens_file_at_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("where", "field"),
+    [
+        (("admin", "tokens_file"), "admin.tokens_file"),
+        (("tls", "cert"), "tls.cert"),
+    ],
+    ids=["tokens-file", "tls-cert"],
+)
+def test_gateway_check_refuses_a_fifo_file_at_once(
+    tmp_path: Path, where: tuple[str, str], field: str
+) -> None:
+    """Both read the FIFO on the event loop at a reload: `gateway check` hung, as SIGHUP would."""
     with fifo(tmp_path) as p:
         doc = gateway_config(two_releases("http://127.0.0.1:9", "http://127.0.0.1:9"))
-        doc["admin"]["tokens_file"] = str(p)
+        doc.setdefault(where[0], {})[where[1]] = str(p)
         cfg = tmp_path / "gateway.yaml"
         cfg.write_text(yaml.safe_dump(doc))
         proc = subprocess.run(
@@ -129,4 +140,4 @@ def test_gateway_check_refuses_a_fifo_tokens_file_at_once(tmp_path: Path) -> Non
             cwd=ROOT,
         )
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "admin.tokens_file" in proc.stderr and "not a regular file" in proc.stderr
+    assert field in proc.stderr and "not a regular file" in proc.stderr, proc.stderr[-2000:]
