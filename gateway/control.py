@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import random
+import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -574,6 +575,10 @@ class ControlPlane:
             )
             log.error("reload: %s: %s", *err)
             return ReloadResult(False, (err,))
+        if _not_regular(source):  # a FIFO put in its place would hold this loop for good
+            err = ("(file)", f"{source} is no longer a regular file: nothing to re-read")
+            log.error("reload: %s: %s", *err)
+            return ReloadResult(False, (err,))
         try:
             new = self.adjust(config_mod.load(source))
         except ConfigError as e:
@@ -597,3 +602,11 @@ class ControlPlane:
         for fn in self.reload_listeners:
             fn()
         return ReloadResult(True, (), warnings)
+
+
+def _not_regular(path: str) -> bool:
+    """Whether `path` names something other than a regular file (load() names a missing one)."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False

@@ -21,7 +21,9 @@ import aiohttp
 import pytest
 import yaml
 
+from gateway import config as C
 from gateway import files
+from gateway.app import Gateway
 from tests.conftest import ROOT, gateway_config, two_releases
 
 
@@ -141,3 +143,27 @@ def test_gateway_check_refuses_a_fifo_file_at_once(
         )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert field in proc.stderr and "not a regular file" in proc.stderr, proc.stderr[-2000:]
+
+
+async def test_reload_of_a_config_replaced_by_a_fifo_answers_and_keeps_serving(
+    upstreams: Any, tmp_path: Path
+) -> None:
+    """A reload read the config file on the event loop: a FIFO in its place held it for good."""
+    st, gr = await upstreams("stable"), await upstreams("gray")
+    cfg = tmp_path / "users.fifo"  # the name fifo() makes: the config's path is now a FIFO
+    cfg.write_text(yaml.safe_dump(gateway_config(two_releases(st.url, gr.url, 100, 0))))
+    gw = Gateway(C.load(str(cfg), env={}))
+    await gw.start()
+    try:
+        cfg.unlink()
+        with fifo(tmp_path):
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+                async with s.post(f"http://127.0.0.1:{gw.admin_port}/admin/reload") as r:
+                    assert r.status == 400
+                    body = await r.json()
+                assert body["field"] == "(file)"
+                assert "no longer a regular file" in body["errors"][0]["error"]
+                async with s.get(f"http://127.0.0.1:{gw.port}/", headers={"X-User-ID": "u"}) as r:
+                    assert r.status == 200
+    finally:
+        await gw.stop(1.0)
