@@ -382,6 +382,30 @@ def upstream_fields(
     )
 
 
+# After X-Request-ID's value in `upstream_fields`' block: its CRLF, traceparent's name and
+# version, and the two `-` between the trace-id, the span-id and the flags.
+_AFTER_RID: Final = len(b"\r\ntraceparent: 00-") + 2
+
+
+def response_fields(
+    block: bytes,
+    lines: ReleaseLines,
+    request_id: bytes,
+    trace: tuple[bytes, bytes, bytes],
+    trace_tail: bytes,
+) -> bytes:
+    """The client's stage field and X-Request-ID lines, cut from `upstream_fields`' block.
+
+    `block` is what `upstream_fields` returned for these `lines`, `request_id`,
+    `trace` and `trace_tail`: it holds `lines.stage_rid`, the id and a CRLF in a
+    row, so the client's lines are one slice of it (one copy, where formatting
+    them again is an allocation and a copy per part).
+    """
+    trace_id, span_id, flags = trace
+    end = len(block) - len(trace_tail) - len(flags) - len(span_id) - len(trace_id) - _AFTER_RID
+    return block[end - len(lines.stage_rid) - len(request_id) : end + 2]
+
+
 def has_control_chars(value: bytes) -> bool:
     """RFC 9110 §5.5: field values must not carry CTLs other than HTAB."""
     return any((c < 0x20 and c != 0x09) or c == 0x7F for c in value)
