@@ -27,7 +27,7 @@ from gateway.errors import (
     upstream_message,
     upstream_status,
 )
-from gateway.headers import Scanned, response_fields, scan, set_authority, upstream_fields
+from gateway.headers import Scanned, forwarded_lines, scan, set_authority, upstream_fields
 from gateway.metrics import Metrics
 from gateway.paths import BadTarget, origin_target
 from gateway.ratelog import RateLimiter
@@ -199,8 +199,12 @@ class ProxyHandler:
         # runs to its end before the next one starts, and nothing it returns holds either.
         self._scanned = Scanned([])
         self._decision = Decision("", "", None, "")
-        self._peer = ""  # the last client address, and as the bytes X-Forwarded-For carries
+        # The last client address and scheme; the address as X-Forwarded-For carries it, and
+        # the X-Forwarded-* lines a request from it carries (headers.forwarded_lines).
+        self._peer = ""
+        self._scheme = ""
         self._peer_b = b""
+        self._peer_lines = b""
         self._failover = _Failover()  # every request's `retry` (when it may fail over)
 
     def budget(self, service: str, release: str) -> RetryBudget:
@@ -371,18 +375,21 @@ class ProxyHandler:
         # of them unchanged (no field dropped, renamed or rewritten: headers.Scanned).
         raw = head.fields if s.kept is head.headers else None
         peer = head.client_ip
-        if peer is not self._peer:  # the engine interns addresses: one compare while one repeats
+        scheme = head.scheme
+        # The engine interns addresses (and the scheme is a constant): two compares while
+        # one client's requests repeat.
+        if peer is not self._peer or scheme is not self._scheme:
             self._peer = peer
+            self._scheme = scheme
             self._peer_b = peer.encode("latin-1")
+            self._peer_lines = forwarded_lines(self._peer_b, scheme)
         lines = rv.lines
-        trace = (trace_id, span_id, flags)
         fields = upstream_fields(
-            s, raw, client_ip=self._peer_b, proto=head.scheme, lines=lines,
-            request_id=rid_b, trace=trace, trace_tail=trace_tail,
+            s, raw, client_ip=self._peer_b, proto=scheme, lines=lines, request_id=rid_b,
+            trace=(trace_id, span_id, flags), trace_tail=trace_tail, peer_lines=self._peer_lines,
         )  # fmt: skip
-        # To the client: the stage field and X-Request-ID, as field lines (the same bytes
-        # as in the upstream's block: a slice of it).
-        resp = response_fields(fields, lines, rid_b, trace, trace_tail)
+        # To the client: the stage field and X-Request-ID, rendered as field lines.
+        resp = b"%b%b\r\n" % (lines.stage_rid, rid_b)
         if dec.reason == REASON_FALLBACK:
             resp += b"X-Release-Fallback: " + dec.chosen.encode() + b"\r\n"
         if dec.set_cookie is not None:

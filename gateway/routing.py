@@ -424,9 +424,9 @@ def choose_release(
     if release is None:
         release = baseline
     elif (
-        (reason == REASON_TAG or reason == REASON_LANE or reason == REASON_SEGMENT)
-        and tripped
+        tripped
         and release in tripped
+        and (reason == REASON_TAG or reason == REASON_LANE or reason == REASON_SEGMENT)
     ):
         if baseline in available:
             return _decision(into, baseline, REASON_FALLBACK, key, release, new_uid, seg_name)

@@ -172,3 +172,29 @@ def test_a_requests_end_is_accounted_once_by_either_entry(entry: str) -> None:
             f.on_done(200, None)
     assert sum(n for _, _, n, _ in seen.tallies) == 3
     assert all(codes == {200: n} for _, _, n, codes in seen.tallies)
+
+
+def test_forwarded_lines_follow_each_requests_client_and_scheme() -> None:
+    h = _handler()
+    seen = []
+    for ip, scheme, xff in [
+        ("10.0.0.7", "http", None),
+        ("10.0.0.7", "https", None),
+        ("10.0.0.7", "https", b"1.1.1.1"),
+        ("10.0.0.8", "https", None),
+        ("10.0.0.8", "http", None),
+    ]:
+        extra = [] if xff is None else [(b"X-Forwarded-For", xff)]
+        head = RequestHead(b"GET", b"/", [(b"Host", b"x"), *extra], ip, scheme=scheme)
+        f = h.handle(head)
+        assert isinstance(f, Forward)
+        f.done(200, None)
+        sent = {n.lower(): v for n, v in parse_field_lines(f.fields or b"")}
+        seen.append((sent[b"x-forwarded-for"], sent[b"x-forwarded-proto"]))
+    assert seen == [
+        (b"10.0.0.7", b"http"),
+        (b"10.0.0.7", b"https"),
+        (b"1.1.1.1, 10.0.0.7", b"https"),
+        (b"10.0.0.8", b"https"),
+        (b"10.0.0.8", b"http"),
+    ]

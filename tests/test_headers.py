@@ -11,9 +11,9 @@ from gateway.headers import (
     Headers,
     ReleaseLines,
     Scanned,
+    forwarded_lines,
     has_control_chars,
     parse_field_lines,
-    response_fields,
     scan,
     strip_response_hop_by_hop,
     upstream_fields,
@@ -189,13 +189,16 @@ _TAIL = b"X-Release-Stage: gray\r\nX-Request-ID: rid\r\ntraceparent: 00-t-s-02\r
         "forwarded-for-and-via-appended",
     ],
 )
+@pytest.mark.parametrize("kept", [False, True], ids=["lines-made", "peer-lines-kept"])
 def test_upstream_fields_block(
-    fields: Headers, raw: bytes | None, proto: str, trace_tail: bytes, block: bytes
+    fields: Headers, raw: bytes | None, proto: str, trace_tail: bytes, block: bytes, kept: bool
 ) -> None:
     s = scan(fields, b"x-release-stage", b"x-user-id")
+    # The X-Forwarded-* lines a caller keeps for the client (the handler does) change nothing.
+    peer_lines = forwarded_lines(b"10.0.0.9", proto) if kept else None
     got = upstream_fields(
         s, raw, client_ip=b"10.0.0.9", proto=proto, lines=_LINES, request_id=b"rid",
-        trace=(b"t", b"s", b"02"), trace_tail=trace_tail,
+        trace=(b"t", b"s", b"02"), trace_tail=trace_tail, peer_lines=peer_lines,
     )  # fmt: skip
     assert got == block
 
@@ -270,31 +273,3 @@ def test_scan_into_a_used_scanned_lets_the_request_before_go() -> None:
     scan([(b"Host", b"b")], b"x-release-stage", b"x-user-id", into=s)
     after = sys.getrefcount(before)
     assert after == refs
-
-
-@pytest.mark.parametrize(
-    ("fields", "trace", "trace_tail"),
-    [
-        ([(b"Host", b"a")], (b"1" * 32, b"2" * 16, b"01"), b"\r\n"),
-        ([(b"Host", b"a"), (b"Via", b"1.0 lb")], (b"1" * 32, b"2" * 16, b"00"), b"\r\n"),
-        (
-            [(b"Host", b"a"), (b"X-Forwarded-For", b"1.1.1.1")],
-            (b"3" * 32, b"4" * 16, b"03"),
-            b"\r\ntracestate: k=v\r\nbaggage: a=b\r\n",
-        ),
-        ([], (b"t", b"s", b"02"), _LINES.baggage_end),
-    ],
-    ids=["plain", "client-via", "forwarded-for-tracestate-baggage", "no-host-short-ids"],
-)
-@pytest.mark.parametrize("rid", [b"rid", b"r" * 200], ids=["short-rid", "longest-rid"])
-def test_response_fields_are_the_stage_and_request_id_lines_of_the_block(
-    fields: Headers, trace: tuple[bytes, bytes, bytes], trace_tail: bytes, rid: bytes
-) -> None:
-    s = scan(fields, b"x-release-stage", b"x-user-id")
-    block = upstream_fields(
-        s, None, client_ip=b"10.0.0.9", proto="http", lines=_LINES, request_id=rid,
-        trace=trace, trace_tail=trace_tail,
-    )  # fmt: skip
-    got = response_fields(block, _LINES, rid, trace, trace_tail)
-    assert got == _LINES.stage_rid + rid + b"\r\n"
-    assert parse_field_lines(got) == [(b"X-Release-Stage", b"gray"), (b"X-Request-ID", rid)]
