@@ -516,9 +516,10 @@ class ServiceMatcher:
         for prefix, name in self._any:
             if _prefix_ok(path, prefix):
                 return name
-        # `path[:1] == "/"` is `path.startswith("/")`; compiled, a one-character slice is
-        # a cached string and a compare, where `startswith` goes through the generic tail match.
-        if self._any_root is not None and path[:1] == "/":
+        # `path[0] == "/"` (after a length test) is `path.startswith("/")`; compiled, the
+        # character is a cached string and a compare, where a one-character slice goes
+        # through the generic substring and `startswith` through the generic tail match.
+        if self._any_root is not None and len(path) != 0 and path[0] == "/":
             return self._any_root
         return None
 
