@@ -379,6 +379,13 @@ WHOLE_CASES = [
     b"HTTP/1.1 404 Not Found\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nX-A: 1\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
     b"HTTP/1.1 200 OK\r\nX-A: 1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    # hop-by-hop lines in one run, first or last (the fast path cuts the run), and in
+    # two runs (left to llhttp)
+    b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nConnection: keep-alive\r\nX-A: 1\r\n"
+    b"Content-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nX-A: 1\r\nConnection: keep-alive\r\n"
+    b"Content-Length: 2\r\n\r\nok",
 ]
 
 
@@ -395,7 +402,11 @@ def _peer_fd(engines: list[FastEngine], w: asyncio.StreamWriter) -> int:
     raise AssertionError("no upstream connection of the engine is this one's peer")
 
 
-@pytest.mark.parametrize("response", WHOLE_CASES, ids=["nginx", "empty-body", "close", "chunked"])
+@pytest.mark.parametrize(
+    "response",
+    WHOLE_CASES,
+    ids=["nginx", "empty-body", "close", "chunked", "hop-run-first", "hop-run-last", "hop-runs"],
+)
 async def test_a_response_whole_in_one_read_is_relayed_as_from_two_reads(
     env: Env, response: bytes
 ) -> None:

@@ -73,6 +73,19 @@ async def test_discard_keys_are_separate(pool: Pool) -> None:
     assert _drain(pool, OTHER) == [] and _drain(pool, KEY) == [a]
 
 
+async def test_ports_of_one_host_and_other_hosts_have_their_own_idle_lists(pool: Pool) -> None:
+    """A host's idle lists are chained by port (`Pool.idle_by_host`): each port finds its
+    own, a port or host never seen finds none, and closing the pool closes them all."""
+    keys = [KEY, OTHER, ("127.0.0.1", 11), ("127.0.0.2", 9)]
+    ups = {key: _idle(pool, 2, key) for key in keys}
+    assert pool.acquire("127.0.0.1", 12) is None and pool.acquire("127.0.0.3", 9) is None
+    for key in keys:
+        assert pool.acquire(*key) is ups[key][1]
+    assert all(ups[key][0].pooled for key in keys)
+    await pool.close()  # each idle one closed, which takes it out of its list
+    assert not any(ups[key][0].pooled for key in keys)
+
+
 async def test_release_beyond_the_per_host_cap_closes(pool: Pool) -> None:
     pool.per_host = 2
     ups = _idle(pool, 3)  # the third is closed instead of pooled

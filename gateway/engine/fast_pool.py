@@ -61,11 +61,14 @@ class IdleList:
     dict needed a hashed entry per release and a tuple per `popitem`.
     """
 
-    __slots__ = ("first", "count")
+    __slots__ = ("first", "count", "port", "other_port")
 
-    def __init__(self) -> None:
+    def __init__(self, port: int) -> None:
         self.first: Upstream | None = None
         self.count = 0
+        self.port = port
+        # The same host's list for another port (`Pool.idle_by_host`); None: no other.
+        self.other_port: IdleList | None = None
 
     def push(self, up: Upstream) -> None:
         if up.pooled:  # (released twice: moved to the front, never linked twice)
@@ -142,8 +145,10 @@ class Pool:
         self.loop = loop
         self.per_host = per_host
         self.idle_timeout = idle_timeout
-        # Idle connections by host, then port (no (host, port) tuple per request: acquire).
-        self.idle_by_host: dict[str, dict[int, IdleList]] = {}
+        # Idle connections by host, then port: a host's lists are chained by `other_port`
+        # (a host rarely has two ports), so `acquire` makes no (host, port) tuple and no
+        # int object for a dict lookup by port.
+        self.idle_by_host: dict[str, IdleList] = {}
         self.conns: set[Upstream] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.all_closed: asyncio.Event | None = None
@@ -159,19 +164,16 @@ class Pool:
     def idle_set(self, key: Key) -> IdleList:
         """The idle list of `key`, made on first use; each connection keeps its own (`release`)."""
         host, port = key
-        by_port = self.idle_by_host.get(host)
-        if by_port is None:
-            by_port = self.idle_by_host[host] = {}
-        idle = by_port.get(port)
+        first = self.idle_by_host.get(host)
+        idle = _of_port(first, port)
         if idle is None:
-            idle = by_port[port] = IdleList()
+            idle = IdleList(port)
+            idle.other_port = first
+            self.idle_by_host[host] = idle
         return idle
 
     def acquire(self, host: str, port: int, tls: UpstreamTLS | None = None) -> Upstream | None:
-        by_port = self.idle_by_host.get(host)
-        if by_port is None:
-            return None
-        idle = by_port.get(port)
+        idle = _of_port(self.idle_by_host.get(host), port)
         if idle is None:
             return None
         while (up := idle.pop()) is not None:
@@ -417,10 +419,12 @@ class Pool:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for by_port in self.idle_by_host.values():
-            for idle in by_port.values():
+        for first in self.idle_by_host.values():
+            idle: IdleList | None = first
+            while idle is not None:
                 for up in idle.conns():
                     up.close()
+                idle = idle.other_port
         self.idle_by_host.clear()
         for up in list(self.conns):
             up.abandon()
@@ -432,6 +436,13 @@ class Pool:
             except TimeoutError:
                 pass
         self.wheel.close()
+
+
+def _of_port(idle: IdleList | None, port: int) -> IdleList | None:
+    """The list for `port` in a host's chain of idle lists (from `idle`), if there is one."""
+    while idle is not None and idle.port != port:
+        idle = idle.other_port
+    return idle
 
 
 def _attach(up: Upstream, ex: Exchange, reused: bool, replay: list[bytes] | None) -> None:

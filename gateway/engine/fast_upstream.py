@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -41,8 +42,8 @@ from gateway.engine.fast_wire import (
     X_WAITING,
     Exchange,
     Reject,
-    add_response_fields,
     request_head,
+    response_fields,
     status_line,
 )
 from gateway.headers import HOP_BY_HOP, connection_tokens
@@ -82,11 +83,11 @@ Key = tuple[str, int]
 MAX_RESPONSE_HEAD: Final = 65536
 
 
-def _by_first_byte(names: list[bytes]) -> tuple[tuple[tuple[int, bytes], ...], ...]:
-    """Per lower-cased first byte: (length, lower-cased name) of each name that begins with it."""
-    table: list[list[tuple[int, bytes]]] = [[] for _ in range(256)]
+def _by_first_byte(names: list[bytes]) -> tuple[tuple[bytes, ...], ...]:
+    """Per lower-cased first byte: the lower-cased names that begin with it."""
+    table: list[list[bytes]] = [[] for _ in range(256)]
     for name in names:
-        table[name[0]].append((len(name), name))
+        table[name[0]].append(name)
     return tuple(tuple(t) for t in table)
 
 
@@ -101,6 +102,7 @@ KEEP_ALIVE: Final = b"keep-alive"
 CLOSE: Final = b"close"
 H_PROXY_CONNECTION: Final = b"proxy-connection"  # llhttp reads it as Connection
 EMPTY: Final = b""
+TE_CHUNKED_CLOSE: Final = TE_CHUNKED + CONN_CLOSE
 
 
 def line_end(buf: bytes, start: i64) -> i64:
@@ -185,13 +187,14 @@ class Upstream(Armed):
 
     __slots__ = (
         "pool",
-        "loop",
+        "clock",
         "key",
         "idle_set",
         "idle_prev",
         "idle_next",
         "pooled",
         "transport",
+        "buffered",
         "parser",
         "state",
         "ex",
@@ -210,6 +213,8 @@ class Upstream(Armed):
         "keep",
         "body_len",
         "conn_close",
+        "cut_from",
+        "cut_to",
         "extra",
         "head_only",
         "rpaused",
@@ -224,7 +229,9 @@ class Upstream(Armed):
     def __init__(self, pool: Pool, key: Key, tls: UpstreamTLS | None = None) -> None:
         super().__init__(pool.wheel)
         self.pool = pool
-        self.loop = pool.loop
+        # The loop's clock, bound once: calling a kept bound method skips the method
+        # lookup that `loop.time()` makes on every read.
+        self.clock: Callable[[], float] = pool.loop.time
         self.key = key
         self.idle_set = pool.idle_set(key)  # where `Pool.release` puts it (no lookup by key)
         # Its neighbours in `idle_set` while in it (`pooled`): fast_pool.IdleList.
@@ -232,6 +239,8 @@ class Upstream(Armed):
         self.idle_next: Upstream | None = None
         self.tls = tls  # what it was opened with: reused only for the same (README "TLS")
         self.transport: asyncio.Transport | None = None
+        # `transport.get_write_buffer_size`, bound at connection_made (as `clock`).
+        self.buffered: Callable[[], int] = _nothing_buffered
         self.parser = HttpResponseParser(self)
         self.state = U_CONNECTING
         self.ex: Exchange | None = None
@@ -251,8 +260,11 @@ class Upstream(Armed):
         self.mode = M_NONE
         self.interim = False  # reading a 1xx head (RFC 9110 §15.2)
         self.keep = False  # the response allows reuse (llhttp's keep-alive verdict)
-        self.body_len = -1  # the fast path's Content-Length (`_whole_reply`); -1: none yet
+        self.body_len: i64 = -1  # the fast path's Content-Length (`_whole_reply`); -1: none yet
         self.conn_close = False  # the fast path saw `Connection: close`
+        # The fast path's hop-by-hop lines, one run `[cut_from:cut_to]` of the read (0: none).
+        self.cut_from: i64 = 0
+        self.cut_to: i64 = 0
         self.extra = False  # bytes after the response, or a second one: never reuse
         self.head_only = False  # a response to HEAD: its parser cannot be reused
         self.pooled = False  # in `idle_set`
@@ -279,6 +291,7 @@ class Upstream(Armed):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.buffered = self.transport.get_write_buffer_size
         self.state = U_IDLE
         self.pool.conns.add(self)
         self.pool.opened(self.key)
@@ -309,7 +322,7 @@ class Upstream(Armed):
             self.keep = False
             if self.mode == M_CHUNK:
                 ex.client.transport_write(CHUNK_END)
-            self._complete(self.loop.time())
+            self._complete(self.clock())
             return
         self._failed(ERR_RESET)
 
@@ -340,20 +353,23 @@ class Upstream(Armed):
         if self.state == U_TUNNEL:
             ex.client.transport_write(data)
             return
-        out = self.out
         # The first read of a response, when it is one plain response whole, is walked
         # and relayed without llhttp (`_whole_reply`); anything else goes to llhttp.
-        if self.answered or not self._whole_reply(ex, data):
+        reply = None if self.answered else self._whole_reply(ex, data)
+        if reply is not None:
+            ex.client.transport_write(reply)
+        else:
             self.answered = True
             if not self._feed(ex, data):
                 return
-        if out:
-            # One write per read: head and body of a small response leave together.
-            ex.client.transport_write(b"".join(out))
-            out.clear()
+            out = self.out
+            if out:
+                # One write per read: head and body of a small response leave together.
+                ex.client.transport_write(b"".join(out))
+                out.clear()
         # Progress: the read timeout runs from here; a reused connection's idle time too
         # (one clock read per read, microseconds apart from a second one on a millisecond clock).
-        now = self.last_active = self.loop.time()
+        now = self.last_active = self.clock()
         if self.state == U_DONE and self.ex is ex:
             self._complete(now)
 
@@ -384,8 +400,8 @@ class Upstream(Armed):
             return False
         return not in_head or self._head_rest(ex)
 
-    def _whole_reply(self, ex: Exchange, data: bytes) -> bool:
-        """Relay `data` as the response when it is exactly one plain response; else False.
+    def _whole_reply(self, ex: Exchange, data: bytes) -> bytes | None:
+        """The bytes for the client when `data` is exactly one plain response; else None.
 
         Why: llhttp's callbacks into Python cost more per response than walking
         its head here (benchmarks/README.md "The response fast path"). Only the
@@ -395,34 +411,48 @@ class Upstream(Armed):
         has a body (`fast_reply.plain_final`), plain field lines
         (`fast_reply.field_line_end`), exactly one Content-Length of digits, no
         Transfer-Encoding, Upgrade or Proxy-Connection, a Connection of only
-        `keep-alive` or `close`, and exactly that many body bytes after the
-        head, nothing more (RFC 9112 §6.3, §9.3). On any doubt it declines
-        with nothing changed, and llhttp reads the same bytes from the first.
-        The relayed head and the finish are the llhttp path's own code
-        (`_relay_fields`, `_final_head`, `_finished`), so both relay the same.
+        `keep-alive` or `close`, hop-by-hop lines (if any) in one run, and
+        exactly that many body bytes after the head, nothing more (RFC 9112
+        §6.3, §9.3). On any doubt it declines with nothing changed, and llhttp
+        reads the same bytes from the first. The relayed head and the finish
+        are the llhttp path's own code (`_relay_fields`, `_final_head`,
+        `_finished`), so both relay the same; only the bytes are put together
+        here, by one formatting of a few slices of the read (compiled: one
+        allocation and a copy of each; no list to fill, join and empty).
         """
         if ex.is_head or ex.upgrade is not None or ex.state != X_WAITING:
-            return False
+            return None
         eol = status_line_end(data)
         if eol < 0:
-            return False
+            return None
         status = status_digits(data)
         if not plain_final(status):
-            return False
-        parts = self.out
-        first_part = len(parts)
+            return None
         self.body_len = -1
         self.conn_close = False
-        end = self._relay_fields(parts, data, 0, eol + 2, True)  # (the empty line's offset)
+        self.cut_from = self.cut_to = 0
+        end = self._relay_fields(None, data, 0, eol + 2)  # (the empty line's offset)
         if end < 0 or end > MAX_RESPONSE_HEAD or len(data) - end - 2 != self.body_len:
-            del parts[first_part:]
             self.has_length = False
-            return False
+            return None
+        fwd = ex.fwd
+        assert fwd is not None
         self.answered = True
-        self._final_head(ex, parts, status)
-        parts.append(data[end:])  # the head's last CRLF and the body, as llhttp would relay it
+        ours = self._final_head(ex, status)
         self._finished(not self.conn_close)  # llhttp's verdict for HTTP/1.1 with a length
-        return True
+        cut_from = self.cut_from
+        cut_to = self.cut_to
+        if not cut_to:
+            cut_from = cut_to = end  # nothing cut: the lines kept are one slice
+        # The lines kept, policy's fields, ours, then the head's last CRLF and the body
+        # (as llhttp's path relays them).
+        return b"%b%b%b%b%b" % (
+            data[:cut_from],
+            data[cut_to:end],
+            response_fields(fwd),
+            ours,
+            data[end:],
+        )
 
     # -- httptools callbacks ----------------------------------------------
 
@@ -479,7 +509,7 @@ class Upstream(Armed):
             status = self.parser.get_status_code()
             parts.append(status_line(status))
             last = eol + 2
-        off = self._relay_fields(parts, buf, last, eol + 2, False)
+        off = self._relay_fields(parts, buf, last, eol + 2)
         if off - pos > MAX_RESPONSE_HEAD:
             del parts[first_part:]  # none of it is relayed (a 1xx before it is)
             raise Reject(502, "response head too large")
@@ -491,21 +521,22 @@ class Upstream(Armed):
             self.conn_tokens = None
         return status
 
-    def _relay_fields(
-        self, parts: list[bytes], buf: bytes, last: i64, off: i64, strict: bool
-    ) -> i64:
+    def _relay_fields(self, parts: list[bytes] | None, buf: bytes, last: i64, off: i64) -> i64:
         """Append the field lines from `off` to the head's end, less the hop-by-hop ones, to
         `parts` (from `last`: the lines before them are relayed as sent too); returns where
         the empty line ending the head starts.
 
-        Not `strict` (llhttp accepted the head): the lines are walked by offsets
+        With `parts` (llhttp accepted the head): the lines are walked by offsets
         in the read (`line_end`), no bytes object per line, only the slices
         relayed; a line is looked at only when its first byte can begin a noted
-        name and a colon follows that name. `strict` (no parser has seen it,
-        `_whole_reply`): each line is checked byte by byte
-        (`fast_reply.field_line_end`) and each noted field by `_plain_field`;
-        -1, with `parts` to be cut back, when the head is not the plain form.
+        name and a colon follows that name. `parts` None (the fast path,
+        `_whole_reply`: no parser has seen the head): strict, each line is
+        checked byte by byte (`fast_reply.field_line_end`) and each noted field
+        by `_plain_field`, and the hop-by-hop lines, which must be one run of
+        adjacent lines, are noted in `cut_from` and `cut_to` instead of
+        slicing around them; -1 when the head is not the plain form.
         """
+        strict = parts is None
         n: i64 = len(buf)
         while off < n:
             c: i64 = buf[off]
@@ -518,26 +549,31 @@ class Upstream(Armed):
             else:
                 eol = line_end(buf, off)
             if NOTED_FIRST[c]:
-                for size, name in NOTED[c | 32]:
-                    colon: i64 = off + size
+                for name in NOTED[c | 32]:
+                    colon: i64 = off + len(name)  # (a tuple of names only: no pair to unpack)
                     if colon < eol and buf[colon] == 58 and name_at(buf, off, name):  # b":"
                         if strict and not self._plain_field(name, buf, colon + 1, eol):
                             return -1
                         if name == H_CONTENT_LENGTH:
                             self.has_length = True  # kept: the relay frames the body as received
-                        else:
+                        elif parts is not None:
                             if off > last:
                                 parts.append(buf[last:off])
                             last = eol + 2
-                            if not strict:  # (`_plain_field` let through none to note)
-                                self._hop_by_hop(name, buf, colon + 1, eol)
+                            self._hop_by_hop(name, buf, colon + 1, eol)
+                        else:  # the fast path (`_plain_field` let through none to note)
+                            if off > last:  # lines kept before this one
+                                if self.cut_to:
+                                    return -1  # a second run of hop-by-hop lines
+                                self.cut_from = off
+                            last = self.cut_to = eol + 2
                         break
             off = eol + 2
         if off + 1 >= n or (strict and buf[off + 1] != 10):
             if strict:
                 return -1
             raise Reject(502, "response head not found")  # llhttp accepted only CRLF lines
-        if off > last:
+        if off > last and parts is not None:
             parts.append(buf[last:off])
         return off
 
@@ -601,9 +637,7 @@ class Upstream(Armed):
                     raise Reject(502, "101 without an upgrade")
                 ex.status = 101
                 ex.state = X_HEAD_SENT
-                parts += (CONN_UPGRADE, self.upgrade, CRLF)
-                add_response_fields(parts, fwd)
-                parts.append(CRLF)
+                parts += (CONN_UPGRADE, self.upgrade, CRLF, response_fields(fwd), CRLF)
                 return
             # Interim response (RFC 9110 §15.2): relay to HTTP/1.1 clients only.
             self.interim = True
@@ -615,21 +649,19 @@ class Upstream(Armed):
             else:
                 del parts[first_part:]
             return
-        self._final_head(ex, parts, status)
-        parts.append(CRLF)
+        ours = self._final_head(ex, status)
+        parts += (response_fields(fwd), ours, CRLF)
 
-    def _final_head(self, ex: Exchange, parts: list[bytes], status: int) -> None:
-        """After the relayed head in `parts`: policy's fields and our framing; the caller
-        ends the head (its CRLF).
+    def _final_head(self, ex: Exchange, status: int) -> bytes:
+        """For a final head of `status`: our framing fields, which follow policy's after the
+        relayed ones (b"": none); the caller ends the head (its CRLF).
 
         Shared by llhttp's `on_headers_complete` and the fast path
         (`_whole_reply`): how the body is relayed (RFC 9112 §6-7) and whether
         the client's connection stays open.
         """
         client = ex.client
-        fwd = ex.fwd
-        assert fwd is not None
-        add_response_fields(parts, fwd)
+        ours = EMPTY
         close = ex.close_after or not ex.keep or not ex.req_done or client.close_soon
         if ex.is_head or status == 204 or status == 304:
             self.mode = M_NONE
@@ -646,17 +678,18 @@ class Upstream(Armed):
             self.eof_body = self.te_kind != TE_IS_CHUNKED
             if ex.http11:
                 self.mode = M_CHUNK
-                parts.append(TE_CHUNKED)
+                ours = TE_CHUNKED
             else:
                 self.mode = M_EOF
                 close = True
         if close:
-            parts.append(CONN_CLOSE)
+            ours = TE_CHUNKED_CLOSE if self.mode == M_CHUNK else CONN_CLOSE
             ex.close_after = True
         elif not ex.http11:
-            parts.append(CONN_KEEP)
+            ours = CONN_KEEP
         ex.status = status
-        ex.state = X_HEAD_SENT  # `out` is joined with the body bytes of this read: one write
+        ex.state = X_HEAD_SENT  # the head leaves with the body bytes of this read: one write
+        return ours
 
     def on_body(self, body: bytes) -> None:
         if self.state == U_DONE:
@@ -737,7 +770,7 @@ class Upstream(Armed):
         if self.wpaused:
             client.pause_for_upstream()
         if ex.req_done:
-            now = self.loop.time()
+            now = self.clock()
             self.last_active = now
             self.arm(now + self.read_timeout)
         if ex.deadline:
@@ -757,7 +790,7 @@ class Upstream(Armed):
                 ex.replay.append(data)
 
     def request_done(self) -> None:
-        now = self.loop.time()
+        now = self.clock()
         self.last_active = now
         self.arm(now + self.read_timeout)
 
@@ -771,7 +804,7 @@ class Upstream(Armed):
                 self.transport.pause_reading()
         elif self.rpaused:
             self.rpaused = False
-            self.last_active = self.loop.time()
+            self.last_active = self.clock()
             self.transport.resume_reading()
 
     def abandon(self) -> None:
@@ -814,7 +847,7 @@ class Upstream(Armed):
             and ex.req_done
             and ex.upgrade is None
             and self.state != U_CLOSED
-            and self.transport.get_write_buffer_size() == 0
+            and self.buffered() == 0
         )
         if reusable:
             self.state = U_IDLE
@@ -875,7 +908,7 @@ class Upstream(Armed):
         self.armed_tick = 0
         if self.state >= U_TUNNEL:
             return  # a tunnel has no timeout; a closed connection none either
-        now = self.loop.time()
+        now = self.clock()
         ex = self.ex
         if ex is not None and ex.deadline and now >= ex.deadline:
             # timeouts.total: the whole exchange is over, whatever is in progress.
@@ -896,6 +929,11 @@ class Upstream(Armed):
         if ex is not None and ex.deadline and ex.deadline < deadline:
             deadline = ex.deadline
         self.arm(min(deadline, now + self.read_timeout))
+
+
+def _nothing_buffered() -> int:
+    """`Upstream.buffered` before the connection is made."""
+    return 0
 
 
 def strip_named_fields(head: bytes, names: set[bytes]) -> bytes:

@@ -76,13 +76,15 @@ LEN_CONTENT_LENGTH: Final = 14
 LEN_TRANSFER_ENCODING: Final = 17
 
 
-def add_response_fields(parts: list[bytes], fwd: Forward) -> None:
-    """Append policy's fields for the client response (X-Release-Stage, X-Request-ID, ...)."""
+def response_fields(fwd: Forward) -> bytes:
+    """Policy's fields for the client response (X-Release-Stage, X-Request-ID, ...) as field
+    lines: rendered once by policy (engine.api.Forward), else here from its list."""
     rendered = fwd.response_fields
-    if rendered is not None:
-        parts.append(rendered)  # rendered once by policy (engine.api.Forward)
-    else:
+    if rendered is None:
+        parts: list[bytes] = []
         add_field_lines(parts, fwd.response_headers)
+        rendered = b"".join(parts)
+    return rendered
 
 
 def status_line(code: int) -> bytes:
