@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from gateway import propagation
 from gateway.balancer import Pool, Slot, SlotGroup
@@ -27,16 +27,18 @@ from gateway.errors import (
     upstream_message,
     upstream_status,
 )
-from gateway.headers import Scanned, scan, set_authority, upstream_fields
+from gateway.headers import Scanned, forwarded_lines, scan, set_authority, upstream_fields
 from gateway.metrics import Metrics
 from gateway.paths import BadTarget, origin_target
 from gateway.ratelog import RateLimiter
 from gateway.retry import RetryBudget, may_retry
 from gateway.routing import REASON_FALLBACK, REASON_REJECT, Decision
 from gateway.sampling import RequestSampler
-from gateway.state import SnapshotHolder
+from gateway.state import ReleaseView, ServiceView, Snapshot, SnapshotHolder
 from gateway.tally import Tally
-from gateway.tls_config import UpstreamTLS
+
+if TYPE_CHECKING:  # a plain int at run time; an unboxed int64 in the compiled build
+    from mypy_extensions import i64
 
 log = logging.getLogger("gateway.access")
 errlog = logging.getLogger("gateway.handler")
@@ -99,6 +101,50 @@ def respond_json(status: int, obj: object, extra: Headers | None = None) -> Resp
     return Respond(status, json_body(obj), _JSON + (extra or []))
 
 
+# The longest request-target `plain_path_end` walks: each str `in` test of `path_end` costs
+# ~100 instructions whatever the length (PyUnicode_Contains, compiled), a walk ~10 a byte.
+WALK_MAX: Final = 32
+
+
+def plain_path_end(target: bytes) -> i64:
+    """Where a plain origin-form `target`'s path ends: at its `?`, else its length; -1: not plain.
+
+    Plain: starts with `/`, and its path holds no `%`, no `//` and no `/.` (the rare
+    targets gateway/paths.py normalizes, RFC 3986 §5.2.4 and §6.2.2, and the
+    absolute form of RFC 9112 §3.2.2). The same answer as `path_end`, by one walk
+    over the bytes: for a short target cheaper than the four str tests there.
+    """
+    n: i64 = len(target)
+    if n == 0 or target[0] != 47:  # b"/"
+        return -1
+    prev: i64 = 47
+    i: i64 = 1
+    while i < n:
+        c: i64 = target[i]
+        if c == 63:  # b"?": the query is not the path's
+            return i
+        if c == 37 or (prev == 47 and (c == 47 or c == 46)):  # b"%", b"//", b"/."
+            return -1
+        prev = c
+        i += 1
+    return n
+
+
+def path_end(path: str) -> i64:
+    """`plain_path_end` of the target that decodes (latin-1) to `path`, by str tests.
+
+    Why str: compiled, str `find`/`in` are C calls, while a bytes `find` (or a bytes
+    needle `in` bytes) is a Python method call.
+    """
+    end = len(path)
+    if "?" in path:  # `in` first: compiled, cheaper than a `find` in the common case, no query
+        end = path.find("?")
+        path = path[:end]
+    if path[:1] != "/" or "%" in path or ("." in path and "/." in path) or "//" in path:
+        return -1
+    return end
+
+
 class ProxyHandler:
     """Implements engine.api.Handler over the current routing snapshot."""
 
@@ -144,6 +190,8 @@ class ProxyHandler:
         # by every snapshot's pool: balancer.py): one lookup by identity per request
         # instead of two by name.
         self._tally_of: dict[SlotGroup, Tally] = {}
+        # The last request's service and release as looked up (their views, the tally).
+        self._last = _Last()
         self._dirty: list[Tally] = []  # tallies with exchanges since the last flush
         self._budgets: dict[tuple[str, str], RetryBudget] = {}  # (service, release) -> budget
         self._errlines = RateLimiter()  # one log line per 502/503/504, a few per second
@@ -151,8 +199,13 @@ class ProxyHandler:
         # runs to its end before the next one starts, and nothing it returns holds either.
         self._scanned = Scanned([])
         self._decision = Decision("", "", None, "")
-        self._peer = ""  # the last client address, and as the bytes X-Forwarded-For carries
+        # The last client address and scheme; the address as X-Forwarded-For carries it, and
+        # the X-Forwarded-* lines a request from it carries (headers.forwarded_lines).
+        self._peer = ""
+        self._scheme = ""
         self._peer_b = b""
+        self._peer_lines = b""
+        self._failover = _Failover()  # every request's `retry` (when it may fail over)
 
     def budget(self, service: str, release: str) -> RetryBudget:
         """The retry budget of (service, release); made on its first retry."""
@@ -201,6 +254,12 @@ class ProxyHandler:
             finally:
                 t.clear()
 
+    def _tally_of_group(self, group: SlotGroup, service: str, release: str) -> Tally:
+        t = self._tally_of.get(group)
+        if t is None:
+            t = self._tally_of[group] = self.tally(service, release)
+        return t
+
     def tally(self, service: str, release: str) -> Tally:
         """The accumulator a request of (service, release) reports to when it ends."""
         per = self._tallies.get(service)
@@ -215,16 +274,16 @@ class ProxyHandler:
     def handle(self, head: RequestHead) -> Forward | Respond:
         snap = self.holder.current
         target = head.target
-        # Checked as str: the compiled build has C calls for str `find`/`in`, while a
-        # bytes `find` (or a bytes needle `in` bytes) is a Python method call.
         path = target.decode("latin-1")
-        if "?" in path:  # `in` first: compiled, cheaper than a `find` in the common case, no query
-            path = path[: path.find("?")]
+        # Short targets by one walk over their bytes, longer ones by str tests (path_end).
+        end = plain_path_end(target) if len(target) <= WALK_MAX else path_end(path)
         authority: bytes | None = None
         fwd_target: bytes | None = None
-        if target[:1] != b"/" or "%" in path or ("." in path and "/." in path) or "//" in path:
-            # The rare case: dot segments, `//`, `%` or a non-origin form (gateway/paths.py;
-            # this is its `needs_normalizing`, inline: no call in the common case).
+        if end >= 0:
+            if end < len(path):  # a query
+                path = path[:end]
+        else:
+            # The rare case: dot segments, `//`, `%` or a non-origin form (gateway/paths.py).
             try:
                 authority, norm, path_b = origin_target(head.method, target)
             except BadTarget as e:
@@ -242,7 +301,11 @@ class ProxyHandler:
         svc_name = snap.matcher.match_field(s.host_b, path)
         if svc_name is None:
             return respond_json(404, {"error": "no service matches this host and path"})
-        sv = snap.services[svc_name]
+        last = self._last
+        sv = last.sv
+        if sv is None or svc_name is not last.service or snap is not last.snap:
+            sv = snap.services[svc_name]
+            last.new_service(snap, svc_name, sv)
         now = self.clock()
         dec = decide(
             snap, sv, s, head.headers, path, target, head.method, head.client_ip, now, self.wall,
@@ -257,14 +320,19 @@ class ProxyHandler:
             return respond_json(503, {"error": "lane unavailable", "lane": dec.chosen})
         if dec.segment is not None and self.metrics is not None:
             self.metrics.segment_request(svc_name, dec.segment, dec.release)
-        rv = sv.releases[dec.release]
+        release = dec.release
+        rv = last.rv
+        if rv is None or release is not last.release:
+            rv = sv.releases[release]
+            last.new_release(release, rv, self._tally_of_group(rv.pool.group, svc_name, release))
+        t = last.tally
+        pool = rv.pool
         # None only when every release is out and all are probed (live_releases):
         # then pick as if no endpoint sat out (a time past every ejection).
-        slot = rv.pool.pick(dec.key, now) or rv.pool.pick(dec.key, _PROBE)
+        slot = pool.pick(dec.key, now) or pool.pick(dec.key, _PROBE)
         if slot is None:  # pragma: no cover - available implies endpoints
             return respond_json(503, {"error": "no healthy endpoint", "service": svc_name})
         slot.outstanding += 1
-        pool = rv.pool
 
         tp = s.traceparent
         incoming = propagation.parse_traceparent(tp) if tp is not None else None
@@ -307,16 +375,21 @@ class ProxyHandler:
         # of them unchanged (no field dropped, renamed or rewritten: headers.Scanned).
         raw = head.fields if s.kept is head.headers else None
         peer = head.client_ip
-        if peer is not self._peer:  # the engine interns addresses: one compare while one repeats
+        scheme = head.scheme
+        # The engine interns addresses (and the scheme is a constant): two compares while
+        # one client's requests repeat.
+        if peer is not self._peer or scheme is not self._scheme:
             self._peer = peer
+            self._scheme = scheme
             self._peer_b = peer.encode("latin-1")
+            self._peer_lines = forwarded_lines(self._peer_b, scheme)
+        lines = rv.lines
         fields = upstream_fields(
-            s, raw, client_ip=self._peer_b, proto=head.scheme, lines=rv.lines,
-            request_id=rid_b, trace=(trace_id, span_id, flags),
-            trace_tail=trace_tail,
+            s, raw, client_ip=self._peer_b, proto=scheme, lines=lines, request_id=rid_b,
+            trace=(trace_id, span_id, flags), trace_tail=trace_tail, peer_lines=self._peer_lines,
         )  # fmt: skip
         # To the client: the stage field and X-Request-ID, rendered as field lines.
-        resp = b"%b%b\r\n" % (rv.lines.stage_rid, rid_b)
+        resp = b"%b%b\r\n" % (lines.stage_rid, rid_b)
         if dec.reason == REASON_FALLBACK:
             resp += b"X-Release-Fallback: " + dec.chosen.encode() + b"\r\n"
         if dec.set_cookie is not None:
@@ -326,7 +399,7 @@ class ProxyHandler:
             )
 
         start = now
-        service, release = svc_name, dec.release
+        service = svc_name
         span_done = None
         if sampled and self.tracer is not None:
             parent = incoming.parent_id if incoming is not None else None
@@ -342,15 +415,14 @@ class ProxyHandler:
                 extra_attrs=span_attrs(rv.gray_tag, user_shown, dec.client, head.client_ip),
             )
 
-        t = self._tally_of.get(pool.group)
-        if t is None:
-            t = self._tally_of[pool.group] = self.tally(service, release)
-        on_done = _Done(self, slot, pool, start, t, span_done)
-        on_done.key = dec.key
-        on_done.retries = sv.retries
-        on_done.tls = rv.tls
+        fwd = _Forward(
+            self, slot, pool, start, t, span_done, sv, rv, service, release, fields, resp,
+            fwd_target, dec.key,
+        )  # fmt: skip
+        if fwd.retries and len(pool) > 1:
+            fwd.retry = self._failover
         if self.access_log:
-            on_done.log_fields = {
+            fields_log: dict[str, object] = {
                 "trace_id": trace_id.decode("latin-1"),
                 "request_id": rid_b.decode("latin-1"),
                 "service": service,
@@ -360,27 +432,11 @@ class ProxyHandler:
                 "method": head.method.decode("latin-1"),
             }
             if s.request_id_replaced:
-                on_done.log_fields["request_id_replaced"] = True
+                fields_log["request_id_replaced"] = True
             if user_shown is not None:
-                on_done.log_fields["user"] = user_shown
-
-        return Forward(
-            host=slot.host,
-            port=slot.port,
-            headers=None,
-            fields=fields,
-            response_headers=None,
-            response_fields=resp,
-            service=service,
-            release=release,
-            connect_timeout=sv.connect_timeout,
-            read_timeout=sv.read_timeout,
-            on_done=on_done,
-            target=fwd_target,
-            total_timeout=sv.total_timeout,
-            retry=on_done if on_done.retries and len(pool) > 1 else None,
-            tls=rv.tls if slot.tls else None,
-        )
+                fields_log["user"] = user_shown
+            fwd.log_fields = fields_log
+        return fwd
 
     def finished(self, t: Tally, status: int, elapsed: float, error: str | None) -> None:
         """Add one finished exchange to its tally; `flush` hands it on (metrics, guard)."""
@@ -420,12 +476,14 @@ class ProxyHandler:
         return Respond(503, b'{"status":"not ready"}', vh)
 
 
-class _Done:
-    """`Forward.on_done` for one request: balancer counts, passive health, accounting.
+class _Forward(Forward):
+    """The Forward of one proxied request, and the accounting of its end.
 
-    A slotted object rather than a closure over `handle`'s locals: it holds only
-    what the end of the exchange needs (a compiled closure keeps an environment
-    object with every captured local alive until the exchange ends).
+    `done` (engine.api.Forward) does what ends an exchange: balancer counts,
+    passive health, the tally. One object per request where a Forward and a
+    separate `on_done` callable were two: the fast engine calls `done` as a
+    method (a native call when compiled), and `on_done` still reads as a
+    callable (the bound `done`) for the aiohttp engine and tests.
     """
 
     __slots__ = (
@@ -439,7 +497,7 @@ class _Done:
         "key",
         "retries",
         "retrying",
-        "tls",
+        "release_tls",
     )
 
     def __init__(
@@ -450,7 +508,21 @@ class _Done:
         start: float,
         tally: Tally,
         span_done: Callable[[int, str | None], None] | None,
+        sv: ServiceView,
+        rv: ReleaseView,
+        service: str,
+        release: str,
+        fields: bytes,
+        resp_fields: bytes,
+        target: bytes | None,
+        key: str | None,
     ) -> None:
+        release_tls = rv.tls
+        super().__init__(
+            slot.host, slot.port, None, None, service, release, sv.connect_timeout,
+            sv.read_timeout, None, target, sv.total_timeout, None,
+            release_tls if slot.tls else None, fields, resp_fields,
+        )  # fmt: skip
         self.h = h
         self.slot = slot
         self.pool = pool
@@ -458,13 +530,13 @@ class _Done:
         self.tally = tally
         self.span_done = span_done
         self.log_fields: dict[str, object] | None = None
-        self.key: str | None = None  # the sticky key, for the hash balancer's next choice
-        self.retries = 0  # failover attempts allowed after the first (config `retries`)
+        self.key = key  # the sticky key, for the hash balancer's next choice
+        self.retries = sv.retries  # failover attempts allowed after the first (config `retries`)
         self.retrying: _Retrying | None = None  # made on the first retry only
-        self.tls: UpstreamTLS | None = None  # the release's, for its https:// endpoints
+        self.release_tls = release_tls  # the release's, for its https:// endpoints
 
-    def again(self, fwd: Forward, kind: str) -> bool:
-        """engine.api.Retry: point `fwd` at another live endpoint of the release, if allowed.
+    def failover(self, kind: str) -> bool:
+        """engine.api.Retry for this request (`_Failover`): another live endpoint, if allowed.
 
         Bounded by `retries`, `timeouts.total` and the release's retry budget
         (gateway/retry.py); the failed endpoint's passive health counts the
@@ -473,7 +545,7 @@ class _Done:
         h = self.h
         now = h.clock()
         r = self.retrying
-        total = fwd.total_timeout
+        total = self.total_timeout
         left = total - (now - self.start) if total else None
         if not may_retry(kind, 0 if r is None else len(r.tried) - 1, self.retries, left):
             return False
@@ -488,7 +560,7 @@ class _Done:
             # A refused connection cost no upstream any work, so moving on
             # multiplies nothing; a request that was sent (or a connect timeout,
             # which may be an overloaded listener) needs a budget token.
-            budget = h.budget(fwd.service, fwd.release)
+            budget = h.budget(self.service, self.release)
             if not budget.admit(sum(s.outstanding for s in pool.slots)):
                 return False
             r.budget = budget
@@ -498,17 +570,17 @@ class _Done:
             pool.eject(old, now)
         nxt.outstanding += 1
         self.slot = nxt
-        fwd.host = nxt.host
-        fwd.port = nxt.port
-        fwd.tls = self.tls if nxt.tls else None
+        self.host = nxt.host
+        self.port = nxt.port
+        self.tls = self.release_tls if nxt.tls else None
         if h.metrics is not None:
-            h.metrics.retried(fwd.service, fwd.release, kind)
+            h.metrics.retried(self.service, self.release, kind)
         if self.log_fields is not None:
             self.log_fields["upstream"] = nxt.endpoint.address
             self.log_fields["retries"] = len(r.tried) - 1
         return True
 
-    def __call__(self, status: int, error: str | None) -> None:
+    def done(self, status: int, error: str | None) -> None:
         slot = self.slot
         slot.outstanding -= 1
         r = self.retrying
@@ -533,6 +605,51 @@ class _Done:
             fields["error"] = error
             fields["duration_ms"] = round(elapsed * 1000, 3)
             log.info(json.dumps(fields, separators=(",", ":")))
+
+
+class _Failover:
+    """`Forward.retry` of a handler's requests: asks the request's own `_Forward.failover`.
+
+    Stateless (the state is the request's), so one per handler serves every request and
+    no request refers to itself (a Forward that was its own `retry` would be a
+    reference cycle, freed only by the cyclic GC).
+    """
+
+    __slots__ = ()
+
+    def again(self, fwd: Forward, kind: str) -> bool:
+        return isinstance(fwd, _Forward) and fwd.failover(kind)
+
+
+class _Last:
+    """What the handler's last request looked up: its snapshot's service view, release, tally.
+
+    Why: most requests go to the service and release the one before went to, and
+    two pointer compares (the snapshot, the name object the matcher or the weight
+    table gave) cost less than a dict lookup by name. A new snapshot or service
+    forgets the release.
+    """
+
+    __slots__ = ("snap", "service", "sv", "release", "rv", "tally")
+
+    def __init__(self) -> None:
+        self.snap: Snapshot | None = None
+        self.service = ""
+        self.sv: ServiceView | None = None
+        self.release = ""
+        self.rv: ReleaseView | None = None
+        self.tally = Tally("", "")
+
+    def new_service(self, snap: Snapshot, service: str, sv: ServiceView) -> None:
+        self.snap = snap
+        self.service = service
+        self.sv = sv
+        self.rv = None
+
+    def new_release(self, release: str, rv: ReleaseView, tally: Tally) -> None:
+        self.release = release
+        self.rv = rv
+        self.tally = tally
 
 
 class _Retrying:

@@ -58,6 +58,7 @@ _REWRITTEN: Final = frozenset(
 VIA_TOKEN: Final = b"1.1 gray-gateway"
 # Pieces of the fields the gateway adds (upstream_fields), names and separators
 # run together: fewer, larger parts per request.
+_XFF: Final = b"X-Forwarded-For: "
 _XFH: Final = b"\r\nX-Forwarded-Host: "
 _XFP_HTTP_LINE: Final = b"\r\nX-Forwarded-Proto: http"
 _XFP_HTTP_XFH: Final = _XFP_HTTP_LINE + _XFH
@@ -332,6 +333,28 @@ def parse_field_lines(block: bytes) -> Headers:
     return out
 
 
+def _forwarded_proto(proto: str, host: bool) -> bytes:
+    """X-Forwarded-Proto's line from its CRLF on, and X-Forwarded-Host's name if `host`.
+
+    Without `host` (HTTP/1.0 needs none) an empty Host line instead (_NO_HOST).
+    """
+    if proto == "http":
+        return _XFP_HTTP_XFH if host else _XFP_HTTP_LINE + _NO_HOST
+    if proto == "https":
+        return _XFP_HTTPS_XFH if host else _XFP_HTTPS_LINE + _NO_HOST
+    return b"\r\nX-Forwarded-Proto: " + proto.encode() + (_XFH if host else _NO_HOST)
+
+
+def forwarded_lines(client_ip: bytes, proto: str) -> bytes:
+    """X-Forwarded-For of a client that sent none, X-Forwarded-Proto, X-Forwarded-Host's name.
+
+    What `upstream_fields` sends for a request from `client_ip` with a Host and no
+    X-Forwarded-For of its own: the same for every such request of one client, so a
+    caller that keeps it while the client repeats passes it as `peer_lines`.
+    """
+    return _XFF + client_ip + _forwarded_proto(proto, True)
+
+
 def upstream_fields(
     s: Scanned,
     client_fields: bytes | None,
@@ -342,6 +365,7 @@ def upstream_fields(
     request_id: bytes,
     trace: tuple[bytes, bytes, bytes],
     trace_tail: bytes,
+    peer_lines: bytes | None = None,
 ) -> bytes:
     """The end-to-end field lines sent to the upstream (README "On every hop"), CRLF-terminated.
 
@@ -351,30 +375,33 @@ def upstream_fields(
     X-Request-ID and `traceparent` from `trace` (trace-id, span-id, flags: W3C Trace
     Context 2 §3.2.2, version 00, propagation.outgoing_trace); `trace_tail` follows
     the traceparent value (the CRLF ending its line, then tracestate and baggage
-    lines, if any). `client_ip`: the peer's address, latin-1 encoded.
+    lines, if any). `client_ip`: the peer's address, latin-1 encoded; `peer_lines`:
+    `forwarded_lines(client_ip, proto)`, if the caller keeps it.
     """
     if client_fields is None:
         parts: list[bytes] = []
         add_field_lines(parts, s.kept)
         client_fields = b"".join(parts)
     host = s.host_b
-    if proto == "http":
-        xfp = _XFP_HTTP_XFH if host is not None else _XFP_HTTP_LINE + _NO_HOST
-    elif proto == "https":
-        xfp = _XFP_HTTPS_XFH if host is not None else _XFP_HTTPS_LINE + _NO_HOST
+    xff = s.forwarded_for
+    if peer_lines is not None and host is not None and not xff:
+        fwd = peer_lines  # the usual request: no part of these lines made again
     else:
-        xfp = b"\r\nX-Forwarded-Proto: " + proto.encode() + (_XFH if host is not None else _NO_HOST)
+        fwd = b"%b%b%b%b" % (
+            _XFF,
+            xff + b", " if xff else b"",
+            client_ip,
+            _forwarded_proto(proto, host is not None),
+        )
     if s.via:
         via = _VIA_NAME + s.via + _VIA_APPENDED + lines.stage_rid
     else:
         via = lines.via_stage_rid
     trace_id, span_id, flags = trace
     # One formatting: compiled, one allocation and a copy per part (no list, no join).
-    return b"%bX-Forwarded-For: %b%b%b%b%b%b\r\ntraceparent: 00-%b-%b-%b%b" % (
+    return b"%b%b%b%b%b\r\ntraceparent: 00-%b-%b-%b%b" % (
         client_fields,
-        s.forwarded_for + b", " if s.forwarded_for else b"",
-        client_ip,
-        xfp,
+        fwd,
         host if host is not None else b"",
         via,
         request_id,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import (
     PLATFORM_COLLECTOR,
@@ -29,6 +29,9 @@ from prometheus_client import multiprocess as prom_mp
 from gateway.errors import ERR_CLIENT
 from gateway.rollout import STATES as ROLLOUT_STATES
 from gateway.tally import Tally
+
+if TYPE_CHECKING:  # a plain int at run time; an unboxed int64 in the compiled build
+    from mypy_extensions import i64
 
 # The duration histogram's bucket bounds, seconds. One Final per bound: compiled, each is a
 # C double (`bucket_index` compares with them); a Final tuple of floats would be too, but
@@ -108,10 +111,23 @@ def _observe_many(child: Any, values: list[float]) -> None:
     per: list[int] = [0] * nb
     if ub == _UPPER_BOUNDS:  # our histogram's: the bucket by compares, the sum in the same pass
         acc = 0.0  # added in order, as one `observe` per value would add them
+        # Runs of values in one bucket (a proxy's latencies keep to a few) are counted in a
+        # native int and added to `per` once a run ends: compiled, each `per[i]` update
+        # unboxes, adds and boxes again.
+        run_i = -1
+        run_n: i64 = 0
         for v in values:
             i = bucket_index(v)
-            per[i] = per[i] + 1  # compiled, `per[i] += 1` is a generic in-place add; this is not
+            if i == run_i:
+                run_n += 1
+            else:
+                if run_n:
+                    per[run_i] = per[run_i] + run_n
+                run_i = i
+                run_n = 1
             acc += v
+        if run_n:
+            per[run_i] = per[run_i] + run_n
     else:
         for v in values:
             # bisect_left (observe's rule: v <= bound) as a scan from the smallest bound:

@@ -259,7 +259,8 @@ def outgoing_trace(
     (headers.upstream_fields), so it is formatted once, with them.
     """
     if incoming is None:
-        trace_id = new_trace_id or mint.trace_id_b()
+        # `len`, not the truth of bytes: compiled, a native length read, not a generic call.
+        trace_id = new_trace_id if len(new_trace_id) else mint.trace_id_b()
         flags = FLAG_RANDOM
     else:
         trace_id = incoming.trace_id.encode("latin-1")

@@ -89,6 +89,22 @@ def _halves_score(hi: i64, lo: i64, inv_weight: float) -> float:
     return math.log((float(hi) * 4294967296.0 + float(lo) + 0.5) / _TWO64) * inv_weight
 
 
+class HashEntry:
+    """A live release as `WeightTable.pick_hash` reads it: name, hash seed, 1/weight.
+
+    Why a class and not the tuple `_live` holds: compiled, its attributes are typed
+    fields (the 1/weight a C double), where each tuple is checked, unpacked and its
+    float unboxed per release per request.
+    """
+
+    __slots__ = ("name", "seed", "inv")
+
+    def __init__(self, name: str, seed: object, inv: float) -> None:
+        self.name = name
+        self.seed = seed  # an int, kept as the object mmh3 takes (_HASH_BYTES_SEEDED)
+        self.inv = inv
+
+
 @dataclass(frozen=True, slots=True)
 class WeightTable:
     """A service's releases and weights, precomputed once per snapshot."""
@@ -98,6 +114,7 @@ class WeightTable:
     shares: Mapping[str, float]  # normalized, sum to 1
     _live: tuple[tuple[str, object, float], ...]  # (name, seed: int, 1/weight) for weight > 0
     _cum: tuple[float, ...]  # cumulative shares for random picks
+    _hash: tuple[HashEntry, ...]  # `_live` again, for pick_hash
 
     @classmethod
     def build(cls, salt: str, weights: Mapping[str, float]) -> WeightTable:
@@ -128,19 +145,20 @@ class WeightTable:
         for n, _, _ in live:
             acc += shares[n]
             cum.append(acc)
-        return cls(names, dict(weights), shares, live, tuple(cum))
+        entries = tuple(HashEntry(n, seed, inv) for n, seed, inv in live)
+        return cls(names, dict(weights), shares, live, tuple(cum), entries)
 
     def pick_hash(self, key: str) -> str | None:
         """The release for a sticky key (None when every weight is zero)."""
         best: str | None = None
         best_score = -math.inf
         # hrw_score per live release, inline: this runs once per request per live release.
-        for name, seed, inv in self._live:
-            d = _HASH_BYTES_SEEDED(key, seed)
-            s = _halves_score(_le32(d[4], d[5], d[6], d[7]), _le32(d[0], d[1], d[2], d[3]), inv)
+        for e in self._hash:
+            d = _HASH_BYTES_SEEDED(key, e.seed)
+            s = _halves_score(_le32(d[4], d[5], d[6], d[7]), _le32(d[0], d[1], d[2], d[3]), e.inv)
             if s > best_score:
                 best_score = s
-                best = name
+                best = e.name
         return best
 
     def pick_random(self, rng: random.Random) -> str | None:
@@ -498,9 +516,10 @@ class ServiceMatcher:
         for prefix, name in self._any:
             if _prefix_ok(path, prefix):
                 return name
-        # `path[:1] == "/"` is `path.startswith("/")`; compiled, a one-character slice is
-        # a cached string and a compare, where `startswith` goes through the generic tail match.
-        if self._any_root is not None and path[:1] == "/":
+        # `path[0] == "/"` (after a length test) is `path.startswith("/")`; compiled, the
+        # character is a cached string and a compare, where a one-character slice goes
+        # through the generic substring and `startswith` through the generic tail match.
+        if self._any_root is not None and len(path) != 0 and path[0] == "/":
             return self._any_root
         return None
 

@@ -123,3 +123,20 @@ def test_each_engine_takes_no_catch_all_keyword_arguments(cls: type[object]) -> 
 def test_the_engines_default_limits_are_the_configs() -> None:
     """engine/api.py copies upstream_config's defaults (the engine may not import it)."""
     assert Limits().default == (DEFAULT_MAX_CONNECTIONS, DEFAULT_QUEUE_TIMEOUT)
+
+
+def test_forward_reports_its_end_to_on_done_through_done() -> None:
+    got: list[tuple[int, str | None]] = []
+
+    def first(status: int, kind: str | None) -> None:
+        got.append((status, kind))
+
+    fwd = Forward("h", 1, None, None, "svc", "stable", 1.0, 1.0, first)
+    assert fwd.on_done is first
+    fwd.done(200, None)
+    fwd.on_done = lambda status, kind: got.append((-status, kind))
+    fwd.done(502, "reset")
+    assert got == [(200, None), (-502, "reset")]
+    quiet = Forward("h", 1, None, None, "svc", "stable", 1.0, 1.0, None)
+    quiet.done(200, None)  # no on_done: nothing to report to
+    quiet.on_done(200, None)  # reads as `done`: still a callable

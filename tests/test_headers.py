@@ -11,6 +11,7 @@ from gateway.headers import (
     Headers,
     ReleaseLines,
     Scanned,
+    forwarded_lines,
     has_control_chars,
     parse_field_lines,
     scan,
@@ -188,13 +189,16 @@ _TAIL = b"X-Release-Stage: gray\r\nX-Request-ID: rid\r\ntraceparent: 00-t-s-02\r
         "forwarded-for-and-via-appended",
     ],
 )
+@pytest.mark.parametrize("kept", [False, True], ids=["lines-made", "peer-lines-kept"])
 def test_upstream_fields_block(
-    fields: Headers, raw: bytes | None, proto: str, trace_tail: bytes, block: bytes
+    fields: Headers, raw: bytes | None, proto: str, trace_tail: bytes, block: bytes, kept: bool
 ) -> None:
     s = scan(fields, b"x-release-stage", b"x-user-id")
+    # The X-Forwarded-* lines a caller keeps for the client (the handler does) change nothing.
+    peer_lines = forwarded_lines(b"10.0.0.9", proto) if kept else None
     got = upstream_fields(
         s, raw, client_ip=b"10.0.0.9", proto=proto, lines=_LINES, request_id=b"rid",
-        trace=(b"t", b"s", b"02"), trace_tail=trace_tail,
+        trace=(b"t", b"s", b"02"), trace_tail=trace_tail, peer_lines=peer_lines,
     )  # fmt: skip
     assert got == block
 

@@ -407,6 +407,39 @@ def test_batched_histogram_on_the_bounds_equals_observe() -> None:
     assert counts(batch)[0][1] == 4  # just below and on the first bound, 0.0 and 0.0002
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.0004] * 6,
+        [0.0004, 0.003, 0.0004, 0.003, 0.0004, 0.003],
+        [0.0004] * 3 + [0.003] * 3 + [0.2],
+        [0.2] + [0.0004] * 5 + [0.2, 0.2],
+    ],
+    ids=["one-run", "alternating", "runs-then-one", "one-then-runs"],
+)
+def test_batched_histogram_counts_runs_of_one_bucket_as_observe(values: list[float]) -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from gateway.metrics import _observe_many
+
+    one, batch = (
+        Histogram("d", "d", buckets=BUCKETS, registry=CollectorRegistry()) for _ in range(2)
+    )
+    for v in values:
+        one.observe(v)
+    _observe_many(batch, values)
+
+    def samples(h: Histogram) -> list[tuple[str, str, float]]:
+        return [
+            (s.name, s.labels.get("le", ""), s.value)
+            for m in h.collect()
+            for s in m.samples
+            if not s.name.endswith("_created")
+        ]
+
+    assert samples(one) == samples(batch)
+
+
 def test_a_failing_observer_never_stops_the_accounting(caplog: pytest.LogCaptureFixture) -> None:
     from gateway import config as C
     from gateway.engine.api import Forward, RequestHead

@@ -351,6 +351,7 @@ def test_two_services_at_the_root_the_first_in_config_order_wins() -> None:
         "api",
         None,
     )
+    assert m.match(None, "") is None  # no path: not the root service's either
 
 
 def test_no_service_matches() -> None:

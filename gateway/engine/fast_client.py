@@ -772,7 +772,7 @@ class ClientConn(Armed):
         fwd = ex.fwd
         if fwd is not None:
             try:
-                fwd.on_done(ex.status, kind)
+                fwd.done(ex.status, kind)
             except Exception:
                 log.exception("fast engine: on_done failed")
         if ex is self._active:
