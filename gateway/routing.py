@@ -90,11 +90,11 @@ def _halves_score(hi: i64, lo: i64, inv_weight: float) -> float:
 
 
 class HashEntry:
-    """A live release as `WeightTable.pick_hash` reads it: name, hash seed, 1/weight.
+    """A live release as `WeightTable` picks it: name, hash seed, 1/weight.
 
-    Why a class and not the tuple `_live` holds: compiled, its attributes are typed
-    fields (the 1/weight a C double), where each tuple is checked, unpacked and its
-    float unboxed per release per request.
+    Why a class and not a tuple: compiled, its attributes are typed fields (the
+    1/weight a C double), where a tuple is checked, unpacked and its float
+    unboxed per release per request.
     """
 
     __slots__ = ("name", "seed", "inv")
@@ -112,9 +112,8 @@ class WeightTable:
     names: tuple[str, ...]  # every release, config order
     raw: Mapping[str, float]
     shares: Mapping[str, float]  # normalized, sum to 1
-    _live: tuple[tuple[str, object, float], ...]  # (name, seed: int, 1/weight) for weight > 0
+    _live: tuple[HashEntry, ...]  # the releases of weight > 0, config order
     _cum: tuple[float, ...]  # cumulative shares for random picks
-    _hash: tuple[HashEntry, ...]  # `_live` again, for pick_hash
 
     @classmethod
     def build(cls, salt: str, weights: Mapping[str, float]) -> WeightTable:
@@ -139,21 +138,22 @@ class WeightTable:
             scaled = {n: w / top for n, w in live_w.items()}
             total = float(sum(scaled.values()))
         shares = {n: (scaled[n] / total if n in scaled else 0.0) for n in names}
-        live = tuple((n, release_seed(salt, n), 1.0 / live_w[n]) for n in names if n in live_w)
+        live = tuple(
+            HashEntry(n, release_seed(salt, n), 1.0 / live_w[n]) for n in names if n in live_w
+        )
         cum: list[float] = []
         acc = 0.0
-        for n, _, _ in live:
-            acc += shares[n]
+        for e in live:
+            acc += shares[e.name]
             cum.append(acc)
-        entries = tuple(HashEntry(n, seed, inv) for n, seed, inv in live)
-        return cls(names, dict(weights), shares, live, tuple(cum), entries)
+        return cls(names, dict(weights), shares, live, tuple(cum))
 
     def pick_hash(self, key: str) -> str | None:
         """The release for a sticky key (None when every weight is zero)."""
         best: str | None = None
         best_score = -math.inf
         # hrw_score per live release, inline: this runs once per request per live release.
-        for e in self._hash:
+        for e in self._live:
             d = _HASH_BYTES_SEEDED(key, e.seed)
             s = _halves_score(_le32(d[4], d[5], d[6], d[7]), _le32(d[0], d[1], d[2], d[3]), e.inv)
             if s > best_score:
@@ -166,10 +166,10 @@ class WeightTable:
         if not self._live:
             return None
         x = rng.random()
-        for (name, _, _), c in zip(self._live, self._cum, strict=True):
+        for e, c in zip(self._live, self._cum, strict=True):
             if x < c:
-                return name
-        return self._live[-1][0]
+                return e.name
+        return self._live[-1].name
 
 
 def cookie_value(cookie_header: str | None, name: str) -> str | None:

@@ -154,6 +154,17 @@ def gateway_config(services: dict[str, Any], **top: Any) -> dict[str, Any]:
     return doc
 
 
+def gateway_check(cfg: Path) -> subprocess.CompletedProcess[str]:
+    """`gateway check --no-bind CFG` as an operator runs it: its own process, its output kept."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--no-bind", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        cwd=ROOT,
+    )
+
+
 def two_releases(
     stable_url: str, gray_url: str, stable: float = 95, gray: float = 5
 ) -> dict[str, Any]:

@@ -42,15 +42,15 @@ def test_every_positive_legal_weight_has_a_positive_share_the_hash_can_pick(
 ) -> None:
     assert all(weight_problem(w) is None for w in weights.values())
     t = WeightTable.build("salt", weights)
-    live = {name for name, _, _ in t._live}
+    live = {e.name for e in t._live}
     for name, w in weights.items():
         assert (_percent(t.shares[name]) > 0) == (w > 0), (name, w, t.shares)
         assert (name in live) == (w > 0)
     assert math.isclose(sum(t.shares.values()), 1.0, rel_tol=1e-9)
-    for name, seed, inv in t._live:
+    for e in t._live:
         # A finite, negative score: the release can win the rendezvous for some key.
-        score = hrw_score("some-user", seed, inv)
-        assert math.isfinite(inv) and math.isfinite(score) and score <= 0, name
+        score = hrw_score("some-user", e.seed, e.inv)
+        assert math.isfinite(e.inv) and math.isfinite(score) and score <= 0, e.name
 
 
 # (id, weights, keys hashed): the hash's observed shares agree with the computed ones.

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import yaml
 from gateway import config as C
 from gateway import files
 from gateway.app import Gateway
-from tests.conftest import ROOT, gateway_config, two_releases
+from tests.conftest import gateway_check, gateway_config, two_releases
 
 
 @contextlib.contextmanager
@@ -134,13 +132,7 @@ def test_gateway_check_refuses_a_fifo_file_at_once(
         doc.setdefault(where[0], {})[where[1]] = str(p)
         cfg = tmp_path / "gateway.yaml"
         cfg.write_text(yaml.safe_dump(doc))
-        proc = subprocess.run(
-            [sys.executable, "-m", "gateway", "check", "--no-bind", str(cfg)],
-            capture_output=True,
-            text=True,
-            timeout=100,
-            cwd=ROOT,
-        )
+        proc = gateway_check(cfg)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert field in proc.stderr and "not a regular file" in proc.stderr, proc.stderr[-2000:]
 

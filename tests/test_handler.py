@@ -14,7 +14,7 @@ import pytest
 
 from gateway import config as C
 from gateway.engine.api import Forward, RequestHead
-from gateway.handler import WALK_MAX, ProxyHandler, path_end, plain_path_end
+from gateway.handler import WALK_MAX, Observer, ProxyHandler, path_end, plain_path_end
 from gateway.headers import Headers, parse_field_lines
 from gateway.state import SnapshotHolder, build_snapshot
 from gateway.tally import Tally
@@ -23,7 +23,9 @@ from tests.conftest import two_releases
 TP = b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-01"
 
 
-def _handler(rng: random.Random | None = None) -> ProxyHandler:
+def _handler(
+    rng: random.Random | None = None, observers: list[Observer] | None = None
+) -> ProxyHandler:
     doc = C.build(
         {
             "listen": "127.0.0.1:0",
@@ -33,7 +35,8 @@ def _handler(rng: random.Random | None = None) -> ProxyHandler:
         },
         env={},
     )
-    return ProxyHandler(SnapshotHolder(build_snapshot(doc, rng=random.Random(1))), rng=rng)
+    holder = SnapshotHolder(build_snapshot(doc, rng=random.Random(1)))
+    return ProxyHandler(holder, rng=rng, observers=observers)
 
 
 def _sent(h: ProxyHandler, fields: Headers, client_ip: str = "127.0.0.1") -> dict[bytes, bytes]:
@@ -152,16 +155,7 @@ class _Seen:
 @pytest.mark.parametrize("entry", ["done", "on_done"], ids=["engine-method", "callable"])
 def test_a_requests_end_is_accounted_once_by_either_entry(entry: str) -> None:
     seen = _Seen()
-    doc = C.build(
-        {
-            "listen": "127.0.0.1:0",
-            "admin": {"listen": "127.0.0.1:0", "token_env": None},
-            "state": {"store": "memory"},
-            "services": two_releases("http://10.0.0.1:80", "http://10.0.0.2:80"),
-        },
-        env={},
-    )
-    h = ProxyHandler(SnapshotHolder(build_snapshot(doc, rng=random.Random(1))), observers=[seen])
+    h = _handler(observers=[seen])
     fwds = [h.handle(RequestHead(b"GET", b"/", [(b"Host", b"x")], "127.0.0.1")) for _ in range(3)]
     for f in fwds:
         assert isinstance(f, Forward) and f.retry is None  # one endpoint a release: no failover

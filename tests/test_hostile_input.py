@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from gateway import config as C
 from gateway.app import Gateway
 from gateway.errors import BadRequest
 from gateway.routing import WeightTable
-from tests.conftest import ROOT, gateway_config, two_releases
+from tests.conftest import gateway_check, gateway_config, two_releases
 from tests.engine_helpers import RawClient
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
@@ -180,13 +178,7 @@ def test_gateway_check_refuses_alias_bombs_and_cycles_at_once(
     """A 10**9-string bomb ran out of memory; a recursive `not:` was a RecursionError trace."""
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text(text)
-    p = subprocess.run(
-        [sys.executable, "-m", "gateway", "check", "--no-bind", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=100,
-        cwd=ROOT,
-    )
+    p = gateway_check(cfg)
     assert p.returncode == 2, p.stderr[-2000:]
     assert "(yaml)" in p.stderr and phrase in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr

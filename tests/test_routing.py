@@ -399,5 +399,5 @@ def test_scores_equal_the_big_integer_definition_so_no_user_moves() -> None:
         assert routing._score(h, 0.5) == math.log((u + 0.5) / float(2**64)) * 0.5
     table = WeightTable.build("salt", {"stable": 95, "gray": 5})
     for key in [*KEYS[:5_000], *odd]:
-        want = max(table._live, key=lambda r: _reference_score(key, r[1], r[2]))[0]
+        want = max(table._live, key=lambda e: _reference_score(key, e.seed, e.inv)).name
         assert table.pick_hash(key) == want
