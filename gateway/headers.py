@@ -345,14 +345,22 @@ def _forwarded_proto(proto: str, host: bool) -> bytes:
     return b"\r\nX-Forwarded-Proto: " + proto.encode() + (_XFH if host else _NO_HOST)
 
 
-def forwarded_lines(client_ip: bytes, proto: str) -> bytes:
-    """X-Forwarded-For of a client that sent none, X-Forwarded-Proto, X-Forwarded-Host's name.
+def forwarded_lines(
+    client_ip: bytes, proto: str, forwarded_for: bytes = b"", host: bool = True
+) -> bytes:
+    """X-Forwarded-For (`client_ip` after the client's own `forwarded_for`), X-Forwarded-Proto,
+    and X-Forwarded-Host's name when the request has a Host (`_forwarded_proto`).
 
-    What `upstream_fields` sends for a request from `client_ip` with a Host and no
-    X-Forwarded-For of its own: the same for every such request of one client, so a
-    caller that keeps it while the client repeats passes it as `peer_lines`.
+    With the defaults, what `upstream_fields` sends for every request from
+    `client_ip` with a Host and no X-Forwarded-For of its own: a caller that
+    keeps it while the client repeats passes it as `peer_lines`.
     """
-    return _XFF + client_ip + _forwarded_proto(proto, True)
+    return b"%b%b%b%b" % (
+        _XFF,
+        forwarded_for + b", " if forwarded_for else b"",
+        client_ip,
+        _forwarded_proto(proto, host),
+    )
 
 
 def upstream_fields(
@@ -387,12 +395,7 @@ def upstream_fields(
     if peer_lines is not None and host is not None and not xff:
         fwd = peer_lines  # the usual request: no part of these lines made again
     else:
-        fwd = b"%b%b%b%b" % (
-            _XFF,
-            xff + b", " if xff else b"",
-            client_ip,
-            _forwarded_proto(proto, host is not None),
-        )
+        fwd = forwarded_lines(client_ip, proto, xff or b"", host is not None)
     if s.via:
         via = _VIA_NAME + s.via + _VIA_APPENDED + lines.stage_rid
     else:
